@@ -1,0 +1,264 @@
+"""Per-step ops of the latent decode engine: fused rotary + KV append, split-K GQA decode
+attention, and the final-norm hidden-state feedback.
+
+Inference only (no autograd). Every op is CUDA-graph capturable on the Triton path:
+arguments are validated from shapes/dtypes/devices only (no host sync), grids depend on
+shapes only, and outputs can be preallocated. Value checks (slot and length ranges)
+need the data on the host, so they run only for CPU tensors or with ``check=True``.
+
+Dispatch: ``medlvr._backend.choose`` -> Triton on CUDA, the reference on CPU (Triton on
+CPU only when forced, under TRITON_INTERPRET=1). fp64 inputs always take the reference:
+the kernels compute in fp32, and fp64 exists for the engine's oracle tests.
+
+Shapes (B samples this step, B_max/L_max cache capacity, GQA Hq = group * Hkv):
+    rotary_append(q (B Hq Dh), k/v (B Hkv Dh), positions (B)|(3 B), inv_freq (rd/2),
+                  k_cache/v_cache (B_max Hkv L_max Dh), slots (B)) -> q_rot (B Hq Dh)
+    decode_attention(q (B Hq Dh), k_cache/v_cache (B_max Hkv L_max Dh), lengths (B))
+                  -> out (B Hq Dh)
+    rmsnorm_feedback(hidden (B D), weight (D), out (B D), active (B)?) -> normed (B D)
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from medlvr import _backend
+from medlvr.reference import decode as ref
+
+__all__ = ["rotary_append", "decode_attention", "rmsnorm_feedback"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_INTS = (torch.int32, torch.int64)
+
+
+def _kernels(name: str):
+    """``medlvr.kernels.<name>``; from a source checkout that is not installed yet, the
+    file kernels/<name>.py is loaded under that same module name."""
+    try:
+        return importlib.import_module(f"medlvr.kernels.{name}")
+    except ImportError:
+        full = f"medlvr.kernels.{name}"
+        if full in sys.modules:
+            return sys.modules[full]
+        path = Path(__file__).resolve().parents[2] / "kernels" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(full, path)
+        if spec is None or not path.exists():
+            raise
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[full] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+
+# ---------------------------------------------------------------- argument checks
+def _tensor(name: str, t, *, dims: int | None = None, dtypes=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def _same_device(ref_t: torch.Tensor, **named) -> None:
+    for name, t in named.items():
+        if t is not None and t.device != ref_t.device:
+            raise ValueError(f"{name} must be on {ref_t.device} like q/hidden, got {t.device}")
+
+
+def _shape(name: str, t: torch.Tensor, expected: tuple) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def _check_caches(k_cache, v_cache, *, B: int, Hkv: int, Dh: int) -> None:
+    _tensor("k_cache", k_cache, dims=4, dtypes=_FLOATS)
+    _tensor("v_cache", v_cache, dims=4, dtypes=_FLOATS)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    if k_cache.shape[0] < B:
+        raise ValueError(f"k_cache holds {k_cache.shape[0]} samples (dim 0), fewer than the batch B={B}")
+    if k_cache.shape[1] != Hkv or k_cache.shape[3] != Dh:
+        raise ValueError(f"k_cache must have shape (B_max, Hkv={Hkv}, L_max, Dh={Dh}), got {tuple(k_cache.shape)}")
+    if k_cache.shape[2] < 1:
+        raise ValueError(f"k_cache must hold at least one position (L_max >= 1), got {tuple(k_cache.shape)}")
+
+
+def _debug_checks_on(check: bool, t: torch.Tensor) -> bool:
+    # Reading values syncs a GPU, which would break CUDA-graph capture and stall the
+    # step: only on CPU or on request.
+    return check or t.device.type == "cpu"
+
+
+def _pick(device: torch.device, dtype: torch.dtype) -> str:
+    return _backend.choose(device, has_ext=False, has_triton=dtype in _TRITON_FLOATS)
+
+
+# ---------------------------------------------------------------- rotary + append
+def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, positions: torch.Tensor,
+                  inv_freq: torch.Tensor, mrope_section: Sequence[int] | None = None,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                  rotary_dim: int | None = None, out: torch.Tensor | None = None,
+                  check: bool = False) -> torch.Tensor:
+    """Rotary embedding of this step's q and k (HF rotate_half convention; mRoPE when
+    ``mrope_section`` is given) and append of rope(k), v into the static KV cache.
+
+    q (B Hq Dh), k/v (B Hkv Dh) in bf16/fp16/fp32 (fp64: reference only).
+    positions int (B) for plain RoPE, (3, B) = (temporal, height, width) for mRoPE.
+    inv_freq fp32 (rotary_dim/2); rotary_dim (default Dh) rotates only the leading dims.
+    mrope_section: chunk sizes of the half rotary dim, summing to rotary_dim/2, e.g.
+        (16, 24, 24) for Qwen2.5-VL; chunk i uses position row i % 3.
+    k_cache/v_cache (B_max Hkv L_max Dh), B_max >= B; slots int (B): the position in the
+        cache to write for sample b; slots[b] < 0 writes nothing (finished sample).
+    Returns rope(q) (B Hq Dh), a new tensor or ``out``.
+    check: validate slot values (< L_max) on a GPU too (syncs: not inside a graph).
+    """
+    _tensor("q", q, dims=3, dtypes=_FLOATS)
+    _tensor("k", k, dims=3, dtypes=_FLOATS)
+    _tensor("v", v, dims=3, dtypes=_FLOATS)
+    B, Hq, Dh = q.shape
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k and v must have q's dtype {q.dtype}, got k {k.dtype}, v {v.dtype}")
+    if k.shape[0] != B or k.shape[2] != Dh:
+        raise ValueError(f"k must have shape (B={B}, Hkv, Dh={Dh}), got {tuple(k.shape)}")
+    _shape("v", v, tuple(k.shape))
+    Hkv = k.shape[1]
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    if Dh % 2 != 0:
+        raise ValueError(f"head dim Dh must be even for rotary, got {Dh}")
+    rd = Dh if rotary_dim is None else rotary_dim
+    if not isinstance(rd, int) or rd < 2 or rd > Dh or rd % 2 != 0:
+        raise ValueError(f"rotary_dim must be an even int in [2, Dh={Dh}], got {rotary_dim!r}")
+    _tensor("inv_freq", inv_freq, dims=1, dtypes=_FLOATS)
+    _shape("inv_freq", inv_freq, (rd // 2,))
+    _tensor("positions", positions, dtypes=_INTS)
+    if mrope_section is None:
+        _shape("positions", positions, (B,))
+    else:
+        sec = list(mrope_section)
+        if not sec or not all(isinstance(s, int) and s > 0 for s in sec):
+            raise ValueError(f"mrope_section must be a sequence of positive ints, got {mrope_section!r}")
+        if sum(sec) != rd // 2:
+            raise ValueError(f"mrope_section must sum to rotary_dim/2 = {rd // 2}, got {tuple(sec)} (sum {sum(sec)})")
+        _shape("positions", positions, (3, B))
+    _check_caches(k_cache, v_cache, B=B, Hkv=Hkv, Dh=Dh)
+    _tensor("slots", slots, dims=1, dtypes=_INTS)
+    _shape("slots", slots, (B,))
+    if out is not None:
+        _tensor("out", out, dtypes=(q.dtype,))
+        _shape("out", out, tuple(q.shape))
+    _same_device(q, k=k, v=v, positions=positions, inv_freq=inv_freq, k_cache=k_cache, v_cache=v_cache,
+                 slots=slots, out=out)
+    if _debug_checks_on(check, q) and B > 0:
+        hi = int(slots.max())
+        if hi >= k_cache.shape[2]:
+            raise ValueError(f"slots must be < L_max = {k_cache.shape[2]} (cache full), got max slot {hi}")
+
+    backend = _pick(q.device, q.dtype)
+    kw = dict(positions=positions, inv_freq=inv_freq, mrope_section=mrope_section, k_cache=k_cache,
+              v_cache=v_cache, slots=slots, rotary_dim=rd, out=out)
+    if backend == "triton" and B > 0:
+        return _kernels("rotary_append").rotary_append(q, k, v, **kw)
+    return ref.rotary_append(q, k, v, **kw)
+
+
+# ---------------------------------------------------------------- decode attention
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
+                     scale: float | None = None, num_splits: int | None = None,
+                     out: torch.Tensor | None = None, check: bool = False) -> torch.Tensor:
+    """Single-token GQA attention over per-sample cache lengths (flash-decoding split-K).
+
+    q (B Hq Dh); k_cache/v_cache (B_max Hkv L_max Dh), only rows b < B read; query head
+    h reads kv head h // (Hq // Hkv). lengths int (B): valid positions of sample b (the
+    step's own key included); 0 gives a zero output. scale defaults to Dh ** -0.5.
+    num_splits: how many chunks of L_max run in parallel (default: from L_max and the
+    SM count; never from the lengths, so a captured graph stays valid as they grow).
+    Returns out (B Hq Dh) in q's dtype.
+    """
+    _tensor("q", q, dims=3, dtypes=_FLOATS)
+    B, Hq, Dh = q.shape
+    _tensor("k_cache", k_cache, dims=4, dtypes=_FLOATS)
+    Hkv = k_cache.shape[1]
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of the cache's kv heads ({Hkv})")
+    _check_caches(k_cache, v_cache, B=B, Hkv=Hkv, Dh=Dh)
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache must have k_cache's dtype {k_cache.dtype}, got {v_cache.dtype}")
+    _tensor("lengths", lengths, dims=1, dtypes=_INTS)
+    _shape("lengths", lengths, (B,))
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if out is not None:
+        _tensor("out", out, dtypes=(q.dtype,))
+        _shape("out", out, tuple(q.shape))
+    _same_device(q, k_cache=k_cache, v_cache=v_cache, lengths=lengths, out=out)
+    if _debug_checks_on(check, q) and B > 0:
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0 or hi > k_cache.shape[2]:
+            raise ValueError(f"lengths must lie in [0, L_max = {k_cache.shape[2]}], got range [{lo}, {hi}]")
+
+    backend = _pick(q.device, q.dtype)
+    if backend == "triton" and B > 0:
+        return _kernels("decode_attention").decode_attention(q, k_cache, v_cache, lengths, scale=scale,
+                                                             num_splits=num_splits, out=out)
+    return ref.decode_attention(q, k_cache, v_cache, lengths, scale=scale, out=out)
+
+
+# ---------------------------------------------------------------- norm + feedback
+def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, out: torch.Tensor,
+                     active: torch.Tensor | None = None,
+                     projector: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Final RMSNorm of the last hidden state, written straight into the next latent
+    step's input-embedding buffer.
+
+    hidden (B D), weight (D): normed = weight * (hidden_fp32 * rsqrt(mean(hidden_fp32^2)
+    + eps)).to(hidden.dtype), HF Qwen2RMSNorm's convention (dtype promote(weight, hidden)).
+    out (B D): receives normed (or projector(normed)) in rows where ``active`` (bool (B))
+    is True, every row when active is None; other rows are left untouched.
+    Returns: without projector ``out`` itself; with a projector the normed hidden (B D).
+    The projector (any callable, e.g. nn.Linear) runs in torch after the fused norm.
+    """
+    _tensor("hidden", hidden, dims=2, dtypes=_FLOATS)
+    B, D = hidden.shape
+    _tensor("weight", weight, dims=1, dtypes=_FLOATS)
+    _shape("weight", weight, (D,))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    _tensor("out", out, dims=2, dtypes=_FLOATS)
+    if out.shape[0] != B or (projector is None and out.shape[1] != D):
+        want = f"(B={B}, D={D})" if projector is None else f"(B={B}, projector's output size)"
+        raise ValueError(f"out must have shape {want}, got {tuple(out.shape)}")
+    if active is not None:
+        _tensor("active", active, dims=1, dtypes=(torch.bool,))
+        _shape("active", active, (B,))
+    if projector is not None and not callable(projector):
+        raise TypeError(f"projector must be callable or None, got {type(projector).__name__}")
+    _same_device(hidden, weight=weight, out=out, active=active)
+
+    # The kernel computes in fp32: any fp64 operand takes the reference.
+    fast_ok = all(t.dtype in _TRITON_FLOATS for t in (hidden, weight, out))
+    backend = _backend.choose(hidden.device, has_ext=False, has_triton=fast_ok)
+    if backend == "triton" and B > 0:
+        mod = _kernels("rmsnorm_feedback")
+        if projector is None:
+            mod.rmsnorm_feedback(hidden, weight, eps=float(eps), out=out, active=active)
+            return out
+        dt = torch.promote_types(hidden.dtype, weight.dtype)
+        normed = torch.empty((B, D), dtype=dt, device=hidden.device)
+        mod.rmsnorm_feedback(hidden, weight, eps=float(eps), out=normed, active=None)
+        fed = projector(normed)
+        if active is None:
+            out.copy_(fed)
+        else:
+            out.copy_(torch.where(active[:, None], fed.to(out.dtype), out))
+        return normed
+    return ref.rmsnorm_feedback(hidden, weight, eps=float(eps), out=out, active=active, projector=projector)

@@ -1,0 +1,156 @@
+"""Plain-PyTorch references of the three per-step ops of the latent decode engine.
+
+These are the executable specification the Triton kernels in ``medlvr.kernels`` are
+tested against, and the fallback on CPU. They are written to stay usable inside the
+engine too: no host syncs, no data-dependent shapes, so a CUDA graph can capture them.
+
+Shape notation: B samples this step, B_max the cache's batch capacity, Hq / Hkv query /
+key-value heads (GQA: Hq = group * Hkv), L_max cache capacity per sample, Dh head dim,
+D hidden size.
+
+    rotary_append(q (B Hq Dh), k (B Hkv Dh), v (B Hkv Dh), positions (B) | (3 B), ...)
+        -> q_rot (B Hq Dh); writes rope(k) and v into caches (B_max Hkv L_max Dh) at slots
+    decode_attention(q (B Hq Dh), k_cache, v_cache (B_max Hkv L_max Dh), lengths (B))
+        -> out (B Hq Dh)
+    rmsnorm_feedback(hidden (B D), weight (D), out (B D)) -> normed (B D)
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 math for every half type; fp64 stays fp64 so the engine's fp64 oracle tests
+    # (DESIGN §7: bit-exact in fp64) can run the reference end to end.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section: Sequence[int] | None,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, rotary_dim) in the rotate_half layout, the way transformers
+    5.24 builds them (Qwen2_5_VLRotaryEmbedding.forward + recomposition_frequencies).
+
+    Plain RoPE: angle[b, j] = positions[b] * inv_freq[j], duplicated over both halves.
+    mRoPE: positions is (3, B) = (temporal, height, width). The half-dim is cut into
+    consecutive chunks of sizes ``mrope_section`` (e.g. 16, 24, 24); chunk i takes its
+    angle from position row i % 3. The recomposed half is then duplicated over both
+    halves (torch.cat((freq, freq))), i.e. dims j and j + Dh/2 share one angle.
+    """
+    inv = inv_freq.to(dtype)
+    if mrope_section is None:
+        freqs = positions.to(dtype)[:, None] * inv  # (B, half)
+    else:
+        freqs3 = positions.to(dtype)[:, :, None] * inv  # (3, B, half)
+        chunks = freqs3.split(list(mrope_section), dim=-1)
+        freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    # Same expression and order of operations as HF's apply_rotary_pos_emb, so fp32
+    # results are bit-identical to transformers on the same device.
+    xr = x[..., :rotary_dim]
+    rot = xr * cos[:, None, :] + _rotate_half(xr) * sin[:, None, :]
+    if rotary_dim == x.shape[-1]:
+        return rot
+    return torch.cat((rot, x[..., rotary_dim:]), dim=-1)
+
+
+def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, positions: torch.Tensor,
+                  inv_freq: torch.Tensor, mrope_section: Sequence[int] | None = None,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                  rotary_dim: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate q and k by their sample's position, append rope(k) and v to the caches.
+
+    Writes k_cache[b, :, slots[b]] = rope(k[b]) and v_cache[b, :, slots[b]] = v[b] for
+    every b with slots[b] >= 0; a negative slot (finished sample) writes nothing.
+    Returns rope(q) (into ``out`` when given). Math in fp32 (fp64 for fp64 inputs), one
+    rounding to the storage dtype at the end.
+    """
+    B, _, Dh = q.shape
+    rd = Dh if rotary_dim is None else rotary_dim
+    cdt = _compute_dtype(q.dtype)
+    cos, sin = rope_cos_sin(positions, inv_freq, mrope_section, cdt)
+    q_rot = _apply_rope(q.to(cdt), cos, sin, rd).to(q.dtype)
+    k_rot = _apply_rope(k.to(cdt), cos, sin, rd)
+
+    # Inactive samples rewrite the value already in the cache at slot 0 (a gather, a
+    # where and a scatter) instead of being skipped: no data-dependent shapes, so this
+    # stays capturable by a CUDA graph.
+    rows = torch.arange(B, device=q.device)
+    active = slots >= 0
+    idx = slots.clamp(min=0).long()
+    keep = active[:, None, None]
+    k_cache[rows, :, idx] = torch.where(keep, k_rot.to(k_cache.dtype), k_cache[rows, :, idx])
+    v_cache[rows, :, idx] = torch.where(keep, v.to(v_cache.dtype), v_cache[rows, :, idx])
+    if out is not None:
+        out.copy_(q_rot)
+        return out
+    return q_rot
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
+                     scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per sample against its first lengths[b] cache positions.
+
+    GQA: query head h reads kv head h // group (HF repeat_kv). Softmax in fp32 with a
+    length mask; a sample with length 0 gets an all-zero output, never NaN.
+    """
+    B, Hq, Dh = q.shape
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    cdt = _compute_dtype(q.dtype)
+    sc = Dh ** -0.5 if scale is None else scale
+    k = k_cache[:B].to(cdt).repeat_interleave(group, dim=1)  # (B, Hq, L, Dh)
+    v = v_cache[:B].to(cdt).repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhd,bhld->bhl", q.to(cdt), k) * sc
+    valid = torch.arange(L, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, L)
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    # An empty row has max -inf; shift by 0 instead so exp gives 0 / 0 -> guarded below.
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(scores - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    o = torch.einsum("bhl,bhld->bhd", p, v) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    o = o.to(q.dtype)
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Qwen2RMSNorm / Qwen2_5_VLRMSNorm exactly: normalise in fp32, cast back to the
+    input dtype, THEN multiply by the weight (result dtype = promote(weight, hidden))."""
+    # Like HF, fp32 even for fp64 inputs: the engine's fp64 oracle runs HF's own norm.
+    h = hidden.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(hidden.dtype)
+
+
+def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, out: torch.Tensor,
+                     active: torch.Tensor | None = None,
+                     projector: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Final norm of the last hidden state, written into the next step's input buffer.
+
+    out[b] = projector(normed[b]) (or normed[b]) for rows with active[b] (all rows when
+    active is None); other rows of ``out`` keep their contents.
+    Returns: without projector, ``out`` itself (its active rows hold normed); with a
+    projector, the normed hidden states as a new (B, D) tensor (every row computed).
+    """
+    normed = rms_norm(hidden, weight, eps)
+    fed = normed if projector is None else projector(normed)
+    if active is None:
+        out.copy_(fed)
+    else:
+        out.copy_(torch.where(active[:, None], fed.to(out.dtype), out))
+    return out if projector is None else normed
