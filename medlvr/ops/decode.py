@@ -112,8 +112,8 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
     q (B Hq Dh), k/v (B Hkv Dh) in bf16/fp16/fp32 (fp64: reference only).
     positions int (B) for plain RoPE, (3, B) = (temporal, height, width) for mRoPE.
     inv_freq fp32 (rotary_dim/2); rotary_dim (default Dh) rotates only the leading dims.
-    mrope_section: chunk sizes of the half rotary dim, summing to rotary_dim/2, e.g.
-        (16, 24, 24) for Qwen2.5-VL; chunk i uses position row i % 3.
+    mrope_section: 3 chunk sizes of the half rotary dim, summing to rotary_dim/2, e.g.
+        (16, 24, 24) for Qwen2.5-VL; chunk i uses position row i.
     k_cache/v_cache (B_max Hkv L_max Dh), B_max >= B; slots int (B): the position in the
         cache to write for sample b; slots[b] < 0 writes nothing (finished sample).
     Returns rope(q) (B Hq Dh), a new tensor or ``out``.
@@ -143,8 +143,10 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
         _shape("positions", positions, (B,))
     else:
         sec = list(mrope_section)
-        if not sec or not all(isinstance(s, int) and s > 0 for s in sec):
-            raise ValueError(f"mrope_section must be a sequence of positive ints, got {mrope_section!r}")
+        # Three chunks (temporal, height, width) as in every Qwen2/2.5-VL config; the
+        # kernel bakes the two chunk boundaries in as constants.
+        if len(sec) != 3 or not all(isinstance(s, int) and s > 0 for s in sec):
+            raise ValueError(f"mrope_section must be 3 positive ints (t, h, w), got {mrope_section!r}")
         if sum(sec) != rd // 2:
             raise ValueError(f"mrope_section must sum to rotary_dim/2 = {rd // 2}, got {tuple(sec)} (sum {sum(sec)})")
         _shape("positions", positions, (3, B))

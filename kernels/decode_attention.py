@@ -1,0 +1,192 @@
+"""Split-K ("flash-decoding") GQA attention for one query token per sample over a static
+KV cache with per-sample lengths. Raw kernels and launcher only: checks and dispatch are
+in medlvr.ops.decode.
+
+Decode attention is memory-bound: every step reads the whole valid K and V of every
+sample once (Qwen2.5-VL-7B, B=1, L=4096: 4 kv heads * 4096 * 128 * 2 B * 2 = 8 MB per
+layer) and does ~1 FLOP per byte. Two consequences shape the kernel:
+
+* K/V must be read once per kv head, not once per query head: a program owns
+  (sample b, kv head, split s) and computes all `group` query heads of that kv head
+  together (a [GROUP, Dh] x [Dh, BLOCK_N] tl.dot; GROUP is padded to 16 rows for the
+  tensor-core tile, the padding rows cost registers, not bandwidth).
+* One (b, kv head) is far too little parallelism for 132 SMs at small batch, so the
+  sequence is cut into `num_splits` chunks processed by separate programs (stage 1),
+  each leaving an unnormalised partial output and its log-sum-exp; stage 2 merges the
+  splits per (b, query head). num_splits depends on shapes only (L_max, B, Hkv, SM
+  count), never on the lengths, so a CUDA graph captured once stays valid while the
+  lengths grow; splits past a sample's length simply do no work.
+
+Softmax in base 2: scores are scaled by scale * log2(e) so exp2 (one MUFU op) replaces
+exp. All statistics and accumulators are fp32.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+# 64 keys per tile: a K (or V) tile of 64 x 128 bf16 is 16 KB, so double-buffering both
+# fits comfortably in shared memory while the loop still issues large coalesced loads.
+BLOCK_N = 64
+
+
+@triton.jit
+def _decode_attn_stage1(
+    q_ptr, kc_ptr, vc_ptr, len_ptr, o_ptr, lse_ptr, part_ptr,
+    sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
+    so_b, so_h, so_d,
+    sp_b, sp_h, sp_s, sp_d, sl_b, sl_h, sl_s,
+    qk_scale, split_len,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2).to(tl.int64)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    gm = g < GROUP
+    dm = d < HEAD_DIM
+    h = hk * GROUP + g  # query heads sharing kv head hk (HF repeat_kv: h // GROUP == hk)
+
+    q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + d[None, :] * sq_d,
+                mask=gm[:, None] & dm[None, :], other=0.0)
+    length = tl.load(len_ptr + b).to(tl.int64)
+    lo = s * split_len
+    hi = tl.minimum(lo + split_len, length)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    k_base = kc_ptr + b * sk_b + hk * sk_h
+    v_base = vc_ptr + b * sv_b + hk * sv_h
+    # The loop only visits [lo, hi): every visited tile holds at least one valid key,
+    # so m_i is finite after the first tile and exp2(m_i - m_new) never sees -inf - -inf.
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        nm = n < hi
+        kv_mask = nm[:, None] & dm[None, :]
+        k = tl.load(k_base + n[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
+        # DOT_PREC is "ieee" for fp32 caches: they must not silently drop to tf32 (the
+        # fp32 path is the exact one); it has no effect on bf16/fp16 tensor-core dots.
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+        qk = tl.where(nm[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + n[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
+        # p in the value dtype for the tensor-core dot (flash-attention practice; p <= 1).
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    # An empty split (or a length-0 sample) leaves l_i = 0: write 0 and lse = -inf so the
+    # merge gives it weight 0; never 0/0.
+    nonempty = l_i > 0.0
+    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    if SINGLE:
+        # One split covers the sequence: this is already the answer, skip stage 2.
+        tl.store(o_ptr + b * so_b + h[:, None] * so_h + d[None, :] * so_d,
+                 o.to(o_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+    else:
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        tl.store(part_ptr + b * sp_b + h[:, None] * sp_h + s * sp_s + d[None, :] * sp_d, o,
+                 mask=gm[:, None] & dm[None, :])
+        tl.store(lse_ptr + b * sl_b + h * sl_h + s * sl_s, lse, mask=gm)
+
+
+@triton.jit
+def _decode_attn_stage2(
+    o_ptr, lse_ptr, part_ptr,
+    so_b, so_h, so_d, sp_b, sp_h, sp_s, sp_d, sl_b, sl_h, sl_s,
+    SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # out = sum_s 2^(lse_s - M) * o_s / sum_s 2^(lse_s - M), M = max_s lse_s: the
+    # standard logsumexp merge of normalised partial outputs.
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    sm = sp < SPLITS
+    dm = d < HEAD_DIM
+    lse = tl.load(lse_ptr + b * sl_b + h * sl_h + sp * sl_s, mask=sm, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)  # length 0: all weights 0, output 0
+    w = tl.exp2(lse - mx)
+    den = tl.sum(w, axis=0)
+    part = tl.load(part_ptr + b * sp_b + h * sp_h + sp[:, None] * sp_s + d[None, :] * sp_d,
+                   mask=sm[:, None] & dm[None, :], other=0.0)
+    o = tl.sum(part * w[:, None], axis=0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(o_ptr + b * so_b + h * so_h + d * so_d, o.to(o_ptr.dtype.element_ty), mask=dm)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_num_splits(B: int, Hkv: int, L_max: int, device: torch.device) -> int:
+    """Splits so that B * Hkv * splits fills the GPU about twice over (two waves hide the
+    tail of programs whose split ends early), with at least BLOCK_N keys per split.
+    A function of shapes and the device only, never of lengths (graph-safe)."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    want = math.ceil(2 * sms / max(B * Hkv, 1))
+    return max(1, min(want, triton.cdiv(L_max, BLOCK_N)))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
+                     scale: float | None = None, num_splits: int | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launcher; arguments were validated by medlvr.ops.decode.decode_attention."""
+    B, Hq, Dh = q.shape
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    if out is None:
+        out = torch.empty_like(q)
+    if num_splits is None:
+        splits = default_num_splits(B, Hkv, L, q.device)
+        # Whole tiles per split, then drop splits that would start past L_max.
+        split_len = triton.cdiv(triton.cdiv(L, splits), BLOCK_N) * BLOCK_N
+        splits = triton.cdiv(L, split_len)
+    else:  # honoured exactly (trailing splits may be empty)
+        splits = num_splits
+        split_len = triton.cdiv(L, splits)
+    qk_scale = (Dh ** -0.5 if scale is None else float(scale)) * _LOG2E
+    # tl.dot needs >= 16 rows/cols on GPUs; padded rows are masked on load and store.
+    block_g = max(16, triton.next_power_of_2(group))
+    block_d = max(16, triton.next_power_of_2(Dh))
+    single = splits == 1
+    if single:
+        part = lse = out  # unused by the SINGLE specialisation; any tensor will do
+        sp, sl = (0, 0, 0, 0), (0, 0, 0)
+    else:
+        # Scratch in fp32, shaped by (B, Hq, splits, Dh): values never matter for its
+        # size, so it is allocated from the graph pool during capture like any output.
+        part = torch.empty((B, Hq, splits, Dh), dtype=torch.float32, device=q.device)
+        lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+        sp, sl = part.stride(), lse.stride()
+    _decode_attn_stage1[(B, Hkv, splits)](
+        q, k_cache, v_cache, lengths, out, lse, part,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        *sp, *sl,
+        qk_scale, split_len,
+        GROUP=group, HEAD_DIM=Dh, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N, SINGLE=single,
+        DOT_PREC="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )
+    if not single:
+        _decode_attn_stage2[(B, Hq)](
+            out, lse, part,
+            *out.stride(), *sp, *sl,
+            SPLITS=splits, HEAD_DIM=Dh, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            num_warps=1 if block_d <= 64 else 2,
+        )
+    return out

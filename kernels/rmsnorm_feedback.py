@@ -1,0 +1,68 @@
+"""Final RMSNorm of the last hidden state written straight into the next latent step's
+input-embedding buffer. Raw kernel and launcher only: checks and dispatch are in
+medlvr.ops.decode.
+
+A latent step feeds back e_t = norm(h_{t-1}); unfused that is ~7 launches (cast, pow,
+mean, rsqrt, mul, cast, mul) plus a copy into the static input buffer and, for per-sample
+exits, a where(). Here one program reads a row of `hidden` once and writes it once.
+
+Numerics follow HF Qwen2RMSNorm exactly (transformers 5.24):
+    x  = hidden.float(); x = x * rsqrt(mean(x^2) + eps)
+    y  = weight * x.to(hidden.dtype)          # rounded to hidden's dtype BEFORE the weight
+so the kernel rounds to HIDDEN dtype, multiplies by the weight in fp32 (what torch does
+for a bf16*bf16 product) and rounds to promote(weight, hidden) (RES dtype) before the
+store casts to the out buffer's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _rmsnorm_feedback_kernel(
+    h_ptr, w_ptr, out_ptr, active_ptr,
+    sh_b, sh_d, so_b, so_d,
+    eps,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ACTIVE: tl.constexpr, RES: tl.constexpr,
+):
+    # One program per row: D <= a few thousand (3584 for Qwen2.5-VL-7B), so the whole
+    # row lives in registers and is read from HBM exactly once.
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    x = tl.load(h_ptr + b * sh_b + d * sh_d, mask=dm, other=0.0)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / D
+    # sqrt_rn + div_rn: IEEE-rounded like torch.rsqrt on CPU, not the approximate rsqrt
+    # instruction; one scalar per row, so the precise version costs nothing.
+    r = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+    n = (xf * r).to(x.dtype)
+    w = tl.load(w_ptr + d, mask=dm, other=0.0)
+    y = (w.to(tl.float32) * n.to(tl.float32)).to(RES)
+    mask = dm
+    if HAS_ACTIVE:
+        # Finished samples keep whatever the buffer holds (their last latent): a masked
+        # store, no branch on the host.
+        mask = mask & (tl.load(active_ptr + b) != 0)
+    tl.store(out_ptr + b * so_b + d * so_d, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, out: torch.Tensor,
+                     active: torch.Tensor | None = None) -> torch.Tensor:
+    """Launcher; arguments were validated by medlvr.ops.decode.rmsnorm_feedback."""
+    B, D = hidden.shape
+    block_d = triton.next_power_of_2(D)
+    res = torch.promote_types(hidden.dtype, weight.dtype)
+    _rmsnorm_feedback_kernel[(B,)](
+        hidden, weight, out, active if active is not None else out,
+        *hidden.stride(), *out.stride(),
+        eps,
+        D=D, BLOCK_D=block_d, HAS_ACTIVE=active is not None, RES=_TL[res],
+        # ~16 elements per thread: 4096-wide rows (D=3584) get 8 warps.
+        num_warps=max(1, min(16, block_d // 512)),
+    )
+    return out
