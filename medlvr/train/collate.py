@@ -1,0 +1,187 @@
+"""Records -> model-ready tensors (team_interfaces.md, "medlvr.train.data").
+
+Sequence of one sample (Qwen chat layout; images expanded by the processor):
+
+    <|im_start|>user\n <|vision_start|><|image_pad|>xN<|vision_end|> (per image) {question}{options}<|im_end|>\n
+    <|im_start|>assistant\n  <|latent_start|> <|latent_pad|>xK <|latent_end|>  {answer}<|im_end|>
+
+with_answer=False (generation prompt) stops right after <|latent_start|> (K > 0) or after
+"assistant\n" (K == 0). Prompt ids and answer ids are tokenised separately and concatenated, so
+the training sequence is exactly "generation prompt + what the model should generate".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from PIL import Image
+
+from medlvr.train.qa import format_question
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor            # (B, S) long
+    attention_mask: torch.Tensor       # (B, S) long, 1 = real token
+    pixel_values: torch.Tensor         # (P, C*T*patch*patch) flattened patches of all images
+    image_grid_thw: torch.Tensor       # (I, 3) long, images in packing order (sample, then image)
+    mm_token_type_ids: torch.Tensor    # (B, S) int, 1 at <|image_pad|> tokens
+    labels: torch.Tensor               # (B, S) long, IGNORE_INDEX except answer tokens + <|im_end|>
+    latent_start_index: torch.Tensor   # (B,) long, index of the first <|latent_pad|>; -1 when K == 0
+    roi_boxes: torch.Tensor            # (R, 4) float, x0 y0 x1 y1 in pixels of the RESIZED image
+    roi_image: torch.Tensor            # (R,) long, index into image_grid_thw
+    roi_sample: torch.Tensor           # (R,) long, sample owning the box
+    answers: list[str]
+    records: list = field(default_factory=list)
+    image_sizes: torch.Tensor | None = None    # (I, 2) original (width, height)
+    resized_sizes: torch.Tensor | None = None  # (I, 2) resized (width, height) fed to the vision tower
+    k_latent: int = 0
+    padding_side: str = "right"
+
+    def model_inputs(self) -> dict:
+        """The keyword arguments of a Qwen2(.5)-VL forward / the engine's generate."""
+        return {
+            "input_ids": self.input_ids, "attention_mask": self.attention_mask,
+            "pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw,
+            "mm_token_type_ids": self.mm_token_type_ids,
+        }
+
+    def to(self, device) -> "Batch":
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v.to(device) if isinstance(v, torch.Tensor) else v
+        return Batch(**kw)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def prompt_text(record, *, k_latent: int, image_token: str = "<|image_pad|>") -> str:
+    """The generation prompt of `record` as text (one <|image_pad|> per image before expansion)."""
+    vision = "".join(f"<|vision_start|>{image_token}<|vision_end|>" for _ in record.images)
+    text = (f"<|im_start|>user\n{vision}{format_question(record.question, record.options)}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
+    if k_latent > 0:
+        text += "<|latent_start|>"
+    return text
+
+
+def _load_rgb(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def collate(records, processor, *, k_latent: int, with_answer: bool, latent_token_ids,
+            padding_side: str | None = None, images_cache: dict | None = None) -> Batch:
+    """Build a Batch from Records (see the module docstring for the sequence layout).
+
+    Args:
+        records: non-empty list of medlvr.train.data.Record.
+        processor: a Qwen2(.5)-VL processor (medlvr.models.build_default / load).
+        k_latent: number of <|latent_pad|> positions (0: no latent segment at all).
+        with_answer: append <|latent_pad|>xK<|latent_end|>{answer}<|im_end|> and set labels
+            (training); False gives the generation prompt.
+        latent_token_ids: medlvr.models.latent_token_ids(processor).
+        padding_side: "right" (default when with_answer) or "left" (default for prompts).
+        images_cache: optional dict path -> PIL image, to avoid re-decoding across epochs.
+    Returns:
+        Batch. For prompts (with_answer=False, K > 0) latent_start_index is the index where the
+        first latent goes, i.e. the sequence length S (the prompt ends with <|latent_start|>).
+    """
+    if not records:
+        raise ValueError("records: expected a non-empty list, got 0 records")
+    if not isinstance(k_latent, int) or k_latent < 0:
+        raise ValueError(f"k_latent: expected an int >= 0, got {k_latent!r}")
+    padding_side = padding_side or ("right" if with_answer else "left")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
+    tok = processor.tokenizer
+    image_token = getattr(processor, "image_token", "<|image_pad|>")
+    image_token_id = int(tok.convert_tokens_to_ids(image_token))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
+    im_end_id = int(tok.convert_tokens_to_ids("<|im_end|>"))
+    lat = latent_token_ids
+
+    images, orig_sizes, owners = [], [], []
+    for b, r in enumerate(records):
+        for p in r.images:
+            im = images_cache.get(p) if images_cache is not None else None
+            if im is None:
+                im = _load_rgb(p)
+                if images_cache is not None:
+                    images_cache[p] = im
+            images.append(im)
+            orig_sizes.append(im.size)
+            owners.append(b)
+
+    prompts = [prompt_text(r, k_latent=k_latent, image_token=image_token) for r in records]
+    enc = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="right")
+    grid = enc["image_grid_thw"].long()
+    pixel_values = enc["pixel_values"]
+
+    seqs, labs, starts = [], [], []
+    for b, r in enumerate(records):
+        ids = enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist()
+        lab = [IGNORE_INDEX] * len(ids)
+        start = -1
+        if with_answer:
+            if k_latent > 0:
+                start = len(ids)
+                ids = ids + [lat.pad] * k_latent + [lat.end]
+                lab = lab + [IGNORE_INDEX] * (k_latent + 1)
+            ans = tok(r.answer, add_special_tokens=False)["input_ids"] + [im_end_id]
+            ids = ids + ans
+            lab = lab + ans
+        elif k_latent > 0:
+            start = len(ids)
+        seqs.append(ids)
+        labs.append(lab)
+        starts.append(start)
+
+    S = max(len(s) for s in seqs)
+    B = len(records)
+    input_ids = torch.full((B, S), int(pad_id), dtype=torch.long)
+    labels = torch.full((B, S), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((B, S), dtype=torch.long)
+    lsi = torch.full((B,), -1, dtype=torch.long)
+    for b, (ids, lab, st) in enumerate(zip(seqs, labs, starts)):
+        off = S - len(ids) if padding_side == "left" else 0
+        input_ids[b, off:off + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[b, off:off + len(ids)] = torch.tensor(lab, dtype=torch.long)
+        attn[b, off:off + len(ids)] = 1
+        if st >= 0:
+            lsi[b] = st + off
+    mm = (input_ids == image_token_id).to(torch.int32) * attn.to(torch.int32)
+
+    # ROI boxes: original-image pixels -> pixels of the image the vision tower saw. The
+    # processor resizes each image to grid_h*patch x grid_w*patch (smart_resize), independently
+    # per axis, so scale x and y separately.
+    patch = int(getattr(processor.image_processor, "patch_size", 14))
+    resized = torch.stack([grid[:, 2] * patch, grid[:, 1] * patch], dim=1)  # (I, 2) width, height
+    first_image = []
+    n = 0
+    for r in records:
+        first_image.append(n)
+        n += len(r.images)
+    boxes, rimg, rsamp = [], [], []
+    for b, r in enumerate(records):
+        for roi in r.rois:
+            i = first_image[b] + roi.image
+            ow, oh = orig_sizes[i]
+            sx, sy = float(resized[i, 0]) / ow, float(resized[i, 1]) / oh
+            x0, y0, x1, y1 = roi.box
+            boxes.append([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
+            rimg.append(i)
+            rsamp.append(b)
+    return Batch(
+        input_ids=input_ids, attention_mask=attn, pixel_values=pixel_values, image_grid_thw=grid,
+        mm_token_type_ids=mm, labels=labels, latent_start_index=lsi,
+        roi_boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        roi_image=torch.tensor(rimg, dtype=torch.long), roi_sample=torch.tensor(rsamp, dtype=torch.long),
+        answers=[r.answer for r in records], records=list(records),
+        image_sizes=torch.tensor(orig_sizes, dtype=torch.long).reshape(-1, 2), resized_sizes=resized,
+        k_latent=k_latent, padding_side=padding_side,
+    )

@@ -1,0 +1,252 @@
+"""The medlvr JSONL format: one record per question, validated line by line.
+
+One line:
+
+    {"id": "synth-000017", "images": ["images/000017.png"], "question": "Is there a lesion?",
+     "options": ["yes", "no"] | null, "answer": "yes",
+     "rois": [{"image": 0, "box": [x0, y0, x1, y1]}], "split": "train",
+     "source": "synth", "qtype": "presence"}
+
+- images: paths, relative to the JSONL file's directory or absolute; at least one.
+- rois: optional; boxes in pixels of the ORIGINAL image `images[image]`, x0 < x1, y0 < y1, inside
+  the image. Records without ROI are fine (stage 1 skips their alignment term).
+- options: optional; when given they must contain the answer.
+- id, split, source, qtype: strings; split defaults to "train", source to the file stem, qtype to "".
+
+`load_jsonl` raises `DataError` (file:line:field) on the first bad record, or with skip_bad=True
+skips bad records, counts them and lists each one in the returned `BadReport`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """A bad record: `file`, `line` (1-based) and `field` say where, the message says what."""
+
+    def __init__(self, file, line: int, field_name: str, message: str):
+        self.file, self.line, self.field = str(file), line, field_name
+        super().__init__(f"{file}:{line}: field '{field_name}': {message}")
+
+
+@dataclass(frozen=True)
+class ROI:
+    image: int                                  # index into Record.images
+    box: tuple[float, float, float, float]      # x0, y0, x1, y1 in pixels of the original image
+
+
+@dataclass
+class Record:
+    id: str
+    images: list[str]
+    question: str
+    options: list[str] | None
+    answer: str
+    rois: list[ROI] = field(default_factory=list)
+    split: str = "train"
+    source: str = ""
+    qtype: str = ""
+
+    def to_json(self, *, relative_to: Path | None = None) -> dict:
+        d = asdict(self)
+        if relative_to is not None:
+            d["images"] = [_relpath(p, relative_to) for p in self.images]
+        d["rois"] = [{"image": r.image, "box": [float(v) for v in r.box]} for r in self.rois]
+        return d
+
+
+def _relpath(p: str, base: Path) -> str:
+    try:
+        return Path(p).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+@dataclass
+class BadReport:
+    """What `load_jsonl(skip_bad=True)` skipped: one (line, field, message) per bad record."""
+
+    file: str
+    total: int = 0
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+
+    @property
+    def n_bad(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def n_good(self) -> int:
+        return self.total - self.n_bad
+
+    def __str__(self) -> str:
+        head = f"{self.file}: {self.n_good} good, {self.n_bad} bad of {self.total} records"
+        return "\n".join([head] + [f"  {self.file}:{ln}: field '{f}': {m} (skipped)" for ln, f, m in self.skipped])
+
+
+_image_size_cache: dict[str, tuple[int, int]] = {}
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) read from the file header (no decode), cached per path."""
+    s = _image_size_cache.get(path)
+    if s is None:
+        with Image.open(path) as im:
+            s = (int(im.width), int(im.height))
+        _image_size_cache[path] = s
+    return s
+
+
+def _str_field(obj: dict, name: str, *, required: bool, default: str = "") -> str:
+    if name not in obj or obj[name] is None:
+        if required:
+            raise _Bad(name, "missing")
+        return default
+    v = obj[name]
+    if not isinstance(v, (str, int)) or isinstance(v, bool):
+        raise _Bad(name, f"expected a string, got {type(v).__name__}")
+    return str(v)
+
+
+class _Bad(Exception):
+    def __init__(self, field_name: str, message: str):
+        self.field, self.message = field_name, message
+
+
+def parse_record(obj, *, base_dir: Path, default_source: str, default_id: str, check_images: bool = True) -> Record:
+    """Validate one decoded JSON object and build its Record; raises _Bad(field, message)."""
+    if not isinstance(obj, dict):
+        raise _Bad("<record>", f"expected a JSON object, got {type(obj).__name__}")
+    rid = _str_field(obj, "id", required=False, default=default_id)
+    question = _str_field(obj, "question", required=True)
+    if not question.strip():
+        raise _Bad("question", "empty")
+    answer = _str_field(obj, "answer", required=True)
+    if not answer.strip():
+        raise _Bad("answer", "empty")
+
+    images = obj.get("images")
+    if images is None:
+        raise _Bad("images", "missing")
+    if not isinstance(images, list) or not images or not all(isinstance(p, str) and p for p in images):
+        raise _Bad("images", f"expected a non-empty list of paths, got {images!r}")
+    paths = [str(p if Path(p).is_absolute() else (base_dir / p)) for p in images]
+    sizes: list[tuple[int, int] | None] = [None] * len(paths)
+    if check_images:
+        for i, p in enumerate(paths):
+            if not Path(p).is_file():
+                raise _Bad(f"images[{i}]", f"file not found: {p}")
+            try:
+                sizes[i] = image_size(p)
+            except Exception as e:  # PIL raises several types for a broken file
+                raise _Bad(f"images[{i}]", f"not a readable image: {p} ({type(e).__name__}: {e})") from None
+
+    options = obj.get("options")
+    if options is not None:
+        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
+            raise _Bad("options", f"expected null or a list of >= 2 non-empty strings, got {options!r}")
+        if len(options) > 26:
+            raise _Bad("options", f"expected at most 26 options, got {len(options)}")
+        from medlvr.train.qa import normalize_answer
+
+        if normalize_answer(answer) not in [normalize_answer(o) for o in options]:
+            raise _Bad("answer", f"{answer!r} is not one of the options {options!r}")
+
+    rois_raw = obj.get("rois") or []
+    if not isinstance(rois_raw, list):
+        raise _Bad("rois", f"expected a list, got {type(rois_raw).__name__}")
+    rois: list[ROI] = []
+    for j, r in enumerate(rois_raw):
+        where = f"rois[{j}]"
+        if not isinstance(r, dict) or "box" not in r:
+            raise _Bad(where, f"expected {{'image': int, 'box': [x0, y0, x1, y1]}}, got {r!r}")
+        img = r.get("image", 0)
+        if not isinstance(img, int) or isinstance(img, bool) or not 0 <= img < len(paths):
+            raise _Bad(f"{where}.image", f"expected an image index in [0, {len(paths)}), got {img!r}")
+        box = r["box"]
+        if (not isinstance(box, (list, tuple)) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            raise _Bad(f"{where}.box", f"expected 4 numbers [x0, y0, x1, y1], got {box!r}")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (x0 < x1 and y0 < y1):
+            raise _Bad(f"{where}.box", f"expected x0 < x1 and y0 < y1, got {box!r}")
+        if x0 < 0 or y0 < 0:
+            raise _Bad(f"{where}.box", f"negative coordinate in {box!r}")
+        if sizes[img] is not None:
+            w, h = sizes[img]
+            if x1 > w or y1 > h:
+                raise _Bad(f"{where}.box", f"{box!r} outside image {img} of size {w}x{h} (width x height)")
+        rois.append(ROI(image=img, box=(x0, y0, x1, y1)))
+
+    split = _str_field(obj, "split", required=False, default="train")
+    if split not in SPLITS:
+        raise _Bad("split", f"expected one of {SPLITS}, got {split!r}")
+    return Record(
+        id=rid, images=paths, question=question, options=list(options) if options is not None else None,
+        answer=answer, rois=rois, split=split,
+        source=_str_field(obj, "source", required=False, default=default_source),
+        qtype=_str_field(obj, "qtype", required=False, default=""),
+    )
+
+
+def load_jsonl(path, *, skip_bad: bool = False, split: str | None = None,
+               check_images: bool = True) -> tuple[list[Record], BadReport]:
+    """Read and validate a JSONL file -> (records, report).
+
+    A bad record raises DataError naming file:line:field, unless skip_bad, then it is skipped,
+    counted in report.n_bad and listed in report.skipped (never silently). Duplicate ids are bad.
+    `split` keeps only records of that split (after validation: a bad line is reported even
+    when its split would have been filtered out).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no such JSONL file: {path}")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split: expected None or one of {SPLITS}, got {split!r}")
+    report = BadReport(file=str(path))
+    records: list[Record] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            report.total += 1
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise _Bad("<json>", f"invalid JSON: {e.msg} at column {e.colno}") from None
+                rec = parse_record(obj, base_dir=path.parent, default_source=path.stem,
+                                   default_id=f"{path.stem}-{lineno}", check_images=check_images)
+                if rec.id in seen:
+                    raise _Bad("id", f"duplicate id {rec.id!r}")
+                seen.add(rec.id)
+            except _Bad as bad:
+                if not skip_bad:
+                    raise DataError(path, lineno, bad.field, bad.message) from None
+                report.skipped.append((lineno, bad.field, bad.message))
+                continue
+            if split is None or rec.split == split:
+                records.append(rec)
+    return records, report
+
+
+def write_jsonl(path, records: list[Record]) -> None:
+    """Write records with image paths relative to the file's directory when they lie under it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r.to_json(relative_to=path.parent), ensure_ascii=False) + "\n")
+
+
+# The collate API lives in collate.py; re-exported so `from medlvr.train.data import collate` works.
+from medlvr.train.collate import Batch, collate  # noqa: E402
+
+__all__ = ["ROI", "Record", "BadReport", "DataError", "load_jsonl", "write_jsonl", "parse_record",
+           "image_size", "Batch", "collate", "SPLITS"]
