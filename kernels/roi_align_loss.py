@@ -1,0 +1,269 @@
+"""Triton kernels of the ROI-pooled latent alignment loss (medlvr.ops.roi_align_loss).
+
+The pooled targets are never written to memory. Every pass that needs a target
+recomputes it, one (row, bin, D-slice) at a time, in registers:
+
+    t[r, k, d] = Σ_i wy(i) · Σ_j wx(j) · v[off_r + i·W_r + j, d]
+
+The bin weights are separable (see medlvr/reference/roi_align.py), so wy and wx are
+computed from four scalars of the box and never stored either. Tokens (i, j0..j1) of one
+token row are consecutive rows of ``v``, so each inner step loads a [BLOCK_J, BLOCK_D]
+tile that is contiguous along D (coalesced) and reduces it with the wx weights.
+
+Passes (grid axis 1 splits D into BLOCK_D slices, for parallelism at small R·K):
+  forward      per (row·bin, slice): partial z·t, z·z, t·t (cosine) or Σ(z − t)² (mse)
+               → part (R·K, n_slices, 3) fp32; the host sums slices in a fixed order.
+  backward 1   per (row·bin, slice): recompute t; dz = A·t + B·z. When the vision tokens
+               need a gradient it also writes dt = C·z + E·t (fp32, shape of the latents:
+               the gradient w.r.t. the targets, not the targets).
+  backward 2   per (vision token, slice): dv = Σ over the boxes of its image, Σ over the
+               bins, w(token, bin) · dt[bin]. Each program owns its output slice and sums
+               in a fixed order (boxes by index, then bins), so the backward is
+               deterministic without atomics; tokens outside every box write zeros.
+(A, B, C, E) per (row, bin) are computed on the host from the saved sums; see the op.
+
+Geometry (built by the op, all in token units):
+  geom_f (R 4) fp32:  x_lo, y_lo (box start; −½ already applied for bilinear), bin_w, bin_h
+  geom_i (R 5) int64: token offset of the box's image, H, W, samples y, samples x
+  extent (R 4) int32: i_lo, i_hi, j_lo, j_hi — a superset of the rows/cols with weight ≠ 0
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _axis_weight(idx, lo, size_bin, n_samples, extent, AREA: tl.constexpr):
+    """Weight of token row/col ``idx`` in the bin [lo, lo + size_bin) along one axis.
+
+    ``idx`` and ``lo`` may be scalars or vectors (they broadcast). ``extent`` is the
+    image's token count along the axis. The bilinear branch follows torchvision's
+    bilinear_interpolate (aligned=True) sample by sample, divided by the sample count.
+    """
+    f = idx * 1.0  # int → fp32; also accepts the interpreter's plain-int loop indices
+    if AREA:
+        # |[f, f+1) ∩ [lo, lo + s)| / s
+        ov = tl.minimum(f + 1.0, lo + size_bin) - tl.maximum(f, lo)
+        return tl.maximum(ov, 0.0) / size_bin
+    else:
+        ext_f = extent.to(tl.float32)
+        last = extent - 1
+        step = size_bin / n_samples
+        w = (f + lo) * 0.0
+        for s in range(n_samples):
+            y = lo + (s + 0.5) * step
+            # a sample outside [-1, extent] reads nothing (torchvision returns 0 for it)
+            keep = tl.where(y >= -1.0, 1.0, 0.0) * tl.where(y <= ext_f, 1.0, 0.0)
+            y = tl.maximum(y, 0.0)
+            low = y.to(tl.int32)  # y >= 0: truncation is floor
+            at_edge = low >= last
+            low = tl.where(at_edge, last, low)
+            high = tl.where(at_edge, last, low + 1)
+            frac = tl.where(at_edge, 0.0, y - low.to(tl.float32))
+            w += tl.where(idx == low, keep * (1.0 - frac), 0.0)
+            w += tl.where(idx == high, keep * frac, 0.0)
+        return w / n_samples
+
+
+@triton.jit
+def _pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, p, q, d, d_mask, D,
+                   BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, AREA: tl.constexpr):
+    """Target slice t[r, bin (p, q), d] in fp32, accumulated in registers."""
+    x_lo = tl.load(geom_f_ptr + r * 4 + 0)
+    y_lo = tl.load(geom_f_ptr + r * 4 + 1)
+    bin_w = tl.load(geom_f_ptr + r * 4 + 2)
+    bin_h = tl.load(geom_f_ptr + r * 4 + 3)
+    off = tl.load(geom_i_ptr + r * 5 + 0)
+    H = tl.load(geom_i_ptr + r * 5 + 1)
+    W = tl.load(geom_i_ptr + r * 5 + 2)
+    ny = tl.load(geom_i_ptr + r * 5 + 3).to(tl.int32)
+    nx = tl.load(geom_i_ptr + r * 5 + 4).to(tl.int32)
+    ylo = y_lo + p * bin_h
+    xlo = x_lo + q * bin_w
+    if AREA:
+        # cells overlapping [lo, lo + s); lo >= 0 after clipping
+        i0 = tl.floor(ylo).to(tl.int32)
+        i1 = tl.minimum(tl.ceil(ylo + bin_h).to(tl.int32), H.to(tl.int32))
+        j0 = tl.floor(xlo).to(tl.int32)
+        j1 = tl.minimum(tl.ceil(xlo + bin_w).to(tl.int32), W.to(tl.int32))
+    else:
+        # samples lie in [lo, lo + s]; each reads floor(y) and floor(y) + 1
+        i0 = tl.floor(tl.maximum(ylo, 0.0)).to(tl.int32)
+        i1 = tl.minimum(tl.floor(tl.maximum(ylo + bin_h, 0.0)).to(tl.int32) + 2, H.to(tl.int32))
+        j0 = tl.floor(tl.maximum(xlo, 0.0)).to(tl.int32)
+        j1 = tl.minimum(tl.floor(tl.maximum(xlo + bin_w, 0.0)).to(tl.int32) + 2, W.to(tl.int32))
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for i in range(i0, i1):
+        wy = _axis_weight(i, ylo, bin_h, ny, H, AREA)
+        row = off + i * W  # W is int64: the product is widened
+        for js in range(j0, j1, BLOCK_J):
+            j = js + tl.arange(0, BLOCK_J)
+            j_mask = j < j1
+            wx = tl.where(j_mask, _axis_weight(j, xlo, bin_w, nx, W, AREA), 0.0)
+            ptrs = v_ptr + (row + j.to(tl.int64))[:, None] * D + d[None, :]
+            tile = tl.load(ptrs, mask=j_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            acc += wy * tl.sum(wx[:, None] * tile, axis=0)
+    return acc
+
+
+@triton.jit
+def _roi_loss_fwd_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, part_ptr, D, K, GW,
+                         BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                         AREA: tl.constexpr, COSINE: tl.constexpr):
+    rk = tl.program_id(0).to(tl.int64)
+    sid = tl.program_id(1)
+    n_slices = tl.num_programs(1)
+    r = rk // K
+    k = rk % K
+    d = sid * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    t = _pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, k // GW, k % GW, d, d_mask, D,
+                       BLOCK_D, BLOCK_J, AREA)
+    z = tl.load(z_ptr + rk * D + d, mask=d_mask, other=0.0).to(tl.float32)
+    out = part_ptr + (rk * n_slices + sid) * 3
+    if COSINE:
+        tl.store(out + 0, tl.sum(z * t, axis=0))
+        tl.store(out + 1, tl.sum(z * z, axis=0))
+        tl.store(out + 2, tl.sum(t * t, axis=0))
+    else:
+        diff = z - t
+        tl.store(out + 0, tl.sum(diff * diff, axis=0))
+        tl.store(out + 1, 0.0)
+        tl.store(out + 2, 0.0)
+
+
+@triton.jit
+def _roi_loss_bwd_latent_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, coef_ptr, dz_ptr, dt_ptr,
+                                D, K, GW, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                                AREA: tl.constexpr, WRITE_DZ: tl.constexpr, WRITE_DT: tl.constexpr):
+    rk = tl.program_id(0).to(tl.int64)
+    sid = tl.program_id(1)
+    r = rk // K
+    k = rk % K
+    d = sid * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    t = _pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, k // GW, k % GW, d, d_mask, D,
+                       BLOCK_D, BLOCK_J, AREA)
+    z = tl.load(z_ptr + rk * D + d, mask=d_mask, other=0.0).to(tl.float32)
+    a = tl.load(coef_ptr + rk * 4 + 0)
+    b = tl.load(coef_ptr + rk * 4 + 1)
+    c = tl.load(coef_ptr + rk * 4 + 2)
+    e = tl.load(coef_ptr + rk * 4 + 3)
+    if WRITE_DZ:
+        tl.store(dz_ptr + rk * D + d, (a * t + b * z).to(dz_ptr.dtype.element_ty), mask=d_mask)
+    if WRITE_DT:
+        tl.store(dt_ptr + rk * D + d, c * z + e * t, mask=d_mask)
+
+
+@triton.jit
+def _roi_loss_bwd_vision_kernel(dt_ptr, dv_ptr, geom_f_ptr, geom_i_ptr, extent_ptr,
+                                token_image_ptr, image_meta_ptr, rows_by_image_ptr, image_ptr_ptr,
+                                D, K, GH, GW, BLOCK_D: tl.constexpr, BLOCK_GW: tl.constexpr,
+                                AREA: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    sid = tl.program_id(1)
+    d = sid * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    b = tl.load(token_image_ptr + n).to(tl.int64)
+    off = tl.load(image_meta_ptr + b * 3 + 0)
+    H = tl.load(image_meta_ptr + b * 3 + 1)
+    W = tl.load(image_meta_ptr + b * 3 + 2)
+    local = n - off
+    i = (local // W).to(tl.int32)
+    j = (local % W).to(tl.int32)
+    q = tl.arange(0, BLOCK_GW)
+    q_mask = q < GW
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    first = tl.load(image_ptr_ptr + b)
+    last = tl.load(image_ptr_ptr + b + 1)
+    for slot in range(first, last):
+        r = tl.load(rows_by_image_ptr + slot)
+        i_lo = tl.load(extent_ptr + r * 4 + 0)
+        i_hi = tl.load(extent_ptr + r * 4 + 1)
+        j_lo = tl.load(extent_ptr + r * 4 + 2)
+        j_hi = tl.load(extent_ptr + r * 4 + 3)
+        if (i >= i_lo) & (i < i_hi) & (j >= j_lo) & (j < j_hi):
+            x_lo = tl.load(geom_f_ptr + r * 4 + 0)
+            y_lo = tl.load(geom_f_ptr + r * 4 + 1)
+            bin_w = tl.load(geom_f_ptr + r * 4 + 2)
+            bin_h = tl.load(geom_f_ptr + r * 4 + 3)
+            ny = tl.load(geom_i_ptr + r * 5 + 3).to(tl.int32)
+            nx = tl.load(geom_i_ptr + r * 5 + 4).to(tl.int32)
+            # weights of this token's column in every bin column q: a vector over q
+            wx = tl.where(q_mask, _axis_weight(j, x_lo + q * bin_w, bin_w, nx, W, AREA), 0.0)
+            for p in range(GH):
+                wy = _axis_weight(i, y_lo + p * bin_h, bin_h, ny, H, AREA)
+                w = wy * wx
+                # bins with zero weight are masked out: their rows of dt are never read
+                rows = (r * K + p * GW + q).to(tl.int64)
+                ptrs = dt_ptr + rows[:, None] * D + d[None, :]
+                tile = tl.load(ptrs, mask=(w != 0.0)[:, None] & d_mask[None, :], other=0.0)
+                acc += tl.sum(w[:, None] * tile, axis=0)
+    tl.store(dv_ptr + n * D + d, acc.to(dv_ptr.dtype.element_ty), mask=d_mask)
+
+
+# --------------------------------------------------------------------------- launchers
+
+def _block_d(D: int) -> int:
+    # 512 lanes of fp32 per slice: big enough for 16-byte bf16 loads per thread at 4
+    # warps, small enough that D = 3584 gives 7 slices of parallelism per bin.
+    return min(triton.next_power_of_2(D), 512)
+
+
+def _block_j(max_cols: int) -> int:
+    # columns loaded per tile: the widest bin's column span, capped so a tile stays
+    # at BLOCK_J × 512 fp32 values in registers.
+    return max(2, min(triton.next_power_of_2(max(max_cols, 1)), 16))
+
+
+def roi_loss_forward(latents: torch.Tensor, vision_tokens: torch.Tensor, geom_f: torch.Tensor,
+                     geom_i: torch.Tensor, *, bins: tuple[int, int], max_cols: int, area: bool,
+                     cosine: bool) -> torch.Tensor:
+    """Per (row·bin) sums: (R·K, 3) fp32 = (z·t, z·z, t·t) for cosine, (Σ(z−t)², 0, 0) for mse."""
+    R, K, D = latents.shape
+    gh, gw = bins
+    block_d = _block_d(D)
+    n_slices = triton.cdiv(D, block_d)
+    part = torch.empty(R * K, n_slices, 3, device=latents.device, dtype=torch.float32)
+    if R:
+        _roi_loss_fwd_kernel[(R * K, n_slices)](
+            latents, vision_tokens, geom_f, geom_i, part, D, K, gw,
+            BLOCK_D=block_d, BLOCK_J=_block_j(max_cols), AREA=area, COSINE=cosine, num_warps=4)
+    # fixed-order sum over D slices: deterministic
+    return part.sum(dim=1)
+
+
+def roi_loss_backward_latents(latents: torch.Tensor, vision_tokens: torch.Tensor, geom_f: torch.Tensor,
+                              geom_i: torch.Tensor, coef: torch.Tensor, *, bins: tuple[int, int],
+                              max_cols: int, area: bool, want_dz: bool, want_dt: bool):
+    """dz (R K D) in the latents' dtype and dt (R K D) fp32, each or None."""
+    R, K, D = latents.shape
+    dz = torch.empty_like(latents) if want_dz else None
+    dt = torch.empty(R, K, D, device=latents.device, dtype=torch.float32) if want_dt else None
+    if R and (want_dz or want_dt):
+        block_d = _block_d(D)
+        _roi_loss_bwd_latent_kernel[(R * K, triton.cdiv(D, block_d))](
+            latents, vision_tokens, geom_f, geom_i, coef,
+            dz if want_dz else latents, dt if want_dt else coef,
+            D, K, bins[1], BLOCK_D=block_d, BLOCK_J=_block_j(max_cols), AREA=area,
+            WRITE_DZ=want_dz, WRITE_DT=want_dt, num_warps=4)
+    return dz, dt
+
+
+def roi_loss_backward_vision(dt: torch.Tensor, vision_tokens: torch.Tensor, geom_f: torch.Tensor,
+                             geom_i: torch.Tensor, extent: torch.Tensor, token_image: torch.Tensor,
+                             image_meta: torch.Tensor, rows_by_image: torch.Tensor, image_ptr: torch.Tensor,
+                             *, bins: tuple[int, int], area: bool) -> torch.Tensor:
+    """dv (T D) in the vision tokens' dtype: every token written once (zeros outside boxes)."""
+    T, D = vision_tokens.shape
+    gh, gw = bins
+    dv = torch.empty_like(vision_tokens)
+    if T:
+        block_d = _block_d(D)
+        _roi_loss_bwd_vision_kernel[(T, triton.cdiv(D, block_d))](
+            dt, dv, geom_f, geom_i, extent, token_image, image_meta, rows_by_image, image_ptr,
+            D, gh * gw, gh, gw, BLOCK_D=block_d, BLOCK_GW=max(2, triton.next_power_of_2(gw)),
+            AREA=area, num_warps=4)
+    return dv

@@ -1,0 +1,335 @@
+"""ROI-pooled latent alignment loss: argument checks, autograd, dispatch.
+
+``roi_align_loss`` pools the vision tokens inside each ROI box into K = gh·gw bin
+targets and compares them with the K latent states. The reference
+(medlvr/reference/roi_align.py) is the spec and holds the conventions: token packing,
+bin order (row-major over the box), pooling and loss formulas. The Triton path
+(medlvr.kernels.roi_align_loss) never materialises the targets.
+
+Backward math (per row r, bin k, with g = dL/dloss[r, k] from the reduction):
+  cosine  L = 1 − d / (nz·nt), d = z·t, nz = max(|z|, ε), nt = max(|t|, ε)
+          dL/dz = −t / (nz·nt) + d·z / (nz³·nt)   (second term only where |z| > ε:
+          below ε the clamp makes nz a constant)
+          dL/dt = −z / (nz·nt) + d·t / (nz·nt³)   (likewise where |t| > ε)
+  mse     L = Σ(z − t)² / D: dL/dz = 2(z − t)/D = −dL/dt
+so dz = A·t + B·z and dt = C·z + E·t with per-(r, k) scalars A, B, C, E computed here
+from the three sums the forward saved (d, |z|², |t|²): the backward kernels recompute t
+and never need more than these scalars.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medlvr import _backend
+from medlvr.reference.roi_align import (COS_EPS, axis_weights, bilinear_samples, clip_boxes,
+                                        roi_align_loss_ref)
+
+__all__ = ["roi_align_loss", "roi_align_loss_memory_floor"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_POOLINGS = ("area", "bilinear")
+_LOSSES = ("cosine", "mse")
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_int(name: str, value, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _check_tensor(name: str, x, ndim: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_side_device(name: str, x: torch.Tensor, device: torch.device) -> None:
+    # boxes and grids are small: they may stay on the CPU (no device sync to read them)
+    if x.device.type != "cpu" and x.device != device:
+        raise ValueError(f"{name} must be on the CPU or on {device} (the latents' device), got {x.device}")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the kernels need, derived from validated inputs (host side, small)."""
+    geom_f: torch.Tensor        # (R 4) fp32 on device
+    geom_i: torch.Tensor        # (R 5) int64 on device
+    extent: torch.Tensor        # (R 4) int32 on device
+    image_meta: torch.Tensor    # (I 3) int64 on device: token offset, H, W
+    rows_by_image: torch.Tensor  # (R) int64 on device: row indices sorted by image (stable)
+    image_ptr: torch.Tensor     # (I+1) int64 on device: slice of rows_by_image per image
+    counts: torch.Tensor        # (I) int64 CPU: tokens per image
+    max_cols: int               # widest column span of any bin, in tokens
+
+
+def _validate(latents, vision_tokens, grid_thw, boxes, box_image, bins, pooling, loss, reduction,
+              merge, patch, sampling_ratio):
+    """Raise TypeError/ValueError for bad input; return CPU copies (grid, boxes, image ids)."""
+    _check_tensor("latents", latents, 3)
+    _check_tensor("vision_tokens", vision_tokens, 2)
+    _check_tensor("grid_thw", grid_thw, 2)
+    _check_tensor("boxes", boxes, 2)
+    _check_tensor("box_image", box_image, 1)
+    if latents.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"latents must be one of {_FLOAT_DTYPES}, got {latents.dtype}")
+    if vision_tokens.dtype != latents.dtype:
+        raise TypeError(f"vision_tokens must have the latents' dtype {latents.dtype}, got {vision_tokens.dtype}")
+    if vision_tokens.device != latents.device:
+        raise ValueError(f"vision_tokens must be on the latents' device {latents.device}, got {vision_tokens.device}")
+    for name, x in (("grid_thw", grid_thw), ("boxes", boxes), ("box_image", box_image)):
+        _check_side_device(name, x, latents.device)
+    if not isinstance(bins, (tuple, list)) or len(bins) != 2:
+        raise TypeError(f"bins must be a pair (gh, gw), got {bins!r}")
+    gh = _check_int("bins[0] (gh)", bins[0])
+    gw = _check_int("bins[1] (gw)", bins[1])
+    _check_choice("pooling", pooling, _POOLINGS)
+    _check_choice("loss", loss, _LOSSES)
+    _check_choice("reduction", reduction, _REDUCTIONS)
+    _check_int("merge", merge)
+    _check_int("patch", patch)
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
+        raise TypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
+    if sampling_ratio != -1 and sampling_ratio < 1:
+        raise ValueError(f"sampling_ratio must be a positive int or -1 (adaptive), got {sampling_ratio}")
+
+    R, K, D = latents.shape
+    if K != gh * gw:
+        raise ValueError(f"latents has K = {K} latent states per box, but bins = ({gh}, {gw}) needs K = {gh * gw}")
+    if D == 0:
+        raise ValueError(f"latents must have a hidden size D >= 1, got shape {tuple(latents.shape)}")
+    if vision_tokens.shape[1] != D:
+        raise ValueError(f"vision_tokens must have D = {D} columns like latents, got shape {tuple(vision_tokens.shape)}")
+    if grid_thw.shape[1] != 3 or grid_thw.is_floating_point() or grid_thw.is_complex():
+        raise ValueError(f"grid_thw must be an integer tensor (I, 3), got {grid_thw.dtype} {tuple(grid_thw.shape)}")
+    if boxes.shape != (R, 4) or not boxes.is_floating_point():
+        raise ValueError(f"boxes must be a floating tensor (R, 4) = ({R}, 4), got {boxes.dtype} {tuple(boxes.shape)}")
+    if box_image.shape != (R,) or box_image.is_floating_point() or box_image.dtype == torch.bool:
+        raise ValueError(f"box_image must be an integer tensor (R,) = ({R},), got {box_image.dtype} {tuple(box_image.shape)}")
+
+    grid = grid_thw.to("cpu", torch.int64)
+    for b, (t, h, w) in enumerate(grid.tolist()):
+        if t != 1:
+            raise ValueError(f"grid_thw row {b} = {(t, h, w)}: only images (t = 1) are supported; "
+                             "a video's frames do not share one box")
+        if h <= 0 or w <= 0 or h % merge or w % merge:
+            raise ValueError(f"grid_thw row {b} = {(t, h, w)}: h and w must be positive multiples of merge = {merge}")
+    counts = grid[:, 0] * (grid[:, 1] // merge) * (grid[:, 2] // merge)
+    if int(counts.sum()) != vision_tokens.shape[0]:
+        raise ValueError(f"grid_thw adds up to {int(counts.sum())} merged tokens "
+                         f"(per image {counts.tolist()}), but vision_tokens has T = {vision_tokens.shape[0]}")
+
+    bx = boxes.detach().to("cpu", torch.float32)
+    img = box_image.to("cpu", torch.int64)
+    n_images = grid.shape[0]
+    for r in torch.nonzero(~torch.isfinite(bx).all(1)).flatten().tolist():
+        raise ValueError(f"boxes row {r} = {bx[r].tolist()} is not finite")
+    for r in torch.nonzero((img < 0) | (img >= n_images)).flatten().tolist():
+        raise ValueError(f"box_image row {r} = {int(img[r])} is out of range for {n_images} images")
+    for r in torch.nonzero((bx[:, 2] < bx[:, 0]) | (bx[:, 3] < bx[:, 1])).flatten().tolist():
+        raise ValueError(f"boxes row {r} = {bx[r].tolist()} has x1 < x0 or y1 < y0 (expected x0 <= x1, y0 <= y1)")
+    hw = grid[:, 1:] // merge
+    clipped = clip_boxes(bx, hw[img], merge * patch) if R else bx.new_zeros(0, 4)
+    empty = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+    for r in torch.nonzero(empty).flatten().tolist():
+        b = int(img[r])
+        raise ValueError(f"boxes row {r} = {bx[r].tolist()} is empty after clipping to image {b} "
+                         f"({int(hw[b, 1]) * merge * patch} x {int(hw[b, 0]) * merge * patch} px)")
+    return grid, img, clipped, counts
+
+
+def _plan(grid, img, clipped, counts, *, bins, pooling, merge, sampling_ratio, device) -> _Plan:
+    gh, gw = bins
+    hw = grid[:, 1:] // merge
+    offsets = torch.cumsum(counts, 0) - counts
+    x0, y0, x1, y1 = clipped.unbind(1)
+    bin_w = (x1 - x0) / gw
+    bin_h = (y1 - y0) / gh
+    if pooling == "bilinear":
+        ny = torch.tensor([bilinear_samples(float(e), gh, sampling_ratio) for e in (y1 - y0)], dtype=torch.int64)
+        nx = torch.tensor([bilinear_samples(float(e), gw, sampling_ratio) for e in (x1 - x0)], dtype=torch.int64)
+        # aligned=True: pixel centres sit at half-integers of the token grid
+        start_x, start_y = x0 - 0.5, y0 - 0.5
+        max_cols = int((torch.floor(bin_w) + 3).max()) if len(x0) else 1
+    else:
+        ny = nx = torch.ones_like(img)
+        start_x, start_y = x0, y0
+        max_cols = int((torch.ceil(bin_w) + 1).max()) if len(x0) else 1
+    H, W = hw[img, 0], hw[img, 1]
+    geom_f = torch.stack([start_x, start_y, bin_w, bin_h], 1).to(torch.float32)
+    geom_i = torch.stack([offsets[img], H, W, ny, nx], 1)
+    # a superset of the token rows/cols any bin weights (one cell of slack each side
+    # covers both poolings and float rounding at the box's far edge)
+    extent = torch.stack([(torch.floor(y0) - 1).clamp(min=0).long(), torch.minimum(torch.floor(y1).long() + 2, H),
+                          (torch.floor(x0) - 1).clamp(min=0).long(), torch.minimum(torch.floor(x1).long() + 2, W)],
+                         1).to(torch.int32)
+    order = torch.sort(img, stable=True).indices
+    image_ptr = torch.zeros(grid.shape[0] + 1, dtype=torch.int64)
+    image_ptr[1:] = torch.cumsum(torch.bincount(img, minlength=grid.shape[0]), 0)
+    image_meta = torch.stack([offsets, hw[:, 0], hw[:, 1]], 1)
+
+    def dev(x):
+        return x.contiguous().to(device, non_blocking=True)
+
+    return _Plan(dev(geom_f), dev(geom_i), dev(extent), dev(image_meta), dev(order), dev(image_ptr),
+                 counts, max_cols)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _finish(sums: torch.Tensor, *, cosine: bool, D: int) -> torch.Tensor:
+    """Per-bin loss from the forward's sums (R·K, 3)."""
+    if cosine:
+        nz = sums[:, 1].sqrt().clamp(min=COS_EPS)
+        nt = sums[:, 2].sqrt().clamp(min=COS_EPS)
+        return 1.0 - sums[:, 0] / (nz * nt)
+    return sums[:, 0] / D
+
+
+def _coefficients(sums: torch.Tensor, g: torch.Tensor, *, cosine: bool, D: int) -> torch.Tensor:
+    """(R·K, 4) fp32 = (A, B, C, E): dz = A·t + B·z, dt = C·z + E·t (module docstring)."""
+    if cosine:
+        d = sums[:, 0]
+        rz, rt = sums[:, 1].sqrt(), sums[:, 2].sqrt()
+        nz, nt = rz.clamp(min=COS_EPS), rt.clamp(min=COS_EPS)
+        a = -g / (nz * nt)
+        b = torch.where(rz > COS_EPS, g * d / (nz.pow(3) * nt), torch.zeros_like(g))
+        e = torch.where(rt > COS_EPS, g * d / (nz * nt.pow(3)), torch.zeros_like(g))
+        return torch.stack([a, b, a, e], 1).contiguous()
+    c = 2.0 * g / D
+    return torch.stack([-c, c, -c, c], 1).contiguous()
+
+
+class _RoiAlignLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, latents, vision_tokens, plan: _Plan, bins, pooling, loss, reduction):
+        from medlvr.kernels import roi_align_loss as kern
+
+        R, K, D = latents.shape
+        area, cosine = pooling == "area", loss == "cosine"
+        sums = kern.roi_loss_forward(latents, vision_tokens, plan.geom_f, plan.geom_i, bins=tuple(bins),
+                                     max_cols=plan.max_cols, area=area, cosine=cosine)
+        per_bin = _finish(sums, cosine=cosine, D=D)
+        ctx.save_for_backward(latents, vision_tokens, sums)
+        ctx.plan, ctx.bins, ctx.area, ctx.cosine, ctx.reduction = plan, tuple(bins), area, cosine, reduction
+        if reduction == "none":
+            return per_bin.view(R, K)
+        total = per_bin.sum()
+        return total if reduction == "sum" else total / max(R * K, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from medlvr.kernels import roi_align_loss as kern
+
+        latents, vision_tokens, sums = ctx.saved_tensors
+        plan = ctx.plan
+        R, K, D = latents.shape
+        want_dz, want_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_out = grad_out.to(torch.float32)
+        if ctx.reduction == "none":
+            g = grad_out.reshape(R * K)
+        elif ctx.reduction == "sum":
+            g = grad_out.expand(R * K)
+        else:
+            g = (grad_out / max(R * K, 1)).expand(R * K)
+        coef = _coefficients(sums, g, cosine=ctx.cosine, D=D)
+        dz, dt = kern.roi_loss_backward_latents(latents, vision_tokens, plan.geom_f, plan.geom_i, coef,
+                                                bins=ctx.bins, max_cols=plan.max_cols, area=ctx.area,
+                                                want_dz=want_dz, want_dt=want_dv)
+        dv = None
+        if want_dv:
+            token_image = torch.repeat_interleave(
+                torch.arange(len(plan.counts), dtype=torch.int32, device=latents.device),
+                plan.counts.to(latents.device), output_size=vision_tokens.shape[0])
+            dv = kern.roi_loss_backward_vision(dt, vision_tokens, plan.geom_f, plan.geom_i, plan.extent,
+                                               token_image, plan.image_meta, plan.rows_by_image,
+                                               plan.image_ptr, bins=ctx.bins, area=ctx.area)
+        return dz, dv, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public
+
+def roi_align_loss(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_thw: torch.Tensor,
+                   boxes: torch.Tensor, box_image: torch.Tensor, *, bins: tuple[int, int],
+                   pooling: str = "area", loss: str = "cosine", reduction: str = "mean",
+                   detach_target: bool = True, merge: int = 2, patch: int = 14,
+                   sampling_ratio: int = 2) -> torch.Tensor:
+    """ROI alignment loss between latent states and pooled vision tokens (fp32).
+
+    latents (R K D), vision_tokens (T D) of the same float dtype (fp32/fp16/bf16) and
+    device; grid_thw (I 3) int, images only (t = 1), in patches; boxes (R 4) pixel
+    (x0, y0, x1, y1) of the resized image; box_image (R) int. grid_thw, boxes and
+    box_image may live on the CPU (reading them then costs no device sync).
+    bins = (gh, gw) with gh·gw = K, bins row-major over the box (k = p·gw + q).
+    pooling: "area" (overlap-weighted mean of token cells) or "bilinear" (RoIAlign,
+    aligned=True, ``sampling_ratio`` samples per bin and axis, -1 = adaptive).
+    loss: "cosine" (1 − cos) or "mse" (mean over D). reduction: "mean" over R·K (0 for
+    R = 0), "sum", or "none" → (R K). detach_target=False also sends gradient to
+    vision_tokens. Boxes are clipped to their image; a box empty after clipping, a
+    reversed box, or an image index out of range raises ValueError naming the row.
+    """
+    grid, img, clipped, counts = _validate(latents, vision_tokens, grid_thw, boxes, box_image, bins,
+                                           pooling, loss, reduction, merge, patch, sampling_ratio)
+    bins = (int(bins[0]), int(bins[1]))
+    backend = _backend.choose(latents.device, has_ext=False, has_triton=True)
+    if backend == "reference":
+        return roi_align_loss_ref(latents, vision_tokens, grid, boxes.detach().cpu(), img, bins=bins,
+                                  pooling=pooling, loss=loss, reduction=reduction,
+                                  detach_target=detach_target, merge=merge, patch=patch,
+                                  sampling_ratio=sampling_ratio)
+    plan = _plan(grid, img, clipped, counts, bins=bins, pooling=pooling, merge=merge,
+                 sampling_ratio=sampling_ratio, device=latents.device)
+    v = vision_tokens.detach() if detach_target else vision_tokens
+    return _RoiAlignLoss.apply(latents.contiguous(), v.contiguous(), plan, bins, pooling, loss, reduction)
+
+
+def roi_align_loss_memory_floor(vision_tokens: torch.Tensor, grid_thw: torch.Tensor, boxes: torch.Tensor,
+                                box_image: torch.Tensor, *, bins: tuple[int, int], pooling: str = "area",
+                                merge: int = 2, patch: int = 14, sampling_ratio: int = 2,
+                                latent_dtype: torch.dtype | None = None, detach_target: bool = True) -> dict:
+    """Bytes any implementation must move, for the benchmark's "fraction of the floor".
+
+    forward:  read the latents once and every vision token some bin weights, once.
+    backward: read them again (the autograd split forbids keeping the targets, which
+              would cost more than re-reading) and write d latents; with
+              detach_target=False also write d vision_tokens for all T tokens.
+    Returns {"forward": bytes, "backward": bytes, "forward_backward": bytes, "tokens_in_boxes": n}.
+    """
+    gh, gw = bins
+    D = vision_tokens.shape[1]
+    v_el = vision_tokens.element_size()
+    z_el = torch.empty(0, dtype=latent_dtype or vision_tokens.dtype).element_size()
+    grid = grid_thw.to("cpu", torch.int64)
+    hw = grid[:, 1:] // merge
+    img = box_image.to("cpu", torch.int64)
+    clipped = clip_boxes(boxes.detach().to("cpu", torch.float32), hw[img], merge * patch)
+    touched = [torch.zeros(int(h), int(w), dtype=torch.bool) for h, w in hw.tolist()]
+    for r in range(clipped.shape[0]):
+        b = int(img[r])
+        x0, y0, x1, y1 = (float(c) for c in clipped[r])
+        h, w = touched[b].shape
+        wy = axis_weights(y0, y1, gh, h, pooling=pooling, samples=bilinear_samples(y1 - y0, gh, sampling_ratio))
+        wx = axis_weights(x0, x1, gw, w, pooling=pooling, samples=bilinear_samples(x1 - x0, gw, sampling_ratio))
+        touched[b] |= (wy.sum(0) > 0)[:, None] & (wx.sum(0) > 0)[None, :]
+    n_in = int(sum(int(m.sum()) for m in touched))
+    latent_bytes = clipped.shape[0] * gh * gw * D * z_el
+    fwd = latent_bytes + n_in * D * v_el
+    bwd = 2 * latent_bytes + n_in * D * v_el
+    if not detach_target:
+        bwd += vision_tokens.shape[0] * D * v_el
+    return {"forward": fwd, "backward": bwd, "forward_backward": fwd + bwd, "tokens_in_boxes": n_in}
+

@@ -1,0 +1,159 @@
+"""Reference ROI-pooled latent alignment loss (stage 1 of MedLVR): the executable spec.
+
+Shapes (R boxes, K = gh·gw bins, D hidden, T packed vision tokens, I images):
+
+    latents        (R K D)   one latent state per bin, bins row-major over the box
+    vision_tokens  (T D)     the vision tower's output after the 2×2 merger, packed per image
+    grid_thw       (I 3)     (t, h, w) of each image in *patches*, as Qwen2.5-VL's processor gives it
+    boxes          (R 4)     (x0, y0, x1, y1) in pixels of the resized image fed to the vision tower
+    box_image      (R)       which image each box belongs to
+
+Token layout (checked against transformers' Qwen2.5-VL: the merger output is put back in
+raster order by ``reverse_indices``; ``get_rope_index`` uses llm_grid_h = h // merge):
+image b contributes H·W tokens, H = h // merge, W = w // merge, row-major (token (i, j)
+at offset_b + i·W + j), and token (i, j) covers pixels [j·c, (j+1)·c) × [i·c, (i+1)·c)
+with c = merge·patch (28). Only images (t = 1) are accepted: a video's frames have no
+single box, so a t > 1 grid is rejected by the op instead of guessing a pooling over time.
+
+Boxes are clipped to the image; the clipped box, in token units, is split into gh rows
+× gw columns of equal bins; bin k = p·gw + q is row p, column q (row-major). Both
+poolings are separable, target[p, q] = Σ_ij wy[p, i] · wx[q, j] · v[i, j]:
+
+- ``area``: wy[p, i] = |[i, i+1) ∩ [lo_p, lo_p + s)| / s, the overlap-area-weighted mean
+  of the token cells the bin covers (lo_p = y0 + p·s, s = bin height).
+- ``bilinear``: RoIAlign with aligned=True on the token grid (spatial_scale = 1/c), i.e.
+  torchvision.ops.roi_align: ns samples per bin and axis at lo_p + (n + ½)·s/ns (with the
+  −½ pixel-centre shift), each bilinearly interpolated, averaged. A bilinear sample's
+  weight is a product of a y and an x factor, so its average is too.
+
+Loss per (row, bin): ``cosine`` 1 − z·t / (max(|z|, ε)·max(|t|, ε)), ε = 1e-8; ``mse``
+mean over D of (z − t)². Reduction over all R·K terms: ``mean`` (0 when R = 0: a batch
+with no ROI adds no alignment term), ``sum``, ``none`` → (R K). Computed in fp32; the
+target carries gradient to the vision tokens unless ``detach_target``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+COS_EPS = 1e-8
+
+
+def clip_boxes(boxes: torch.Tensor, grid_hw: torch.Tensor, cell: int) -> torch.Tensor:
+    """Boxes (R 4) in pixels clipped to their image (grid_hw (R 2): token rows, cols), in token units (fp32)."""
+    b = boxes.to(torch.float32) / cell
+    h = grid_hw[:, 0].to(torch.float32)
+    w = grid_hw[:, 1].to(torch.float32)
+    x0 = b[:, 0].clamp(min=0).minimum(w)
+    x1 = b[:, 2].clamp(min=0).minimum(w)
+    y0 = b[:, 1].clamp(min=0).minimum(h)
+    y1 = b[:, 3].clamp(min=0).minimum(h)
+    return torch.stack([x0, y0, x1, y1], dim=1)
+
+
+def axis_weights(lo: float, hi: float, n_bins: int, size: int, *, pooling: str, samples: int) -> torch.Tensor:
+    """(n_bins, size) fp32 weights of the token rows (or columns) for each bin along one axis.
+
+    lo, hi: the clipped box extent in token units along this axis. ``samples`` is the
+    number of bilinear samples per bin along this axis (ignored for ``area``).
+    """
+    idx = torch.arange(size, dtype=torch.float32)
+    w = torch.zeros(n_bins, size, dtype=torch.float32)
+    if pooling == "area":
+        s = (hi - lo) / n_bins
+        for p in range(n_bins):
+            a = lo + p * s
+            overlap = (torch.minimum(idx + 1, torch.tensor(a + s)) - torch.maximum(idx, torch.tensor(a))).clamp(min=0)
+            w[p] = overlap / s
+        return w
+    # bilinear, aligned=True: coordinates shift by half a cell so that the sample at a
+    # cell's centre reads that cell alone (torchvision's roi_align_kernel.cpp).
+    start = lo - 0.5
+    s = (hi - lo) / n_bins
+    for p in range(n_bins):
+        for n in range(samples):
+            y = start + p * s + (n + 0.5) * s / samples
+            if y < -1.0 or y > size:
+                continue
+            y = max(y, 0.0)
+            low = int(math.floor(y))
+            if low >= size - 1:
+                low = high = size - 1
+                y = float(low)
+            else:
+                high = low + 1
+            frac = y - low
+            w[p, low] += (1.0 - frac) / samples
+            w[p, high] += frac / samples
+    return w
+
+
+def bilinear_samples(extent: float, n_bins: int, sampling_ratio: int) -> int:
+    """Samples per bin along one axis: torchvision's rule (adaptive when sampling_ratio <= 0)."""
+    if sampling_ratio > 0:
+        return sampling_ratio
+    return max(int(math.ceil(extent / n_bins)), 1)
+
+
+def roi_pool_targets_ref(vision_tokens: torch.Tensor, grid_thw: torch.Tensor, boxes: torch.Tensor,
+                         box_image: torch.Tensor, *, bins: tuple[int, int], pooling: str = "area",
+                         merge: int = 2, patch: int = 14, sampling_ratio: int = 2) -> torch.Tensor:
+    """Pooled targets (R K D) in fp32, materialised (the fast path never does this).
+
+    Differentiable w.r.t. vision_tokens. Inputs are assumed valid (the op checks them).
+    """
+    gh, gw = bins
+    cell = merge * patch
+    grid = grid_thw.to("cpu", torch.int64)
+    hw = grid[:, 1:] // merge
+    counts = grid[:, 0] * hw[:, 0] * hw[:, 1]
+    offsets = torch.cumsum(counts, 0) - counts
+    img = box_image.to("cpu", torch.int64)
+    clipped = clip_boxes(boxes.detach().to("cpu"), hw[img], cell)
+    v = vision_tokens.to(torch.float32)
+    out = []
+    for r in range(boxes.shape[0]):
+        b = int(img[r])
+        h, w = int(hw[b, 0]), int(hw[b, 1])
+        x0, y0, x1, y1 = (float(c) for c in clipped[r])
+        ny = bilinear_samples(y1 - y0, gh, sampling_ratio)
+        nx = bilinear_samples(x1 - x0, gw, sampling_ratio)
+        wy = axis_weights(y0, y1, gh, h, pooling=pooling, samples=ny).to(v.device)
+        wx = axis_weights(x0, x1, gw, w, pooling=pooling, samples=nx).to(v.device)
+        tokens = v[int(offsets[b]): int(offsets[b]) + h * w].view(h, w, -1)
+        out.append(torch.einsum("pi,qj,ijd->pqd", wy, wx, tokens).reshape(gh * gw, -1))
+    if not out:
+        return v.new_zeros(0, gh * gw, v.shape[1])
+    return torch.stack(out)
+
+
+def per_bin_loss(z: torch.Tensor, t: torch.Tensor, loss: str) -> torch.Tensor:
+    """(…, D) fp32 latents and targets → (…) loss per bin."""
+    if loss == "cosine":
+        nz = torch.linalg.vector_norm(z, dim=-1).clamp(min=COS_EPS)
+        nt = torch.linalg.vector_norm(t, dim=-1).clamp(min=COS_EPS)
+        return 1.0 - (z * t).sum(-1) / (nz * nt)
+    return (z - t).pow(2).mean(-1)
+
+
+def reduce_loss(per_bin: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_bin
+    total = per_bin.sum()
+    if reduction == "sum":
+        return total
+    # mean over R·K terms; an empty batch (no ROI) gives 0, never 0/0.
+    return total / max(per_bin.numel(), 1)
+
+
+def roi_align_loss_ref(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_thw: torch.Tensor,
+                       boxes: torch.Tensor, box_image: torch.Tensor, *, bins: tuple[int, int],
+                       pooling: str = "area", loss: str = "cosine", reduction: str = "mean",
+                       detach_target: bool = True, merge: int = 2, patch: int = 14,
+                       sampling_ratio: int = 2) -> torch.Tensor:
+    """fp32 loss: a scalar, or (R K) for reduction='none'. See the module docstring."""
+    v = vision_tokens.detach() if detach_target else vision_tokens
+    t = roi_pool_targets_ref(v, grid_thw, boxes, box_image, bins=bins, pooling=pooling,
+                             merge=merge, patch=patch, sampling_ratio=sampling_ratio)
+    return reduce_loss(per_bin_loss(latents.to(torch.float32), t, loss), reduction)
