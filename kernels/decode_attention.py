@@ -29,6 +29,18 @@ import torch
 import triton
 import triton.language as tl
 
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. On GPUs that is what .to() does; triton
+    3.8's CPU interpreter truncates fp32 -> bf16 instead, so there the rounding is
+    done on the bits first (the value then converts exactly)."""
+    if EMULATE_RTNE and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
 _LOG2E = 1.4426950408889634
 # 64 keys per tile: a K (or V) tile of 64 x 128 bf16 is 16 KB, so double-buffering both
 # fits comfortably in shared memory while the loop still issues large coalesced loads.
@@ -44,7 +56,7 @@ def _decode_attn_stage1(
     qk_scale, split_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr, EMU: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1).to(tl.int64)
@@ -58,6 +70,8 @@ def _decode_attn_stage1(
 
     q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + d[None, :] * sq_d,
                 mask=gm[:, None] & dm[None, :], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
     length = tl.load(len_ptr + b).to(tl.int64)
     lo = s * split_len
     hi = tl.minimum(lo + split_len, length)
@@ -76,6 +90,8 @@ def _decode_attn_stage1(
         k = tl.load(k_base + n[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
         # DOT_PREC is "ieee" for fp32 caches: they must not silently drop to tf32 (the
         # fp32 path is the exact one); it has no effect on bf16/fp16 tensor-core dots.
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
         qk = tl.where(nm[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -84,7 +100,11 @@ def _decode_attn_stage1(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + n[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
         # p in the value dtype for the tensor-core dot (flash-attention practice; p <= 1).
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        pv = _cast(p, v.dtype, UPCAST_DOT)
+        if UPCAST_DOT:  # same rounding of p as on the GPU, then an exact fp32 product
+            pv = pv.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PREC)
         m_i = m_new
 
     # An empty split (or a length-0 sample) leaves l_i = 0: write 0 and lse = -inf so the
@@ -94,7 +114,7 @@ def _decode_attn_stage1(
     if SINGLE:
         # One split covers the sequence: this is already the answer, skip stage 2.
         tl.store(o_ptr + b * so_b + h[:, None] * so_h + d[None, :] * so_d,
-                 o.to(o_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+                 _cast(o, o_ptr.dtype.element_ty, EMU), mask=gm[:, None] & dm[None, :])
     else:
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(part_ptr + b * sp_b + h[:, None] * sp_h + s * sp_s + d[None, :] * sp_d, o,
@@ -107,6 +127,7 @@ def _decode_attn_stage2(
     o_ptr, lse_ptr, part_ptr,
     so_b, so_h, so_d, sp_b, sp_h, sp_s, sp_d, sl_b, sl_h, sl_s,
     SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    EMU: tl.constexpr,
 ):
     # out = sum_s 2^(lse_s - M) * o_s / sum_s 2^(lse_s - M), M = max_s lse_s: the
     # standard logsumexp merge of normalised partial outputs.
@@ -124,7 +145,7 @@ def _decode_attn_stage2(
     part = tl.load(part_ptr + b * sp_b + h * sp_h + sp[:, None] * sp_s + d[None, :] * sp_d,
                    mask=sm[:, None] & dm[None, :], other=0.0)
     o = tl.sum(part * w[:, None], axis=0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(o_ptr + b * so_b + h * so_h + d * so_d, o.to(o_ptr.dtype.element_ty), mask=dm)
+    tl.store(o_ptr + b * so_b + h * so_h + d * so_d, _cast(o, o_ptr.dtype.element_ty, EMU), mask=dm)
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,6 +185,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_g = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(Dh))
     single = splits == 1
+    interpreted = q.device.type != "cuda"
     if single:
         part = lse = out  # unused by the SINGLE specialisation; any tensor will do
         sp, sl = (0, 0, 0, 0), (0, 0, 0)
@@ -179,14 +201,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         *sp, *sl,
         qk_scale, split_len,
         GROUP=group, HEAD_DIM=Dh, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N, SINGLE=single,
-        DOT_PREC="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if k_cache.dtype == torch.float32 or interpreted else "tf32",
+        # triton 3.8's interpreter multiplies bf16 dot operands as their uint16 bit
+        # patterns (create_dot has no bf16 case), so on CPU the operands go to fp32 first.
+        UPCAST_DOT=interpreted, EMU=interpreted,
         num_warps=4, num_stages=2,
     )
     if not single:
         _decode_attn_stage2[(B, Hq)](
             out, lse, part,
             *out.stride(), *sp, *sl,
-            SPLITS=splits, HEAD_DIM=Dh, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            SPLITS=splits, HEAD_DIM=Dh, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, EMU=interpreted,
             num_warps=1 if block_d <= 64 else 2,
         )
     return out

@@ -19,6 +19,18 @@ import torch
 import triton
 import triton.language as tl
 
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. On GPUs that is what .to() does; triton
+    3.8's CPU interpreter truncates fp32 -> bf16 instead, so there the rounding is
+    done on the bits first (the value then converts exactly)."""
+    if EMULATE_RTNE and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -28,6 +40,7 @@ def _rmsnorm_feedback_kernel(
     sh_b, sh_d, so_b, so_d,
     eps,
     D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ACTIVE: tl.constexpr, RES: tl.constexpr,
+    EMU: tl.constexpr,
 ):
     # One program per row: D <= a few thousand (3584 for Qwen2.5-VL-7B), so the whole
     # row lives in registers and is read from HBM exactly once.
@@ -40,15 +53,15 @@ def _rmsnorm_feedback_kernel(
     # sqrt_rn + div_rn: IEEE-rounded like torch.rsqrt on CPU, not the approximate rsqrt
     # instruction; one scalar per row, so the precise version costs nothing.
     r = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
-    n = (xf * r).to(x.dtype)
+    n = _cast(xf * r, x.dtype, EMU)
     w = tl.load(w_ptr + d, mask=dm, other=0.0)
-    y = (w.to(tl.float32) * n.to(tl.float32)).to(RES)
+    y = _cast(w.to(tl.float32) * n.to(tl.float32), RES, EMU)
     mask = dm
     if HAS_ACTIVE:
         # Finished samples keep whatever the buffer holds (their last latent): a masked
         # store, no branch on the host.
         mask = mask & (tl.load(active_ptr + b) != 0)
-    tl.store(out_ptr + b * so_b + d * so_d, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + b * so_b + d * so_d, _cast(y, out_ptr.dtype.element_ty, EMU), mask=mask)
 
 
 def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, out: torch.Tensor,
@@ -61,7 +74,7 @@ def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, 
         hidden, weight, out, active if active is not None else out,
         *hidden.stride(), *out.stride(),
         eps,
-        D=D, BLOCK_D=block_d, HAS_ACTIVE=active is not None, RES=_TL[res],
+        D=D, BLOCK_D=block_d, HAS_ACTIVE=active is not None, RES=_TL[res], EMU=hidden.device.type != "cuda",
         # ~16 elements per thread: 4096-wide rows (D=3584) get 8 warps.
         num_warps=max(1, min(16, block_d // 512)),
     )

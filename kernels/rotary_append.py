@@ -23,6 +23,18 @@ from triton.language.extra import libdevice
 
 
 @triton.jit
+def _cast(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. On GPUs that is what .to() does; triton
+    3.8's CPU interpreter truncates fp32 -> bf16 instead, so there the rounding is
+    done on the bits first (the value then converts exactly)."""
+    if EMULATE_RTNE and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _rotary_append_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, inv_freq_ptr, slots_ptr, kc_ptr, vc_ptr,
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, so_b, so_h, so_d,
@@ -30,7 +42,7 @@ def _rotary_append_kernel(
     skc_b, skc_h, skc_l, skc_d, svc_b, svc_h, svc_l, svc_d,
     HQ: tl.constexpr, HALF: tl.constexpr, ROT_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
     SEC0: tl.constexpr, SEC01: tl.constexpr, MROPE: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, PRECISE_TRIG: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, PRECISE_TRIG: tl.constexpr, EMU: tl.constexpr,
 ):
     # Grid (B, Hq + Hkv): programs h < Hq rotate a query head, the others rotate one key
     # head and copy its value head. One head per program gives B*(Hq+Hkv) small
@@ -67,8 +79,8 @@ def _rotary_append_kernel(
         x2 = tl.load(src + (j + HALF) * sq_d, mask=jm, other=0.0).to(tl.float32)
         dst = out_ptr + b * so_b + h * so_h
         ety = out_ptr.dtype.element_ty
-        tl.store(dst + j * so_d, (x1 * c - x2 * s).to(ety), mask=jm)
-        tl.store(dst + (j + HALF) * so_d, (x2 * c + x1 * s).to(ety), mask=jm)
+        tl.store(dst + j * so_d, _cast(x1 * c - x2 * s, ety, EMU), mask=jm)
+        tl.store(dst + (j + HALF) * so_d, _cast(x2 * c + x1 * s, ety, EMU), mask=jm)
         if BLOCK_PASS > 0:
             t = ROT_DIM + tl.arange(0, BLOCK_PASS)
             tm = t < HEAD_DIM
@@ -85,23 +97,23 @@ def _rotary_append_kernel(
         x2 = tl.load(src + (j + HALF) * sk_d, mask=jm, other=0.0).to(tl.float32)
         dst = kc_ptr + b * skc_b + hk * skc_h + slot * skc_l
         kty = kc_ptr.dtype.element_ty
-        tl.store(dst + j * skc_d, (x1 * c - x2 * s).to(kty), mask=wm)
-        tl.store(dst + (j + HALF) * skc_d, (x2 * c + x1 * s).to(kty), mask=wm)
+        tl.store(dst + j * skc_d, _cast(x1 * c - x2 * s, kty, EMU), mask=wm)
+        tl.store(dst + (j + HALF) * skc_d, _cast(x2 * c + x1 * s, kty, EMU), mask=wm)
         if BLOCK_PASS > 0:
             t = ROT_DIM + tl.arange(0, BLOCK_PASS)
             tm = (t < HEAD_DIM) & live
-            tl.store(dst + t * skc_d, tl.load(src + t * sk_d, mask=tm), mask=tm)
+            tl.store(dst + t * skc_d, _cast(tl.load(src + t * sk_d, mask=tm), kty, EMU), mask=tm)
         # v is copied whole (no rotation): one vector of HEAD_DIM, split in the same
         # two halves plus the pass-through tail so no extra arange size is compiled.
         vsrc = v_ptr + b * sv_b + hk * sv_h
         vdst = vc_ptr + b * svc_b + hk * svc_h + slot * svc_l
         vty = vc_ptr.dtype.element_ty
-        tl.store(vdst + j * svc_d, tl.load(vsrc + j * sv_d, mask=wm).to(vty), mask=wm)
-        tl.store(vdst + (j + HALF) * svc_d, tl.load(vsrc + (j + HALF) * sv_d, mask=wm).to(vty), mask=wm)
+        tl.store(vdst + j * svc_d, _cast(tl.load(vsrc + j * sv_d, mask=wm), vty, EMU), mask=wm)
+        tl.store(vdst + (j + HALF) * svc_d, _cast(tl.load(vsrc + (j + HALF) * sv_d, mask=wm), vty, EMU), mask=wm)
         if BLOCK_PASS > 0:
             t = ROT_DIM + tl.arange(0, BLOCK_PASS)
             tm = (t < HEAD_DIM) & live
-            tl.store(vdst + t * svc_d, tl.load(vsrc + t * sv_d, mask=tm).to(vty), mask=tm)
+            tl.store(vdst + t * svc_d, _cast(tl.load(vsrc + t * sv_d, mask=tm), vty, EMU), mask=tm)
 
 
 def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, positions: torch.Tensor,
@@ -131,7 +143,7 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
         SEC0=sec0, SEC01=sec01, MROPE=mrope_section is not None,
         BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_PASS=triton.next_power_of_2(n_pass) if n_pass > 0 else 0,
-        PRECISE_TRIG=q.device.type == "cuda",
+        PRECISE_TRIG=q.device.type == "cuda", EMU=q.device.type != "cuda",
         # Dh/2 = 64 lanes per half: one warp covers a head; more warps would idle.
         num_warps=1 if half <= 64 else 2,
     )

@@ -193,6 +193,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check_caches(k_cache, v_cache, B=B, Hkv=Hkv, Dh=Dh)
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"v_cache must have k_cache's dtype {k_cache.dtype}, got {v_cache.dtype}")
+    if k_cache.dtype != q.dtype:  # the kernel's tensor-core dots take one input dtype
+        raise TypeError(f"k_cache/v_cache must have q's dtype {q.dtype}, got {k_cache.dtype}")
     _tensor("lengths", lengths, dims=1, dtypes=_INTS)
     _shape("lengths", lengths, (B,))
     if scale is not None and not isinstance(scale, (int, float)):

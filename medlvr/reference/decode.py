@@ -114,6 +114,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scores = torch.einsum("bhd,bhld->bhl", q.to(cdt), k) * sc
     valid = torch.arange(L, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, L)
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    # Positions past a sample's length hold stale (possibly non-finite) data; 0 * NaN
+    # would leak into the weighted sum, so they are zeroed, not just given weight 0.
+    v = v.masked_fill(~valid[:, None, :, None], 0.0)
     # An empty row has max -inf; shift by 0 instead so exp gives 0 / 0 -> guarded below.
     m = scores.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
