@@ -1,0 +1,207 @@
+"""JSONL validation, collate (layout, labels, padding, ROI rescaling) and answer scoring."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medlvr.models import build_default, latent_token_ids
+from medlvr.train.collate import IGNORE_INDEX
+from medlvr.train.data import ROI, DataError, Record, collate, load_jsonl, write_jsonl
+from medlvr.train.qa import format_question, normalize_answer, score
+
+
+@pytest.fixture(scope="module")
+def default():
+    return build_default(seed=0)
+
+
+def _png(path, w, h, seed=0):
+    Image.fromarray((np.random.default_rng(seed).random((h, w)) * 255).astype("uint8")).save(path)
+    return path
+
+
+def _good(**kw):
+    d = dict(id="r1", images=["a.png"], question="Is there a lesion?", answer="yes",
+             rois=[{"image": 0, "box": [10, 20, 110, 120]}], split="train")
+    d.update(kw)
+    return d
+
+
+def _write(path, objs):
+    path.write_text("\n".join(o if isinstance(o, str) else json.dumps(o) for o in objs) + "\n")
+    return path
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    _png(tmp_path / "a.png", 224, 224)
+    _png(tmp_path / "b.png", 300, 150, seed=1)
+    return tmp_path
+
+
+def test_valid_file_loads_with_relative_paths(data_dir):
+    f = _write(data_dir / "d.jsonl", [
+        _good(),
+        _good(id="r2", images=["b.png", "a.png"], options=["upper left", "Lower Right"], answer="lower right",
+              rois=[{"image": 1, "box": [0, 0, 224, 224]}], split="val", qtype="location"),
+        _good(id="r3", rois=[]),
+    ])
+    recs, rep = load_jsonl(f)
+    assert rep.n_bad == 0 and rep.total == 3 and len(recs) == 3
+    assert recs[1].images[0] == str(data_dir / "b.png") and recs[1].rois == [ROI(1, (0.0, 0.0, 224.0, 224.0))]
+    assert recs[0].source == "d" and recs[1].qtype == "location"
+    assert [r.id for r in load_jsonl(f, split="val")[0]] == ["r2"]
+    # write_jsonl round-trips (paths relative to the new file's directory).
+    write_jsonl(data_dir / "copy.jsonl", recs)
+    again, _ = load_jsonl(data_dir / "copy.jsonl")
+    assert again == recs
+
+
+BAD = [
+    (_good(images=["missing.png"]), "images[0]", "not found"),
+    (_good(rois=[{"image": 0, "box": [10, 20, 300, 120]}]), "rois[0].box", "outside image"),
+    (_good(rois=[{"image": 0, "box": [50, 20, 10, 120]}]), "rois[0].box", "x0 < x1"),
+    (_good(rois=[{"image": 1, "box": [1, 1, 2, 2]}]), "rois[0].image", "image index"),
+    (_good(rois=[{"image": 0, "box": [1, 2, 3]}]), "rois[0].box", "4 numbers"),
+    (_good(answer="  "), "answer", "empty"),
+    (_good(answer=None), "answer", "missing"),
+    (_good(options=["no", "maybe"]), "answer", "not one of the options"),
+    (_good(options=["yes"]), "options", ">= 2"),
+    (_good(question=""), "question", "empty"),
+    (_good(images=[]), "images", "non-empty"),
+    (_good(split="dev"), "split", "one of"),
+    ('{"id": "x", "images": ', "<json>", "invalid JSON"),
+    ("[1, 2]", "<record>", "JSON object"),
+]
+
+
+@pytest.mark.parametrize("obj,field,msg", BAD)
+def test_bad_record_names_file_line_field(data_dir, obj, field, msg):
+    f = _write(data_dir / "bad.jsonl", [_good(id="ok"), obj])
+    with pytest.raises(DataError) as e:
+        load_jsonl(f)
+    assert (e.value.line, e.value.field) == (2, field)
+    assert str(e.value).startswith(f"{f}:2: field '{field}'") and msg in str(e.value)
+
+
+def test_skip_bad_counts_and_lists_every_skipped_line(data_dir):
+    f = _write(data_dir / "mixed.jsonl", [_good(id="a"), _good(id="b", answer=""), "", _good(id="a"),
+                                          _good(id="c", images=["nope.png"]), _good(id="d")])
+    recs, rep = load_jsonl(f, skip_bad=True)
+    assert [r.id for r in recs] == ["a", "d"]
+    assert rep.total == 5 and rep.n_bad == 3 and rep.n_good == 2
+    assert [(ln, fld) for ln, fld, _ in rep.skipped] == [(2, "answer"), (4, "id"), (5, "images[0]")]
+    text = str(rep)
+    assert "3 bad of 5" in text and f"{f}:4: field 'id'" in text
+
+
+def _records(d):
+    return [
+        Record(id="s0", images=[str(d / "a.png")], question="Is there a lesion?", options=None, answer="yes",
+               rois=[ROI(0, (10.0, 20.0, 110.0, 120.0))]),
+        Record(id="s1", images=[str(d / "b.png"), str(d / "a.png")], question="Where is the lesion?",
+               options=["upper left", "lower right"], answer="lower right",
+               rois=[ROI(0, (30.0, 15.0, 150.0, 120.0)), ROI(1, (0.0, 0.0, 224.0, 224.0))]),
+        Record(id="s2", images=[str(d / "a.png")], question="How large?", options=None, answer="small", rois=[]),
+    ]
+
+
+def test_collate_training_layout_labels_and_rois(default, data_dir):
+    model, proc = default
+    lt = latent_token_ids(proc)
+    tok = proc.tokenizer
+    recs = _records(data_dir)
+    b = collate(recs, proc, k_latent=3, with_answer=True, latent_token_ids=lt)
+    B, S = b.input_ids.shape
+    assert B == 3 and b.padding_side == "right"
+    assert b.image_grid_thw.tolist() == [[1, 8, 8], [1, 4, 10], [1, 8, 8], [1, 8, 8]]
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert torch.equal(b.mm_token_type_ids.bool(), b.input_ids == image_id)
+    assert b.mm_token_type_ids.sum().item() == (16 + 10 + 16 + 16)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for i, r in enumerate(recs):
+        n = int(b.attention_mask[i].sum())
+        assert b.attention_mask[i, :n].all() and not b.attention_mask[i, n:].any()  # right padded
+        s0 = int(b.latent_start_index[i])
+        ids = b.input_ids[i].tolist()
+        assert ids[s0 - 1] == lt.start and ids[s0:s0 + 3] == [lt.pad] * 3 and ids[s0 + 3] == lt.end
+        ans = tok(r.answer, add_special_tokens=False)["input_ids"] + [im_end]
+        assert ids[s0 + 4:n] == ans
+        lab = b.labels[i]
+        assert lab[s0 + 4:n].tolist() == ans
+        assert (lab[:s0 + 4] == IGNORE_INDEX).all() and (lab[n:] == IGNORE_INDEX).all()
+        assert tok.decode(ids[:s0 - 1]).startswith("<|im_start|>user\n<|vision_start|>")
+    # ROI boxes rescaled per axis to the resized image: a.png 224->112 (x0.5), b.png 300x150 -> 140x56.
+    assert b.roi_sample.tolist() == [0, 1, 1] and b.roi_image.tolist() == [0, 1, 2]
+    torch.testing.assert_close(b.roi_boxes, torch.tensor([
+        [5.0, 10.0, 55.0, 60.0],
+        [30 * 140 / 300, 15 * 56 / 150, 150 * 140 / 300, 120 * 56 / 150],
+        [0.0, 0.0, 112.0, 112.0]]))
+    assert b.resized_sizes.tolist() == [[112, 112], [140, 56], [112, 112], [112, 112]]
+    with torch.no_grad():
+        loss = model(**b.model_inputs(), labels=b.labels).loss
+    assert torch.isfinite(loss)
+
+
+def test_collate_generation_prompt_is_left_padded(default, data_dir):
+    _, proc = default
+    lt = latent_token_ids(proc)
+    recs = _records(data_dir)
+    b = collate(recs, proc, k_latent=4, with_answer=False, latent_token_ids=lt)
+    S = b.input_ids.shape[1]
+    assert b.padding_side == "left" and (b.input_ids[:, -1] == lt.start).all()
+    assert b.attention_mask[:, -1].all() and (b.attention_mask[:, 0] == 0).any()
+    assert (b.latent_start_index == S).all() and (b.labels == IGNORE_INDEX).all()
+    # Same prompt tokens as the training sequence up to <|latent_start|>.
+    t = collate(recs, proc, k_latent=4, with_answer=True, latent_token_ids=lt)
+    for i in range(len(recs)):
+        n = int(b.attention_mask[i].sum())
+        assert b.input_ids[i, S - n:].tolist() == t.input_ids[i, :n].tolist()
+    b0 = collate(recs, proc, k_latent=0, with_answer=False, latent_token_ids=lt)
+    assert (b0.latent_start_index == -1).all() and not (b0.input_ids == lt.start).any()
+    assert proc.tokenizer.decode(b0.input_ids[0, -3:]) == "<|im_start|>assistant\n"
+    t0 = collate(recs, proc, k_latent=0, with_answer=True, latent_token_ids=lt)
+    assert not torch.isin(t0.input_ids, torch.tensor(list(lt))).any()
+
+
+def test_collate_rejects_bad_arguments(default, data_dir):
+    _, proc = default
+    lt = latent_token_ids(proc)
+    with pytest.raises(ValueError, match="records"):
+        collate([], proc, k_latent=1, with_answer=True, latent_token_ids=lt)
+    with pytest.raises(ValueError, match="k_latent"):
+        collate(_records(data_dir), proc, k_latent=-1, with_answer=True, latent_token_ids=lt)
+    with pytest.raises(ValueError, match="padding_side"):
+        collate(_records(data_dir), proc, k_latent=1, with_answer=True, latent_token_ids=lt, padding_side="mid")
+
+
+def _rec(answer, options=None):
+    return Record(id="x", images=["i.png"], question="q", options=options, answer=answer)
+
+
+@pytest.mark.parametrize("pred,record,ok", [
+    ("yes", _rec("yes"), True),
+    ("Yes.", _rec("yes"), True),
+    ("yes, there is", _rec("yes"), True),
+    ("no", _rec("yes"), False),
+    ("", _rec("yes"), False),
+    ("lower right", _rec("lower right", ["upper left", "lower right"]), True),
+    ("B", _rec("lower right", ["upper left", "lower right"]), True),
+    ("(b)", _rec("lower right", ["upper left", "lower right"]), True),
+    ("B. lower right", _rec("lower right", ["upper left", "lower right"]), True),
+    ("B. upper left", _rec("lower right", ["upper left", "lower right"]), False),
+    ("A", _rec("lower right", ["upper left", "lower right"]), False),
+    ("C", _rec("lower right", ["upper left", "lower right"]), False),
+    ("The Liver.", _rec("liver"), True),
+    ("liver disease", _rec("liver"), False),
+])
+def test_score(pred, record, ok):
+    assert score(pred, record) is ok
+
+
+def test_format_question_and_normalize():
+    assert format_question("Where?", ["a x", "b y"]) == "Where?\nOptions:\nA. a x\nB. b y\nAnswer with the option's text."
+    assert format_question(" Is it? ") == "Is it?"
+    assert normalize_answer("The  LEFT lung.") == "left lung"
