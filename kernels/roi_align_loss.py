@@ -3,12 +3,12 @@
 The pooled targets are never written to memory. Every pass that needs a target
 recomputes it, one (row, bin, D-slice) at a time, in registers:
 
-    t[r, k, d] = Σ_i wy(i) · Σ_j wx(j) · v[off_r + i·W_r + j, d]
+    t[r, k, d] = Σ_ij wy(i) · wx(j) · v[off_r + i·W_r + j, d]
 
 The bin weights are separable (see medlvr/reference/roi_align.py), so wy and wx are
-computed from four scalars of the box and never stored either. Tokens (i, j0..j1) of one
-token row are consecutive rows of ``v``, so each inner step loads a [BLOCK_J, BLOCK_D]
-tile that is contiguous along D (coalesced) and reduces it with the wx weights.
+computed from four scalars of the box and never stored either. Each inner step loads a
+tile of up to 16 of the bin's tokens × BLOCK_D, every token row contiguous along D
+(coalesced), and reduces it with the weights.
 
 Passes (grid axis 1 splits D into BLOCK_D slices, for parallelism at small R·K):
   forward      per (row·bin, slice): partial z·t, z·z, t·t (cosine) or Σ(z − t)² (mse)
@@ -16,10 +16,11 @@ Passes (grid axis 1 splits D into BLOCK_D slices, for parallelism at small R·K)
   backward 1   per (row·bin, slice): recompute t; dz = A·t + B·z. When the vision tokens
                need a gradient it also writes dt = C·z + E·t (fp32, shape of the latents:
                the gradient w.r.t. the targets, not the targets).
-  backward 2   per (vision token, slice): dv = Σ over the boxes of its image, Σ over the
-               bins, w(token, bin) · dt[bin]. Each program owns its output slice and sums
-               in a fixed order (boxes by index, then bins), so the backward is
-               deterministic without atomics; tokens outside every box write zeros.
+  backward 2   per (16 tokens of one image, slice): dv = Σ over the boxes of the image of
+               w(tokens, bins) @ dt[bins] (a [16, K] × [K, BLOCK_D] fp32 dot). This is a
+               gather, not a scatter: each program owns its output rows and sums in a
+               fixed order (boxes by index), so the backward is deterministic without
+               atomics; tokens outside every box get zeros.
 (A, B, C, E) per (row, bin) are computed on the host from the saved sums; see the op.
 
 Geometry (built by the op, all in token units):
@@ -69,8 +70,14 @@ def _axis_weight(idx, lo, size_bin, n_samples, extent, AREA: tl.constexpr):
 
 @triton.jit
 def _pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, p, q, d, d_mask, D,
-                   BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, AREA: tl.constexpr):
-    """Target slice t[r, bin (p, q), d] in fp32, accumulated in registers."""
+                   BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                   AREA: tl.constexpr):
+    """Target slice t[r, bin (p, q), d] in fp32, accumulated in registers.
+
+    The bin's tokens are visited in tiles of BLOCK_I rows × BLOCK_J columns, flattened
+    to BLOCK_I·BLOCK_J token rows of ``v`` (each contiguous along D), so one masked
+    load brings up to 16 tokens' slices in flight at once.
+    """
     x_lo = tl.load(geom_f_ptr + r * 4 + 0)
     y_lo = tl.load(geom_f_ptr + r * 4 + 1)
     bin_w = tl.load(geom_f_ptr + r * 4 + 2)
@@ -94,23 +101,25 @@ def _pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, p, q, d, d_mask, D,
         i1 = tl.minimum(tl.floor(tl.maximum(ylo + bin_h, 0.0)).to(tl.int32) + 2, H.to(tl.int32))
         j0 = tl.floor(tl.maximum(xlo, 0.0)).to(tl.int32)
         j1 = tl.minimum(tl.floor(tl.maximum(xlo + bin_w, 0.0)).to(tl.int32) + 2, W.to(tl.int32))
+    m = tl.arange(0, BLOCK_I * BLOCK_J)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i in range(i0, i1):
-        wy = _axis_weight(i, ylo, bin_h, ny, H, AREA)
-        row = off + i * W  # W is int64: the product is widened
-        for js in range(j0, j1, BLOCK_J):
-            j = js + tl.arange(0, BLOCK_J)
-            j_mask = j < j1
-            wx = tl.where(j_mask, _axis_weight(j, xlo, bin_w, nx, W, AREA), 0.0)
-            ptrs = v_ptr + (row + j.to(tl.int64))[:, None] * D + d[None, :]
-            tile = tl.load(ptrs, mask=j_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            acc += wy * tl.sum(wx[:, None] * tile, axis=0)
+    for i_start in range(i0, i1, BLOCK_I):
+        ii = i_start + m // BLOCK_J
+        wy = _axis_weight(ii, ylo, bin_h, ny, H, AREA)
+        for j_start in range(j0, j1, BLOCK_J):
+            jj = j_start + m % BLOCK_J
+            tok_mask = (ii < i1) & (jj < j1)
+            w = tl.where(tok_mask, wy * _axis_weight(jj, xlo, bin_w, nx, W, AREA), 0.0)
+            tok = off + ii * W + jj  # W is int64: offsets are widened before * D
+            tile = tl.load(v_ptr + tok[:, None] * D + d[None, :],
+                           mask=tok_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w[:, None] * tile, axis=0)
     return acc
 
 
 @triton.jit
 def _roi_loss_fwd_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, part_ptr, D, K, GW,
-                         BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                          AREA: tl.constexpr, COSINE: tl.constexpr):
     rk = tl.program_id(0).to(tl.int64)
     sid = tl.program_id(1)
@@ -120,7 +129,7 @@ def _roi_loss_fwd_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, part_ptr, D, K, G
     d = sid * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
     t = _pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, k // GW, k % GW, d, d_mask, D,
-                       BLOCK_D, BLOCK_J, AREA)
+                       BLOCK_D, BLOCK_I, BLOCK_J, AREA)
     z = tl.load(z_ptr + rk * D + d, mask=d_mask, other=0.0).to(tl.float32)
     out = part_ptr + (rk * n_slices + sid) * 3
     if COSINE:
@@ -136,7 +145,7 @@ def _roi_loss_fwd_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, part_ptr, D, K, G
 
 @triton.jit
 def _roi_loss_bwd_latent_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, coef_ptr, dz_ptr, dt_ptr,
-                                D, K, GW, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                                D, K, GW, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                                 AREA: tl.constexpr, WRITE_DZ: tl.constexpr, WRITE_DT: tl.constexpr):
     rk = tl.program_id(0).to(tl.int64)
     sid = tl.program_id(1)
@@ -145,7 +154,7 @@ def _roi_loss_bwd_latent_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, coef_ptr, 
     d = sid * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
     t = _pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, k // GW, k % GW, d, d_mask, D,
-                       BLOCK_D, BLOCK_J, AREA)
+                       BLOCK_D, BLOCK_I, BLOCK_J, AREA)
     z = tl.load(z_ptr + rk * D + d, mask=d_mask, other=0.0).to(tl.float32)
     a = tl.load(coef_ptr + rk * 4 + 0)
     b = tl.load(coef_ptr + rk * 4 + 1)
@@ -159,49 +168,56 @@ def _roi_loss_bwd_latent_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, coef_ptr, 
 
 @triton.jit
 def _roi_loss_bwd_vision_kernel(dt_ptr, dv_ptr, geom_f_ptr, geom_i_ptr, extent_ptr,
-                                token_image_ptr, image_meta_ptr, rows_by_image_ptr, image_ptr_ptr,
-                                D, K, GH, GW, BLOCK_D: tl.constexpr, BLOCK_GW: tl.constexpr,
-                                AREA: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
+                                block_image_ptr, block_start_ptr, image_meta_ptr, rows_by_image_ptr,
+                                image_ptr_ptr, D, K, GW, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_K: tl.constexpr, AREA: tl.constexpr):
+    # one program: BLOCK_T consecutive tokens of one image × one D slice
+    blk = tl.program_id(0)
     sid = tl.program_id(1)
-    d = sid * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    b = tl.load(token_image_ptr + n).to(tl.int64)
+    b = tl.load(block_image_ptr + blk).to(tl.int64)
+    start = tl.load(block_start_ptr + blk)
     off = tl.load(image_meta_ptr + b * 3 + 0)
     H = tl.load(image_meta_ptr + b * 3 + 1)
     W = tl.load(image_meta_ptr + b * 3 + 2)
-    local = n - off
+    local = start + tl.arange(0, BLOCK_T)
+    t_mask = local < H * W
     i = (local // W).to(tl.int32)
     j = (local % W).to(tl.int32)
-    q = tl.arange(0, BLOCK_GW)
-    q_mask = q < GW
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    row_first = start // W
+    row_last = tl.minimum(start + BLOCK_T - 1, H * W - 1) // W
+    d = sid * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    # all K bins of a box at once: bin k = p·GW + q (padded to BLOCK_K >= 16 for tl.dot)
+    k = tl.arange(0, BLOCK_K)
+    k_mask = k < K
+    p = k // GW
+    q = k % GW
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     first = tl.load(image_ptr_ptr + b)
     last = tl.load(image_ptr_ptr + b + 1)
     for slot in range(first, last):
         r = tl.load(rows_by_image_ptr + slot)
         i_lo = tl.load(extent_ptr + r * 4 + 0)
         i_hi = tl.load(extent_ptr + r * 4 + 1)
-        j_lo = tl.load(extent_ptr + r * 4 + 2)
-        j_hi = tl.load(extent_ptr + r * 4 + 3)
-        if (i >= i_lo) & (i < i_hi) & (j >= j_lo) & (j < j_hi):
+        if (row_last >= i_lo) & (row_first < i_hi):
             x_lo = tl.load(geom_f_ptr + r * 4 + 0)
             y_lo = tl.load(geom_f_ptr + r * 4 + 1)
             bin_w = tl.load(geom_f_ptr + r * 4 + 2)
             bin_h = tl.load(geom_f_ptr + r * 4 + 3)
             ny = tl.load(geom_i_ptr + r * 5 + 3).to(tl.int32)
             nx = tl.load(geom_i_ptr + r * 5 + 4).to(tl.int32)
-            # weights of this token's column in every bin column q: a vector over q
-            wx = tl.where(q_mask, _axis_weight(j, x_lo + q * bin_w, bin_w, nx, W, AREA), 0.0)
-            for p in range(GH):
-                wy = _axis_weight(i, y_lo + p * bin_h, bin_h, ny, H, AREA)
-                w = wy * wx
-                # bins with zero weight are masked out: their rows of dt are never read
-                rows = (r * K + p * GW + q).to(tl.int64)
-                ptrs = dt_ptr + rows[:, None] * D + d[None, :]
-                tile = tl.load(ptrs, mask=(w != 0.0)[:, None] & d_mask[None, :], other=0.0)
-                acc += tl.sum(w[:, None] * tile, axis=0)
-    tl.store(dv_ptr + n * D + d, acc.to(dv_ptr.dtype.element_ty), mask=d_mask)
+            # w[token, bin]: the same weights the forward used, recomputed
+            wy = _axis_weight(i[:, None], (y_lo + p * bin_h)[None, :], bin_h, ny, H, AREA)
+            wx = _axis_weight(j[:, None], (x_lo + q * bin_w)[None, :], bin_w, nx, W, AREA)
+            w = tl.where(t_mask[:, None] & k_mask[None, :], wy * wx, 0.0)
+            rows = r * K + k
+            dt = tl.load(dt_ptr + rows[:, None] * D + d[None, :],
+                         mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+            # dv[tokens] += w · dt[bins]; "ieee" keeps fp32 products (no TF32 rounding)
+            acc += tl.dot(w, dt, input_precision="ieee")
+    tok = off + local
+    tl.store(dv_ptr + tok[:, None] * D + d[None, :], acc.to(dv_ptr.dtype.element_ty),
+             mask=t_mask[:, None] & d_mask[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
@@ -212,10 +228,15 @@ def _block_d(D: int) -> int:
     return min(triton.next_power_of_2(D), 512)
 
 
-def _block_j(max_cols: int) -> int:
-    # columns loaded per tile: the widest bin's column span, capped so a tile stays
-    # at BLOCK_J × 512 fp32 values in registers.
-    return max(2, min(triton.next_power_of_2(max(max_cols, 1)), 16))
+_BLOCK_T = 16  # tokens per program of the vision-gradient kernel (tl.dot needs >= 16)
+_TILE_TOKENS = 16  # tokens per tile: 16 × 512 fp32 = 64 registers a thread at 4 warps
+
+
+def _block_ij(max_cols: int) -> tuple[int, int]:
+    # a tile spans the widest bin's columns (so one column step covers a bin) and as
+    # many rows as fit in _TILE_TOKENS; wider bins loop over column chunks.
+    block_j = min(triton.next_power_of_2(max(max_cols, 1)), _TILE_TOKENS)
+    return _TILE_TOKENS // block_j, block_j
 
 
 def roi_loss_forward(latents: torch.Tensor, vision_tokens: torch.Tensor, geom_f: torch.Tensor,
@@ -228,9 +249,10 @@ def roi_loss_forward(latents: torch.Tensor, vision_tokens: torch.Tensor, geom_f:
     n_slices = triton.cdiv(D, block_d)
     part = torch.empty(R * K, n_slices, 3, device=latents.device, dtype=torch.float32)
     if R:
+        block_i, block_j = _block_ij(max_cols)
         _roi_loss_fwd_kernel[(R * K, n_slices)](
             latents, vision_tokens, geom_f, geom_i, part, D, K, gw,
-            BLOCK_D=block_d, BLOCK_J=_block_j(max_cols), AREA=area, COSINE=cosine, num_warps=4)
+            BLOCK_D=block_d, BLOCK_I=block_i, BLOCK_J=block_j, AREA=area, COSINE=cosine, num_warps=4)
     # fixed-order sum over D slices: deterministic
     return part.sum(dim=1)
 
@@ -244,26 +266,36 @@ def roi_loss_backward_latents(latents: torch.Tensor, vision_tokens: torch.Tensor
     dt = torch.empty(R, K, D, device=latents.device, dtype=torch.float32) if want_dt else None
     if R and (want_dz or want_dt):
         block_d = _block_d(D)
+        block_i, block_j = _block_ij(max_cols)
         _roi_loss_bwd_latent_kernel[(R * K, triton.cdiv(D, block_d))](
             latents, vision_tokens, geom_f, geom_i, coef,
             dz if want_dz else latents, dt if want_dt else coef,
-            D, K, bins[1], BLOCK_D=block_d, BLOCK_J=_block_j(max_cols), AREA=area,
+            D, K, bins[1], BLOCK_D=block_d, BLOCK_I=block_i, BLOCK_J=block_j, AREA=area,
             WRITE_DZ=want_dz, WRITE_DT=want_dt, num_warps=4)
     return dz, dt
 
 
 def roi_loss_backward_vision(dt: torch.Tensor, vision_tokens: torch.Tensor, geom_f: torch.Tensor,
-                             geom_i: torch.Tensor, extent: torch.Tensor, token_image: torch.Tensor,
-                             image_meta: torch.Tensor, rows_by_image: torch.Tensor, image_ptr: torch.Tensor,
+                             geom_i: torch.Tensor, extent: torch.Tensor, image_meta: torch.Tensor,
+                             rows_by_image: torch.Tensor, image_ptr: torch.Tensor, counts: torch.Tensor,
                              *, bins: tuple[int, int], area: bool) -> torch.Tensor:
-    """dv (T D) in the vision tokens' dtype: every token written once (zeros outside boxes)."""
+    """dv (T D) in the vision tokens' dtype: every token written once (zeros outside boxes).
+
+    counts (I) on the CPU: tokens per image, to cut each image into BLOCK_T-token blocks.
+    """
     T, D = vision_tokens.shape
     gh, gw = bins
     dv = torch.empty_like(vision_tokens)
     if T:
-        block_d = _block_d(D)
-        _roi_loss_bwd_vision_kernel[(T, triton.cdiv(D, block_d))](
-            dt, dv, geom_f, geom_i, extent, token_image, image_meta, rows_by_image, image_ptr,
-            D, gh * gw, gh, gw, BLOCK_D=block_d, BLOCK_GW=max(2, triton.next_power_of_2(gw)),
-            AREA=area, num_warps=4)
+        # blocks never straddle two images, so a program loops over one image's boxes
+        per_image = (counts + _BLOCK_T - 1) // _BLOCK_T
+        block_image = torch.repeat_interleave(torch.arange(len(counts)), per_image)
+        first_block = torch.cumsum(per_image, 0) - per_image
+        block_start = (torch.arange(int(per_image.sum())) - first_block[block_image]) * _BLOCK_T
+        block_d = max(16, min(triton.next_power_of_2(D), 256))
+        _roi_loss_bwd_vision_kernel[(len(block_image), triton.cdiv(D, block_d))](
+            dt, dv, geom_f, geom_i, extent, block_image.to(dv.device, non_blocking=True),
+            block_start.to(dv.device, non_blocking=True), image_meta, rows_by_image, image_ptr,
+            D, gh * gw, gw, BLOCK_T=_BLOCK_T, BLOCK_D=block_d,
+            BLOCK_K=max(16, triton.next_power_of_2(gh * gw)), AREA=area, num_warps=4)
     return dv

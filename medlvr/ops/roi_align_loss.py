@@ -252,12 +252,9 @@ class _RoiAlignLoss(torch.autograd.Function):
                                                 want_dz=want_dz, want_dt=want_dv)
         dv = None
         if want_dv:
-            token_image = torch.repeat_interleave(
-                torch.arange(len(plan.counts), dtype=torch.int32, device=latents.device),
-                plan.counts.to(latents.device), output_size=vision_tokens.shape[0])
             dv = kern.roi_loss_backward_vision(dt, vision_tokens, plan.geom_f, plan.geom_i, plan.extent,
-                                               token_image, plan.image_meta, plan.rows_by_image,
-                                               plan.image_ptr, bins=ctx.bins, area=ctx.area)
+                                               plan.image_meta, plan.rows_by_image, plan.image_ptr,
+                                               plan.counts, bins=ctx.bins, area=ctx.area)
         return dz, dv, None, None, None, None, None
 
 
