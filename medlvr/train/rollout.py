@@ -1,0 +1,313 @@
+"""VLPO rollouts and the teacher-forced policy forward over them.
+
+Sequence of one rollout (team interfaces, "Sequence layout"):
+
+    [prompt ... <|latent_start|>] [z_0 .. z_{K-1}] [<|latent_end|>] [a_0 .. a_{T-1}]
+     index 0 .. s0-1               s0 .. s0+K-1     s0+K              s0+K+1 ..
+
+The prompt is left-padded and ends with <|latent_start|>, so s0 (the index of the first
+<|latent_pad|>) equals the padded prompt length P for every row.
+
+Position shift (DESIGN §1): the latent fed at latent index t is z_t = mu_t + sigma * eps,
+and mu_t is the post-final-norm hidden state at sequence index s0 + t - 1: z_0 comes from
+the <|latent_start|> position, z_t (t > 0) from the position where z_{t-1} was fed. In
+the teacher-forced forward the hidden state at index s0 + t - 1 is therefore the mean of
+the Gaussian that produced the input at index s0 + t.
+
+Rollouts here run a plain HF KV-cached loop (DynamicCache) instead of
+``medlvr.engine.LatentEngine.generate``: VLPO explores in latent space by adding seeded
+Gaussian noise to every fed-back hidden state, which the engine's interface does not
+offer (no ``latent_noise_std``). The loop is the engine's oracle (DESIGN §7) plus that
+noise, so it is correct but pays Python + HF overhead per step.
+
+Positions: the prompt's 3-section mRoPE positions come from ``medlvr.models.rope_positions``
+(HF get_rope_index); every step after the prompt is text-like, so all three sections
+advance by one from the last prompt position (DESIGN §7).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+__all__ = ["Rollouts", "hf_model", "prompt_inputs", "sample_rollouts", "policy_forward",
+           "gather_logprobs", "latent_gaussian_logprob"]
+
+
+# --------------------------------------------------------------------------- ops ----
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """medlvr.ops.gather_logprobs, or its reference while the op is not built yet."""
+    try:
+        from medlvr.ops import gather_logprobs as op
+    except ImportError:
+        from medlvr.reference.logprobs import gather_logprobs_ref as op
+    return op(logits, targets, temperature=temperature)
+
+
+def latent_gaussian_logprob(mu: torch.Tensor, z: torch.Tensor, *, sigma: float) -> torch.Tensor:
+    """medlvr.ops.latent_gaussian_logprob, or its reference while the op is not built yet."""
+    try:
+        from medlvr.ops import latent_gaussian_logprob as op
+    except ImportError:
+        from medlvr.reference.logprobs import latent_gaussian_logprob_ref as op
+    return op(mu, z, sigma=sigma)
+
+
+# ----------------------------------------------------------------------- model io ---
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Qwen2(.5)-VL ForConditionalGeneration under peft / accelerate wrappers.
+
+    peft injects LoRA layers in place, so calling the unwrapped modules still runs the
+    adapter (and ``disable_adapter()`` on the wrapper still switches it off)."""
+    m = model
+    while True:
+        if hasattr(m, "get_base_model"):  # peft.PeftModel
+            m = m.get_base_model()
+        elif hasattr(m, "module") and isinstance(m.module, torch.nn.Module):  # DDP
+            m = m.module
+        elif hasattr(m, "_orig_mod"):  # torch.compile
+            m = m._orig_mod
+        else:
+            return m
+
+
+def _rope_positions(hf: torch.nn.Module, input_ids, attention_mask, image_grid_thw, mm_token_type_ids):
+    try:
+        from medlvr.models import rope_positions
+    except ImportError:
+        rope_positions = None
+    if rope_positions is not None:
+        return rope_positions(hf, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+    return hf.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                   attention_mask=attention_mask)
+
+
+def _field(batch: Any, name: str):
+    return batch[name] if isinstance(batch, Mapping) else getattr(batch, name, None)
+
+
+def prompt_inputs(model: torch.nn.Module, batch: Any, *, repeat: int = 1) -> dict[str, torch.Tensor]:
+    """Embeddings, positions and mask of a left-padded prompt batch, each row repeated
+    ``repeat`` times (row i*repeat + j is rollout j of prompt i).
+
+    The vision tower runs once per prompt, not once per rollout: the image features are
+    scattered into the prompt embeddings and the embeddings are repeated.
+    batch: input_ids, attention_mask (left-padded), pixel_values, image_grid_thw,
+    mm_token_type_ids (a collate Batch or a dict). Returns embeds [B*n,P,D],
+    position_ids [3,B*n,P], attention_mask [B*n,P], input_ids [B*n,P].
+    """
+    hf = hf_model(model)
+    input_ids = _field(batch, "input_ids")
+    mask = _field(batch, "attention_mask")
+    pixel_values = _field(batch, "pixel_values")
+    grid = _field(batch, "image_grid_thw")
+    mm = _field(batch, "mm_token_type_ids")
+    if mask is None:
+        raise ValueError("batch.attention_mask is required (left-padded prompts)")
+    if bool((mask[:, -1] == 0).any()):
+        raise ValueError("prompts must be left-padded (attention_mask[:, -1] must be all 1), got a row "
+                         "ending in padding")
+    embeds = hf.get_input_embeddings()(input_ids)
+    if pixel_values is not None:
+        feats = hf.model.get_image_features(pixel_values, grid, return_dict=True).pooler_output
+        feats = torch.cat(list(feats), dim=0).to(embeds.dtype)
+        img = input_ids == hf.config.image_token_id
+        if int(img.sum()) != feats.shape[0]:
+            raise ValueError(f"batch has {int(img.sum())} image tokens but the vision tower gave "
+                             f"{feats.shape[0]} features")
+        embeds = embeds.masked_scatter(img[..., None], feats)
+    if mm is None:
+        mm = torch.zeros_like(input_ids, dtype=torch.int32)
+        if pixel_values is not None:
+            mm = (input_ids == hf.config.image_token_id).to(torch.int32)
+    if pixel_values is not None:
+        pos, _ = _rope_positions(hf, input_ids, mask, grid, mm)
+    else:
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
+    out = {"embeds": embeds, "position_ids": pos, "attention_mask": mask, "input_ids": input_ids}
+    if repeat > 1:
+        out = {k: v.repeat_interleave(repeat, dim=1 if k == "position_ids" else 0) for k, v in out.items()}
+    return out
+
+
+# ----------------------------------------------------------------------- rollouts ---
+@dataclass
+class Rollouts:
+    """n rollouts per prompt, rows grouped by prompt (row i*n + j = prompt i, sample j).
+
+    latents [R,K,D] (the fed-back inputs z_t), latent_logprobs [R,K] and token_logprobs
+    [R,T] (log-probs under the behaviour policy at sampling time: Gaussian for latents,
+    softmax(logits / temperature) for tokens), tokens [R,T] (pad after the stop token),
+    token_mask [R,T] (1 up to and including the stop token), stopped [R] (stop token
+    reached before max_new_tokens), prompt (prompt_inputs of the repeated rows).
+    """
+    prompt: dict[str, torch.Tensor]
+    latents: torch.Tensor
+    latent_logprobs: torch.Tensor
+    tokens: torch.Tensor
+    token_logprobs: torch.Tensor
+    token_mask: torch.Tensor
+    stopped: torch.Tensor
+    n: int
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(-1)
+    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
+    # strictly before it already reaches top_p (the first token is always kept).
+    drop = (probs.cumsum(-1) - probs) >= top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+
+
+def _cache_kw(lm: torch.nn.Module) -> str:
+    # transformers renamed past_key_values -> cache in 5.24 (the GPU machine has 5.17).
+    params = inspect.signature(type(lm).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache(lm: torch.nn.Module):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=lm.config)
+    except TypeError:  # older signature
+        return DynamicCache()
+
+
+def _step(lm, embeds, position_ids, mask, cache) -> torch.Tensor:
+    """One cached decoder call; returns the post-norm hidden of the last input position.
+    The DynamicCache is updated in place."""
+    kw = {_cache_kw(lm): cache}
+    out = lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, use_cache=True, **kw)
+    return out.last_hidden_state[:, -1]
+
+
+@torch.no_grad()
+def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int, latent_sigma: float,
+                    temperature: float, top_p: float, max_new_tokens: int, latent_end_id: int,
+                    stop_id: int, pad_id: int, generator: torch.Generator | None = None,
+                    projector: torch.nn.Module | None = None) -> Rollouts:
+    """Sample n rollouts per prompt with latent exploration z_t = mu_t + sigma * eps.
+
+    batch: left-padded prompts ending with <|latent_start|> (collate with_answer=False).
+    projector: the optional stage-1 feedback map (medlvr.train.latent.LatentProjector);
+    then mu_t = projector(h[s0 + t - 1]).
+    Text tokens are sampled from softmax(logits / temperature) restricted to the top-p
+    nucleus; the recorded token log-prob is under softmax(logits / temperature) (the
+    quantity the training forward recomputes, as in TRL / verl).
+    """
+    if n < 1 or k_latent < 0 or max_new_tokens < 1:
+        raise ValueError(f"need n >= 1, k_latent >= 0, max_new_tokens >= 1; got n={n}, "
+                         f"k_latent={k_latent}, max_new_tokens={max_new_tokens}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for VLPO rollouts, got {temperature}")
+    if k_latent > 0 and latent_sigma < 0:
+        raise ValueError(f"latent_sigma must be >= 0, got {latent_sigma}")
+    hf = hf_model(model)
+    lm = hf.model.language_model
+    embed = hf.get_input_embeddings()
+    prompt = prompt_inputs(model, batch, repeat=n)
+    R, _, D = prompt["embeds"].shape
+    dev, dt = prompt["embeds"].device, prompt["embeds"].dtype
+
+    # Prefill. h is the post-norm hidden at index s0 - 1 (<|latent_start|>) = mu_0.
+    cache = _new_cache(lm)
+    h = _step(lm, prompt["embeds"], prompt["position_ids"], prompt["attention_mask"], cache)
+    mask = prompt["attention_mask"]
+    next_pos = prompt["position_ids"][:, :, -1:] + 1  # [3,R,1]: text-like from here on
+    ones = torch.ones(R, 1, dtype=mask.dtype, device=dev)
+
+    latents = torch.zeros(R, k_latent, D, dtype=dt, device=dev)
+    lat_logp = torch.zeros(R, k_latent, dtype=torch.float32, device=dev)
+    for t in range(k_latent):
+        # hidden at index s0 + t - 1 (through the feedback map): the mean of latent t
+        mu = h if projector is None else projector(h)
+        eps = torch.randn(mu.shape, generator=generator, device=dev, dtype=torch.float32)
+        z = (mu.float() + latent_sigma * eps).to(dt)
+        latents[:, t] = z
+        if latent_sigma > 0:
+            lat_logp[:, t] = latent_gaussian_logprob(mu, z, sigma=latent_sigma)
+        mask = torch.cat([mask, ones], dim=1)
+        h = _step(lm, z[:, None], next_pos, mask, cache)
+        next_pos = next_pos + 1
+
+    end = embed(torch.full((R, 1), latent_end_id, dtype=torch.long, device=dev))
+    mask = torch.cat([mask, ones], dim=1)
+    h = _step(lm, end, next_pos, mask, cache)
+    next_pos = next_pos + 1
+
+    tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    tok_logp = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=dev)
+    tok_mask = torch.zeros(R, max_new_tokens, dtype=torch.bool, device=dev)
+    done = torch.zeros(R, dtype=torch.bool, device=dev)
+    for j in range(max_new_tokens):
+        logits = hf.lm_head(h).float() / temperature
+        probs = _top_p_filter(logits, top_p).softmax(-1)
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        logp = logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+        live = ~done
+        tokens[:, j] = torch.where(live, tok, torch.full_like(tok, pad_id))
+        tok_logp[:, j] = torch.where(live, logp, torch.zeros_like(logp))
+        tok_mask[:, j] = live
+        done = done | (live & (tok == stop_id))
+        if bool(done.all()) or j == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, ones], dim=1)
+        h = _step(lm, embed(tokens[:, j:j + 1]), next_pos, mask, cache)
+        next_pos = next_pos + 1
+    return Rollouts(prompt=prompt, latents=latents, latent_logprobs=lat_logp, tokens=tokens,
+                    token_logprobs=tok_logp, token_mask=tok_mask, stopped=done, n=n)
+
+
+# ------------------------------------------------------------- teacher-forced pass ---
+def policy_forward(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, temperature: float,
+                   latent_sigma: float, prompt: dict[str, torch.Tensor] | None = None,
+                   projector: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of a rollout under ``model``: one forward over the whole sequence.
+
+    Inputs at the latent positions are the rollout's z_t (as inputs_embeds), so the
+    sequence the policy scores is exactly the one the behaviour policy produced.
+    Returns token_logp [R,T] (0 where token_mask is 0) and latent_logp [R,K]
+    (log N(z_t; mu_t, sigma^2), mu_t = hidden at index s0 + t - 1; zeros when K == 0 or
+    sigma == 0). Logits are computed only at the T answer-predicting positions.
+    ``prompt`` (prompt_inputs of the same rows) lets a caller recompute the prompt
+    embeddings under this model, e.g. with the adapter disabled; default: the rollout's.
+    """
+    hf = hf_model(model)
+    p = ro.prompt if prompt is None else prompt
+    R, P, D = p["embeds"].shape
+    K, T = ro.latents.shape[1], ro.tokens.shape[1]
+    dev = p["embeds"].device
+    embed = hf.get_input_embeddings()
+    end = embed(torch.full((R, 1), latent_end_id, dtype=torch.long, device=dev))
+    embeds = torch.cat([p["embeds"], ro.latents.to(p["embeds"].dtype), end, embed(ro.tokens)], dim=1)
+    steps = torch.arange(1, K + 2 + T, device=dev)
+    pos = torch.cat([p["position_ids"], p["position_ids"][:, :, -1:] + steps], dim=2)
+    mask = torch.cat([p["attention_mask"], torch.ones(R, K + 1, dtype=p["attention_mask"].dtype, device=dev),
+                      ro.token_mask.to(p["attention_mask"].dtype)], dim=1)
+    hidden = hf.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask).last_hidden_state
+
+    s0 = P  # index of the first latent input (prompt ends with <|latent_start|>)
+    if K > 0 and latent_sigma > 0:
+        # mu_t from index s0 + t - 1 for the latent at index s0 + t: the position shift.
+        mu = hidden[:, s0 - 1:s0 - 1 + K]
+        if projector is not None:
+            mu = projector(mu)
+        lat = latent_gaussian_logprob(mu.reshape(-1, D), ro.latents.reshape(-1, D),
+                                      sigma=latent_sigma).view(R, K)
+    else:
+        lat = torch.zeros(R, K, dtype=torch.float32, device=dev)
+
+    a0 = s0 + K + 1  # index of the first answer token; predicted by the hidden at a0 - 1
+    h_ans = hidden[:, a0 - 1:a0 - 1 + T]
+    keep = ro.token_mask
+    logits = hf.lm_head(h_ans[keep])
+    tok = torch.zeros(R, T, dtype=torch.float32, device=dev)
+    tok = tok.masked_scatter(keep, gather_logprobs(logits, ro.tokens[keep], temperature=temperature))
+    return tok, lat

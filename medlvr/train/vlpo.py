@@ -1,0 +1,406 @@
+"""Stage 2 of MedLVR: VLPO, visual-latent policy optimisation under outcome rewards.
+
+One step (GRPO-style, DESIGN §1):
+
+1. Rollouts: n samples per prompt (``rollout.sample_rollouts``). The latent segment is
+   explored by Gaussian noise on every fed-back hidden state, z_t = mu_t + sigma * eps,
+   then the answer is sampled with temperature / top-p.
+2. Rewards: ``w_acc * accuracy + w_fmt * format`` (``rewards.outcome_rewards``).
+3. Advantages: normalised within each prompt's group of n (:func:`group_advantages`).
+4. Log-probs: one teacher-forced forward over [prompt; z_0..z_{K-1}; <|latent_end|>;
+   answer] (``rollout.policy_forward``). Text positions: log softmax(logits / T) of the
+   sampled token (``medlvr.ops.gather_logprobs``). Latent positions:
+   log N(z_t; mu_t, sigma^2 I) = -||z_t - mu_t||^2 / (2 sigma^2)
+   (``medlvr.ops.latent_gaussian_logprob``), mu_t = the current policy's hidden state at
+   sequence index s0 + t - 1 (the position shift: mu comes from the position BEFORE the
+   latent it generated).
+5. Loss (:func:`vlpo_loss`): PPO clipped ratio with separate low / high bounds
+   (clip-higher, DAPO) and a dual clip for negative advantages, plus
+   beta * KL(policy || reference) by the k3 estimator, per position; latent positions get
+   the same advantage as the text of their rollout and weight ``latent_coef``.
+   Aggregation is the DAPO token-level mean: the sum over every scored position of the
+   step's rollouts divided by their count, so a long answer weighs more than a short one
+   (GRPO's per-sample mean would up-weight the tokens of short answers).
+
+Reference policy: the same model with its LoRA adapter disabled (peft), or a frozen
+deep copy for full fine-tuning. Old log-probs are, by default, recomputed by the same
+teacher-forced forward before the update ("recompute"): the first ratio is then exactly 1
+and the clipped loss's gradient is the plain policy gradient; the behaviour log-probs
+recorded at sampling time (KV-cached loop, different kernels) are kept for the
+``behaviour_gap`` metric, or used directly with ``old_logprobs="rollout"``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from medlvr.train.rewards import outcome_rewards
+from medlvr.train.rollout import Rollouts, hf_model, policy_forward, prompt_inputs, sample_rollouts
+
+__all__ = [
+    "VLPOConfig", "VLPOTokens", "group_advantages", "ppo_clip_loss", "kl_k3", "vlpo_loss", "vlpo_step",
+    "train_vlpo", "add_vlpo_arguments", "vlpo_main",
+]
+
+# Log-ratios are clamped before exp so one diverged latent (its Gaussian log-prob sums
+# over D dimensions) cannot give inf * 0 = NaN; |log r| = 20 is far outside any clip range,
+# so the clamp never changes a loss value that the clip would not already have frozen.
+_MAX_LOG_RATIO = 20.0
+
+
+@dataclass
+class VLPOConfig:
+    """Hyper-parameters of stage 2. Defaults follow GRPO / DAPO practice."""
+    n_rollouts: int = 4           # samples per prompt (the group)
+    temperature: float = 1.0      # text sampling temperature (also used in the log-probs)
+    top_p: float = 1.0            # nucleus for text sampling
+    latent_sigma: float = 0.1     # std of the latent exploration noise (0: no latent term)
+    k_latent: int = 8             # latent steps per rollout (fixed exit during VLPO)
+    eps_low: float = 0.2          # ratio clipped below at 1 - eps_low
+    eps_high: float = 0.28        # ... and above at 1 + eps_high (clip-higher)
+    dual_clip: float = 3.0        # c > 1: loss of a negative-advantage position is at most -c * A; 0 = off
+    kl_beta: float = 0.04         # weight of the k3 KL to the reference policy; 0 = no reference pass
+    latent_coef: float = 0.1      # weight of a latent position relative to a text token
+    lr: float = 1e-6
+    steps: int = 100
+    batch_prompts: int = 4        # prompts per step (rollouts per step = batch_prompts * n_rollouts)
+    max_new_tokens: int = 32
+    w_accuracy: float = 1.0
+    w_format: float = 0.1
+    seed: int = 0
+    ppo_epochs: int = 1           # optimiser steps per batch of rollouts
+    adv_eps: float = 1e-6         # A = (r - mean) / (std + adv_eps)
+    max_grad_norm: float = 1.0    # 0 = no clipping
+    old_logprobs: str = "recompute"  # "recompute" (teacher-forced, exact on-policy) | "rollout"
+
+    def validate(self) -> None:
+        checks = [
+            ("n_rollouts", self.n_rollouts >= 1, ">= 1"), ("temperature", self.temperature > 0, "> 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("latent_sigma", self.latent_sigma >= 0, ">= 0"),
+            ("k_latent", self.k_latent >= 0, ">= 0"), ("eps_low", 0 <= self.eps_low < 1, "in [0, 1)"),
+            ("eps_high", self.eps_high >= 0, ">= 0"),
+            ("dual_clip", self.dual_clip == 0 or self.dual_clip > 1, "0 (off) or > 1"),
+            ("kl_beta", self.kl_beta >= 0, ">= 0"), ("latent_coef", self.latent_coef >= 0, ">= 0"),
+            ("lr", self.lr > 0, "> 0"), ("steps", self.steps >= 0, ">= 0"),
+            ("batch_prompts", self.batch_prompts >= 1, ">= 1"), ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"), ("adv_eps", self.adv_eps >= 0, ">= 0"),
+            ("old_logprobs", self.old_logprobs in ("recompute", "rollout"), "'recompute' or 'rollout'"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"VLPOConfig.{name}: expected {want}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class VLPOTokens:
+    """Token ids the rollout loop needs: <|latent_end|>, the stop token (<|im_end|>), pad."""
+    latent_end: int
+    stop: int
+    pad: int
+
+
+# ------------------------------------------------------------------ pure functions ---
+def group_advantages(rewards: torch.Tensor, n: int, *, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (r_i - mean_g) / (std_g + eps) within each group of n consecutive rollouts.
+
+    std is the population std (divide by n). A group whose rewards are all equal carries
+    no learning signal and gets exactly zero advantage (not 0 / eps noise); so does n == 1.
+    rewards: [G * n] -> [G * n] fp32.
+    """
+    if rewards.dim() != 1 or rewards.numel() % n != 0:
+        raise ValueError(f"rewards: expected a 1-D tensor whose length is a multiple of n={n}, "
+                         f"got shape {tuple(rewards.shape)}")
+    r = rewards.float().view(-1, n)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True, unbiased=False)
+    flat = (r.amax(dim=1, keepdim=True) - r.amin(dim=1, keepdim=True)) == 0
+    adv = torch.where(flat, torch.zeros_like(r), (r - mean) / (std + eps))
+    return adv.view(-1)
+
+
+def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *, eps_low: float,
+                  eps_high: float, dual_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position clipped surrogate loss (to minimise) and where the clip was active.
+
+    r = exp(logp - old_logp);  L = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)).
+    Dual clip (c > 1, Ye et al. 2020): for A < 0, L = min(L, -c A), which bounds the loss
+    of a position whose ratio has exploded. Shapes broadcast (advantages [R, 1] against
+    log-probs [R, T]). Returns (loss, clipped) with clipped a bool tensor: the clipped or
+    dual-clipped branch was taken (its gradient is zero).
+    """
+    log_ratio = (logp - old_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    a = advantages
+    loss1 = -a * ratio
+    loss2 = -a * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(loss1, loss2)
+    clipped = loss2 > loss1
+    if dual_clip > 0:
+        loss3 = -a * dual_clip
+        dual = (a < 0) & (loss3 < loss)
+        loss = torch.where(dual, loss3, loss)
+        clipped = clipped | dual
+    return loss, clipped
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(policy || reference) per sampled position (Schulman 2020):
+    exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased, zero iff logp == ref_logp."""
+    d = (ref_logp - logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return torch.exp(d) - d - 1.0
+
+
+def vlpo_loss(*, token_logp: torch.Tensor, token_old: torch.Tensor, token_mask: torch.Tensor,
+              latent_logp: torch.Tensor, latent_old: torch.Tensor, advantages: torch.Tensor,
+              eps_low: float, eps_high: float, dual_clip: float, latent_coef: float, kl_beta: float = 0.0,
+              token_ref: torch.Tensor | None = None, latent_ref: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-level mean of the VLPO objective over all positions of a batch of rollouts.
+
+    token_*: [R, T] (token_mask [R, T] marks scored tokens), latent_*: [R, K] (every latent
+    position of a rollout is scored), advantages: [R]. Each position's loss is
+    ppo_clip_loss + kl_beta * kl_k3; latent positions are weighted by latent_coef.
+    loss = (sum_text l + latent_coef * sum_latent l) / (#text + #latent positions)
+    (DAPO token-level mean; latent_coef == 0 or K == 0 drops the latent positions, count
+    included).
+    """
+    m = token_mask.float()
+    adv = advantages.float()[:, None]
+    t_pg, t_clip = ppo_clip_loss(token_logp, token_old, adv, eps_low=eps_low, eps_high=eps_high,
+                                 dual_clip=dual_clip)
+    t_loss = t_pg
+    if kl_beta > 0:
+        if token_ref is None:
+            raise ValueError("token_ref: expected reference log-probs when kl_beta > 0, got None")
+        t_kl = kl_k3(token_logp, token_ref)
+        t_loss = t_loss + kl_beta * t_kl
+    use_latent = latent_coef > 0 and latent_logp.numel() > 0
+    n_text = m.sum()
+    n_lat = torch.tensor(float(latent_logp.numel()) if use_latent else 0.0, device=m.device)
+    total = (t_loss * m).sum()
+    stats = {"clip_frac_text": float((t_clip.float() * m).sum() / n_text.clamp(min=1)),
+             "ratio_text": float((torch.exp(token_logp - token_old).detach() * m).sum() / n_text.clamp(min=1))}
+    if kl_beta > 0:
+        stats["kl_text"] = float((t_kl.detach() * m).sum() / n_text.clamp(min=1))
+    if use_latent:
+        l_pg, l_clip = ppo_clip_loss(latent_logp, latent_old, adv, eps_low=eps_low, eps_high=eps_high,
+                                     dual_clip=dual_clip)
+        l_loss = l_pg
+        if kl_beta > 0:
+            if latent_ref is None:
+                raise ValueError("latent_ref: expected reference log-probs when kl_beta > 0, got None")
+            l_kl = kl_k3(latent_logp, latent_ref)
+            l_loss = l_loss + kl_beta * l_kl
+            stats["kl_latent"] = float(l_kl.detach().mean())
+        total = total + latent_coef * l_loss.sum()
+        stats["clip_frac_latent"] = float(l_clip.float().mean())
+        stats["log_ratio_latent"] = float((latent_logp - latent_old).detach().mean())
+    loss = total / (n_text + n_lat).clamp(min=1)
+    stats["loss"] = float(loss.detach())
+    return loss, stats
+
+
+# ------------------------------------------------------------------------- a step ---
+def _is_peft(model: torch.nn.Module) -> bool:
+    m = model
+    while hasattr(m, "module") and not hasattr(m, "disable_adapter"):
+        m = m.module
+    return hasattr(m, "disable_adapter") and hasattr(m, "get_base_model")
+
+
+def _peft(model: torch.nn.Module) -> torch.nn.Module:
+    m = model
+    while not hasattr(m, "disable_adapter"):
+        m = m.module
+    return m
+
+
+def _score(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, projector):
+    prompt = prompt_inputs(model, batch, repeat=ro.n)
+    return policy_forward(model, ro, latent_end_id=tokens.latent_end, temperature=cfg.temperature,
+                          latent_sigma=cfg.latent_sigma, prompt=prompt, projector=projector)
+
+
+def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts], dict[str, Any]],
+              optimizer: torch.optim.Optimizer, cfg: VLPOConfig, *, tokens: VLPOTokens,
+              generator: torch.Generator | None = None, ref_model: torch.nn.Module | None = None,
+              projector: torch.nn.Module | None = None,
+              backward: Callable[[torch.Tensor], None] | None = None,
+              clip_grad: Callable[[Sequence[torch.nn.Parameter], float], Any] | None = None) -> dict[str, float]:
+    """Rollouts, rewards, advantages and ``cfg.ppo_epochs`` optimiser steps on one prompt batch.
+
+    batch: left-padded prompts ending with <|latent_start|> (collate with_answer=False),
+    on the model's device. reward_fn(rollouts) -> {"reward": [R] list/tensor, other
+    per-rollout metrics...}; rollout i*n + j answers prompt i. ref_model: the frozen
+    reference for full fine-tuning; None with a peft model means "adapter disabled".
+    Dropout is switched off (eval mode) for the whole step: the policy that is optimised is
+    the one that sampled, which is what makes the first ratio exactly 1.
+    """
+    if cfg.kl_beta > 0 and ref_model is None and not _is_peft(model):
+        raise ValueError("ref_model: expected a frozen reference model for a non-peft policy when kl_beta > 0, "
+                         "got None")
+    was_training = model.training
+    model.eval()
+    n = cfg.n_rollouts
+    ro = sample_rollouts(model, batch, n=n, k_latent=cfg.k_latent, latent_sigma=cfg.latent_sigma,
+                         temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                         latent_end_id=tokens.latent_end, stop_id=tokens.stop, pad_id=tokens.pad,
+                         generator=generator, projector=projector)
+    rew = reward_fn(ro)
+    rewards = torch.as_tensor(rew["reward"], dtype=torch.float32, device=ro.tokens.device)
+    adv = group_advantages(rewards, n, eps=cfg.adv_eps)
+
+    with torch.no_grad():
+        old_tok, old_lat = _score(model, batch, ro, cfg, tokens, projector)
+        gap = ((old_tok - ro.token_logprobs).abs() * ro.token_mask).sum() / ro.token_mask.sum().clamp(min=1)
+        if cfg.old_logprobs == "rollout":
+            old_tok, old_lat = ro.token_logprobs, ro.latent_logprobs
+        ref_tok = ref_lat = None
+        if cfg.kl_beta > 0:
+            if ref_model is not None:
+                ref_model.eval()
+                ref_tok, ref_lat = _score(ref_model, batch, ro, cfg, tokens, projector)
+            else:
+                with _peft(model).disable_adapter():
+                    ref_tok, ref_lat = _score(model, batch, ro, cfg, tokens, projector)
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    stats: dict[str, float] = {}
+    for _ in range(cfg.ppo_epochs):
+        tok, lat = _score(model, batch, ro, cfg, tokens, projector)
+        loss, stats = vlpo_loss(token_logp=tok, token_old=old_tok, token_mask=ro.token_mask, latent_logp=lat,
+                                latent_old=old_lat, advantages=adv, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                                dual_clip=cfg.dual_clip, latent_coef=cfg.latent_coef, kl_beta=cfg.kl_beta,
+                                token_ref=ref_tok, latent_ref=ref_lat)
+        optimizer.zero_grad(set_to_none=True)
+        (backward or torch.Tensor.backward)(loss)
+        if cfg.max_grad_norm > 0:
+            norm = (clip_grad or torch.nn.utils.clip_grad_norm_)(params, cfg.max_grad_norm)
+            stats["grad_norm"] = float(norm)
+        optimizer.step()
+    model.train(was_training)
+
+    out = {k: float(torch.as_tensor(v, dtype=torch.float32).mean()) for k, v in rew.items()}
+    out.update(stats)
+    groups = rewards.view(-1, n)
+    out.update({
+        "adv_abs": float(adv.abs().mean()),
+        "zero_std_groups": float(((groups.amax(1) - groups.amin(1)) == 0).float().mean()),
+        "answer_len": float(ro.token_mask.float().sum(1).mean()),
+        "stopped": float(ro.stopped.float().mean()),
+        "behaviour_gap": float(gap),
+    })
+    return out
+
+
+# ------------------------------------------------------------------ training loop ---
+def _to_device(batch: Any, device: torch.device) -> dict[str, Any]:
+    names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    out = {}
+    for k in names:
+        v = batch[k] if isinstance(batch, dict) else getattr(batch, k, None)
+        out[k] = v.to(device) if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def _decode(tokenizer, ro: Rollouts, stop_id: int) -> list[str]:
+    texts = []
+    for row, keep in zip(ro.tokens.tolist(), ro.token_mask.tolist()):
+        ids = [t for t, k in zip(row, keep) if k and t != stop_id]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts
+
+
+def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], cfg: VLPOConfig, *,
+               accelerator: Any = None, progress: bool = True, log_path: str | os.PathLike | None = None,
+               projector: torch.nn.Module | None = None) -> list[dict]:
+    """Run ``cfg.steps`` VLPO steps over ``records`` (medlvr.train.data.Record) in place.
+
+    model: a Qwen2(.5)-VL policy, peft-wrapped (LoRA; reference = adapter disabled) or not
+    (full fine-tuning; reference = a frozen deep copy made here). Only parameters with
+    requires_grad are optimised (AdamW). Records are drawn without replacement in a seeded
+    order, reshuffled every epoch. Returns one metrics dict per step, also appended as
+    JSON lines to ``log_path`` when given.
+    """
+    from medlvr.models import latent_token_ids
+    from medlvr.train.collate import collate
+
+    cfg.validate()
+    if not records:
+        raise ValueError("records: expected at least one record, got none")
+    tok = processor.tokenizer
+    lt = latent_token_ids(processor)
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stop
+    tokens = VLPOTokens(latent_end=lt.end, stop=stop, pad=pad)
+
+    torch.manual_seed(cfg.seed)
+    ref_model = None
+    if cfg.kl_beta > 0 and not _is_peft(model):
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if projector is not None:
+        params += [p for p in projector.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model: expected trainable parameters (requires_grad), found none")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    backward = clip_grad = None
+    if accelerator is not None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        backward, clip_grad = accelerator.backward, accelerator.clip_grad_norm_
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    main = accelerator is None or accelerator.is_main_process
+
+    def reward_fn(ro: Rollouts) -> dict[str, list[float]]:
+        texts = _decode(tok, ro, stop)
+        recs = [r for r in current for _ in range(ro.n)]
+        return outcome_rewards(texts, ro.stopped.tolist(), recs, w_accuracy=cfg.w_accuracy, w_format=cfg.w_format)
+
+    order: list[int] = []
+    history: list[dict] = []
+    log = open(log_path, "a") if (log_path and main) else None
+    bar = None
+    if progress and main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, desc="vlpo", dynamic_ncols=True)
+    try:
+        for step in range(cfg.steps):
+            current = []
+            while len(current) < cfg.batch_prompts:
+                if not order:
+                    order = list(range(len(records)))
+                    rng.shuffle(order)
+                current.append(records[order.pop()])
+            batch = collate(current, processor, k_latent=cfg.k_latent, with_answer=False,
+                            latent_token_ids=lt, padding_side="left")
+            t0 = time.perf_counter()
+            metrics = vlpo_step(model, _to_device(batch, device), reward_fn, optimizer, cfg, tokens=tokens,
+                                generator=gen, ref_model=ref_model, projector=projector, backward=backward,
+                                clip_grad=clip_grad)
+            metrics = {"step": step, **metrics, "time_s": time.perf_counter() - t0}
+            history.append(metrics)
+            if log is not None:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+            if bar is not None:
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl_text', 0.0):.4f}",
+                                clip=f"{metrics.get('clip_frac_text', 0.0):.3f}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    return history

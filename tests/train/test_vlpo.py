@@ -1,0 +1,356 @@
+"""VLPO (stage 2): pure loss pieces against hand-computed numbers, the mu/z position shift,
+exact on-policy ratios, KL to the reference, LoRA-only gradients, and whole steps on a
+tiny random Qwen2.5-VL."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from medlvr.reference.logprobs import latent_gaussian_logprob_ref
+from medlvr.train import rewards as R
+from medlvr.train.rollout import policy_forward, prompt_inputs, sample_rollouts
+from medlvr.train.vlpo import (VLPOConfig, VLPOTokens, group_advantages, kl_k3, ppo_clip_loss, vlpo_loss,
+                               vlpo_step)
+
+# Tiny vocabulary of the test model (ids chosen by hand; the real ids come from the tokenizer).
+PAD, IM_END, VIDEO, V_START, V_END, IMAGE, L_START, L_END, L_PAD = 0, 57, 56, 58, 59, 60, 61, 62, 63
+TOKENS = VLPOTokens(latent_end=L_END, stop=IM_END, pad=PAD)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The model here is tiny: with 2+ intra-op threads on a shared, busy CPU every small
+    # GEMM pays OpenMP wake-ups (measured 17 ms per linear vs well under 1 ms).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed: int = 0):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4},
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=IM_END, pad_token_id=PAD),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[0], in_channels=3),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END,
+        bos_token_id=1, eos_token_id=IM_END, pad_token_id=PAD)
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def prompt_batch(seed: int = 0):
+    """Two left-padded prompts [text, <vision_start>, 4 image tokens (a 4x4 patch grid merged
+    2x2), <vision_end>, question, <|latent_start|>] with different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [[10, V_START] + [IMAGE] * 4 + [V_END, 11, 12, 13, L_START],
+            [V_START] + [IMAGE] * 4 + [V_END, 14, 15, 16, 17, 18, L_START]]
+    S = max(len(r) for r in rows)
+    ids = torch.full((2, S), PAD, dtype=torch.long)
+    mask = torch.zeros(2, S, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, S - len(r):] = torch.tensor(r)
+        mask[i, S - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask,
+            "pixel_values": torch.randn(32, 3 * 2 * 14 * 14, generator=g),
+            "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]),
+            "mm_token_type_ids": (ids == IMAGE).int()}
+
+
+def lora(model, r: int = 4):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=8, lora_dropout=0.0,
+                                            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+
+
+# ----------------------------------------------------------------- pure functions ---
+def test_group_advantages_hand_numbers_and_zero_std_groups():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 0.0, 0.0, 0.0])
+    a = group_advantages(r, 4, eps=0.0)
+    # group 0: mean 0.5, population std 0.5 -> +-1; group 1: all equal -> exactly 0;
+    # group 2: mean 0.75, std sqrt((2.25^2 + 3 * 0.75^2) / 4) = sqrt(1.6875)
+    s = math.sqrt(1.6875)
+    want = torch.tensor([1.0, -1.0, -1.0, 1.0, 0, 0, 0, 0, 2.25 / s, -0.75 / s, -0.75 / s, -0.75 / s])
+    torch.testing.assert_close(a, want)
+    assert torch.equal(a[4:8], torch.zeros(4))
+    assert torch.equal(group_advantages(torch.tensor([0.3, 0.7]), 1), torch.zeros(2))  # n == 1: no baseline
+    with pytest.raises(ValueError, match="multiple of n=3"):
+        group_advantages(torch.zeros(4), 3)
+
+
+def test_ppo_clip_loss_hand_numbers():
+    # ratio r, advantage A -> expected loss and whether a clip branch is active
+    # eps_low 0.2, eps_high 0.28, dual clip c = 3
+    cases = [  # (r, A, loss, clipped)
+        (1.5, 1.0, -1.28, True),    # above 1 + eps_high with A > 0: clipped at 1.28
+        (0.5, 1.0, -0.5, False),    # below 1 - eps_low with A > 0: pessimistic min keeps r
+        (1.5, -1.0, 1.5, False),    # above with A < 0: keeps r
+        (0.5, -1.0, 0.8, True),     # below 1 - eps_low with A < 0: clipped at 0.8
+        (5.0, -2.0, 6.0, True),     # A < 0, r = 5: max(10, 2.56) = 10, dual clip: min(10, 3 * 2) = 6
+        (2.0, -1.0, 2.0, False),    # A < 0, r = 2 < c: dual clip inactive
+        (1.1, 1.0, -1.1, False),    # inside the trust region
+    ]
+    r = torch.tensor([c[0] for c in cases])
+    a = torch.tensor([c[1] for c in cases])
+    loss, clipped = ppo_clip_loss(torch.log(r), torch.zeros_like(r), a, eps_low=0.2, eps_high=0.28, dual_clip=3.0)
+    torch.testing.assert_close(loss, torch.tensor([c[2] for c in cases]))
+    assert clipped.tolist() == [c[3] for c in cases]
+    # without the dual clip the r = 5, A = -2 position keeps its full loss
+    loss_nd, _ = ppo_clip_loss(torch.log(r), torch.zeros_like(r), a, eps_low=0.2, eps_high=0.28, dual_clip=0.0)
+    assert loss_nd[4].item() == pytest.approx(10.0)
+
+
+def test_kl_k3_hand_numbers_and_zero():
+    logp = torch.log(torch.tensor([0.5, 0.25, 0.1]))
+    ref = torch.log(torch.tensor([0.25, 0.25, 0.4]))
+    # exp(d) - d - 1 with d = ref - logp: d = ln 0.5, 0, ln 4
+    want = torch.tensor([0.5 - math.log(0.5) - 1, 0.0, 4.0 - math.log(4.0) - 1])
+    torch.testing.assert_close(kl_k3(logp, ref), want)
+    assert torch.equal(kl_k3(logp, logp), torch.zeros(3))
+
+
+def test_vlpo_loss_token_mean_with_latent_weight():
+    # 2 rollouts, T = 3 (second has 2 scored tokens), K = 2; everything on-policy except one
+    # text token, so the loss is easy to write out.
+    tok_old = torch.zeros(2, 3)
+    tok = torch.tensor([[math.log(1.1), 0.0, 0.0], [0.0, 0.0, 9.9]])  # the 9.9 is masked out
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    lat = torch.zeros(2, 2)
+    adv = torch.tensor([1.0, -0.5])
+    loss, stats = vlpo_loss(token_logp=tok, token_old=tok_old, token_mask=mask, latent_logp=lat,
+                            latent_old=torch.zeros(2, 2), advantages=adv, eps_low=0.2, eps_high=0.28,
+                            dual_clip=3.0, latent_coef=0.5)
+    text = -(1.1 + 1.0 + 1.0) + 2 * 0.5       # sum of -A r over the 5 text tokens
+    latent = 0.5 * (-(1.0 + 1.0) + 2 * 0.5)   # latent_coef * sum over the 4 latent positions
+    assert loss.item() == pytest.approx((text + latent) / (5 + 4))
+    assert stats["clip_frac_text"] == 0.0
+    # latent_coef = 0 drops the latent positions from the count too
+    loss0, _ = vlpo_loss(token_logp=tok, token_old=tok_old, token_mask=mask, latent_logp=lat,
+                         latent_old=torch.zeros(2, 2), advantages=adv, eps_low=0.2, eps_high=0.28,
+                         dual_clip=3.0, latent_coef=0.0)
+    assert loss0.item() == pytest.approx(text / 5)
+    with pytest.raises(ValueError, match="token_ref"):
+        vlpo_loss(token_logp=tok, token_old=tok_old, token_mask=mask, latent_logp=lat, latent_old=lat,
+                  advantages=adv, eps_low=0.2, eps_high=0.28, dual_clip=3.0, latent_coef=0.5, kl_beta=0.1)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match=r"VLPOConfig.dual_clip: expected 0 \(off\) or > 1, got 0.5"):
+        VLPOConfig(dual_clip=0.5).validate()
+    with pytest.raises(ValueError, match="VLPOConfig.old_logprobs"):
+        VLPOConfig(old_logprobs="engine").validate()
+    VLPOConfig().validate()
+
+
+def test_rewards_format_and_accuracy():
+    mc = SimpleNamespace(answer="pneumonia", options=["effusion", "pneumonia", "normal"])
+    free = SimpleNamespace(answer="left lung", options=None)
+    out = R.outcome_rewards(["B", "pneumonia", "C", "", "The left lung.", "left lung"],
+                            [True, True, True, True, True, False], [mc, mc, mc, mc, free, free],
+                            w_accuracy=1.0, w_format=0.5)
+    assert out["accuracy"] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    assert out["format"] == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]  # empty / truncated answers fail format
+    assert out["reward"] == [1.5, 1.5, 0.5, 0.0, 1.5, 1.0]
+    assert R.format_reward("maybe", stopped=True, options=["yes", "no"]) == 0.0  # names no option
+    assert R.match_option("Atelectasis", ["Atelectasis", "b"]) == 0  # by text, not as letter "A"
+    assert R.match_option("(b)", ["x", "y"]) == 1
+    with pytest.raises(ValueError, match="same length"):
+        R.outcome_rewards(["a"], [True, True], [mc])
+
+
+# --------------------------------------------------------------- model-level tests ---
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(0)
+
+
+def _rollouts(model, *, n=2, k=3, sigma=0.5, seed=0, max_new_tokens=5, top_p=1.0):
+    return sample_rollouts(model, prompt_batch(), n=n, k_latent=k, latent_sigma=sigma, temperature=1.0,
+                           top_p=top_p, max_new_tokens=max_new_tokens, latent_end_id=L_END, stop_id=IM_END,
+                           pad_id=PAD, generator=torch.Generator().manual_seed(seed))
+
+
+def _full_hidden(model, ro):
+    """Post-norm hidden states of one plain full forward over the rollout's sequences."""
+    p = ro.prompt
+    Rn, P, _ = p["embeds"].shape
+    K, T = ro.latents.shape[1], ro.tokens.shape[1]
+    emb = model.get_input_embeddings()
+    embeds = torch.cat([p["embeds"], ro.latents, emb(torch.full((Rn, 1), L_END)), emb(ro.tokens)], dim=1)
+    pos = torch.cat([p["position_ids"], p["position_ids"][:, :, -1:] + torch.arange(1, K + 2 + T)], dim=2)
+    mask = torch.cat([p["attention_mask"], torch.ones(Rn, K + 1 + T, dtype=torch.long)], dim=1)
+    return model.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask).last_hidden_state
+
+
+def test_latent_feedback_comes_from_the_previous_position(model):
+    # sigma = 0: the rollout feeds back the hidden state itself, so z_t must equal the full
+    # forward's hidden at index s0 + t - 1 (s0 = first latent index = prompt length), and
+    # NOT the hidden at s0 + t (the position z_t is fed at).
+    ro = _rollouts(model, sigma=0.0, k=3)
+    h = _full_hidden(model, ro)
+    s0 = ro.prompt["embeds"].shape[1]
+    for t in range(3):
+        torch.testing.assert_close(ro.latents[:, t], h[:, s0 + t - 1], atol=1e-5, rtol=1e-5)
+        assert (ro.latents[:, t] - h[:, s0 + t]).abs().max() > 1e-2
+
+
+def test_latent_logprob_uses_mu_from_position_t_minus_1(model):
+    ro = _rollouts(model, sigma=0.5, k=3)
+    tok, lat = policy_forward(model, ro, latent_end_id=L_END, temperature=1.0, latent_sigma=0.5)
+    # the teacher-forced forward recovers the behaviour log-probs (KV-cached loop vs one pass)
+    torch.testing.assert_close(lat, ro.latent_logprobs, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(tok, ro.token_logprobs, atol=1e-4, rtol=1e-4)
+    # z - mu is the exploration noise: sigma * N(0, 1), so log p = -||eps||^2 / 2 ~ -D / 2
+    D = ro.latents.shape[-1]
+    assert abs(float(lat.detach().mean()) + D / 2) < 0.5 * D
+    # mu taken one position later (the position z is fed at) gives a different value
+    h = _full_hidden(model, ro)
+    s0 = ro.prompt["embeds"].shape[1]
+    wrong = latent_gaussian_logprob_ref(h[:, s0:s0 + 3].reshape(-1, D), ro.latents.reshape(-1, D),
+                                        sigma=0.5).view_as(lat)
+    right = latent_gaussian_logprob_ref(h[:, s0 - 1:s0 + 2].reshape(-1, D), ro.latents.reshape(-1, D),
+                                        sigma=0.5).view_as(lat)
+    torch.testing.assert_close(lat, right, atol=1e-4, rtol=1e-5)
+    assert (wrong - lat).abs().min() > 1.0
+
+
+def test_rollouts_shapes_masks_and_seeded_determinism(model):
+    a = _rollouts(model, n=3, k=2, max_new_tokens=6, top_p=0.9, seed=5)
+    b = _rollouts(model, n=3, k=2, max_new_tokens=6, top_p=0.9, seed=5)
+    c = _rollouts(model, n=3, k=2, max_new_tokens=6, top_p=0.9, seed=6)
+    assert a.tokens.shape == (6, 6) and a.latents.shape == (6, 2, 32)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.latents, b.latents)
+    assert not torch.equal(a.latents, c.latents)
+    # the mask is a prefix, ends at the stop token when stopped, and pads after it
+    for row, m, s in zip(a.tokens.tolist(), a.token_mask.tolist(), a.stopped.tolist()):
+        L = sum(m)
+        assert m == [True] * L + [False] * (6 - L)
+        assert all(t == PAD for t in row[L:])
+        assert s == (row[L - 1] == IM_END)
+    # rows i*n + j share prompt i
+    assert torch.equal(a.prompt["input_ids"][0], a.prompt["input_ids"][2])
+    assert not torch.equal(a.prompt["input_ids"][2], a.prompt["input_ids"][3])
+
+
+def test_prompt_inputs_rejects_right_padding(model):
+    b = prompt_batch()
+    b["attention_mask"] = b["attention_mask"].flip(1)
+    with pytest.raises(ValueError, match="left-padded"):
+        prompt_inputs(model, b)
+
+
+def test_on_policy_ratio_is_exactly_one_and_gradient_is_policy_gradient(model):
+    ro = _rollouts(model, n=2, k=2, sigma=0.3)
+    kw = dict(latent_end_id=L_END, temperature=1.0, latent_sigma=0.3)
+    with torch.no_grad():
+        old_tok, old_lat = policy_forward(model, ro, prompt=prompt_inputs(model, prompt_batch(), repeat=2), **kw)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    params = [p for p in model.parameters()]
+
+    def grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        tok, lat = policy_forward(model, ro, prompt=prompt_inputs(model, prompt_batch(), repeat=2), **kw)
+        assert torch.equal(tok, old_tok) and torch.equal(lat, old_lat)  # ratio exp(0) == 1 exactly
+        loss_fn(tok, lat).backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    def clipped(tok, lat):
+        return vlpo_loss(token_logp=tok, token_old=old_tok, token_mask=ro.token_mask, latent_logp=lat,
+                         latent_old=old_lat, advantages=adv, eps_low=0.2, eps_high=0.28, dual_clip=3.0,
+                         latent_coef=0.25)[0]
+
+    def plain_pg(tok, lat):  # REINFORCE with the same token-mean and latent weight
+        m = ro.token_mask.float()
+        n = m.sum() + lat.numel()
+        return -((adv[:, None] * tok * m).sum() + 0.25 * (adv[:, None] * lat).sum()) / n
+
+    g1, g2 = grads(clipped), grads(plain_pg)
+    assert any(g.abs().max() > 0 for g in g1)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+
+
+def _step(policy, cfg, reward_fn, *, ref_model=None, seed=0):
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    return vlpo_step(policy, prompt_batch(), reward_fn, opt, cfg, tokens=TOKENS,
+                     generator=torch.Generator().manual_seed(seed), ref_model=ref_model)
+
+
+def _random_reward(ro):  # varied rewards so that the advantages are not all zero
+    return {"reward": [float(i % 3) for i in range(ro.tokens.shape[0])]}
+
+
+def test_kl_is_zero_when_policy_equals_reference_and_only_lora_trains():
+    policy = lora(tiny_model(1))  # fresh LoRA: B = 0, so policy == reference (adapter off)
+    base = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" not in n}
+    lora_before = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
+    cfg = VLPOConfig(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=4, kl_beta=0.1, lr=1e-2)
+    m = _step(policy, cfg, _random_reward)
+    assert m["kl_text"] == 0.0 and m["kl_latent"] == 0.0
+    assert m["ratio_text"] == 1.0 and m["clip_frac_text"] == 0.0
+    for n, p in policy.named_parameters():
+        if "lora_" in n:
+            assert p.requires_grad
+        else:
+            assert not p.requires_grad and p.grad is None
+            assert torch.equal(p, base[n]), n
+    assert any(not torch.equal(p, lora_before[n]) for n, p in policy.named_parameters() if "lora_" in n)
+    # after the update the policy has moved away from the reference: KL > 0 on the next step
+    m2 = _step(policy, cfg, _random_reward, seed=1)
+    assert m2["kl_text"] > 0.0 and m2["kl_latent"] > 0.0
+
+
+def test_full_finetune_needs_and_uses_a_frozen_reference():
+    import copy
+
+    policy = tiny_model(2)
+    cfg = VLPOConfig(n_rollouts=2, k_latent=2, max_new_tokens=3, kl_beta=0.1, lr=1e-3)
+    with pytest.raises(ValueError, match="ref_model"):
+        _step(policy, cfg, _random_reward)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    m = _step(policy, cfg, _random_reward, ref_model=ref)
+    assert m["kl_text"] == 0.0
+    assert not torch.equal(policy.lm_head.weight, ref.lm_head.weight)
+
+
+def _toy_run(seed: int, steps: int):
+    """VLPO on a toy reward (fraction of the 4 answer slots holding a token id < 32, about
+    half the vocabulary) from a fixed init; returns per-step rewards and a LoRA weight."""
+    torch.manual_seed(0)
+    base = tiny_model(3)
+    with torch.no_grad():
+        # A random init's logits are nearly uniform (std ~0.1) and the final RMSNorm bounds
+        # the hidden state, so LoRA could barely move the output distribution; scale lm_head
+        # to trained-model-like logit spread (std ~2).
+        base.lm_head.weight.mul_(20.0)
+    policy = lora(base, r=8)
+    cfg = VLPOConfig(n_rollouts=8, k_latent=2, latent_sigma=0.1, max_new_tokens=4, kl_beta=0.0, lr=3e-2,
+                     eps_low=0.2, eps_high=0.28, latent_coef=0.1)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    gen = torch.Generator().manual_seed(seed)
+
+    def reward_fn(ro):
+        hits = ((ro.tokens < 32) & ro.token_mask).float().sum(1)
+        return {"reward": (hits / ro.tokens.shape[1]).tolist()}
+
+    hist = [vlpo_step(policy, prompt_batch(), reward_fn, opt, cfg, tokens=TOKENS, generator=gen)
+            for _ in range(steps)]
+    lora_w = next(p for n, p in policy.named_parameters() if "lora_B" in n).detach().clone()
+    return [h["reward"] for h in hist], lora_w
+
+
+def test_vlpo_improves_a_toy_reward_and_is_deterministic():
+    r1, w1 = _toy_run(0, 8)
+    r2, w2 = _toy_run(0, 8)
+    assert r1 == r2 and torch.equal(w1, w2)  # same seed -> same rollouts, rewards and weights
+    # starts near 0.5 (measured 0.48); 8 steps push it to ~0.95
+    assert sum(r1[-3:]) / 3 > sum(r1[:3]) / 3 + 0.2, r1
