@@ -1,0 +1,229 @@
+"""What the engine needs from a Hugging Face model, behind one small interface.
+
+The engine runs every decode step by hand from a model's own modules; it touches the
+model only through a ``ModelAdapter``: the decoder's layers (norms, projections, MLP),
+the final norm, the embeddings and lm_head, the rotary frequencies, and a ``prefill``
+that runs the HF model itself over the prompt and hands back the K/V it cached.
+
+This file and its siblings are the only engine code that knows transformers internals
+(cache objects, output field names, ``get_rope_index``). transformers 5.x renamed
+``past_key_values`` to ``cache`` between minor versions; the helpers below accept both.
+
+Adding a model is one small file: subclass ``TextDecoderAdapter`` (plain RoPE decoders)
+or ``QwenVLAdapter`` (3-section mRoPE + vision tower), set ``model_types``, and decorate
+with ``@register``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, type["ModelAdapter"]] = {}
+
+
+def register(cls: type["ModelAdapter"]) -> type["ModelAdapter"]:
+    for model_type in cls.model_types:
+        _REGISTRY[model_type] = cls
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def adapter_for(model: nn.Module) -> "ModelAdapter":
+    """The adapter registered for ``model.config.model_type``."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _REGISTRY:
+        raise ValueError(f"model.config.model_type must be one of {supported_model_types()}, got {model_type!r}")
+    return _REGISTRY[model_type](model)
+
+
+@dataclass(frozen=True)
+class DecoderLayer:
+    """One pre-norm decoder layer, as module references (not weight copies): the engine
+    always sees the model's current weights, and PEFT/LoRA wrappers stay in the path."""
+
+    input_norm: nn.Module  # RMSNorm: .weight, eps
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
+    post_norm: nn.Module
+    mlp: nn.Module  # act(gate(x)) * up(x) -> down
+
+
+@dataclass
+class Prefill:
+    """What the HF prompt forward leaves behind, for the engine's static cache.
+
+    hidden (B D): post-final-norm hidden state at each sample's last prompt token.
+    keys / values: per layer (B Hkv S Dh), rotated, as HF cached them (left-padded).
+    next_positions (P B) int64: rotary position of the first token after the prompt
+        (P = 3 for mRoPE, sections advancing together like text; P = 1 otherwise).
+    lengths (B) int64: valid (non-pad) prompt tokens per sample.
+    """
+
+    hidden: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    next_positions: torch.Tensor
+    lengths: torch.Tensor
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        if hasattr(norm, name):
+            return float(getattr(norm, name))
+    raise ValueError(f"cannot find the epsilon of norm module {type(norm).__name__}")
+
+
+def model_output_cache(output):
+    """The cache object of an HF model output (field ``cache`` in transformers >= 5.2x,
+    ``past_key_values`` before)."""
+    for name in ("cache", "past_key_values"):
+        value = getattr(output, name, None) if not isinstance(output, Mapping) else output.get(name)
+        if value is not None:
+            return value
+    raise RuntimeError("the HF model returned no KV cache; was use_cache=True honoured?")
+
+
+def cache_layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of one layer of an HF DynamicCache, each (B Hkv S Dh)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return layers[layer].keys, layers[layer].values
+    if hasattr(cache, "key_cache"):
+        return cache.key_cache[layer], cache.value_cache[layer]
+    return cache[layer][0], cache[layer][1]
+
+
+class ModelAdapter:
+    """Common part: layer views, dimensions and rotary frequencies of a causal decoder.
+
+    Subclasses provide ``_decoder()`` (the module holding embed_tokens / layers / norm),
+    ``mrope_section`` and the prompt side (``check_batch``, ``prefill``).
+    """
+
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.decoder = self._decoder()
+        self.config = self.decoder.config
+        cfg = self.config
+        layer_types = getattr(cfg, "layer_types", None) or []
+        if "sliding_attention" in layer_types:
+            raise ValueError("sliding-window attention layers are not supported by the latent engine "
+                             f"(config.layer_types = {sorted(set(layer_types))})")
+        self.hidden_size = int(cfg.hidden_size)
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or self.hidden_size // self.num_heads)
+        self.vocab_size = int(cfg.vocab_size)
+
+        rotary = self.decoder.rotary_emb
+        if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+            raise ValueError("rope types that scale cos/sin (attention_scaling != 1, e.g. yarn, longrope) are not "
+                             f"supported, got attention_scaling={rotary.attention_scaling}")
+        if getattr(rotary, "rope_type", "default") == "dynamic":
+            raise ValueError("rope_type 'dynamic' changes the frequencies with the sequence length; not supported")
+        # inv_freq lives on the model's device; rotary_append wants fp32 (rotary_dim / 2).
+        self.inv_freq = rotary.inv_freq.detach().to(torch.float32)
+        self.rotary_dim = 2 * self.inv_freq.numel()
+
+        self.layers = [
+            DecoderLayer(input_norm=layer.input_layernorm, q_proj=layer.self_attn.q_proj,
+                         k_proj=layer.self_attn.k_proj, v_proj=layer.self_attn.v_proj,
+                         o_proj=layer.self_attn.o_proj, post_norm=layer.post_attention_layernorm,
+                         mlp=layer.mlp)
+            for layer in self.decoder.layers
+        ]
+        self.attn_scale = float(getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim ** -0.5))
+        self.norm = self.decoder.norm
+        self.norm_eps = _norm_eps(self.norm)
+        self.layer_eps = [(_norm_eps(l.input_norm), _norm_eps(l.post_norm)) for l in self.layers]
+        self.embed_tokens = model.get_input_embeddings()
+        self.lm_head = model.get_output_embeddings()
+        if self.lm_head is None:
+            raise ValueError(f"{type(model).__name__} has no lm_head (use the *ForCausalLM / "
+                             "*ForConditionalGeneration class)")
+
+    # ------------------------------------------------------------ per model family
+    mrope_section: tuple[int, ...] | None = None
+
+    def _decoder(self) -> nn.Module:
+        raise NotImplementedError
+
+    def check_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def prefill(self, batch: Mapping[str, torch.Tensor]) -> Prefill:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ shared helpers
+    @property
+    def num_position_rows(self) -> int:
+        return 3 if self.mrope_section is not None else 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @staticmethod
+    def _check_ids_and_mask(batch: Mapping[str, torch.Tensor]) -> None:
+        for name in ("input_ids", "attention_mask"):
+            if name not in batch or not isinstance(batch[name], torch.Tensor):
+                raise ValueError(f"batch[{name!r}] must be a tensor (B, S), got {type(batch.get(name)).__name__}")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"batch['input_ids'] must have shape (B, S) with S >= 1, got {tuple(ids.shape)}")
+        if mask.shape != ids.shape:
+            raise ValueError(f"batch['attention_mask'] must have input_ids' shape {tuple(ids.shape)}, "
+                             f"got {tuple(mask.shape)}")
+        m = mask.bool()
+        # Left padding: the last column is a real token of every sample and, per row,
+        # no real token comes before a pad (the mask is non-decreasing along S).
+        if not bool(m[:, -1].all()) or bool((m[:, :-1] & ~m[:, 1:]).any()):
+            raise ValueError("batch['attention_mask'] must be left-padded (0...0 1...1 per row, last column 1): "
+                             "generation prompts are padded on the left")
+
+    def _layer_kv(self, output) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        cache = model_output_cache(output)
+        keys, values = [], []
+        for i in range(len(self.layers)):
+            k, v = cache_layer_kv(cache, i)
+            keys.append(k)
+            values.append(v)
+        return keys, values
+
+
+class TextDecoderAdapter(ModelAdapter):
+    """Text-only decoders with plain RoPE (Qwen2/Qwen2.5, Llama): *ForCausalLM.model."""
+
+    def _decoder(self) -> nn.Module:
+        return self.model.model
+
+    def check_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
+        self._check_ids_and_mask(batch)
+        for name in ("pixel_values", "image_grid_thw"):
+            if batch.get(name) is not None:
+                raise ValueError(f"batch[{name!r}] was given, but {self.model.config.model_type} has no vision tower")
+
+    def prefill(self, batch: Mapping[str, torch.Tensor]) -> Prefill:
+        ids, mask = batch["input_ids"], batch["attention_mask"].long()
+        # Left padding: real tokens count positions from 0 (HF generate does the same).
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+        keys, values = self._layer_kv(out)
+        lengths = mask.sum(-1)
+        return Prefill(hidden=out.last_hidden_state[:, -1], keys=keys, values=values,
+                       next_positions=lengths[None, :].clone(), lengths=lengths)
