@@ -354,3 +354,44 @@ def test_vlpo_improves_a_toy_reward_and_is_deterministic():
     assert r1 == r2 and torch.equal(w1, w2)  # same seed -> same rollouts, rewards and weights
     # starts near 0.5 (measured 0.48); 8 steps push it to ~0.95
     assert sum(r1[-3:]) / 3 > sum(r1[:3]) / 3 + 0.2, r1
+
+
+# ------------------------------------------------------- end to end (embedded model) ---
+def test_vlpo_main_trains_saves_and_reloads(tmp_path, monkeypatch):
+    """``medlvr vlpo`` path: synthetic JSONL -> embedded model with LoRA -> 2 steps -> final/
+    readable by stage1.load_trained, metrics.jsonl with one line per step."""
+    import argparse
+    import json
+
+    import medlvr.train.vlpo as vlpo_mod
+    from medlvr.train.stage1 import load_trained
+    from medlvr.train.synth import synthesize
+    from medlvr.train.vlpo import add_vlpo_arguments, vlpo_main
+
+    # A random model answers nothing right (all rewards 0 -> zero advantages -> no update);
+    # the real rewards still run, plus a per-rollout bonus so the save path sees a change.
+    real = vlpo_mod.outcome_rewards
+
+    def rewards(texts, stopped, recs, **kw):
+        out = real(texts, stopped, recs, **kw)
+        out["reward"] = [r + 0.5 * (i % 2) for i, r in enumerate(out["reward"])]
+        return out
+
+    monkeypatch.setattr(vlpo_mod, "outcome_rewards", rewards)
+
+    paths = synthesize(tmp_path / "data", n=6, seed=0, split_fractions=(1.0, 0.0, 0.0))
+    args = add_vlpo_arguments(argparse.ArgumentParser()).parse_args([
+        "--data", str(paths["train"]), "--out", str(tmp_path / "run"), "--lora", "--lora-r", "4",
+        "--k-latent", "2", "--n-rollouts", "2", "--batch-prompts", "2", "--steps", "2", "--max-new-tokens", "3",
+        "--lr", "1e-2", "--latent-sigma", "0.2", "--no-progress"])
+    last = vlpo_main(args)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1]
+    for key in ("reward", "accuracy", "format", "kl_text", "kl_latent", "clip_frac_text", "loss", "behaviour_gap"):
+        assert key in lines[0] and math.isfinite(lines[0][key]), key
+    assert lines[0]["kl_text"] == 0.0  # fresh LoRA == reference on the first step
+    assert json.loads((tmp_path / "run" / "vlpo.json").read_text())["k_latent"] == 2
+    lm, _, meta = load_trained(last["final_dir"])
+    assert meta["stage1"]["k_latent"] == 2 and meta["vlpo"]["n_rollouts"] == 2
+    trained = {n: p for n, p in lm.named_parameters() if "lora_B" in n}
+    assert trained and any(p.abs().max() > 0 for p in trained.values())  # the update was saved
