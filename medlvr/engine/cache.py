@@ -34,9 +34,9 @@ class StaticKVCache:
         """Copy left-padded prompt K/V (per layer (B, Hkv, S, Dh)) into rows [0, B),
         sample b's last lengths[b] positions moved to [0, lengths[b]).
 
-        One gather per layer: index j of row b reads source position S - n_b + j; for
-        j >= n_b that index runs past S and is clamped, writing values that lie beyond
-        the sample's length, which attention never reads (the engine overwrites them).
+        One gather per layer (index j of row b reads source position S - n_b + j), and
+        positions j >= n_b keep what the cache held: nothing is written beyond a
+        sample's own length.
         """
         B, _, S, _ = keys[0].shape
         if S > self.max_len:
@@ -45,7 +45,9 @@ class StaticKVCache:
         lengths = lengths.to(dev)
         j = torch.arange(S, device=dev)
         src = (S - lengths[:, None] + j[None, :]).clamp(max=S - 1)  # (B, S)
+        valid = (j[None, :] < lengths[:, None])[:, None, :, None]  # (B, 1, S, 1)
         for layer, (k, v) in enumerate(zip(keys, values)):
             idx = src[:, None, :, None].expand(B, k.shape[1], S, k.shape[3])
-            self.k[layer][:B, :, :S].copy_(k.to(dev).gather(2, idx))
-            self.v[layer][:B, :, :S].copy_(v.to(dev).gather(2, idx))
+            for cache, new in ((self.k[layer], k), (self.v[layer], v)):
+                dst = cache[:B, :, :S]
+                dst.copy_(torch.where(valid, new.to(dev, cache.dtype).gather(2, idx), dst))

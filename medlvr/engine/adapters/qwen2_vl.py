@@ -64,6 +64,21 @@ class QwenVLAdapter(ModelAdapter):
             if n_img_tokens != want_tokens:
                 raise ValueError(f"batch['input_ids'] holds {n_img_tokens} image tokens but image_grid_thw "
                                  f"{grid.tolist()} needs {want_tokens} (t*h*w / {self.merge}^2 summed)")
+            # Images are consumed in order across the batch: each sample's image tokens
+            # must be covered by a whole number of consecutive grids, or HF would
+            # silently give one sample another's image features.
+            per_image = (grid.prod(-1) // self.merge ** 2).tolist()
+            per_sample = (ids.eq(self.image_token_id) & mask).sum(-1).tolist()
+            i = 0
+            for b, n in enumerate(per_sample):
+                got = 0
+                while got < n and i < len(per_image):
+                    got += per_image[i]
+                    i += 1
+                if got != n:
+                    raise ValueError(f"batch['input_ids'] sample {b} holds {n} image tokens, which do not match "
+                                     f"its images' grids in image_grid_thw {grid.tolist()} (tokens per image "
+                                     f"{per_image})")
         mm = batch.get("mm_token_type_ids")
         if mm is not None and tuple(mm.shape) != tuple(ids.shape):
             raise ValueError(f"batch['mm_token_type_ids'] must have input_ids' shape {tuple(ids.shape)}, "
