@@ -26,6 +26,7 @@ advance by one from the last prompt position (DESIGN §7).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -37,22 +38,32 @@ __all__ = ["Rollouts", "hf_model", "prompt_inputs", "sample_rollouts", "policy_f
 
 
 # --------------------------------------------------------------------------- ops ----
+@functools.lru_cache(maxsize=None)
+def _op(name: str):
+    """medlvr.ops.<name> (fast path, the lead's op), or its reference ``<name>_ref`` while
+    the op is not built yet (same signature and result, DESIGN §3)."""
+    import importlib
+
+    for mod in ("medlvr.ops", "medlvr.ops.logprobs"):
+        try:
+            fn = getattr(importlib.import_module(mod), name, None)
+        except ImportError:
+            fn = None
+        if fn is not None:
+            return fn
+    from medlvr.reference import logprobs as ref
+
+    return getattr(ref, name + "_ref")
+
+
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    """medlvr.ops.gather_logprobs, or its reference while the op is not built yet."""
-    try:
-        from medlvr.ops import gather_logprobs as op
-    except ImportError:
-        from medlvr.reference.logprobs import gather_logprobs_ref as op
-    return op(logits, targets, temperature=temperature)
+    """log softmax(logits / temperature)[targets] in fp32: logits [N,V], targets [N] -> [N]."""
+    return _op("gather_logprobs")(logits, targets, temperature=temperature)
 
 
 def latent_gaussian_logprob(mu: torch.Tensor, z: torch.Tensor, *, sigma: float) -> torch.Tensor:
-    """medlvr.ops.latent_gaussian_logprob, or its reference while the op is not built yet."""
-    try:
-        from medlvr.ops import latent_gaussian_logprob as op
-    except ImportError:
-        from medlvr.reference.logprobs import latent_gaussian_logprob_ref as op
-    return op(mu, z, sigma=sigma)
+    """-||z - mu||^2 / (2 sigma^2) summed over D in fp32: mu, z [M,D] -> [M]."""
+    return _op("latent_gaussian_logprob")(mu, z, sigma=sigma)
 
 
 # ----------------------------------------------------------------------- model io ---
