@@ -1,0 +1,278 @@
+"""``medlvr eval``: greedy answers with the latent segment, accuracy by benchmark and question type.
+
+Decoding: medlvr.engine.LatentEngine (static cache; Triton/CUDA kernels on a GPU) when it
+supports the model, else :func:`hf_greedy`, a plain HF loop over a DynamicCache that follows
+the same recipe (prefill the left-padded prompt that ends with <|latent_start|>, K latent steps
+feeding back the post-norm hidden state, <|latent_end|>, greedy tokens until <|im_end|>).
+
+Scoring: medlvr.train.qa.score (multiple-choice by option text or letter, yes/no by polarity,
+otherwise normalised exact match). Outputs: a rich table on stdout, ``predictions.jsonl``,
+``accuracy.json`` and ``accuracy.png`` (bars per benchmark and question type).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from medlvr.train import latent as L
+
+
+@dataclass
+class EvalResult:
+    overall: float
+    n: int
+    by_source: dict[str, tuple[float, int]]
+    by_qtype: dict[str, tuple[float, int]]
+    by_source_qtype: dict[str, dict[str, tuple[float, int]]]
+    predictions: list[dict]
+
+    def to_json(self) -> dict:
+        return {"overall": self.overall, "n": self.n, "by_source": self.by_source, "by_qtype": self.by_qtype,
+                "by_source_qtype": self.by_source_qtype}
+
+
+@torch.no_grad()
+def hf_greedy(model, batch: dict, *, k: int, max_new_tokens: int, stop_id: int, latent_end_id: int,
+              pad_id: int, projector=None) -> torch.Tensor:
+    """[B, T] greedy answer tokens (pad after the stop token) for a LEFT-padded prompt batch.
+
+    The prompt's last token is <|latent_start|> (k > 0) or "assistant\\n" (k == 0). Every step
+    after the prompt is a text position: all three mRoPE sections advance by one from the
+    prompt's last position (DESIGN §7)."""
+    hf = L.unwrap_hf(model)
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    B = ids.shape[0]
+    vis = L.vision_tokens(hf, batch.get("pixel_values"), batch.get("image_grid_thw"))
+    emb = L.embed_inputs(hf, ids, vis)
+    pos = L.positions(hf, batch)
+    cache = L._new_cache(hf.model.language_model)
+    h = L._lm(hf, emb, am, pos, cache)[:, -1]
+    nxt = pos[:, :, -1:] + 1  # [3, B, 1]
+    mask = am
+    ones = torch.ones(B, 1, dtype=am.dtype, device=am.device)
+    embed = hf.model.get_input_embeddings()
+
+    def step(x):
+        nonlocal nxt, mask
+        mask = torch.cat([mask, ones], dim=1)
+        out = L._lm(hf, x[:, None], mask, nxt, cache)[:, -1]
+        nxt = nxt + 1
+        return out
+
+    for _ in range(k):
+        h = step(h if projector is None else projector(h))
+    if k > 0:
+        h = step(embed(torch.full((B,), latent_end_id, dtype=torch.long, device=ids.device)))
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    for t in range(max_new_tokens):
+        tok = hf.lm_head(h).argmax(-1)
+        tokens[:, t] = torch.where(done, torch.full_like(tok, pad_id), tok)
+        done |= tok == stop_id
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        h = step(embed(tok))
+    return tokens
+
+
+def _engine_generate(model, batch: dict, *, k: int, max_new_tokens: int, stop_id: int, latent_end_id: int,
+                     pad_id: int, projector, max_batch: int):
+    """The engine's greedy tokens, or None when the engine cannot run this model."""
+    try:
+        from medlvr.engine import LatentEngine
+    except ImportError:
+        return None
+    hf = L.unwrap_hf(model)
+    max_len = int(batch["attention_mask"].sum(-1).max()) + k + max_new_tokens + 2
+    try:
+        eng = LatentEngine(hf, max_batch=max_batch, max_len=max_len, use_cuda_graphs="auto", projector=projector)
+    except (TypeError, ValueError, NotImplementedError):
+        return None
+    out = eng.generate(batch, k_max=k, exit="fixed", max_new_tokens=max_new_tokens, temperature=0.0,
+                       stop_ids=[stop_id], latent_end_id=latent_end_id if k > 0 else None, pad_id=pad_id)
+    return out.tokens
+
+
+def decode_answers(tokenizer, tokens: torch.Tensor, stop_id: int) -> list[str]:
+    out = []
+    for row in tokens.tolist():
+        if stop_id in row:
+            row = row[:row.index(stop_id)]
+        out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return out
+
+
+def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, batch_size: int = 32,
+             max_new_tokens: int = 8, backend: str = "auto", progress: bool = True) -> EvalResult:
+    """Greedy-answer ``records`` with ``lm`` (stage1.LatentLM or a bare HF model) and score them.
+
+    k: latent steps (default: the LatentLM's k_latent; 0 for a bare model).
+    backend: "engine", "hf" or "auto" (engine when it supports the model, else hf)."""
+    from tqdm.auto import tqdm
+
+    from medlvr.models import latent_token_ids
+    from medlvr.train.collate import collate
+    from medlvr.train.qa import score
+
+    if backend not in ("auto", "engine", "hf"):
+        raise ValueError(f"backend: expected 'auto', 'engine' or 'hf', got {backend!r}")
+    if not records:
+        raise ValueError("records: expected at least one record to evaluate, got none")
+    cfg = getattr(lm, "cfg", None)
+    k = (cfg.k_latent if cfg is not None else 0) if k is None else k
+    projector = getattr(lm, "projector", None)
+    model = getattr(lm, "model", lm)
+    device = next(model.parameters()).device
+    tok = processor.tokenizer
+    ids = latent_token_ids(processor)
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stop
+    was_training = model.training
+    model.eval()
+    preds: list[dict] = []
+    cache: dict = {}
+    try:
+        for i in tqdm(range(0, len(records), batch_size), desc="eval", unit="batch", disable=not progress):
+            recs = list(records[i:i + batch_size])
+            b = collate(recs, processor, k_latent=k, with_answer=False, latent_token_ids=ids, padding_side="left",
+                        images_cache=cache)
+            batch = {kk: v.to(device) for kk, v in b.model_inputs().items()}
+            tokens = None
+            if backend in ("auto", "engine"):
+                tokens = _engine_generate(model, batch, k=k, max_new_tokens=max_new_tokens, stop_id=stop,
+                                          latent_end_id=ids.end, pad_id=pad, projector=projector, max_batch=len(recs))
+                if tokens is None and backend == "engine":
+                    raise RuntimeError("backend='engine': medlvr.engine.LatentEngine cannot run this model")
+            if tokens is None:
+                tokens = hf_greedy(model, batch, k=k, max_new_tokens=max_new_tokens, stop_id=stop,
+                                   latent_end_id=ids.end, pad_id=pad, projector=projector)
+            for r, text in zip(recs, decode_answers(tok, tokens.cpu(), stop)):
+                preds.append({"id": r.id, "source": r.source or "unknown", "qtype": r.qtype or "unknown",
+                              "question": r.question, "answer": r.answer, "prediction": text, "correct": bool(score(text, r))})
+    finally:
+        model.train(was_training)
+    return summarize(preds)
+
+
+def summarize(preds: list[dict]) -> EvalResult:
+    def acc(rows):
+        return (sum(r["correct"] for r in rows) / len(rows), len(rows)) if rows else (0.0, 0)
+
+    by_s, by_q, by_sq = defaultdict(list), defaultdict(list), defaultdict(lambda: defaultdict(list))
+    for p in preds:
+        by_s[p["source"]].append(p)
+        by_q[p["qtype"]].append(p)
+        by_sq[p["source"]][p["qtype"]].append(p)
+    overall, n = acc(preds)
+    return EvalResult(overall=overall, n=n, by_source={s: acc(v) for s, v in sorted(by_s.items())},
+                      by_qtype={q: acc(v) for q, v in sorted(by_q.items())},
+                      by_source_qtype={s: {q: acc(v) for q, v in sorted(d.items())} for s, d in sorted(by_sq.items())},
+                      predictions=preds)
+
+
+def print_table(results: dict[str, EvalResult], *, title: str = "accuracy") -> str:
+    """A rich table: one column per model, rows = overall, each benchmark, each question type.
+    Returns the plain-text rendering (also printed)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    names = list(results)
+    first = results[names[0]]
+    table = Table(title=title)
+    table.add_column("benchmark / question type")
+    table.add_column("n", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_row("overall", str(first.n), *[f"{100 * results[m].overall:.1f}" for m in names])
+    for s in first.by_source:
+        table.add_row(escape(f"[{s}]"), str(first.by_source[s][1]), *[f"{100 * results[m].by_source.get(s, (0, 0))[0]:.1f}" for m in names])
+    for q in first.by_qtype:
+        table.add_row(f"  {q}", str(first.by_qtype[q][1]), *[f"{100 * results[m].by_qtype.get(q, (0, 0))[0]:.1f}" for m in names])
+    console = Console(record=True, width=max(60, 30 + 12 * len(names)))
+    console.print(table)
+    return console.export_text()
+
+
+def save_plot(results: dict[str, EvalResult], path: str | Path, *, title: str = "accuracy") -> Path:
+    """Grouped bars: overall and each question type (x) for each model (bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    cats = ["overall"] + list(results[names[0]].by_qtype)
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cats), 3.6))
+    for j, name in enumerate(names):
+        r = results[name]
+        vals = [r.overall] + [r.by_qtype.get(c, (0.0, 0))[0] for c in cats[1:]]
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(cats))]
+        bars = ax.bar(xs, [100 * v for v in vals], width, label=name)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(cats)), cats)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(results: dict[str, EvalResult], out_dir: str | Path, *, title: str = "accuracy") -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "predictions.jsonl").open("w") as f:
+        for name, r in results.items():
+            for p in r.predictions:
+                f.write(json.dumps({"model": name, **p}) + "\n")
+    (out / "accuracy.json").write_text(json.dumps({n: r.to_json() for n, r in results.items()}, indent=2))
+    return {"predictions": out / "predictions.jsonl", "accuracy": out / "accuracy.json",
+            "plot": save_plot(results, out / "accuracy.png", title=title)}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", action="append", required=True, metavar="[NAME=]DIR",
+                   help="a trained run directory (run.json + model.safetensors, e.g. runs/sft/final); repeat to compare")
+    p.add_argument("--data", required=True, help="JSONL to evaluate")
+    p.add_argument("--split", default=None, help="only records of this split (default: all)")
+    p.add_argument("--k-latent", type=int, default=None, help="override the run's K")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--backend", choices=("auto", "engine", "hf"), default="auto")
+    p.add_argument("--out", default="runs/eval", help="predictions.jsonl, accuracy.json, accuracy.png go here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    from medlvr.train.data import load_jsonl
+    from medlvr.train.stage1 import load_trained
+
+    records, report = load_jsonl(args.data)
+    if args.split:
+        records = [r for r in records if r.split == args.split]
+    results = {}
+    for spec in args.run:
+        name, _, path = spec.rpartition("=")
+        name = name or Path(path).parent.name or Path(path).name
+        lm, processor, _meta = load_trained(path, device=args.device)
+        results[name] = evaluate(lm, processor, records, k=args.k_latent, batch_size=args.batch_size,
+                                 max_new_tokens=args.max_new_tokens, backend=args.backend)
+    print_table(results, title=f"accuracy on {Path(args.data).name} ({len(records)} records)")
+    paths = write_outputs(results, args.out)
+    print(f"wrote {paths['predictions']}, {paths['accuracy']}, {paths['plot']}")
+    return 0
