@@ -48,7 +48,7 @@ from medlvr.train.rewards import outcome_rewards
 from medlvr.train.rollout import Rollouts, hf_model, policy_forward, prompt_inputs, sample_rollouts
 
 __all__ = [
-    "VLPOConfig", "VLPOTokens", "group_advantages", "ppo_clip_loss", "kl_k3", "vlpo_loss", "vlpo_step",
+    "VLPOConfig", "VLPOTokens", "PolicyScorer", "group_advantages", "ppo_clip_loss", "kl_k3", "vlpo_loss", "vlpo_step",
     "train_vlpo", "add_vlpo_arguments", "vlpo_main",
 ]
 
@@ -231,18 +231,38 @@ def _score(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, proj
                           latent_sigma=cfg.latent_sigma, prompt=prompt, projector=projector)
 
 
+class PolicyScorer(torch.nn.Module):
+    """The policy (+ projector) as one module whose forward is the teacher-forced scoring.
+
+    DDP / FSDP synchronise gradients through the wrapped module's forward; the helpers in
+    ``rollout`` call inner HF modules directly, so under accelerate the gradient-carrying
+    pass must go through this module's forward (stage 1's LatentLM does the same)."""
+
+    def __init__(self, model: torch.nn.Module, projector: torch.nn.Module | None, cfg: VLPOConfig,
+                 tokens: VLPOTokens):
+        super().__init__()
+        self.model, self.projector, self.cfg, self.tokens = model, projector, cfg, tokens
+
+    def forward(self, batch: Any, ro: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+        return _score(self.model, batch, ro, self.cfg, self.tokens, self.projector)
+
+
 def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts], dict[str, Any]],
               optimizer: torch.optim.Optimizer, cfg: VLPOConfig, *, tokens: VLPOTokens,
               generator: torch.Generator | None = None, ref_model: torch.nn.Module | None = None,
               projector: torch.nn.Module | None = None,
               backward: Callable[[torch.Tensor], None] | None = None,
-              clip_grad: Callable[[Sequence[torch.nn.Parameter], float], Any] | None = None) -> dict[str, float]:
+              clip_grad: Callable[[Sequence[torch.nn.Parameter], float], Any] | None = None,
+              scorer: Callable[[Any, Rollouts], tuple[torch.Tensor, torch.Tensor]] | None = None
+              ) -> dict[str, float]:
     """Rollouts, rewards, advantages and ``cfg.ppo_epochs`` optimiser steps on one prompt batch.
 
     batch: left-padded prompts ending with <|latent_start|> (collate with_answer=False),
     on the model's device. reward_fn(rollouts) -> {"reward": [R] list/tensor, other
     per-rollout metrics...}; rollout i*n + j answers prompt i. ref_model: the frozen
     reference for full fine-tuning; None with a peft model means "adapter disabled".
+    scorer: the gradient-carrying scoring pass (a DDP-wrapped :class:`PolicyScorer` under
+    accelerate); default: the same teacher-forced forward called directly.
     Dropout is switched off (eval mode) for the whole step: the policy that is optimised is
     the one that sampled, which is what makes the first ratio exactly 1.
     """
@@ -277,7 +297,10 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     stats: dict[str, float] = {}
     for _ in range(cfg.ppo_epochs):
-        tok, lat = _score(model, batch, ro, cfg, tokens, projector)
+        if scorer is not None:
+            tok, lat = scorer(batch, ro)
+        else:
+            tok, lat = _score(model, batch, ro, cfg, tokens, projector)
         loss, stats = vlpo_loss(token_logp=tok, token_old=old_tok, token_mask=ro.token_mask, latent_logp=lat,
                                 latent_old=old_lat, advantages=adv, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                                 dual_clip=cfg.dual_clip, latent_coef=cfg.latent_coef, kl_beta=cfg.kl_beta,
@@ -345,22 +368,29 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
     tokens = VLPOTokens(latent_end=lt.end, stop=stop, pad=pad)
 
     torch.manual_seed(cfg.seed)
-    ref_model = None
-    if cfg.kl_beta > 0 and not _is_peft(model):
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     if projector is not None:
         params += [p for p in projector.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model: expected trainable parameters (requires_grad), found none")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    backward = clip_grad = None
+    backward = clip_grad = scorer = None
+    rank = 0
     if accelerator is not None:
-        model, optimizer = accelerator.prepare(model, optimizer)
+        # Rollouts and the no-grad passes use the bare model; only the scoring pass with
+        # gradients runs through the prepared (DDP / FSDP) module, so gradients are synced.
+        scorer, optimizer = accelerator.prepare(PolicyScorer(model, projector, cfg, tokens), optimizer)
         backward, clip_grad = accelerator.backward, accelerator.clip_grad_norm_
+        rank = accelerator.process_index
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    ref_model = None
+    if cfg.kl_beta > 0 and not _is_peft(model):
+        ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    # Each process draws its own prompts and noise (seed + rank); every process's loss is its
+    # own token mean and DDP averages the gradients, which is the global token mean when the
+    # processes score equal token counts (and close to it otherwise).
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    rng = random.Random(cfg.seed + rank)
     main = accelerator is None or accelerator.is_main_process
 
     def reward_fn(ro: Rollouts) -> dict[str, list[float]]:
@@ -388,7 +418,7 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
             t0 = time.perf_counter()
             metrics = vlpo_step(model, _to_device(batch, device), reward_fn, optimizer, cfg, tokens=tokens,
                                 generator=gen, ref_model=ref_model, projector=projector, backward=backward,
-                                clip_grad=clip_grad)
+                                clip_grad=clip_grad, scorer=scorer)
             metrics = {"step": step, **metrics, "time_s": time.perf_counter() - t0}
             history.append(metrics)
             if log is not None:
