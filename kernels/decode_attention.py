@@ -35,10 +35,11 @@ def _cast(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """x.to(dtype), rounding to nearest even. On GPUs that is what .to() does; triton
     3.8's CPU interpreter truncates fp32 -> bf16 instead, so there the rounding is
     done on the bits first (the value then converts exactly)."""
-    if EMULATE_RTNE and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
+    if EMULATE_RTNE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
 
 _LOG2E = 1.4426950408889634
@@ -205,13 +206,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         # triton 3.8's interpreter multiplies bf16 dot operands as their uint16 bit
         # patterns (create_dot has no bf16 case), so on CPU the operands go to fp32 first.
         UPCAST_DOT=interpreted, EMU=interpreted,
-        num_warps=4, num_stages=2,
+        # 8 warps: with 4, ptxas (sm_90) needs 255 registers and spills (the K and V
+        # tiles pass through registers into the mma layouts); 8 warps use ~110, no spill,
+        # two programs per SM. Checked by tests/ops/test_decode_compile.py.
+        num_warps=8, num_stages=2,
     )
     if not single:
         _decode_attn_stage2[(B, Hq)](
             out, lse, part,
             *out.stride(), *sp, *sl,
             SPLITS=splits, HEAD_DIM=Dh, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, EMU=interpreted,
-            num_warps=1 if block_d <= 64 else 2,
+            # The [splits, Dh] fp32 tile: 4 warps keep it at <= 64 values per thread
+            # for 64 splits x 128 (2 warps took 152 registers at sm_90).
+            num_warps=4 if triton.next_power_of_2(splits) * block_d >= 4096 else 2,
         )
     return out
