@@ -173,6 +173,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = Hq // Hkv
     if out is None:
         out = torch.empty_like(q)
+    lengths = lengths.contiguous()  # indexed densely by the kernel; a no-op normally
     if num_splits is None:
         splits = default_num_splits(B, Hkv, L, q.device)
         # Whole tiles per split, then drop splits that would start past L_max.

@@ -69,6 +69,9 @@ def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, 
                      active: torch.Tensor | None = None) -> torch.Tensor:
     """Launcher; arguments were validated by medlvr.ops.decode.rmsnorm_feedback."""
     B, D = hidden.shape
+    weight = weight.contiguous()  # indexed densely by the kernel; a no-op normally
+    if active is not None:
+        active = active.contiguous()
     block_d = triton.next_power_of_2(D)
     res = torch.promote_types(hidden.dtype, weight.dtype)
     _rmsnorm_feedback_kernel[(B,)](

@@ -133,7 +133,10 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
         s = list(mrope_section)
         sec0, sec01 = s[0], s[0] + s[1]
         spos_r, spos_b = positions.stride(0), positions.stride(1)
-    inv_freq = inv_freq if inv_freq.dtype == torch.float32 else inv_freq.float()
+    # The kernel indexes these vectors densely; both calls are no-ops for the usual
+    # contiguous fp32 / integer buffers (and capturable copies otherwise).
+    inv_freq = inv_freq.to(torch.float32).contiguous()
+    slots = slots.contiguous()
     n_pass = Dh - rotary_dim
     _rotary_append_kernel[(B, Hq + Hkv)](
         q, k, v, out, positions, inv_freq, slots, k_cache, v_cache,

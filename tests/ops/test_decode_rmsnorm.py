@@ -107,3 +107,16 @@ def test_cuda_bf16_qwen_shape(B):
     out = torch.empty_like(hidden)
     _run("triton", hidden, weight, out)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=8e-3)
+
+
+def test_strided_hidden_weight_and_out():
+    # The last position of a (B, T, D) hidden state, a strided weight and out rows that
+    # are a view into a larger input-embedding buffer.
+    B, T, D = 3, 4, 40
+    states = torch.randn(B, T, D)
+    weight = torch.randn(2 * D)[::2]
+    big = torch.zeros(B, 2, D)
+    out = big[:, 1]
+    _run("triton", states[:, -1], weight, out)
+    torch.testing.assert_close(out, ref.rms_norm(states[:, -1], weight, 1e-6), atol=1e-6, rtol=1e-5)
+    assert torch.equal(big[:, 0], torch.zeros(B, D))

@@ -197,3 +197,20 @@ def test_cuda_bf16_qwen_shape():
     torch.testing.assert_close(q_t.float(), q_r, **TOL[torch.bfloat16])
     torch.testing.assert_close(kc_t.float(), kc_r, **TOL[torch.bfloat16])
     torch.testing.assert_close(vc_t.float(), vc_r, atol=0, rtol=0)
+
+
+def test_strided_views_of_a_fused_qkv_projection():
+    # Engines slice q, k, v out of one fused projection: non-contiguous rows.
+    B, Hq, Hkv, Dh, L = 2, 4, 2, 16, 3
+    qkv = torch.randn(B, (Hq + 2 * Hkv) * Dh)
+    q = qkv[:, : Hq * Dh].view(B, Hq, Dh)
+    k = qkv[:, Hq * Dh: (Hq + Hkv) * Dh].view(B, Hkv, Dh)
+    v = qkv[:, (Hq + Hkv) * Dh:].view(B, Hkv, Dh)
+    _, _, _, kc, vc, pos = _case(B, Hq, Hkv, Dh, L, torch.float32, mrope=True)
+    inv = torch.stack([_inv_freq(Dh), torch.zeros(Dh // 2)], dim=1)[:, 0]  # stride-2 inv_freq
+    kw = dict(positions=pos.t().contiguous().t(), inv_freq=inv, mrope_section=(2, 3, 3), slots=torch.tensor([2, 0]))
+    q_t, kc_t, vc_t = _run("triton", q, k, v, kc, vc, **kw)
+    q_r, kc_r, vc_r = _run("reference", q.contiguous(), k.contiguous(), v.contiguous(), kc, vc, **kw)
+    torch.testing.assert_close(q_t, q_r, **TOL[torch.float32])
+    torch.testing.assert_close(kc_t, kc_r, **TOL[torch.float32])
+    torch.testing.assert_close(vc_t, vc_r, atol=0, rtol=0)
