@@ -250,7 +250,7 @@ class PolicyScorer(torch.nn.Module):
 def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts], dict[str, Any]],
               optimizer: torch.optim.Optimizer, cfg: VLPOConfig, *, tokens: VLPOTokens,
               generator: torch.Generator | None = None, ref_model: torch.nn.Module | None = None,
-              projector: torch.nn.Module | None = None,
+              projector: torch.nn.Module | None = None, ref_projector: torch.nn.Module | None = None,
               backward: Callable[[torch.Tensor], None] | None = None,
               clip_grad: Callable[[Sequence[torch.nn.Parameter], float], Any] | None = None,
               scorer: Callable[[Any, Rollouts], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -261,6 +261,8 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
     on the model's device. reward_fn(rollouts) -> {"reward": [R] list/tensor, other
     per-rollout metrics...}; rollout i*n + j answers prompt i. ref_model: the frozen
     reference for full fine-tuning; None with a peft model means "adapter disabled".
+    ref_projector: the reference's latent projector (a frozen copy of the initial one when
+    the projector trains); default: ``projector``.
     scorer: the gradient-carrying scoring pass (a DDP-wrapped :class:`PolicyScorer` under
     accelerate); default: the same teacher-forced forward called directly.
     Dropout is switched off (eval mode) for the whole step: the policy that is optimised is
@@ -289,10 +291,10 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
         if cfg.kl_beta > 0:
             if ref_model is not None:
                 ref_model.eval()
-                ref_tok, ref_lat = _score(ref_model, batch, ro, cfg, tokens, projector)
+                ref_tok, ref_lat = _score(ref_model, batch, ro, cfg, tokens, ref_projector or projector)
             else:
                 with _peft(model).disable_adapter():
-                    ref_tok, ref_lat = _score(model, batch, ro, cfg, tokens, projector)
+                    ref_tok, ref_lat = _score(model, batch, ro, cfg, tokens, ref_projector or projector)
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     stats: dict[str, float] = {}
@@ -346,12 +348,16 @@ def _decode(tokenizer, ro: Rollouts, stop_id: int) -> list[str]:
 
 def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], cfg: VLPOConfig, *,
                accelerator: Any = None, progress: bool = True, log_path: str | os.PathLike | None = None,
-               projector: torch.nn.Module | None = None) -> list[dict]:
+               projector: torch.nn.Module | None = None, reference: str = "auto") -> list[dict]:
     """Run ``cfg.steps`` VLPO steps over ``records`` (medlvr.train.data.Record) in place.
 
     model: a Qwen2(.5)-VL policy, peft-wrapped (LoRA; reference = adapter disabled) or not
     (full fine-tuning; reference = a frozen deep copy made here). Only parameters with
-    requires_grad are optimised (AdamW). Records are drawn without replacement in a seeded
+    requires_grad are optimised (AdamW). projector: the stage-1 latent feedback map, trained
+    too. reference: "adapter" (the policy with its peft adapter disabled: right when the
+    adapter was created for this run), "copy" (a frozen deep copy of the policy as it is now:
+    right for full fine-tuning and for an adapter that already holds stage-1 training), or
+    "auto" (adapter for a peft model, else copy). Records are drawn without replacement in a seeded
     order, reshuffled every epoch. Returns one metrics dict per step, also appended as
     JSON lines to ``log_path`` when given.
     """
@@ -383,9 +389,19 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
         backward, clip_grad = accelerator.backward, accelerator.clip_grad_norm_
         rank = accelerator.process_index
     device = next(model.parameters()).device
-    ref_model = None
-    if cfg.kl_beta > 0 and not _is_peft(model):
-        ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    if reference not in ("auto", "adapter", "copy"):
+        raise ValueError(f"reference: expected 'auto', 'adapter' or 'copy', got {reference!r}")
+    if reference == "auto":
+        reference = "adapter" if _is_peft(model) else "copy"
+    if reference == "adapter" and not _is_peft(model):
+        raise ValueError("reference: 'adapter' needs a peft model, got a plain "
+                         f"{type(model).__name__}")
+    ref_model = ref_projector = None
+    if cfg.kl_beta > 0:
+        if reference == "copy":
+            ref_model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        if projector is not None:
+            ref_projector = copy.deepcopy(projector).eval().requires_grad_(False)
     # Each process draws its own prompts and noise (seed + rank); every process's loss is its
     # own token mean and DDP averages the gradients, which is the global token mean when the
     # processes score equal token counts (and close to it otherwise).
@@ -417,7 +433,8 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
                             latent_token_ids=lt, padding_side="left")
             t0 = time.perf_counter()
             metrics = vlpo_step(model, _to_device(batch, device), reward_fn, optimizer, cfg, tokens=tokens,
-                                generator=gen, ref_model=ref_model, projector=projector, backward=backward,
+                                generator=gen, ref_model=ref_model, projector=projector,
+                                ref_projector=ref_projector, backward=backward,
                                 clip_grad=clip_grad, scorer=scorer)
             metrics = {"step": step, **metrics, "time_s": time.perf_counter() - t0}
             history.append(metrics)
@@ -529,8 +546,11 @@ def vlpo_main(args: argparse.Namespace) -> dict:
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
         metrics_path.unlink()  # one run per directory: metrics of an older run are not mixed in
+    # A stage-1 LoRA already holds the SFT policy: disabling it would give the base model, so
+    # the KL reference is then a frozen copy of the initial policy.
+    reference = "copy" if (args.init and _is_peft(lm.model)) else "auto"
     history = train_vlpo(lm.model, processor, records, cfg, progress=not args.no_progress,
-                         log_path=metrics_path, projector=lm.projector)
+                         log_path=metrics_path, projector=lm.projector, reference=reference)
     stage1 = {**stage1, "k_latent": cfg.k_latent}
     _save(out, lm, {"base": base, "stage1": stage1, "vlpo": dataclasses.asdict(cfg), "init": args.init})
     last = dict(history[-1]) if history else {}

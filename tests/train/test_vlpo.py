@@ -436,3 +436,39 @@ def test_vlpo_main_trains_saves_and_reloads(tmp_path, monkeypatch):
     assert meta["stage1"]["k_latent"] == 2 and meta["vlpo"]["n_rollouts"] == 2
     trained = {n: p for n, p in lm.named_parameters() if "lora_B" in n}
     assert trained and any(p.abs().max() > 0 for p in trained.values())  # the update was saved
+
+
+def test_vlpo_main_from_a_stage1_lora_run_uses_it_as_reference(tmp_path):
+    """--init restores LoRA + projector + K; the KL reference is the stage-1 policy itself
+    (a frozen copy), not the base model under a disabled adapter: KL is 0 on the first step
+    although the stage-1 adapter differs from the base model."""
+    import argparse
+    import json
+
+    from safetensors.torch import save_file
+
+    from medlvr.models import build_default
+    from medlvr.train.stage1 import Stage1Config, build_trainable, save_run_config
+    from medlvr.train.vlpo import add_vlpo_arguments, vlpo_main
+
+    data, _ = _synth_records(tmp_path, 3)
+    model, processor = build_default(seed=0)
+    lm = build_trainable(model, processor, Stage1Config(k_latent=3, lora=True, lora_r=4, projector=True))
+    with torch.no_grad():  # stand-in for stage-1 training: adapter and projector away from init
+        for n, p in lm.named_parameters():
+            if "lora_B" in n or "projector.down" in n:
+                p.normal_(0.0, 0.05)
+    init = tmp_path / "sft" / "final"
+    init.mkdir(parents=True)
+    save_file(lm.trainable_state_dict(), str(init / "model.safetensors"))
+    save_run_config(init / "run.json", base="default", cfg=lm.cfg)
+
+    args = add_vlpo_arguments(argparse.ArgumentParser()).parse_args([
+        "--data", str(data), "--init", str(init), "--out", str(tmp_path / "run"), "--n-rollouts", "2",
+        "--batch-prompts", "2", "--steps", "1", "--max-new-tokens", "3", "--kl-beta", "0.1", "--no-progress"])
+    last = vlpo_main(args)
+    assert last["kl_text"] == 0.0 and last["kl_latent"] == 0.0
+    assert json.loads((tmp_path / "run" / "vlpo.json").read_text())["k_latent"] == 3  # K from the run
+    # the saved result carries the projector and the adapter
+    saved = json.loads((tmp_path / "run" / "final" / "run.json").read_text())
+    assert saved["stage1"]["projector"] and saved["stage1"]["lora"] and saved["init"] == str(init)
