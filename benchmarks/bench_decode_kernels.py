@@ -15,6 +15,7 @@ bandwidth is still a fair statement about those providers on this CPU.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -91,10 +92,10 @@ def copy_bandwidth(device, args) -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
-def _row(op, shape, provider, ms, nbytes, bw, note=""):
+def _row(op, shape, provider, ms, nbytes, bw):
     gbs = nbytes / (ms * 1e-3) / 1e9 if ms else float("nan")
     return {"case": f"{op} {shape}", "op": op, "shape": shape, "provider": provider, "ms": ms, "MB moved": nbytes / 1e6,
-            "GB/s": gbs, "frac of copy bw": gbs / bw, "note": note}
+            "GB/s": gbs, "frac of copy bw": gbs / bw}
 
 
 def _time(fn, device, args):
@@ -175,8 +176,13 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on CUDA, float32 on CPU (CPU bf16 matmuls are not representative)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default on CPU: 1; with 2 threads on a loaded shared machine every "
+                        "small op waits ~25 ms on OpenMP barriers, which measures the machine, not the op)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     on_cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda else "float32"))
     Hq, Hkv, Dh, D = 28, 4, 128, 3584
@@ -195,6 +201,11 @@ def main(argv=None):
              "MB moved = bytes the op must read + write at minimum; frac of copy bw = (MB moved / time) / copy bw.",
              f"Shapes: Hq={Hq}, Hkv={Hkv}, Dh={Dh}, D={D} (Qwen2.5-VL-7B), all samples at full length L."]
     if not on_cuda:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        notes.append(f"CPU load average (1 min) at the end of the run: {load:.1f} on {os.cpu_count()} cores "
+                     "(a shared machine: CPU times are noisy).")
+        notes.append("On CPU a fraction above 1 means the op's working set sat in the CPU caches, while the "
+                     "32 MB copy that defines the floor does not.")
         notes.append("CPU run: the Triton kernels were NOT timed (they only run in the slow interpreter here); "
                      "'medlvr reference (CPU fallback)' is the plain-PyTorch path the ops dispatch to on CPU.")
     name = "decode_kernels" + ("-quick" if args.quick else "")

@@ -109,11 +109,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = Hq // Hkv
     cdt = _compute_dtype(q.dtype)
     sc = Dh ** -0.5 if scale is None else scale
-    k = k_cache[:B].to(cdt).repeat_interleave(group, dim=1)  # (B, Hq, L, Dh)
-    v = v_cache[:B].to(cdt).repeat_interleave(group, dim=1)
-    scores = torch.einsum("bhd,bhld->bhl", q.to(cdt), k) * sc
+    # Query heads grouped under their kv head (h = hk * group + g, HF repeat_kv), so K/V
+    # are used as stored instead of being repeated `group` times.
+    qg = q.to(cdt).reshape(B, Hkv, group, Dh)
+    k = k_cache[:B].to(cdt)  # (B, Hkv, L, Dh)
+    v = v_cache[:B].to(cdt)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * sc  # (B, Hkv, group, L)
     valid = torch.arange(L, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, L)
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     # Positions past a sample's length hold stale (possibly non-finite) data; 0 * NaN
     # would leak into the weighted sum, so they are zeroed, not just given weight 0.
     v = v.masked_fill(~valid[:, None, :, None], 0.0)
@@ -122,7 +125,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(scores - m)
     denom = p.sum(dim=-1, keepdim=True)
-    o = torch.einsum("bhl,bhld->bhd", p, v) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    o = torch.matmul(p, v) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    o = o.reshape(B, Hq, Dh)
     o = o.to(q.dtype)
     if out is not None:
         out.copy_(o)
