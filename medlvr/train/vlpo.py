@@ -32,6 +32,7 @@ recorded at sampling time (KV-cached loop, different kernels) are kept for the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -253,8 +254,8 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
               projector: torch.nn.Module | None = None, ref_projector: torch.nn.Module | None = None,
               backward: Callable[[torch.Tensor], None] | None = None,
               clip_grad: Callable[[Sequence[torch.nn.Parameter], float], Any] | None = None,
-              scorer: Callable[[Any, Rollouts], tuple[torch.Tensor, torch.Tensor]] | None = None
-              ) -> dict[str, float]:
+              scorer: Callable[[Any, Rollouts], tuple[torch.Tensor, torch.Tensor]] | None = None,
+              autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, float]:
     """Rollouts, rewards, advantages and ``cfg.ppo_epochs`` optimiser steps on one prompt batch.
 
     batch: left-padded prompts ending with <|latent_start|> (collate with_answer=False),
@@ -265,24 +266,29 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
     the projector trains); default: ``projector``.
     scorer: the gradient-carrying scoring pass (a DDP-wrapped :class:`PolicyScorer` under
     accelerate); default: the same teacher-forced forward called directly.
+    autocast: a context factory (``accelerator.autocast``) entered around the rollouts and
+    the no-grad scoring passes, so that they run in the precision the prepared scorer's
+    forward runs in (else the first ratio would not be 1 under mixed precision).
     Dropout is switched off (eval mode) for the whole step: the policy that is optimised is
     the one that sampled, which is what makes the first ratio exactly 1.
     """
     if cfg.kl_beta > 0 and ref_model is None and not _is_peft(model):
         raise ValueError("ref_model: expected a frozen reference model for a non-peft policy when kl_beta > 0, "
                          "got None")
+    amp = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
     n = cfg.n_rollouts
-    ro = sample_rollouts(model, batch, n=n, k_latent=cfg.k_latent, latent_sigma=cfg.latent_sigma,
-                         temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                         latent_end_id=tokens.latent_end, stop_id=tokens.stop, pad_id=tokens.pad,
-                         generator=generator, projector=projector)
+    with amp():
+        ro = sample_rollouts(model, batch, n=n, k_latent=cfg.k_latent, latent_sigma=cfg.latent_sigma,
+                             temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                             latent_end_id=tokens.latent_end, stop_id=tokens.stop, pad_id=tokens.pad,
+                             generator=generator, projector=projector)
     rew = reward_fn(ro)
     rewards = torch.as_tensor(rew["reward"], dtype=torch.float32, device=ro.tokens.device)
     adv = group_advantages(rewards, n, eps=cfg.adv_eps)
 
-    with torch.no_grad():
+    with torch.no_grad(), amp():
         old_tok, old_lat = _score(model, batch, ro, cfg, tokens, projector)
         gap = ((old_tok - ro.token_logprobs).abs() * ro.token_mask).sum() / ro.token_mask.sum().clamp(min=1)
         if cfg.old_logprobs == "rollout":
@@ -380,13 +386,14 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
     if not params:
         raise ValueError("model: expected trainable parameters (requires_grad), found none")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    backward = clip_grad = scorer = None
+    backward = clip_grad = scorer = autocast = None
     rank = 0
     if accelerator is not None:
         # Rollouts and the no-grad passes use the bare model; only the scoring pass with
         # gradients runs through the prepared (DDP / FSDP) module, so gradients are synced.
         scorer, optimizer = accelerator.prepare(PolicyScorer(model, projector, cfg, tokens), optimizer)
         backward, clip_grad = accelerator.backward, accelerator.clip_grad_norm_
+        autocast = accelerator.autocast
         rank = accelerator.process_index
     device = next(model.parameters()).device
     if reference not in ("auto", "adapter", "copy"):
@@ -435,7 +442,7 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
             metrics = vlpo_step(model, _to_device(batch, device), reward_fn, optimizer, cfg, tokens=tokens,
                                 generator=gen, ref_model=ref_model, projector=projector,
                                 ref_projector=ref_projector, backward=backward,
-                                clip_grad=clip_grad, scorer=scorer)
+                                clip_grad=clip_grad, scorer=scorer, autocast=autocast)
             metrics = {"step": step, **metrics, "time_s": time.perf_counter() - t0}
             history.append(metrics)
             if log is not None:

@@ -394,6 +394,8 @@ def test_train_vlpo_with_accelerator_full_finetune(tmp_path):
                       log_path=tmp_path / "m.jsonl")
     assert len(hist) == 2 and [json.loads(x)["step"] for x in open(tmp_path / "m.jsonl")] == [0, 1]
     assert hist[0]["kl_text"] == 0.0  # the frozen deep copy equals the policy before the first update
+    # the prepared scorer (gradient pass) and the direct no-grad pass agree bit for bit
+    assert hist[0]["ratio_text"] == 1.0 and hist[0]["clip_frac_text"] == 0.0
     assert all(0.0 <= h["accuracy"] <= 1.0 and 0.0 <= h["format"] <= 1.0 for h in hist)
     # all-zero rewards (a random model) give zero advantages; the weights move only when a
     # group had a spread, so check the bookkeeping rather than the direction
