@@ -1,0 +1,49 @@
+# Fresh machine -> working medlvr in ./.venv. Every target is idempotent: the install step
+# reruns only when pyproject.toml, setup.py or csrc/ changed (stamp files in .make-stamps/).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMPS := .make-stamps
+# A CUDA 13.0 build of torch (CPU execution works; the CUDA kernels compile against it).
+# Override for another machine, e.g. `make test TORCH_PIN="torch==2.13.0 torchvision"`.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+# torch's extension builder finds nvcc on PATH; point it at the toolkit that holds the headers.
+ifeq ($(origin CUDA_HOME), undefined)
+  ifneq ($(wildcard /usr/local/cuda/include/cuda_runtime.h),)
+    export CUDA_HOME := /usr/local/cuda
+  endif
+endif
+export MAX_JOBS ?= 2
+
+.PHONY: install demo demo-quick test test-fast bench clean
+
+$(STAMPS)/venv:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/install: $(STAMPS)/venv pyproject.toml setup.py $(wildcard csrc/*)
+	$(BIN)/pip install $(TORCH_PIN)
+	$(BIN)/pip install -e ".[test,triton]" --no-build-isolation
+	@touch $@
+
+install: $(STAMPS)/install
+
+# The main job: versions and backends, then the end-to-end demo on the embedded model.
+demo: install
+	$(BIN)/medlvr info
+	$(BIN)/medlvr demo
+
+demo-quick: install
+	$(BIN)/medlvr demo --quick
+
+# The test suite (CI runs exactly this; see .ci/run).
+test: install
+	$(BIN)/medlvr info
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python benchmarks/bench_logprobs.py
+
+clean:
+	rm -rf $(STAMPS) build *.egg-info medlvr/_C*.so

@@ -1,0 +1,146 @@
+"""The ``medlvr`` command. Subcommands register themselves in ``build_parser``."""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import platform
+import sys
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from medlvr import __version__
+    from medlvr._backend import describe
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "absent"
+
+    b = describe()
+    lines = [
+        f"medlvr         {__version__}",
+        f"python         {platform.python_version()} ({platform.machine()})",
+        f"torch          {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        f"triton         {version('triton')}",
+        f"transformers   {version('transformers')}",
+        f"accelerate     {version('accelerate')}",
+        f"peft           {version('peft')}",
+        "backends built:",
+        f"  C++ (CPU)    {'yes' if b['extension_cpu'] else 'NO (medlvr._C missing: ops use the PyTorch reference)'}",
+        f"  CUDA         {'yes, archs ' + b.get('extension_cuda_archs', '') if b['extension_cuda'] else 'no'}",
+        f"  Triton       {'yes' if b['triton'] else 'no'}"
+        + ("  (TRITON_INTERPRET=1: CPU interpreter)" if b["triton_interpret"] else ""),
+        f"device         {b['device']}"
+        + (f" ({torch.cuda.get_device_name()})" if b["cuda_available"] else f" ({torch.get_num_threads()} threads)"),
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from medlvr.train.synth import synth_main
+
+    return synth_main(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from medlvr.train.converters import convert_main
+
+    return convert_main(args)
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from medlvr.train.stage1 import stage1_main
+
+    res = stage1_main(args)
+    print(f"final weights: {res['final_dir']}  (loss {res['loss']:.4f}, ce {res['ce']:.4f}, roi {res['roi']:.4f})")
+    return 0
+
+
+def _vlpo(args: argparse.Namespace) -> int:
+    from medlvr.train.vlpo import vlpo_main
+
+    res = vlpo_main(args)
+    print(f"final weights: {res['final_dir']}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from medlvr.train.evaluate import eval_main
+
+    return eval_main(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from medlvr.train.demo import demo_main
+
+    return demo_main(args)
+
+
+def _threads(args: argparse.Namespace) -> None:
+    # Every subcommand that runs a model takes --threads: on a shared small CPU, torch's default
+    # (all cores, spinning OpenMP workers) is much slower than 1-2 threads under contention.
+    n = getattr(args, "threads", None)
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medlvr", description="Latent visual reasoning for medical VQA: kernels and training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, built backends and the device that will be used")
+    p.set_defaults(func=cmd_info)
+
+    # Subcommand arguments are registered lazily-importing modules only for the chosen command
+    # would need a two-pass parse; the imports below are light (no torch model is built).
+    from medlvr.train.converters import add_convert_arguments
+    from medlvr.train.evaluate import add_eval_arguments
+    from medlvr.train.stage1 import add_stage1_arguments
+    from medlvr.train.synth import add_synth_arguments
+
+    p = sub.add_parser("synth", help="write the deterministic synthetic medical VQA set (JSONL + PNG)")
+    add_synth_arguments(p)
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("convert", help="convert a published dataset layout (OmniMedVQA, VQA-RAD, SLAKE, PathVQA) to JSONL")
+    add_convert_arguments(p)
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("sft", help="stage 1: ROI-supervised latent fine-tuning (accelerate; resumable)")
+    add_stage1_arguments(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_sft)
+
+    p = sub.add_parser("vlpo", help="stage 2: visual-latent policy optimisation from a stage-1 run")
+    from medlvr.train.vlpo import add_vlpo_arguments
+
+    add_vlpo_arguments(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_vlpo)
+
+    p = sub.add_parser("eval", help="accuracy by benchmark and question type of trained runs; table + plot")
+    add_eval_arguments(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="synthesise data, train plain SFT / stage 1 / stage 1 + VLPO, evaluate the three")
+    from medlvr.train.demo import add_demo_arguments
+
+    add_demo_arguments(p)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _threads(args)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
