@@ -219,7 +219,7 @@ class LatentEngine:
         with self._inference():
             pre = a.prefill(batch)
             Bk = self._bucket_for(B)
-            self._reset_rows(Bk)
+            self._reset_state()
             self.cache.load_prompt(pre.keys, pre.values, pre.lengths)
             self._len[:B].copy_(pre.lengths)
             self._pos[:, :B].copy_(pre.next_positions)
@@ -329,8 +329,10 @@ class LatentEngine:
             if not greedy:
                 self._noise[:Bk].exponential_(generator=generator)
 
+        fed = [0]
+
         def text_step():
-            self._feed_tokens(Bk)
+            self._feed_tokens(Bk, self._host_len + fed[0] + 1)
             self._sample(Bk, greedy, use_top_p)
 
         with self._inference():
@@ -349,6 +351,7 @@ class LatentEngine:
                         break
                 draw_noise()
                 self._run(("text", Bk, greedy, use_top_p), text_step)
+                fed[0] += 1
                 self._record(t, tokens, logprobs, logits_out)
         self._host_len += feeds
         text_lengths = self._text_len[:B].clone()
@@ -362,10 +365,17 @@ class LatentEngine:
         self._pool = None
 
     # ================================================================ one decode step
-    def _layers(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, active: torch.Tensor, bound: int) -> torch.Tensor:
         """All decoder layers for one token per row over the static cache. Rows with
-        ``active`` append their K/V at slot _len[b]; the others write nothing."""
+        ``active`` append their K/V at slot _len[b]; the others write nothing.
+
+        bound: a host-known upper bound of max(_len) + 1 for this step. On CPU the cache
+        is handed to the ops cut to it: the PyTorch references read every position they
+        are given, so without the cut each step would cost O(max_len), not O(length).
+        On CUDA the kernels skip positions past each length themselves, and a captured
+        graph needs fixed shapes, so the full cache is passed."""
         a = self.adapter
+        cut = slice(None) if self.device.type != "cpu" else slice(0, min(bound, self.max_len))
         Bk = x.shape[0]
         lengths = self._len[:Bk]
         slots = torch.where(active, lengths, torch.full_like(lengths, -1))
@@ -378,10 +388,10 @@ class LatentEngine:
             q = layer.q_proj(normed).view(Bk, a.num_heads, a.head_dim)
             k = layer.k_proj(normed).view(Bk, a.num_kv_heads, a.head_dim)
             v = layer.v_proj(normed).view(Bk, a.num_kv_heads, a.head_dim)
+            k_cache, v_cache = self.cache.k[i][:, :, cut], self.cache.v[i][:, :, cut]
             q = rotary_append(q, k, v, positions=pos, inv_freq=a.inv_freq, mrope_section=a.mrope_section,
-                              k_cache=self.cache.k[i], v_cache=self.cache.v[i], slots=slots,
-                              rotary_dim=a.rotary_dim)
-            o = decode_attention(q, self.cache.k[i], self.cache.v[i], attn_len, scale=a.attn_scale)
+                              k_cache=k_cache, v_cache=v_cache, slots=slots, rotary_dim=a.rotary_dim)
+            o = decode_attention(q, k_cache, v_cache, attn_len, scale=a.attn_scale)
             h = h + layer.o_proj(o.reshape(Bk, a.num_heads * a.head_dim))
             normed = rmsnorm_feedback(h, layer.post_norm.weight, eps=eps_post, out=torch.empty_like(h))
             h = h + layer.mlp(normed)
@@ -397,7 +407,7 @@ class LatentEngine:
         keep = active[:, None]
         lat[:, t].copy_(x.masked_fill(~keep, 0))
         hid[:, t].copy_(h.masked_fill(~keep, 0))
-        out = self._layers(x, active)
+        out = self._layers(x, active, self._host_len + t + 1)
         self._num_latent[:Bk] += active.long()
         self._advance(Bk, active)
         prev = x.clone()
@@ -429,11 +439,11 @@ class LatentEngine:
             return logit > self._threshold
         return head(h).float().argmax(dim=-1) == self._latent_end  # mode "argmax"
 
-    def _feed_tokens(self, Bk: int) -> None:
+    def _feed_tokens(self, Bk: int, bound: int) -> None:
         """Feed _tok for active rows; leaves next-token logits in _logits."""
         active = self._active[:Bk]
         x = self.adapter.embed_tokens(self._tok[:Bk])
-        out = self._layers(x, active)
+        out = self._layers(x, active, bound)
         self._advance(Bk, active)
         normed = rmsnorm_feedback(out, self.adapter.norm.weight, eps=self.adapter.norm_eps, out=torch.empty_like(out))
         self._logits[:Bk].copy_(self.adapter.lm_head(normed))
@@ -445,7 +455,10 @@ class LatentEngine:
         self._tok[:Bk].copy_(torch.where(active, tok, self._pad))
         self._lp[:Bk].copy_(torch.where(active, lp, torch.zeros_like(lp)))
         self._text_len[:Bk] += active.long()
-        active.logical_and_(~torch.isin(self._tok[:Bk], self._stop_ids))
+        # A broadcast compare against the fixed-size stop-id buffer (padded with -1, never
+        # a token): no data-dependent path, unlike torch.isin's sort-based variant.
+        stopped = (self._tok[:Bk, None] == self._stop_ids[None, :]).any(dim=-1)
+        active.logical_and_(~stopped)
 
     def _record(self, t: int, tokens: torch.Tensor, logprobs: torch.Tensor, logits: torch.Tensor | None) -> None:
         B = tokens.shape[0]
@@ -516,7 +529,7 @@ class LatentEngine:
             bucket *= 2
         return min(bucket, self.max_batch)
 
-    def _reset_rows(self, Bk: int) -> None:
+    def _reset_state(self) -> None:
         for buf in (self._x, self._h, self._len, self._pos, self._active, self._num_latent, self._tok, self._lp,
                     self._text_len):
             buf.zero_()

@@ -1,0 +1,304 @@
+"""Latent decode step: HF eager loop vs HF StaticCache + CUDA graph vs medlvr.
+
+One latent step feeds the previous post-norm hidden state back as the next input
+embedding. Providers:
+  hf_eager        model.model(inputs_embeds=h, DynamicCache) per step, as public
+                  latent-reasoning code does it (CPU and GPU)
+  hf_static_graph the same forward over a StaticCache, one step captured as a CUDA graph
+                  (GPU only)
+  medlvr_eager    LatentEngine without CUDA graphs (the CPU path: PyTorch references)
+  medlvr          LatentEngine, K-step segment captured as one CUDA graph (GPU only)
+Utilisation = bytes a step must read (decoder weights + the batch's K/V) / time /
+measured copy bandwidth; floor_ms = those bytes / copy bandwidth.
+
+Full run (GPU): random weights with the real Qwen2.5-VL-7B text config, L = 1024, 4096,
+batch 1, 8, 32, bf16, plus one whole generate (prefill 1024 + 8 latent + 64 answer
+tokens) side by side. --quick: the embedded tiny config (medlvr/models/assets), fp32,
+small L and B, meant for CPU smoke runs; its numbers say nothing about a GPU.
+
+    python benchmarks/bench_latent_step.py            # on an H100
+    python benchmarks/bench_latent_step.py --quick    # CPU
+"""
+from __future__ import annotations
+
+import gc
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import parser, report, sync, time_ms  # noqa: E402
+from medlvr.engine import LatentEngine  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "medlvr" / "models" / "assets" / "config.json"
+K_SEGMENT = 8
+
+# Qwen2.5-VL-7B-Instruct's config.json (text part; the vision tower is not in a step).
+QWEN25_VL_7B = dict(
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=False,
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, hidden_act="silu",
+                     max_position_embeddings=128000, use_sliding_window=False,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
+)
+
+
+def build_model(quick: bool, device: torch.device, dtype: torch.dtype):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(**json.loads(ASSETS.read_text())) if quick else Qwen2_5_VLConfig(**QWEN25_VL_7B)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    return model.to(dtype).eval()
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 27)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    ms = time_ms(lambda: b.copy_(a), device=device, warmup=3, iters=10)
+    return 2 * n / (ms / 1e3)
+
+
+def step_bytes(model, B: int, L: int, dtype: torch.dtype) -> int:
+    text = model.model.language_model
+    weights = sum(p.numel() * p.element_size() for p in text.layers.parameters())
+    weights += sum(p.numel() * p.element_size() for p in text.norm.parameters())
+    cfg = text.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = B * L * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return weights + kv
+
+
+def _cache_kw(module) -> str:
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _rand_kv(B, L, cfg, device, dtype):
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = (B, cfg.num_key_value_heads, L, head_dim)
+    return torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------- HF eager loop
+def hf_eager_step(model, B, L, device, dtype):
+    """A step function over a DynamicCache already holding L random positions."""
+    from transformers import DynamicCache
+
+    cfg = model.config.text_config
+    cache = DynamicCache()
+    for i in range(cfg.num_hidden_layers):
+        cache.update(*_rand_kv(B, L, cfg, device, dtype), i)
+    kw = _cache_kw(model.model)
+    state = {"h": torch.randn(B, 1, cfg.hidden_size, device=device, dtype=dtype), "pos": L}
+
+    def step():
+        pos = torch.full((3, B, 1), state["pos"], device=device, dtype=torch.long)
+        out = model.model(inputs_embeds=state["h"], position_ids=pos, use_cache=True, **{kw: cache})
+        state["h"] = out.last_hidden_state[:, -1:]
+        state["pos"] += 1
+
+    return step
+
+
+# ---------------------------------------------------------------- HF static cache + graph
+def hf_static_graph_step(model, B, L, device, dtype):
+    """(step, reset): one HF forward over a StaticCache captured as a CUDA graph. The
+    cache is filled with L random positions; reset() rewinds it to L before each step.
+    transformers >= 5.2x tracks the write position in the cache (cumulative_length);
+    earlier 5.x takes an explicit cache_position, which is passed when accepted."""
+    from transformers import StaticCache
+
+    cfg = model.config.text_config
+    cache = StaticCache(config=model.config, max_cache_len=L + 64)
+    kw = _cache_kw(model.model)
+    takes_cache_position = "cache_position" in inspect.signature(model.model.forward).parameters
+    D = cfg.hidden_size
+    # Fill positions [0, L) through the model itself (lazy cache init), in chunks.
+    with torch.no_grad():
+        for s in range(0, L, 512):
+            n = min(512, L - s)
+            extra = {"cache_position": torch.arange(s, s + n, device=device)} if takes_cache_position else {}
+            pos = torch.arange(s, s + n, device=device).view(1, 1, n).expand(3, B, n)
+            model.model(inputs_embeds=torch.randn(B, n, D, device=device, dtype=dtype) * 0.02, position_ids=pos,
+                        use_cache=True, **{kw: cache}, **extra)
+    h = torch.randn(B, 1, D, device=device, dtype=dtype)
+    pos = torch.full((3, B, 1), L, device=device, dtype=torch.long)
+    cpos = torch.full((1,), L, device=device, dtype=torch.long)
+
+    def reset():
+        pos.fill_(L)
+        cpos.fill_(L)
+        for layer in getattr(cache, "layers", []):
+            if hasattr(layer, "cumulative_length") and torch.is_tensor(layer.cumulative_length):
+                layer.cumulative_length.fill_(L)
+
+    def forward():
+        extra = {"cache_position": cpos} if takes_cache_position else {}
+        out = model.model(inputs_embeds=h, position_ids=pos, use_cache=True, **{kw: cache}, **extra)
+        h.copy_(out.last_hidden_state[:, -1:])
+        pos.add_(1)
+        cpos.add_(1)
+
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                reset()
+                forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward()
+    return graph.replay, reset
+
+
+# ---------------------------------------------------------------- medlvr
+def medlvr_segment(engine: LatentEngine, B: int, L: int, device):
+    """(segment, reset): a K-step latent segment from a context of L cached positions."""
+    engine.prefill({"input_ids": torch.full((B, 4), 10, device=device, dtype=torch.long),
+                    "attention_mask": torch.ones(B, 4, device=device, dtype=torch.long)})
+
+    # A synthetic context: every sample at length / position L (the cache contents do
+    # not change the work done, only how much of it is read).
+    def reset():
+        engine._len[:B].fill_(L)
+        engine._pos[:, :B].fill_(L)
+        engine._host_len = L
+
+    def segment():
+        engine.latent_segment(K_SEGMENT)
+
+    return segment, reset
+
+
+# ---------------------------------------------------------------- whole generate
+def hf_generate(model, ids, k, T, latent_end):
+    kw = _cache_kw(model.model)
+    B, S = ids.shape
+    dev = ids.device
+    out = model.model(input_ids=ids, use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    h = out.last_hidden_state[:, -1:]
+    embed = model.get_input_embeddings()
+    seq = S
+
+    def step(x):
+        nonlocal seq
+        pos = torch.full((3, B, 1), seq, device=dev, dtype=torch.long)
+        seq += 1
+        return model.model(inputs_embeds=x, position_ids=pos, use_cache=True, **{kw: cache}).last_hidden_state[:, -1:]
+
+    for _ in range(k):
+        h = step(h)
+    x = embed(torch.full((B, 1), latent_end, device=dev, dtype=torch.long))
+    tokens = []
+    for _ in range(T):
+        tok = model.lm_head(step(x)).argmax(-1)
+        tokens.append(tok)
+        x = embed(tok)
+    return torch.cat(tokens, 1)
+
+
+def main() -> None:
+    p = parser("latent decode step: HF eager vs HF StaticCache+graph vs medlvr")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (quick default: 1)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    quick = args.quick
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or (1 if quick else torch.get_num_threads()))
+    dtype = torch.float32 if quick else torch.bfloat16
+    lengths = [128, 512] if quick else [1024, 4096]
+    batches = [1, 4] if quick else [1, 8, 32]
+    prefill_len, k_gen, t_gen = (64, 8, 16) if quick else (1024, 8, 64)
+    cuda = device.type == "cuda"
+
+    model = build_model(quick, device, dtype)
+    bw = copy_bandwidth(device)
+    latent_end = 8 if quick else 151666
+    engine = LatentEngine(model, max_batch=max(batches), max_len=max(max(lengths) + K_SEGMENT + 64,
+                                                                      prefill_len + k_gen + t_gen + 1),
+                          use_cuda_graphs=False)
+    graphed = LatentEngine(model, max_batch=max(batches), max_len=max(lengths) + K_SEGMENT + 64) if cuda else None
+    notes = [f"measured copy bandwidth {bw / 1e9:.1f} GB/s; weights: random, "
+             f"{'embedded tiny config, fp32' if quick else 'Qwen2.5-VL-7B text config, bf16'}; "
+             f"medlvr times are a {K_SEGMENT}-step segment / {K_SEGMENT}"]
+    if quick:
+        notes.append("--quick on CPU: a smoke run of the code paths. The CPU path runs the PyTorch references of "
+                     f"the kernels; torch threads = {torch.get_num_threads()}. Not indicative of GPU performance.")
+
+    rows = []
+    with torch.no_grad():
+        for L in lengths:
+            for B in batches:
+                case = f"L={L} B={B}"
+                nbytes = step_bytes(model, B, L, dtype)
+                floor = nbytes / bw * 1e3
+
+                def add(provider, ms):
+                    rows.append({"case": case, "provider": provider, "ms": ms, "floor_ms": floor,
+                                 "util_%": 100 * floor / ms if ms else None})
+
+                step = hf_eager_step(model, B, L, device, dtype)
+                add("hf_eager", time_ms(step, device=device, warmup=args.warmup, iters=args.iters))
+                del step
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+                    try:
+                        replay, reset = hf_static_graph_step(model, B, L, device, dtype)
+                        add("hf_static_graph", time_ms(replay, setup=reset, device=device, warmup=args.warmup,
+                                                       iters=args.iters))
+                        del replay, reset
+                    except Exception as e:  # an HF version whose static path cannot be captured
+                        notes.append(f"hf_static_graph {case}: failed ({type(e).__name__}: {str(e)[:160]})")
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                seg, reset = medlvr_segment(engine, B, L, device)
+                add("medlvr_eager", time_ms(seg, setup=reset, device=device, warmup=args.warmup,
+                                            iters=args.iters) / K_SEGMENT)
+                if cuda:
+                    seg, reset = medlvr_segment(graphed, B, L, device)
+                    add("medlvr", time_ms(seg, setup=reset, device=device, warmup=args.warmup,
+                                          iters=args.iters) / K_SEGMENT)
+
+    report("latent_step", rows, device=device, out=args.out, x="case", y="ms",
+           title="latent decode step (ms per step)", notes=notes)
+
+    # One whole generate, side by side: prefill + k_gen latent steps + t_gen answer tokens.
+    gen_rows = []
+    gen_batches = [1] if quick else [1, 8]
+    with torch.no_grad():
+        for B in gen_batches:
+            ids = torch.randint(10, model.config.text_config.vocab_size, (B, prefill_len), device=device)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            case = f"prefill {prefill_len} + {k_gen} latent + {t_gen} tokens, B={B}"
+            gen_rows.append({"case": case, "provider": "hf_eager", "ms": time_ms(
+                lambda: hf_generate(model, ids, k_gen, t_gen, latent_end), device=device, warmup=1, iters=3)})
+            for name, eng in (("medlvr_eager", engine), ("medlvr", graphed)):
+                if eng is None:
+                    continue
+                gen_rows.append({"case": case, "provider": name, "ms": time_ms(
+                    lambda: eng.generate(batch, k_max=k_gen, max_new_tokens=t_gen, latent_end_id=latent_end),
+                    device=device, warmup=1, iters=3)})
+    report("latent_generate", gen_rows, device=device, out=args.out, x="case", y="ms",
+           title="whole generate (ms)", notes=notes[:1] + notes[2:])
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    main()
+    print(f"total {time.time() - t0:.1f} s")
