@@ -207,18 +207,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         # triton 3.8's interpreter multiplies bf16 dot operands as their uint16 bit
         # patterns (create_dot has no bf16 case), so on CPU the operands go to fp32 first.
         UPCAST_DOT=interpreted, EMU=interpreted,
-        # 8 warps: with 4, ptxas (sm_90) needs 255 registers and spills (the K and V
-        # tiles pass through registers into the mma layouts); 8 warps use ~110, no spill,
-        # two programs per SM. Checked by tests/ops/test_decode_compile.py.
-        num_warps=8, num_stages=2,
+        # sm_90, bf16, Dh=128 (tests/ops/test_decode_compile.py): 76 registers, no
+        # spills, K/V tiles double-buffered through cp.async in 38 KB of shared memory,
+        # so ~5 programs fit per SM. Deeper pipelining (3 stages, 72 KB) would halve
+        # the resident programs, and at small batch a split holds only 1-2 tiles anyway.
+        num_warps=4, num_stages=2,
     )
     if not single:
         _decode_attn_stage2[(B, Hq)](
             out, lse, part,
             *out.stride(), *sp, *sl,
             SPLITS=splits, HEAD_DIM=Dh, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, EMU=interpreted,
-            # The [splits, Dh] fp32 tile: 4 warps keep it at <= 64 values per thread
-            # for 64 splits x 128 (2 warps took 152 registers at sm_90).
+            # The [splits, Dh] fp32 partial tile is loaded whole: 4 warps keep it at
+            # <= 64 values per thread for 64 splits x 128 (54 registers at sm_90).
             num_warps=4 if triton.next_power_of_2(splits) * block_d >= 4096 else 2,
         )
     return out
