@@ -36,7 +36,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import os
 import random
 import time
@@ -46,7 +45,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from medlvr.train.rewards import outcome_rewards
-from medlvr.train.rollout import Rollouts, hf_model, policy_forward, prompt_inputs, sample_rollouts
+from medlvr.train.rollout import Rollouts, policy_forward, prompt_inputs, sample_rollouts
 
 __all__ = [
     "VLPOConfig", "VLPOTokens", "PolicyScorer", "group_advantages", "ppo_clip_loss", "kl_k3", "vlpo_loss", "vlpo_step",

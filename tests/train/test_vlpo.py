@@ -4,6 +4,7 @@ tiny random Qwen2.5-VL."""
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -474,3 +475,60 @@ def test_vlpo_main_from_a_stage1_lora_run_uses_it_as_reference(tmp_path):
     # the saved result carries the projector and the adapter
     saved = json.loads((tmp_path / "run" / "final" / "run.json").read_text())
     assert saved["stage1"]["projector"] and saved["stage1"]["lora"] and saved["init"] == str(init)
+
+
+_DDP_WORKER = r'''
+import json, sys
+import torch
+torch.set_num_threads(1)
+from accelerate import Accelerator
+from peft import LoraConfig, get_peft_model
+import medlvr.train.vlpo as V
+from medlvr.models import build_default
+from medlvr.train.data import load_jsonl
+
+acc = Accelerator(cpu=True)
+rank = acc.process_index
+real = V.outcome_rewards
+
+def rewards(texts, stopped, recs, **kw):  # rank-dependent spread: unsynced grads would differ
+    out = real(texts, stopped, recs, **kw)
+    out["reward"] = [float((i + rank) % 2) * (1 + rank) for i in range(len(texts))]
+    return out
+
+V.outcome_rewards = rewards
+records = load_jsonl(sys.argv[1])[0]
+model, processor = build_default(seed=0)
+model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+cfg = V.VLPOConfig(n_rollouts=2, k_latent=2, batch_prompts=1, steps=1, max_new_tokens=3, lr=1e-2, kl_beta=0.0)
+hist = V.train_vlpo(model, processor, records, cfg, accelerator=acc, progress=False)
+w = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_B" in n])
+allw = acc.gather(w[None])
+if rank == 0:
+    json.dump({"max_diff": float((allw[0] - allw[1]).abs().max()), "norm": float(allw[0].abs().max())},
+              open(sys.argv[2], "w"))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MEDLVR_SLOW_TESTS") != "1",
+                    reason="two processes importing transformers: ~70 s on 2 cores; set MEDLVR_SLOW_TESTS=1")
+def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
+    """Two CPU processes (gloo) draw different prompts, noise and rewards; the gradient pass
+    goes through the DDP-prepared scorer, so after the update both hold the same weights."""
+    import json
+    import subprocess
+    import sys
+
+    data, _ = _synth_records(tmp_path, 4)
+    worker = tmp_path / "worker.py"
+    worker.write_text(_DDP_WORKER)
+    out = tmp_path / "out.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", str(worker), str(data), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["norm"] > 0  # the update happened
+    assert res["max_diff"] == 0.0
