@@ -356,8 +356,8 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
                projector: torch.nn.Module | None = None, reference: str = "auto") -> list[dict]:
     """Run ``cfg.steps`` VLPO steps over ``records`` (medlvr.train.data.Record) in place.
 
-    model: a Qwen2(.5)-VL policy, peft-wrapped (LoRA; reference = adapter disabled) or not
-    (full fine-tuning; reference = a frozen deep copy made here). Only parameters with
+    model: a Qwen2(.5)-VL policy, peft-wrapped (LoRA) or not (full fine-tuning), or a
+    stage-1 ``LatentLM`` (its projector is then used and trained). Only parameters with
     requires_grad are optimised (AdamW). projector: the stage-1 latent feedback map, trained
     too. reference: "adapter" (the policy with its peft adapter disabled: right when the
     adapter was created for this run), "copy" (a frozen deep copy of the policy as it is now:
@@ -372,6 +372,12 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
     cfg.validate()
     if not records:
         raise ValueError("records: expected at least one record, got none")
+    if hasattr(model, "projector") and hasattr(model, "model") and not hasattr(model, "lm_head"):
+        # a stage-1 LatentLM (HF model, maybe peft-wrapped, + optional projector)
+        if projector is not None and model.projector is not None and projector is not model.projector:
+            raise ValueError("projector: given both as an argument and inside the LatentLM model")
+        projector = projector if projector is not None else model.projector
+        model = model.model
     tok = processor.tokenizer
     lt = latent_token_ids(processor)
     stop = tok.convert_tokens_to_ids("<|im_end|>")
@@ -555,8 +561,8 @@ def vlpo_main(args: argparse.Namespace) -> dict:
     # A stage-1 LoRA already holds the SFT policy: disabling it would give the base model, so
     # the KL reference is then a frozen copy of the initial policy.
     reference = "copy" if (args.init and _is_peft(lm.model)) else "auto"
-    history = train_vlpo(lm.model, processor, records, cfg, progress=not args.no_progress,
-                         log_path=metrics_path, projector=lm.projector, reference=reference)
+    history = train_vlpo(lm, processor, records, cfg, progress=not args.no_progress, log_path=metrics_path,
+                         reference=reference)
     stage1 = {**stage1, "k_latent": cfg.k_latent}
     _save(out, lm, {"base": base, "stage1": stage1, "vlpo": dataclasses.asdict(cfg), "init": args.init})
     last = dict(history[-1]) if history else {}

@@ -204,6 +204,24 @@ def test_latent_feedback_comes_from_the_previous_position(model):
         assert (ro.latents[:, t] - h[:, s0 + t]).abs().max() > 1e-2
 
 
+def test_projector_maps_the_fed_back_state(model):
+    # with the stage-1 projector, z_t = projector(h[s0 + t - 1]) and mu_t is the same map
+    from medlvr.train.latent import LatentProjector
+
+    proj = LatentProjector(32)
+    torch.nn.init.normal_(proj.down.weight, std=0.2)
+    ro = sample_rollouts(model, prompt_batch(), n=1, k_latent=2, latent_sigma=0.0, temperature=1.0, top_p=1.0,
+                         max_new_tokens=2, latent_end_id=L_END, stop_id=IM_END, pad_id=PAD, projector=proj)
+    h = _full_hidden(model, ro)
+    s0 = ro.prompt["embeds"].shape[1]
+    with torch.no_grad():
+        for t in range(2):
+            torch.testing.assert_close(ro.latents[:, t], proj(h[:, s0 + t - 1]), atol=1e-5, rtol=1e-5)
+            assert (ro.latents[:, t] - h[:, s0 + t - 1]).abs().max() > 1e-2  # the map is not the identity
+    _, lat = policy_forward(model, ro, latent_end_id=L_END, temperature=1.0, latent_sigma=0.5, projector=proj)
+    assert lat.abs().max() < 1e-6  # sigma 0 sampling: z == mu exactly up to float noise
+
+
 def test_latent_logprob_uses_mu_from_position_t_minus_1(model):
     ro = _rollouts(model, sigma=0.5, k=3)
     tok, lat = policy_forward(model, ro, latent_end_id=L_END, temperature=1.0, latent_sigma=0.5)
