@@ -12,10 +12,11 @@ layer) and does ~1 FLOP per byte. Two consequences shape the kernel:
   tensor-core tile, the padding rows cost registers, not bandwidth).
 * One (b, kv head) is far too little parallelism for 132 SMs at small batch, so the
   sequence is cut into `num_splits` chunks processed by separate programs (stage 1),
-  each leaving an unnormalised partial output and its log-sum-exp; stage 2 merges the
-  splits per (b, query head). num_splits depends on shapes only (L_max, B, Hkv, SM
-  count), never on the lengths, so a CUDA graph captured once stays valid while the
-  lengths grow; splits past a sample's length simply do no work.
+  each leaving its partial output (normalised by its own softmax sum) and
+  log-sum-exp; stage 2 merges the splits per (b, query head). num_splits depends on
+  shapes only (L_max, B, Hkv, SM count), never on the lengths, so a CUDA graph
+  captured once stays valid while the lengths grow; splits past a sample's length
+  simply do no work.
 
 Softmax in base 2: scores are scaled by scale * log2(e) so exp2 (one MUFU op) replaces
 exp. All statistics and accumulators are fp32.
@@ -41,6 +42,7 @@ def _cast(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
             bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
             x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
 
 _LOG2E = 1.4426950408889634
 # 64 keys per tile: a K (or V) tile of 64 x 128 bf16 is 16 KB, so double-buffering both

@@ -32,6 +32,7 @@ def _cast(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
             x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
 
+
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
