@@ -102,18 +102,18 @@ def unwrap_hf(model: nn.Module) -> nn.Module:
     """The Qwen2_5_VLForConditionalGeneration inside DDP / FSDP / peft wrappers.
 
     peft replaces Linear layers in place, so the unwrapped module still runs the LoRA weights."""
-    seen = 0
-    while not hasattr(model, "lm_head") or not hasattr(model, "model"):
-        if hasattr(model, "module"):  # DDP, FSDP
-            model = model.module
-        elif hasattr(model, "get_base_model"):  # peft
+    for _ in range(8):
+        # peft first: a PeftModel forwards attribute lookups to the wrapped model, so it looks
+        # like the HF model from outside but is not one (no get_rope_index on its .model).
+        if hasattr(model, "get_base_model"):
             model = model.get_base_model()
+        elif hasattr(model, "lm_head") and hasattr(model, "model"):
+            return model
+        elif hasattr(model, "module"):  # DDP, FSDP
+            model = model.module
         else:
-            raise TypeError(f"model: expected a Qwen2.5-VL ForConditionalGeneration (maybe wrapped), got {type(model).__name__}")
-        seen += 1
-        if seen > 8:
-            raise TypeError("model: wrapper chain too deep")
-    return model
+            break
+    raise TypeError(f"model: expected a Qwen2.5-VL ForConditionalGeneration (maybe wrapped), got {type(model).__name__}")
 
 
 # transformers renamed past_key_values -> cache in 5.24 (the GPU machine has 5.17); look the

@@ -347,11 +347,11 @@ def train_loop(lm, processor, records: Sequence[Any], cfg: LoopConfig, *, base: 
         for j in range(cfg.grad_accum):
             epoch, micro, batch = next(batches)
             sync = j == cfg.grad_accum - 1
-            ctx = accelerator.no_sync(lm) if not sync else _nullcontext()
-            with ctx, accelerator.autocast():
-                res = lm(batch)
-                loss = res["loss"] / cfg.grad_accum
-            with ctx:
+            # Micro-batches before the last one accumulate locally (no gradient all-reduce).
+            with accelerator.no_sync(lm) if not sync else _nullcontext():
+                with accelerator.autocast():
+                    res = lm(batch)
+                    loss = res["loss"] / cfg.grad_accum
                 accelerator.backward(loss)
             for key in agg:
                 agg[key] += float(accelerator.reduce(res[key].detach().float(), "mean" if key != "tokens" else "sum")) / (

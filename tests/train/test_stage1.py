@@ -1,0 +1,168 @@
+"""Stage-1 latent math on the embedded model in fp32: the recurrent KV-cache forward equals the
+Coconut-style K+1 full passes, a ragged batch equals its samples one by one, one full pass with
+the recurrence's latents reproduces it (the VLPO re-scoring path), and the loss terms."""
+import pytest
+import torch
+
+from medlvr.models import build_default
+from medlvr.reference.roi_align import roi_align_loss_ref
+from medlvr.train import latent as L
+from medlvr.train.stage1 import LatentLM, Stage1Config, build_trainable
+
+from _latent_batches import make_batch
+from _threads import one_thread  # noqa: F401  (autouse fixture)
+
+QUESTIONS = ("what is it?", "is the lesion on the left side?", "organ?")
+ANSWERS = ("yes", "no it is not", "liver")
+SIZES = ((100, 100), (60, 90), (120, 80))
+
+
+@pytest.fixture(scope="module")
+def mp():
+    model, processor = build_default(seed=0)
+    return model.float().eval(), processor
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_recurrent_equals_coconut_full_passes(mp, k):
+    model, processor = mp
+    batch = make_batch(processor, k=k)
+    rec = L.recurrent_forward(model, batch, k=k, return_logits=True)
+    ref = L.coconut_reference(model, batch, k=k)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(rec.logits[valid], ref.logits[valid], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(rec.latent_hidden, ref.latent_hidden, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(rec.ce, ref.ce, rtol=1e-5, atol=1e-5)
+
+
+def test_recurrent_gradients_equal_coconut(mp):
+    model, processor = mp
+    batch = make_batch(processor, k=3)
+    params = [model.model.language_model.layers[0].self_attn.q_proj.weight, model.lm_head.weight,
+              model.model.visual.merger.mlp[0].weight]
+    grads = []
+    for fn in (L.recurrent_forward, L.coconut_reference):
+        out = fn(model, batch, k=3)
+        loss = out.ce.mean() + L.roi_alignment(out.latent_hidden, out.vision_tokens, batch).mean()
+        grads.append(torch.autograd.grad(loss, params))
+    for g_rec, g_ref in zip(*grads):
+        torch.testing.assert_close(g_rec, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_equals_per_sample(mp):
+    model, processor = mp
+    k = 3
+    batch = make_batch(processor, k=k)
+    lens = batch["attention_mask"].sum(1)
+    assert len(set(batch["latent_start_index"].tolist())) == 3 and len(set(lens.tolist())) > 1  # ragged
+    full = L.recurrent_forward(model, batch, k=k)
+    for i in range(3):
+        one = make_batch(processor, k=k, questions=[QUESTIONS[i]], answers=[ANSWERS[i]], sizes=[SIZES[i]], rois=(),
+                         image_seeds=[i])
+        o = L.recurrent_forward(model, one, k=k)
+        torch.testing.assert_close(o.ce[0], full.ce[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o.latent_hidden[0], full.latent_hidden[i], rtol=1e-5, atol=2e-5)
+
+
+def test_one_pass_with_fed_latents_reproduces_recurrence(mp):
+    """VLPO's re-scoring: a full forward with the rollout's z gives the same logits, and
+    latent_mu (h at s0 + t - 1) equals the h that produced each z."""
+    model, processor = mp
+    k = 4
+    batch = make_batch(processor, k=k)
+    rec = L.recurrent_forward(model, batch, k=k, return_logits=True)
+    one = L.forward_with_latents(model, batch, rec.latent_inputs, k=k, return_logits=True, return_hidden=True)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(one.logits[valid], rec.logits[valid], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(L.latent_mu(one.hidden, batch["latent_start_index"], k), rec.latent_hidden,
+                               rtol=1e-5, atol=2e-5)
+    # z_0 is the hidden state at <|latent_start|>, the position just before the first latent.
+    s0 = batch["latent_start_index"]
+    ids = batch["input_ids"]
+    start_id = processor.tokenizer.convert_tokens_to_ids("<|latent_start|>")
+    assert all(int(ids[b, s0[b] - 1]) == start_id for b in range(ids.shape[0]))
+    torch.testing.assert_close(rec.latent_inputs[:, 0], one.hidden[torch.arange(3), s0 - 1], rtol=1e-5, atol=2e-5)
+
+
+def test_roi_alignment_per_sample(mp):
+    model, processor = mp
+    k = 4
+    batch = make_batch(processor, k=k)  # sample 0: one ROI, sample 1: none, sample 2: two ROIs
+    out = L.recurrent_forward(model, batch, k=k)
+    per = L.roi_alignment(out.latent_hidden, out.vision_tokens, batch)
+    assert per.shape == (3,) and per[1] == 0 and per[0] > 0 and per[2] > 0
+    rows = roi_align_loss_ref(out.latent_hidden[batch["roi_sample"]], out.vision_tokens, batch["image_grid_thw"],
+                              batch["roi_boxes"], batch["roi_image"], bins=(2, 2), reduction="none")
+    torch.testing.assert_close(per[0], rows[0].mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per[2], rows[1:].mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_forced_feeds_pooled_targets(mp):
+    model, processor = mp
+    k = 4
+    batch = make_batch(processor, k=k)
+    vis = L.vision_tokens(model, batch["pixel_values"], batch["image_grid_thw"])
+    tg = L.pooled_roi_targets(vis, batch, k=k)
+    from medlvr.reference.roi_align import roi_pool_targets_ref
+
+    ref = roi_pool_targets_ref(vis, batch["image_grid_thw"], batch["roi_boxes"], batch["roi_image"], bins=(2, 2))
+    torch.testing.assert_close(tg[0], ref[0])  # sample 0's only box
+    torch.testing.assert_close(tg[2], ref[1])  # sample 2's FIRST box
+    n1 = int(batch["image_grid_thw"][1].prod()) // 4
+    start1 = int(batch["image_grid_thw"][0].prod()) // 4
+    torch.testing.assert_close(tg[1], vis[start1:start1 + n1].mean(0).expand(k, -1))  # no ROI: mean token
+    lm = LatentLM(model, Stage1Config(k_latent=k, mode="teacher-forced"))
+    res = lm(batch)
+    assert torch.isfinite(res["loss"]) and res["roi"] > 0
+
+
+def test_loss_is_linear_in_samples(mp):
+    """loss(batch) = mean of per-sample losses: what makes DDP shards equal one process."""
+    model, processor = mp
+    k = 2
+    lm = LatentLM(model, Stage1Config(k_latent=k, roi_weight=0.5))
+    whole = lm(make_batch(processor, k=k))["loss"]
+    parts = []
+    for i in range(3):
+        rois = tuple((0, r[1]) for r in ((0, (10.0, 20.0, 70.0, 90.0)), (2, (0.0, 0.0, 50.0, 40.0)),
+                                         (2, (30.0, 30.0, 100.0, 100.0))) if r[0] == i)
+        one = make_batch(processor, k=k, questions=[QUESTIONS[i]], answers=[ANSWERS[i]], sizes=[SIZES[i]],
+                         rois=rois, image_seeds=[i])
+        parts.append(lm(one)["loss"])
+    torch.testing.assert_close(whole, torch.stack(parts).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_lora_trains_only_adapters_and_latent_rows():
+    model, processor = build_default(seed=0)
+    lm = build_trainable(model, processor, Stage1Config(k_latent=2, lora=True, lora_r=4, lora_alpha=8))
+    names = [n for n, p in lm.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or "trainable_tokens" in n for n in names), names[:5]
+    assert any("q_proj" in n for n in names) and not any("visual" in n for n in names)
+    batch = make_batch(processor, k=2)
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(4):
+        loss = lm(batch)["loss"]
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(lm(batch)["loss"]) < first
+
+
+def test_roi_bins_and_bad_config():
+    assert L.roi_bins(1) == (1, 1) and L.roi_bins(4) == (2, 2) and L.roi_bins(8) == (2, 4) and L.roi_bins(6) == (2, 3)
+    with pytest.raises(ValueError, match="k"):
+        L.roi_bins(0)
+    with pytest.raises(ValueError, match="mode"):
+        Stage1Config(mode="coconut")
+    with pytest.raises(ValueError, match="k_latent"):
+        Stage1Config(k_latent=-1)
+
+
+def test_recurrent_rejects_left_padding(mp):
+    model, processor = mp
+    batch = make_batch(processor, k=2)
+    am = batch["attention_mask"].flip(1)
+    with pytest.raises(ValueError, match="right-padded"):
+        L.recurrent_forward(model, {**batch, "attention_mask": am}, k=2)
