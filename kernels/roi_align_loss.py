@@ -45,9 +45,12 @@ def _axis_weight(idx, lo, size_bin, n_samples, extent, AREA: tl.constexpr):
     """
     f = idx * 1.0  # int → fp32; also accepts the interpreter's plain-int loop indices
     if AREA:
-        # |[f, f+1) ∩ [lo, lo + s)| / s
-        ov = tl.minimum(f + 1.0, lo + size_bin) - tl.maximum(f, lo)
-        return tl.maximum(ov, 0.0) / size_bin
+        # |[f, f+1) ∩ [lo, hi)| / (hi − lo): dividing by the rounded width hi − lo, not
+        # by s, makes a bin inside one cell weigh exactly 1 even when s is far below
+        # the fp32 spacing of lo (a sub-pixel box far from the origin)
+        hi = lo + size_bin
+        ov = tl.minimum(f + 1.0, hi) - tl.maximum(f, lo)
+        return tl.maximum(ov, 0.0) / (hi - lo)
     else:
         ext_f = extent.to(tl.float32)
         last = extent - 1

@@ -61,11 +61,15 @@ def axis_weights(lo: float, hi: float, n_bins: int, size: int, *, pooling: str, 
     idx = torch.arange(size, dtype=torch.float32)
     w = torch.zeros(n_bins, size, dtype=torch.float32)
     if pooling == "area":
-        s = (hi - lo) / n_bins
+        # fp32 bin edges, computed as the kernels compute them, so that both agree on
+        # sub-pixel bins where fp32 rounding of the edges is a visible part of the width
+        lo32 = torch.tensor(lo, dtype=torch.float32)
+        s = (torch.tensor(hi, dtype=torch.float32) - lo32) / n_bins
         for p in range(n_bins):
-            a = lo + p * s
-            overlap = (torch.minimum(idx + 1, torch.tensor(a + s)) - torch.maximum(idx, torch.tensor(a))).clamp(min=0)
-            w[p] = overlap / s
+            a = lo32 + p * s
+            b = a + s
+            overlap = (torch.minimum(idx + 1, b) - torch.maximum(idx, a)).clamp(min=0)
+            w[p] = overlap / (b - a)
         return w
     # bilinear, aligned=True: coordinates shift by half a cell so that the sample at a
     # cell's centre reads that cell alone (torchvision's roi_align_kernel.cpp).
@@ -124,7 +128,8 @@ def roi_pool_targets_ref(vision_tokens: torch.Tensor, grid_thw: torch.Tensor, bo
         tokens = v[int(offsets[b]): int(offsets[b]) + h * w].view(h, w, -1)
         out.append(torch.einsum("pi,qj,ijd->pqd", wy, wx, tokens).reshape(gh * gw, -1))
     if not out:
-        return v.new_zeros(0, gh * gw, v.shape[1])
+        # no box: an empty result that still belongs to v's graph (its gradient is zero)
+        return v[:0].unsqueeze(1).expand(0, gh * gw, v.shape[1])
     return torch.stack(out)
 
 

@@ -1,0 +1,279 @@
+"""roi_align_loss: Triton (interpreter on CPU) against the reference, reference against
+torchvision / a pixel-level definition, gradients, determinism, bad input."""
+import pytest
+import torch
+import torchvision
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import medlvr
+from medlvr.ops.roi_align_loss import roi_align_loss, roi_align_loss_memory_floor
+from medlvr.reference.roi_align import clip_boxes, roi_align_loss_ref, roi_pool_targets_ref
+
+CELL = 28  # merge 2 × patch 14: pixels per token side
+
+# Three images of odd token grids (7×5, 3×9, 2×2); the last has no box.
+GRID = torch.tensor([[1, 14, 10], [1, 6, 18], [1, 4, 4]])
+# box rows: smaller than one token, on the border, whole image, partly outside (clipped)
+BOXES = torch.tensor([[30.0, 31.0, 45.5, 40.0],
+                      [0.0, 100.0, 140.0, 196.0],
+                      [0.0, 0.0, 252.0, 84.0],
+                      [-20.0, 10.0, 75.0, 400.0]])
+BOX_IMAGE = torch.tensor([0, 0, 1, 0])
+BINS = (2, 3)
+
+
+def n_tokens(grid):
+    return int((grid[:, 0] * (grid[:, 1] // 2) * (grid[:, 2] // 2)).sum())
+
+
+def inputs(D, dtype, grid=GRID, boxes=BOXES, bins=BINS, requires_grad=True):
+    R, K = boxes.shape[0], bins[0] * bins[1]
+    z = torch.randn(R, K, D).to(dtype).requires_grad_(requires_grad)
+    v = torch.randn(n_tokens(grid), D).to(dtype).requires_grad_(requires_grad)
+    return z, v
+
+
+def run_both(z, v, grid, boxes, box_image, **kw):
+    """(loss, dz, dv) from the Triton path and from autograd through the reference."""
+    with medlvr.force_backend("triton"):
+        out = roi_align_loss(z, v, grid, boxes, box_image, **kw)
+    ref = roi_align_loss_ref(z, v, grid, boxes, box_image, **kw)
+    assert out.dtype == ref.dtype == torch.float32 and out.shape == ref.shape
+    g = torch.randn_like(ref)
+    wrt = [x for x in (z, v) if x.requires_grad]
+    got = torch.autograd.grad(out, wrt, g, allow_unused=True)
+    want = torch.autograd.grad(ref, wrt, g, allow_unused=True)
+    # with no boxes the reference's targets do not depend on v at all (grad None);
+    # the op returns zeros
+    want = tuple(torch.zeros_like(x) if w is None and a is not None else w for x, w, a in zip(wrt, want, got))
+    return out, ref, got, want
+
+
+# bf16/fp16: inputs are identical, only the accumulation order and the rounding of the
+# stored gradient differ, so the loss keeps fp32 accuracy and gradients get one ulp of
+# their dtype.
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2e-3, atol=1e-5),
+       torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5)}
+
+
+@pytest.mark.parametrize("detach_target", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("loss", ["cosine", "mse"])
+@pytest.mark.parametrize("pooling", ["area", "bilinear"])
+def test_triton_matches_reference(pooling, loss, reduction, dtype, detach_target):
+    # bins (1, 2) keeps the interpreter quick over 72 cases; taller bin grids are
+    # covered by the random-box and D-slice tests
+    z, v = inputs(40, dtype, bins=(1, 2))  # D = 40: not a multiple of the 64-wide block
+    out, ref, got, want = run_both(z, v, GRID, BOXES, BOX_IMAGE, bins=(1, 2), pooling=pooling, loss=loss,
+                                   reduction=reduction, detach_target=detach_target)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert got[0].dtype == dtype
+    torch.testing.assert_close(got[0].float(), want[0].float(), **TOL[dtype])
+    if detach_target:
+        assert got[1] is None and want[1] is None
+    else:
+        assert got[1].dtype == dtype
+        torch.testing.assert_close(got[1].float(), want[1].float(), **TOL[dtype])
+        # the image without boxes and tokens outside every box get exactly zero
+        assert torch.count_nonzero(got[1][-4:]) == 0
+
+
+@pytest.mark.parametrize("pooling, sampling_ratio", [("area", 2), ("bilinear", -1), ("bilinear", 3)])
+def test_triton_several_d_slices_and_sampling_ratios(pooling, sampling_ratio):
+    # D = 520 spans two 512-wide slices, the second nearly empty
+    z, v = inputs(520, torch.float32, bins=(3, 1))
+    out, ref, got, want = run_both(z, v, GRID, BOXES, BOX_IMAGE, bins=(3, 1), pooling=pooling,
+                                   sampling_ratio=sampling_ratio, detach_target=False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@st.composite
+def batches(draw):
+    n_img = draw(st.integers(1, 3))
+    grid = torch.tensor([[1, 2 * draw(st.integers(1, 7)), 2 * draw(st.integers(1, 9))] for _ in range(n_img)])
+    n_box = draw(st.integers(0, 4))
+    rows, img = [], []
+    for _ in range(n_box):
+        b = draw(st.integers(0, n_img - 1))
+        w_px, h_px = int(grid[b, 2]) // 2 * CELL, int(grid[b, 1]) // 2 * CELL
+        x0 = draw(st.floats(-30.0, w_px - 1.0))
+        y0 = draw(st.floats(-30.0, h_px - 1.0))
+        # at least 0.25 px inside the image after clipping; may run past the far edge
+        x1 = max(x0, 0.0) + draw(st.floats(0.25, w_px + 30.0))
+        y1 = max(y0, 0.0) + draw(st.floats(0.25, h_px + 30.0))
+        rows.append([x0, y0, x1, y1])
+        img.append(b)
+    boxes = torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
+    bins = (draw(st.integers(1, 2)), draw(st.integers(1, 3)))
+    return grid, boxes, torch.tensor(img, dtype=torch.long), bins
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(batch=batches(), pooling=st.sampled_from(["area", "bilinear"]), loss=st.sampled_from(["cosine", "mse"]))
+def test_triton_random_boxes(batch, pooling, loss):
+    grid, boxes, box_image, bins = batch
+    z, v = inputs(24, torch.float32, grid=grid, boxes=boxes, bins=bins)
+    out, ref, got, want = run_both(z, v, grid, boxes, box_image, bins=bins, pooling=pooling, loss=loss,
+                                   reduction="sum", detach_target=False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(batch=batches(), sampling_ratio=st.sampled_from([1, 2, 3, -1]))
+def test_reference_bilinear_is_torchvision_roi_align(batch, sampling_ratio):
+    grid, boxes, box_image, bins = batch
+    v = torch.randn(n_tokens(grid), 3, dtype=torch.float64)
+    got = roi_pool_targets_ref(v.float(), grid, boxes, box_image, bins=bins, pooling="bilinear",
+                               sampling_ratio=sampling_ratio)
+    hw = grid[:, 1:] // 2
+    offsets = torch.cumsum(hw.prod(1), 0) - hw.prod(1)
+    clipped = clip_boxes(boxes, hw[box_image], CELL) * CELL  # back to pixels, clipped
+    for r in range(boxes.shape[0]):
+        b = int(box_image[r])
+        h, w = hw[b].tolist()
+        fmap = v[offsets[b]: offsets[b] + h * w].float().view(h, w, -1).permute(2, 0, 1)[None]
+        want = torchvision.ops.roi_align(fmap, [clipped[r: r + 1]], bins, spatial_scale=1 / CELL,
+                                         sampling_ratio=sampling_ratio, aligned=True)
+        torch.testing.assert_close(got[r], want[0].flatten(1).T, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_area_is_mean_over_pixels():
+    # with bin edges on whole pixels, the overlap-weighted mean of token cells is the
+    # plain mean over the bin's pixels of the token map upsampled to pixels
+    grid = torch.tensor([[1, 6, 10], [1, 4, 4]])
+    v = torch.randn(n_tokens(grid), 4)
+    boxes = torch.tensor([[6.0, 12.0, 126.0, 72.0], [2.0, 0.0, 56.0, 56.0], [27.0, 27.0, 30.0, 33.0]])
+    box_image = torch.tensor([0, 1, 0])
+    bins = (2, 3)
+    got = roi_pool_targets_ref(v, grid, boxes, box_image, bins=bins, pooling="area")
+    hw, off = [(3, 5), (2, 2)], [0, 15]
+    for r, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+        b = int(box_image[r])
+        (h, w), o = hw[b], off[b]
+        pix = v[o: o + h * w].view(h, w, -1).repeat_interleave(CELL, 0).repeat_interleave(CELL, 1)
+        bh, bw = (y1 - y0) // bins[0], (x1 - x0) // bins[1]
+        for p in range(bins[0]):
+            for q in range(bins[1]):
+                cell = pix[y0 + p * bh: y0 + (p + 1) * bh, x0 + q * bw: x0 + (q + 1) * bw]
+                torch.testing.assert_close(got[r, p * bins[1] + q], cell.mean((0, 1)), rtol=1e-5, atol=1e-6)
+
+
+def test_bins_are_row_major_over_the_box():
+    grid = torch.tensor([[1, 8, 8]])  # 4×4 tokens; token (i, j) holds (i, j)
+    ii, jj = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    v = torch.stack([ii.flatten(), jj.flatten()], 1)
+    t = roi_pool_targets_ref(v, grid, torch.tensor([[0.0, 0.0, 112.0, 112.0]]), torch.tensor([0]),
+                             bins=(2, 2), pooling="area")
+    torch.testing.assert_close(t[0], torch.tensor([[0.5, 0.5], [0.5, 2.5], [2.5, 0.5], [2.5, 2.5]]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_boxes_gives_zero_not_nan(backend, reduction):
+    z, v = inputs(8, torch.float32, boxes=torch.zeros(0, 4))
+    with medlvr.force_backend(backend):
+        out = roi_align_loss(z, v, GRID, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), bins=BINS,
+                             reduction=reduction, detach_target=False)
+    assert out.shape == ((0, 6) if reduction == "none" else ())
+    if reduction != "none":
+        assert out.item() == 0.0
+    dz, dv = torch.autograd.grad(out.sum(), (z, v))
+    assert dz.shape == z.shape and torch.count_nonzero(dv) == 0
+
+
+def test_backward_is_deterministic():
+    z, v = inputs(40, torch.float32)
+    grads = []
+    for _ in range(2):
+        with medlvr.force_backend("triton"):
+            out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, pooling="bilinear", detach_target=False)
+        grads.append(torch.autograd.grad(out, (z, v)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_cpu_default_backend_is_the_reference():
+    z, v = inputs(8, torch.float32)
+    out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, loss="mse")
+    ref = roi_align_loss_ref(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, loss="mse")
+    assert torch.equal(out, ref)
+
+
+def test_memory_floor_counts_tokens_inside_boxes():
+    v = torch.zeros(n_tokens(GRID), 16, dtype=torch.bfloat16)
+    whole = roi_align_loss_memory_floor(v, GRID, torch.tensor([[0.0, 0.0, 140.0, 196.0]]), torch.tensor([0]),
+                                        bins=BINS)
+    assert whole["tokens_in_boxes"] == 35
+    assert whole["forward"] == 6 * 16 * 2 + 35 * 16 * 2
+    tiny = roi_align_loss_memory_floor(v, GRID, BOXES[:1], torch.tensor([0]), bins=BINS)
+    assert tiny["tokens_in_boxes"] == 1  # inside token (1, 1): x 30–45.5, y 31–40 px
+    grads = roi_align_loss_memory_floor(v, GRID, BOXES[:1], torch.tensor([0]), bins=BINS, detach_target=False)
+    assert grads["backward"] - tiny["backward"] == v.numel() * 2
+
+
+def _call(**over):
+    z, v = inputs(8, torch.float32, requires_grad=False)
+    args = dict(latents=z, vision_tokens=v, grid_thw=GRID, boxes=BOXES.clone(), box_image=BOX_IMAGE.clone(), bins=BINS)
+    args.update(over)
+    with medlvr.force_backend("triton"):
+        return roi_align_loss(**args)
+
+
+def _box(row, value):
+    b = BOXES.clone()
+    b[row] = torch.tensor(value)
+    return b
+
+
+@pytest.mark.parametrize("over, error, match", [
+    (dict(boxes=_box(2, [50.0, 0.0, 40.0, 10.0])), ValueError, r"boxes row 2 .*x1 < x0"),
+    (dict(boxes=_box(1, [150.0, 10.0, 170.0, 20.0])), ValueError, r"boxes row 1 .*empty after clipping"),
+    (dict(boxes=_box(3, [10.0, 10.0, 10.0, 20.0])), ValueError, r"boxes row 3 .*empty after clipping"),
+    (dict(boxes=_box(0, [0.0, 0.0, float("nan"), 1.0])), ValueError, r"boxes row 0 .*not finite"),
+    (dict(box_image=torch.tensor([0, 3, 1, 0])), ValueError, r"box_image row 1 = 3 is out of range for 3 images"),
+    (dict(box_image=torch.tensor([0, -1, 1, 0])), ValueError, r"box_image row 1 = -1"),
+    (dict(grid_thw=torch.tensor([[1, 14, 10], [1, 6, 18], [1, 4, 6]])), ValueError, r"grid_thw adds up to 68"),
+    (dict(grid_thw=torch.tensor([[2, 14, 10], [1, 6, 18], [1, 4, 4]])), ValueError, r"grid_thw row 0 .*t = 1"),
+    (dict(grid_thw=torch.tensor([[1, 13, 10], [1, 6, 18], [1, 4, 4]])), ValueError, r"grid_thw row 0 .*multiples"),
+    (dict(bins=(3, 3)), ValueError, r"K = 6 .*bins = \(3, 3\) needs K = 9"),
+    (dict(bins=(2, 0)), ValueError, r"bins\[1\]"),
+    (dict(pooling="max"), ValueError, r"pooling must be one of"),
+    (dict(loss="l1"), ValueError, r"loss must be one of"),
+    (dict(reduction="avg"), ValueError, r"reduction must be one of"),
+    (dict(sampling_ratio=0), ValueError, r"sampling_ratio must be a positive int or -1"),
+    (dict(vision_tokens=torch.randn(68, 8, dtype=torch.float16)), TypeError, r"vision_tokens must have the latents' dtype"),
+    (dict(vision_tokens=torch.randn(68, 9)), ValueError, r"vision_tokens must have D = 8"),
+    (dict(latents=torch.randn(4, 6, 8, dtype=torch.float64)), TypeError, r"latents must be one of"),
+    (dict(boxes=BOXES[:3]), ValueError, r"boxes must be a floating tensor \(R, 4\) = \(4, 4\)"),
+    (dict(box_image=BOX_IMAGE.float()), ValueError, r"box_image must be an integer tensor"),
+])
+def test_bad_input_names_the_problem(over, error, match):
+    with pytest.raises(error, match=match):
+        _call(**over)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pooling", ["area", "bilinear"])
+def test_cuda_issue_shape_bf16(pooling):
+    # 16 images of 32×32 tokens, D = 3584, 4 boxes per image, K = 8
+    torch.manual_seed(0)
+    grid = torch.tensor([[1, 64, 64]] * 16)
+    xy = torch.rand(64, 2) * 600
+    wh = torch.rand(64, 2) * 300 + 10
+    boxes = torch.cat([xy, xy + wh], 1)
+    box_image = torch.arange(16).repeat_interleave(4)
+    z = torch.randn(64, 8, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(16 * 1024, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kw = dict(bins=(2, 4), pooling=pooling, detach_target=False)
+    out = roi_align_loss(z, v, grid, boxes, box_image, **kw)
+    dz, dv = torch.autograd.grad(out, (z, v))
+    ref = roi_align_loss_ref(z, v, grid, boxes, box_image, **kw)
+    rz, rv = torch.autograd.grad(ref, (z, v))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dz.float(), rz.float(), **TOL[torch.bfloat16])
+    torch.testing.assert_close(dv.float(), rv.float(), **TOL[torch.bfloat16])
