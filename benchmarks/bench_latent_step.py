@@ -6,8 +6,10 @@ embedding. Providers:
                   latent-reasoning code does it (CPU and GPU)
   hf_static_graph the same forward over a StaticCache, one step captured as a CUDA graph
                   (GPU only)
-  medlvr_eager    LatentEngine without CUDA graphs (the CPU path: PyTorch references)
-  medlvr          LatentEngine, K-step segment captured as one CUDA graph (GPU only)
+  medlvr_eager    LatentEngine without CUDA graphs (CPU only: the PyTorch references)
+  medlvr_nofuse   LatentEngine, K-step segment captured as one CUDA graph (GPU only)
+  medlvr          the same with fuse_projections=True: one q/k/v and one gate/up GEMM
+                  per layer (GPU only)
 Utilisation = bytes a step must read (decoder weights + the batch's K/V) / time /
 measured copy bandwidth; floor_ms = those bytes / copy bandwidth.
 
@@ -229,10 +231,13 @@ def main() -> None:
     model = build_model(quick, device, dtype)
     bw = copy_bandwidth(device)
     latent_end = 8 if quick else 151666
-    engine = LatentEngine(model, max_batch=max(batches), max_len=max(max(lengths) + K_SEGMENT + 64,
-                                                                      prefill_len + k_gen + t_gen + 1),
-                          use_cuda_graphs=False)
-    graphed = LatentEngine(model, max_batch=max(batches), max_len=max(lengths) + K_SEGMENT + 64) if cuda else None
+    max_len = max(max(lengths) + K_SEGMENT + 64, prefill_len + k_gen + t_gen + 1)
+    if cuda:
+        engines = {"medlvr_nofuse": LatentEngine(model, max_batch=max(batches), max_len=max_len),
+                   "medlvr": LatentEngine(model, max_batch=max(batches), max_len=max_len, fuse_projections=True)}
+    else:
+        engines = {"medlvr_eager": LatentEngine(model, max_batch=max(batches), max_len=max_len,
+                                                use_cuda_graphs=False)}
     notes = [f"measured copy bandwidth {bw / 1e9:.1f} GB/s; weights: random, "
              f"{'embedded tiny config, fp32' if quick else 'Qwen2.5-VL-7B text config, bf16'}; "
              f"medlvr times are a {K_SEGMENT}-step segment / {K_SEGMENT}"]
@@ -267,13 +272,10 @@ def main() -> None:
                         notes.append(f"hf_static_graph {case}: failed ({type(e).__name__}: {str(e)[:160]})")
                     gc.collect()
                     torch.cuda.empty_cache()
-                seg, reset = medlvr_segment(engine, B, L, device)
-                add("medlvr_eager", time_ms(seg, setup=reset, device=device, warmup=args.warmup,
-                                            iters=args.iters) / K_SEGMENT)
-                if cuda:
-                    seg, reset = medlvr_segment(graphed, B, L, device)
-                    add("medlvr", time_ms(seg, setup=reset, device=device, warmup=args.warmup,
-                                          iters=args.iters) / K_SEGMENT)
+                for name, engine in engines.items():
+                    seg, reset = medlvr_segment(engine, B, L, device)
+                    add(name, time_ms(seg, setup=reset, device=device, warmup=args.warmup,
+                                      iters=args.iters) / K_SEGMENT)
 
     report("latent_step", rows, device=device, out=args.out, x="case", y="ms",
            title="latent decode step (ms per step)", notes=notes)
@@ -288,9 +290,7 @@ def main() -> None:
             case = f"prefill {prefill_len} + {k_gen} latent + {t_gen} tokens, B={B}"
             gen_rows.append({"case": case, "provider": "hf_eager", "ms": time_ms(
                 lambda: hf_generate(model, ids, k_gen, t_gen, latent_end), device=device, warmup=1, iters=3)})
-            for name, eng in (("medlvr_eager", engine), ("medlvr", graphed)):
-                if eng is None:
-                    continue
+            for name, eng in engines.items():
                 gen_rows.append({"case": case, "provider": name, "ms": time_ms(
                     lambda: eng.generate(batch, k_max=k_gen, max_new_tokens=t_gen, latent_end_id=latent_end),
                     device=device, warmup=1, iters=3)})

@@ -44,6 +44,7 @@ from torch.nn import functional as F
 from medlvr.engine import sampling
 from medlvr.engine.adapters import adapter_for
 from medlvr.engine.cache import StaticKVCache
+from medlvr.engine.fused import FusedProjections
 from medlvr.ops.decode import decode_attention, rmsnorm_feedback, rotary_append
 
 EXITS = ("fixed", "cosine", "stop_logit")
@@ -112,10 +113,14 @@ class LatentEngine:
     use_cuda_graphs: True, False or "auto" (= on CUDA devices).
     projector: optional callable (B, D) -> (B, D) applied to the post-norm hidden state
         before it is fed back (default: ``model.latent_projector`` if present).
+    fuse_projections: run q/k/v and gate/up as one GEMM each from fused weight copies
+        (faster small-batch steps, more memory; kept in sync with the model, see
+        medlvr/engine/fused.py). Layers wrapped by PEFT/LoRA are left unfused.
     """
 
     def __init__(self, model: nn.Module, *, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
-                 use_cuda_graphs: bool | str = "auto", projector: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 use_cuda_graphs: bool | str = "auto", projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 fuse_projections: bool = False):
         _positive_int("max_batch", max_batch)
         _positive_int("max_len", max_len)
         self.model = model
@@ -132,6 +137,9 @@ class LatentEngine:
         self.projector = projector if projector is not None else getattr(model, "latent_projector", None)
         self.stop_head = getattr(model, "latent_stop_head", None)
         self.max_batch, self.max_len = max_batch, max_len
+        if not isinstance(fuse_projections, bool):
+            raise TypeError(f"fuse_projections must be a bool, got {fuse_projections!r}")
+        self.fused = FusedProjections(a.layers) if fuse_projections else None
         self.cache = StaticKVCache(num_layers=len(a.layers), max_batch=max_batch, num_kv_heads=a.num_kv_heads,
                                    max_len=max_len, head_dim=a.head_dim, dtype=self.dtype, device=self.device)
 
@@ -359,6 +367,12 @@ class LatentEngine:
             logits_out *= (torch.arange(T, device=self.device)[None, :] < text_lengths[:, None])[..., None]
         return TextOutput(tokens=tokens, token_logprobs=logprobs, text_lengths=text_lengths, logits=logits_out)
 
+    def refresh_weights(self) -> None:
+        """Re-copy fused projection weights from the model (only needed after writes
+        through ``param.data``; other in-place updates are detected)."""
+        if self.fused is not None:
+            self.fused.refresh(force=True)
+
     def reset_graphs(self) -> None:
         """Drop captured CUDA graphs (needed after parameters are replaced, not updated in place)."""
         self._graphs.clear()
@@ -385,16 +399,21 @@ class LatentEngine:
         for i, layer in enumerate(a.layers):
             eps_in, eps_post = a.layer_eps[i]
             normed = rmsnorm_feedback(h, layer.input_norm.weight, eps=eps_in, out=torch.empty_like(h))
-            q = layer.q_proj(normed).view(Bk, a.num_heads, a.head_dim)
-            k = layer.k_proj(normed).view(Bk, a.num_kv_heads, a.head_dim)
-            v = layer.v_proj(normed).view(Bk, a.num_kv_heads, a.head_dim)
+            fused = self.fused.layers[i] if self.fused is not None else None
+            if fused is not None:
+                q, k, v = fused.qkv(normed)
+            else:
+                q, k, v = layer.q_proj(normed), layer.k_proj(normed), layer.v_proj(normed)
+            q = q.view(Bk, a.num_heads, a.head_dim)
+            k = k.view(Bk, a.num_kv_heads, a.head_dim)
+            v = v.view(Bk, a.num_kv_heads, a.head_dim)
             k_cache, v_cache = self.cache.k[i][:, :, cut], self.cache.v[i][:, :, cut]
             q = rotary_append(q, k, v, positions=pos, inv_freq=a.inv_freq, mrope_section=a.mrope_section,
                               k_cache=k_cache, v_cache=v_cache, slots=slots, rotary_dim=a.rotary_dim)
             o = decode_attention(q, k_cache, v_cache, attn_len, scale=a.attn_scale)
             h = h + layer.o_proj(o.reshape(Bk, a.num_heads * a.head_dim))
             normed = rmsnorm_feedback(h, layer.post_norm.weight, eps=eps_post, out=torch.empty_like(h))
-            h = h + layer.mlp(normed)
+            h = h + (fused.mlp(normed) if fused is not None else layer.mlp(normed))
         return h
 
     def _advance(self, Bk: int, active: torch.Tensor) -> None:
@@ -514,6 +533,8 @@ class LatentEngine:
         # included); the caller's train/eval flags are restored afterwards.
         flags = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
+        if self.fused is not None:
+            self.fused.refresh()
         try:
             with torch.no_grad():
                 yield

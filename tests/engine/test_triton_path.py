@@ -25,8 +25,9 @@ def test_engine_on_triton_kernels_matches_references():
     kw = dict(k_max=2, exit="cosine", exit_threshold=0.95, max_new_tokens=2, latent_end_id=tm.LATENT_END,
               return_logits=True)
     ref = LatentEngine(model, max_batch=2, max_len=24).generate(batch, **kw)
+    # fused projections: q/k/v reach the kernels as strided column views of one GEMM
     with medlvr.force_backend("triton"):
-        out = LatentEngine(model, max_batch=2, max_len=24).generate(batch, **kw)
+        out = LatentEngine(model, max_batch=2, max_len=24, fuse_projections=True).generate(batch, **kw)
     for a, b in ((out.latents, ref.latents), (out.logits, ref.logits)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(b.abs().max())))
     assert out.num_latent.tolist() == ref.num_latent.tolist()
