@@ -56,7 +56,7 @@ def _decode_attn_stage1(
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
     so_b, so_h, so_d,
     sp_b, sp_h, sp_s, sp_d, sl_b, sl_h, sl_s,
-    qk_scale, split_len,
+    qk_scale, split_len, seq_cap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr, EMU: tl.constexpr,
@@ -77,7 +77,9 @@ def _decode_attn_stage1(
         q = q.to(tl.float32)
     length = tl.load(len_ptr + b).to(tl.int64)
     lo = s * split_len
-    hi = tl.minimum(lo + split_len, length)
+    # seq_cap = L_max: a length beyond the cache (only diagnosed by check=True) must
+    # not turn into reads past the sample's rows.
+    hi = tl.minimum(tl.minimum(lo + split_len, length), seq_cap)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -203,7 +205,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, lengths, out, lse, part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *sp, *sl,
-        qk_scale, split_len,
+        qk_scale, split_len, L,
         GROUP=group, HEAD_DIM=Dh, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N, SINGLE=single,
         DOT_PREC="ieee" if k_cache.dtype == torch.float32 or interpreted else "tf32",
         # triton 3.8's interpreter multiplies bf16 dot operands as their uint16 bit

@@ -41,6 +41,7 @@ def _rotary_append_kernel(
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, so_b, so_h, so_d,
     spos_r, spos_b,
     skc_b, skc_h, skc_l, skc_d, svc_b, svc_h, svc_l, svc_d,
+    seq_cap,
     HQ: tl.constexpr, HALF: tl.constexpr, ROT_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
     SEC0: tl.constexpr, SEC01: tl.constexpr, MROPE: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, PRECISE_TRIG: tl.constexpr, EMU: tl.constexpr,
@@ -90,8 +91,10 @@ def _rotary_append_kernel(
         hk = h - HQ
         slot = tl.load(slots_ptr + b).to(tl.int64)
         # slot < 0: finished sample. Masking every store (instead of an early return)
-        # keeps control flow uniform and costs nothing.
-        live = slot >= 0
+        # keeps control flow uniform and costs nothing. A slot >= L_max (a full cache,
+        # only diagnosed by the op's check=True, which syncs) writes nothing either
+        # instead of corrupting the next sample's or head's rows.
+        live = (slot >= 0) & (slot < seq_cap)
         wm = jm & live
         src = k_ptr + b * sk_b + hk * sk_h
         x1 = tl.load(src + j * sk_d, mask=jm, other=0.0).to(tl.float32)
@@ -143,6 +146,7 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         spos_r, spos_b,
         *k_cache.stride(), *v_cache.stride(),
+        k_cache.shape[2],
         HQ=Hq, HALF=half, ROT_DIM=rotary_dim, HEAD_DIM=Dh,
         SEC0=sec0, SEC01=sec01, MROPE=mrope_section is not None,
         BLOCK_HALF=triton.next_power_of_2(half),

@@ -118,6 +118,8 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
         cache to write for sample b; slots[b] < 0 writes nothing (finished sample).
     Returns rope(q) (B Hq Dh), a new tensor or ``out``.
     check: validate slot values (< L_max) on a GPU too (syncs: not inside a graph).
+        Without it a GPU call with a slot >= L_max writes nothing for that sample (the
+        kernel never writes outside the cache); CPU calls are always checked.
     """
     _tensor("q", q, dims=3, dtypes=_FLOATS)
     _tensor("k", k, dims=3, dtypes=_FLOATS)
@@ -183,6 +185,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_splits: how many chunks of L_max run in parallel (default: from L_max and the
     SM count; never from the lengths, so a captured graph stays valid as they grow).
     Returns out (B Hq Dh) in q's dtype.
+    check: validate 0 <= lengths <= L_max on a GPU too (syncs: not inside a graph).
+        Without it the kernel reads at most L_max positions of each sample; CPU calls
+        are always checked.
     """
     _tensor("q", q, dims=3, dtypes=_FLOATS)
     B, Hq, Dh = q.shape

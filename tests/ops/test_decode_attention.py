@@ -170,3 +170,17 @@ def test_cuda_graph_capture_all_three_ops():
     torch.testing.assert_close(kc.float(), kr.float(), atol=1e-5, rtol=8e-3)
     torch.testing.assert_close(o_buf.float(), o_ref.float(), **TOL[torch.bfloat16])
     torch.testing.assert_close(e_buf.float(), e_ref.float(), atol=1e-5, rtol=8e-3)
+
+
+def test_kernel_clamps_lengths_to_the_cache():
+    # Without check=True a GPU call does not validate lengths (it would sync); a length
+    # past L_max must read no further than the sample's own L_max rows.
+    from medlvr.ops.decode import _kernels
+
+    q, kc, vc, _ = _case(2, 2, 1, 16, 6, torch.float32, [6, 6], B_max=3)
+    kc[2], vc[2] = float("nan"), float("nan")  # the next sample's rows
+    with medlvr.force_backend("triton"):
+        with pytest.raises(ValueError, match="lengths"):
+            decode_attention(q, kc, vc, torch.tensor([6, 9]))
+        got = _kernels("decode_attention").decode_attention(q, kc, vc, torch.tensor([6, 9]), num_splits=2)
+    torch.testing.assert_close(got, ref.decode_attention(q, kc, vc, torch.tensor([6, 6])), **TOL[torch.float32])

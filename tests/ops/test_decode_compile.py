@@ -81,7 +81,7 @@ def _compile_all():
     out = {}
     rot = _load("rotary_append")
     ptrs = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "kc_ptr", "vc_ptr")}
-    ptrs.update(pos_ptr="*i64", inv_freq_ptr="*fp32", slots_ptr="*i32")
+    ptrs.update(pos_ptr="*i64", inv_freq_ptr="*fp32", slots_ptr="*i32", seq_cap="i32")
     for mrope in (True, False):
         out[f"rotary mrope={mrope}"] = _compile_sm90(
             rot._rotary_append_kernel, ptrs,
@@ -91,7 +91,7 @@ def _compile_all():
     for dtype in ("bf16", "fp16"):
         ptrs = {"q_ptr": f"*{dtype}", "kc_ptr": f"*{dtype}", "vc_ptr": f"*{dtype}", "len_ptr": "*i32",
                 "o_ptr": f"*{dtype}", "lse_ptr": "*fp32", "part_ptr": "*fp32", "qk_scale": "fp32",
-                "split_len": "i32"}
+                "split_len": "i32", "seq_cap": "i32"}
         for single in ((False, True) if dtype == "bf16" else (False,)):
             out[f"attention stage1 {dtype} single={single}"] = _compile_sm90(
                 att._decode_attn_stage1, ptrs,

@@ -214,3 +214,22 @@ def test_strided_views_of_a_fused_qkv_projection():
     torch.testing.assert_close(q_t, q_r, **TOL[torch.float32])
     torch.testing.assert_close(kc_t, kc_r, **TOL[torch.float32])
     torch.testing.assert_close(vc_t, vc_r, atol=0, rtol=0)
+
+
+def test_kernel_drops_out_of_range_slots():
+    # The op diagnoses slot >= L_max only on CPU or with check=True (it syncs); without
+    # the check the GPU kernel must not write past the sample's rows. Call the launcher
+    # directly to see the in-kernel guard.
+    from medlvr.ops.decode import _kernels
+
+    B, Hq, Hkv, Dh, L = 2, 2, 1, 8, 3
+    q, k, v, kc, vc, pos = _case(B, Hq, Hkv, Dh, L, torch.float32, B_max=3)
+    kc2, vc2 = kc.clone(), vc.clone()
+    with medlvr.force_backend("triton"):
+        with pytest.raises(ValueError, match="slots"):
+            rotary_append(q, k, v, positions=pos, inv_freq=_inv_freq(Dh), k_cache=kc2, v_cache=vc2,
+                          slots=torch.tensor([L, 1]))
+        _kernels("rotary_append").rotary_append(q, k, v, positions=pos, inv_freq=_inv_freq(Dh), k_cache=kc2,
+                                                v_cache=vc2, slots=torch.tensor([L, 1]), rotary_dim=Dh)
+    assert torch.equal(kc2[0], kc[0]) and torch.equal(kc2[2], kc[2]) and torch.equal(vc2[2], vc[2])
+    assert not torch.equal(kc2[1], kc[1])
