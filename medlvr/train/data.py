@@ -19,6 +19,7 @@ skips bad records, counts them and lists each one in the returned `BadReport`.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -89,16 +90,18 @@ class BadReport:
         return "\n".join([head] + [f"  {self.file}:{ln}: field '{f}': {m} (skipped)" for ln, f, m in self.skipped])
 
 
-_image_size_cache: dict[str, tuple[int, int]] = {}
+_image_size_cache: dict[tuple[str, int, int], tuple[int, int]] = {}
 
 
 def image_size(path: str) -> tuple[int, int]:
-    """(width, height) read from the file header (no decode), cached per path."""
-    s = _image_size_cache.get(path)
+    """(width, height) read from the file header (no decode), cached per (path, mtime, size)."""
+    st = os.stat(path)
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    s = _image_size_cache.get(key)
     if s is None:
         with Image.open(path) as im:
             s = (int(im.width), int(im.height))
-        _image_size_cache[path] = s
+        _image_size_cache[key] = s
     return s
 
 

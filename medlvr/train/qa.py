@@ -49,7 +49,7 @@ def _yes_no(text: str) -> str | None:
     return None
 
 
-def _option_from_prediction(pred: str, options: list[str]) -> str | None:
+def option_from_prediction(pred: str, options: list[str]) -> str | None:
     """The option a prediction names: its text (normalised) or its letter ("B", "B.", "(b)", "b) x")."""
     norm_opts = [normalize_answer(o) for o in options]
     p = normalize_answer(pred)
@@ -68,6 +68,10 @@ def _option_from_prediction(pred: str, options: list[str]) -> str | None:
     return None
 
 
+# Older name, imported by medlvr/train/rewards.py.
+_option_from_prediction = option_from_prediction
+
+
 def score(pred: str, record) -> bool:
     """True when `pred` answers `record` correctly.
 
@@ -79,7 +83,7 @@ def score(pred: str, record) -> bool:
         return False
     answer = record.answer
     if record.options:
-        chosen = _option_from_prediction(pred, record.options)
+        chosen = option_from_prediction(pred, record.options)
         return chosen is not None and normalize_answer(chosen) == normalize_answer(answer)
     if is_yes_no(answer):
         return _yes_no(pred) == normalize_answer(answer)
