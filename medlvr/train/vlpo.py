@@ -48,7 +48,7 @@ from medlvr.train.rewards import outcome_rewards
 from medlvr.train.rollout import Rollouts, policy_forward, prompt_inputs, sample_rollouts
 
 __all__ = [
-    "VLPOConfig", "VLPOTokens", "PolicyScorer", "group_advantages", "ppo_clip_loss", "kl_k3", "vlpo_loss", "vlpo_step",
+    "VLPOConfig", "VLPOTokens", "PolicyScorer", "adapter_is_identity", "group_advantages", "ppo_clip_loss", "kl_k3", "vlpo_loss", "vlpo_step",
     "train_vlpo", "add_vlpo_arguments", "vlpo_main",
 ]
 
@@ -225,6 +225,35 @@ def _peft(model: torch.nn.Module) -> torch.nn.Module:
     return m
 
 
+def adapter_is_identity(model: torch.nn.Module) -> bool:
+    """True when a peft LoRA model's adapter is still at peft's identity init (every lora_B
+    zero, trainable-token rows equal to the base rows): disabling it then gives the very same
+    policy, so it is a valid KL reference. False for any adapter that has been trained, any
+    other peft type, or a plain model."""
+    if not _is_peft(model):
+        return False
+    m = _peft(model)
+    types = {str(getattr(c, "peft_type", "")).split(".")[-1] for c in getattr(m, "peft_config", {}).values()}
+    if not types or not types <= {"LORA"}:
+        return False
+    for mod in m.modules():
+        for name in ("lora_B", "lora_embedding_B"):
+            d = getattr(mod, name, None)
+            if isinstance(d, (torch.nn.ModuleDict, torch.nn.ParameterDict)):
+                for v in d.values():
+                    w = v.weight if isinstance(v, torch.nn.Module) else v
+                    if bool((w != 0).any()):
+                        return False
+        delta = getattr(mod, "trainable_tokens_delta", None)
+        if isinstance(delta, torch.nn.ParameterDict) and len(delta):
+            base = mod.get_base_layer().weight.detach()
+            for k, v in delta.items():
+                idx = torch.as_tensor(mod.token_indices[k], device=base.device)
+                if not torch.equal(v.detach(), base[idx].to(v.dtype)):
+                    return False
+    return True
+
+
 def _score(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, projector):
     prompt = prompt_inputs(model, batch, repeat=ro.n)
     return policy_forward(model, ro, latent_end_id=tokens.latent_end, temperature=cfg.temperature,
@@ -362,7 +391,7 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
     too. reference: "adapter" (the policy with its peft adapter disabled: right when the
     adapter was created for this run), "copy" (a frozen deep copy of the policy as it is now:
     right for full fine-tuning and for an adapter that already holds stage-1 training), or
-    "auto" (adapter for a peft model, else copy). Records are drawn without replacement in a seeded
+    "auto" (adapter when :func:`adapter_is_identity`, else copy). Records are drawn without replacement in a seeded
     order, reshuffled every epoch. Returns one metrics dict per step, also appended as
     JSON lines to ``log_path`` when given.
     """
@@ -404,7 +433,7 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
     if reference not in ("auto", "adapter", "copy"):
         raise ValueError(f"reference: expected 'auto', 'adapter' or 'copy', got {reference!r}")
     if reference == "auto":
-        reference = "adapter" if _is_peft(model) else "copy"
+        reference = "adapter" if adapter_is_identity(model) else "copy"
     if reference == "adapter" and not _is_peft(model):
         raise ValueError("reference: 'adapter' needs a peft model, got a plain "
                          f"{type(model).__name__}")
@@ -558,11 +587,10 @@ def vlpo_main(args: argparse.Namespace) -> dict:
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
         metrics_path.unlink()  # one run per directory: metrics of an older run are not mixed in
-    # A stage-1 LoRA already holds the SFT policy: disabling it would give the base model, so
-    # the KL reference is then a frozen copy of the initial policy.
-    reference = "copy" if (args.init and _is_peft(lm.model)) else "auto"
+    # "auto": a stage-1 LoRA already holds the SFT policy (disabling it would give the base
+    # model), so the KL reference is then a frozen copy; a fresh adapter is simply disabled.
     history = train_vlpo(lm, processor, records, cfg, progress=not args.no_progress, log_path=metrics_path,
-                         reference=reference)
+                         reference="auto")
     stage1 = {**stage1, "k_latent": cfg.k_latent}
     _save(out, lm, {"base": base, "stage1": stage1, "vlpo": dataclasses.asdict(cfg), "init": args.init})
     last = dict(history[-1]) if history else {}

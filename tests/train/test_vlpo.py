@@ -459,6 +459,28 @@ def test_vlpo_main_trains_saves_and_reloads(tmp_path, monkeypatch):
     assert trained and any(p.abs().max() > 0 for p in trained.values())  # the update was saved
 
 
+def test_adapter_is_identity_detects_trained_adapters():
+    from medlvr.models import build_default
+    from medlvr.train.stage1 import Stage1Config, build_trainable
+    from medlvr.train.vlpo import adapter_is_identity
+
+    model, processor = build_default(seed=0)
+    assert not adapter_is_identity(model)  # no adapter at all
+    lm = build_trainable(model, processor, Stage1Config(k_latent=2, lora=True, lora_r=4))
+    assert adapter_is_identity(lm.model)  # fresh LoRA + latent-token rows at their init
+    params = dict(lm.model.named_parameters())
+    name_b = next(n for n in params if "lora_B" in n)
+    name_t = next(n for n in params if "trainable_tokens_delta" in n)
+    with torch.no_grad():
+        keep = params[name_t][0, 0].clone()
+        params[name_t][0, 0] += 1.0  # a trained latent-token row
+        assert not adapter_is_identity(lm.model)
+        params[name_t][0, 0] = keep
+        assert adapter_is_identity(lm.model)
+        params[name_b][0, 0] = 0.5  # a trained LoRA update
+        assert not adapter_is_identity(lm.model)
+
+
 def test_vlpo_main_from_a_stage1_lora_run_uses_it_as_reference(tmp_path):
     """--init restores LoRA + projector + K; the KL reference is the stage-1 policy itself
     (a frozen copy), not the base model under a disabled adapter: KL is 0 on the first step
