@@ -58,39 +58,32 @@ def axis_weights(lo: float, hi: float, n_bins: int, size: int, *, pooling: str, 
     lo, hi: the clipped box extent in token units along this axis. ``samples`` is the
     number of bilinear samples per bin along this axis (ignored for ``area``).
     """
-    idx = torch.arange(size, dtype=torch.float32)
-    w = torch.zeros(n_bins, size, dtype=torch.float32)
+    p = torch.arange(n_bins, dtype=torch.float32)[:, None]
     if pooling == "area":
         # fp32 bin edges, computed as the kernels compute them, so that both agree on
         # sub-pixel bins where fp32 rounding of the edges is a visible part of the width
+        idx = torch.arange(size, dtype=torch.float32)[None, :]
         lo32 = torch.tensor(lo, dtype=torch.float32)
         s = (torch.tensor(hi, dtype=torch.float32) - lo32) / n_bins
-        for p in range(n_bins):
-            a = lo32 + p * s
-            b = a + s
-            overlap = (torch.minimum(idx + 1, b) - torch.maximum(idx, a)).clamp(min=0)
-            w[p] = overlap / (b - a)
-        return w
+        a = lo32 + p * s
+        b = a + s
+        overlap = (torch.minimum(idx + 1, b) - torch.maximum(idx, a)).clamp(min=0)
+        return overlap / (b - a)
     # bilinear, aligned=True: coordinates shift by half a cell so that the sample at a
-    # cell's centre reads that cell alone (torchvision's roi_align_kernel.cpp).
-    start = lo - 0.5
+    # cell's centre reads that cell alone (torchvision's roi_align_kernel.cpp, in fp64 here)
     s = (hi - lo) / n_bins
-    for p in range(n_bins):
-        for n in range(samples):
-            y = start + p * s + (n + 0.5) * s / samples
-            if y < -1.0 or y > size:
-                continue
-            y = max(y, 0.0)
-            low = int(math.floor(y))
-            if low >= size - 1:
-                low = high = size - 1
-                y = float(low)
-            else:
-                high = low + 1
-            frac = y - low
-            w[p, low] += (1.0 - frac) / samples
-            w[p, high] += frac / samples
-    return w
+    n = torch.arange(samples, dtype=torch.float64)[None, :]
+    y = (lo - 0.5) + p.double() * s + (n + 0.5) * s / samples       # (n_bins, samples)
+    valid = (y >= -1.0) & (y <= size)                                # else the sample reads 0
+    y = y.clamp(min=0.0)
+    low = y.floor().long()
+    at_edge = low >= size - 1
+    low = torch.where(at_edge, size - 1, low)
+    high = torch.where(at_edge, size - 1, low + 1)
+    frac = torch.where(at_edge, 0.0, y - low)
+    idx = torch.arange(size)[None, None, :]
+    w = ((idx == low[..., None]) * (1.0 - frac)[..., None] + (idx == high[..., None]) * frac[..., None])
+    return (w * valid[..., None]).sum(1).div(samples).to(torch.float32)
 
 
 def bilinear_samples(extent: float, n_bins: int, sampling_ratio: int) -> int:
