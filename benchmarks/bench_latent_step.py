@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import parser, report, sync, time_ms  # noqa: E402
+from benchmarks._common import parser, report, time_ms  # noqa: E402
 from medlvr.engine import LatentEngine  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "medlvr" / "models" / "assets" / "config.json"
@@ -78,7 +78,8 @@ def step_bytes(model, B: int, L: int, dtype: torch.dtype) -> int:
     weights += sum(p.numel() * p.element_size() for p in text.norm.parameters())
     cfg = text.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = B * L * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    elem = torch.empty((), dtype=dtype).element_size()
+    kv = B * L * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * elem
     return weights + kv
 
 

@@ -45,6 +45,7 @@ from medlvr.engine import sampling
 from medlvr.engine.adapters import adapter_for
 from medlvr.engine.cache import StaticKVCache
 from medlvr.engine.fused import FusedProjections
+from medlvr.engine.graphs import GraphRunner
 from medlvr.ops.decode import decode_attention, rmsnorm_feedback, rotary_append
 
 EXITS = ("fixed", "cosine", "stop_logit")
@@ -119,8 +120,8 @@ class LatentEngine:
     """
 
     def __init__(self, model: nn.Module, *, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
-                 use_cuda_graphs: bool | str = "auto", projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 fuse_projections: bool = False):
+                 use_cuda_graphs: bool | str = "auto",
+                 projector: Callable[[torch.Tensor], torch.Tensor] | None = None, fuse_projections: bool = False):
         _positive_int("max_batch", max_batch)
         _positive_int("max_len", max_len)
         self.model = model
@@ -147,13 +148,15 @@ class LatentEngine:
         act = a.dtype
         # Step state; row b < B is sample b of the current batch, rows up to the bucket
         # are inert padding (inactive, length 0).
-        self._x = torch.zeros(max_batch, D, dtype=act, device=dev)  # next input embedding
+        self._x = torch.zeros(max_batch, D, dtype=act, device=dev)  # next input embedding z
+        self._mu = torch.zeros(max_batch, D, dtype=act, device=dev)  # its mean feedback(h) (z = mu + sigma eps)
         self._h = torch.zeros(max_batch, D, dtype=act, device=dev)  # post-norm hidden that produced _x
         self._len = torch.zeros(max_batch, dtype=torch.long, device=dev)  # valid cache entries
         self._pos = torch.zeros(a.num_position_rows, max_batch, dtype=torch.long, device=dev)  # next position
         self._active = torch.zeros(max_batch, dtype=torch.bool, device=dev)
         self._num_latent = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self._threshold = torch.zeros((), dtype=torch.float32, device=dev)
+        self._sigma = torch.zeros((), dtype=torch.float32, device=dev)
         self._latent_end = torch.zeros(1, dtype=torch.long, device=dev)
         self._tok = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self._lp = torch.zeros(max_batch, dtype=torch.float32, device=dev)
@@ -164,9 +167,8 @@ class LatentEngine:
         self._top_p = torch.ones((), dtype=torch.float32, device=dev)
         self._stop_ids = torch.full((MAX_STOP_IDS,), -1, dtype=torch.long, device=dev)
         self._pad = torch.zeros((), dtype=torch.long, device=dev)
-        self._segment_out: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self._pool = None
+        self._segment_out: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._graphs = GraphRunner(enabled=self.use_cuda_graphs, device=self.device, state=self._step_state)
         self._batch = 0  # real samples of the current batch (0: no prefill yet)
         self._bucket = 0
         # Upper bound of max(_len), tracked on the host so capacity checks never sync.
@@ -177,7 +179,7 @@ class LatentEngine:
                  exit_threshold: float | None = None, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, stop_ids: Sequence[int] = (), latent_end_id: int | None = None,
                  generator: torch.Generator | None = None, pad_id: int | None = None,
-                 return_logits: bool = False) -> GenerateOutput:
+                 return_logits: bool = False, latent_noise_std: float = 0.0) -> GenerateOutput:
         """Prefill -> latent segment of up to k_max steps -> answer of up to
         max_new_tokens tokens, for a left-padded batch of prompts ending with
         <|latent_start|> (see team_interfaces.md). With k_max == 0 there is no latent
@@ -193,6 +195,7 @@ class LatentEngine:
             _token_id("latent_end_id", latent_end_id, V)
         self._check_exit(exit, exit_threshold, latent_end_id)
         self._check_sampling(temperature, top_p, stop_ids, pad_id)
+        self._check_noise(latent_noise_std, generator)
         self.adapter.check_batch(batch)
         B = batch["input_ids"].shape[0]
         self._check_batch_size(B)
@@ -205,7 +208,8 @@ class LatentEngine:
                              f"{self.max_len}")
 
         prompt_lengths = self.prefill(batch)
-        seg = self.latent_segment(k_max, exit=exit, exit_threshold=exit_threshold, latent_end_id=latent_end_id)
+        seg = self.latent_segment(k_max, exit=exit, exit_threshold=exit_threshold, latent_end_id=latent_end_id,
+                                  latent_noise_std=latent_noise_std, generator=generator)
         text = self.decode_text(max_new_tokens, first_token=first, temperature=temperature, top_p=top_p,
                                 stop_ids=stop_ids, pad_id=pad_id, generator=generator, return_logits=return_logits)
         return GenerateOutput(latents=seg.latents, latent_hidden=seg.latent_hidden, num_latent=seg.num_latent,
@@ -232,13 +236,15 @@ class LatentEngine:
             self._len[:B].copy_(pre.lengths)
             self._pos[:, :B].copy_(pre.next_positions)
             self._h[:B].copy_(pre.hidden)
-            self._x[:B].copy_(self.projector(pre.hidden) if self.projector is not None else pre.hidden)
+            self._mu[:B].copy_(self.projector(pre.hidden) if self.projector is not None else pre.hidden)
+            self._x[:B].copy_(self._mu[:B])
             self._active[:B] = True
         self._batch, self._bucket, self._host_len = B, Bk, n_max
         return pre.lengths.clone()
 
     def latent_segment(self, k_max: int, *, exit: str = "fixed", exit_threshold: float | None = None,
-                       latent_end_id: int | None = None) -> LatentSegment:
+                       latent_end_id: int | None = None, latent_noise_std: float = 0.0,
+                       generator: torch.Generator | None = None) -> LatentSegment:
         """Run up to k_max latent steps from the current state (after ``prefill``).
 
         exit rules, per sample, evaluated after each step t on its output h_t:
@@ -250,11 +256,19 @@ class LatentEngine:
               0); else when lm_head(h_t)[latent_end_id] > exit_threshold, or, with no
               threshold, when it is the argmax of lm_head(h_t) (a full V x D read per step).
         Every sample runs at least one step when k_max > 0.
+
+        latent_noise_std: VLPO's latent exploration. The fed latent is
+        z_t = mu_t + latent_noise_std * eps_t, eps_t ~ N(0, I) drawn from ``generator``,
+        with mu_t = feedback(h_{t-1}) the deterministic latent; ``latents`` returns the z_t
+        actually fed, ``latent_hidden`` the h_{t-1}. The cosine rule compares successive
+        means mu (noise would mask convergence).
         """
         self._require_prefill()
         if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 0:
             raise ValueError(f"k_max must be an int >= 0, got {k_max!r}")
         mode = self._check_exit(exit, exit_threshold, latent_end_id)
+        self._check_noise(latent_noise_std, generator)
+        noisy = latent_noise_std > 0
         B, Bk = self._batch, self._bucket
         D = self.adapter.hidden_size
         if k_max == 0:
@@ -264,9 +278,13 @@ class LatentEngine:
             raise ValueError(f"k_max {k_max} latent steps after {self._host_len} cached positions exceed max_len "
                              f"{self.max_len}")
         if (Bk, k_max) not in self._segment_out:
-            self._segment_out[(Bk, k_max)] = (torch.zeros(Bk, k_max, D, dtype=self._x.dtype, device=self.device),
-                                              torch.zeros(Bk, k_max, D, dtype=self._h.dtype, device=self.device))
-        lat, hid = self._segment_out[(Bk, k_max)]
+            self._segment_out[(Bk, k_max)] = tuple(torch.zeros(Bk, k_max, D, dtype=self._x.dtype, device=self.device)
+                                                   for _ in range(3))
+        lat, hid, eps = self._segment_out[(Bk, k_max)]
+        self._sigma.fill_(float(latent_noise_std))
+        if noisy:
+            # Drawn outside the graph, from the caller's generator: reproducible per seed.
+            eps.normal_(generator=generator)
         self._active[:B] = True
         self._num_latent.zero_()
         if exit_threshold is not None:
@@ -279,11 +297,13 @@ class LatentEngine:
             self._latent_end.fill_(latent_end_id)
 
         def segment():
+            # A segment starts from the current mean: z_0 = mu_0 (+ noise).
+            self._x[:Bk].copy_(self._feed(self._mu[:Bk], eps[:, 0]) if noisy else self._mu[:Bk])
             for t in range(k_max):
-                self._latent_step(t, Bk, mode, lat, hid)
+                self._latent_step(t, Bk, mode, lat, hid, eps if noisy else None)
 
         with self._inference():
-            self._run(("latent", Bk, k_max, mode), segment)
+            self._graphs.run(("latent", Bk, k_max, mode, noisy), segment)
         self._host_len += k_max
         return LatentSegment(lat[:B].clone(), hid[:B].clone(), self._num_latent[:B].clone())
 
@@ -358,7 +378,7 @@ class LatentEngine:
                     if t > 0 and not bool(self._active[:B].any()):
                         break
                 draw_noise()
-                self._run(("text", Bk, greedy, use_top_p), text_step)
+                self._graphs.run(("text", Bk, greedy, use_top_p), text_step)
                 fed[0] += 1
                 self._record(t, tokens, logprobs, logits_out)
         self._host_len += feeds
@@ -375,8 +395,7 @@ class LatentEngine:
 
     def reset_graphs(self) -> None:
         """Drop captured CUDA graphs (needed after parameters are replaced, not updated in place)."""
-        self._graphs.clear()
-        self._pool = None
+        self._graphs.reset()
 
     # ================================================================ one decode step
     def _layers(self, x: torch.Tensor, active: torch.Tensor, bound: int) -> torch.Tensor:
@@ -421,32 +440,39 @@ class LatentEngine:
         self._len[:Bk] += step
         self._pos[:, :Bk] += step
 
-    def _latent_step(self, t: int, Bk: int, mode: str, lat: torch.Tensor, hid: torch.Tensor) -> None:
-        x, h, active = self._x[:Bk], self._h[:Bk], self._active[:Bk]
+    def _feed(self, mu: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return (mu.float() + self._sigma * eps.float()).to(mu.dtype)
+
+    def _latent_step(self, t: int, Bk: int, mode: str, lat: torch.Tensor, hid: torch.Tensor,
+                     eps: torch.Tensor | None) -> None:
+        x, mu, h, active = self._x[:Bk], self._mu[:Bk], self._h[:Bk], self._active[:Bk]
         keep = active[:, None]
         lat[:, t].copy_(x.masked_fill(~keep, 0))
         hid[:, t].copy_(h.masked_fill(~keep, 0))
         out = self._layers(x, active, self._host_len + t + 1)
         self._num_latent[:Bk] += active.long()
         self._advance(Bk, active)
-        prev = x.clone()
-        # Exited rows keep their last state: after the segment _x/_h hold each sample's
-        # hidden state at its own last position.
-        normed = rmsnorm_feedback(out, self.adapter.norm.weight, eps=self.adapter.norm_eps, out=x, active=active,
+        prev = mu.clone()
+        # Exited rows keep their last state: after the segment _mu/_h (and _x) hold each
+        # sample's state at its own last position.
+        normed = rmsnorm_feedback(out, self.adapter.norm.weight, eps=self.adapter.norm_eps, out=mu, active=active,
                                   projector=self.projector)
         if self.projector is None:
-            h.copy_(x)
+            h.copy_(mu)
         else:
             h.copy_(torch.where(keep, normed.to(h.dtype), h))
-        stop = self._stop_rule(mode, x, prev, h)
+        if t + 1 < lat.shape[1]:  # the last step's output is not fed as a latent
+            nxt = self._feed(mu, eps[:, t + 1]) if eps is not None else mu
+            x.copy_(torch.where(keep, nxt, x))
+        stop = self._stop_rule(mode, mu, prev, h)
         if stop is not None:
             active.logical_and_(~stop)
 
-    def _stop_rule(self, mode: str, z_next: torch.Tensor, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
+    def _stop_rule(self, mode: str, mu_next: torch.Tensor, mu: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
         if mode == "fixed":
             return None
         if mode == "cosine":
-            return F.cosine_similarity(z_next.float(), z.float(), dim=-1) > self._threshold
+            return F.cosine_similarity(mu_next.float(), mu.float(), dim=-1) > self._threshold
         if mode == "head":
             return self.stop_head(h).float().reshape(-1) > self._threshold
         head = self.adapter.lm_head
@@ -486,45 +512,6 @@ class LatentEngine:
         if logits is not None:
             logits[:, t].copy_(self._logits[:B])
 
-    # ================================================================ CUDA graphs
-    def _run(self, key: tuple, fn: Callable[[], None]) -> None:
-        """fn() eagerly, or as a CUDA graph captured on first use for this key."""
-        if not self.use_cuda_graphs:
-            fn()
-            return
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._capture(fn)
-            self._graphs[key] = graph
-        graph.replay()
-
-    _STATE = ("_x", "_h", "_len", "_pos", "_active", "_num_latent", "_tok", "_lp", "_text_len", "_logits")
-
-    def _capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
-        # Warm-up runs (cuBLAS handles, Triton compilation) really execute and advance
-        # the step state: it is saved and restored around them. Their K/V writes land at
-        # slots past every sample's length, which the real replay then overwrites.
-        saved = {name: getattr(self, name).clone() for name in self._STATE}
-
-        def restore():
-            for name, value in saved.items():
-                getattr(self, name).copy_(value)
-
-        stream = torch.cuda.Stream(device=self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-                restore()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            fn()
-        restore()
-        return graph
-
     # ================================================================ helpers
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
@@ -550,9 +537,13 @@ class LatentEngine:
             bucket *= 2
         return min(bucket, self.max_batch)
 
+    def _step_state(self) -> list[torch.Tensor]:
+        """The buffers a step mutates (besides the KV cache and per-call outputs)."""
+        return [self._x, self._mu, self._h, self._len, self._pos, self._active, self._num_latent, self._tok,
+                self._lp, self._text_len, self._logits]
+
     def _reset_state(self) -> None:
-        for buf in (self._x, self._h, self._len, self._pos, self._active, self._num_latent, self._tok, self._lp,
-                    self._text_len):
+        for buf in self._step_state():
             buf.zero_()
 
     def _check_batch_size(self, B: int) -> None:
@@ -581,6 +572,13 @@ class LatentEngine:
             raise ValueError("exit='stop_logit' needs latent_end_id (or a latent_stop_head on the model)")
         _token_id("latent_end_id", latent_end_id, self.adapter.vocab_size)
         return "argmax" if threshold is None else "logit"
+
+    def _check_noise(self, std, generator) -> None:
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
+            raise ValueError(f"latent_noise_std must be a float >= 0, got {std!r}")
+        if generator is not None and generator.device.type != self.device.type:
+            raise ValueError(f"generator must be on the model's device type {self.device.type}, "
+                             f"got {generator.device}")
 
     def _check_sampling(self, temperature, top_p, stop_ids, pad_id) -> None:
         V = self.adapter.vocab_size

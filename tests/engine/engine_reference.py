@@ -35,7 +35,7 @@ def _out_cache(out):
 
 @torch.no_grad()
 def hf_latent_loop(model, ids, pv=None, grid=None, *, k_max, exit="fixed", threshold=None, latent_end_id=None,
-                   max_new_tokens=0, stop_ids=(), projector=None) -> RefResult:
+                   max_new_tokens=0, stop_ids=(), projector=None, noise=None) -> RefResult:
     vl = hasattr(model.model, "language_model")
     decoder = model.model
     kw = dict(input_ids=ids[None], use_cache=True)
@@ -61,11 +61,12 @@ def hf_latent_loop(model, ids, pv=None, grid=None, *, k_max, exit="fixed", thres
     feed = projector if projector is not None else (lambda x: x)
     h = out.last_hidden_state[0, -1]
     for t in range(k_max):
-        z = feed(h)
+        mu = feed(h)
+        z = mu if noise is None else mu + noise[t]  # VLPO exploration: z_t = mu_t + sigma eps_t
         res.latents.append(z)
         res.hidden.append(h)
         h = step(z)
-        cos = F.cosine_similarity(feed(h), z, dim=0).item()
+        cos = F.cosine_similarity(feed(h), mu, dim=0).item()
         logits = model.lm_head(h)
         res.cosines.append(cos)
         if latent_end_id is not None:

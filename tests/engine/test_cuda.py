@@ -49,7 +49,7 @@ def test_graphs_match_eager(exit, thr):
         assert out.num_latent.tolist() == eager.num_latent.tolist()
         assert out.tokens.tolist() == eager.tokens.tolist()
         _close(out.logits, eager.logits, 1e-6)
-    assert graphed._graphs, "no graph was captured"
+    assert len(graphed._graphs) > 0, "no graph was captured"
 
 
 def test_graphs_fp32_match_hf_loop():

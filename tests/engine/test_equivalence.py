@@ -213,3 +213,20 @@ def test_engine_reusable_across_calls(vl_model):
         tm.left_pad(samples[2:]), k_max=3, max_new_tokens=3, latent_end_id=tm.LATENT_END)
     torch.testing.assert_close(again.latents, fresh.latents, rtol=0, atol=0)
     assert again.tokens.tolist() == fresh.tokens.tolist()
+
+
+def test_latent_noise_matches_hf_loop_with_the_same_noise(vl_model):
+    """VLPO exploration: z_t = mu_t + sigma * eps_t with eps drawn from the generator as
+    one (B, k_max, D) normal tensor; the cosine rule still compares the means."""
+    samples = _samples()[:2]
+    sigma, seed = 0.3, 7
+    eps = torch.empty(2, K, 64).normal_(generator=torch.Generator().manual_seed(seed))
+    refs = [hf_latent_loop(vl_model, *s, k_max=K, exit="cosine", threshold=0.97, latent_end_id=tm.LATENT_END,
+                           max_new_tokens=3, noise=sigma * eps[b]) for b, s in enumerate(samples)]
+    engine = LatentEngine(vl_model, max_batch=2, max_len=64)
+    out = engine.generate(tm.left_pad(samples), k_max=K, exit="cosine", exit_threshold=0.97, max_new_tokens=3,
+                          latent_end_id=tm.LATENT_END, latent_noise_std=sigma, return_logits=True,
+                          generator=torch.Generator().manual_seed(seed))
+    _check_against_reference(out, refs, k_max=K, T=3)
+    n = out.num_latent
+    close(out.latents[0, :n[0]] - out.latent_hidden[0, :n[0]], sigma * eps[0, :n[0]])

@@ -1,0 +1,67 @@
+"""Run a decode-step function eagerly, or as a CUDA graph captured on its first use.
+
+One graph per key (the engine keys by batch bucket, segment length and step kind); all
+graphs share one memory pool. They never run concurrently and hand results over only
+through the engine's preallocated buffers, which is what makes sharing the pool safe.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+class GraphRunner:
+    """enabled: capture graphs (CUDA only); otherwise ``run`` just calls the function.
+    state: returns the tensors a step mutates (the engine's step state), saved and
+    restored around the warm-up runs that precede a capture."""
+
+    def __init__(self, *, enabled: bool, device: torch.device, state: Callable[[], Sequence[torch.Tensor]]):
+        self.enabled = enabled
+        self.device = device
+        self._state = state
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def run(self, key: tuple, fn: Callable[[], None]) -> None:
+        if not self.enabled:
+            fn()
+            return
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture(fn)
+            self._graphs[key] = graph
+        graph.replay()
+
+    def reset(self) -> None:
+        self._graphs.clear()
+        self._pool = None
+
+    def _capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        # Warm-up runs (cuBLAS handles, Triton compilation and autotuning) really execute
+        # and advance the step state: it is saved and restored around them. Starting from
+        # the same state they take the same exits, so their K/V writes land exactly where
+        # the real replay then writes.
+        tensors = list(self._state())
+        saved = [t.clone() for t in tensors]
+
+        def restore():
+            for t, value in zip(tensors, saved):
+                t.copy_(value)
+
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+                restore()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            fn()  # recorded, not executed
+        return graph
