@@ -90,6 +90,15 @@ class GenerateOutput:
     logits: torch.Tensor | None = None
 
 
+def _as_mapping(batch) -> Mapping[str, torch.Tensor]:
+    """A dict of model inputs; a medlvr.train collate ``Batch`` is accepted as well."""
+    if isinstance(batch, Mapping):
+        return batch
+    if callable(getattr(batch, "model_inputs", None)):
+        return batch.model_inputs()
+    raise TypeError(f"batch must be a dict of tensors (or a collate Batch), got {type(batch).__name__}")
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -196,6 +205,7 @@ class LatentEngine:
         self._check_exit(exit, exit_threshold, latent_end_id)
         self._check_sampling(temperature, top_p, stop_ids, pad_id)
         self._check_noise(latent_noise_std, generator)
+        batch = _as_mapping(batch)
         self.adapter.check_batch(batch)
         B = batch["input_ids"].shape[0]
         self._check_batch_size(B)
@@ -220,6 +230,7 @@ class LatentEngine:
         """Run the HF model over the left-padded prompts, fill the static cache, set
         each sample's next position and first latent input. Returns prompt lengths (B)."""
         a = self.adapter
+        batch = _as_mapping(batch)
         a.check_batch(batch)
         B = batch["input_ids"].shape[0]
         self._check_batch_size(B)
