@@ -33,8 +33,8 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["Rollouts", "hf_model", "prompt_inputs", "sample_rollouts", "policy_forward",
-           "gather_logprobs", "latent_gaussian_logprob"]
+__all__ = ["Rollouts", "hf_model", "image_features", "vision_frozen", "prompt_inputs", "sample_rollouts",
+           "policy_forward", "gather_logprobs", "latent_gaussian_logprob"]
 
 
 # --------------------------------------------------------------------------- ops ----
@@ -99,14 +99,32 @@ def _field(batch: Any, name: str):
     return batch[name] if isinstance(batch, Mapping) else getattr(batch, name, None)
 
 
-def prompt_inputs(model: torch.nn.Module, batch: Any, *, repeat: int = 1) -> dict[str, torch.Tensor]:
+def image_features(model: torch.nn.Module, batch: Any) -> torch.Tensor | None:
+    """Merged vision tokens [T, D] of the batch's images (packing order), None without images."""
+    pixel_values = _field(batch, "pixel_values")
+    if pixel_values is None:
+        return None
+    hf = hf_model(model)
+    feats = hf.model.get_image_features(pixel_values, _field(batch, "image_grid_thw"), return_dict=True).pooler_output
+    return torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
+
+
+def vision_frozen(model: torch.nn.Module) -> bool:
+    """No trainable parameter in the vision tower: its features are the same for the policy,
+    the old policy and the reference, so one computation per step serves all passes."""
+    return not any(p.requires_grad for p in hf_model(model).model.visual.parameters())
+
+
+def prompt_inputs(model: torch.nn.Module, batch: Any, *, repeat: int = 1,
+                  vision: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Embeddings, positions and mask of a left-padded prompt batch, each row repeated
     ``repeat`` times (row i*repeat + j is rollout j of prompt i).
 
     The vision tower runs once per prompt, not once per rollout: the image features are
     scattered into the prompt embeddings and the embeddings are repeated.
     batch: input_ids, attention_mask (left-padded), pixel_values, image_grid_thw,
-    mm_token_type_ids (a collate Batch or a dict). Returns embeds [B*n,P,D],
+    mm_token_type_ids (a collate Batch or a dict). vision: precomputed
+    :func:`image_features` of the batch (skips the vision tower). Returns embeds [B*n,P,D],
     position_ids [3,B*n,P], attention_mask [B*n,P], input_ids [B*n,P].
     """
     hf = hf_model(model)
@@ -122,8 +140,7 @@ def prompt_inputs(model: torch.nn.Module, batch: Any, *, repeat: int = 1) -> dic
                          "ending in padding")
     embeds = hf.get_input_embeddings()(input_ids)
     if pixel_values is not None:
-        feats = hf.model.get_image_features(pixel_values, grid, return_dict=True).pooler_output
-        feats = torch.cat(list(feats), dim=0).to(embeds.dtype)
+        feats = (image_features(model, batch) if vision is None else vision).to(embeds.dtype)
         img = input_ids == hf.config.image_token_id
         if int(img.sum()) != feats.shape[0]:
             raise ValueError(f"batch has {int(img.sum())} image tokens but the vision tower gave "
@@ -203,7 +220,7 @@ def _step(lm, embeds, position_ids, mask, cache) -> torch.Tensor:
 def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int, latent_sigma: float,
                     temperature: float, top_p: float, max_new_tokens: int, latent_end_id: int,
                     stop_id: int, pad_id: int, generator: torch.Generator | None = None,
-                    projector: torch.nn.Module | None = None) -> Rollouts:
+                    projector: torch.nn.Module | None = None, vision: torch.Tensor | None = None) -> Rollouts:
     """Sample n rollouts per prompt with latent exploration z_t = mu_t + sigma * eps.
 
     batch: left-padded prompts ending with <|latent_start|> (collate with_answer=False).
@@ -223,7 +240,7 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
     hf = hf_model(model)
     lm = hf.model.language_model
     embed = hf.get_input_embeddings()
-    prompt = prompt_inputs(model, batch, repeat=n)
+    prompt = prompt_inputs(model, batch, repeat=n, vision=vision)
     R, _, D = prompt["embeds"].shape
     dev, dt = prompt["embeds"].device, prompt["embeds"].dtype
 

@@ -45,7 +45,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from medlvr.train.rewards import outcome_rewards
-from medlvr.train.rollout import Rollouts, policy_forward, prompt_inputs, sample_rollouts
+from medlvr.train.rollout import (Rollouts, image_features, policy_forward, prompt_inputs, sample_rollouts,
+                                  vision_frozen)
 
 __all__ = [
     "VLPOConfig", "VLPOTokens", "PolicyScorer", "adapter_is_identity", "group_advantages", "ppo_clip_loss", "kl_k3", "vlpo_loss", "vlpo_step",
@@ -254,8 +255,8 @@ def adapter_is_identity(model: torch.nn.Module) -> bool:
     return True
 
 
-def _score(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, projector):
-    prompt = prompt_inputs(model, batch, repeat=ro.n)
+def _score(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, projector, vision=None):
+    prompt = prompt_inputs(model, batch, repeat=ro.n, vision=vision)
     return policy_forward(model, ro, latent_end_id=tokens.latent_end, temperature=cfg.temperature,
                           latent_sigma=cfg.latent_sigma, prompt=prompt, projector=projector)
 
@@ -272,8 +273,9 @@ class PolicyScorer(torch.nn.Module):
         super().__init__()
         self.model, self.projector, self.cfg, self.tokens = model, projector, cfg, tokens
 
-    def forward(self, batch: Any, ro: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
-        return _score(self.model, batch, ro, self.cfg, self.tokens, self.projector)
+    def forward(self, batch: Any, ro: Rollouts, vision: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _score(self.model, batch, ro, self.cfg, self.tokens, self.projector, vision)
 
 
 def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts], dict[str, Any]],
@@ -282,7 +284,7 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
               projector: torch.nn.Module | None = None, ref_projector: torch.nn.Module | None = None,
               backward: Callable[[torch.Tensor], None] | None = None,
               clip_grad: Callable[[Sequence[torch.nn.Parameter], float], Any] | None = None,
-              scorer: Callable[[Any, Rollouts], tuple[torch.Tensor, torch.Tensor]] | None = None,
+              scorer: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
               autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, float]:
     """Rollouts, rewards, advantages and ``cfg.ppo_epochs`` optimiser steps on one prompt batch.
 
@@ -298,7 +300,9 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
     the no-grad scoring passes, so that they run in the precision the prepared scorer's
     forward runs in (else the first ratio would not be 1 under mixed precision).
     Dropout is switched off (eval mode) for the whole step: the policy that is optimised is
-    the one that sampled, which is what makes the first ratio exactly 1.
+    the one that sampled. Old log-probs ("recompute") are the first PPO epoch's own log-probs,
+    detached: the ratio of that epoch is exactly 1 without a separate no-grad pass. A frozen
+    vision tower runs once per step; its features serve every pass.
     """
     if cfg.kl_beta > 0 and ref_model is None and not _is_peft(model):
         raise ValueError("ref_model: expected a frozen reference model for a non-peft policy when kl_beta > 0, "
@@ -307,36 +311,43 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
     was_training = model.training
     model.eval()
     n = cfg.n_rollouts
-    with amp():
+    with torch.no_grad(), amp():
+        vision = image_features(model, batch) if vision_frozen(model) else None
         ro = sample_rollouts(model, batch, n=n, k_latent=cfg.k_latent, latent_sigma=cfg.latent_sigma,
                              temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                              latent_end_id=tokens.latent_end, stop_id=tokens.stop, pad_id=tokens.pad,
-                             generator=generator, projector=projector)
+                             generator=generator, projector=projector, vision=vision)
     rew = reward_fn(ro)
     rewards = torch.as_tensor(rew["reward"], dtype=torch.float32, device=ro.tokens.device)
     adv = group_advantages(rewards, n, eps=cfg.adv_eps)
 
-    with torch.no_grad(), amp():
-        old_tok, old_lat = _score(model, batch, ro, cfg, tokens, projector)
-        gap = ((old_tok - ro.token_logprobs).abs() * ro.token_mask).sum() / ro.token_mask.sum().clamp(min=1)
-        if cfg.old_logprobs == "rollout":
-            old_tok, old_lat = ro.token_logprobs, ro.latent_logprobs
-        ref_tok = ref_lat = None
-        if cfg.kl_beta > 0:
+    ref_tok = ref_lat = None
+    if cfg.kl_beta > 0:
+        with torch.no_grad(), amp():
             if ref_model is not None:
                 ref_model.eval()
-                ref_tok, ref_lat = _score(ref_model, batch, ro, cfg, tokens, ref_projector or projector)
+                ref_tok, ref_lat = _score(ref_model, batch, ro, cfg, tokens, ref_projector or projector, vision)
             else:
                 with _peft(model).disable_adapter():
-                    ref_tok, ref_lat = _score(model, batch, ro, cfg, tokens, ref_projector or projector)
+                    ref_tok, ref_lat = _score(model, batch, ro, cfg, tokens, ref_projector or projector, vision)
 
+    old_tok = old_lat = None
+    if cfg.old_logprobs == "rollout":
+        old_tok, old_lat = ro.token_logprobs, ro.latent_logprobs
     params = [p for g in optimizer.param_groups for p in g["params"]]
     stats: dict[str, float] = {}
-    for _ in range(cfg.ppo_epochs):
+    gap = torch.zeros(())
+    for epoch in range(cfg.ppo_epochs):
         if scorer is not None:
-            tok, lat = scorer(batch, ro)
+            tok, lat = scorer(batch, ro, vision)
         else:
-            tok, lat = _score(model, batch, ro, cfg, tokens, projector)
+            tok, lat = _score(model, batch, ro, cfg, tokens, projector, vision)
+        if epoch == 0:
+            # The policy before any update scored the rollouts: these are the old log-probs.
+            first = tok.detach()
+            gap = ((first - ro.token_logprobs).abs() * ro.token_mask).sum() / ro.token_mask.sum().clamp(min=1)
+            if old_tok is None:
+                old_tok, old_lat = first, lat.detach()
         loss, stats = vlpo_loss(token_logp=tok, token_old=old_tok, token_mask=ro.token_mask, latent_logp=lat,
                                 latent_old=old_lat, advantages=adv, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                                 dual_clip=cfg.dual_clip, latent_coef=cfg.latent_coef, kl_beta=cfg.kl_beta,
