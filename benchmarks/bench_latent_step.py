@@ -262,6 +262,11 @@ def main() -> None:
                 add("hf_eager", time_ms(step, device=device, warmup=args.warmup, iters=args.iters))
                 del step
                 gc.collect()
+                for name, engine in engines.items():
+                    seg, reset = medlvr_segment(engine, B, L, device)
+                    add(name, time_ms(seg, setup=reset, device=device, warmup=args.warmup,
+                                      iters=args.iters) / K_SEGMENT)
+                # Last: if HF's forward cannot be captured, the failure must not cost the others.
                 if cuda:
                     torch.cuda.empty_cache()
                     try:
@@ -273,10 +278,6 @@ def main() -> None:
                         notes.append(f"hf_static_graph {case}: failed ({type(e).__name__}: {str(e)[:160]})")
                     gc.collect()
                     torch.cuda.empty_cache()
-                for name, engine in engines.items():
-                    seg, reset = medlvr_segment(engine, B, L, device)
-                    add(name, time_ms(seg, setup=reset, device=device, warmup=args.warmup,
-                                      iters=args.iters) / K_SEGMENT)
 
     report("latent_step", rows, device=device, out=args.out, x="case", y="ms",
            title="latent decode step (ms per step)", notes=notes)
