@@ -260,6 +260,27 @@ def test_rollouts_shapes_masks_and_seeded_determinism(model):
     assert not torch.equal(a.prompt["input_ids"][2], a.prompt["input_ids"][3])
 
 
+def test_top_p_filter_keeps_the_smallest_nucleus():
+    from medlvr.train.rollout import _top_p_filter
+
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3], [0.7, 0.2, 0.1]]))
+    out = _top_p_filter(logits, 0.7)
+    # row 0: 0.5 (mass before it 0) and 0.3 (before it 0.5 < 0.7) stay, 0.2 (before it 0.8) goes
+    # row 1: 0.7 alone reaches 0.7, so 0.2 (mass before it 0.7 >= 0.7) goes
+    assert torch.isinf(out).tolist() == [[True, False, False], [False, True, True]]
+    torch.testing.assert_close(out[0, 1:], logits[0, 1:])
+    assert torch.equal(_top_p_filter(logits, 1.0), logits)
+
+
+def test_sample_rollouts_rejects_bad_arguments(model):
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample_rollouts(model, prompt_batch(), n=2, k_latent=1, latent_sigma=0.1, temperature=0.0, top_p=1.0,
+                        max_new_tokens=2, latent_end_id=L_END, stop_id=IM_END, pad_id=PAD)
+    with pytest.raises(ValueError, match="n >= 1"):
+        sample_rollouts(model, prompt_batch(), n=0, k_latent=1, latent_sigma=0.1, temperature=1.0, top_p=1.0,
+                        max_new_tokens=2, latent_end_id=L_END, stop_id=IM_END, pad_id=PAD)
+
+
 def test_prompt_inputs_rejects_right_padding(model):
     b = prompt_batch()
     b["attention_mask"] = b["attention_mask"].flip(1)
