@@ -26,8 +26,11 @@ class QwenVLAdapter(ModelAdapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         section = getattr(self.decoder.rotary_emb, "mrope_section", None)
-        if section is None:
-            section = self.config.rope_parameters["mrope_section"]
+        if section is None:  # older layouts keep it only in the config (rope_scaling before 5.0)
+            params = getattr(self.config, "rope_parameters", None) or getattr(self.config, "rope_scaling", None) or {}
+            section = params.get("mrope_section")
+        if not section or 2 * sum(section) != self.rotary_dim:
+            raise ValueError(f"mrope_section must sum to head_dim/2 = {self.rotary_dim // 2}, got {section!r}")
         self.mrope_section = tuple(int(s) for s in section)
         cfg = model.config
         self.image_token_id = int(cfg.image_token_id)
