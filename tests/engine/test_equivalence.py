@@ -230,3 +230,20 @@ def test_latent_noise_matches_hf_loop_with_the_same_noise(vl_model):
     _check_against_reference(out, refs, k_max=K, T=3)
     n = out.num_latent
     close(out.latents[0, :n[0]] - out.latent_hidden[0, :n[0]], sigma * eps[0, :n[0]])
+
+
+def test_bucket_padding_rows_are_inert(vl_model):
+    """On CUDA a batch runs padded to its graph bucket (3 -> 4 rows). Forcing the same
+    padding on CPU: the extra row (inactive, length 0) changes nothing for the others."""
+    samples = _samples()[:3]
+    kw = dict(k_max=K, exit="cosine", exit_threshold=0.97, max_new_tokens=T, latent_end_id=tm.LATENT_END,
+              stop_ids=[2], return_logits=True)
+    plain = LatentEngine(vl_model, max_batch=4, max_len=64).generate(tm.left_pad(samples), **kw)
+    padded_engine = LatentEngine(vl_model, max_batch=4, max_len=64)
+    padded_engine._bucket_for = lambda B: 4
+    padded = padded_engine.generate(tm.left_pad(samples), **kw)
+    assert padded_engine._bucket == 4 and padded_engine._len[3] == 0
+    for a, b in ((padded.latents, plain.latents), (padded.logits, plain.logits)):
+        close(a, b, rel=1e-6)
+    assert padded.tokens.tolist() == plain.tokens.tolist()
+    assert padded.num_latent.tolist() == plain.num_latent.tolist()
