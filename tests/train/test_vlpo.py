@@ -361,6 +361,19 @@ def test_behaviour_logprobs_match_the_training_forward():
     assert abs(m["log_ratio_latent"]) < 1e-2  # summed over D = 32 dimensions
 
 
+def test_bf16_policy_step_runs_and_stays_on_policy():
+    # the GPU dtype: latents and hidden states in bf16, log-probs in fp32
+    policy = lora(tiny_model(5).to(torch.bfloat16))
+    cfg = VLPOConfig(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=3, kl_beta=0.1, lr=1e-2)
+    batch = prompt_batch()
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    m = vlpo_step(policy, batch, _random_reward, opt, cfg, tokens=TOKENS, generator=torch.Generator().manual_seed(0))
+    assert m["ratio_text"] == 1.0 and m["kl_text"] == 0.0
+    assert all(math.isfinite(v) for v in m.values())
+    assert m["behaviour_gap"] < 0.1  # KV-cached bf16 sampler vs one bf16 pass
+
+
 def test_full_finetune_needs_and_uses_a_frozen_reference():
     import copy
 
