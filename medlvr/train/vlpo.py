@@ -22,11 +22,12 @@ One step (GRPO-style, DESIGN §1):
    step's rollouts divided by their count, so a long answer weighs more than a short one
    (GRPO's per-sample mean would up-weight the tokens of short answers).
 
-Reference policy: the same model with its LoRA adapter disabled (peft), or a frozen
-deep copy for full fine-tuning. Old log-probs are, by default, recomputed by the same
-teacher-forced forward before the update ("recompute"): the first ratio is then exactly 1
-and the clipped loss's gradient is the plain policy gradient; the behaviour log-probs
-recorded at sampling time (KV-cached loop, different kernels) are kept for the
+Reference policy: the same model with its LoRA adapter disabled while that adapter is
+still at its identity init, else (full fine-tuning, or a LoRA that already holds stage-1
+training) a frozen deep copy. Old log-probs ("recompute", the default) are the first PPO
+epoch's own teacher-forced log-probs, detached: the first ratio is then exactly 1 and the
+clipped loss's gradient is the plain policy gradient; the behaviour log-probs recorded at
+sampling time (KV-cached loop, different kernels) are kept for the
 ``behaviour_gap`` metric, or used directly with ``old_logprobs="rollout"``.
 """
 from __future__ import annotations
