@@ -7,8 +7,8 @@ Each record is one radiograph-like image and one question about its lesion:
   surroundings by a contrast that depends on the difficulty, centred inside one quadrant).
 - question types (`qtype`): presence (yes/no), location (4 quadrants, multiple choice; a third
   of them as yes/no "Is the lesion in the upper left?"), size (small / large, multiple choice),
-  shape (4 shapes, multiple choice). Every answer is decided by the lesion's pixels, so a model
-  that attends to the lesion region can answer it.
+  shape (4 shapes, multiple choice; always a large lesion). Every answer is decided by the
+  lesion's pixels, so a model that attends to the lesion region can answer it.
 - ROI: the lesion's bounding box (pixels of the image, x1/y1 exclusive) on a `roi_fraction`
   of the records that have a lesion; records without a lesion never carry an ROI.
 
@@ -153,6 +153,10 @@ def make_record(i: int, *, seed: int, image_size: int, difficulty: str, roi_frac
     if present:
         shape = SHAPES[rng.integers(4)]
         size = SIZES[rng.integers(2)]
+        if qtype == "shape":
+            # A small lesion spans about one 14-px patch, where the four shapes look alike;
+            # shape questions get large lesions so that their answer is decidable from the pixels.
+            size = "large"
         lo, hi = d.small_r if size == "small" else d.large_r
         radius = rng.uniform(lo, hi) * image_size
         quadrant = QUADRANTS[rng.integers(4)]
