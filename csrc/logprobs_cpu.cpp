@@ -36,25 +36,27 @@ MEDLVR_CLONES float chunk_max(const float* x, int64_t n) {
   return m;
 }
 
-// s += sum_j exp(y_j - m) and, with entropy, t += sum_j exp(y_j - m) y_j, y = x * inv_t.
-// exp(-inf) = 0 must not turn 0 * y = 0 * -inf into NaN, hence the select on e > 0.
+// s += sum_j exp(y_j - m) and, with entropy, t += sum_j exp(y_j - m) (y_j - m), y = x * inv_t.
+// t is kept relative to the running max: the dominant terms then have y - m ~ 0, and
+// H = log s - t / s does not cancel two numbers of the size of the logits.
+// exp(-inf) = 0 must not turn 0 * (y - m) = 0 * -inf into NaN, hence the select on e > 0.
 MEDLVR_CLONES void chunk_sumexp(const float* x, int64_t n, float inv_t, float m, bool with_t,
                                 float* s_out, float* t_out) {
   float s = 0.f, t = 0.f;
   if (with_t) {
 #pragma omp simd reduction(+ : s, t)
     for (int64_t j = 0; j < n; ++j) {
-      float y = x[j] * inv_t;
-      float e = exp_nonpos(y - m);
+      float d = x[j] * inv_t - m;
+      float e = exp_nonpos(d);
       s += e;
-      t += e > 0.f ? e * y : 0.f;
+      t += e > 0.f ? e * d : 0.f;
     }
   } else {
 #pragma omp simd reduction(+ : s)
     for (int64_t j = 0; j < n; ++j) s += exp_nonpos(x[j] * inv_t - m);
   }
-  *s_out += s;
-  *t_out += t;
+  *s_out = s;
+  *t_out = t;
 }
 
 // d_j = inv_t * (g (1[j == tgt] - p_j) - ge p_j (log p_j + H)), p_j = exp(y_j - lse).
@@ -89,24 +91,33 @@ struct RowStats {
 template <typename T>
 RowStats row_forward(const T* row, int64_t V, float inv_t, bool with_entropy) {
   float buf[kChunk];
-  float m = kNegInf, s = 0.f, t = 0.f;
+  // Running totals in double: one add per chunk, so the cost is nil and the row sum
+  // carries no more error than one chunk's fp32 sum.
+  float m = kNegInf;
+  double s = 0, t = 0;
   for (int64_t off = 0; off < V; off += kChunk) {
     const int64_t n = std::min(kChunk, V - off);
     const float* x = as_float(row + off, n, buf);
     const float cm = chunk_max(x, n) * inv_t;  // inv_t > 0, so max commutes with the scale
     if (cm > m) {
-      // Rescale what was summed under the old max; nothing was summed while m = -inf.
-      const float scale = m == kNegInf ? 0.f : std::exp(m - cm);
-      s *= scale;
-      t *= scale;
+      // Re-base the totals on the new max: s' = f s, t' = f (t + (m - cm) s), f = e^(m - cm).
+      // Nothing was summed while m = -inf.
+      if (m != kNegInf) {
+        const double f = std::exp(static_cast<double>(m) - cm);
+        t = f * (t + (static_cast<double>(m) - cm) * s);
+        s *= f;
+      }
       m = cm;
     }
     if (m == kNegInf) continue;
-    chunk_sumexp(x, n, inv_t, m, with_entropy, &s, &t);
+    float cs, ct;
+    chunk_sumexp(x, n, inv_t, m, with_entropy, &cs, &ct);
+    s += cs;
+    t += ct;
   }
-  const float lse = m + std::log(s);
-  // H = -sum p log p = lse - sum p y = lse - t / s.
-  return {lse, with_entropy ? lse - t / s : 0.f};
+  const double log_s = std::log(s);
+  // H = -sum p log p = -sum p (y - m - log s) = log s - t / s.
+  return {static_cast<float>(m + log_s), with_entropy ? static_cast<float>(log_s - t / s) : 0.f};
 }
 
 template <typename T>
@@ -146,14 +157,13 @@ double row_lse_f64(const T* row, int64_t V, double inv_t, bool with_entropy, dou
   for (int64_t j = 0; j < V; ++j) m = std::max(m, row[j] * inv_t);
   double s = 0, t = 0;
   for (int64_t j = 0; j < V; ++j) {
-    const double y = row[j] * inv_t;
-    const double e = std::exp(y - m);
+    const double d = row[j] * inv_t - m;
+    const double e = std::exp(d);
     s += e;
-    if (e > 0) t += e * y;
+    if (e > 0) t += e * d;
   }
-  const double lse = m + std::log(s);
-  if (with_entropy) *entropy = lse - t / s;
-  return lse;
+  if (with_entropy) *entropy = std::log(s) - t / s;
+  return m + std::log(s);
 }
 
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }

@@ -10,8 +10,11 @@
 // Nothing uses atomics, so results are bitwise reproducible.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream/guard headers, not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS,
+// cuSPARSE and cuSOLVER headers, which a toolkit without those libraries lacks.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cuda_bf16.h>
@@ -29,7 +32,10 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// Online logsumexp state: sum = sum_j exp(y_j - m), tsum = sum_j exp(y_j - m) y_j.
+// Online logsumexp state: sum = sum_j exp(y_j - m), tsum = sum_j exp(y_j - m) (y_j - m).
+// tsum is relative to the running max so that H = log(sum) - tsum / sum does not cancel
+// two numbers of the size of the logits; re-basing on a new max M multiplies both by
+// f = exp(m - M) and shifts tsum by (m - M) sum.
 template <typename acc_t>
 struct LseState {
   acc_t m, sum, tsum;
@@ -39,9 +45,12 @@ template <typename acc_t>
 __device__ __forceinline__ LseState<acc_t> merge(LseState<acc_t> a, LseState<acc_t> b) {
   const acc_t m = a.m > b.m ? a.m : b.m;
   if (m == -std::numeric_limits<acc_t>::infinity()) return a;  // both empty
-  const acc_t fa = a.m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : exp(a.m - m);
-  const acc_t fb = b.m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : exp(b.m - m);
-  return {m, a.sum * fa + b.sum * fb, a.tsum * fa + b.tsum * fb};
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  // An empty side (m = -inf) contributes nothing; never form -inf * 0.
+  const acc_t sa = a.m == -kInf ? acc_t(0) : exp(a.m - m), sb = b.m == -kInf ? acc_t(0) : exp(b.m - m);
+  const acc_t ta = a.m == -kInf ? acc_t(0) : sa * (a.tsum + (a.m - m) * a.sum);
+  const acc_t tb = b.m == -kInf ? acc_t(0) : sb * (b.tsum + (b.m - m) * b.sum);
+  return {m, a.sum * sa + b.sum * sb, ta + tb};
 }
 
 template <typename acc_t, int BLOCK>
@@ -82,17 +91,20 @@ __device__ __forceinline__ void fold(LseState<acc_t>& st, const acc_t (&y)[VEC])
 #pragma unroll
   for (int k = 1; k < VEC; ++k) vm = y[k] > vm ? y[k] : vm;
   if (vm > st.m) {
-    const acc_t f = st.m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : exp(st.m - vm);
-    st.sum *= f;
-    if (ENTROPY) st.tsum *= f;
+    if (st.m != -std::numeric_limits<acc_t>::infinity()) {
+      const acc_t f = exp(st.m - vm);
+      if (ENTROPY) st.tsum = f * (st.tsum + (st.m - vm) * st.sum);
+      st.sum *= f;
+    }
     st.m = vm;
   }
   if (st.m == -std::numeric_limits<acc_t>::infinity()) return;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    const acc_t e = exp(y[k] - st.m);
+    const acc_t d = y[k] - st.m;
+    const acc_t e = exp(d);
     st.sum += e;
-    if (ENTROPY) st.tsum += e > acc_t(0) ? e * y[k] : acc_t(0);  // 0 * -inf would be NaN
+    if (ENTROPY) st.tsum += e > acc_t(0) ? e * d : acc_t(0);  // 0 * -inf would be NaN
   }
 }
 
@@ -130,11 +142,12 @@ __global__ void __launch_bounds__(BLOCK) logprobs_fwd_kernel(
   }
   st = block_merge<acc_t, BLOCK>(st);
   if (threadIdx.x == 0) {
-    const acc_t l = st.m + log(st.sum);
+    const acc_t log_s = log(st.sum);
+    const acc_t l = st.m + log_s;
     lse[row] = l;
     logp[row] = static_cast<acc_t>(x[tgt]) * it - l;
-    // H = -sum p log p = lse - sum p y = lse - tsum / sum
-    if (ENTROPY) entropy[row] = l - st.tsum / st.sum;
+    // H = -sum p log p = -sum p (y - m - log s) = log s - tsum / sum
+    if (ENTROPY) entropy[row] = log_s - st.tsum / st.sum;
   }
 }
 
@@ -234,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tenso
   auto lse = at::empty({N}, logits.options().dtype(stat));
   auto entropy = at::empty({with_entropy ? N : 0}, logits.options().dtype(stat));
   if (N == 0) return {logp, lse, entropy};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const float it = static_cast<float>(inv_temperature);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_fwd_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
@@ -261,7 +274,7 @@ void logprobs_bwd_into_cuda(const at::Tensor& grad_logp, const c10::optional<at:
   TORCH_CHECK(!has_ge || (entropy.has_value() && entropy->numel() == N),
               "an entropy gradient needs the forward's entropy");
   const auto targets = targets_in.to(at::kLong).contiguous();
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const float it = static_cast<float>(inv_temperature);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -353,7 +366,7 @@ at::Tensor gaussian_logprob_fwd_cuda(const at::Tensor& mu_in, const at::Tensor& 
   const int64_t M = mu.size(0), D = mu.size(1);
   auto out = at::empty({M}, mu.options().dtype(mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   if (M == 0) return out;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "gaussian_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     gaussian_fwd_kernel<scalar_t, 256><<<M, 256, 0, stream>>>(mu.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), D,
@@ -374,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_logprob_bwd_cuda(const at::Tensor& g
   auto dz = need_z ? at::empty_like(z) : at::empty({0}, z.options());
   const int64_t total = mu.numel();
   if (total == 0 || (!need_mu && !need_z)) return {dmu, dz};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "gaussian_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t blocks = (total + 255) / 256;

@@ -1,4 +1,14 @@
-"""Public differentiable ops of medlvr (argument checks, autograd, dispatch)."""
+"""Public ops of medlvr: argument checks, one autograd wrapper each, dispatch to the
+compiled extension / Triton / the reference in medlvr.reference."""
+from medlvr.ops.decode import decode_attention, rmsnorm_feedback, rotary_append
 from medlvr.ops.logprobs import gather_logprobs, latent_gaussian_logprob
+from medlvr.ops.roi_align_loss import roi_align_loss
 
-__all__ = ["gather_logprobs", "latent_gaussian_logprob"]
+__all__ = [
+    "decode_attention",
+    "gather_logprobs",
+    "latent_gaussian_logprob",
+    "rmsnorm_feedback",
+    "roi_align_loss",
+    "rotary_append",
+]

@@ -25,7 +25,9 @@ def gather_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, *, temperat
     logp = torch.where(keep, logp, torch.zeros_like(logp))
     if not return_entropy:
         return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    p = logp_all.exp()
+    # masked (-inf) logits have p = 0 and contribute 0, not 0 * -inf = NaN
+    entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
     entropy = torch.where(keep, entropy, torch.zeros_like(entropy))
     return logp, entropy
 
