@@ -319,7 +319,9 @@ def policy_forward(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, 
     pos = torch.cat([p["position_ids"], p["position_ids"][:, :, -1:] + steps], dim=2)
     mask = torch.cat([p["attention_mask"], torch.ones(R, K + 1, dtype=p["attention_mask"].dtype, device=dev),
                       ro.token_mask.to(p["attention_mask"].dtype)], dim=1)
-    hidden = hf.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask).last_hidden_state
+    # use_cache=False: the config default (True) would build a KV cache nobody reads
+    hidden = hf.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask,
+                                     use_cache=False).last_hidden_state
 
     s0 = P  # index of the first latent input (prompt ends with <|latent_start|>)
     if K > 0 and latent_sigma > 0:
