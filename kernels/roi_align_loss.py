@@ -12,27 +12,39 @@ tile of up to 16 of the bin's tokens × BLOCK_D, every token row contiguous alon
 
 Passes (grid axis 1 splits D into BLOCK_D slices, for parallelism at small R·K):
   forward      per (row·bin, slice): partial z·t, z·z, t·t (cosine) or Σ(z − t)² (mse)
-               → part (R·K, n_slices, 3) fp32; the host sums slices in a fixed order.
-  backward 1   per (row·bin, slice): recompute t; dz = A·t + B·z. When the vision tokens
-               need a gradient it also writes dt = C·z + E·t (fp32, shape of the latents:
-               the gradient w.r.t. the targets, not the targets).
+               → part (R·K, n_slices, 3) fp32.
+  finish       one program: sums the slices, the per-bin loss and the reduction, in a
+               fixed order (deterministic; no host-side torch ops between kernels).
+  backward 1   per (row·bin, slice): recompute t; dz = A·t + B·z, and when the vision
+               tokens need a gradient dt = C·z + E·t (fp32, shape of the latents: the
+               gradient w.r.t. the targets, not the targets). A, B, C, E come from the
+               three saved sums and dL/dloss (derivation in medlvr/ops/roi_align_loss.py).
   backward 2   per (16 tokens of one image, slice): dv = Σ over the boxes of the image of
                w(tokens, bins) @ dt[bins] (a [16, K] × [K, BLOCK_D] fp32 dot). This is a
                gather, not a scatter: each program owns its output rows and sums in a
                fixed order (boxes by index), so the backward is deterministic without
                atomics; tokens outside every box get zeros.
-(A, B, C, E) per (row, bin) are computed on the host from the saved sums; see the op.
 
-Geometry (built by the op, all in token units):
-  geom_f (R 4) fp32:  x_lo, y_lo (box start; −½ already applied for bilinear), bin_w, bin_h
-  geom_i (R 5) int64: token offset of the box's image, H, W, samples y, samples x
-  extent (R 4) int32: i_lo, i_hi, j_lo, j_hi — a superset of the rows/cols with weight ≠ 0
+Geometry: one int32 buffer built by the op (a single host-to-device copy); see
+``GEOMETRY_FIELDS``. All coordinates are in token units.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+# Per-row fields of the geometry buffer, in order. geom_f is fp32 stored bit-for-bit in
+# the int32 buffer; geom_i and extent are int32.
+#   geom_f (R 4): x_lo, y_lo (box start; −½ already applied for bilinear), bin_w, bin_h
+#   geom_i (R 5): token offset of the box's image, H, W, bilinear samples along y, x
+#   extent (R 2): i_lo, i_hi — a superset of the token rows any bin of the box weights
+# Per image / per block: image_meta (I 3) = offset, H, W; rows_by_image (R) = box rows
+# sorted by image; image_ptr (I+1) = each image's slice of rows_by_image;
+# block_image, block_start (NB) = the vision-gradient kernel's 16-token blocks.
+GEOMETRY_FIELDS = ("geom_f", "geom_i", "extent", "image_meta", "rows_by_image", "image_ptr",
+                   "block_image", "block_start")
+BLOCK_T = 16  # tokens per program of the vision-gradient kernel (tl.dot needs >= 16)
 
 
 @triton.jit
@@ -85,11 +97,11 @@ def _pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, p, q, d, d_mask, D,
     y_lo = tl.load(geom_f_ptr + r * 4 + 1)
     bin_w = tl.load(geom_f_ptr + r * 4 + 2)
     bin_h = tl.load(geom_f_ptr + r * 4 + 3)
-    off = tl.load(geom_i_ptr + r * 5 + 0)
+    off = tl.load(geom_i_ptr + r * 5 + 0).to(tl.int64)
     H = tl.load(geom_i_ptr + r * 5 + 1)
-    W = tl.load(geom_i_ptr + r * 5 + 2)
-    ny = tl.load(geom_i_ptr + r * 5 + 3).to(tl.int32)
-    nx = tl.load(geom_i_ptr + r * 5 + 4).to(tl.int32)
+    W = tl.load(geom_i_ptr + r * 5 + 2).to(tl.int64)
+    ny = tl.load(geom_i_ptr + r * 5 + 3)
+    nx = tl.load(geom_i_ptr + r * 5 + 4)
     ylo = y_lo + p * bin_h
     xlo = x_lo + q * bin_w
     if AREA:
@@ -147,22 +159,70 @@ def _roi_loss_fwd_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, part_ptr, D, K, G
 
 
 @triton.jit
-def _roi_loss_bwd_latent_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, coef_ptr, dz_ptr, dt_ptr,
-                                D, K, GW, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                                AREA: tl.constexpr, WRITE_DZ: tl.constexpr, WRITE_DT: tl.constexpr):
+def _roi_loss_finish_kernel(part_ptr, sums_ptr, loss_ptr, total_ptr, n_rows, n_slices, D, scale, eps,
+                            BLOCK: tl.constexpr, COSINE: tl.constexpr):
+    # a single program walks all R·K rows in a fixed order: the total is deterministic
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_rows, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        m = rows < n_rows
+        s0 = tl.zeros([BLOCK], dtype=tl.float32)
+        s1 = tl.zeros([BLOCK], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK], dtype=tl.float32)
+        for sl in range(n_slices):
+            base = (rows.to(tl.int64) * n_slices + sl) * 3
+            s0 += tl.load(part_ptr + base + 0, mask=m, other=0.0)
+            s1 += tl.load(part_ptr + base + 1, mask=m, other=0.0)
+            s2 += tl.load(part_ptr + base + 2, mask=m, other=0.0)
+        tl.store(sums_ptr + rows * 3 + 0, s0, mask=m)
+        tl.store(sums_ptr + rows * 3 + 1, s1, mask=m)
+        tl.store(sums_ptr + rows * 3 + 2, s2, mask=m)
+        if COSINE:
+            nz = tl.maximum(tl.sqrt(s1), eps)
+            nt = tl.maximum(tl.sqrt(s2), eps)
+            loss = 1.0 - s0 / (nz * nt)
+        else:
+            loss = s0 / D
+        loss = tl.where(m, loss, 0.0)
+        tl.store(loss_ptr + rows, loss, mask=m)
+        acc += loss
+    tl.store(total_ptr, tl.sum(acc, axis=0) * scale)
+
+
+@triton.jit
+def _roi_loss_bwd_latent_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, sums_ptr, g_ptr, g_stride, g_scale,
+                                dz_ptr, dt_ptr, D, K, GW, eps,
+                                BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                                AREA: tl.constexpr, COSINE: tl.constexpr,
+                                WRITE_DZ: tl.constexpr, WRITE_DT: tl.constexpr):
     rk = tl.program_id(0).to(tl.int64)
     sid = tl.program_id(1)
     r = rk // K
     k = rk % K
     d = sid * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
+    # dL/dloss[r, k]: g_stride 0 broadcasts the scalar grad of "mean"/"sum"
+    g = tl.load(g_ptr + rk * g_stride) * g_scale
+    s0 = tl.load(sums_ptr + rk * 3 + 0)
+    if COSINE:
+        # dz = A·t + B·z, dt = A·z + E·t (the clamp at eps makes B, E vanish below it)
+        rz = tl.sqrt(tl.load(sums_ptr + rk * 3 + 1))
+        rt = tl.sqrt(tl.load(sums_ptr + rk * 3 + 2))
+        nz = tl.maximum(rz, eps)
+        nt = tl.maximum(rt, eps)
+        a = -g / (nz * nt)
+        b = tl.where(rz > eps, g * s0 / (nz * nz * nz * nt), 0.0)
+        c = a
+        e = tl.where(rt > eps, g * s0 / (nz * nt * nt * nt), 0.0)
+    else:
+        # dz = 2g/D·(z − t) = −dt
+        b = 2.0 * g / D
+        a = -b
+        c = -b
+        e = b
     t = _pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, k // GW, k % GW, d, d_mask, D,
                        BLOCK_D, BLOCK_I, BLOCK_J, AREA)
     z = tl.load(z_ptr + rk * D + d, mask=d_mask, other=0.0).to(tl.float32)
-    a = tl.load(coef_ptr + rk * 4 + 0)
-    b = tl.load(coef_ptr + rk * 4 + 1)
-    c = tl.load(coef_ptr + rk * 4 + 2)
-    e = tl.load(coef_ptr + rk * 4 + 3)
     if WRITE_DZ:
         tl.store(dz_ptr + rk * D + d, (a * t + b * z).to(dz_ptr.dtype.element_ty), mask=d_mask)
     if WRITE_DT:
@@ -177,11 +237,11 @@ def _roi_loss_bwd_vision_kernel(dt_ptr, dv_ptr, geom_f_ptr, geom_i_ptr, extent_p
     # one program: BLOCK_T consecutive tokens of one image × one D slice
     blk = tl.program_id(0)
     sid = tl.program_id(1)
-    b = tl.load(block_image_ptr + blk).to(tl.int64)
-    start = tl.load(block_start_ptr + blk)
-    off = tl.load(image_meta_ptr + b * 3 + 0)
-    H = tl.load(image_meta_ptr + b * 3 + 1)
-    W = tl.load(image_meta_ptr + b * 3 + 2)
+    b = tl.load(block_image_ptr + blk)
+    start = tl.load(block_start_ptr + blk).to(tl.int64)
+    off = tl.load(image_meta_ptr + b * 3 + 0).to(tl.int64)
+    H = tl.load(image_meta_ptr + b * 3 + 1).to(tl.int64)
+    W = tl.load(image_meta_ptr + b * 3 + 2).to(tl.int64)
     local = start + tl.arange(0, BLOCK_T)
     t_mask = local < H * W
     i = (local // W).to(tl.int32)
@@ -200,20 +260,20 @@ def _roi_loss_bwd_vision_kernel(dt_ptr, dv_ptr, geom_f_ptr, geom_i_ptr, extent_p
     last = tl.load(image_ptr_ptr + b + 1)
     for slot in range(first, last):
         r = tl.load(rows_by_image_ptr + slot)
-        i_lo = tl.load(extent_ptr + r * 4 + 0)
-        i_hi = tl.load(extent_ptr + r * 4 + 1)
+        i_lo = tl.load(extent_ptr + r * 2 + 0)
+        i_hi = tl.load(extent_ptr + r * 2 + 1)
         if (row_last >= i_lo) & (row_first < i_hi):
             x_lo = tl.load(geom_f_ptr + r * 4 + 0)
             y_lo = tl.load(geom_f_ptr + r * 4 + 1)
             bin_w = tl.load(geom_f_ptr + r * 4 + 2)
             bin_h = tl.load(geom_f_ptr + r * 4 + 3)
-            ny = tl.load(geom_i_ptr + r * 5 + 3).to(tl.int32)
-            nx = tl.load(geom_i_ptr + r * 5 + 4).to(tl.int32)
+            ny = tl.load(geom_i_ptr + r * 5 + 3)
+            nx = tl.load(geom_i_ptr + r * 5 + 4)
             # w[token, bin]: the same weights the forward used, recomputed
             wy = _axis_weight(i[:, None], (y_lo + p * bin_h)[None, :], bin_h, ny, H, AREA)
             wx = _axis_weight(j[:, None], (x_lo + q * bin_w)[None, :], bin_w, nx, W, AREA)
             w = tl.where(t_mask[:, None] & k_mask[None, :], wy * wx, 0.0)
-            rows = r * K + k
+            rows = r.to(tl.int64) * K + k
             dt = tl.load(dt_ptr + rows[:, None] * D + d[None, :],
                          mask=k_mask[:, None] & d_mask[None, :], other=0.0)
             # dv[tokens] += w · dt[bins]; "ieee" keeps fp32 products (no TF32 rounding)
@@ -225,14 +285,13 @@ def _roi_loss_bwd_vision_kernel(dt_ptr, dv_ptr, geom_f_ptr, geom_i_ptr, extent_p
 
 # --------------------------------------------------------------------------- launchers
 
-def _block_d(D: int) -> int:
-    # 512 lanes of fp32 per slice: big enough for 16-byte bf16 loads per thread at 4
-    # warps, small enough that D = 3584 gives 7 slices of parallelism per bin.
-    return min(triton.next_power_of_2(D), 512)
-
-
-_BLOCK_T = 16  # tokens per program of the vision-gradient kernel (tl.dot needs >= 16)
 _TILE_TOKENS = 16  # tokens per tile: 16 × 512 fp32 = 64 registers a thread at 4 warps
+
+
+def _block_d(D: int) -> int:
+    # 512 lanes of fp32 per slice: 16-byte bf16 loads per thread at 4 warps, and
+    # D = 3584 gives 7 slices of parallelism per bin.
+    return min(triton.next_power_of_2(D), 512)
 
 
 def _block_ij(max_cols: int) -> tuple[int, int]:
@@ -242,28 +301,40 @@ def _block_ij(max_cols: int) -> tuple[int, int]:
     return _TILE_TOKENS // block_j, block_j
 
 
-def roi_loss_forward(latents: torch.Tensor, vision_tokens: torch.Tensor, geom_f: torch.Tensor,
-                     geom_i: torch.Tensor, *, bins: tuple[int, int], max_cols: int, area: bool,
-                     cosine: bool) -> torch.Tensor:
-    """Per (row·bin) sums: (R·K, 3) fp32 = (z·t, z·z, t·t) for cosine, (Σ(z−t)², 0, 0) for mse."""
+def roi_loss_forward(latents: torch.Tensor, vision_tokens: torch.Tensor, geom: dict, *, bins: tuple[int, int],
+                     max_cols: int, area: bool, cosine: bool, eps: float, mean: bool):
+    """(per_bin (R·K) fp32, total () fp32, sums (R·K, 3) fp32 saved for the backward).
+
+    sums = (z·t, z·z, t·t) for cosine, (Σ(z−t)², 0, 0) for mse; total = Σ per_bin, or
+    the mean over R·K when ``mean`` (0 when R = 0).
+    """
     R, K, D = latents.shape
-    gh, gw = bins
     block_d = _block_d(D)
     n_slices = triton.cdiv(D, block_d)
-    part = torch.empty(R * K, n_slices, 3, device=latents.device, dtype=torch.float32)
+    dev = latents.device
+    part = torch.empty(R * K, n_slices, 3, device=dev, dtype=torch.float32)
     if R:
         block_i, block_j = _block_ij(max_cols)
         _roi_loss_fwd_kernel[(R * K, n_slices)](
-            latents, vision_tokens, geom_f, geom_i, part, D, K, gw,
+            latents, vision_tokens, geom["geom_f"], geom["geom_i"], part, D, K, bins[1],
             BLOCK_D=block_d, BLOCK_I=block_i, BLOCK_J=block_j, AREA=area, COSINE=cosine, num_warps=4)
-    # fixed-order sum over D slices: deterministic
-    return part.sum(dim=1)
+    sums = torch.empty(R * K, 3, device=dev, dtype=torch.float32)
+    per_bin = torch.empty(R * K, device=dev, dtype=torch.float32)
+    total = torch.empty((), device=dev, dtype=torch.float32)
+    scale = 1.0 / (R * K) if mean and R else 1.0
+    _roi_loss_finish_kernel[(1,)](part, sums, per_bin, total, R * K, n_slices, D, scale, eps,
+                                  BLOCK=1024, COSINE=cosine, num_warps=4)
+    return per_bin, total, sums
 
 
-def roi_loss_backward_latents(latents: torch.Tensor, vision_tokens: torch.Tensor, geom_f: torch.Tensor,
-                              geom_i: torch.Tensor, coef: torch.Tensor, *, bins: tuple[int, int],
-                              max_cols: int, area: bool, want_dz: bool, want_dt: bool):
-    """dz (R K D) in the latents' dtype and dt (R K D) fp32, each or None."""
+def roi_loss_backward_latents(latents: torch.Tensor, vision_tokens: torch.Tensor, geom: dict, sums: torch.Tensor,
+                              grad: torch.Tensor, *, grad_scale: float, bins: tuple[int, int], max_cols: int,
+                              area: bool, cosine: bool, eps: float, want_dz: bool, want_dt: bool):
+    """dz (R K D) in the latents' dtype and dt (R K D) fp32, each or None.
+
+    grad: dL/dloss, fp32, either a scalar (broadcast to every bin) or (R·K) contiguous;
+    it is multiplied by ``grad_scale`` (1/(R·K) for "mean").
+    """
     R, K, D = latents.shape
     dz = torch.empty_like(latents) if want_dz else None
     dt = torch.empty(R, K, D, device=latents.device, dtype=torch.float32) if want_dt else None
@@ -271,34 +342,25 @@ def roi_loss_backward_latents(latents: torch.Tensor, vision_tokens: torch.Tensor
         block_d = _block_d(D)
         block_i, block_j = _block_ij(max_cols)
         _roi_loss_bwd_latent_kernel[(R * K, triton.cdiv(D, block_d))](
-            latents, vision_tokens, geom_f, geom_i, coef,
-            dz if want_dz else latents, dt if want_dt else coef,
-            D, K, bins[1], BLOCK_D=block_d, BLOCK_I=block_i, BLOCK_J=block_j, AREA=area,
+            latents, vision_tokens, geom["geom_f"], geom["geom_i"], sums, grad, 0 if grad.dim() == 0 else 1,
+            grad_scale, dz if want_dz else latents, dt if want_dt else sums, D, K, bins[1], eps,
+            BLOCK_D=block_d, BLOCK_I=block_i, BLOCK_J=block_j, AREA=area, COSINE=cosine,
             WRITE_DZ=want_dz, WRITE_DT=want_dt, num_warps=4)
     return dz, dt
 
 
-def roi_loss_backward_vision(dt: torch.Tensor, vision_tokens: torch.Tensor, geom_f: torch.Tensor,
-                             geom_i: torch.Tensor, extent: torch.Tensor, image_meta: torch.Tensor,
-                             rows_by_image: torch.Tensor, image_ptr: torch.Tensor, counts: torch.Tensor,
-                             *, bins: tuple[int, int], area: bool) -> torch.Tensor:
-    """dv (T D) in the vision tokens' dtype: every token written once (zeros outside boxes).
-
-    counts (I) on the CPU: tokens per image, to cut each image into BLOCK_T-token blocks.
-    """
+def roi_loss_backward_vision(dt: torch.Tensor, vision_tokens: torch.Tensor, geom: dict, *,
+                             bins: tuple[int, int], area: bool) -> torch.Tensor:
+    """dv (T D) in the vision tokens' dtype: every token written once (zeros outside boxes)."""
     T, D = vision_tokens.shape
     gh, gw = bins
     dv = torch.empty_like(vision_tokens)
+    n_blocks = geom["block_image"].numel()
     if T:
-        # blocks never straddle two images, so a program loops over one image's boxes
-        per_image = (counts + _BLOCK_T - 1) // _BLOCK_T
-        block_image = torch.repeat_interleave(torch.arange(len(counts)), per_image)
-        first_block = torch.cumsum(per_image, 0) - per_image
-        block_start = (torch.arange(int(per_image.sum())) - first_block[block_image]) * _BLOCK_T
         block_d = max(16, min(triton.next_power_of_2(D), 256))
-        _roi_loss_bwd_vision_kernel[(len(block_image), triton.cdiv(D, block_d))](
-            dt, dv, geom_f, geom_i, extent, block_image.to(dv.device, non_blocking=True),
-            block_start.to(dv.device, non_blocking=True), image_meta, rows_by_image, image_ptr,
-            D, gh * gw, gw, BLOCK_T=_BLOCK_T, BLOCK_D=block_d,
-            BLOCK_K=max(16, triton.next_power_of_2(gh * gw)), AREA=area, num_warps=4)
+        _roi_loss_bwd_vision_kernel[(n_blocks, triton.cdiv(D, block_d))](
+            dt, dv, geom["geom_f"], geom["geom_i"], geom["extent"], geom["block_image"], geom["block_start"],
+            geom["image_meta"], geom["rows_by_image"], geom["image_ptr"], D, gh * gw, gw,
+            BLOCK_T=BLOCK_T, BLOCK_D=block_d, BLOCK_K=max(16, triton.next_power_of_2(gh * gw)),
+            AREA=area, num_warps=4)
     return dv

@@ -12,9 +12,10 @@ Backward math (per row r, bin k, with g = dL/dloss[r, k] from the reduction):
           below ε the clamp makes nz a constant)
           dL/dt = −z / (nz·nt) + d·t / (nz·nt³)   (likewise where |t| > ε)
   mse     L = Σ(z − t)² / D: dL/dz = 2(z − t)/D = −dL/dt
-so dz = A·t + B·z and dt = C·z + E·t with per-(r, k) scalars A, B, C, E computed here
-from the three sums the forward saved (d, |z|², |t|²): the backward kernels recompute t
-and never need more than these scalars.
+so dz = A·t + B·z and dt = C·z + E·t with per-(r, k) scalars A, B, C, E that the
+backward kernel computes itself from the three sums the forward saved (z·t, |z|², |t|²)
+and dL/dloss: it recomputes t and needs nothing else, and no host-side torch op runs
+between the kernels.
 """
 from __future__ import annotations
 
@@ -66,15 +67,9 @@ def _check_side_device(name: str, x: torch.Tensor, device: torch.device) -> None
 
 @dataclass(frozen=True)
 class _Plan:
-    """Everything the kernels need, derived from validated inputs (host side, small)."""
-    geom_f: torch.Tensor        # (R 4) fp32 on device
-    geom_i: torch.Tensor        # (R 5) int64 on device
-    extent: torch.Tensor        # (R 4) int32 on device
-    image_meta: torch.Tensor    # (I 3) int64 on device: token offset, H, W
-    rows_by_image: torch.Tensor  # (R) int64 on device: row indices sorted by image (stable)
-    image_ptr: torch.Tensor     # (I+1) int64 on device: slice of rows_by_image per image
-    counts: torch.Tensor        # (I) int64 CPU: tokens per image
-    max_cols: int               # widest column span of any bin, in tokens
+    """Everything the kernels need, derived from validated inputs on the host."""
+    geom: dict      # GEOMETRY_FIELDS -> views of one int32 device buffer (one copy)
+    max_cols: int   # widest column span of any bin, in tokens
 
 
 def _validate(latents, vision_tokens, grid_thw, boxes, box_image, bins, pooling, loss, reduction,
@@ -153,6 +148,8 @@ def _validate(latents, vision_tokens, grid_thw, boxes, box_image, bins, pooling,
 
 
 def _plan(grid, img, clipped, counts, *, bins, pooling, merge, sampling_ratio, device) -> _Plan:
+    from medlvr.kernels.roi_align_loss import BLOCK_T, GEOMETRY_FIELDS
+
     gh, gw = bins
     hw = grid[:, 1:] // merge
     offsets = torch.cumsum(counts, 0) - counts
@@ -170,49 +167,39 @@ def _plan(grid, img, clipped, counts, *, bins, pooling, merge, sampling_ratio, d
         start_x, start_y = x0, y0
         max_cols = int((torch.ceil(bin_w) + 1).max()) if len(x0) else 1
     H, W = hw[img, 0], hw[img, 1]
-    geom_f = torch.stack([start_x, start_y, bin_w, bin_h], 1).to(torch.float32)
-    geom_i = torch.stack([offsets[img], H, W, ny, nx], 1)
-    # a superset of the token rows/cols any bin weights (one cell of slack each side
-    # covers both poolings and float rounding at the box's far edge)
-    extent = torch.stack([(torch.floor(y0) - 1).clamp(min=0).long(), torch.minimum(torch.floor(y1).long() + 2, H),
-                          (torch.floor(x0) - 1).clamp(min=0).long(), torch.minimum(torch.floor(x1).long() + 2, W)],
-                         1).to(torch.int32)
-    order = torch.sort(img, stable=True).indices
+    # rows any bin may weight, with a cell of slack each side for both poolings and for
+    # fp32 rounding at the box's far edge (the vision-gradient kernel skips other boxes)
+    i_lo = (torch.floor(y0) - 1).clamp(min=0).long()
+    i_hi = torch.minimum(torch.floor(y1).long() + 2, H)
+    # 16-token blocks of the vision-gradient kernel never straddle two images
+    per_image = (counts + BLOCK_T - 1) // BLOCK_T
+    end_block = torch.cumsum(per_image, 0)
+    blocks = torch.arange(int(end_block[-1]))
+    block_image = torch.searchsorted(end_block, blocks, right=True)  # (repeat_interleave is slow on CPU)
+    block_start = (blocks - (end_block - per_image)[block_image]) * BLOCK_T
     image_ptr = torch.zeros(grid.shape[0] + 1, dtype=torch.int64)
     image_ptr[1:] = torch.cumsum(torch.bincount(img, minlength=grid.shape[0]), 0)
-    image_meta = torch.stack([offsets, hw[:, 0], hw[:, 1]], 1)
-
-    def dev(x):
-        return x.contiguous().to(device, non_blocking=True)
-
-    return _Plan(dev(geom_f), dev(geom_i), dev(extent), dev(image_meta), dev(order), dev(image_ptr),
-                 counts, max_cols)
+    fields = {
+        "geom_f": torch.stack([start_x, start_y, bin_w, bin_h], 1).to(torch.float32).view(torch.int32),
+        "geom_i": torch.stack([offsets[img], H, W, ny, nx], 1),
+        "extent": torch.stack([i_lo, i_hi], 1),
+        "image_meta": torch.stack([offsets, hw[:, 0], hw[:, 1]], 1),
+        "rows_by_image": torch.sort(img, stable=True).indices,
+        "image_ptr": image_ptr,
+        "block_image": block_image,
+        "block_start": block_start,
+    }
+    flat = [fields[name].reshape(-1).to(torch.int32) for name in GEOMETRY_FIELDS]
+    buf = torch.cat(flat).to(device, non_blocking=True)  # one host-to-device copy
+    geom, at = {}, 0
+    for name, part in zip(GEOMETRY_FIELDS, flat):
+        geom[name] = buf[at: at + part.numel()]
+        at += part.numel()
+    geom["geom_f"] = geom["geom_f"].view(torch.float32)
+    return _Plan(geom, max_cols)
 
 
 # ----------------------------------------------------------------------------- autograd
-
-def _finish(sums: torch.Tensor, *, cosine: bool, D: int) -> torch.Tensor:
-    """Per-bin loss from the forward's sums (R·K, 3)."""
-    if cosine:
-        nz = sums[:, 1].sqrt().clamp(min=COS_EPS)
-        nt = sums[:, 2].sqrt().clamp(min=COS_EPS)
-        return 1.0 - sums[:, 0] / (nz * nt)
-    return sums[:, 0] / D
-
-
-def _coefficients(sums: torch.Tensor, g: torch.Tensor, *, cosine: bool, D: int) -> torch.Tensor:
-    """(R·K, 4) fp32 = (A, B, C, E): dz = A·t + B·z, dt = C·z + E·t (module docstring)."""
-    if cosine:
-        d = sums[:, 0]
-        rz, rt = sums[:, 1].sqrt(), sums[:, 2].sqrt()
-        nz, nt = rz.clamp(min=COS_EPS), rt.clamp(min=COS_EPS)
-        a = -g / (nz * nt)
-        b = torch.where(rz > COS_EPS, g * d / (nz.pow(3) * nt), torch.zeros_like(g))
-        e = torch.where(rt > COS_EPS, g * d / (nz * nt.pow(3)), torch.zeros_like(g))
-        return torch.stack([a, b, a, e], 1).contiguous()
-    c = 2.0 * g / D
-    return torch.stack([-c, c, -c, c], 1).contiguous()
-
 
 class _RoiAlignLoss(torch.autograd.Function):
     @staticmethod
@@ -221,40 +208,29 @@ class _RoiAlignLoss(torch.autograd.Function):
 
         R, K, D = latents.shape
         area, cosine = pooling == "area", loss == "cosine"
-        sums = kern.roi_loss_forward(latents, vision_tokens, plan.geom_f, plan.geom_i, bins=tuple(bins),
-                                     max_cols=plan.max_cols, area=area, cosine=cosine)
-        per_bin = _finish(sums, cosine=cosine, D=D)
+        per_bin, total, sums = kern.roi_loss_forward(latents, vision_tokens, plan.geom, bins=bins,
+                                                     max_cols=plan.max_cols, area=area, cosine=cosine,
+                                                     eps=COS_EPS, mean=reduction == "mean")
         ctx.save_for_backward(latents, vision_tokens, sums)
-        ctx.plan, ctx.bins, ctx.area, ctx.cosine, ctx.reduction = plan, tuple(bins), area, cosine, reduction
-        if reduction == "none":
-            return per_bin.view(R, K)
-        total = per_bin.sum()
-        return total if reduction == "sum" else total / max(R * K, 1)
+        ctx.plan, ctx.bins, ctx.area, ctx.cosine, ctx.reduction = plan, bins, area, cosine, reduction
+        return per_bin.view(R, K) if reduction == "none" else total
 
     @staticmethod
     def backward(ctx, grad_out):
         from medlvr.kernels import roi_align_loss as kern
 
         latents, vision_tokens, sums = ctx.saved_tensors
-        plan = ctx.plan
         R, K, D = latents.shape
         want_dz, want_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_out = grad_out.to(torch.float32)
-        if ctx.reduction == "none":
-            g = grad_out.reshape(R * K)
-        elif ctx.reduction == "sum":
-            g = grad_out.expand(R * K)
-        else:
-            g = (grad_out / max(R * K, 1)).expand(R * K)
-        coef = _coefficients(sums, g, cosine=ctx.cosine, D=D)
-        dz, dt = kern.roi_loss_backward_latents(latents, vision_tokens, plan.geom_f, plan.geom_i, coef,
-                                                bins=ctx.bins, max_cols=plan.max_cols, area=ctx.area,
-                                                want_dz=want_dz, want_dt=want_dv)
+        grad = grad_out.to(torch.float32)
+        grad = grad.reshape(R * K).contiguous() if ctx.reduction == "none" else grad.reshape(())
+        scale = 1.0 / (R * K) if ctx.reduction == "mean" and R else 1.0
+        dz, dt = kern.roi_loss_backward_latents(latents, vision_tokens, ctx.plan.geom, sums, grad, grad_scale=scale,
+                                                bins=ctx.bins, max_cols=ctx.plan.max_cols, area=ctx.area,
+                                                cosine=ctx.cosine, eps=COS_EPS, want_dz=want_dz, want_dt=want_dv)
         dv = None
         if want_dv:
-            dv = kern.roi_loss_backward_vision(dt, vision_tokens, plan.geom_f, plan.geom_i, plan.extent,
-                                               plan.image_meta, plan.rows_by_image, plan.image_ptr,
-                                               plan.counts, bins=ctx.bins, area=ctx.area)
+            dv = kern.roi_loss_backward_vision(dt, vision_tokens, ctx.plan.geom, bins=ctx.bins, area=ctx.area)
         return dz, dv, None, None, None, None, None
 
 
