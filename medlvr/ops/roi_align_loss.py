@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from medlvr import _backend
@@ -74,7 +75,7 @@ class _Plan:
 
 def _validate(latents, vision_tokens, grid_thw, boxes, box_image, bins, pooling, loss, reduction,
               merge, patch, sampling_ratio):
-    """Raise TypeError/ValueError for bad input; return CPU copies (grid, boxes, image ids)."""
+    """Raise TypeError/ValueError for bad input; return numpy (grid, box image ids, clipped boxes, tokens per image)."""
     _check_tensor("latents", latents, 3)
     _check_tensor("vision_tokens", vision_tokens, 2)
     _check_tensor("grid_thw", grid_thw, 2)
@@ -116,7 +117,9 @@ def _validate(latents, vision_tokens, grid_thw, boxes, box_image, bins, pooling,
     if box_image.shape != (R,) or box_image.is_floating_point() or box_image.dtype == torch.bool:
         raise ValueError(f"box_image must be an integer tensor (R,) = ({R},), got {box_image.dtype} {tuple(box_image.shape)}")
 
-    grid = grid_thw.to("cpu", torch.int64)
+    # Box and grid checks run in numpy on host copies: R and I are small, and numpy's
+    # per-call cost (~1 µs) keeps the host time of a GPU call far below torch's CPU ops.
+    grid = grid_thw.detach().to("cpu", torch.int64).numpy()
     for b, (t, h, w) in enumerate(grid.tolist()):
         if t != 1:
             raise ValueError(f"grid_thw row {b} = {(t, h, w)}: only images (t = 1) are supported; "
@@ -128,73 +131,81 @@ def _validate(latents, vision_tokens, grid_thw, boxes, box_image, bins, pooling,
         raise ValueError(f"grid_thw adds up to {int(counts.sum())} merged tokens "
                          f"(per image {counts.tolist()}), but vision_tokens has T = {vision_tokens.shape[0]}")
 
-    bx = boxes.detach().to("cpu", torch.float32)
-    img = box_image.to("cpu", torch.int64)
+    bx = boxes.detach().to("cpu", torch.float32).numpy()
+    img = box_image.detach().to("cpu", torch.int64).numpy()
     n_images = grid.shape[0]
-    for r in torch.nonzero(~torch.isfinite(bx).all(1)).flatten().tolist():
+    for r in np.flatnonzero(~np.isfinite(bx).all(1)).tolist():
         raise ValueError(f"boxes row {r} = {bx[r].tolist()} is not finite")
-    for r in torch.nonzero((img < 0) | (img >= n_images)).flatten().tolist():
+    for r in np.flatnonzero((img < 0) | (img >= n_images)).tolist():
         raise ValueError(f"box_image row {r} = {int(img[r])} is out of range for {n_images} images")
-    for r in torch.nonzero((bx[:, 2] < bx[:, 0]) | (bx[:, 3] < bx[:, 1])).flatten().tolist():
+    for r in np.flatnonzero((bx[:, 2] < bx[:, 0]) | (bx[:, 3] < bx[:, 1])).tolist():
         raise ValueError(f"boxes row {r} = {bx[r].tolist()} has x1 < x0 or y1 < y0 (expected x0 <= x1, y0 <= y1)")
     hw = grid[:, 1:] // merge
-    clipped = clip_boxes(bx, hw[img], merge * patch) if R else bx.new_zeros(0, 4)
+    # the reference's clip_boxes, in the same fp32 operations
+    b = bx / np.float32(merge * patch)
+    h, w = hw[img, 0].astype(np.float32), hw[img, 1].astype(np.float32)
+    clipped = np.stack([np.minimum(np.maximum(b[:, 0], 0), w), np.minimum(np.maximum(b[:, 1], 0), h),
+                        np.minimum(np.maximum(b[:, 2], 0), w), np.minimum(np.maximum(b[:, 3], 0), h)], 1)
     empty = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
-    for r in torch.nonzero(empty).flatten().tolist():
-        b = int(img[r])
-        raise ValueError(f"boxes row {r} = {bx[r].tolist()} is empty after clipping to image {b} "
-                         f"({int(hw[b, 1]) * merge * patch} x {int(hw[b, 0]) * merge * patch} px)")
+    for r in np.flatnonzero(empty).tolist():
+        i = int(img[r])
+        raise ValueError(f"boxes row {r} = {bx[r].tolist()} is empty after clipping to image {i} "
+                         f"({int(hw[i, 1]) * merge * patch} x {int(hw[i, 0]) * merge * patch} px)")
     return grid, img, clipped, counts
 
 
 def _plan(grid, img, clipped, counts, *, bins, pooling, merge, sampling_ratio, device) -> _Plan:
+    """Kernel geometry (numpy on the host, one int32 buffer, one copy to ``device``)."""
     from medlvr.kernels.roi_align_loss import BLOCK_T, GEOMETRY_FIELDS
 
     gh, gw = bins
     hw = grid[:, 1:] // merge
-    offsets = torch.cumsum(counts, 0) - counts
-    x0, y0, x1, y1 = clipped.unbind(1)
-    bin_w = (x1 - x0) / gw
-    bin_h = (y1 - y0) / gh
+    offsets = np.cumsum(counts) - counts
+    x0, y0, x1, y1 = clipped.T
+    bin_w = (x1 - x0) / np.float32(gw)
+    bin_h = (y1 - y0) / np.float32(gh)
+    R = len(img)
     if pooling == "bilinear":
-        ny = torch.tensor([bilinear_samples(float(e), gh, sampling_ratio) for e in (y1 - y0)], dtype=torch.int64)
-        nx = torch.tensor([bilinear_samples(float(e), gw, sampling_ratio) for e in (x1 - x0)], dtype=torch.int64)
+        # torchvision's sample count (bilinear_samples), from the fp32 extent in fp64
+        if sampling_ratio > 0:
+            ny = nx = np.full(R, sampling_ratio, dtype=np.int64)
+        else:
+            ny = np.maximum(np.ceil((y1 - y0).astype(np.float64) / gh), 1).astype(np.int64)
+            nx = np.maximum(np.ceil((x1 - x0).astype(np.float64) / gw), 1).astype(np.int64)
         # aligned=True: pixel centres sit at half-integers of the token grid
-        start_x, start_y = x0 - 0.5, y0 - 0.5
-        max_cols = int((torch.floor(bin_w) + 3).max()) if len(x0) else 1
+        start_x, start_y = x0 - np.float32(0.5), y0 - np.float32(0.5)
+        max_cols = int((np.floor(bin_w) + 3).max()) if R else 1
     else:
-        ny = nx = torch.ones_like(img)
+        ny = nx = np.ones(R, dtype=np.int64)
         start_x, start_y = x0, y0
-        max_cols = int((torch.ceil(bin_w) + 1).max()) if len(x0) else 1
+        max_cols = int((np.ceil(bin_w) + 1).max()) if R else 1
     H, W = hw[img, 0], hw[img, 1]
     # rows any bin may weight, with a cell of slack each side for both poolings and for
     # fp32 rounding at the box's far edge (the vision-gradient kernel skips other boxes)
-    i_lo = (torch.floor(y0) - 1).clamp(min=0).long()
-    i_hi = torch.minimum(torch.floor(y1).long() + 2, H)
+    i_lo = np.maximum(np.floor(y0) - 1, 0).astype(np.int64)
+    i_hi = np.minimum(np.floor(y1).astype(np.int64) + 2, H)
     # 16-token blocks of the vision-gradient kernel never straddle two images
     per_image = (counts + BLOCK_T - 1) // BLOCK_T
-    end_block = torch.cumsum(per_image, 0)
-    blocks = torch.arange(int(end_block[-1]))
-    block_image = torch.searchsorted(end_block, blocks, right=True)  # (repeat_interleave is slow on CPU)
-    block_start = (blocks - (end_block - per_image)[block_image]) * BLOCK_T
-    image_ptr = torch.zeros(grid.shape[0] + 1, dtype=torch.int64)
-    image_ptr[1:] = torch.cumsum(torch.bincount(img, minlength=grid.shape[0]), 0)
+    block_image = np.repeat(np.arange(len(counts)), per_image)
+    block_start = (np.arange(len(block_image)) - (np.cumsum(per_image) - per_image)[block_image]) * BLOCK_T
+    image_ptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    image_ptr[1:] = np.cumsum(np.bincount(img, minlength=len(counts)))
     fields = {
-        "geom_f": torch.stack([start_x, start_y, bin_w, bin_h], 1).to(torch.float32).view(torch.int32),
-        "geom_i": torch.stack([offsets[img], H, W, ny, nx], 1),
-        "extent": torch.stack([i_lo, i_hi], 1),
-        "image_meta": torch.stack([offsets, hw[:, 0], hw[:, 1]], 1),
-        "rows_by_image": torch.sort(img, stable=True).indices,
+        "geom_f": np.stack([start_x, start_y, bin_w, bin_h], 1).astype(np.float32).view(np.int32),
+        "geom_i": np.stack([offsets[img], H, W, ny, nx], 1),
+        "extent": np.stack([i_lo, i_hi], 1),
+        "image_meta": np.stack([offsets, hw[:, 0], hw[:, 1]], 1),
+        "rows_by_image": np.argsort(img, kind="stable"),
         "image_ptr": image_ptr,
         "block_image": block_image,
         "block_start": block_start,
     }
-    flat = [fields[name].reshape(-1).to(torch.int32) for name in GEOMETRY_FIELDS]
-    buf = torch.cat(flat).to(device, non_blocking=True)  # one host-to-device copy
+    flat = [fields[name].reshape(-1).astype(np.int32) for name in GEOMETRY_FIELDS]
+    buf = torch.from_numpy(np.concatenate(flat)).to(device)  # one host-to-device copy
     geom, at = {}, 0
     for name, part in zip(GEOMETRY_FIELDS, flat):
-        geom[name] = buf[at: at + part.numel()]
-        at += part.numel()
+        geom[name] = buf[at: at + part.size]
+        at += part.size
     geom["geom_f"] = geom["geom_f"].view(torch.float32)
     return _Plan(geom, max_cols)
 
@@ -260,7 +271,8 @@ def roi_align_loss(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_thw:
     bins = (int(bins[0]), int(bins[1]))
     backend = _backend.choose(latents.device, has_ext=False, has_triton=True)
     if backend == "reference":
-        return roi_align_loss_ref(latents, vision_tokens, grid, boxes.detach().cpu(), img, bins=bins,
+        return roi_align_loss_ref(latents, vision_tokens, torch.from_numpy(grid), boxes.detach().cpu(),
+                                  torch.from_numpy(img), bins=bins,
                                   pooling=pooling, loss=loss, reduction=reduction,
                                   detach_target=detach_target, merge=merge, patch=patch,
                                   sampling_ratio=sampling_ratio)
