@@ -296,10 +296,10 @@ def recurrent_forward(model: nn.Module, batch: Mapping[str, Any], *, k: int,
         return forward_with_latents(hf, batch, None, k=0, return_logits=return_logits)
     ids, am = batch["input_ids"], batch["attention_mask"]
     s0 = batch["latent_start_index"].to(ids.device)
+    lay = _layout(am, s0, k)  # validates the padding before any model work
     vis = vision_tokens(hf, batch.get("pixel_values"), batch.get("image_grid_thw"))
     emb = embed_inputs(hf, ids, vis)
     pos = positions(hf, batch)
-    lay = _layout(am, s0, k)
     emb = _gather_cols(emb, lay.index, 1) * lay.valid[..., None].to(emb.dtype)
     pos = _gather_cols(pos, lay.index, 2)
     # Pad columns get position 1 (HF's convention for masked slots); they are masked out anyway.

@@ -71,6 +71,12 @@ class LoopConfig:
             raise ValueError(f"schedule: expected 'cosine', 'linear' or 'constant', got {self.schedule!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision: expected auto|no|bf16|fp16, got {self.mixed_precision!r}")
+        if self.report_to == "tensorboard":
+            import importlib.util
+
+            if not (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
+                raise ValueError("report_to: 'tensorboard' needs the tensorboard (or tensorboardX) package, "
+                                 "which is not installed; pip install tensorboard, or drop --report-to")
         if Path(self.metrics).suffix not in (".jsonl", ".csv"):
             raise ValueError(f"metrics: expected a .jsonl or .csv file name, got {self.metrics!r}")
 

@@ -67,5 +67,10 @@ def test_bad_loop_config():
         LoopConfig(schedule="step")
     with pytest.raises(ValueError, match="metrics"):
         LoopConfig(metrics="metrics.txt")
+    import importlib.util
+
+    if not importlib.util.find_spec("tensorboard") and not importlib.util.find_spec("tensorboardX"):
+        with pytest.raises(ValueError, match="tensorboard"):
+            LoopConfig(report_to="tensorboard")
     with pytest.raises(ValueError, match="max_steps"):
         LoopConfig(max_steps=0)
