@@ -2,6 +2,7 @@
 
     python benchmarks/bench_roi_align_loss.py            # CUDA: the issue's shape; CPU: small shapes
     python benchmarks/bench_roi_align_loss.py --quick    # smallest shapes (smoke test, any device)
+    python benchmarks/bench_roi_align_loss.py --threads 1 --grad-vision   # CPU results as committed
 
 Providers:
   naive torch      mask and mean per box: a Python loop over boxes builds each box's
@@ -152,8 +153,12 @@ def bench_case(n_img, side, D, boxes_per_image, bins, dtype, *, device, args, bw
 def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--grad-vision", action="store_true", help="also the vision tokens' gradient (detach_target=False)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 gives stable numbers on a shared machine; default: torch's)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         cases = [(16, 32, 3584, 4, (2, 4), torch.bfloat16)]
         if args.quick:
