@@ -118,8 +118,10 @@ def roi_pool_targets_ref(vision_tokens: torch.Tensor, grid_thw: torch.Tensor, bo
         nx = bilinear_samples(x1 - x0, gw, sampling_ratio)
         wy = axis_weights(y0, y1, gh, h, pooling=pooling, samples=ny).to(v.device)
         wx = axis_weights(x0, x1, gw, w, pooling=pooling, samples=nx).to(v.device)
-        tokens = v[int(offsets[b]): int(offsets[b]) + h * w].view(h, w, -1)
-        out.append(torch.einsum("pi,qj,ijd->pqd", wy, wx, tokens).reshape(gh * gw, -1))
+        tokens = v[int(offsets[b]): int(offsets[b]) + h * w]
+        # (K, h·w) weights of every token for every bin, k = p·gw + q: outer products
+        weights = (wy[:, None, :, None] * wx[None, :, None, :]).reshape(gh * gw, h * w)
+        out.append(weights @ tokens)
     if not out:
         # no box: an empty result that still belongs to v's graph (its gradient is zero)
         return v[:0].unsqueeze(1).expand(0, gh * gw, v.shape[1])
