@@ -14,11 +14,23 @@ the <|latent_start|> position, z_t (t > 0) from the position where z_{t-1} was f
 the teacher-forced forward the hidden state at index s0 + t - 1 is therefore the mean of
 the Gaussian that produced the input at index s0 + t.
 
-Rollouts here run a plain HF KV-cached loop (DynamicCache) instead of
-``medlvr.engine.LatentEngine.generate``: VLPO explores in latent space by adding seeded
-Gaussian noise to every fed-back hidden state, which the engine's interface does not
-offer (no ``latent_noise_std``). The loop is the engine's oracle (DESIGN §7) plus that
-noise, so it is correct but pays Python + HF overhead per step.
+Two rollout backends give the same rollouts (``sample_rollouts(backend=...)``,
+``VLPOConfig.rollout_backend``):
+
+- "engine" (default): ``medlvr.engine.LatentEngine.generate`` with ``latent_noise_std``:
+  static KV cache, decode kernels, CUDA graphs on GPU. :class:`RolloutEngine` builds the
+  engine once and reuses it across VLPO steps; it holds references to the model's
+  modules, so optimizer steps (LoRA included) are seen by the next rollout.
+- "hf": a plain HF KV-cached loop (DynamicCache), the engine's oracle (DESIGN §7), kept as
+  a fallback (models the engine has no adapter for) and as the test reference.
+
+Both draw their randomness from the caller's generator in the engine's order: the latent
+noise as one (R, K, D) normal tensor in the model dtype (only when sigma > 0 and K > 0),
+then one (R, V) tensor of Exp(1) variates per answer token, from which the token is the
+"exponential race" sample argmax_i p_i / E_i over the top-p nucleus (an exact sample of
+the nucleus distribution, see medlvr/engine/sampling.py). With the same seed the two
+backends therefore give the same rollouts up to floating-point differences of the
+kernels (tests/train/test_vlpo.py checks z, mu, tokens and log-probs).
 
 Positions: the prompt's 3-section mRoPE positions come from ``medlvr.models.rope_positions``
 (HF get_rope_index); every step after the prompt is text-like, so all three sections
@@ -33,8 +45,10 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["Rollouts", "hf_model", "image_features", "vision_frozen", "prompt_inputs", "sample_rollouts",
-           "policy_forward", "gather_logprobs", "latent_gaussian_logprob"]
+__all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "hf_model", "image_features", "vision_frozen", "prompt_inputs",
+           "sample_rollouts", "policy_forward", "gather_logprobs", "latent_gaussian_logprob"]
+
+BACKENDS = ("engine", "hf")
 
 
 # --------------------------------------------------------------------------- ops ----
@@ -165,11 +179,13 @@ def prompt_inputs(model: torch.nn.Module, batch: Any, *, repeat: int = 1,
 class Rollouts:
     """n rollouts per prompt, rows grouped by prompt (row i*n + j = prompt i, sample j).
 
-    latents [R,K,D] (the fed-back inputs z_t), latent_logprobs [R,K] and token_logprobs
-    [R,T] (log-probs under the behaviour policy at sampling time: Gaussian for latents,
-    softmax(logits / temperature) for tokens), tokens [R,T] (pad after the stop token),
-    token_mask [R,T] (1 up to and including the stop token), stopped [R] (stop token
-    reached before max_new_tokens), prompt (prompt_inputs of the repeated rows).
+    latents [R,K,D] (the fed-back inputs z_t), latent_mu [R,K,D] (their means mu_t, i.e.
+    feedback of the hidden state at index s0 + t - 1; z_t - mu_t = sigma * eps_t),
+    latent_logprobs [R,K] and token_logprobs [R,T] (log-probs under the behaviour policy
+    at sampling time: Gaussian for latents, softmax(logits / temperature) for tokens),
+    tokens [R,T] (pad after the stop token), token_mask [R,T] (1 up to and including the
+    stop token), stopped [R] (stop token reached before max_new_tokens), prompt
+    (prompt_inputs of the repeated rows).
     """
     prompt: dict[str, torch.Tensor]
     latents: torch.Tensor
@@ -179,6 +195,7 @@ class Rollouts:
     token_mask: torch.Tensor
     stopped: torch.Tensor
     n: int
+    latent_mu: torch.Tensor | None = None
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -216,11 +233,101 @@ def _step(lm, embeds, position_ids, mask, cache) -> torch.Tensor:
     return out.last_hidden_state[:, -1]
 
 
+class RolloutEngine:
+    """A ``LatentEngine`` for one policy, built on first use and reused by every later
+    rollout (one per ``train_vlpo`` call).
+
+    The engine reads the model's modules by reference (medlvr/engine/engine.py), so the
+    weights an optimizer step updates in place, LoRA adapters included, are what the next
+    rollout runs. Capacity: ``max_batch`` = the rollout rows (prompts x n) and ``max_len`` =
+    longest prompt + K + max_new_tokens, rounded up to ``len_multiple``; a later batch that
+    needs more (a longer prompt) rebuilds it once at the larger size, never smaller.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, projector: torch.nn.Module | None = None,
+                 use_cuda_graphs: bool | str = "auto", len_multiple: int = 64):
+        if len_multiple < 1:
+            raise ValueError(f"len_multiple must be >= 1, got {len_multiple}")
+        self.model = hf_model(model)
+        self.projector = projector
+        self.use_cuda_graphs = use_cuda_graphs
+        self.len_multiple = len_multiple
+        self.engine = None
+        self.builds = 0
+
+    def get(self, *, rows: int, max_len: int):
+        """The engine, (re)built when ``rows`` / ``max_len`` exceed its capacity."""
+        from medlvr.engine import LatentEngine
+
+        e = self.engine
+        if e is None or rows > e.max_batch or max_len > e.max_len:
+            m = self.len_multiple
+            need_len = -(-max_len // m) * m
+            max_batch = max(rows, e.max_batch if e is not None else 0)
+            max_len = max(need_len, e.max_len if e is not None else 0)
+            self.engine = None  # drop the old static cache before allocating the new one
+            self.engine = LatentEngine(self.model, max_batch=max_batch, max_len=max_len, projector=self.projector,
+                                       use_cuda_graphs=self.use_cuda_graphs)
+            self.builds += 1
+        return self.engine
+
+
+def _repeat_rows(model: torch.nn.Module, batch: Any, n: int) -> dict[str, torch.Tensor]:
+    """The engine's input batch with every prompt repeated n times (row i*n + j), images
+    included: each sample's images (consecutive grids in packing order, as the adapter
+    checks) are repeated with it."""
+    hf = hf_model(model)
+    ids, mask = _field(batch, "input_ids"), _field(batch, "attention_mask")
+    pv, grid, mm = _field(batch, "pixel_values"), _field(batch, "image_grid_thw"), _field(batch, "mm_token_type_ids")
+    out = {"input_ids": ids.repeat_interleave(n, 0), "attention_mask": mask.repeat_interleave(n, 0)}
+    if mm is not None:
+        out["mm_token_type_ids"] = mm.repeat_interleave(n, 0)
+    if pv is None:
+        return out
+    merge = int(hf.config.vision_config.spatial_merge_size)
+    patches = grid.prod(-1).tolist()
+    tokens_per_image = [p // merge ** 2 for p in patches]
+    starts = [0]
+    for p in patches:
+        starts.append(starts[-1] + p)
+    per_sample = (ids.eq(hf.config.image_token_id) & mask.bool()).sum(-1).tolist()
+    pv_rows, grid_rows, i = [], [], 0
+    for b, want in enumerate(per_sample):
+        first, got = i, 0
+        while got < want and i < len(patches):
+            got += tokens_per_image[i]
+            i += 1
+        if got != want:
+            raise ValueError(f"batch sample {b} holds {want} image tokens, which do not match its images' grids "
+                             f"in image_grid_thw {grid.tolist()}")
+        if i > first:
+            pv_rows.append(pv[starts[first]:starts[i]].repeat(n, 1))
+            grid_rows.append(grid[first:i].repeat(n, 1))
+    out["pixel_values"] = torch.cat(pv_rows)
+    out["image_grid_thw"] = torch.cat(grid_rows)
+    return out
+
+
+def _check_rollout_args(n, k_latent, latent_sigma, temperature, top_p, max_new_tokens, backend):
+    if n < 1 or k_latent < 0 or max_new_tokens < 1:
+        raise ValueError(f"need n >= 1, k_latent >= 0, max_new_tokens >= 1; got n={n}, "
+                         f"k_latent={k_latent}, max_new_tokens={max_new_tokens}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for VLPO rollouts, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if k_latent > 0 and latent_sigma < 0:
+        raise ValueError(f"latent_sigma must be >= 0, got {latent_sigma}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 @torch.no_grad()
 def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int, latent_sigma: float,
                     temperature: float, top_p: float, max_new_tokens: int, latent_end_id: int,
                     stop_id: int, pad_id: int, generator: torch.Generator | None = None,
-                    projector: torch.nn.Module | None = None, vision: torch.Tensor | None = None) -> Rollouts:
+                    projector: torch.nn.Module | None = None, vision: torch.Tensor | None = None,
+                    backend: str = "engine", engine: RolloutEngine | None = None) -> Rollouts:
     """Sample n rollouts per prompt with latent exploration z_t = mu_t + sigma * eps.
 
     batch: left-padded prompts ending with <|latent_start|> (collate with_answer=False).
@@ -229,14 +336,18 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
     Text tokens are sampled from softmax(logits / temperature) restricted to the top-p
     nucleus; the recorded token log-prob is under softmax(logits / temperature) (the
     quantity the training forward recomputes, as in TRL / verl).
+    backend: "engine" (LatentEngine; ``engine`` reuses one across calls, else one is built
+    for this call, with ``projector``) or "hf" (the plain HF loop). Same random draws from
+    ``generator`` in both (module docstring). vision: precomputed image features, used by
+    the "hf" loop and for ``Rollouts.prompt`` (the engine's prefill runs the model on the
+    images itself).
     """
-    if n < 1 or k_latent < 0 or max_new_tokens < 1:
-        raise ValueError(f"need n >= 1, k_latent >= 0, max_new_tokens >= 1; got n={n}, "
-                         f"k_latent={k_latent}, max_new_tokens={max_new_tokens}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for VLPO rollouts, got {temperature}")
-    if k_latent > 0 and latent_sigma < 0:
-        raise ValueError(f"latent_sigma must be >= 0, got {latent_sigma}")
+    _check_rollout_args(n, k_latent, latent_sigma, temperature, top_p, max_new_tokens, backend)
+    if backend == "engine":
+        return _engine_rollouts(model, batch, n=n, k_latent=k_latent, latent_sigma=latent_sigma,
+                                temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                latent_end_id=latent_end_id, stop_id=stop_id, pad_id=pad_id, generator=generator,
+                                projector=projector, vision=vision, engine=engine)
     hf = hf_model(model)
     lm = hf.model.language_model
     embed = hf.get_input_embeddings()
@@ -252,14 +363,18 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
     ones = torch.ones(R, 1, dtype=mask.dtype, device=dev)
 
     latents = torch.zeros(R, k_latent, D, dtype=dt, device=dev)
+    mus = torch.zeros(R, k_latent, D, dtype=dt, device=dev)
     lat_logp = torch.zeros(R, k_latent, dtype=torch.float32, device=dev)
+    noisy = latent_sigma > 0 and k_latent > 0
+    if noisy:
+        # The engine's draw: one (R, K, D) normal tensor in the model dtype, before any token.
+        eps = torch.empty(R, k_latent, D, dtype=dt, device=dev).normal_(generator=generator)
     for t in range(k_latent):
         # hidden at index s0 + t - 1 (through the feedback map): the mean of latent t
         mu = h if projector is None else projector(h)
-        eps = torch.randn(mu.shape, generator=generator, device=dev, dtype=torch.float32)
-        z = (mu.float() + latent_sigma * eps).to(dt)
-        latents[:, t] = z
-        if latent_sigma > 0:
+        z = (mu.float() + latent_sigma * eps[:, t].float()).to(dt) if noisy else mu.to(dt)
+        latents[:, t], mus[:, t] = z, mu
+        if noisy:
             lat_logp[:, t] = latent_gaussian_logprob(mu, z, sigma=latent_sigma)
         mask = torch.cat([mask, ones], dim=1)
         h = _step(lm, z[:, None], next_pos, mask, cache)
@@ -270,6 +385,7 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
     h = _step(lm, end, next_pos, mask, cache)
     next_pos = next_pos + 1
 
+    V = hf.lm_head.out_features
     tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     tok_logp = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=dev)
     tok_mask = torch.zeros(R, max_new_tokens, dtype=torch.bool, device=dev)
@@ -277,7 +393,10 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
     for j in range(max_new_tokens):
         logits = hf.lm_head(h).float() / temperature
         probs = _top_p_filter(logits, top_p).softmax(-1)
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        # Exponential race (the engine's sampler): argmax p_i / E_i, E ~ Exp(1), is an
+        # exact sample from p; drawn as the engine draws it, one (R, V) tensor per token.
+        race = torch.empty(R, V, dtype=torch.float32, device=dev).exponential_(generator=generator)
+        tok = (probs / race).argmax(-1)
         logp = logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
         live = ~done
         tokens[:, j] = torch.where(live, tok, torch.full_like(tok, pad_id))
@@ -290,7 +409,51 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
         h = _step(lm, embed(tokens[:, j:j + 1]), next_pos, mask, cache)
         next_pos = next_pos + 1
     return Rollouts(prompt=prompt, latents=latents, latent_logprobs=lat_logp, tokens=tokens,
-                    token_logprobs=tok_logp, token_mask=tok_mask, stopped=done, n=n)
+                    token_logprobs=tok_logp, token_mask=tok_mask, stopped=done, n=n, latent_mu=mus)
+
+
+def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, top_p, max_new_tokens,
+                     latent_end_id, stop_id, pad_id, generator, projector, vision, engine) -> Rollouts:
+    """sample_rollouts through LatentEngine: prefill -> K fixed latent steps with noise ->
+    <|latent_end|> -> answer (the same sequence policy_forward scores)."""
+    rows = _repeat_rows(model, batch, n)
+    R = rows["input_ids"].shape[0]
+    prompt_max = int(rows["attention_mask"].long().sum(-1).max())
+    if engine is None:
+        engine = RolloutEngine(model, projector=projector, len_multiple=1)
+    elif engine.projector is not projector:
+        raise ValueError("engine: its projector differs from the rollout's projector argument")
+    # The engine's exact need: prompt + K latents + <|latent_end|> + every token but the last.
+    eng = engine.get(rows=R, max_len=prompt_max + k_latent + max_new_tokens)
+    kw = dict(temperature=float(temperature), top_p=float(top_p), stop_ids=[stop_id], pad_id=pad_id,
+              generator=generator)
+    if k_latent > 0:
+        out = eng.generate(rows, k_max=k_latent, exit="fixed", max_new_tokens=max_new_tokens,
+                           latent_end_id=latent_end_id, latent_noise_std=float(latent_sigma), **kw)
+        latents, hidden, tokens, tok_logp, lengths = (out.latents, out.latent_hidden, out.tokens,
+                                                      out.token_logprobs, out.text_lengths)
+    else:
+        # generate(k_max=0) feeds no <|latent_end|>; VLPO's sequence (policy_forward) always
+        # has one, so the phases are called directly with it as the first fed token.
+        eng.prefill(rows)
+        seg = eng.latent_segment(0)
+        text = eng.decode_text(max_new_tokens, first_token=latent_end_id, **kw)
+        latents, hidden, tokens, tok_logp, lengths = (seg.latents, seg.latent_hidden, text.tokens,
+                                                      text.token_logprobs, text.text_lengths)
+    D = latents.shape[-1]
+    mu = hidden if projector is None else projector(hidden.reshape(-1, D)).view_as(hidden).to(hidden.dtype)
+    if k_latent > 0 and latent_sigma > 0:
+        lat_logp = latent_gaussian_logprob(mu.reshape(-1, D), latents.reshape(-1, D),
+                                           sigma=latent_sigma).view(R, k_latent)
+    else:
+        lat_logp = torch.zeros(R, k_latent, dtype=torch.float32, device=latents.device)
+    T = tokens.shape[1]
+    tok_mask = torch.arange(T, device=tokens.device)[None, :] < lengths[:, None]
+    last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    stopped = (lengths > 0) & (last == stop_id)
+    prompt = prompt_inputs(model, batch, repeat=n, vision=vision)
+    return Rollouts(prompt=prompt, latents=latents, latent_logprobs=lat_logp, tokens=tokens,
+                    token_logprobs=tok_logp, token_mask=tok_mask, stopped=stopped, n=n, latent_mu=mu)
 
 
 # ------------------------------------------------------------- teacher-forced pass ---

@@ -2,7 +2,9 @@
 
 One step (GRPO-style, DESIGN §1):
 
-1. Rollouts: n samples per prompt (``rollout.sample_rollouts``). The latent segment is
+1. Rollouts: n samples per prompt (``rollout.sample_rollouts``) through the latent engine
+   (``medlvr.engine.LatentEngine``, built once per ``train_vlpo``; ``rollout_backend="hf"``
+   selects the plain HF KV-cached loop instead, same random draws). The latent segment is
    explored by Gaussian noise on every fed-back hidden state, z_t = mu_t + sigma * eps,
    then the answer is sampled with temperature / top-p.
 2. Rewards: ``w_acc * accuracy + w_fmt * format`` (``rewards.outcome_rewards``).
@@ -27,7 +29,7 @@ still at its identity init, else (full fine-tuning, or a LoRA that already holds
 training) a frozen deep copy. Old log-probs ("recompute", the default) are the first PPO
 epoch's own teacher-forced log-probs, detached: the first ratio is then exactly 1 and the
 clipped loss's gradient is the plain policy gradient; the behaviour log-probs recorded at
-sampling time (KV-cached loop, different kernels) are kept for the
+sampling time (engine or KV-cached loop: different kernels) are kept for the
 ``behaviour_gap`` metric, or used directly with ``old_logprobs="rollout"``.
 """
 from __future__ import annotations
@@ -46,8 +48,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from medlvr.train.rewards import outcome_rewards
-from medlvr.train.rollout import (Rollouts, image_features, policy_forward, prompt_inputs, sample_rollouts,
-                                  vision_frozen)
+from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_forward, prompt_inputs,
+                                  sample_rollouts, vision_frozen)
 
 __all__ = [
     "VLPOConfig", "VLPOTokens", "PolicyScorer", "adapter_is_identity", "group_advantages", "ppo_clip_loss", "kl_k3", "vlpo_loss", "vlpo_step",
@@ -84,6 +86,7 @@ class VLPOConfig:
     adv_eps: float = 1e-6         # A = (r - mean) / (std + adv_eps)
     max_grad_norm: float = 1.0    # 0 = no clipping
     old_logprobs: str = "recompute"  # "recompute" (teacher-forced, exact on-policy) | "rollout"
+    rollout_backend: str = "engine"  # "engine" (LatentEngine) | "hf" (plain HF KV-cached loop, the fallback)
 
     def validate(self) -> None:
         checks = [
@@ -97,6 +100,7 @@ class VLPOConfig:
             ("batch_prompts", self.batch_prompts >= 1, ">= 1"), ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
             ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"), ("adv_eps", self.adv_eps >= 0, ">= 0"),
             ("old_logprobs", self.old_logprobs in ("recompute", "rollout"), "'recompute' or 'rollout'"),
+            ("rollout_backend", self.rollout_backend in BACKENDS, " or ".join(map(repr, BACKENDS))),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -286,7 +290,8 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
               backward: Callable[[torch.Tensor], None] | None = None,
               clip_grad: Callable[[Sequence[torch.nn.Parameter], float], Any] | None = None,
               scorer: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
-              autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, float]:
+              autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+              rollout_engine: RolloutEngine | None = None) -> dict[str, float]:
     """Rollouts, rewards, advantages and ``cfg.ppo_epochs`` optimiser steps on one prompt batch.
 
     batch: left-padded prompts ending with <|latent_start|> (collate with_answer=False),
@@ -300,6 +305,8 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
     autocast: a context factory (``accelerator.autocast``) entered around the rollouts and
     the no-grad scoring passes, so that they run in the precision the prepared scorer's
     forward runs in (else the first ratio would not be 1 under mixed precision).
+    rollout_engine: the engine reused across steps (``cfg.rollout_backend == "engine"``);
+    None builds one for this step only.
     Dropout is switched off (eval mode) for the whole step: the policy that is optimised is
     the one that sampled. Old log-probs ("recompute") are the first PPO epoch's own log-probs,
     detached: the ratio of that epoch is exactly 1 without a separate no-grad pass. A frozen
@@ -317,7 +324,8 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
         ro = sample_rollouts(model, batch, n=n, k_latent=cfg.k_latent, latent_sigma=cfg.latent_sigma,
                              temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                              latent_end_id=tokens.latent_end, stop_id=tokens.stop, pad_id=tokens.pad,
-                             generator=generator, projector=projector, vision=vision)
+                             generator=generator, projector=projector, vision=vision,
+                             backend=cfg.rollout_backend, engine=rollout_engine)
     rew = reward_fn(ro)
     rewards = torch.as_tensor(rew["reward"], dtype=torch.float32, device=ro.tokens.device)
     adv = group_advantages(rewards, n, eps=cfg.adv_eps)
@@ -459,6 +467,10 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
     # own token mean and DDP averages the gradients, which is the global token mean when the
     # processes score equal token counts (and close to it otherwise).
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    # One engine for the whole run (static cache sized at the first step, grown only if a
+    # later prompt is longer); it reads the policy's modules by reference, so it rolls out
+    # the weights each optimizer step leaves.
+    rollout_engine = RolloutEngine(model, projector=projector) if cfg.rollout_backend == "engine" else None
     rng = random.Random(cfg.seed + rank)
     main = accelerator is None or accelerator.is_main_process
 
@@ -488,7 +500,8 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
             metrics = vlpo_step(model, _to_device(batch, device), reward_fn, optimizer, cfg, tokens=tokens,
                                 generator=gen, ref_model=ref_model, projector=projector,
                                 ref_projector=ref_projector, backward=backward,
-                                clip_grad=clip_grad, scorer=scorer, autocast=autocast)
+                                clip_grad=clip_grad, scorer=scorer, autocast=autocast,
+                                rollout_engine=rollout_engine)
             metrics = {"step": step, **metrics, "time_s": time.perf_counter() - t0}
             history.append(metrics)
             if log is not None:

@@ -349,12 +349,14 @@ def test_kl_is_zero_when_policy_equals_reference_and_only_lora_trains():
     assert m2["kl_text"] > 0.0 and m2["kl_latent"] > 0.0
 
 
-def test_behaviour_logprobs_match_the_training_forward():
-    # old_logprobs="rollout" uses what the KV-cached sampler recorded: it must agree with the
-    # teacher-forced forward (ratio ~ 1 before the update), else PPO would clip from step 0.
+@pytest.mark.parametrize("backend", ["engine", "hf"])
+def test_behaviour_logprobs_match_the_training_forward(backend):
+    # old_logprobs="rollout" uses what the sampler (engine or KV-cached HF loop) recorded: it
+    # must agree with the teacher-forced forward (ratio ~ 1 before the update), else PPO would
+    # clip from step 0.
     policy = lora(tiny_model(4))
     cfg = VLPOConfig(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=4, kl_beta=0.0,
-                     old_logprobs="rollout")
+                     old_logprobs="rollout", rollout_backend=backend)
     m = _step(policy, cfg, _random_reward)
     assert m["behaviour_gap"] < 1e-4
     assert abs(m["ratio_text"] - 1.0) < 1e-4 and m["clip_frac_text"] == 0.0
@@ -433,6 +435,128 @@ def test_vlpo_improves_a_toy_reward_and_is_deterministic():
     assert sum(r1[-3:]) / 3 > sum(r1[:3]) / 3 + 0.2, r1
 
 
+# ------------------------------------------------ rollout backends: engine vs HF loop ---
+def _both_backends(model, *, n=4, k=3, sigma=0.5, top_p=1.0, seed=1, projector=None, engine=None):
+    out = {}
+    for backend in ("hf", "engine"):
+        out[backend] = sample_rollouts(
+            model, prompt_batch(), n=n, k_latent=k, latent_sigma=sigma, temperature=0.9, top_p=top_p,
+            max_new_tokens=6, latent_end_id=L_END, stop_id=IM_END, pad_id=PAD, projector=projector,
+            generator=torch.Generator().manual_seed(seed), backend=backend,
+            engine=engine if backend == "engine" else None)
+    return out["hf"], out["engine"]
+
+
+def _assert_same_rollouts(a, b):
+    # Both backends draw eps (one (R, K, D) normal tensor) and the text race noise (one
+    # (R, V) Exp(1) tensor per token) from the generator in the same order, so z, mu,
+    # tokens and log-probs agree up to the kernels' float differences (fp32, CPU).
+    torch.testing.assert_close(b.latents, a.latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.latent_mu, a.latent_mu, atol=1e-5, rtol=1e-5)
+    assert torch.equal(b.tokens, a.tokens)
+    assert torch.equal(b.token_mask, a.token_mask) and torch.equal(b.stopped, a.stopped)
+    torch.testing.assert_close(b.token_logprobs, a.token_logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.latent_logprobs, a.latent_logprobs, atol=1e-4, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def peaked_model():
+    # lm_head x20: trained-model-like logit spread, so the answers vary per sample and
+    # some rows stop early (a random init's near-uniform logits would never stop; with this
+    # init and seed 1 every parametrisation below has stopped and unstopped rows, measured).
+    m = tiny_model(0)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20.0)
+    return m
+
+
+@pytest.mark.parametrize("sigma,k,top_p", [(0.5, 3, 1.0), (0.3, 2, 0.8), (0.0, 2, 1.0), (0.3, 0, 0.9)])
+def test_engine_rollouts_equal_the_hf_loop_with_the_same_draws(peaked_model, sigma, k, top_p):
+    a, b = _both_backends(peaked_model, k=k, sigma=sigma, top_p=top_p)
+    _assert_same_rollouts(a, b)
+    mask = a.token_mask
+    assert 0 < int(mask.sum()) and bool(a.stopped.any()) and not bool(a.stopped.all())  # ragged stops
+    assert len({tuple(r) for r in a.tokens.tolist()}) > 1  # the samples differ
+    if k and sigma == 0:
+        assert torch.equal(b.latents, b.latent_mu)
+
+
+def test_engine_rollouts_with_a_projector_equal_the_hf_loop(peaked_model):
+    from medlvr.train.latent import LatentProjector
+
+    proj = LatentProjector(32)
+    torch.nn.init.normal_(proj.down.weight, std=0.2)
+    a, b = _both_backends(peaked_model, k=2, sigma=0.4, projector=proj)
+    _assert_same_rollouts(a, b)
+    with torch.no_grad():
+        h = _full_hidden(peaked_model, b)
+    s0 = b.prompt["embeds"].shape[1]
+    with torch.no_grad():  # mu_t = projector(h[s0 + t - 1]): the shift, through the map
+        torch.testing.assert_close(b.latent_mu, proj(h[:, s0 - 1:s0 + 1]), atol=1e-5, rtol=1e-5)
+
+
+def test_engine_latent_noise_has_the_requested_std_and_scores_on_policy(peaked_model):
+    sigma = 0.3
+    ro = sample_rollouts(peaked_model, prompt_batch(), n=8, k_latent=3, latent_sigma=sigma, temperature=1.0,
+                         top_p=1.0, max_new_tokens=4, latent_end_id=L_END, stop_id=IM_END, pad_id=PAD,
+                         generator=torch.Generator().manual_seed(3), backend="engine")
+    eps = (ro.latents - ro.latent_mu).float() / sigma  # 16 x 3 x 32 = 1536 draws
+    assert abs(float(eps.mean())) < 4 / eps.numel() ** 0.5
+    assert abs(float(eps.std()) - 1.0) < 0.06  # std error of the std ~ 1 / sqrt(2 N) = 0.018
+    # the teacher-forced scoring pass gives back the engine's behaviour log-probs
+    tok, lat = policy_forward(peaked_model, ro, latent_end_id=L_END, temperature=1.0, latent_sigma=sigma)
+    torch.testing.assert_close(tok, ro.token_logprobs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lat, ro.latent_logprobs, atol=1e-3, rtol=1e-5)
+    gap = ((tok - ro.token_logprobs).abs() * ro.token_mask).sum() / ro.token_mask.sum()
+    assert float(gap) < 1e-5
+
+
+def test_reused_engine_rolls_out_the_lora_weights_after_an_optimizer_step():
+    # One RolloutEngine across VLPO steps: it holds the policy's modules by reference, so the
+    # rollout after an update equals a fresh HF-loop rollout of the updated policy and
+    # differs from the one before; the engine is built once.
+    from medlvr.train.rollout import RolloutEngine
+
+    base = tiny_model(8)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(20.0)
+    policy = lora(base)
+    engine = RolloutEngine(policy)
+    before_hf, before = _both_backends(policy, k=2, sigma=0.2, engine=engine)
+    _assert_same_rollouts(before_hf, before)
+    cfg = VLPOConfig(n_rollouts=4, k_latent=2, latent_sigma=0.2, max_new_tokens=4, kl_beta=0.0, lr=5e-2)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    lora_b = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_B" in n}
+    m = vlpo_step(policy, prompt_batch(), _random_reward, opt, cfg, tokens=TOKENS,
+                  generator=torch.Generator().manual_seed(0), rollout_engine=engine)
+    assert m["behaviour_gap"] < 1e-4
+    assert any(not torch.equal(p, lora_b[n]) for n, p in policy.named_parameters() if "lora_B" in n)
+    after_hf, after = _both_backends(policy, k=2, sigma=0.2, engine=engine)
+    _assert_same_rollouts(after_hf, after)
+    assert (after.latent_mu - before.latent_mu).abs().max() > 1e-3  # the update is visible
+    assert engine.builds == 1
+
+
+def test_rollout_engine_grows_only_when_needed(model):
+    from medlvr.train.rollout import RolloutEngine
+
+    re = RolloutEngine(model, len_multiple=64)
+    e1 = re.get(rows=4, max_len=20)
+    assert (e1.max_batch, e1.max_len, re.builds) == (4, 64, 1)
+    assert re.get(rows=2, max_len=64) is e1 and re.builds == 1  # smaller / equal: reused
+    e2 = re.get(rows=3, max_len=65)  # a longer prompt: rebuilt larger, never smaller
+    assert e2 is not e1 and (e2.max_batch, e2.max_len, re.builds) == (4, 128, 2)
+
+
+def test_rollout_backend_is_checked():
+    with pytest.raises(ValueError, match="rollout_backend"):
+        VLPOConfig(rollout_backend="vllm").validate()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sample_rollouts(tiny_model(0), prompt_batch(), n=1, k_latent=1, latent_sigma=0.1, temperature=1.0,
+                        top_p=1.0, max_new_tokens=2, latent_end_id=L_END, stop_id=IM_END, pad_id=PAD,
+                        backend="vllm")
+
+
 # ------------------------------------------------------- end to end (embedded model) ---
 def _synth_records(tmp_path, n):
     from medlvr.train.data import load_jsonl
@@ -442,13 +566,23 @@ def _synth_records(tmp_path, n):
     return paths["train"], load_jsonl(paths["train"])[0]
 
 
-def test_train_vlpo_with_accelerator_full_finetune(tmp_path):
+def test_train_vlpo_with_accelerator_full_finetune(tmp_path, monkeypatch):
     import json
 
     from accelerate import Accelerator
 
+    import medlvr.engine
     from medlvr.models import build_default
     from medlvr.train.vlpo import train_vlpo
+
+    built = []
+
+    class CountingEngine(medlvr.engine.LatentEngine):
+        def __init__(self, *a, **kw):
+            built.append((kw["max_batch"], kw["max_len"]))
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(medlvr.engine, "LatentEngine", CountingEngine)
 
     _, records = _synth_records(tmp_path, 3)
     model, processor = build_default(seed=0)
@@ -458,6 +592,9 @@ def test_train_vlpo_with_accelerator_full_finetune(tmp_path):
     hist = train_vlpo(model, processor, records, cfg, accelerator=Accelerator(cpu=True), progress=True,
                       log_path=tmp_path / "m.jsonl")
     assert len(hist) == 2 and [json.loads(x)["step"] for x in open(tmp_path / "m.jsonl")] == [0, 1]
+    # rollouts ran through one engine for both steps, sized for prompts x n rows
+    assert len(built) == 1 and built[0][0] == 4, built
+    assert hist[0]["behaviour_gap"] < 1e-4  # engine log-probs == the scoring pass's
     assert hist[0]["kl_text"] == 0.0  # the frozen deep copy equals the policy before the first update
     # the prepared scorer (gradient pass) and the direct no-grad pass agree bit for bit
     assert hist[0]["ratio_text"] == 1.0 and hist[0]["clip_frac_text"] == 0.0
