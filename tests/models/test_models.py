@@ -171,6 +171,19 @@ def test_qwen2_vl_checkpoint_loads_with_latent_tokens_added(tmp_path):
     with torch.no_grad():
         logits = model(**out).logits
     assert logits.shape[-1] == v + 3 and torch.isfinite(logits).all()
+    # collate works with a loaded (non-default) processor too.
+    from medlvr.train.collate import collate
+    from medlvr.train.data import ROI, Record
+
+    path = tmp_path / "img.png"
+    _img(80, 60).save(path)
+    rec = Record(id="a", images=[str(path)], question="hi lesion", options=None, answer="yes",
+                 rois=[ROI(0, (8.0, 6.0, 40.0, 30.0))])
+    b = collate([rec, rec], processor, k_latent=2, with_answer=True, latent_token_ids=ids)
+    assert (b.input_ids == ids.pad).sum() == 4 and (b.labels != -100).sum() == 4  # "yes" + <|im_end|>, twice
+    assert b.mm_token_type_ids.sum() == 2 * int(b.image_grid_thw[0].prod()) // 4
+    with torch.no_grad():
+        assert torch.isfinite(model(**b.model_inputs(), labels=b.labels).loss)
 
 
 def test_load_rejects_other_model_types(tmp_path):
