@@ -101,10 +101,13 @@ def peak_extra_bytes(fn: Callable[[], object], *, device: torch.device) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
+    # An op's memory figure includes its children's, so only the *self* part of each
+    # event is summed (else an aten::empty inside an op counts twice); frees outside any
+    # op arrive as "[memory]" events. The running sum in time order peaks at the answer.
     live = peak = 0
-    events = [e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)]
+    events = [e for e in prof.events() if getattr(e, "self_cpu_memory_usage", 0)]
     for e in sorted(events, key=lambda e: e.time_range.start):
-        live += e.cpu_memory_usage
+        live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return int(peak)
 
