@@ -258,6 +258,60 @@ def test_bad_input_names_the_problem(over, error, match):
         _call(**over)
 
 
+_COMPILE_FOR_SM90 = r"""
+import importlib.util, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+spec = importlib.util.spec_from_file_location("roi_kernels", sys.argv[1])
+k = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(k)
+geom = {"geom_f_ptr": "*fp32", "geom_i_ptr": "*i32"}
+cases = [
+    (k._roi_loss_fwd_kernel, dict(z_ptr="*bf16", v_ptr="*bf16", part_ptr="*fp32", D="i32", K="i32", GW="i32", **geom),
+     dict(BLOCK_D=512, BLOCK_I=2, BLOCK_J=8, AREA=False, COSINE=True)),
+    (k._roi_loss_finish_kernel, dict(part_ptr="*fp32", sums_ptr="*fp32", loss_ptr="*fp32", total_ptr="*fp32",
+                                     n_rows="i32", n_slices="i32", D="i32", scale="fp32", eps="fp32"),
+     dict(BLOCK=1024, COSINE=True)),
+    (k._roi_loss_bwd_latent_kernel, dict(z_ptr="*bf16", v_ptr="*bf16", sums_ptr="*fp32", g_ptr="*fp32",
+                                         g_stride="i32", g_scale="fp32", dz_ptr="*bf16", dt_ptr="*fp32", D="i32",
+                                         K="i32", GW="i32", eps="fp32", **geom),
+     dict(BLOCK_D=512, BLOCK_I=2, BLOCK_J=8, AREA=True, COSINE=True, WRITE_DZ=True, WRITE_DT=True)),
+    (k._roi_loss_bwd_vision_kernel, dict(dt_ptr="*fp32", dv_ptr="*bf16", extent_ptr="*i32", block_image_ptr="*i32",
+                                         block_start_ptr="*i32", image_meta_ptr="*i32", rows_by_image_ptr="*i32",
+                                         image_ptr_ptr="*i32", D="i32", K="i32", GW="i32", **geom),
+     dict(BLOCK_T=16, BLOCK_D=256, BLOCK_K=16, AREA=False)),
+]
+for fn, sig, consts in cases:
+    names = fn.arg_names
+    src = ASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
+                    constexprs={(names.index(n),): v for n, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert compiled.asm["cubin"], fn.__name__
+    print("compiled", fn.__name__)
+"""
+
+
+def test_kernels_compile_for_h100(tmp_path):
+    # The interpreter runs kernels as numpy and forgives what the compiler rejects (types
+    # of loop-carried values, scalar branches, tl.dot shapes): compile every kernel for
+    # sm_90 down to a cubin, which needs ptxas (shipped with triton) but no GPU. In a
+    # subprocess, because triton decides interpreter-or-compiler once per process.
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    path = importlib.util.find_spec("medlvr.kernels.roi_align_loss").origin
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, path], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("compiled") == 4
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("pooling", ["area", "bilinear"])
 def test_cuda_issue_shape_bf16(pooling):
