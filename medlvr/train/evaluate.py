@@ -210,7 +210,7 @@ def save_plot(results: dict[str, EvalResult], path: str | Path, *, title: str = 
     names = list(results)
     cats = ["overall"] + list(results[names[0]].by_qtype)
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cats), 3.6))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cats), 4.0))
     for j, name in enumerate(names):
         r = results[name]
         vals = [r.overall] + [r.by_qtype.get(c, (0.0, 0))[0] for c in cats[1:]]
@@ -219,9 +219,10 @@ def save_plot(results: dict[str, EvalResult], path: str | Path, *, title: str = 
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(cats)), cats)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 108)
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper right")
+    # Below the axes: inside, the legend hides the tallest bars.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(names), frameon=False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
