@@ -292,9 +292,16 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def convert_main(args) -> int:
-    report = convert(args.dataset, args.root, args.out, skip_bad=args.skip_bad,
-                     split_fractions=tuple(args.split_fractions) if args.split_fractions else None,
-                     slake_roi=args.slake_roi)
+    """CLI body: prints the report; a bad entry without --skip-bad prints where and returns 2."""
+    import sys
+
+    try:
+        report = convert(args.dataset, args.root, args.out, skip_bad=args.skip_bad,
+                         split_fractions=tuple(args.split_fractions) if args.split_fractions else None,
+                         slake_roi=args.slake_roi)
+    except DataError as e:
+        print(f"error: {e}\n(nothing written; rerun with --skip-bad to skip and list bad entries)", file=sys.stderr)
+        return 2
     print(report)
     return 0 if sum(report.counts.values()) > 0 else 1
 

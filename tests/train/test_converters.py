@@ -81,6 +81,9 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
     assert convert_main(args) == 0
     out = capsys.readouterr().out
     assert "4 records" in out and "test.json:2: field 'answer'" in out
+    args = ap.parse_args(["slake", "--root", str(FIX / "slake"), "--out", str(tmp_path / "t.jsonl")])
+    assert convert_main(args) == 2
+    assert "test.json:2: field 'answer'" in capsys.readouterr().err and not (tmp_path / "t.jsonl").exists()
     with pytest.raises(ValueError, match="dataset"):
         convert("mimic", FIX, tmp_path / "x.jsonl")
     with pytest.raises(FileNotFoundError, match="VQA_RAD"):
