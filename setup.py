@@ -12,7 +12,7 @@ Install with `pip install -e . --no-build-isolation` so the build sees the insta
 import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
@@ -56,10 +56,7 @@ def extensions():
 ext_modules, cmdclass = extensions()
 
 setup(
-    packages=[
-        "medlvr", "medlvr.kernels", "medlvr.reference", "medlvr.ops", "medlvr.engine",
-        "medlvr.engine.adapters", "medlvr.train", "medlvr.models",
-    ],
+    packages=find_packages(include=["medlvr", "medlvr.*"]) + ["medlvr.kernels"],
     package_dir={"medlvr.kernels": "kernels"},
     package_data={"medlvr.models": ["assets/*", "assets/**/*"]},
     ext_modules=ext_modules,
