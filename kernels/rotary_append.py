@@ -19,20 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from medlvr.kernels._cast import _cast
 from triton.language.extra import libdevice
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
-    """x.to(dtype), rounding to nearest even. On GPUs that is what .to() does; triton
-    3.8's CPU interpreter truncates fp32 -> bf16 instead, so there the rounding is
-    done on the bits first (the value then converts exactly)."""
-    if EMULATE_RTNE:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit

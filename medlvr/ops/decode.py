@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -38,22 +36,9 @@ _INTS = (torch.int32, torch.int64)
 
 
 def _kernels(name: str):
-    """``medlvr.kernels.<name>``; from a source checkout that is not installed yet, the
-    file kernels/<name>.py is loaded under that same module name."""
-    try:
-        return importlib.import_module(f"medlvr.kernels.{name}")
-    except ImportError:
-        full = f"medlvr.kernels.{name}"
-        if full in sys.modules:
-            return sys.modules[full]
-        path = Path(__file__).resolve().parents[2] / "kernels" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(full, path)
-        if spec is None or not path.exists():
-            raise
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[full] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    """``medlvr.kernels.<name>``, imported on first use so that importing medlvr.ops does
+    not import triton (the install maps kernels/ to medlvr.kernels)."""
+    return importlib.import_module(f"medlvr.kernels.{name}")
 
 
 # ---------------------------------------------------------------- argument checks

@@ -129,7 +129,8 @@ def test_cuda_graph_capture_all_three_ops():
     from medlvr.ops.decode import rmsnorm_feedback, rotary_append
 
     dev = torch.device("cuda")
-    B, Hq, Hkv, Dh, L, D = 4, 28, 4, 128, 256, Hq * 128
+    B, Hq, Hkv, Dh, L = 4, 28, 4, 128, 256
+    D = Hq * Dh
     dt = torch.bfloat16
     inv = (1.0 / (1e6 ** (torch.arange(0, Dh, 2, dtype=torch.float32) / Dh))).to(dev)
     kc = torch.randn(B, Hkv, L, Dh, device=dev, dtype=dt)
