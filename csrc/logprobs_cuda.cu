@@ -152,13 +152,14 @@ __global__ void __launch_bounds__(BLOCK) logprobs_fwd_kernel(
 }
 
 template <typename scalar_t, int VEC, bool ENTROPY>
-__global__ void logprobs_bwd_kernel(const scalar_t* __restrict__ logits, scalar_t* out, const int64_t* targets,
+__global__ void logprobs_bwd_kernel(const scalar_t* logits, scalar_t* out, const int64_t* targets,
                                     const at::opmath_type<scalar_t>* __restrict__ grad_logp,
                                     const at::opmath_type<scalar_t>* __restrict__ grad_ent,
                                     const at::opmath_type<scalar_t>* __restrict__ lse,
                                     const at::opmath_type<scalar_t>* __restrict__ entropy, int64_t V, int64_t ld_in, int64_t ld_out,
                                     float inv_t, int64_t ignore_index) {
-  // `out` may alias `logits` (in-place backward): each thread reads its vector, then writes it.
+  // `out` may alias `logits` (in-place backward), hence no __restrict__ on either: each
+  // thread reads its vector, then writes the same addresses.
   using acc_t = at::opmath_type<scalar_t>;
   // Rows on grid.x (up to 2^31 packed tokens), column tiles on grid.y (V / 2048 of them).
   const int64_t row = blockIdx.x;
