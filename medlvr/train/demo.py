@@ -3,7 +3,8 @@
 1. synthesise a deterministic medical-VQA-like set (medlvr.train.synth; ROI boxes on part of it);
 2. train (a) plain SFT without a latent segment (K = 0),
          (b) stage 1: recurrent latent segment of K steps + ROI alignment loss,
-         (c) stage 1 + stage 2: VLPO started from (b)'s weights;
+         (c) stage 1 + stage 2: VLPO started from (b)'s weights, on fresh prompts (outcome
+             reward only: no ROI, the answer is used only to score rollouts);
 3. evaluate the three on the held-out test split (greedy, the same decoding for all), print
    the table, save the plot (accuracy.png), predictions and a JSON summary (summary.json).
 
@@ -35,10 +36,11 @@ class DemoPlan:
     batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 10
-    vlpo_steps: int = 40
+    vlpo_records: int = 400        # fresh prompts for stage 2 (another seed, no ROI: outcome reward only)
+    vlpo_steps: int = 60
     vlpo_prompts: int = 8
     vlpo_rollouts: int = 8
-    vlpo_lr: float = 1e-5
+    vlpo_lr: float = 3e-5
     vlpo_sigma: float = 0.1
     eval_records: int | None = None  # None: the whole test split
     max_new_tokens: int = 6
@@ -46,7 +48,7 @@ class DemoPlan:
 
 
 FULL = DemoPlan()
-QUICK = DemoPlan(n_records=96, sft_steps=6, batch_size=8, warmup_steps=0, vlpo_steps=2, vlpo_prompts=2,
+QUICK = DemoPlan(n_records=96, sft_steps=6, batch_size=8, warmup_steps=0, vlpo_records=8, vlpo_steps=2, vlpo_prompts=2,
                  vlpo_rollouts=2, eval_records=16)
 
 
@@ -87,11 +89,18 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
                        difficulty=plan.difficulty, split_fractions=plan.splits)
     train, _ = load_jsonl(paths["train"])
     test, _ = load_jsonl(paths["test"])
+    # Stage 2 runs on prompts stage 1 has not fitted (after several SFT epochs nearly every
+    # rollout on the SFT set is right, so GRPO's group advantages are ~0 there): a fresh draw
+    # of the same distribution, without ROI boxes.
+    rl_paths = synthesize(out / "data_rl", n=plan.vlpo_records, seed=plan.seed + 1, roi_fraction=0.0,
+                          difficulty=plan.difficulty, split_fractions=(1.0, 0.0, 0.0))
+    rl_prompts, _ = load_jsonl(rl_paths["train"])
     if plan.eval_records is not None:
         test = test[:plan.eval_records]
     times["synth"] = time.perf_counter() - t
     print(f"data: {len(train)} train / {len(test)} test records, "
-          f"{sum(bool(r.rois) for r in train)} train records with an ROI ({times['synth']:.1f}s)")
+          f"{sum(bool(r.rois) for r in train)} train records with an ROI, {len(rl_prompts)} stage-2 prompts "
+          f"({times['synth']:.1f}s)")
 
     def loop_cfg(name: str) -> LoopConfig:
         return LoopConfig(out_dir=str(out / name), max_steps=plan.sft_steps, batch_size=plan.batch_size, lr=plan.lr,
@@ -123,7 +132,7 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     if metrics.exists():
         metrics.unlink()
     lm.train()
-    train_vlpo(lm.model, processor, train, vcfg, progress=progress, log_path=metrics, projector=lm.projector)
+    train_vlpo(lm.model, processor, rl_prompts, vcfg, progress=progress, log_path=metrics, projector=lm.projector)
     finals["c_vlpo"] = _save_run(out / "c_vlpo", lm, {**meta, "vlpo": asdict(vcfg), "init": str(finals["b_stage1"])})
     times["c_vlpo"] = time.perf_counter() - t
 
