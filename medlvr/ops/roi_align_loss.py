@@ -154,7 +154,7 @@ def _validate(latents, vision_tokens, grid_thw, boxes, box_image, bins, pooling,
     return grid, img, clipped, counts
 
 
-def _plan(grid, img, clipped, counts, *, bins, pooling, merge, sampling_ratio, device) -> _Plan:
+def _plan(grid, img, clipped, counts, *, bins, pooling, merge, patch, sampling_ratio, device) -> _Plan:
     """Kernel geometry (numpy on the host, one int32 buffer, one copy to ``device``)."""
     from medlvr.kernels.roi_align_loss import BLOCK_T, GEOMETRY_FIELDS
 
@@ -166,12 +166,9 @@ def _plan(grid, img, clipped, counts, *, bins, pooling, merge, sampling_ratio, d
     bin_h = (y1 - y0) / np.float32(gh)
     R = len(img)
     if pooling == "bilinear":
-        # torchvision's sample count (bilinear_samples), from the fp32 extent in fp64
-        if sampling_ratio > 0:
-            ny = nx = np.full(R, sampling_ratio, dtype=np.int64)
-        else:
-            ny = np.maximum(np.ceil((y1 - y0).astype(np.float64) / gh), 1).astype(np.int64)
-            nx = np.maximum(np.ceil((x1 - x0).astype(np.float64) / gw), 1).astype(np.int64)
+        # torchvision's sample count, evaluated in fp32 the way torchvision does
+        ny = np.broadcast_to(bilinear_samples(y0, y1, gh, sampling_ratio, merge * patch), (R,))
+        nx = np.broadcast_to(bilinear_samples(x0, x1, gw, sampling_ratio, merge * patch), (R,))
         # aligned=True: pixel centres sit at half-integers of the token grid
         start_x, start_y = x0 - np.float32(0.5), y0 - np.float32(0.5)
         max_cols = int((np.floor(bin_w) + 3).max()) if R else 1
@@ -276,7 +273,7 @@ def roi_align_loss(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_thw:
                                   pooling=pooling, loss=loss, reduction=reduction,
                                   detach_target=detach_target, merge=merge, patch=patch,
                                   sampling_ratio=sampling_ratio)
-    plan = _plan(grid, img, clipped, counts, bins=bins, pooling=pooling, merge=merge,
+    plan = _plan(grid, img, clipped, counts, bins=bins, pooling=pooling, merge=merge, patch=patch,
                  sampling_ratio=sampling_ratio, device=latents.device)
     v = vision_tokens.detach() if detach_target else vision_tokens
     return _RoiAlignLoss.apply(latents.contiguous(), v.contiguous(), plan, bins, pooling, loss, reduction)
@@ -307,8 +304,8 @@ def roi_align_loss_memory_floor(vision_tokens: torch.Tensor, grid_thw: torch.Ten
         b = int(img[r])
         x0, y0, x1, y1 = (float(c) for c in clipped[r])
         h, w = touched[b].shape
-        wy = axis_weights(y0, y1, gh, h, pooling=pooling, samples=bilinear_samples(y1 - y0, gh, sampling_ratio))
-        wx = axis_weights(x0, x1, gw, w, pooling=pooling, samples=bilinear_samples(x1 - x0, gw, sampling_ratio))
+        wy = axis_weights(y0, y1, gh, h, pooling=pooling, samples=int(bilinear_samples(y0, y1, gh, sampling_ratio, merge * patch)))
+        wx = axis_weights(x0, x1, gw, w, pooling=pooling, samples=int(bilinear_samples(x0, x1, gw, sampling_ratio, merge * patch)))
         touched[b] |= (wy.sum(0) > 0)[:, None] & (wx.sum(0) > 0)[None, :]
     n_in = int(sum(int(m.sum()) for m in touched))
     latent_bytes = clipped.shape[0] * gh * gw * D * z_el

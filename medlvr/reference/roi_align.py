@@ -33,8 +33,8 @@ target carries gradient to the vision tokens unless ``detach_target``.
 """
 from __future__ import annotations
 
-import math
 
+import numpy as np
 import torch
 
 COS_EPS = 1e-8
@@ -86,11 +86,24 @@ def axis_weights(lo: float, hi: float, n_bins: int, size: int, *, pooling: str, 
     return (w * valid[..., None]).sum(1).div(samples).to(torch.float32)
 
 
-def bilinear_samples(extent: float, n_bins: int, sampling_ratio: int) -> int:
-    """Samples per bin along one axis: torchvision's rule (adaptive when sampling_ratio <= 0)."""
+def bilinear_samples(lo, hi, n_bins: int, sampling_ratio: int, cell: int):
+    """Samples per bin along one axis: torchvision's rule (adaptive when sampling_ratio <= 0).
+
+    lo, hi: the clipped box extent in token units (scalars or numpy arrays). The adaptive
+    count ceil(extent / n_bins) is evaluated in fp32 exactly as torchvision's roi_align
+    (aligned=True) evaluates it from pixel coordinates: (hi_px·s − 0.5) − (lo_px·s − 0.5)
+    with s = fp32(1/cell). On a box whose extent is a whole number of bins that fp32 value
+    can exceed the integer by one ulp and ceil then takes one more sample; matching it is
+    what makes `bilinear` equal torchvision's result on every box.
+    """
+    lo32, hi32 = np.asarray(lo, dtype=np.float32), np.asarray(hi, dtype=np.float32)
     if sampling_ratio > 0:
-        return sampling_ratio
-    return max(int(math.ceil(extent / n_bins)), 1)
+        return np.full(np.broadcast(lo32, hi32).shape, sampling_ratio, dtype=np.int64)[()]
+    c, s, half = np.float32(cell), np.float32(1.0 / cell), np.float32(0.5)
+    start = (lo32 * c) * s - half
+    end = (hi32 * c) * s - half
+    per_bin = np.ceil((end - start) / np.float32(n_bins))
+    return np.maximum(per_bin, 1).astype(np.int64)[()]
 
 
 def roi_pool_targets_ref(vision_tokens: torch.Tensor, grid_thw: torch.Tensor, boxes: torch.Tensor,
@@ -114,8 +127,8 @@ def roi_pool_targets_ref(vision_tokens: torch.Tensor, grid_thw: torch.Tensor, bo
         b = int(img[r])
         h, w = int(hw[b, 0]), int(hw[b, 1])
         x0, y0, x1, y1 = (float(c) for c in clipped[r])
-        ny = bilinear_samples(y1 - y0, gh, sampling_ratio)
-        nx = bilinear_samples(x1 - x0, gw, sampling_ratio)
+        ny = int(bilinear_samples(y0, y1, gh, sampling_ratio, cell))
+        nx = int(bilinear_samples(x0, x1, gw, sampling_ratio, cell))
         wy = axis_weights(y0, y1, gh, h, pooling=pooling, samples=ny).to(v.device)
         wx = axis_weights(x0, x1, gw, w, pooling=pooling, samples=nx).to(v.device)
         tokens = v[int(offsets[b]): int(offsets[b]) + h * w]

@@ -144,6 +144,25 @@ def test_reference_bilinear_is_torchvision_roi_align(batch, sampling_ratio):
         torch.testing.assert_close(got[r], want[0].flatten(1).T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_adaptive_sampling_matches_torchvision_on_whole_bin_extents(backend):
+    # A box 3 tokens wide in 1 bin: torchvision evaluates 84 px * fp32(1/28) = 3.0000002 and
+    # takes ceil = 4 samples, not 3 (found by hypothesis); the op must take the same count.
+    grid = torch.tensor([[1, 2, 6], [1, 2, 2]])
+    v = torch.randn(n_tokens(grid), 3)
+    boxes = torch.tensor([[0.0, 0.0, 84.0, 1.0], [0.0, 0.0, 56.0, 28.0]])
+    box_image = torch.tensor([0, 0])
+    got = roi_pool_targets_ref(v, grid, boxes, box_image, bins=(1, 1), pooling="bilinear", sampling_ratio=-1)
+    fmap = v[:3].view(1, 3, -1).permute(2, 0, 1)[None]
+    want = torchvision.ops.roi_align(fmap, [boxes], (1, 1), spatial_scale=1 / CELL, sampling_ratio=-1, aligned=True)
+    torch.testing.assert_close(got, want.flatten(1)[:, None, :], rtol=1e-5, atol=1e-6)
+    z = torch.randn(2, 1, 3)
+    with medlvr.force_backend(backend):
+        loss = roi_align_loss(z, v, grid, boxes, box_image, bins=(1, 1), pooling="bilinear", loss="mse",
+                              reduction="none", sampling_ratio=-1)
+    torch.testing.assert_close(loss, ((z - want.flatten(1)[:, None, :]) ** 2).mean(-1), rtol=1e-5, atol=1e-6)
+
+
 def test_reference_area_is_mean_over_pixels():
     # with bin edges on whole pixels, the overlap-weighted mean of token cells is the
     # plain mean over the bin's pixels of the token map upsampled to pixels
