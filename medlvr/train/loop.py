@@ -48,6 +48,7 @@ class LoopConfig:
     grad_accum: int = 1
     lr: float = 5e-4
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8
     warmup_steps: int = 0
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
@@ -308,7 +309,10 @@ def train_loop(lm, processor, records: Sequence[Any], cfg: LoopConfig, *, base: 
 
     out = Path(cfg.out_dir)
     if accelerator is None:
-        accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with=cfg.report_to, project_dir=str(out),
+        # cpu=True without CUDA: accelerate only forms a gloo process group (MULTI_CPU) for
+        # torchrun-launched CPU processes when told so; otherwise each rank trains alone.
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                  mixed_precision=_mixed_precision(cfg), log_with=cfg.report_to, project_dir=str(out),
                                   dataloader_config=DataLoaderConfiguration(split_batches=True))
     if cfg.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size: expected a multiple of the {accelerator.num_processes} processes, got {cfg.batch_size}")
@@ -325,7 +329,7 @@ def train_loop(lm, processor, records: Sequence[Any], cfg: LoopConfig, *, base: 
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=cfg.adam_eps)
     scheduler = make_scheduler(optimizer, cfg)
     lm.train()
     lm, optimizer, dl, scheduler = accelerator.prepare(lm, optimizer, dl, scheduler)
@@ -432,6 +436,8 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=5e-4)
     g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-eps", type=float, default=1e-8,
+                   help="AdamW epsilon (larger damps the normalised update of near-zero gradients)")
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -449,7 +455,7 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
 
 def loop_config_from_args(a: argparse.Namespace) -> LoopConfig:
     return LoopConfig(out_dir=a.out, max_steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
-                      weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, schedule=a.schedule,
+                      weight_decay=a.weight_decay, adam_eps=a.adam_eps, warmup_steps=a.warmup_steps, schedule=a.schedule,
                       max_grad_norm=a.max_grad_norm, seed=a.seed, log_every=a.log_every, save_every=a.save_every,
                       keep_checkpoints=a.keep_checkpoints, resume=a.resume, stop_after=a.stop_after,
                       mixed_precision=a.mixed_precision, metrics=a.metrics, report_to=a.report_to,

@@ -24,7 +24,7 @@ def _env():
 def _sft_args(data: Path, out: Path) -> list[str]:
     return ["sft", "--data", str(data), "--out", str(out), "--k-latent", "2", "--steps", "3", "--batch-size", "4",
             "--grad-accum", "2", "--lr", "3e-3", "--warmup-steps", "1", "--seed", "5", "--no-progress",
-            "--mixed-precision", "no", "--save-every", "2"]
+            "--mixed-precision", "no", "--save-every", "2", "--adam-eps", "1e-6"]
 
 
 @pytest.mark.slow
@@ -35,9 +35,10 @@ def test_two_processes_match_one(tmp_path):
     one = subprocess.run([sys.executable, "-m", "medlvr.cli", *_sft_args(paths["train"], tmp_path / "one")],
                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "--main_process_port", "29517", "-m", "medlvr.cli",
+    # torchrun starts the two ranks; the Accelerator inside forms the gloo group from its
+    # environment. (`accelerate launch --cpu` would start ONE process unless MPI is set up.)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "-m", "medlvr.cli",
                           *_sft_args(paths["train"], tmp_path / "two")],
                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -47,11 +48,15 @@ def test_two_processes_match_one(tmp_path):
     ck = tmp_path / "two" / "checkpoints" / "step-0000002"
     assert '"num_processes": 2' in (ck / "state.json").read_text()
     assert (ck / "rng-0.pt").is_file() and (ck / "rng-1.pt").is_file()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-6, msg=k)
-    # and training did move the weights (the comparison is not between two untouched models)
+    # Same training up to float noise: DDP averages the two halves' gradients in another
+    # order than one process sums them, and AdamW turns a 1e-7 difference of a near-zero
+    # gradient into a full-size step, so single elements may differ by ~1e-4. What must
+    # hold is that the two runs made the same update: measured here 3e-5 of its norm,
+    # while a rank that trained on its half alone, or unsynced gradients, give O(1).
     from medlvr.models import build_default
 
-    init = dict(build_default(seed=5)[0].named_parameters())
-    name = "model.language_model.layers.0.self_attn.q_proj.weight"
-    assert not torch.allclose(init[name], a["model." + name])
+    init = {"model." + k: v.detach() for k, v in build_default(seed=5)[0].named_parameters()}
+    diff = sum(((b[k] - a[k]).double() ** 2).sum() for k in a) ** 0.5
+    update = sum(((a[k] - init[k]).double() ** 2).sum() for k in a) ** 0.5
+    assert update > 1e-2, "training did not move the weights"
+    assert diff / update < 1e-3, f"2-process weights differ from 1-process by {float(diff / update):.2e} of the update"
