@@ -1,6 +1,7 @@
 """Stage 1 under accelerate with 2 CPU processes (gloo DDP) equals one process on the same
 global batch: same data order (split_batches), per-sample-mean loss (so the DDP gradient mean
-is the global mean), same schedule. Runs the real CLI under `accelerate launch`."""
+is the global mean), same schedule. Runs the real CLI as 2 torchrun ranks (the Accelerator
+inside forms the gloo group) against the same CLI in one process."""
 import os
 import subprocess
 import sys
