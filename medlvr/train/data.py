@@ -239,6 +239,17 @@ def load_jsonl(path, *, skip_bad: bool = False, split: str | None = None,
     return records, report
 
 
+def load_split(path, split: str, *, skip_bad: bool = False) -> list[Record]:
+    """The validated records of one split, for the training and eval commands: prints the
+    skipped-record report when there is one, and refuses an empty split."""
+    records, report = load_jsonl(path, skip_bad=skip_bad, split=split)
+    if report.n_bad:
+        print(report)
+    if not records:
+        raise ValueError(f"--data: no records with split == {split!r} in {path}")
+    return records
+
+
 def write_jsonl(path, records: list[Record]) -> None:
     """Write records with image paths relative to the file's directory when they lie under it."""
     path = Path(path)

@@ -263,9 +263,7 @@ def eval_main(args: argparse.Namespace) -> int:
     from medlvr.train.data import load_jsonl
     from medlvr.train.stage1 import load_trained
 
-    records, report = load_jsonl(args.data)
-    if args.split:
-        records = [r for r in records if r.split == args.split]
+    records, _ = load_jsonl(args.data, split=args.split or None)
     results = {}
     for spec in args.run:
         name, _, path = spec.rpartition("=")

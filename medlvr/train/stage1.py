@@ -189,15 +189,10 @@ def add_stage1_arguments(p: argparse.ArgumentParser) -> None:
 
 def stage1_main(args: argparse.Namespace) -> dict:
     from medlvr.models import load
-    from medlvr.train.data import load_jsonl
+    from medlvr.train.data import load_split
     from medlvr.train.loop import loop_config_from_args, train_loop
 
-    records, report = load_jsonl(args.data, skip_bad=args.skip_bad)
-    if report.n_bad:
-        print(report)
-    records = [r for r in records if r.split == args.split]
-    if not records:
-        raise ValueError(f"--data: no records with split == {args.split!r} in {args.data}")
+    records = load_split(args.data, args.split, skip_bad=args.skip_bad)
     cfg = Stage1Config(k_latent=args.k_latent, mode=args.mode, roi_weight=args.roi_weight, roi_loss=args.roi_loss,
                        roi_pooling=args.roi_pooling, projector=args.projector, lora=args.lora, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha)

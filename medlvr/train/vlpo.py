@@ -579,17 +579,12 @@ def vlpo_main(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
     from medlvr.models import load
-    from medlvr.train.data import load_jsonl
+    from medlvr.train.data import load_split
     from medlvr.train.stage1 import Stage1Config, build_trainable, load_trained
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    records, report = load_jsonl(args.data, skip_bad=args.skip_bad)
-    if report.n_bad:
-        print(report)
-    records = [r for r in records if r.split == args.split]
-    if not records:
-        raise ValueError(f"--data: no records with split == {args.split!r} in {args.data}")
+    records = load_split(args.data, args.split, skip_bad=args.skip_bad)
 
     if args.init:
         lm, processor, meta = load_trained(args.init, device=device, dtype=dtype)
