@@ -166,6 +166,19 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
+def _position_loss(logp, old, ref, adv, *, which: str, eps_low: float, eps_high: float, dual_clip: float,
+                   kl_beta: float):
+    """Per-position ppo_clip_loss + kl_beta * kl_k3 for one kind of position (text tokens or
+    latent steps) -> (loss, clipped mask, kl or None when kl_beta == 0)."""
+    pg, clipped = ppo_clip_loss(logp, old, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
+    if kl_beta <= 0:
+        return pg, clipped, None
+    if ref is None:
+        raise ValueError(f"{which}_ref: expected reference log-probs when kl_beta > 0, got None")
+    kl = kl_k3(logp, ref)
+    return pg + kl_beta * kl, clipped, kl
+
+
 def vlpo_loss(*, token_logp: torch.Tensor, token_old: torch.Tensor, token_mask: torch.Tensor,
               latent_logp: torch.Tensor, latent_old: torch.Tensor, advantages: torch.Tensor,
               eps_low: float, eps_high: float, dual_clip: float, latent_coef: float, kl_beta: float = 0.0,
@@ -182,31 +195,19 @@ def vlpo_loss(*, token_logp: torch.Tensor, token_old: torch.Tensor, token_mask: 
     """
     m = token_mask.float()
     adv = advantages.float()[:, None]
-    t_pg, t_clip = ppo_clip_loss(token_logp, token_old, adv, eps_low=eps_low, eps_high=eps_high,
-                                 dual_clip=dual_clip)
-    t_loss = t_pg
-    if kl_beta > 0:
-        if token_ref is None:
-            raise ValueError("token_ref: expected reference log-probs when kl_beta > 0, got None")
-        t_kl = kl_k3(token_logp, token_ref)
-        t_loss = t_loss + kl_beta * t_kl
+    clip = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, kl_beta=kl_beta)
+    t_loss, t_clip, t_kl = _position_loss(token_logp, token_old, token_ref, adv, which="token", **clip)
     use_latent = latent_coef > 0 and latent_logp.numel() > 0
     n_text = m.sum()
     n_lat = torch.tensor(float(latent_logp.numel()) if use_latent else 0.0, device=m.device)
     total = (t_loss * m).sum()
     stats = {"clip_frac_text": float((t_clip.float() * m).sum() / n_text.clamp(min=1)),
              "ratio_text": float((torch.exp(token_logp - token_old).detach() * m).sum() / n_text.clamp(min=1))}
-    if kl_beta > 0:
+    if t_kl is not None:
         stats["kl_text"] = float((t_kl.detach() * m).sum() / n_text.clamp(min=1))
     if use_latent:
-        l_pg, l_clip = ppo_clip_loss(latent_logp, latent_old, adv, eps_low=eps_low, eps_high=eps_high,
-                                     dual_clip=dual_clip)
-        l_loss = l_pg
-        if kl_beta > 0:
-            if latent_ref is None:
-                raise ValueError("latent_ref: expected reference log-probs when kl_beta > 0, got None")
-            l_kl = kl_k3(latent_logp, latent_ref)
-            l_loss = l_loss + kl_beta * l_kl
+        l_loss, l_clip, l_kl = _position_loss(latent_logp, latent_old, latent_ref, adv, which="latent", **clip)
+        if l_kl is not None:
             stats["kl_latent"] = float(l_kl.detach().mean())
         total = total + latent_coef * l_loss.sum()
         stats["clip_frac_latent"] = float(l_clip.float().mean())
