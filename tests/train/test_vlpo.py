@@ -21,14 +21,8 @@ PAD, IM_END, VIDEO, V_START, V_END, IMAGE, L_START, L_END, L_PAD = 0, 57, 56, 58
 TOKENS = VLPOTokens(latent_end=L_END, stop=IM_END, pad=PAD)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The model here is tiny: with 2+ intra-op threads on a shared, busy CPU every small
-    # GEMM pays OpenMP wake-ups (measured 17 ms per linear vs well under 1 ms).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# the model here is tiny: one intra-op thread (see tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed: int = 0):
