@@ -1,7 +1,10 @@
 """Run a decode-step function eagerly, or as a CUDA graph captured on its first use.
 
 One graph per key (the engine keys by batch bucket, segment length and step kind); all
-graphs share one memory pool. They never run concurrently and hand results over only
+graphs share one memory pool. The first warm-up run before a capture, and every run while
+``capture_checks()`` is on (tests, on CPU too), goes through ``CaptureGuard``
+(medlvr/capture.py): a host sync or host<->device copy fails there with the line
+that made it, instead of as a capture error or a value frozen into the graph. They never run concurrently and hand results over only
 through the engine's preallocated buffers, which is what makes sharing the pool safe.
 """
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+
+from medlvr.capture import CaptureGuard, checks_enabled
 
 
 class GraphRunner:
@@ -28,11 +33,15 @@ class GraphRunner:
 
     def run(self, key: tuple, fn: Callable[[], None]) -> None:
         if not self.enabled:
-            fn()
+            if checks_enabled():
+                with CaptureGuard(f"the graph {key}"):
+                    fn()
+            else:
+                fn()
             return
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._capture(fn)
+            graph = self._capture(key, fn)
             self._graphs[key] = graph
         graph.replay()
 
@@ -40,7 +49,7 @@ class GraphRunner:
         self._graphs.clear()
         self._pool = None
 
-    def _capture(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    def _capture(self, key: tuple, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
         # Warm-up runs (cuBLAS handles, Triton compilation and autotuning) really execute
         # and advance the step state: it is saved and restored around them. Starting from
         # the same state they take the same exits, so their K/V writes land exactly where
@@ -55,8 +64,12 @@ class GraphRunner:
         stream = torch.cuda.Stream(device=self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
+            for i in range(2):
+                if i == 0:
+                    with CaptureGuard(f"the graph {key}"):
+                        fn()
+                else:
+                    fn()
                 restore()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from medlvr import _backend
+from medlvr.capture import in_guarded_region
 from medlvr.reference import decode as ref
 
 __all__ = ["rotary_append", "decode_attention", "rmsnorm_feedback"]
@@ -77,8 +78,9 @@ def _check_caches(k_cache, v_cache, *, B: int, Hkv: int, Dh: int) -> None:
 
 def _debug_checks_on(check: bool, t: torch.Tensor) -> bool:
     # Reading values syncs a GPU, which would break CUDA-graph capture and stall the
-    # step: only on CPU or on request.
-    return check or t.device.type == "cpu"
+    # step: only on CPU or on request, and never in a region checked as a graph would be
+    # (medlvr/capture.py), where CPU stands in for a GPU.
+    return check or (t.device.type == "cpu" and not in_guarded_region())
 
 
 def _pick(device: torch.device, dtype: torch.dtype) -> str:

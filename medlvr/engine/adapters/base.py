@@ -43,6 +43,49 @@ def adapter_for(model: nn.Module) -> "ModelAdapter":
     return _REGISTRY[model_type](model)
 
 
+class TokenEmbedding:
+    """The input embedding lookup of a decode step, safe to capture in a CUDA graph.
+
+    A plain ``nn.Embedding`` is called as it is. peft's trainable-token wrapper (stage-1
+    LoRA runs train the rows of the new latent tokens) rebuilds its row-index tensor from
+    a Python list and copies the whole (V, D) matrix with the trained rows merged in, on
+    every call: a host->device copy that breaks graph capture, and ~1 GB of traffic per
+    step at Qwen's vocabulary. Here the indices are a device tensor made once, the base
+    rows are looked up, and the trained rows replace them where the id matches:
+    the same values as peft's merged weight, without the copy. The trained rows are the
+    wrapper's own parameters, read by reference, so optimizer steps are seen.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        layer = getattr(module, "token_adapter", None)
+        self.layer = layer if layer is not None and hasattr(layer, "trainable_tokens_delta") else None
+        self.base = self.layer.base_layer if self.layer is not None else module
+        self.index = {}
+        if self.layer is not None:
+            dev = self.base.weight.device
+            self.index = {name: torch.tensor(list(idx), dtype=torch.long, device=dev)
+                          for name, idx in self.layer.token_indices.items()}
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
+        layer = self.layer
+        if layer is None or layer.disable_adapters or layer.merged:
+            return out  # merged: the base rows already hold the trained ones
+        for name in layer.active_adapters:
+            index = self.index.get(name)
+            if index is None:
+                continue
+            hit = ids[..., None] == index  # (..., n): which trained row, if any
+            row = layer.trainable_tokens_delta[name][hit.long().argmax(-1)]
+            out = torch.where(hit.any(-1, keepdim=True), row.to(out.dtype), out)
+        return out
+
+
 @dataclass(frozen=True)
 class DecoderLayer:
     """One pre-norm decoder layer, as module references (not weight copies): the engine
@@ -147,7 +190,7 @@ class ModelAdapter:
         self.norm = self.decoder.norm
         self.norm_eps = _norm_eps(self.norm)
         self.layer_eps = [(_norm_eps(l.input_norm), _norm_eps(l.post_norm)) for l in self.layers]
-        self.embed_tokens = model.get_input_embeddings()
+        self.embed_tokens = TokenEmbedding(model.get_input_embeddings())
         self.lm_head = model.get_output_embeddings()
         if self.lm_head is None:
             raise ValueError(f"{type(model).__name__} has no lm_head (use the *ForCausalLM / "
@@ -172,11 +215,11 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.embed_tokens.base_weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return self.embed_tokens.base_weight.dtype
 
     @staticmethod
     def _check_ids_and_mask(batch: Mapping[str, torch.Tensor]) -> None:
