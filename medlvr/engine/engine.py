@@ -529,12 +529,15 @@ class LatentEngine:
         # no_grad, not inference_mode: latents are later fed to differentiable training
         # forwards, which must be able to save them. eval() switches off dropout (LoRA's
         # included); the caller's train/eval flags are restored afterwards.
+        # Autocast off: the engine runs in the weights' dtype (its static cache and kernels
+        # take one dtype per call); an ambient autocast (VLPO's training region) would hand
+        # the kernels bf16 activations beside an fp32 cache.
         flags = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         if self.fused is not None:
             self.fused.refresh()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
                 yield
         finally:
             for m, training in flags:

@@ -70,12 +70,16 @@ def _save_run(out: Path, lm, meta: dict) -> Path:
     return final
 
 
-def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = True) -> dict:
-    """Run the demo into ``out_dir``; returns the summary dict (also written to summary.json)."""
+def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = True,
+             mixed_precision: str = "auto") -> dict:
+    """Run the demo into ``out_dir``; returns the summary dict (also written to summary.json).
+
+    Every phase runs on the GPU when there is one, under ``mixed_precision`` autocast
+    ("auto": bf16 on a GPU, none on the CPU; "bf16" on a CPU runs the GPU's numerics)."""
     from medlvr.models import build_default
     from medlvr.train.data import load_jsonl
     from medlvr.train.evaluate import evaluate, print_table, write_outputs
-    from medlvr.train.loop import LoopConfig, train_loop
+    from medlvr.train.loop import LoopConfig, make_accelerator, resolve_mixed_precision, train_loop
     from medlvr.train.stage1 import Stage1Config, build_trainable, load_trained
     from medlvr.train.synth import synthesize
     from medlvr.train.vlpo import VLPOConfig, train_vlpo
@@ -106,7 +110,7 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     def loop_cfg(name: str) -> LoopConfig:
         return LoopConfig(out_dir=str(out / name), max_steps=plan.sft_steps, batch_size=plan.batch_size, lr=plan.lr,
                           warmup_steps=plan.warmup_steps, seed=plan.seed, log_every=max(1, plan.sft_steps // 20),
-                          progress=progress)
+                          progress=progress, mixed_precision=mixed_precision)
 
     runs = {
         "a_sft": Stage1Config(k_latent=0),
@@ -124,7 +128,9 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
 
     # (c): VLPO from (b)'s final weights, in place, then saved in the same run format.
     t = time.perf_counter()
-    lm, processor, meta = load_trained(finals["b_stage1"])
+    accelerator = make_accelerator(mixed_precision)
+    device = accelerator.device
+    lm, processor, meta = load_trained(finals["b_stage1"], device=device)
     vcfg = VLPOConfig(k_latent=plan.k_latent, steps=plan.vlpo_steps, batch_prompts=plan.vlpo_prompts,
                       n_rollouts=plan.vlpo_rollouts, lr=plan.vlpo_lr, latent_sigma=plan.vlpo_sigma, kl_beta=plan.vlpo_kl,
                       max_new_tokens=plan.max_new_tokens, seed=plan.seed)
@@ -133,7 +139,8 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     if metrics.exists():
         metrics.unlink()
     lm.train()
-    train_vlpo(lm.model, processor, rl_prompts, vcfg, progress=progress, log_path=metrics, projector=lm.projector)
+    train_vlpo(lm.model, processor, rl_prompts, vcfg, progress=progress, log_path=metrics, projector=lm.projector,
+               accelerator=accelerator)
     finals["c_vlpo"] = _save_run(out / "c_vlpo", lm, {**meta, "vlpo": asdict(vcfg), "init": str(finals["b_stage1"])})
     times["c_vlpo"] = time.perf_counter() - t
 
@@ -141,8 +148,9 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     results = {}
     t = time.perf_counter()
     for name, path in finals.items():
-        lm, processor, _ = load_trained(path)
-        results[labels[name]] = evaluate(lm, processor, test, max_new_tokens=plan.max_new_tokens, progress=progress)
+        lm, processor, _ = load_trained(path, device=device)
+        results[labels[name]] = evaluate(lm, processor, test, max_new_tokens=plan.max_new_tokens, progress=progress,
+                                         mixed_precision=mixed_precision)
     times["eval"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
 
@@ -153,7 +161,8 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     a, b, c = (accs[labels[k]] for k in ("a_sft", "b_stage1", "c_vlpo"))
     ordering = "c > b > a (the paper's ordering)" if c > b > a else (
         f"NOT the paper's ordering: a={a:.3f}, b={b:.3f}, c={c:.3f}")
-    summary = {"plan": asdict(plan), "accuracy": accs,
+    summary = {"plan": asdict(plan), "device": str(device), "mixed_precision": resolve_mixed_precision(mixed_precision),
+               "accuracy": accs,
                "by_qtype": {n: {q: v[0] for q, v in r.by_qtype.items()} for n, r in results.items()},
                "ordering": ordering, "seconds": times, "threads": torch.get_num_threads(),
                "files": {k: str(v) for k, v in files.items()}, "table": text}
@@ -165,11 +174,15 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    from medlvr.train.loop import MIXED_PRECISION
+
     p.add_argument("--quick", action="store_true", help="a smoke-test sized run (well under a minute)")
     p.add_argument("--out", default="demo_out", help="output directory (data, runs, plot, summary.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 per 2 cores; oversubscribed OpenMP is slow on small CPUs)")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
+                   help="autocast for every phase: auto = bf16 on a GPU, none on the CPU")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -177,5 +190,5 @@ def demo_main(args: argparse.Namespace) -> int:
     if not args.threads:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     plan = replace(QUICK if args.quick else FULL, seed=args.seed)
-    run_demo(args.out, plan, progress=not args.no_progress)
+    run_demo(args.out, plan, progress=not args.no_progress, mixed_precision=args.mixed_precision)
     return 0

@@ -109,11 +109,17 @@ def decode_answers(tokenizer, tokens: torch.Tensor, stop_id: int) -> list[str]:
 
 
 def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, batch_size: int = 32,
-             max_new_tokens: int = 8, backend: str = "auto", progress: bool = True) -> EvalResult:
+             max_new_tokens: int = 8, backend: str = "auto", progress: bool = True,
+             mixed_precision: str = "no") -> EvalResult:
     """Greedy-answer ``records`` with ``lm`` (stage1.LatentLM or a bare HF model) and score them.
 
     k: latent steps (default: the LatentLM's k_latent; 0 for a bare model).
-    backend: "engine", "hf" or "auto" (engine when it supports the model, else hf)."""
+    backend: "engine", "hf" or "auto" (engine when it supports the model, else hf).
+    mixed_precision: autocast around generation ("no", "bf16", "fp16", "auto" = bf16 on a
+    GPU). The engine runs in the weights' dtype whatever the autocast (its kernels take one
+    dtype); the HF loop runs under it."""
+    from medlvr.train.loop import resolve_mixed_precision
+
     from tqdm.auto import tqdm
 
     from medlvr.models import latent_token_ids
@@ -133,6 +139,8 @@ def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, bat
     ids = latent_token_ids(processor)
     stop = tok.convert_tokens_to_ids("<|im_end|>")
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop
+    mode = resolve_mixed_precision(mixed_precision)
+    amp = torch.autocast(device.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16, enabled=mode != "no")
     was_training = model.training
     model.eval()
     preds: list[dict] = []
@@ -143,15 +151,17 @@ def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, bat
             b = collate(recs, processor, k_latent=k, with_answer=False, latent_token_ids=ids, padding_side="left",
                         images_cache=cache)
             batch = {kk: v.to(device) for kk, v in b.model_inputs().items()}
-            tokens = None
-            if backend in ("auto", "engine"):
-                tokens = _engine_generate(model, batch, k=k, max_new_tokens=max_new_tokens, stop_id=stop,
-                                          latent_end_id=ids.end, pad_id=pad, projector=projector, max_batch=len(recs))
-                if tokens is None and backend == "engine":
-                    raise RuntimeError("backend='engine': medlvr.engine.LatentEngine cannot run this model")
-            if tokens is None:
-                tokens = hf_greedy(model, batch, k=k, max_new_tokens=max_new_tokens, stop_id=stop,
-                                   latent_end_id=ids.end, pad_id=pad, projector=projector)
+            with amp:
+                tokens = None
+                if backend in ("auto", "engine"):
+                    tokens = _engine_generate(model, batch, k=k, max_new_tokens=max_new_tokens, stop_id=stop,
+                                              latent_end_id=ids.end, pad_id=pad, projector=projector,
+                                              max_batch=len(recs))
+                    if tokens is None and backend == "engine":
+                        raise RuntimeError("backend='engine': medlvr.engine.LatentEngine cannot run this model")
+                if tokens is None:
+                    tokens = hf_greedy(model, batch, k=k, max_new_tokens=max_new_tokens, stop_id=stop,
+                                       latent_end_id=ids.end, pad_id=pad, projector=projector)
             for r, text in zip(recs, decode_answers(tok, tokens.cpu(), stop)):
                 preds.append({"id": r.id, "source": r.source or "unknown", "qtype": r.qtype or "unknown",
                               "question": r.question, "answer": r.answer, "prediction": text, "correct": bool(score(text, r))})
@@ -257,6 +267,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("auto", "engine", "hf"), default="auto")
     p.add_argument("--out", default="runs/eval", help="predictions.jsonl, accuracy.json, accuracy.png go here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+                   help="autocast around generation: auto = bf16 on a GPU, none on the CPU")
 
 
 def eval_main(args: argparse.Namespace) -> int:
@@ -270,7 +282,8 @@ def eval_main(args: argparse.Namespace) -> int:
         name = name or Path(path).parent.name or Path(path).name
         lm, processor, _meta = load_trained(path, device=args.device)
         results[name] = evaluate(lm, processor, records, k=args.k_latent, batch_size=args.batch_size,
-                                 max_new_tokens=args.max_new_tokens, backend=args.backend)
+                                 max_new_tokens=args.max_new_tokens, backend=args.backend,
+                                 mixed_precision=args.mixed_precision)
     print_table(results, title=f"accuracy on {Path(args.data).name} ({len(records)} records)")
     paths = write_outputs(results, args.out)
     print(f"wrote {paths['predictions']}, {paths['accuracy']}, {paths['plot']}")

@@ -91,7 +91,11 @@ class LatentProjector(nn.Module):
         nn.init.zeros_(self.down.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.down(F.gelu(self.up(h)))
+        # Returns h's dtype: the projector may be kept in fp32 beside a bf16 model (it is
+        # created in fp32 and loaded that way), and its output is fed back as an input
+        # embedding of the model's dtype. Under autocast the linears run in bf16 anyway.
+        x = h.to(self.up.weight.dtype)
+        return (x + self.down(F.gelu(self.up(x)))).to(h.dtype)
 
 
 def _feedback(projector: nn.Module | None, h: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,8 @@ import torch
 
 CKPT_DIR = "checkpoints"
 
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
 
 @dataclass
 class LoopConfig:
@@ -70,8 +72,8 @@ class LoopConfig:
             raise ValueError(f"batch_size / grad_accum: expected >= 1, got {self.batch_size} / {self.grad_accum}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule: expected 'cosine', 'linear' or 'constant', got {self.schedule!r}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision: expected auto|no|bf16|fp16, got {self.mixed_precision!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision: expected one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.report_to == "tensorboard":
             import importlib.util
 
@@ -145,12 +147,32 @@ def make_scheduler(optimizer, cfg: LoopConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _mixed_precision(cfg: LoopConfig) -> str:
-    if cfg.mixed_precision == "auto":
-        # bf16 autocast on a GPU; plain fp32 on the CPU (CPU bf16 autocast is slow and only
-        # changes numerics there).
+def resolve_mixed_precision(mode: str) -> str:
+    """"auto" -> bf16 autocast on a GPU, plain fp32 on the CPU (CPU bf16 autocast is slow
+    and only changes numerics there; ask for "bf16" to test the GPU's numerics on a CPU)."""
+    if mode not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision: expected one of {MIXED_PRECISION}, got {mode!r}")
+    if mode == "auto":
         return "bf16" if torch.cuda.is_available() else "no"
-    return cfg.mixed_precision
+    return mode
+
+
+def make_accelerator(mixed_precision: str = "auto", **kwargs):
+    """The one place medlvr builds an ``accelerate.Accelerator`` (stage 1, VLPO, the demo).
+
+    cpu=True without CUDA: accelerate only forms a gloo process group (MULTI_CPU) for
+    torchrun-launched CPU processes when told so; otherwise each rank trains alone."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, is_initialized
+
+    mode = resolve_mixed_precision(mixed_precision)
+    state = AcceleratorState() if is_initialized() else None  # a process-wide singleton
+    if state is not None and state.num_processes == 1 and state.mixed_precision != mode:
+        # accelerate refuses a second Accelerator with another precision in one process
+        # (its state is global). One process is free to run stage 1 in bf16 and evaluate in
+        # fp32, so the state is re-made; launched multi-process runs keep the rule.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mode, **kwargs)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -303,17 +325,13 @@ def train_loop(lm, processor, records: Sequence[Any], cfg: LoopConfig, *, base: 
                accelerator=None, extra_meta: dict | None = None) -> dict:
     """Train ``lm`` (a stage1.LatentLM) on ``records``; returns the last logged metrics plus
     ``final_dir`` (<out>/final: run.json + model.safetensors)."""
-    from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
     out = Path(cfg.out_dir)
     if accelerator is None:
-        # cpu=True without CUDA: accelerate only forms a gloo process group (MULTI_CPU) for
-        # torchrun-launched CPU processes when told so; otherwise each rank trains alone.
-        accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                                  mixed_precision=_mixed_precision(cfg), log_with=cfg.report_to, project_dir=str(out),
-                                  dataloader_config=DataLoaderConfiguration(split_batches=True))
+        accelerator = make_accelerator(cfg.mixed_precision, log_with=cfg.report_to, project_dir=str(out),
+                                       dataloader_config=DataLoaderConfiguration(split_batches=True))
     if cfg.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size: expected a multiple of the {accelerator.num_processes} processes, got {cfg.batch_size}")
     if len(records) < cfg.batch_size:
@@ -447,7 +465,8 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-checkpoints", type=int, default=2)
     g.add_argument("--resume", default=None, help="'auto' (latest in --out) or a checkpoint directory")
     g.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # debug: simulate a crash
-    g.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
+                   help="autocast: auto = bf16 on a GPU, none on the CPU")
     g.add_argument("--metrics", default="metrics.jsonl", help="metrics file name in --out (.jsonl or .csv)")
     g.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard")
     g.add_argument("--no-progress", action="store_true")

@@ -523,6 +523,8 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
 # --------------------------------------------------------------------------- CLI ---
 def add_vlpo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``medlvr vlpo`` (one per VLPOConfig field, plus model / data / output)."""
+    from medlvr.train.loop import MIXED_PRECISION
+
     d = VLPOConfig()
     p.add_argument("--data", required=True, help="training JSONL (medlvr format)")
     p.add_argument("--split", default="train", help="records of this split are used (others ignored)")
@@ -539,6 +541,9 @@ def add_vlpo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
+                   help="autocast of the training passes: auto = bf16 on a GPU, none on the CPU (rollouts "
+                        "run in the weights' dtype)")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("VLPO")
     g.add_argument("--k-latent", type=int, default=None,
@@ -581,6 +586,7 @@ def vlpo_main(args: argparse.Namespace) -> dict:
 
     from medlvr.models import load
     from medlvr.train.data import load_split
+    from medlvr.train.loop import make_accelerator
     from medlvr.train.stage1 import Stage1Config, build_trainable, load_trained
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -611,7 +617,7 @@ def vlpo_main(args: argparse.Namespace) -> dict:
     # "auto": a stage-1 LoRA already holds the SFT policy (disabling it would give the base
     # model), so the KL reference is then a frozen copy; a fresh adapter is simply disabled.
     history = train_vlpo(lm, processor, records, cfg, progress=not args.no_progress, log_path=metrics_path,
-                         reference="auto")
+                         reference="auto", accelerator=make_accelerator(args.mixed_precision))
     stage1 = {**stage1, "k_latent": cfg.k_latent}
     _save(out, lm, {"base": base, "stage1": stage1, "vlpo": dataclasses.asdict(cfg), "init": args.init})
     last = dict(history[-1]) if history else {}
