@@ -15,7 +15,7 @@ ifeq ($(origin CUDA_HOME), undefined)
 endif
 export MAX_JOBS ?= 2
 
-.PHONY: install demo demo-quick test test-fast bench clean
+.PHONY: install demo demo-quick test test-fast bench gpu-check clean
 
 $(STAMPS)/venv:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,19 @@ test: install
 	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  echo "== interpreter pass: Triton kernels on CPU tensors"; \
 	  TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m interpreter tests; fi
+
+# On a machine with an NVIDIA GPU: the CUDA tests, the quick demo on CUDA (bf16 autocast),
+# compute-sanitizer over the CUDA op tests when it is installed, and every benchmark on
+# CUDA, each writing benchmarks/results/<op>-<gpu>.{csv,md,png}. Stops at the first failure.
+gpu-check: install
+	@$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device')"
+	$(BIN)/medlvr info
+	$(BIN)/python -m pytest -q -m cuda tests
+	$(BIN)/medlvr demo --quick --out gpu_check_out/demo --no-progress
+	@if command -v compute-sanitizer >/dev/null; then \
+	  compute-sanitizer --tool memcheck --error-exitcode 1 $(BIN)/python -m pytest -q -m cuda tests/ops -x; \
+	else echo "compute-sanitizer not found: memcheck skipped"; fi
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b --device cuda || exit 1; done
 
 bench: install
 	$(BIN)/python benchmarks/bench_logprobs.py

@@ -147,21 +147,31 @@ def make_scheduler(optimizer, cfg: LoopConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def gpu_per_rank() -> bool:
+    """Whether this process trains on a GPU: one GPU per rank when there are enough of them
+    (NCCL), else every rank on the CPU (gloo). Two NCCL ranks on one GPU fail
+    ("ncclInvalidUsage: Duplicate GPU detected"), so a 2-rank launch on a 1-GPU machine
+    runs on the CPU instead of crashing."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return torch.cuda.is_available() and torch.cuda.device_count() >= ranks_here
+
+
 def resolve_mixed_precision(mode: str) -> str:
     """"auto" -> bf16 autocast on a GPU, plain fp32 on the CPU (CPU bf16 autocast is slow
     and only changes numerics there; ask for "bf16" to test the GPU's numerics on a CPU)."""
     if mode not in MIXED_PRECISION:
         raise ValueError(f"mixed_precision: expected one of {MIXED_PRECISION}, got {mode!r}")
     if mode == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
+        return "bf16" if gpu_per_rank() else "no"
     return mode
 
 
 def make_accelerator(mixed_precision: str = "auto", **kwargs):
     """The one place medlvr builds an ``accelerate.Accelerator`` (stage 1, VLPO, the demo).
 
-    cpu=True without CUDA: accelerate only forms a gloo process group (MULTI_CPU) for
-    torchrun-launched CPU processes when told so; otherwise each rank trains alone."""
+    cpu=True without a GPU per rank (:func:`gpu_per_rank`): accelerate then forms a gloo
+    process group (MULTI_CPU) for torchrun-launched processes; without it each CPU rank
+    would train alone."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, is_initialized
 
@@ -172,7 +182,7 @@ def make_accelerator(mixed_precision: str = "auto", **kwargs):
         # (its state is global). One process is free to run stage 1 in bf16 and evaluate in
         # fp32, so the state is re-made; launched multi-process runs keep the rule.
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mode, **kwargs)
+    return Accelerator(cpu=not gpu_per_rank(), mixed_precision=mode, **kwargs)
 
 
 # ----------------------------------------------------------------------------- checkpoints

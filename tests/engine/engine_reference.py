@@ -51,7 +51,7 @@ def hf_latent_loop(model, ids, pv=None, grid=None, *, k_max, exit="fixed", thres
 
     def step(embeds):
         nonlocal seq
-        p = torch.tensor([[seq + delta]])
+        p = torch.tensor([[seq + delta]], device=ids.device)
         pos = p[None].expand(3, 1, 1) if vl else p
         o = decoder(inputs_embeds=embeds.reshape(1, 1, -1), position_ids=pos, use_cache=True, **{ckw: cache})
         seq += 1
@@ -79,12 +79,12 @@ def hf_latent_loop(model, ids, pv=None, grid=None, *, k_max, exit="fixed", thres
     embed = model.get_input_embeddings()
     if max_new_tokens == 0:
         return res
-    logits = model.lm_head(step(embed(torch.tensor(latent_end_id))) if k_max > 0 else h)
+    logits = model.lm_head(step(embed(torch.tensor(latent_end_id, device=ids.device))) if k_max > 0 else h)
     for i in range(max_new_tokens):
         tok = int(logits.argmax())
         res.tokens.append(tok)
         res.logits.append(logits)
         if tok in stop_ids or i == max_new_tokens - 1:
             break
-        logits = model.lm_head(step(embed(torch.tensor(tok))))
+        logits = model.lm_head(step(embed(torch.tensor(tok, device=ids.device))))
     return res

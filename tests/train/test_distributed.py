@@ -1,7 +1,12 @@
-"""Stage 1 under accelerate with 2 CPU processes (gloo DDP) equals one process on the same
-global batch: same data order (split_batches), per-sample-mean loss (so the DDP gradient mean
-is the global mean), same schedule. Runs the real CLI as 2 torchrun ranks (the Accelerator
-inside forms the gloo group) against the same CLI in one process."""
+"""Stage 1 under accelerate with 2 processes equals one process on the same global batch:
+same data order (split_batches), per-sample-mean loss (so the DDP gradient mean is the
+global mean), same schedule. Runs the real CLI as 2 torchrun ranks (the Accelerator inside
+forms the process group) against the same CLI in one process.
+
+Where the ranks run is the library's choice (medlvr.train.loop.gpu_per_rank): one GPU per
+rank (NCCL) with at least 2 GPUs, else both on the CPU (gloo), also on a 1-GPU machine,
+where 2 NCCL ranks on one GPU would fail. The one-process run is put on the same kind of
+device, so the comparison is of the parallelism, not of CPU against GPU numerics."""
 import os
 import subprocess
 import sys
@@ -33,8 +38,11 @@ def test_two_processes_match_one(tmp_path):
     from medlvr.train.synth import synthesize
 
     paths = synthesize(tmp_path / "data", n=16, seed=2, image_size=56, split_fractions=(1.0, 0.0, 0.0))
+    env_one = _env()
+    if torch.cuda.device_count() < 2:  # the 2 ranks run on the CPU: so does the reference
+        env_one["CUDA_VISIBLE_DEVICES"] = ""
     one = subprocess.run([sys.executable, "-m", "medlvr.cli", *_sft_args(paths["train"], tmp_path / "one")],
-                         env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                         env=env_one, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     # torchrun starts the two ranks; the Accelerator inside forms the gloo group from its
     # environment. (`accelerate launch --cpu` would start ONE process unless MPI is set up.)
