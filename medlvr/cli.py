@@ -90,6 +90,14 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(n)
 
 
+def _window(p: argparse.ArgumentParser) -> None:
+    from medlvr.imageio import window_arg
+
+    p.add_argument("--window", type=window_arg, default=None,
+                   help="windowing for DICOM/NIfTI/16-bit images without their own window and records naming "
+                        "none: lung, mediastinum, abdomen, bone, brain or 'W/L' (e.g. 1500/-600)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medlvr", description="Latent visual reasoning for medical VQA: kernels and training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="stage 1: ROI-supervised latent fine-tuning (accelerate; resumable)")
     add_stage1_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _window(p)
     p.set_defaults(func=_sft)
 
     p = sub.add_parser("vlpo", help="stage 2: visual-latent policy optimisation from a stage-1 run")
@@ -121,11 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_vlpo_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _window(p)
     p.set_defaults(func=_vlpo)
 
     p = sub.add_parser("eval", help="accuracy by benchmark and question type of trained runs; table + plot")
     add_eval_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _window(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="synthesise data, train plain SFT / stage 1 / stage 1 + VLPO, evaluate the three")

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 import torch
-from PIL import Image
 
+from medlvr.imageio import load_image
 from medlvr.train.qa import format_question
 
 IGNORE_INDEX = -100
@@ -69,11 +69,6 @@ def prompt_text(record, *, k_latent: int, image_token: str = "<|image_pad|>") ->
     return text
 
 
-def _load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def collate(records, processor, *, k_latent: int, with_answer: bool, latent_token_ids,
             padding_side: str | None = None, images_cache: dict | None = None) -> Batch:
     """Build a Batch from Records (see the module docstring for the sequence layout).
@@ -86,7 +81,8 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
             (training); False gives the generation prompt.
         latent_token_ids: medlvr.models.latent_token_ids(processor).
         padding_side: "right" (default when with_answer) or "left" (default for prompts).
-        images_cache: optional dict path -> PIL image, to avoid re-decoding across epochs.
+        images_cache: optional dict (path, slice, window) -> PIL image, to avoid re-decoding
+            across epochs.
     Returns:
         Batch. For prompts (with_answer=False, K > 0) latent_start_index is the index where the
         first latent goes, i.e. the sequence length S (the prompt ends with <|latent_start|>).
@@ -107,12 +103,15 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
 
     images, orig_sizes, owners = [], [], []
     for b, r in enumerate(records):
-        for p in r.images:
-            im = images_cache.get(p) if images_cache is not None else None
+        for j, p in enumerate(r.images):
+            # Every format (DICOM, NIfTI, 16-bit PNG/TIFF, 8-bit images) becomes 8-bit RGB of its
+            # original pixel grid here (medlvr/imageio/reader.py), so the ROI scaling below holds.
+            key = (p, r.slice_of(j), r.window)
+            im = images_cache.get(key) if images_cache is not None else None
             if im is None:
-                im = _load_rgb(p)
+                im = load_image(p, index=r.slice_of(j), window=r.window)
                 if images_cache is not None:
-                    images_cache[p] = im
+                    images_cache[key] = im
             images.append(im)
             orig_sizes.append(im.size)
             owners.append(b)

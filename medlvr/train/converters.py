@@ -19,6 +19,10 @@ Layouts read (paths relative to --root; see docs/data.md for the sources and ope
   in images/<split>/<image>.jpg; splits train, val, test. The .pkl is a Python pickle: only
   convert files from a source you trust.
 
+Images may be anything medlvr/imageio/reader.py reads (PNG/JPEG, DICOM files or series
+folders, NIfTI, 16-bit PNG/TIFF); --window names the windowing preset written into every
+record (used for DICOM/NIfTI images that carry no window of their own).
+
 Every converted record is validated like a JSONL line (images exist, boxes inside the image,
 options contain the answer). A bad source entry raises DataError naming the source file, the
 entry number (1-based, as the "line") and the field, unless skip_bad; skipped entries are
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from medlvr.imageio import ImageReadError, parse_window, window_arg
 from medlvr.train.data import _Bad, DataError, Record, image_size, parse_record, write_jsonl
 
 DATASETS = ("omnimedvqa", "vqa-rad", "slake", "pathvqa")
@@ -161,7 +166,10 @@ def _slake_rois(img: Path, question: str, answer: str, mode: str, report: Conver
     if mode == "none" or not det.is_file() or not img.is_file():
         return []
     text = f" {question} {answer} ".lower()
-    w, h = image_size(str(img))
+    try:
+        w, h = image_size(str(img))
+    except ImageReadError as e:
+        raise _Bad("images[0]", str(e)) from None
     rois = []
     for label, b in _slake_boxes(det):
         if mode == "question" and not re.search(rf"\b{re.escape(label.lower())}\b", text):
@@ -226,7 +234,8 @@ def _pathvqa(root: Path, **_) -> Iterator[tuple[Path, int, dict]]:
                 continue
             name = _str(e.get("image"))
             img_dir = root / "images" / split
-            cands = [img_dir / name] if Path(name).suffix else [img_dir / f"{name}{ext}" for ext in (".jpg", ".png", ".jpeg")]
+            cands = [img_dir / name] if Path(name).suffix else [
+                img_dir / f"{name}{ext}" for ext in (".jpg", ".png", ".jpeg", ".dcm")]
             img = next((c for c in cands if c.is_file()), cands[0])
             yield f, i, {
                 "id": f"pathvqa-{split}-{i}", "images": [str(img)] if name else [],
@@ -242,8 +251,11 @@ _READERS = {"omnimedvqa": _omnimedvqa, "vqa-rad": _vqa_rad, "slake": _slake, "pa
 
 
 def convert(dataset: str, root, out, *, skip_bad: bool = False, split_fractions=None,
-            slake_roi: str = "question") -> ConvertReport:
-    """Convert `dataset` found under `root` into the JSONL file `out`; returns the report."""
+            slake_roi: str = "question", window: str | None = None) -> ConvertReport:
+    """Convert `dataset` found under `root` into the JSONL file `out`; returns the report.
+
+    window: a preset or "W/L" pair written into every record (medlvr/imageio/windowing.py)."""
+    parse_window(window)
     if dataset not in _READERS:
         raise ValueError(f"dataset: expected one of {DATASETS}, got {dataset!r}")
     if slake_roi not in ("question", "all", "none"):
@@ -262,6 +274,8 @@ def convert(dataset: str, root, out, *, skip_bad: bool = False, split_fractions=
         try:
             if isinstance(obj, _BadEntry):
                 raise _Bad(obj.fld, obj.msg)
+            if window:
+                obj["window"] = window
             rec = parse_record(obj, base_dir=root, default_source=dataset, default_id=f"{dataset}-{report.total}")
             if rec.id in seen:
                 raise _Bad("id", f"duplicate id {rec.id!r}")
@@ -288,6 +302,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="omnimedvqa only: hash-split images into train/val/test (default: all test)")
     parser.add_argument("--slake-roi", choices=("question", "all", "none"), default="question",
                         help="slake: attach detection boxes whose label the question/answer names (default), all, none")
+    parser.add_argument("--window", type=window_arg, default=None,
+                        help="windowing for DICOM/NIfTI images without their own window: lung, mediastinum, "
+                             "abdomen, bone, brain or 'W/L' (e.g. 1500/-600); written into every record")
     return parser
 
 
@@ -298,7 +315,7 @@ def convert_main(args) -> int:
     try:
         report = convert(args.dataset, args.root, args.out, skip_bad=args.skip_bad,
                          split_fractions=tuple(args.split_fractions) if args.split_fractions else None,
-                         slake_roi=args.slake_roi)
+                         slake_roi=args.slake_roi, window=args.window)
     except DataError as e:
         print(f"error: {e}\n(nothing written; rerun with --skip-bad to skip and list bad entries)", file=sys.stderr)
         return 2

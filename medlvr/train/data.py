@@ -7,7 +7,11 @@ One line:
      "rois": [{"image": 0, "box": [x0, y0, x1, y1]}], "split": "train",
      "source": "synth", "qtype": "presence"}
 
-- images: paths, relative to the JSONL file's directory or absolute; at least one.
+- images: paths, relative to the JSONL file's directory or absolute; at least one. An entry is a
+  path string or {"path": ..., "slice": k} for a 3-D source (multi-frame DICOM, DICOM series
+  folder, NIfTI volume, multi-page TIFF). Formats: medlvr/imageio/reader.py.
+- window: optional; a windowing preset or "W/L" pair for images without a window of their own
+  (medlvr/imageio/windowing.py).
 - rois: optional; boxes in pixels of the ORIGINAL image `images[image]`, x0 < x1, y0 < y1, inside
   the image. Records without ROI are fine (stage 1 skips their alignment term).
 - options: optional; when given they must contain the answer.
@@ -19,11 +23,10 @@ skips bad records, counts them and lists each one in the returned `BadReport`.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from medlvr.imageio import ImageReadError, parse_window, probe_image
 
 SPLITS = ("train", "val", "test")
 
@@ -53,12 +56,22 @@ class Record:
     split: str = "train"
     source: str = ""
     qtype: str = ""
+    slices: list[int | None] = field(default_factory=list)   # per image; empty = no slice indices
+    window: str | None = None                                  # preset or "W/L" (medlvr.imageio)
+
+    def slice_of(self, i: int) -> int | None:
+        """Slice index of images[i] (None for a 2-D image)."""
+        return self.slices[i] if self.slices else None
 
     def to_json(self, *, relative_to: Path | None = None) -> dict:
         d = asdict(self)
-        if relative_to is not None:
-            d["images"] = [_relpath(p, relative_to) for p in self.images]
+        slices, window = d.pop("slices"), d.pop("window")
+        paths = [_relpath(p, relative_to) for p in self.images] if relative_to is not None else list(self.images)
+        d["images"] = [p if self.slice_of(i) is None else {"path": p, "slice": self.slice_of(i)}
+                       for i, p in enumerate(paths)]
         d["rois"] = [{"image": r.image, "box": [float(v) for v in r.box]} for r in self.rois]
+        if window is not None:
+            d["window"] = window
         return d
 
 
@@ -90,19 +103,10 @@ class BadReport:
         return "\n".join([head] + [f"  {self.file}:{ln}: field '{f}': {m} (skipped)" for ln, f, m in self.skipped])
 
 
-_image_size_cache: dict[tuple[str, int, int], tuple[int, int]] = {}
-
-
-def image_size(path: str) -> tuple[int, int]:
-    """(width, height) read from the file header (no decode), cached per (path, mtime, size)."""
-    st = os.stat(path)
-    key = (str(path), st.st_mtime_ns, st.st_size)
-    s = _image_size_cache.get(key)
-    if s is None:
-        with Image.open(path) as im:
-            s = (int(im.width), int(im.height))
-        _image_size_cache[key] = s
-    return s
+def image_size(path: str, index: int | None = None) -> tuple[int, int]:
+    """(width, height) of slice ``index`` of an image, from its header (no decode; cached).
+    Raises medlvr.imageio.ImageReadError for a file that cannot be read."""
+    return probe_image(path, index=index).size
 
 
 def _str_field(obj: dict, name: str, *, required: bool, default: str = "") -> str:
@@ -136,18 +140,37 @@ def parse_record(obj, *, base_dir: Path, default_source: str, default_id: str, c
     images = obj.get("images")
     if images is None:
         raise _Bad("images", "missing")
-    if not isinstance(images, list) or not images or not all(isinstance(p, str) and p for p in images):
+    if not isinstance(images, list) or not images:
         raise _Bad("images", f"expected a non-empty list of paths, got {images!r}")
-    paths = [str(p if Path(p).is_absolute() else (base_dir / p)) for p in images]
+    names, slices = [], []
+    for i, entry in enumerate(images):
+        name, k = entry, None
+        if isinstance(entry, dict):
+            name, k = entry.get("path"), entry.get("slice")
+            if set(entry) - {"path", "slice"}:
+                raise _Bad(f"images[{i}]", f"expected keys 'path' and 'slice', got {sorted(entry)}")
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+                raise _Bad(f"images[{i}].slice", f"expected an int >= 0, got {k!r}")
+        if not isinstance(name, str) or not name:
+            raise _Bad(f"images[{i}]", f"expected a path or {{\"path\": ..., \"slice\": k}}, got {entry!r}")
+        names.append(name)
+        slices.append(k)
+    paths = [str(p if Path(p).is_absolute() else (base_dir / p)) for p in names]
+    window = obj.get("window")
+    try:
+        parse_window(window)
+    except ValueError as e:
+        raise _Bad("window", str(e).removeprefix("window: ")) from None
     sizes: list[tuple[int, int] | None] = [None] * len(paths)
     if check_images:
         for i, p in enumerate(paths):
-            if not Path(p).is_file():
+            if not Path(p).exists():
                 raise _Bad(f"images[{i}]", f"file not found: {p}")
             try:
-                sizes[i] = image_size(p)
-            except Exception as e:  # PIL raises several types for a broken file
-                raise _Bad(f"images[{i}]", f"not a readable image: {p} ({type(e).__name__}: {e})") from None
+                sizes[i] = image_size(p, slices[i])
+            except ImageReadError as e:
+                where = f"images[{i}].slice" if e.field == "slice" else f"images[{i}]"
+                raise _Bad(where, str(e)) from None
 
     options = obj.get("options")
     if options is not None:
@@ -194,23 +217,26 @@ def parse_record(obj, *, base_dir: Path, default_source: str, default_id: str, c
         answer=answer, rois=rois, split=split,
         source=_str_field(obj, "source", required=False, default=default_source),
         qtype=_str_field(obj, "qtype", required=False, default=""),
+        slices=slices if any(k is not None for k in slices) else [], window=window or None,
     )
 
 
-def load_jsonl(path, *, skip_bad: bool = False, split: str | None = None,
-               check_images: bool = True) -> tuple[list[Record], BadReport]:
+def load_jsonl(path, *, skip_bad: bool = False, split: str | None = None, check_images: bool = True,
+               window: str | None = None) -> tuple[list[Record], BadReport]:
     """Read and validate a JSONL file -> (records, report).
 
     A bad record raises DataError naming file:line:field, unless skip_bad, then it is skipped,
     counted in report.n_bad and listed in report.skipped (never silently). Duplicate ids are bad.
     `split` keeps only records of that split (after validation: a bad line is reported even
-    when its split would have been filtered out).
+    when its split would have been filtered out). `window` (e.g. --window on the command line)
+    is given to records that name none.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no such JSONL file: {path}")
     if split is not None and split not in SPLITS:
         raise ValueError(f"split: expected None or one of {SPLITS}, got {split!r}")
+    parse_window(window)
     report = BadReport(file=str(path))
     records: list[Record] = []
     seen: set[str] = set()
@@ -234,15 +260,17 @@ def load_jsonl(path, *, skip_bad: bool = False, split: str | None = None,
                     raise DataError(path, lineno, bad.field, bad.message) from None
                 report.skipped.append((lineno, bad.field, bad.message))
                 continue
+            if rec.window is None:
+                rec.window = window or None
             if split is None or rec.split == split:
                 records.append(rec)
     return records, report
 
 
-def load_split(path, split: str, *, skip_bad: bool = False) -> list[Record]:
+def load_split(path, split: str, *, skip_bad: bool = False, window: str | None = None) -> list[Record]:
     """The validated records of one split, for the training and eval commands: prints the
     skipped-record report when there is one, and refuses an empty split."""
-    records, report = load_jsonl(path, skip_bad=skip_bad, split=split)
+    records, report = load_jsonl(path, skip_bad=skip_bad, split=split, window=window)
     if report.n_bad:
         print(report)
     if not records:

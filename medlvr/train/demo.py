@@ -46,6 +46,7 @@ class DemoPlan:
     eval_records: int | None = None  # None: the whole test split
     max_new_tokens: int = 6
     seed: int = 0
+    image_format: str = "png"      # "dicom": the same images as CT-like DICOM (medlvr.train.synth)
 
 
 FULL = DemoPlan()
@@ -91,14 +92,15 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
 
     t = time.perf_counter()
     paths = synthesize(out / "data", n=plan.n_records, seed=plan.seed, roi_fraction=plan.roi_fraction,
-                       difficulty=plan.difficulty, split_fractions=plan.splits)
+                       difficulty=plan.difficulty, split_fractions=plan.splits, image_format=plan.image_format)
     train, _ = load_jsonl(paths["train"])
     test, _ = load_jsonl(paths["test"])
     # Stage 2 runs on prompts stage 1 has not fitted (after several SFT epochs nearly every
     # rollout on the SFT set is right, so GRPO's group advantages are ~0 there): a fresh draw
     # of the same distribution, without ROI boxes.
     rl_paths = synthesize(out / "data_rl", n=plan.vlpo_records, seed=plan.seed + 1, roi_fraction=0.0,
-                          difficulty=plan.difficulty, split_fractions=(1.0, 0.0, 0.0))
+                          difficulty=plan.difficulty, split_fractions=(1.0, 0.0, 0.0),
+                          image_format=plan.image_format)
     rl_prompts, _ = load_jsonl(rl_paths["train"])
     if plan.eval_records is not None:
         test = test[:plan.eval_records]
@@ -184,11 +186,13 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
                    help="autocast for every phase: auto = bf16 on a GPU, none on the CPU")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--format", choices=("png", "dicom"), default="png", dest="image_format",
+                   help="synthetic images as PNG (default) or CT-like DICOM (the same pixels after windowing)")
 
 
 def demo_main(args: argparse.Namespace) -> int:
     if not args.threads:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    plan = replace(QUICK if args.quick else FULL, seed=args.seed)
+    plan = replace(QUICK if args.quick else FULL, seed=args.seed, image_format=getattr(args, "image_format", "png"))
     run_demo(args.out, plan, progress=not args.no_progress, mixed_precision=args.mixed_precision)
     return 0

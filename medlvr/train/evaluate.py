@@ -261,6 +261,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="a trained run directory (run.json + model.safetensors, e.g. runs/sft/final); repeat to compare")
     p.add_argument("--data", required=True, help="JSONL to evaluate")
     p.add_argument("--split", default=None, help="only records of this split (default: all)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and report) bad records instead of failing")
     p.add_argument("--k-latent", type=int, default=None, help="override the run's K")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=8)
@@ -275,7 +276,10 @@ def eval_main(args: argparse.Namespace) -> int:
     from medlvr.train.data import load_jsonl
     from medlvr.train.stage1 import load_trained
 
-    records, _ = load_jsonl(args.data, split=args.split or None)
+    records, report = load_jsonl(args.data, split=args.split or None, skip_bad=getattr(args, "skip_bad", False),
+                                 window=getattr(args, "window", None))
+    if report.n_bad:
+        print(report)
     results = {}
     for spec in args.run:
         name, _, path = spec.rpartition("=")

@@ -192,7 +192,7 @@ def stage1_main(args: argparse.Namespace) -> dict:
     from medlvr.train.data import load_split
     from medlvr.train.loop import loop_config_from_args, train_loop
 
-    records = load_split(args.data, args.split, skip_bad=args.skip_bad)
+    records = load_split(args.data, args.split, skip_bad=args.skip_bad, window=getattr(args, "window", None))
     cfg = Stage1Config(k_latent=args.k_latent, mode=args.mode, roi_weight=args.roi_weight, roi_loss=args.roi_loss,
                        roi_pooling=args.roi_pooling, projector=args.projector, lora=args.lora, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha)

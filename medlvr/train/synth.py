@@ -14,6 +14,10 @@ Each record is one radiograph-like image and one question about its lesion:
 
 Record i is drawn from its own RNG, numpy.random.default_rng([seed, i]), so the set is
 byte-identical for a seed, and the first n records do not depend on the requested total.
+
+`image_format="dicom"` (`--format dicom`) writes each image as a CT-like DICOM file instead of
+a PNG (see `_write_ct`): HU values with rescale tags and a window that maps them back to the
+PNG's 8-bit values exactly, so the DICOM set reads as the same pixels through the DICOM path.
 """
 from __future__ import annotations
 
@@ -32,6 +36,14 @@ QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
 SHAPES = ("round", "oval", "irregular", "square")
 SIZES = ("small", "large")
 QTYPES = ("presence", "location", "size", "shape")
+IMAGE_FORMATS = ("png", "dicom")
+
+# CT-like DICOM: 8-bit value v -> HU = 8 v - 1000 (-1000 air .. +1040 dense bone), stored as
+# HU + 1024 (12 bits) with RescaleSlope 1, RescaleIntercept -1024. The file's own LINEAR window
+# (PS3.3 C.11.2.1.2), centre 20.5 and width 2041, gives ((HU - 20) / 2040 + 0.5) = v / 255, so
+# the reader's 8-bit output is v again.
+CT_HU_PER_LEVEL, CT_HU_OFFSET, CT_INTERCEPT = 8, -1000, -1024
+CT_WINDOW = (20.5, 2041.0)
 
 
 @dataclass(frozen=True)
@@ -183,10 +195,19 @@ def make_record(i: int, *, seed: int, image_size: int, difficulty: str, roi_frac
     return pixels, lesion, question, options, answer, rois
 
 
+def _write_ct(path: Path, pixels: np.ndarray, *, seed: int, i: int) -> None:
+    """The 8-bit image as a CT slice in HU (see CT_WINDOW); UIDs derived from (seed, i)."""
+    from medlvr.imageio.dicom_write import write_dicom
+
+    hu = pixels.astype(np.int32) * CT_HU_PER_LEVEL + CT_HU_OFFSET
+    write_dicom(path, (hu - CT_INTERCEPT).astype(np.uint16), modality="CT", rescale=(1.0, CT_INTERCEPT),
+                window=CT_WINDOW, bits_stored=12, instance_number=i + 1, uid_seed=("medlvr-synth", seed, i))
+
+
 def synthesize(out_dir, *, n: int = 800, seed: int = 0, roi_fraction: float = 0.5, image_size: int = 112,
                difficulty: str = "easy", split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-               qtypes: tuple[str, ...] = QTYPES) -> dict[str, Path]:
-    """Write out_dir/images/*.png and out_dir/{train,val,test}.jsonl; returns the JSONL paths.
+               qtypes: tuple[str, ...] = QTYPES, image_format: str = "png") -> dict[str, Path]:
+    """Write out_dir/images/*.png (or *.dcm) and out_dir/{train,val,test}.jsonl; returns the JSONL paths.
 
     Records [0, n*f_train) are train, the next n*f_val val, the rest test.
     """
@@ -200,6 +221,8 @@ def synthesize(out_dir, *, n: int = 800, seed: int = 0, roi_fraction: float = 0.
         raise ValueError(f"difficulty: expected one of {tuple(DIFFICULTIES)}, got {difficulty!r}")
     if len(split_fractions) != 3 or any(f < 0 for f in split_fractions) or abs(sum(split_fractions) - 1) > 1e-6:
         raise ValueError(f"split_fractions: expected 3 non-negative fractions summing to 1, got {split_fractions!r}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format: expected one of {IMAGE_FORMATS}, got {image_format!r}")
     bad = [q for q in qtypes if q not in QTYPES]
     if not qtypes or bad:
         raise ValueError(f"qtypes: expected a non-empty subset of {QTYPES}, got {qtypes!r}")
@@ -213,8 +236,12 @@ def synthesize(out_dir, *, n: int = 800, seed: int = 0, roi_fraction: float = 0.
         pixels, _lesion, question, options, answer, rois = make_record(
             i, seed=seed, image_size=image_size, difficulty=difficulty, roi_fraction=roi_fraction, qtypes=qtypes)
         rid = f"synth-{i:0{width}d}"
-        path = out / "images" / f"{rid}.png"
-        Image.fromarray(pixels, mode="L").save(path, format="PNG", optimize=False)
+        if image_format == "dicom":
+            path = out / "images" / f"{rid}.dcm"
+            _write_ct(path, pixels, seed=seed, i=i)
+        else:
+            path = out / "images" / f"{rid}.png"
+            Image.fromarray(pixels, mode="L").save(path, format="PNG", optimize=False)
         split = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
         by_split[split].append(Record(id=rid, images=[str(path)], question=question, options=options,
                                       answer=answer, rois=rois, split=split, source="synth",
@@ -224,7 +251,7 @@ def synthesize(out_dir, *, n: int = 800, seed: int = 0, roi_fraction: float = 0.
         paths[split] = out / f"{split}.jsonl"
         write_jsonl(paths[split], recs)
     meta = dict(n=n, seed=seed, roi_fraction=roi_fraction, image_size=image_size, difficulty=difficulty,
-                split_fractions=list(split_fractions), qtypes=list(qtypes),
+                split_fractions=list(split_fractions), qtypes=list(qtypes), format=image_format,
                 counts={k: len(v) for k, v in by_split.items()})
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return paths
@@ -241,13 +268,16 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
                         help="split fractions (default 0.8 0.1 0.1)")
     parser.add_argument("--qtypes", nargs="+", choices=QTYPES, default=list(QTYPES))
+    parser.add_argument("--format", choices=IMAGE_FORMATS, default="png", dest="image_format",
+                        help="png (default) or dicom: CT-like DICOM slices in HU with rescale and window tags")
     return parser
 
 
 def synth_main(args) -> int:
     paths = synthesize(args.out, n=args.n, seed=args.seed, roi_fraction=args.roi_fraction,
                        image_size=args.image_size, difficulty=args.difficulty,
-                       split_fractions=tuple(args.split), qtypes=tuple(args.qtypes))
+                       split_fractions=tuple(args.split), qtypes=tuple(args.qtypes),
+                       image_format=getattr(args, "image_format", "png"))
     meta = json.loads((Path(args.out) / "meta.json").read_text())
     print(f"wrote {args.n} records to {args.out} " +
           ", ".join(f"{k}: {meta['counts'][k]} ({p.name})" for k, p in paths.items()))

@@ -591,7 +591,7 @@ def vlpo_main(args: argparse.Namespace) -> dict:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    records = load_split(args.data, args.split, skip_bad=args.skip_bad)
+    records = load_split(args.data, args.split, skip_bad=args.skip_bad, window=getattr(args, "window", None))
 
     if args.init:
         lm, processor, meta = load_trained(args.init, device=device, dtype=dtype)
