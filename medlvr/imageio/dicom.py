@@ -67,11 +67,19 @@ def read_dataset(path, *, stop_before_pixels: bool = False):
     """dcmread, with a corrupt or non-DICOM file reported as ImageReadError(path, 'file', ...)."""
     pydicom = _pydicom()
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
     except pydicom.errors.InvalidDicomError as e:
         raise ImageReadError(path, "file", f"not a DICOM Part 10 file ({e})") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ImageReadError(path, "file", f"corrupt DICOM file ({type(e).__name__}: {e})") from None
+    # pydicom reads leniently: garbage after the 'DICM' marker, or a file cut inside its header,
+    # comes back as a near-empty dataset rather than an exception.
+    if not getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None):
+        raise ImageReadError(path, "file", "corrupt DICOM file: its File Meta Information has no TransferSyntaxUID")
+    if "SOPClassUID" not in ds and not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise ImageReadError(path, "file", "corrupt or truncated DICOM file: neither SOPClassUID nor pixel data "
+                                           "could be read")
+    return ds
 
 
 def _require_tag(ds, path, keyword: str):
@@ -98,9 +106,7 @@ def check_pixels(ds, path) -> int:
         raise ImageReadError(path, "PixelData", f"missing: this DICOM object{what} holds no image")
     for kw in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation"):
         _require_tag(ds, path, kw)
-    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if not tsyntax:
-        raise ImageReadError(path, "TransferSyntaxUID", "missing from the file meta information")
+    tsyntax = ds.file_meta.TransferSyntaxUID
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
@@ -190,20 +196,24 @@ def decode(ds, path, index: int | None) -> DicomSlice:
                       invert=photometric == "MONOCHROME1", source=Path(path))
 
 
-_series_cache: dict[tuple[str, int], list[Path]] = {}
+_series_cache: dict[tuple, list[Path]] = {}
 
 
 def series_files(folder) -> list[Path]:
-    """The slice files of a series folder, ordered by InstanceNumber (cached per folder mtime).
+    """The slice files of a series folder, ordered by InstanceNumber.
 
-    Every file must be DICOM, of one SeriesInstanceUID, single-frame, with a distinct
-    InstanceNumber; anything else is an ImageReadError naming the file and the field."""
+    Cached per listing (name, size, mtime of every file): a folder's own mtime can stay the
+    same across a quick remove-and-add. Every file must be DICOM, of one SeriesInstanceUID,
+    single-frame, with a distinct InstanceNumber; anything else is an ImageReadError naming the
+    file and the field."""
     folder = Path(folder)
-    key = (str(folder), os.stat(folder).st_mtime_ns)
+    with os.scandir(folder) as it:
+        listing = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in it
+                         if e.is_file() and not e.name.startswith(".") and e.name.upper() != "DICOMDIR")
+    key = (str(folder), tuple(listing))
     if key in _series_cache:
         return _series_cache[key]
-    entries = sorted(p for p in folder.iterdir()
-                     if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR")
+    entries = [folder / name for name, _, _ in listing]
     if not entries:
         raise ImageReadError(folder, "file", "series folder holds no files")
     numbered: dict[int, Path] = {}

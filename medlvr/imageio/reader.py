@@ -94,11 +94,13 @@ def probe_image(path, *, index: int | None = None) -> ImageInfo:
         st = os.stat(p)
     except OSError:
         raise ImageReadError(p, "file", "not found") from None
+    # A folder's mtime can miss a quick remove-and-add: series folders are not cached here
+    # (dicom.series_files caches on the full listing).
+    kind = kind_of(p)
     key = (str(p), st.st_mtime_ns, st.st_size, index)
-    info = _probe_cache.get(key)
+    info = _probe_cache.get(key) if kind != "dicom-series" else None
     if info is not None:
         return info
-    kind = kind_of(p)
     if kind in ("dicom", "dicom-series"):
         w, h, n = dicom.probe(p, index)
     elif kind == "nifti":
@@ -108,7 +110,8 @@ def probe_image(path, *, index: int | None = None) -> ImageInfo:
             w, h, n = int(im.width), int(im.height), _pil_pages(im)
         slice_index(index, n, p, "pages")
     info = ImageInfo(width=w, height=h, n_slices=n, kind=kind)
-    _probe_cache[key] = info
+    if kind != "dicom-series":
+        _probe_cache[key] = info
     return info
 
 
