@@ -108,11 +108,28 @@ def apply_window(values: np.ndarray, win: Window) -> np.ndarray:
     return np.clip(y, 0.0, 1.0, out=y)
 
 
+def _percentiles(values: np.ndarray, qs) -> list[float]:
+    """np.percentile(values, qs) (linear interpolation), from one sort.
+
+    The q-th percentile of n values is a[i] + f (a[i+1] - a[i]) with i + f = q/100 (n - 1) over
+    the sorted a. One np.sort (vectorised in numpy >= 2) is measured ~1 ms for a 512x512 slice
+    here, while partitioning (np.percentile's method) takes 5-15 ms on CT slices, whose many
+    equal air values are partition's slow case."""
+    a = np.sort(np.asarray(values, dtype=np.float32), axis=None)
+    out = []
+    for q in qs:
+        pos = q / 100.0 * (a.size - 1)
+        i = min(int(np.floor(pos)), a.size - 1)
+        j = min(i + 1, a.size - 1)
+        out.append(float(a[i]) + (pos - i) * (float(a[j]) - float(a[i])))
+    return out
+
+
 def percentile_window(values: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> Window:
     """The LINEAR_EXACT window whose ends are the given percentiles of ``values``.
 
     A constant image has no spread: its window is centred on the value (it renders mid-grey)."""
-    lo, hi = (float(v) for v in np.percentile(values, percentiles))
+    lo, hi = _percentiles(values, percentiles)
     if not hi > lo:
         return Window(center=lo, width=1.0, function="LINEAR_EXACT", source="percentile (constant image)")
     return Window(center=(lo + hi) / 2, width=hi - lo, function="LINEAR_EXACT",
@@ -124,7 +141,9 @@ def to_rgb8(unit: np.ndarray, *, invert: bool = False) -> Image.Image:
 
     ``invert``: MONOCHROME1, where the lowest value is white, becomes white-is-high."""
     y = np.asarray(unit, dtype=np.float32)
+    # 255 y, or 255 (1 - y) = 255 - 255 y, in one temporary.
+    u = y * np.float32(-255.0 if invert else 255.0)
     if invert:
-        y = 1.0 - y
-    u8 = np.rint(y * np.float32(255.0)).astype(np.uint8)
+        u += np.float32(255.0)
+    u8 = np.rint(u, out=u).astype(np.uint8)
     return Image.fromarray(u8, mode="L").convert("RGB")

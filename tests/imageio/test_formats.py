@@ -9,6 +9,7 @@ from PIL import Image
 
 from medlvr.imageio import (PRESETS, ImageReadError, Window, apply_window, load_image, parse_window, probe_image,
                             read_pixels)
+from medlvr.imageio.windowing import percentile_window
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "data.md"
 
@@ -140,6 +141,18 @@ def test_linear_exact_and_sigmoid():
                                np.clip((x - 40) / 400 + 0.5, 0, 1), atol=1e-7)
     np.testing.assert_allclose(apply_window(x, Window(40.0, 400.0, "SIGMOID")),
                                1 / (1 + np.exp(-4 * (x - 40) / 400)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape,dtype", [((1,), np.float32), ((2,), np.int16), ((7, 3), np.float32),
+                                         ((33, 17), np.int16), ((256, 256), np.float32)])
+def test_percentile_window_equals_numpy_percentile(shape, dtype):
+    x = np.random.default_rng(sum(shape)).normal(0, 300, shape).astype(dtype)
+    w = percentile_window(x)
+    lo, hi = np.percentile(x, (0.5, 99.5))
+    if hi > lo:
+        np.testing.assert_allclose([w.center - w.width / 2, w.center + w.width / 2], [lo, hi], rtol=1e-6, atol=1e-4)
+    else:   # constant: mid-grey
+        assert w.center == lo and apply_window(x, w).tolist() == [0.5] * x.size
 
 
 def test_parse_window_presets_pairs_and_errors():
