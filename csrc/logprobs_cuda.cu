@@ -4,6 +4,10 @@
 // (8 bf16/fp16 or 4 fp32), keeps an online (max, sum-exp[, sum-exp*y]) triple in fp32, and
 // the block merges the triples with warp shuffles and one shared-memory round. The row is
 // read from HBM exactly once, and the only outputs are three fp32 numbers per row.
+// Every arithmetic type is acc_t = at::opmath_type<scalar_t>: fp32 for fp16/bf16/fp32
+// and double for double, the scalars 1/T and 1/(2 sigma^2) included, so fp64 inputs are
+// computed in fp64 end to end (medlvr's fp64 rule, medlvr/ops/_checks.py). --use_fast_math
+// touches single-precision math only.
 // Backward: a 2-D grid (row, column tile) recomputes p = exp(y - lse) from the logits and
 // writes d logits once, optionally over the logits buffer itself. Together: read logits
 // twice and write the gradient once, which is the memory floor of this op.
@@ -111,7 +115,7 @@ __device__ __forceinline__ void fold(LseState<acc_t>& st, const acc_t (&y)[VEC])
 template <typename scalar_t, int BLOCK, int VEC, bool ENTROPY>
 __global__ void __launch_bounds__(BLOCK) logprobs_fwd_kernel(
     const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets, int64_t V, int64_t ld,
-    float inv_t, int64_t ignore_index, at::opmath_type<scalar_t>* __restrict__ logp,
+    at::opmath_type<scalar_t> inv_t, int64_t ignore_index, at::opmath_type<scalar_t>* __restrict__ logp,
     at::opmath_type<scalar_t>* __restrict__ lse, at::opmath_type<scalar_t>* __restrict__ entropy) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = blockIdx.x;  // int64 before any pointer arithmetic: N * ld overflows int32
@@ -157,7 +161,7 @@ __global__ void logprobs_bwd_kernel(const scalar_t* logits, scalar_t* out, const
                                     const at::opmath_type<scalar_t>* __restrict__ grad_ent,
                                     const at::opmath_type<scalar_t>* __restrict__ lse,
                                     const at::opmath_type<scalar_t>* __restrict__ entropy, int64_t V, int64_t ld_in, int64_t ld_out,
-                                    float inv_t, int64_t ignore_index) {
+                                    at::opmath_type<scalar_t> inv_t, int64_t ignore_index) {
   // `out` may alias `logits` (in-place backward), hence no __restrict__ on either: each
   // thread reads its vector, then writes the same addresses.
   using acc_t = at::opmath_type<scalar_t>;
@@ -203,11 +207,12 @@ bool aligned16(const T* ptr, int64_t ld) {
 }
 
 template <typename scalar_t, int BLOCK, int VEC>
-void launch_fwd(const at::Tensor& logits, const int64_t* tg, int64_t V, float inv_t, int64_t ignore_index,
+void launch_fwd(const at::Tensor& logits, const int64_t* tg, int64_t V, double inv_t, int64_t ignore_index,
                 bool with_entropy, at::Tensor& logp, at::Tensor& lse, at::Tensor& entropy, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = logits.size(0);
-  auto args = std::make_tuple(logits.data_ptr<scalar_t>(), tg, V, logits.stride(0), inv_t, ignore_index,
+  auto args = std::make_tuple(logits.data_ptr<scalar_t>(), tg, V, logits.stride(0), static_cast<acc_t>(inv_t),
+                              ignore_index,
                               logp.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
                               with_entropy ? entropy.data_ptr<acc_t>() : nullptr);
   if (with_entropy) {
@@ -221,7 +226,7 @@ void launch_fwd(const at::Tensor& logits, const int64_t* tg, int64_t V, float in
 // Block size by V: enough threads to keep 16-byte loads in flight on a 152k-wide row,
 // few enough that a narrow row does not leave most of the block idle.
 template <typename scalar_t, int VEC>
-void dispatch_fwd(const at::Tensor& logits, const int64_t* tg, int64_t V, float inv_t, int64_t ignore_index,
+void dispatch_fwd(const at::Tensor& logits, const int64_t* tg, int64_t V, double inv_t, int64_t ignore_index,
                   bool with_entropy, at::Tensor& logp, at::Tensor& lse, at::Tensor& entropy, cudaStream_t s) {
   const int64_t vecs = V / VEC;
   if (vecs >= 8 * 1024) {
@@ -249,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(const at::Tenso
   auto entropy = at::empty({with_entropy ? N : 0}, logits.options().dtype(stat));
   if (N == 0) return {logp, lse, entropy};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const float it = static_cast<float>(inv_temperature);
+  const double it = inv_temperature;  // rounded to acc_t at the launch: fp32, or double for fp64
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_fwd_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
     if (aligned16(logits.data_ptr<scalar_t>(), logits.stride(0))) {
@@ -276,9 +281,9 @@ void logprobs_bwd_into_cuda(const at::Tensor& grad_logp, const c10::optional<at:
               "an entropy gradient needs the forward's entropy");
   const auto targets = targets_in.to(at::kLong).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const float it = static_cast<float>(inv_temperature);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t it = static_cast<acc_t>(inv_temperature);  // fp64 inputs keep 1/T in double
     constexpr int kThreads = 256;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const auto ls = lse.to(acc).contiguous();

@@ -6,7 +6,7 @@
 
 TORCH_LIBRARY(medlvr, m) {
   // Row-wise log_softmax(logits / T)[target] with an online logsumexp (one pass over V).
-  // Returns (logp[N] fp32, lse[N] fp32, entropy[N] fp32 or [0] when not requested).
+  // Returns (logp[N], lse[N], entropy[N] or [0] when not requested), fp32 (fp64 for fp64 logits).
   m.def("logprobs_fwd(Tensor logits, Tensor targets, float inv_temperature, int ignore_index, "
         "bool with_entropy) -> (Tensor, Tensor, Tensor)");
   // d logits = (g_logp (onehot - p) - g_ent p (log p + H)) / T, into a new tensor.
@@ -15,7 +15,7 @@ TORCH_LIBRARY(medlvr, m) {
   // The same gradient written over the logits buffer (no second [N, V] tensor).
   m.def("logprobs_bwd_(Tensor grad_logp, Tensor? grad_entropy, Tensor(a!) logits, Tensor targets, "
         "Tensor lse, Tensor? entropy, float inv_temperature, int ignore_index) -> ()");
-  // -||z - mu||^2 * inv_two_sigma_sq summed over D, fp32 [M].
+  // -||z - mu||^2 * inv_two_sigma_sq summed over D, fp32 [M] (fp64 for fp64 inputs).
   m.def("gaussian_logprob_fwd(Tensor mu, Tensor z, float inv_two_sigma_sq) -> Tensor");
   // (d mu, d z) for an upstream grad[M]; an empty tensor where not needed.
   m.def("gaussian_logprob_bwd(Tensor grad, Tensor mu, Tensor z, float inv_two_sigma_sq, "

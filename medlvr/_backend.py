@@ -59,6 +59,12 @@ def _override() -> str | None:
     return None
 
 
+def forced() -> str | None:
+    """The backend forced by ``force_backend`` or ``MEDLVR_BACKEND``; None when each op
+    chooses for itself."""
+    return _override()
+
+
 @contextlib.contextmanager
 def force_backend(name: str) -> Iterator[None]:
     """Run every medlvr op inside the block on backend ``name`` (one of BACKENDS).
@@ -99,8 +105,12 @@ def choose(device: torch.device, *, has_ext: bool, has_triton: bool) -> str:
             if not triton_importable():
                 raise RuntimeError("backend 'triton' forced, but triton is not installed")
             if device.type != "cuda" and not triton_interpret():
+                # Triton runs CPU tensors only in its interpreter, chosen once when triton is
+                # imported; a process that runs Triton natively on CUDA tensors cannot.
                 raise RuntimeError(
-                    "backend 'triton' forced on CPU tensors: set TRITON_INTERPRET=1 before importing triton")
+                    f"backend 'triton' forced on {device.type.upper()} tensors: Triton runs those only in its "
+                    "interpreter; set TRITON_INTERPRET=1 before triton is imported, or put the tensors on a "
+                    "CUDA device")
         return forced
     if device.type == "cuda":
         if has_ext and extension_has_cuda():

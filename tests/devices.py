@@ -18,3 +18,13 @@ def kernel_devices():
     """pytest params for a test of a compiled (C++/CUDA) or reference path: CPU, and CUDA
     marked ``cuda``."""
     return [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
+
+
+def backend_devices(backends=("reference", "triton")):
+    """pytest params ``(backend, device)`` for a test run on several backends: ``triton``
+    on triton_devices(), any other backend on kernel_devices(), with their marks."""
+    params = []
+    for backend in backends:
+        for p in (triton_devices() if backend == "triton" else kernel_devices()):
+            params.append(pytest.param(backend, p.values[0], marks=p.marks, id=f"{backend}-{p.id}"))
+    return params

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import medlvr
+from devices import triton_devices
 from medlvr import _backend
 from medlvr.cli import main
 
@@ -16,13 +17,19 @@ def test_default_on_cpu_is_the_extension_when_built_else_the_reference():
     assert _backend.choose(CPU, has_ext=False, has_triton=True) == "reference"
 
 
-def test_forcing_is_scoped_and_restored():
+@pytest.mark.parametrize("device", triton_devices())
+def test_forcing_is_scoped_and_restored(device, monkeypatch):
+    monkeypatch.delenv("MEDLVR_BACKEND", raising=False)
+    dev = torch.device(device)
+    assert _backend.forced() is None
     with medlvr.force_backend("reference"):
-        assert _backend.choose(CPU, has_ext=True, has_triton=True) == "reference"
+        assert _backend.forced() == "reference"
+        assert _backend.choose(dev, has_ext=True, has_triton=True) == "reference"
         with medlvr.force_backend("triton"):
-            assert _backend.choose(CPU, has_ext=False, has_triton=True) == "triton"
-        assert _backend.choose(CPU, has_ext=True, has_triton=True) == "reference"
-    assert _backend.choose(CPU, has_ext=False, has_triton=False) == "reference"
+            assert _backend.choose(dev, has_ext=False, has_triton=True) == "triton"
+        assert _backend.choose(dev, has_ext=True, has_triton=True) == "reference"
+    assert _backend.forced() is None
+    assert _backend.choose(dev, has_ext=False, has_triton=False) == "reference"
 
 
 def test_forcing_a_backend_that_cannot_run_raises_instead_of_falling_back(monkeypatch):

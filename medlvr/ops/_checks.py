@@ -1,12 +1,26 @@
 """Argument checks shared by the public ops: every message names the argument, what was
-expected and what was received, and every check runs before any kernel launches."""
+expected and what was received, and every check runs before any kernel launches.
+
+The fp64 rule, the same for every op and every device: **fp64 is computed in fp64, end to
+end.** The references (medlvr/reference/) and the compiled extension (csrc/: C++ on CPU,
+CUDA on GPU, whose accumulators follow the input type) compute fp64 inputs in fp64. The
+Triton kernels (kernels/) compute in fp32, so they take no fp64 operand: an op that has
+one picks the reference by itself for a call with an fp64 tensor, and forcing the Triton
+backend on such a call raises a TypeError naming the argument. ``backend`` below is the
+one place that applies the rule: an op dispatches through it, not through
+medlvr._backend.choose directly.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from medlvr import _backend
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: what the Triton kernels take: they compute in fp32 (fp64 rule above)
+FP32_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -45,3 +59,22 @@ def compiling() -> bool:
     """True while torch.compile traces: value checks that read tensor data are skipped then
     (they would graph-break), shape/dtype checks still run."""
     return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
+
+
+def backend(op: str, device: torch.device, *, has_ext: bool = False, has_triton: bool = False, **operands) -> str:
+    """The backend for one call of ``op`` (see medlvr._backend.choose), under the fp64 rule.
+
+    operands: the call's floating tensors by argument name (None entries are skipped).
+    An fp64 one rules out the fp32 Triton kernels: without a forced backend the call goes
+    to the extension or the reference, which compute it in fp64; with ``triton`` forced it
+    is a TypeError naming the argument, never an fp32 result in an fp64 tensor.
+    """
+    fp64 = [name for name, t in operands.items() if t is not None and t.dtype == torch.float64]
+    if fp64 and has_triton:
+        if _backend.forced() == "triton":
+            names = ", ".join(str(d).replace("torch.", "") for d in FP32_KERNEL_DTYPES)
+            raise TypeError(f"{op}: {fp64[0]} has dtype float64, but the forced 'triton' backend computes in "
+                            f"fp32 and takes ({names}); fp64 is computed in fp64 by the reference, which "
+                            f"{op} picks by itself for fp64 inputs")
+        has_triton = False
+    return _backend.choose(device, has_ext=has_ext, has_triton=has_triton)

@@ -6,9 +6,11 @@ arguments are validated from shapes/dtypes/devices only (no host sync), grids de
 shapes only, and outputs can be preallocated. Value checks (slot and length ranges)
 need the data on the host, so they run only for CPU tensors or with ``check=True``.
 
-Dispatch: ``medlvr._backend.choose`` -> Triton on CUDA, the reference on CPU (Triton on
-CPU only when forced, under TRITON_INTERPRET=1). fp64 inputs always take the reference:
-the kernels compute in fp32, and fp64 exists for the engine's oracle tests.
+Dispatch: ``medlvr.ops._checks.backend`` -> Triton on CUDA, the reference on CPU (Triton
+on CPU only when forced, under TRITON_INTERPRET=1). fp64 rule (medlvr/ops/_checks.py):
+the kernels compute in fp32, so a call with any fp64 tensor takes the reference, which
+computes it in fp64; forcing Triton on one is a TypeError naming the argument.
+No op here has a loss or a gradient (inference only).
 
 Shapes (B samples this step, B_max/L_max cache capacity, GQA Hq = group * Hkv):
     rotary_append(q (B Hq Dh), k/v (B Hkv Dh), positions (B)|(3 B), inv_freq (rd/2),
@@ -25,14 +27,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from medlvr import _backend
 from medlvr.capture import in_guarded_region
+from medlvr.ops import _checks
 from medlvr.reference import decode as ref
 
 __all__ = ["rotary_append", "decode_attention", "rmsnorm_feedback"]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TRITON_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_FLOATS = _checks.FLOAT_DTYPES
 _INTS = (torch.int32, torch.int64)
 
 
@@ -83,10 +84,6 @@ def _debug_checks_on(check: bool, t: torch.Tensor) -> bool:
     return check or (t.device.type == "cpu" and not in_guarded_region())
 
 
-def _pick(device: torch.device, dtype: torch.dtype) -> str:
-    return _backend.choose(device, has_ext=False, has_triton=dtype in _TRITON_FLOATS)
-
-
 # ---------------------------------------------------------------- rotary + append
 def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, positions: torch.Tensor,
                   inv_freq: torch.Tensor, mrope_section: Sequence[int] | None = None,
@@ -96,9 +93,13 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
     """Rotary embedding of this step's q and k (HF rotate_half convention; mRoPE when
     ``mrope_section`` is given) and append of rope(k), v into the static KV cache.
 
-    q (B Hq Dh), k/v (B Hkv Dh) in bf16/fp16/fp32 (fp64: reference only).
+    Dtypes: q, k, v one dtype (fp16/bf16/fp32/fp64), and ``out`` too. Mixed is accepted
+    for the caches (any float dtype: rope(k) and v are cast to it on write) and inv_freq
+    (cast to the compute dtype). Math in fp32 (fp64 for fp64 q), one rounding to each
+    output's dtype at the end. Any fp64 tensor takes the reference (fp64 rule).
+    q (B Hq Dh), k/v (B Hkv Dh).
     positions int (B) for plain RoPE, (3, B) = (temporal, height, width) for mRoPE.
-    inv_freq fp32 (rotary_dim/2); rotary_dim (default Dh) rotates only the leading dims.
+    inv_freq (rotary_dim/2); rotary_dim (default Dh) rotates only the leading dims.
     mrope_section: 3 chunk sizes of the half rotary dim, summing to rotary_dim/2, e.g.
         (16, 24, 24) for Qwen2.5-VL; chunk i uses position row i.
     k_cache/v_cache (B_max Hkv L_max Dh), B_max >= B; slots int (B): the position in the
@@ -152,7 +153,8 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
         if hi >= k_cache.shape[2]:
             raise ValueError(f"slots must be < L_max = {k_cache.shape[2]} (cache full), got max slot {hi}")
 
-    backend = _pick(q.device, q.dtype)
+    backend = _checks.backend("rotary_append", q.device, has_triton=True, q=q, k=k, v=v, inv_freq=inv_freq,
+                              k_cache=k_cache, v_cache=v_cache, out=out)
     kw = dict(positions=positions, inv_freq=inv_freq, mrope_section=mrope_section, k_cache=k_cache,
               v_cache=v_cache, slots=slots, rotary_dim=rd, out=out)
     if backend == "triton" and B > 0:
@@ -166,6 +168,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      out: torch.Tensor | None = None, check: bool = False) -> torch.Tensor:
     """Single-token GQA attention over per-sample cache lengths (flash-decoding split-K).
 
+    Dtypes: q, k_cache, v_cache and ``out`` one dtype (fp16/bf16/fp32/fp64; nothing mixed:
+    the kernel's tensor-core dots take one input dtype). Scores, softmax and accumulators
+    in fp32 (fp64 for fp64, on the reference); the output is rounded once to q's dtype.
     q (B Hq Dh); k_cache/v_cache (B_max Hkv L_max Dh), only rows b < B read; query head
     h reads kv head h // (Hq // Hkv). lengths int (B): valid positions of sample b (the
     step's own key included); 0 gives a zero output. scale defaults to Dh ** -0.5.
@@ -202,7 +207,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if lo < 0 or hi > k_cache.shape[2]:
             raise ValueError(f"lengths must lie in [0, L_max = {k_cache.shape[2]}], got range [{lo}, {hi}]")
 
-    backend = _pick(q.device, q.dtype)
+    backend = _checks.backend("decode_attention", q.device, has_triton=True, q=q, k_cache=k_cache,
+                              v_cache=v_cache, out=out)
     if backend == "triton" and B > 0:
         return _kernels("decode_attention").decode_attention(q, k_cache, v_cache, lengths, scale=scale,
                                                              num_splits=num_splits, out=out)
@@ -220,6 +226,10 @@ def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, 
     + eps)).to(hidden.dtype), HF Qwen2RMSNorm's convention (dtype promote(weight, hidden)).
     out (B D): receives normed (or projector(normed)) in rows where ``active`` (bool (B))
     is True, every row when active is None; other rows are left untouched.
+    Dtypes: hidden and weight may differ (e.g. bf16 hidden, fp32 weight): the statistic
+    is fp32 (fp64 for fp64 hidden), the normed value is rounded to hidden's dtype and
+    then multiplied by the weight in promote(hidden, weight), HF's order; ``out`` may be
+    any float dtype, the result is cast into it. Any fp64 tensor takes the reference.
     Returns: without projector ``out`` itself; with a projector the normed hidden (B D).
     The projector (any callable, e.g. nn.Linear) runs in torch after the fused norm.
     """
@@ -240,9 +250,8 @@ def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, 
         raise TypeError(f"projector must be callable or None, got {type(projector).__name__}")
     _same_device(hidden, weight=weight, out=out, active=active)
 
-    # The kernel computes in fp32: any fp64 operand takes the reference.
-    fast_ok = all(t.dtype in _TRITON_FLOATS for t in (hidden, weight, out))
-    backend = _backend.choose(hidden.device, has_ext=False, has_triton=fast_ok)
+    backend = _checks.backend("rmsnorm_feedback", hidden.device, has_triton=True, hidden=hidden, weight=weight,
+                              out=out)
     if backend == "triton" and B > 0:
         mod = _kernels("rmsnorm_feedback")
         if projector is None:

@@ -6,6 +6,11 @@
 N is the packed (ragged) token count of a batch. Fast paths: medlvr._C (C++ on CPU,
 CUDA on GPU, see csrc/logprobs_*.{cpp,cu}); the plain-PyTorch spec is
 medlvr/reference/logprobs.py, which also runs where the extension was not built.
+
+Dtypes: inputs are read in their own dtype (bf16 logits from an autocast lm_head are
+never copied to fp32); every log-prob, entropy and statistic is computed and returned in
+fp32, so the loss built from them is fp32. fp64 inputs are computed in fp64 on every
+backend and device (fp64 rule, medlvr/ops/_checks.py).
 """
 from __future__ import annotations
 
@@ -63,6 +68,10 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
             for logits = lm_head(hidden)).
     Returns:
         logp (N,) fp32, and entropy (N,) fp32 when ``return_entropy`` (fp64 for fp64 logits).
+    Dtypes: one float tensor, nothing mixed. Logits are read in their dtype, the
+    online logsumexp, 1/temperature, log-probs and entropy are fp32 (fp64 for fp64
+    logits), and d logits is rounded once to the logits' dtype. A loss built from logp is
+    fp32.
     """
     _checks.tensor("logits", logits, dims=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("targets", targets, dims=1, dtypes=_checks.INDEX_DTYPES)
@@ -83,7 +92,7 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
             row = int(bad.nonzero()[0, 0])
             raise ValueError(f"targets[{row}] = {int(targets[row])} is outside [0, V = {V}) and is not "
                              f"ignore_index = {ignore_index}")
-    backend = _backend.choose(logits.device, has_ext=True, has_triton=False)
+    backend = _checks.backend("gather_logprobs", logits.device, has_ext=True, logits=logits)
     if backend == "reference":
         return gather_logprobs_ref(logits, targets, temperature=temperature, ignore_index=ignore_index,
                                    return_entropy=return_entropy)
@@ -119,6 +128,10 @@ def latent_gaussian_logprob(mu: torch.Tensor, z: torch.Tensor, *, sigma: float) 
         sigma: > 0, the exploration standard deviation of the latent policy.
     The constant -D/2 log(2 pi sigma^2) is left out: it cancels in every ratio and KL.
     Gradients flow to mu, and to z when z requires grad.
+    Dtypes: mu and z must share one dtype (TypeError otherwise; nothing is cast). The
+    squared distance is accumulated and returned in fp32 (fp64 for fp64), so the loss is
+    fp32. z - mu is of the order of sigma: a caller holding fp32 z and bf16 mu should pass
+    mu.float(), not round z to bf16.
     """
     _checks.tensor("mu", mu, dims=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("z", z, dims=2, dtypes=_checks.FLOAT_DTYPES)
@@ -128,7 +141,7 @@ def latent_gaussian_logprob(mu: torch.Tensor, z: torch.Tensor, *, sigma: float) 
     if z.dtype != mu.dtype:
         raise TypeError(f"z must have the dtype of mu ({mu.dtype}), got {z.dtype}")
     sigma = _checks.positive_float("sigma", sigma)
-    backend = _backend.choose(mu.device, has_ext=True, has_triton=False)
+    backend = _checks.backend("latent_gaussian_logprob", mu.device, has_ext=True, mu=mu, z=z)
     if backend == "reference":
         return latent_gaussian_logprob_ref(mu, z, sigma=sigma)
     return _LatentGaussian.apply(mu, z, 1.0 / (2.0 * sigma * sigma))

@@ -135,10 +135,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF Qwen2RMSNorm / Qwen2_5_VLRMSNorm exactly: normalise in fp32, cast back to the
-    input dtype, THEN multiply by the weight (result dtype = promote(weight, hidden))."""
-    # Like HF, fp32 even for fp64 inputs: the engine's fp64 oracle runs HF's own norm.
-    h = hidden.to(torch.float32)
+    """HF Qwen2RMSNorm / Qwen2_5_VLRMSNorm exactly for fp16/bf16/fp32: normalise in fp32,
+    cast back to the input dtype, THEN multiply by the weight (result dtype =
+    promote(weight, hidden)). fp64 hidden states are normalised in fp64 (medlvr's fp64
+    rule, medlvr/ops/_checks.py), where HF would round the statistic through fp32."""
+    h = hidden.to(_compute_dtype(hidden.dtype))
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + eps)
     return weight * h.to(hidden.dtype)

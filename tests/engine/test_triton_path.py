@@ -1,30 +1,31 @@
-"""The engine on the Triton kernels (interpreted on CPU: TRITON_INTERPRET=1 from
-tests/conftest.py) gives the same answer as on the PyTorch references: the kernels'
-argument layouts (strided cache views, mRoPE positions, slots, masks) are the ones the
-engine passes. Small on purpose: the interpreter is ~1000x slower than a GPU.
+"""The engine on the Triton kernels gives the same answer as on the PyTorch references:
+the kernels' argument layouts (strided cache views, mRoPE positions, slots, masks) are the
+ones the engine passes. Runs on CPU tensors under the interpreter and on CUDA tensors
+natively (tests/devices.py). Small on purpose: the interpreter is ~1000x slower than a GPU.
 
 Tolerance: fp32, 1e-4 of the largest magnitude (the kernels accumulate in another order
-and emulate GPU rounding; a few latent steps compound it)."""
+and, interpreted, emulate GPU rounding; a few latent steps compound it)."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
 import engine_models as tm
 import medlvr
+from devices import triton_devices
 from medlvr.engine import LatentEngine
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="checks the interpreted Triton path on CPU")
-def test_engine_on_triton_kernels_matches_references():
-    model = tm.qwen2_5_vl()
+@pytest.mark.parametrize("device", triton_devices())
+def test_engine_on_triton_kernels_matches_references(device):
+    model = tm.qwen2_5_vl().to(device)
     batch = tm.left_pad([tm.vl_sample((2, 4), 1, seed=1), tm.vl_sample(None, 3, seed=2)])
+    batch = {k: v.to(device) for k, v in batch.items()}
     kw = dict(k_max=2, exit="cosine", exit_threshold=0.95, max_new_tokens=2, latent_end_id=tm.LATENT_END,
               return_logits=True)
-    ref = LatentEngine(model, max_batch=2, max_len=24).generate(batch, **kw)
+    # the reference is forced: on CUDA tensors the engine would pick the Triton kernels itself
+    with medlvr.force_backend("reference"):
+        ref = LatentEngine(model, max_batch=2, max_len=24).generate(batch, **kw)
     # fused projections: q/k/v reach the kernels as strided column views of one GEMM
     with medlvr.force_backend("triton"):
         out = LatentEngine(model, max_batch=2, max_len=24, fuse_projections=True).generate(batch, **kw)

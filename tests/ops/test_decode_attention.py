@@ -3,12 +3,18 @@
 Tolerances against the fp32 reference of the same (upcast) inputs: fp32 1e-5; bf16
 2e-2 (softmax weights are rounded to bf16 for the P·V tensor-core dot, plus the output
 rounding: a few bf16 ulps of O(1) values); fp16 4e-3 for the same reasons at 2^-11.
+The same on CUDA: fp32 caches use IEEE dots there too (no TF32), and the interpreter
+emulates the GPU's roundings.
+
+Devices (tests/devices.py): Triton cases run on CPU tensors under the interpreter and on
+CUDA tensors natively; reference cases on CPU and CUDA.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 import medlvr
+from devices import backend_devices, triton_devices
 from medlvr.ops.decode import decode_attention
 from medlvr.reference import decode as ref
 
@@ -16,7 +22,7 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2
        torch.float16: dict(atol=4e-3, rtol=4e-3)}
 
 
-def _case(B, Hq, Hkv, Dh, L, dtype, lengths, *, B_max=None, seed=0):
+def _case(B, Hq, Hkv, Dh, L, dtype, lengths, *, B_max=None, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     B_max = B_max or B
     q = torch.randn(B, Hq, Dh, generator=g).to(dtype)
@@ -28,7 +34,7 @@ def _case(B, Hq, Hkv, Dh, L, dtype, lengths, *, B_max=None, seed=0):
         n = int(lengths[b]) if b < B else 0
         kc[b, :, n:] = float("nan")
         vc[b, :, n:] = float("nan")
-    return q, kc, vc, lengths
+    return q.to(device), kc.to(device), vc.to(device), lengths.to(device)
 
 
 def _run(backend, *args, **kw):
@@ -36,12 +42,13 @@ def _run(backend, *args, **kw):
         return decode_attention(*args, **kw)
 
 
+@pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("Hq,Hkv,Dh", [(2, 2, 16), (4, 2, 24), (7, 1, 40)])  # GQA groups 1, 2, 7
-def test_kernel_matches_reference(dtype, Hq, Hkv, Dh):
+def test_kernel_matches_reference(dtype, Hq, Hkv, Dh, device):
     L = 70  # > one 64-key tile, not a multiple of it
     lengths = [0, 1, 37, L]  # inactive, first token only, ragged, full cache
-    q, kc, vc, lens = _case(4, Hq, Hkv, Dh, L, dtype, lengths, B_max=5)
+    q, kc, vc, lens = _case(4, Hq, Hkv, Dh, L, dtype, lengths, B_max=5, device=device)
     want = ref.decode_attention(q.float(), kc.float(), vc.float(), lens)
     assert torch.isfinite(want).all() and torch.equal(want[0], torch.zeros_like(want[0]))
     for splits in (1, 3):
@@ -52,17 +59,19 @@ def test_kernel_matches_reference(dtype, Hq, Hkv, Dh):
         torch.testing.assert_close(got.float(), want, **TOL[dtype])
 
 
-def test_default_splits_and_empty_splits():
+@pytest.mark.parametrize("device", triton_devices())
+def test_default_splits_and_empty_splits(device):
     # More splits than keys: most splits are empty for every sample and must merge to
     # weight 0; the default split count must give the same answer.
-    q, kc, vc, lens = _case(2, 4, 2, 16, 9, torch.float32, [9, 2])
+    q, kc, vc, lens = _case(2, 4, 2, 16, 9, torch.float32, [9, 2], device=device)
     want = ref.decode_attention(q, kc, vc, lens)
     for splits in (None, 12):
         torch.testing.assert_close(_run("triton", q, kc, vc, lens, num_splits=splits), want, **TOL[torch.float32])
 
 
-def test_b1_scale_out_buffer_inference_mode():
-    q, kc, vc, lens = _case(1, 2, 1, 16, 5, torch.float32, [4])
+@pytest.mark.parametrize("device", triton_devices())
+def test_b1_scale_out_buffer_inference_mode(device):
+    q, kc, vc, lens = _case(1, 2, 1, 16, 5, torch.float32, [4], device=device)
     out = torch.full_like(q, float("nan"))
     with torch.inference_mode():
         res = _run("triton", q, kc, vc, lens, scale=0.3, num_splits=2, out=out)
@@ -70,13 +79,13 @@ def test_b1_scale_out_buffer_inference_mode():
     torch.testing.assert_close(out, ref.decode_attention(q, kc, vc, lens, scale=0.3), **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_matches_sdpa(backend):
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_matches_sdpa(backend, device):
     B, Hq, Hkv, Dh, L = 3, 6, 2, 16, 12
     lengths = [5, 12, 1]
-    q, kc, vc, lens = _case(B, Hq, Hkv, Dh, L, torch.float32, lengths)
+    q, kc, vc, lens = _case(B, Hq, Hkv, Dh, L, torch.float32, lengths, device=device)
     kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)  # SDPA multiplies masked V by 0
-    mask = torch.arange(L)[None, :] < lens[:, None]
+    mask = torch.arange(L, device=device)[None, :] < lens[:, None]
     want = F.scaled_dot_product_attention(
         q[:, :, None, :], kc.repeat_interleave(Hq // Hkv, 1), vc.repeat_interleave(Hq // Hkv, 1),
         attn_mask=mask[:, None, None, :])[:, :, 0]
@@ -173,15 +182,19 @@ def test_cuda_graph_capture_all_three_ops():
     torch.testing.assert_close(e_buf.float(), e_ref.float(), atol=1e-5, rtol=8e-3)
 
 
-def test_kernel_clamps_lengths_to_the_cache():
+@pytest.mark.parametrize("device", triton_devices())
+def test_kernel_clamps_lengths_to_the_cache(device):
     # Without check=True a GPU call does not validate lengths (it would sync); a length
-    # past L_max must read no further than the sample's own L_max rows.
+    # past L_max must read no further than the sample's own L_max rows. The launcher is
+    # called directly (on the test's device) to see the in-kernel clamp.
     from medlvr.ops.decode import _kernels
 
-    q, kc, vc, _ = _case(2, 2, 1, 16, 6, torch.float32, [6, 6], B_max=3)
+    q, kc, vc, _ = _case(2, 2, 1, 16, 6, torch.float32, [6, 6], B_max=3, device=device)
     kc[2], vc[2] = float("nan"), float("nan")  # the next sample's rows
+    too_long = torch.tensor([6, 9], device=device)
     with medlvr.force_backend("triton"):
         with pytest.raises(ValueError, match="lengths"):
-            decode_attention(q, kc, vc, torch.tensor([6, 9]))
-        got = _kernels("decode_attention").decode_attention(q, kc, vc, torch.tensor([6, 9]), num_splits=2)
-    torch.testing.assert_close(got, ref.decode_attention(q, kc, vc, torch.tensor([6, 6])), **TOL[torch.float32])
+            decode_attention(q, kc, vc, too_long, check=True)  # CPU calls check without asking
+        got = _kernels("decode_attention").decode_attention(q, kc, vc, too_long, num_splits=2)
+    want = ref.decode_attention(q, kc, vc, torch.tensor([6, 6], device=device))
+    torch.testing.assert_close(got, want, **TOL[torch.float32])

@@ -3,12 +3,18 @@
 Tolerances: the reference equals HF exactly (same ops). The kernel sums squares in a
 different order and uses IEEE sqrt/div, so its fp32 statistic can differ in the last
 bit; after rounding to bf16/fp16 that is at most one ulp of the storage type in rare
-elements: bf16 rtol 2^-7 (8e-3), fp16 2^-10 (1e-3), fp32 1e-5.
+elements: bf16 rtol 2^-7 (8e-3), fp16 2^-10 (1e-3), fp32 1e-5. The same on CUDA (the
+interpreter emulates the GPU's roundings; the reference and HF run the same torch ops
+on the same device, hence still rtol 0 between them).
+
+Devices (tests/devices.py): Triton cases on CPU tensors under the interpreter and on
+CUDA tensors natively; reference cases on CPU and CUDA.
 """
 import pytest
 import torch
 
 import medlvr
+from devices import backend_devices, triton_devices
 from medlvr.ops.decode import rmsnorm_feedback
 from medlvr.reference import decode as ref
 
@@ -28,33 +34,34 @@ def _run(backend, hidden, weight, out, **kw):
         return rmsnorm_feedback(hidden, weight, eps=1e-6, out=out, **kw)
 
 
+@pytest.mark.parametrize("backend,device", backend_devices())
 @pytest.mark.parametrize("h_dtype,w_dtype", [
     (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
     (torch.bfloat16, torch.float32),  # fp32 weight: HF's result is fp32 (type promotion)
 ])
 @pytest.mark.parametrize("B,D", [(1, 40), (3, 100)])
-def test_matches_transformers(h_dtype, w_dtype, B, D):
+def test_matches_transformers(h_dtype, w_dtype, B, D, backend, device):
     g = torch.Generator().manual_seed(D)
-    hidden = (torch.randn(B, D, generator=g) * 3).to(h_dtype)
-    weight = torch.randn(D, generator=g).to(w_dtype)
+    hidden = (torch.randn(B, D, generator=g) * 3).to(h_dtype).to(device)
+    weight = torch.randn(D, generator=g).to(w_dtype).to(device)
     with torch.no_grad():
         want = _hf_norm(D, weight, 1e-6)(hidden)
     res_dtype = torch.promote_types(h_dtype, w_dtype)
     assert want.dtype == res_dtype
-    for backend in ("reference", "triton"):
-        out = torch.full((B, D), float("nan"), dtype=res_dtype)
-        got = _run(backend, hidden, weight, out)
-        assert got is out
-        rtol = 0 if backend == "reference" else RTOL[h_dtype]
-        torch.testing.assert_close(out, want, atol=1e-6 if rtol else 0, rtol=rtol)
+    out = torch.full((B, D), float("nan"), dtype=res_dtype, device=device)
+    got = _run(backend, hidden, weight, out)
+    assert got is out
+    rtol = 0 if backend == "reference" else RTOL[h_dtype]
+    torch.testing.assert_close(out, want, atol=1e-6 if rtol else 0, rtol=rtol)
 
 
-def test_active_rows_and_cast_into_out_dtype():
+@pytest.mark.parametrize("device", triton_devices())
+def test_active_rows_and_cast_into_out_dtype(device):
     B, D = 4, 48
-    hidden = torch.randn(B, D)
-    weight = torch.randn(D)
-    active = torch.tensor([True, False, True, False])
-    prev = torch.randn(B, D).to(torch.bfloat16)  # last step's latents of finished samples
+    hidden = torch.randn(B, D, device=device)
+    weight = torch.randn(D, device=device)
+    active = torch.tensor([True, False, True, False], device=device)
+    prev = torch.randn(B, D, device=device).to(torch.bfloat16)  # last step's latents of finished samples
     want = ref.rms_norm(hidden, weight, 1e-6).to(torch.bfloat16)
     out = prev.clone()
     with torch.inference_mode():
@@ -64,19 +71,19 @@ def test_active_rows_and_cast_into_out_dtype():
     torch.testing.assert_close(out[active].float(), want[active].float(), atol=1e-6, rtol=8e-3)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_projector(backend):
+@pytest.mark.parametrize("backend,device", backend_devices())
+def test_projector(backend, device):
     B, D, E = 3, 32, 24
-    hidden, weight = torch.randn(B, D), torch.randn(D)
-    proj = torch.nn.Linear(D, E)
-    active = torch.tensor([True, True, False])
-    out = torch.zeros(B, E)
+    hidden, weight = torch.randn(B, D, device=device), torch.randn(D, device=device)
+    proj = torch.nn.Linear(D, E).to(device)
+    active = torch.tensor([True, True, False], device=device)
+    out = torch.zeros(B, E, device=device)
     with torch.no_grad():
         normed = _run(backend, hidden, weight, out, active=active, projector=proj)
         want = ref.rms_norm(hidden, weight, 1e-6)
         torch.testing.assert_close(normed, want, atol=1e-6, rtol=1e-5)  # every row, normed
         torch.testing.assert_close(out[:2], proj(want)[:2], atol=1e-5, rtol=1e-5)
-    assert torch.equal(out[2], torch.zeros(E))
+    assert torch.equal(out[2], torch.zeros(E, device=device))
 
 
 @pytest.mark.parametrize("patch,err,match", [
@@ -109,14 +116,15 @@ def test_cuda_bf16_qwen_shape(B):
     torch.testing.assert_close(out, want, atol=1e-6, rtol=8e-3)
 
 
-def test_strided_hidden_weight_and_out():
+@pytest.mark.parametrize("device", triton_devices())
+def test_strided_hidden_weight_and_out(device):
     # The last position of a (B, T, D) hidden state, a strided weight and out rows that
     # are a view into a larger input-embedding buffer.
     B, T, D = 3, 4, 40
-    states = torch.randn(B, T, D)
-    weight = torch.randn(2 * D)[::2]
-    big = torch.zeros(B, 2, D)
+    states = torch.randn(B, T, D, device=device)
+    weight = torch.randn(2 * D, device=device)[::2]
+    big = torch.zeros(B, 2, D, device=device)
     out = big[:, 1]
     _run("triton", states[:, -1], weight, out)
     torch.testing.assert_close(out, ref.rms_norm(states[:, -1], weight, 1e-6), atol=1e-6, rtol=1e-5)
-    assert torch.equal(big[:, 0], torch.zeros(B, D))
+    assert torch.equal(big[:, 0], torch.zeros(B, D, device=device))

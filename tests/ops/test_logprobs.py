@@ -1,19 +1,25 @@
-"""gather_logprobs / latent_gaussian_logprob: fast paths against medlvr.reference."""
+"""gather_logprobs / latent_gaussian_logprob: fast paths against medlvr.reference.
+
+Devices (tests/devices.py): the compiled extension on CPU tensors (C++) and, with a GPU
+and a CUDA build, on CUDA tensors; the tolerances are the same on both.
+"""
 import pytest
 import torch
 
 import medlvr
+from devices import kernel_devices
 from medlvr import _backend
 from medlvr.ops import gather_logprobs, latent_gaussian_logprob
 from medlvr.reference.logprobs import gather_logprobs_ref, latent_gaussian_logprob_ref
 
 requires_ext = pytest.mark.skipif(_backend.extension() is None, reason="medlvr._C was not built")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Both paths are compared with the reference evaluated in fp64 on the same (rounded) logits.
-# The fast path accumulates in fp32 whatever the input dtype, so log-probs and entropies
+# The fast path accumulates in fp32 for fp16/bf16/fp32 inputs, so log-probs and entropies
 # agree to fp32 rounding (lse ~ 15 has an ulp of 1e-6); gradients are rounded once to the
-# input dtype (bf16: 2^-8 relative), hence the looser bounds there.
+# input dtype (bf16: 2^-8 relative), hence the looser bounds there. fp64 inputs are
+# computed in fp64 end to end, 1/temperature included (fp64 rule, medlvr/ops/_checks.py):
+# 1e-9, which an fp32 step anywhere misses (1/0.7 in fp32 alone is 2e-8 off).
 LOGP_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -47,7 +53,7 @@ def _grads(logits, targets, *, backend, weights, ent_weights=None, **kw):
 
 
 @requires_ext
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("n,v", [(0, 7), (1, 1), (1, 5), (7, 1000), (3, 4099), (5, 2048 * 2 + 1), (2, 152064)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -64,7 +70,7 @@ def test_matches_reference(device, dtype, n, v, temperature):
 
 
 @requires_ext
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_entropy_and_its_gradient(device, dtype, temperature):
@@ -81,7 +87,7 @@ def test_entropy_and_its_gradient(device, dtype, temperature):
 
 
 @requires_ext
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_inplace_backward_gives_the_same_gradient_in_the_logits_buffer(device, dtype, with_entropy):
@@ -107,8 +113,10 @@ def test_inplace_backward_gives_the_same_gradient_in_the_logits_buffer(device, d
 
 
 @requires_ext
-def test_strided_rows_are_read_in_place():
-    wide, targets = _inputs(4, 300, torch.float32, "cpu")
+@pytest.mark.parametrize("device", kernel_devices())
+def test_strided_rows_are_read_in_place(device):
+    _ext_on(device)
+    wide, targets = _inputs(4, 300, torch.float32, device)
     view = wide[:, :257]  # row stride 300, V = 257
     targets = targets.clamp(max=256)
     with medlvr.force_backend("ext"):
@@ -117,8 +125,10 @@ def test_strided_rows_are_read_in_place():
 
 
 @requires_ext
-def test_gradcheck_fp64():
-    logits, targets = _inputs(4, 13, torch.float64, "cpu", ignore_every=3, scale=1.0)
+@pytest.mark.parametrize("device", kernel_devices())
+def test_gradcheck_fp64(device):
+    _ext_on(device)
+    logits, targets = _inputs(4, 13, torch.float64, device, ignore_every=3, scale=1.0)
     logits.requires_grad_(True)
 
     def f(x):
@@ -130,8 +140,10 @@ def test_gradcheck_fp64():
 
 
 @requires_ext
-def test_masked_logits_with_minus_inf_give_no_nan():
-    logits, targets = _inputs(3, 600, torch.float32, "cpu")
+@pytest.mark.parametrize("device", kernel_devices())
+def test_masked_logits_with_minus_inf_give_no_nan(device):
+    _ext_on(device)
+    logits, targets = _inputs(3, 600, torch.float32, device)
     logits[:, 100:] = float("-inf")
     targets = targets % 100
     with medlvr.force_backend("ext"):
@@ -144,18 +156,21 @@ def test_masked_logits_with_minus_inf_give_no_nan():
 
 
 @requires_ext
-def test_ops_pass_opcheck():
+@pytest.mark.parametrize("device", kernel_devices())
+def test_ops_pass_opcheck(device):
     """Schema, fake (meta) kernels and autograd registration are consistent (torch.compile-safe)."""
-    logits, targets = _inputs(3, 50, torch.float32, "cpu")
+    _ext_on(device)
+    logits, targets = _inputs(3, 50, torch.float32, device)
     lp, lse, ent = torch.ops.medlvr.logprobs_fwd(logits, targets, 1.0, -100, True)
     torch.library.opcheck(torch.ops.medlvr.logprobs_fwd.default, (logits, targets, 1.0, -100, True))
-    g = torch.randn(3)
+    g = torch.randn(3, device=device)
     torch.library.opcheck(torch.ops.medlvr.logprobs_bwd.default, (g, g, logits, targets, lse, ent, 1.0, -100))
     torch.library.opcheck(torch.ops.medlvr.logprobs_bwd_.default,
                           (g, None, logits.clone(), targets, lse, None, 1.0, -100))
-    mu, z = torch.randn(4, 9), torch.randn(4, 9)
+    mu, z = torch.randn(4, 9, device=device), torch.randn(4, 9, device=device)
     torch.library.opcheck(torch.ops.medlvr.gaussian_logprob_fwd.default, (mu, z, 0.5))
-    torch.library.opcheck(torch.ops.medlvr.gaussian_logprob_bwd.default, (torch.randn(4), mu, z, 0.5, True, False))
+    torch.library.opcheck(torch.ops.medlvr.gaussian_logprob_bwd.default,
+                          (torch.randn(4, device=device), mu, z, 0.5, True, False))
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("ext", marks=requires_ext)])
@@ -185,8 +200,8 @@ def test_bad_input_is_rejected_before_any_kernel(backend, call, exc, match):
 
 
 @requires_ext
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("m,d", [(0, 8), (1, 1), (5, 37), (16, 3584)])
 @pytest.mark.parametrize("z_grad", [False, True])
 def test_latent_gaussian_matches_reference(device, dtype, m, d, z_grad):
@@ -202,7 +217,8 @@ def test_latent_gaussian_matches_reference(device, dtype, m, d, z_grad):
             lp = latent_gaussian_logprob(a, b, sigma=0.7)
         (lp * w).sum().backward()
         outs[backend] = (lp.detach(), a.grad, b.grad)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    # fp64 on both sides: only the order of D additions differs (fp64 rule: no fp32 step)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
     torch.testing.assert_close(outs["ext"][0], outs["reference"][0], rtol=tol, atol=tol)
     torch.testing.assert_close(outs["ext"][1], outs["reference"][1], rtol=tol, atol=tol)
     if z_grad:
@@ -213,9 +229,11 @@ def test_latent_gaussian_matches_reference(device, dtype, m, d, z_grad):
 
 
 @requires_ext
-def test_latent_gaussian_gradcheck_and_value():
-    mu = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    z = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("device", kernel_devices())
+def test_latent_gaussian_gradcheck_and_value(device):
+    _ext_on(device)
+    mu = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    z = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
     with medlvr.force_backend("ext"):
         assert torch.autograd.gradcheck(lambda a, b: latent_gaussian_logprob(a, b, sigma=0.5), (mu, z))
         got = latent_gaussian_logprob(mu, z, sigma=0.5)
