@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
-from medlvr.train import latent as L
+from medlvr.models import hf as hfm
+from medlvr.models.hf import unwrap
 
 
 @dataclass
@@ -45,14 +46,14 @@ def hf_greedy(model, batch: dict, *, k: int, max_new_tokens: int, stop_id: int, 
     The prompt's last token is <|latent_start|> (k > 0) or "assistant\\n" (k == 0). Every step
     after the prompt is a text position: all three mRoPE sections advance by one from the
     prompt's last position (DESIGN §7)."""
-    hf = L.unwrap_hf(model)
+    hf = unwrap(model)
     ids, am = batch["input_ids"], batch["attention_mask"]
     B = ids.shape[0]
-    vis = L.vision_tokens(hf, batch.get("pixel_values"), batch.get("image_grid_thw"))
-    emb = L.embed_inputs(hf, ids, vis)
-    pos = L.positions(hf, batch)
-    cache = L._new_cache(hf.model.language_model)
-    h = L._lm(hf, emb, am, pos, cache)[:, -1]
+    vis = hfm.vision_tokens(hf, batch.get("pixel_values"), batch.get("image_grid_thw"))
+    emb = hfm.embed_inputs(hf, ids, vis)
+    pos = hfm.positions(hf, batch)
+    cache = hfm.new_cache(hf)
+    h = hfm.run_decoder(hf, emb, am, pos, cache)[:, -1]
     nxt = pos[:, :, -1:] + 1  # [3, B, 1]
     mask = am
     ones = torch.ones(B, 1, dtype=am.dtype, device=am.device)
@@ -61,7 +62,7 @@ def hf_greedy(model, batch: dict, *, k: int, max_new_tokens: int, stop_id: int, 
     def step(x):
         nonlocal nxt, mask
         mask = torch.cat([mask, ones], dim=1)
-        out = L._lm(hf, x[:, None], mask, nxt, cache)[:, -1]
+        out = hfm.run_decoder(hf, x[:, None], mask, nxt, cache)[:, -1]
         nxt = nxt + 1
         return out
 
@@ -88,7 +89,7 @@ def _engine_generate(model, batch: dict, *, k: int, max_new_tokens: int, stop_id
         from medlvr.engine import LatentEngine
     except ImportError:
         return None
-    hf = L.unwrap_hf(model)
+    hf = unwrap(model)
     max_len = int(batch["attention_mask"].sum(-1).max()) + k + max_new_tokens + 2
     try:
         eng = LatentEngine(hf, max_batch=max_batch, max_len=max_len, use_cuda_graphs="auto", projector=projector)

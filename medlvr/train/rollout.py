@@ -38,75 +38,18 @@ advance by one from the last prompt position (DESIGN §7).
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
-__all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "hf_model", "image_features", "vision_frozen", "prompt_inputs",
+from medlvr.models import hf as hfm
+from medlvr.ops import gather_logprobs, latent_gaussian_logprob
+
+__all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "image_features", "vision_frozen", "prompt_inputs",
            "sample_rollouts", "policy_forward", "gather_logprobs", "latent_gaussian_logprob"]
 
 BACKENDS = ("engine", "hf")
-
-
-# --------------------------------------------------------------------------- ops ----
-@functools.lru_cache(maxsize=None)
-def _op(name: str):
-    """medlvr.ops.<name> (fast path, the lead's op), or its reference ``<name>_ref`` while
-    the op is not built yet (same signature and result, DESIGN §3)."""
-    import importlib
-
-    for mod in ("medlvr.ops", "medlvr.ops.logprobs"):
-        try:
-            fn = getattr(importlib.import_module(mod), name, None)
-        except ImportError:
-            fn = None
-        if fn is not None:
-            return fn
-    from medlvr.reference import logprobs as ref
-
-    return getattr(ref, name + "_ref")
-
-
-def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature)[targets] in fp32: logits [N,V], targets [N] -> [N]."""
-    return _op("gather_logprobs")(logits, targets, temperature=temperature)
-
-
-def latent_gaussian_logprob(mu: torch.Tensor, z: torch.Tensor, *, sigma: float) -> torch.Tensor:
-    """-||z - mu||^2 / (2 sigma^2) summed over D in fp32: mu, z [M,D] -> [M]."""
-    return _op("latent_gaussian_logprob")(mu, z, sigma=sigma)
-
-
-# ----------------------------------------------------------------------- model io ---
-def hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The Qwen2(.5)-VL ForConditionalGeneration under peft / accelerate wrappers.
-
-    peft injects LoRA layers in place, so calling the unwrapped modules still runs the
-    adapter (and ``disable_adapter()`` on the wrapper still switches it off)."""
-    m = model
-    while True:
-        if hasattr(m, "get_base_model"):  # peft.PeftModel
-            m = m.get_base_model()
-        elif hasattr(m, "module") and isinstance(m.module, torch.nn.Module):  # DDP
-            m = m.module
-        elif hasattr(m, "_orig_mod"):  # torch.compile
-            m = m._orig_mod
-        else:
-            return m
-
-
-def _rope_positions(hf: torch.nn.Module, input_ids, attention_mask, image_grid_thw, mm_token_type_ids):
-    try:
-        from medlvr.models import rope_positions
-    except ImportError:
-        rope_positions = None
-    if rope_positions is not None:
-        return rope_positions(hf, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
-    return hf.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
-                                   attention_mask=attention_mask)
 
 
 def _field(batch: Any, name: str):
@@ -115,18 +58,13 @@ def _field(batch: Any, name: str):
 
 def image_features(model: torch.nn.Module, batch: Any) -> torch.Tensor | None:
     """Merged vision tokens [T, D] of the batch's images (packing order), None without images."""
-    pixel_values = _field(batch, "pixel_values")
-    if pixel_values is None:
-        return None
-    hf = hf_model(model)
-    feats = hf.model.get_image_features(pixel_values, _field(batch, "image_grid_thw"), return_dict=True).pooler_output
-    return torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
+    return hfm.vision_tokens(model, _field(batch, "pixel_values"), _field(batch, "image_grid_thw"))
 
 
 def vision_frozen(model: torch.nn.Module) -> bool:
     """No trainable parameter in the vision tower: its features are the same for the policy,
     the old policy and the reference, so one computation per step serves all passes."""
-    return not any(p.requires_grad for p in hf_model(model).model.visual.parameters())
+    return not any(p.requires_grad for p in hfm.unwrap(model).model.visual.parameters())
 
 
 def prompt_inputs(model: torch.nn.Module, batch: Any, *, repeat: int = 1,
@@ -141,7 +79,7 @@ def prompt_inputs(model: torch.nn.Module, batch: Any, *, repeat: int = 1,
     :func:`image_features` of the batch (skips the vision tower). Returns embeds [B*n,P,D],
     position_ids [3,B*n,P], attention_mask [B*n,P], input_ids [B*n,P].
     """
-    hf = hf_model(model)
+    hf = hfm.unwrap(model)
     input_ids = _field(batch, "input_ids")
     mask = _field(batch, "attention_mask")
     pixel_values = _field(batch, "pixel_values")
@@ -165,7 +103,7 @@ def prompt_inputs(model: torch.nn.Module, batch: Any, *, repeat: int = 1,
         if pixel_values is not None:
             mm = (input_ids == hf.config.image_token_id).to(torch.int32)
     if pixel_values is not None:
-        pos, _ = _rope_positions(hf, input_ids, mask, grid, mm)
+        pos, _ = hfm.rope_positions(hf, input_ids, mask, grid, mm)
     else:
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
     out = {"embeds": embeds, "position_ids": pos, "attention_mask": mask, "input_ids": input_ids}
@@ -210,27 +148,10 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
 
 
-def _cache_kw(lm: torch.nn.Module) -> str:
-    # transformers renamed past_key_values -> cache in 5.24 (the GPU machine has 5.17).
-    params = inspect.signature(type(lm).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _new_cache(lm: torch.nn.Module):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=lm.config)
-    except TypeError:  # older signature
-        return DynamicCache()
-
-
 def _step(lm, embeds, position_ids, mask, cache) -> torch.Tensor:
     """One cached decoder call; returns the post-norm hidden of the last input position.
     The DynamicCache is updated in place."""
-    kw = {_cache_kw(lm): cache}
-    out = lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, use_cache=True, **kw)
-    return out.last_hidden_state[:, -1]
+    return hfm.run_decoder(lm, embeds, mask, position_ids, cache)[:, -1]
 
 
 class RolloutEngine:
@@ -248,7 +169,7 @@ class RolloutEngine:
                  use_cuda_graphs: bool | str = "auto", len_multiple: int = 64):
         if len_multiple < 1:
             raise ValueError(f"len_multiple must be >= 1, got {len_multiple}")
-        self.model = hf_model(model)
+        self.model = hfm.unwrap(model)
         self.projector = projector
         self.use_cuda_graphs = use_cuda_graphs
         self.len_multiple = len_multiple
@@ -276,7 +197,7 @@ def _repeat_rows(model: torch.nn.Module, batch: Any, n: int) -> dict[str, torch.
     """The engine's input batch with every prompt repeated n times (row i*n + j), images
     included: each sample's images (consecutive grids in packing order, as the adapter
     checks) are repeated with it."""
-    hf = hf_model(model)
+    hf = hfm.unwrap(model)
     ids, mask = _field(batch, "input_ids"), _field(batch, "attention_mask")
     pv, grid, mm = _field(batch, "pixel_values"), _field(batch, "image_grid_thw"), _field(batch, "mm_token_type_ids")
     out = {"input_ids": ids.repeat_interleave(n, 0), "attention_mask": mask.repeat_interleave(n, 0)}
@@ -348,15 +269,15 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
                                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 latent_end_id=latent_end_id, stop_id=stop_id, pad_id=pad_id, generator=generator,
                                 projector=projector, vision=vision, engine=engine)
-    hf = hf_model(model)
-    lm = hf.model.language_model
+    hf = hfm.unwrap(model)
+    lm = hf
     embed = hf.get_input_embeddings()
     prompt = prompt_inputs(model, batch, repeat=n, vision=vision)
     R, _, D = prompt["embeds"].shape
     dev, dt = prompt["embeds"].device, prompt["embeds"].dtype
 
     # Prefill. h is the post-norm hidden at index s0 - 1 (<|latent_start|>) = mu_0.
-    cache = _new_cache(lm)
+    cache = hfm.new_cache(hf)
     h = _step(lm, prompt["embeds"], prompt["position_ids"], prompt["attention_mask"], cache)
     mask = prompt["attention_mask"]
     next_pos = prompt["position_ids"][:, :, -1:] + 1  # [3,R,1]: text-like from here on
@@ -470,7 +391,7 @@ def policy_forward(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, 
     ``prompt`` (prompt_inputs of the same rows) lets a caller recompute the prompt
     embeddings under this model, e.g. with the adapter disabled; default: the rollout's.
     """
-    hf = hf_model(model)
+    hf = hfm.unwrap(model)
     p = ro.prompt if prompt is None else prompt
     R, P, D = p["embeds"].shape
     K, T = ro.latents.shape[1], ro.tokens.shape[1]
@@ -482,9 +403,7 @@ def policy_forward(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, 
     pos = torch.cat([p["position_ids"], p["position_ids"][:, :, -1:] + steps], dim=2)
     mask = torch.cat([p["attention_mask"], torch.ones(R, K + 1, dtype=p["attention_mask"].dtype, device=dev),
                       ro.token_mask.to(p["attention_mask"].dtype)], dim=1)
-    # use_cache=False: the config default (True) would build a KV cache nobody reads
-    hidden = hf.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask,
-                                     use_cache=False).last_hidden_state
+    hidden = hfm.run_decoder(hf, embeds, mask, pos)
 
     s0 = P  # index of the first latent input (prompt ends with <|latent_start|>)
     if K > 0 and latent_sigma > 0:
