@@ -10,7 +10,7 @@ through the functions here, so a change in transformers is made once, in this fi
   ``model.model`` for text-only ones);
 - :func:`vision_tokens` / :func:`embed_inputs`: merged vision tokens and prompt embeddings;
 - :func:`rope_positions` / :func:`positions`: mRoPE positions, the only call of HF's
-  ``get_rope_index`` in medlvr;
+  ``get_rope_index`` in medlvr; :func:`prompt_inputs`: all three for a prompt batch;
 - :func:`cache_keyword`, :func:`new_cache`, :func:`output_cache`, :func:`cache_layer_kv`:
   the KV-cache object and its keyword (transformers 5.2x renamed ``past_key_values`` to
   ``cache``; the GPU machine runs 5.17);
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 __all__ = ["unwrap", "decoder", "is_multimodal", "vision_tokens", "embed_inputs", "rope_positions",
-           "mm_token_type_ids", "positions", "cache_keyword", "new_cache", "output_cache", "cache_layer_kv", "run_decoder"]
+           "mm_token_type_ids", "positions", "prompt_inputs", "cache_keyword", "new_cache", "output_cache", "cache_layer_kv", "run_decoder"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -171,6 +171,21 @@ def positions(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         mm = mm_token_type_ids(model, ids)
     grid = batch.get("image_grid_thw") if batch.get("pixel_values") is not None else None
     return rope_positions(unwrap(model), ids, mask, grid, mm)[0]
+
+
+def prompt_inputs(model: nn.Module, batch: Mapping[str, Any],
+                  vision: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Embeddings (vision tokens scattered in), positions and mask of a prompt batch:
+    {"embeds" [B,S,D], "position_ids" (:func:`positions`), "attention_mask", "input_ids"}.
+    vision: precomputed :func:`vision_tokens` of the batch (skips the vision tower)."""
+    ids = batch["input_ids"]
+    if vision is None:
+        vision = vision_tokens(model, batch.get("pixel_values"), batch.get("image_grid_thw"))
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    return {"embeds": embed_inputs(model, ids, vision), "position_ids": positions(model, batch),
+            "attention_mask": mask, "input_ids": ids}
 
 
 @functools.lru_cache(maxsize=None)
