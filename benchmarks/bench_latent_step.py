@@ -174,9 +174,7 @@ def medlvr_segment(engine: LatentEngine, B: int, L: int, device):
     # A synthetic context: every sample at length / position L (the cache contents do
     # not change the work done, only how much of it is read).
     def reset():
-        engine._len[:B].fill_(L)
-        engine._pos[:, :B].fill_(L)
-        engine._host_len = L
+        engine.state.seek(L)
 
     def segment():
         engine.latent_segment(K_SEGMENT)

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 __all__ = ["unwrap", "decoder", "is_multimodal", "vision_tokens", "embed_inputs", "rope_positions",
-           "mm_token_type_ids", "positions", "prompt_inputs", "cache_keyword", "new_cache", "output_cache", "cache_layer_kv", "run_decoder"]
+           "mm_token_type_ids", "positions", "prompt_inputs", "cache_keyword", "new_cache", "output_cache",
+           "cache_layer_kv", "run_decoder"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

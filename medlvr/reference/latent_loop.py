@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from medlvr.engine import sampling
+from medlvr.engine.request import DEFAULT_COSINE_THRESHOLD, EXITS
 from medlvr.models import hf
-
-EXITS = ("fixed", "cosine", "stop_logit")
 
 
 @dataclass
@@ -120,7 +119,7 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
         outs[:, t] = torch.where(keep, h, 0)
         mu_next = feedback(h)
         if exit == "cosine":
-            thr = 0.99 if exit_threshold is None else exit_threshold
+            thr = DEFAULT_COSINE_THRESHOLD if exit_threshold is None else exit_threshold
             stop = F.cosine_similarity(mu_next.float(), mu.float(), dim=-1) > thr
         elif exit == "stop_logit":
             logits = head(h).float()

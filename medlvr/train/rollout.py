@@ -90,7 +90,8 @@ def prompt_inputs(model: torch.nn.Module, batch: Any, *, repeat: int = 1,
         raise ValueError("prompts must be left-padded (attention_mask[:, -1] must be all 1), got a row "
                          "ending in padding")
     fields = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values,
-              "image_grid_thw": _field(batch, "image_grid_thw"), "mm_token_type_ids": _field(batch, "mm_token_type_ids")}
+              "image_grid_thw": _field(batch, "image_grid_thw"),
+              "mm_token_type_ids": _field(batch, "mm_token_type_ids")}
     out = hfm.prompt_inputs(model, fields, vision)
     if out["position_ids"].dim() == 2:  # text-only decoder: the three sections of a text position
         out["position_ids"] = out["position_ids"][None].expand(3, -1, -1)
@@ -274,7 +275,7 @@ def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, to
         text = eng.decode_text(max_new_tokens, first_token=latent_end_id, **kw)
         latents, hidden, tokens, tok_logp, lengths = (seg.latents, seg.latent_hidden, text.tokens,
                                                       text.token_logprobs, text.text_lengths)
-    mu = hidden if projector is None else projector(hidden.reshape(-1, hidden.shape[-1])).view_as(hidden).to(hidden.dtype)
+    mu = hidden if projector is None else projector(hidden.flatten(0, 1)).view_as(hidden).to(hidden.dtype)
     prompt = prompt_inputs(model, batch, repeat=n, vision=vision)
     return _rollouts(prompt, n, latent_sigma, stop_id, latents, mu, tokens, tok_logp, lengths)
 
