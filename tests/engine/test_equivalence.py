@@ -1,5 +1,5 @@
 """The engine against the HF reference loop (engine_reference.py) and against one full
-HF forward over [prompt; latents] (DESIGN §7), fp32 on CPU.
+HF forward over [prompt; latents] (docs/engine.md), fp32 on CPU.
 
 Tolerance: fp32, 1e-5 relative to the largest magnitude of the compared tensor (hidden
 states reach ~5, logits ~10 with this init): the engine and HF differ only in the order
