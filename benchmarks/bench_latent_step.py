@@ -2,8 +2,9 @@
 
 One latent step feeds the previous post-norm hidden state back as the next input
 embedding. Providers:
-  hf_eager        model.model(inputs_embeds=h, DynamicCache) per step, as public
-                  latent-reasoning code does it (CPU and GPU)
+  hf_eager        the decoder (inputs_embeds=h, DynamicCache) per step, as public
+                  latent-reasoning code does it (CPU and GPU); the whole generate is
+                  medlvr/reference/latent_loop.py
   hf_static_graph the same forward over a StaticCache, one step captured as a CUDA graph
                   (GPU only)
   medlvr_eager    LatentEngine without CUDA graphs (CPU only: the PyTorch references)
@@ -35,6 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import parser, report, time_ms  # noqa: E402
 from medlvr.engine import LatentEngine  # noqa: E402
+from medlvr.models import hf  # noqa: E402
+from medlvr.reference.latent_loop import latent_loop  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "medlvr" / "models" / "assets" / "config.json"
 K_SEGMENT = 8
@@ -83,10 +86,6 @@ def step_bytes(model, B: int, L: int, dtype: torch.dtype) -> int:
     return weights + kv
 
 
-def _cache_kw(module) -> str:
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
 def _rand_kv(B, L, cfg, device, dtype):
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     shape = (B, cfg.num_key_value_heads, L, head_dim)
@@ -102,13 +101,11 @@ def hf_eager_step(model, B, L, device, dtype):
     cache = DynamicCache()
     for i in range(cfg.num_hidden_layers):
         cache.update(*_rand_kv(B, L, cfg, device, dtype), i)
-    kw = _cache_kw(model.model)
     state = {"h": torch.randn(B, 1, cfg.hidden_size, device=device, dtype=dtype), "pos": L}
 
     def step():
         pos = torch.full((3, B, 1), state["pos"], device=device, dtype=torch.long)
-        out = model.model(inputs_embeds=state["h"], position_ids=pos, use_cache=True, **{kw: cache})
-        state["h"] = out.last_hidden_state[:, -1:]
+        state["h"] = hf.run_decoder(model, state["h"], None, pos, cache)[:, -1:]
         state["pos"] += 1
 
     return step
@@ -124,7 +121,7 @@ def hf_static_graph_step(model, B, L, device, dtype):
 
     cfg = model.config.text_config
     cache = StaticCache(config=model.config, max_cache_len=L + 64)
-    kw = _cache_kw(model.model)
+    kw = hf.cache_keyword(model.model)
     takes_cache_position = "cache_position" in inspect.signature(model.model.forward).parameters
     D = cfg.hidden_size
     # Fill positions [0, L) through the model itself (lazy cache init), in chunks.
@@ -177,42 +174,12 @@ def medlvr_segment(engine: LatentEngine, B: int, L: int, device):
     # A synthetic context: every sample at length / position L (the cache contents do
     # not change the work done, only how much of it is read).
     def reset():
-        engine._len[:B].fill_(L)
-        engine._pos[:, :B].fill_(L)
-        engine._host_len = L
+        engine.state.seek(L)
 
     def segment():
         engine.latent_segment(K_SEGMENT)
 
     return segment, reset
-
-
-# ---------------------------------------------------------------- whole generate
-def hf_generate(model, ids, k, T, latent_end):
-    kw = _cache_kw(model.model)
-    B, S = ids.shape
-    dev = ids.device
-    out = model.model(input_ids=ids, use_cache=True)
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    h = out.last_hidden_state[:, -1:]
-    embed = model.get_input_embeddings()
-    seq = S
-
-    def step(x):
-        nonlocal seq
-        pos = torch.full((3, B, 1), seq, device=dev, dtype=torch.long)
-        seq += 1
-        return model.model(inputs_embeds=x, position_ids=pos, use_cache=True, **{kw: cache}).last_hidden_state[:, -1:]
-
-    for _ in range(k):
-        h = step(h)
-    x = embed(torch.full((B, 1), latent_end, device=dev, dtype=torch.long))
-    tokens = []
-    for _ in range(T):
-        tok = model.lm_head(step(x)).argmax(-1)
-        tokens.append(tok)
-        x = embed(tok)
-    return torch.cat(tokens, 1)
 
 
 def main() -> None:
@@ -291,7 +258,8 @@ def main() -> None:
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             case = f"prefill {prefill_len} + {k_gen} latent + {t_gen} tokens, B={B}"
             gen_rows.append({"case": case, "provider": "hf_eager", "ms": time_ms(
-                lambda: hf_generate(model, ids, k_gen, t_gen, latent_end), device=device, warmup=1, iters=3)})
+                lambda: latent_loop(model, batch, k=k_gen, max_new_tokens=t_gen, first_token=latent_end),
+                device=device, warmup=1, iters=3)})
             for name, eng in engines.items():
                 gen_rows.append({"case": case, "provider": name, "ms": time_ms(
                     lambda: eng.generate(batch, k_max=k_gen, max_new_tokens=t_gen, latent_end_id=latent_end),

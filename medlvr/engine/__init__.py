@@ -1,5 +1,8 @@
 """Latent-step decode engine: static KV cache, model adapters, CUDA graphs."""
 from medlvr.engine.adapters import adapter_for, supported_model_types
-from medlvr.engine.engine import GenerateOutput, LatentEngine, LatentSegment, TextOutput
+from medlvr.engine.engine import LatentEngine
+from medlvr.engine.request import GenerateOutput, LatentSegment, TextOutput
+from medlvr.engine.state import DecodeState
 
-__all__ = ["LatentEngine", "GenerateOutput", "LatentSegment", "TextOutput", "adapter_for", "supported_model_types"]
+__all__ = ["LatentEngine", "DecodeState", "GenerateOutput", "LatentSegment", "TextOutput", "adapter_for",
+           "supported_model_types"]

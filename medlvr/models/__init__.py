@@ -9,7 +9,7 @@ from medlvr.models._tokens import (LATENT_END, LATENT_PAD, LATENT_START, LatentT
                                    latent_token_ids)
 from medlvr.models.default import build_default, build_processor, default_config
 from medlvr.models.loader import load
-from medlvr.models.positions import rope_positions
+from medlvr.models.hf import rope_positions
 
 __all__ = [
     "build_default", "build_processor", "default_config", "load", "latent_token_ids", "LatentTokens",

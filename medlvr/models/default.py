@@ -12,7 +12,7 @@ from medlvr.models.build_tokenizer import QWEN_SPECIAL_TOKENS
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 # Qwen's chat template without the default system prompt, so that the prompt layout is the one
-# in team_interfaces.md: <|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>text<|im_end|>\n...
+# in docs/data.md: <|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>text<|im_end|>\n...
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n"

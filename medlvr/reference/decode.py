@@ -23,7 +23,7 @@ import torch
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # fp32 math for every half type; fp64 stays fp64 so the engine's fp64 oracle tests
-    # (DESIGN §7: bit-exact in fp64) can run the reference end to end.
+    # (tests/engine, in fp64) can run the reference end to end.
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

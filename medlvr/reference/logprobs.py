@@ -35,6 +35,6 @@ def gather_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, *, temperat
 def latent_gaussian_logprob_ref(mu: torch.Tensor, z: torch.Tensor, *, sigma: float) -> torch.Tensor:
     """log N(z; mu, sigma^2 I) up to the constant -D/2 log(2 pi sigma^2), summed over D:
     -||z - mu||^2 / (2 sigma^2), in fp32. The constant cancels in every PPO ratio and KL,
-    so it is left out (as DESIGN §1 writes it)."""
+    so it is left out (docs/vlpo.md)."""
     diff = z.to(_acc(z.dtype)) - mu.to(_acc(mu.dtype))
     return -(diff * diff).sum(-1) / (2.0 * sigma * sigma)

@@ -1,4 +1,4 @@
-"""Records -> model-ready tensors (team_interfaces.md, "medlvr.train.data").
+"""Records -> model-ready tensors (the sequence layout of docs/data.md).
 
 Sequence of one sample (Qwen chat layout; images expanded by the processor):
 

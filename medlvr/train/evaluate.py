@@ -1,8 +1,8 @@
 """``medlvr eval``: greedy answers with the latent segment, accuracy by benchmark and question type.
 
 Decoding: medlvr.engine.LatentEngine (static cache; Triton/CUDA kernels on a GPU) when it
-supports the model, else :func:`hf_greedy`, a plain HF loop over a DynamicCache that follows
-the same recipe (prefill the left-padded prompt that ends with <|latent_start|>, K latent steps
+supports the model, else :func:`hf_greedy`, the plain-HF reference loop over a DynamicCache
+(medlvr/reference/latent_loop.py) that follows the same recipe (prefill the left-padded prompt that ends with <|latent_start|>, K latent steps
 feeding back the post-norm hidden state, <|latent_end|>, greedy tokens until <|im_end|>).
 
 Scoring: medlvr.train.qa.score (multiple-choice by option text or letter, yes/no by polarity,
@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
-from medlvr.train import latent as L
+from medlvr.models.hf import unwrap
+from medlvr.reference.latent_loop import latent_loop
 
 
 @dataclass
@@ -37,48 +38,14 @@ class EvalResult:
                 "by_source_qtype": self.by_source_qtype}
 
 
-@torch.no_grad()
 def hf_greedy(model, batch: dict, *, k: int, max_new_tokens: int, stop_id: int, latent_end_id: int,
               pad_id: int, projector=None) -> torch.Tensor:
-    """[B, T] greedy answer tokens (pad after the stop token) for a LEFT-padded prompt batch.
-
-    The prompt's last token is <|latent_start|> (k > 0) or "assistant\\n" (k == 0). Every step
-    after the prompt is a text position: all three mRoPE sections advance by one from the
-    prompt's last position (DESIGN §7)."""
-    hf = L.unwrap_hf(model)
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    B = ids.shape[0]
-    vis = L.vision_tokens(hf, batch.get("pixel_values"), batch.get("image_grid_thw"))
-    emb = L.embed_inputs(hf, ids, vis)
-    pos = L.positions(hf, batch)
-    cache = L._new_cache(hf.model.language_model)
-    h = L._lm(hf, emb, am, pos, cache)[:, -1]
-    nxt = pos[:, :, -1:] + 1  # [3, B, 1]
-    mask = am
-    ones = torch.ones(B, 1, dtype=am.dtype, device=am.device)
-    embed = hf.model.get_input_embeddings()
-
-    def step(x):
-        nonlocal nxt, mask
-        mask = torch.cat([mask, ones], dim=1)
-        out = L._lm(hf, x[:, None], mask, nxt, cache)[:, -1]
-        nxt = nxt + 1
-        return out
-
-    for _ in range(k):
-        h = step(h if projector is None else projector(h))
-    if k > 0:
-        h = step(embed(torch.full((B,), latent_end_id, dtype=torch.long, device=ids.device)))
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    for t in range(max_new_tokens):
-        tok = hf.lm_head(h).argmax(-1)
-        tokens[:, t] = torch.where(done, torch.full_like(tok, pad_id), tok)
-        done |= tok == stop_id
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        h = step(embed(tok))
-    return tokens
+    """[B, T] greedy answer tokens (pad after the stop token) for a LEFT-padded prompt batch,
+    from the plain-HF reference loop (medlvr/reference/latent_loop.py): K latent steps, then
+    <|latent_end|> (k > 0), then tokens. The prompt's last token is <|latent_start|> (k > 0)
+    or "assistant\\n" (k == 0)."""
+    return latent_loop(model, batch, k=k, max_new_tokens=max_new_tokens, first_token=latent_end_id if k > 0 else None,
+                       projector=projector, stop_ids=[stop_id], pad_id=pad_id).tokens
 
 
 def _engine_generate(model, batch: dict, *, k: int, max_new_tokens: int, stop_id: int, latent_end_id: int,
@@ -88,7 +55,7 @@ def _engine_generate(model, batch: dict, *, k: int, max_new_tokens: int, stop_id
         from medlvr.engine import LatentEngine
     except ImportError:
         return None
-    hf = L.unwrap_hf(model)
+    hf = unwrap(model)
     max_len = int(batch["attention_mask"].sum(-1).max()) + k + max_new_tokens + 2
     try:
         eng = LatentEngine(hf, max_batch=max_batch, max_len=max_len, use_cuda_graphs="auto", projector=projector)

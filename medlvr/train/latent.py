@@ -24,13 +24,12 @@ Public functions (shapes: B samples, S sequence, K latent steps, D hidden, T vis
 - :func:`forward_with_latents` — ONE full forward with the K latent inputs given (teacher
   forcing with pooled ROI targets; VLPO re-scoring of rollouts with their fed-back z).
 - :func:`latent_mu` — h at s0 + t - 1 for t < K from a full forward's hidden states.
-- :func:`vision_tokens` / :func:`embed_inputs` / :func:`positions` — the pieces.
+- the pieces (vision tokens, embeddings, positions, the decoder call) come from medlvr/models/hf.py.
 - :func:`per_sample_ce` — CE averaged over each sample's answer tokens ([B]).
 - :func:`roi_alignment` — per-sample ROI alignment term ([B], 0 for samples without an ROI).
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -39,13 +38,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medlvr.models.hf import embed_inputs, new_cache, positions, run_decoder, unwrap, vision_tokens
+from medlvr.ops.roi_align_loss import roi_align_loss
+
 __all__ = [
     "LatentOutput",
     "LatentProjector",
-    "unwrap_hf",
-    "vision_tokens",
-    "embed_inputs",
-    "positions",
     "forward_with_latents",
     "recurrent_forward",
     "coconut_reference",
@@ -102,90 +100,6 @@ def _feedback(projector: nn.Module | None, h: torch.Tensor) -> torch.Tensor:
     return h if projector is None else projector(h)
 
 
-def unwrap_hf(model: nn.Module) -> nn.Module:
-    """The Qwen2_5_VLForConditionalGeneration inside DDP / FSDP / peft wrappers.
-
-    peft replaces Linear layers in place, so the unwrapped module still runs the LoRA weights."""
-    for _ in range(8):
-        # peft first: a PeftModel forwards attribute lookups to the wrapped model, so it looks
-        # like the HF model from outside but is not one (no get_rope_index on its .model).
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "lm_head") and hasattr(model, "model"):
-            return model
-        elif hasattr(model, "module"):  # DDP, FSDP
-            model = model.module
-        else:
-            break
-    raise TypeError(f"model: expected a Qwen2.5-VL ForConditionalGeneration (maybe wrapped), got {type(model).__name__}")
-
-
-# transformers renamed past_key_values -> cache in 5.24 (the GPU machine has 5.17); look the
-# keyword up once instead of relying on the deprecation shim.
-_CACHE_KW: str | None = None
-
-
-def _cache_kw(lm: nn.Module) -> str:
-    global _CACHE_KW
-    if _CACHE_KW is None:
-        params = inspect.signature(type(lm).forward).parameters
-        _CACHE_KW = "cache" if "cache" in params else "past_key_values"
-    return _CACHE_KW
-
-
-def _new_cache(lm: nn.Module):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=lm.config)
-    except TypeError:  # older signature
-        return DynamicCache()
-
-
-def _lm(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache=None) -> torch.Tensor:
-    """Decoder stack + final norm. embeds [B,s,D], mask [B, past+s], pos [3,B,s] -> h [B,s,D]."""
-    lm = model.model.language_model
-    kw: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
-    if cache is not None:
-        kw[_cache_kw(lm)] = cache
-        kw["use_cache"] = True
-    else:
-        kw["use_cache"] = False
-    return lm(**kw).last_hidden_state
-
-
-def vision_tokens(model: nn.Module, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None) -> torch.Tensor | None:
-    """[T, D] merged (2x2) vision tokens of all images of the batch, in packing order."""
-    if pixel_values is None or image_grid_thw is None or image_grid_thw.numel() == 0:
-        return None
-    hf = unwrap_hf(model)
-    out = hf.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-    feats = out.pooler_output
-    return torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
-
-
-def embed_inputs(model: nn.Module, input_ids: torch.Tensor, vis: torch.Tensor | None) -> torch.Tensor:
-    """Token embeddings with the image placeholders replaced by the vision tokens."""
-    hf = unwrap_hf(model)
-    emb = hf.model.get_input_embeddings()(input_ids)
-    if vis is not None:
-        mask = (input_ids == hf.config.image_token_id).unsqueeze(-1)
-        n = int(mask.sum())
-        if n != vis.shape[0]:
-            raise ValueError(f"input_ids: expected {vis.shape[0]} image tokens (one per merged vision token), got {n}")
-        emb = emb.masked_scatter(mask, vis.to(emb.dtype))
-    return emb
-
-
-def positions(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """[3, B, S] mRoPE positions over the full sequence (latent placeholders included)."""
-    from medlvr.models import rope_positions
-
-    pos, _ = rope_positions(unwrap_hf(model), batch["input_ids"], batch["attention_mask"],
-                            batch.get("image_grid_thw"), batch.get("mm_token_type_ids"))
-    return pos
-
-
 def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B,S,V] predict labels [B,S] shifted by one; returns (mean CE per sample [B], count [B]).
 
@@ -202,7 +116,7 @@ def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 
 
 def _lm_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return unwrap_hf(model).lm_head(h)
+    return unwrap(model).lm_head(h)
 
 
 def forward_with_latents(model: nn.Module, batch: Mapping[str, Any], latents: torch.Tensor | None, *,
@@ -214,7 +128,7 @@ def forward_with_latents(model: nn.Module, batch: Mapping[str, Any], latents: to
     Used for teacher forcing (pooled ROI targets) and by VLPO to re-score rollouts with the z
     they fed back (then ``latent_mu(out.hidden, ...)`` is the current policy's mu).
     """
-    hf = unwrap_hf(model)
+    hf = unwrap(model)
     ids = batch["input_ids"]
     if vis is None:
         vis = vision_tokens(hf, batch.get("pixel_values"), batch.get("image_grid_thw"))
@@ -228,7 +142,7 @@ def forward_with_latents(model: nn.Module, batch: Mapping[str, Any], latents: to
         rows = torch.arange(B, device=ids.device)[:, None].expand(B, k)
         emb = emb.index_put((rows, cols), latents.to(emb.dtype))
     pos = positions(hf, batch)
-    h = _lm(hf, emb, batch["attention_mask"], pos)
+    h = run_decoder(hf, emb, batch["attention_mask"], pos)
     logits = _lm_head(hf, h)
     ce, n = per_sample_ce(logits, batch["labels"]) if batch.get("labels") is not None else (None, None)
     lh = latent_mu(h, batch["latent_start_index"], k) if k > 0 else None
@@ -295,7 +209,7 @@ def recurrent_forward(model: nn.Module, batch: Mapping[str, Any], *, k: int,
     Positions come from get_rope_index over the whole sequence incl. the <|latent_pad|>
     placeholders, so they equal a single full forward's.
     """
-    hf = unwrap_hf(model)
+    hf = unwrap(model)
     if k == 0:
         return forward_with_latents(hf, batch, None, k=0, return_logits=return_logits)
     ids, am = batch["input_ids"], batch["attention_mask"]
@@ -311,8 +225,8 @@ def recurrent_forward(model: nn.Module, batch: Mapping[str, Any], *, k: int,
     mask = lay.valid.long()
     p = lay.p
 
-    cache = _new_cache(hf.model.language_model)
-    h_prefix = _lm(hf, emb[:, :p], mask[:, :p], pos[:, :, :p], cache)
+    cache = new_cache(hf)
+    h_prefix = run_decoder(hf, emb[:, :p], mask[:, :p], pos[:, :, :p], cache)
     h = h_prefix[:, -1]
     hs, zs = [], []
     for t in range(k):
@@ -322,10 +236,10 @@ def recurrent_forward(model: nn.Module, batch: Mapping[str, Any], *, k: int,
         if t == k - 1:
             break
         c = p + t
-        h = _lm(hf, z[:, None], mask[:, :c + 1], pos[:, :, c:c + 1], cache)[:, -1]
+        h = run_decoder(hf, z[:, None], mask[:, :c + 1], pos[:, :, c:c + 1], cache)[:, -1]
     c = p + k - 1
     tail = torch.cat([zs[-1][:, None].to(emb.dtype), emb[:, c + 1:]], dim=1)
-    h_tail = _lm(hf, tail, mask, pos[:, :, c:], cache)
+    h_tail = run_decoder(hf, tail, mask, pos[:, :, c:], cache)
     labels = torch.where(lay.valid, _gather_cols(batch["labels"], lay.index, 1), torch.full_like(lay.index, -100))
     # Labels before the suffix are -100 (answer + <|im_end|> only), so the tail's logits suffice.
     logits_tail = _lm_head(hf, h_tail)
@@ -352,7 +266,7 @@ def coconut_reference(model: nn.Module, batch: Mapping[str, Any], *, k: int,
     """Coconut-style K+1 full passes: pass t recomputes the whole sequence to read h[s0 + t - 1].
 
     The executable spec of :func:`recurrent_forward` (tests compare logits and latents)."""
-    hf = unwrap_hf(model)
+    hf = unwrap(model)
     ids = batch["input_ids"]
     B = ids.shape[0]
     vis = vision_tokens(hf, batch.get("pixel_values"), batch.get("image_grid_thw"))
@@ -362,12 +276,12 @@ def coconut_reference(model: nn.Module, batch: Mapping[str, Any], *, k: int,
     rows = torch.arange(B, device=ids.device)
     hs, zs = [], []
     for t in range(k):
-        h = _lm(hf, emb, batch["attention_mask"], pos)[rows, s0 + t - 1]
+        h = run_decoder(hf, emb, batch["attention_mask"], pos)[rows, s0 + t - 1]
         z = _feedback(projector, h)
         hs.append(h)
         zs.append(z)
         emb = emb.index_put((rows, s0 + t), z.to(emb.dtype))
-    logits = _lm_head(hf, _lm(hf, emb, batch["attention_mask"], pos))
+    logits = _lm_head(hf, run_decoder(hf, emb, batch["attention_mask"], pos))
     ce, n = per_sample_ce(logits, batch["labels"])
     return LatentOutput(ce=ce, n_tokens=n, latent_inputs=torch.stack(zs, 1) if k else None,
                         latent_hidden=torch.stack(hs, 1) if k else None, vision_tokens=vis, logits=logits)
@@ -383,14 +297,6 @@ def roi_bins(k: int) -> tuple[int, int]:
     return gh, k // gh
 
 
-def _roi_op():
-    try:
-        from medlvr.ops.roi_align_loss import roi_align_loss
-    except ImportError:  # the ROI engineer's op not installed yet: same signature
-        from medlvr.reference.roi_align import roi_align_loss_ref as roi_align_loss
-    return roi_align_loss
-
-
 def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor, batch: Mapping[str, Any], *,
                   loss: str = "cosine", pooling: str = "area") -> torch.Tensor:
     """Per-sample alignment term [B]: mean over the sample's ROI rows, 0 without an ROI.
@@ -403,7 +309,7 @@ def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor, batch: Mapping
     if boxes is None or boxes.shape[0] == 0 or vis is None:
         return out
     sample = batch["roi_sample"].to(latent_hidden.device).long()
-    per_row = _roi_op()(latent_hidden[sample], vis, batch["image_grid_thw"], boxes.to(vis.device).float(),
+    per_row = roi_align_loss(latent_hidden[sample], vis, batch["image_grid_thw"], boxes.to(vis.device).float(),
                         batch["roi_image"].to(vis.device).long(), bins=roi_bins(K), pooling=pooling, loss=loss,
                         reduction="none")
     if per_row.dim() > 1:

@@ -13,6 +13,8 @@ import re
 import string
 from typing import Any, Sequence
 
+from medlvr.train.qa import score
+
 __all__ = ["format_reward", "accuracy_reward", "outcome_rewards", "match_option"]
 
 _LETTERS = string.ascii_uppercase
@@ -47,43 +49,17 @@ def match_option(answer: str, options: Sequence[str]) -> int | None:
     return None
 
 
-def _names_option(text: str, options: Sequence[str]) -> bool:
-    # The evaluation's own option parser when it is there, so that an answer the scorer can
-    # read is never penalised for format; this module's parser otherwise.
-    try:
-        from medlvr.train.qa import _option_from_prediction
-    except ImportError:
-        return match_option(text, options) is not None
-    return _option_from_prediction(text, list(options)) is not None
-
-
 def format_reward(text: str, *, stopped: bool, options: Sequence[str] | None) -> float:
     """1.0 when the answer is well-formed, else 0.0 (see module docstring)."""
     if not stopped or not text.strip():
         return 0.0
     if options:
-        return 1.0 if _names_option(text, options) else 0.0
+        return 1.0 if match_option(text, options) is not None else 0.0
     return 1.0
-
-
-def _fallback_score(prediction: str, record: Any) -> float:
-    # Used only when medlvr.train.qa is not importable (it is written in parallel):
-    # multiple choice by option index, free text by normalised exact match.
-    options = getattr(record, "options", None)
-    answer = getattr(record, "answer")
-    if options:
-        got = match_option(prediction, options)
-        want = match_option(answer, options)
-        return float(got is not None and got == want)
-    return float(_norm(prediction) == _norm(answer))
 
 
 def accuracy_reward(text: str, record: Any) -> float:
     """Correctness of ``text`` for ``record`` in [0, 1], via medlvr.train.qa.score."""
-    try:
-        from medlvr.train.qa import score
-    except ImportError:
-        return _fallback_score(text, record)
     return float(score(text, record))
 
 

@@ -1,6 +1,6 @@
 """VLPO rollouts and the teacher-forced policy forward over them.
 
-Sequence of one rollout (team interfaces, "Sequence layout"):
+Sequence of one rollout (docs/vlpo.md):
 
     [prompt ... <|latent_start|>] [z_0 .. z_{K-1}] [<|latent_end|>] [a_0 .. a_{T-1}]
      index 0 .. s0-1               s0 .. s0+K-1     s0+K              s0+K+1 ..
@@ -8,7 +8,7 @@ Sequence of one rollout (team interfaces, "Sequence layout"):
 The prompt is left-padded and ends with <|latent_start|>, so s0 (the index of the first
 <|latent_pad|>) equals the padded prompt length P for every row.
 
-Position shift (DESIGN §1): the latent fed at latent index t is z_t = mu_t + sigma * eps,
+Position shift: the latent fed at latent index t is z_t = mu_t + sigma * eps,
 and mu_t is the post-final-norm hidden state at sequence index s0 + t - 1: z_0 comes from
 the <|latent_start|> position, z_t (t > 0) from the position where z_{t-1} was fed. In
 the teacher-forced forward the hidden state at index s0 + t - 1 is therefore the mean of
@@ -21,8 +21,9 @@ Two rollout backends give the same rollouts (``sample_rollouts(backend=...)``,
   static KV cache, decode kernels, CUDA graphs on GPU. :class:`RolloutEngine` builds the
   engine once and reuses it across VLPO steps; it holds references to the model's
   modules, so optimizer steps (LoRA included) are seen by the next rollout.
-- "hf": a plain HF KV-cached loop (DynamicCache), the engine's oracle (DESIGN §7), kept as
-  a fallback (models the engine has no adapter for) and as the test reference.
+- "hf": the plain-HF KV-cached loop of medlvr/reference/latent_loop.py, the engine's
+  outside reference, kept as a fallback (models the engine has no adapter for) and as the
+  test reference.
 
 Both draw their randomness from the caller's generator in the engine's order: the latent
 noise as one (R, K, D) normal tensor in the model dtype (only when sigma > 0 and K > 0),
@@ -32,81 +33,25 @@ the nucleus distribution, see medlvr/engine/sampling.py). With the same seed the
 backends therefore give the same rollouts up to floating-point differences of the
 kernels (tests/train/test_vlpo.py checks z, mu, tokens and log-probs).
 
-Positions: the prompt's 3-section mRoPE positions come from ``medlvr.models.rope_positions``
-(HF get_rope_index); every step after the prompt is text-like, so all three sections
-advance by one from the last prompt position (DESIGN §7).
+Positions: the prompt's 3-section mRoPE positions come from medlvr/models/hf.py (HF
+get_rope_index); every step after the prompt is text-like, so all three sections advance
+by one from the last prompt position (docs/engine.md).
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
-__all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "hf_model", "image_features", "vision_frozen", "prompt_inputs",
+from medlvr.models import hf as hfm
+from medlvr.ops import gather_logprobs, latent_gaussian_logprob
+from medlvr.reference.latent_loop import latent_loop
+
+__all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "image_features", "vision_frozen", "prompt_inputs",
            "sample_rollouts", "policy_forward", "gather_logprobs", "latent_gaussian_logprob"]
 
 BACKENDS = ("engine", "hf")
-
-
-# --------------------------------------------------------------------------- ops ----
-@functools.lru_cache(maxsize=None)
-def _op(name: str):
-    """medlvr.ops.<name> (fast path, the lead's op), or its reference ``<name>_ref`` while
-    the op is not built yet (same signature and result, DESIGN §3)."""
-    import importlib
-
-    for mod in ("medlvr.ops", "medlvr.ops.logprobs"):
-        try:
-            fn = getattr(importlib.import_module(mod), name, None)
-        except ImportError:
-            fn = None
-        if fn is not None:
-            return fn
-    from medlvr.reference import logprobs as ref
-
-    return getattr(ref, name + "_ref")
-
-
-def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature)[targets] in fp32: logits [N,V], targets [N] -> [N]."""
-    return _op("gather_logprobs")(logits, targets, temperature=temperature)
-
-
-def latent_gaussian_logprob(mu: torch.Tensor, z: torch.Tensor, *, sigma: float) -> torch.Tensor:
-    """-||z - mu||^2 / (2 sigma^2) summed over D in fp32: mu, z [M,D] -> [M]."""
-    return _op("latent_gaussian_logprob")(mu, z, sigma=sigma)
-
-
-# ----------------------------------------------------------------------- model io ---
-def hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The Qwen2(.5)-VL ForConditionalGeneration under peft / accelerate wrappers.
-
-    peft injects LoRA layers in place, so calling the unwrapped modules still runs the
-    adapter (and ``disable_adapter()`` on the wrapper still switches it off)."""
-    m = model
-    while True:
-        if hasattr(m, "get_base_model"):  # peft.PeftModel
-            m = m.get_base_model()
-        elif hasattr(m, "module") and isinstance(m.module, torch.nn.Module):  # DDP
-            m = m.module
-        elif hasattr(m, "_orig_mod"):  # torch.compile
-            m = m._orig_mod
-        else:
-            return m
-
-
-def _rope_positions(hf: torch.nn.Module, input_ids, attention_mask, image_grid_thw, mm_token_type_ids):
-    try:
-        from medlvr.models import rope_positions
-    except ImportError:
-        rope_positions = None
-    if rope_positions is not None:
-        return rope_positions(hf, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
-    return hf.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
-                                   attention_mask=attention_mask)
 
 
 def _field(batch: Any, name: str):
@@ -115,18 +60,13 @@ def _field(batch: Any, name: str):
 
 def image_features(model: torch.nn.Module, batch: Any) -> torch.Tensor | None:
     """Merged vision tokens [T, D] of the batch's images (packing order), None without images."""
-    pixel_values = _field(batch, "pixel_values")
-    if pixel_values is None:
-        return None
-    hf = hf_model(model)
-    feats = hf.model.get_image_features(pixel_values, _field(batch, "image_grid_thw"), return_dict=True).pooler_output
-    return torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats
+    return hfm.vision_tokens(model, _field(batch, "pixel_values"), _field(batch, "image_grid_thw"))
 
 
 def vision_frozen(model: torch.nn.Module) -> bool:
     """No trainable parameter in the vision tower: its features are the same for the policy,
     the old policy and the reference, so one computation per step serves all passes."""
-    return not any(p.requires_grad for p in hf_model(model).model.visual.parameters())
+    return not any(p.requires_grad for p in hfm.unwrap(model).model.visual.parameters())
 
 
 def prompt_inputs(model: torch.nn.Module, batch: Any, *, repeat: int = 1,
@@ -141,34 +81,20 @@ def prompt_inputs(model: torch.nn.Module, batch: Any, *, repeat: int = 1,
     :func:`image_features` of the batch (skips the vision tower). Returns embeds [B*n,P,D],
     position_ids [3,B*n,P], attention_mask [B*n,P], input_ids [B*n,P].
     """
-    hf = hf_model(model)
     input_ids = _field(batch, "input_ids")
     mask = _field(batch, "attention_mask")
     pixel_values = _field(batch, "pixel_values")
-    grid = _field(batch, "image_grid_thw")
-    mm = _field(batch, "mm_token_type_ids")
     if mask is None:
         raise ValueError("batch.attention_mask is required (left-padded prompts)")
     if bool((mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded (attention_mask[:, -1] must be all 1), got a row "
                          "ending in padding")
-    embeds = hf.get_input_embeddings()(input_ids)
-    if pixel_values is not None:
-        feats = (image_features(model, batch) if vision is None else vision).to(embeds.dtype)
-        img = input_ids == hf.config.image_token_id
-        if int(img.sum()) != feats.shape[0]:
-            raise ValueError(f"batch has {int(img.sum())} image tokens but the vision tower gave "
-                             f"{feats.shape[0]} features")
-        embeds = embeds.masked_scatter(img[..., None], feats)
-    if mm is None:
-        mm = torch.zeros_like(input_ids, dtype=torch.int32)
-        if pixel_values is not None:
-            mm = (input_ids == hf.config.image_token_id).to(torch.int32)
-    if pixel_values is not None:
-        pos, _ = _rope_positions(hf, input_ids, mask, grid, mm)
-    else:
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
-    out = {"embeds": embeds, "position_ids": pos, "attention_mask": mask, "input_ids": input_ids}
+    fields = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values,
+              "image_grid_thw": _field(batch, "image_grid_thw"),
+              "mm_token_type_ids": _field(batch, "mm_token_type_ids")}
+    out = hfm.prompt_inputs(model, fields, vision)
+    if out["position_ids"].dim() == 2:  # text-only decoder: the three sections of a text position
+        out["position_ids"] = out["position_ids"][None].expand(3, -1, -1)
     if repeat > 1:
         out = {k: v.repeat_interleave(repeat, dim=1 if k == "position_ids" else 0) for k, v in out.items()}
     return out
@@ -198,41 +124,6 @@ class Rollouts:
     latent_mu: torch.Tensor | None = None
 
 
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-    probs = sorted_logits.softmax(-1)
-    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
-    # strictly before it already reaches top_p (the first token is always kept).
-    drop = (probs.cumsum(-1) - probs) >= top_p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-
-
-def _cache_kw(lm: torch.nn.Module) -> str:
-    # transformers renamed past_key_values -> cache in 5.24 (the GPU machine has 5.17).
-    params = inspect.signature(type(lm).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _new_cache(lm: torch.nn.Module):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=lm.config)
-    except TypeError:  # older signature
-        return DynamicCache()
-
-
-def _step(lm, embeds, position_ids, mask, cache) -> torch.Tensor:
-    """One cached decoder call; returns the post-norm hidden of the last input position.
-    The DynamicCache is updated in place."""
-    kw = {_cache_kw(lm): cache}
-    out = lm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, use_cache=True, **kw)
-    return out.last_hidden_state[:, -1]
-
-
 class RolloutEngine:
     """A ``LatentEngine`` for one policy, built on first use and reused by every later
     rollout (one per ``train_vlpo`` call).
@@ -248,7 +139,7 @@ class RolloutEngine:
                  use_cuda_graphs: bool | str = "auto", len_multiple: int = 64):
         if len_multiple < 1:
             raise ValueError(f"len_multiple must be >= 1, got {len_multiple}")
-        self.model = hf_model(model)
+        self.model = hfm.unwrap(model)
         self.projector = projector
         self.use_cuda_graphs = use_cuda_graphs
         self.len_multiple = len_multiple
@@ -276,7 +167,7 @@ def _repeat_rows(model: torch.nn.Module, batch: Any, n: int) -> dict[str, torch.
     """The engine's input batch with every prompt repeated n times (row i*n + j), images
     included: each sample's images (consecutive grids in packing order, as the adapter
     checks) are repeated with it."""
-    hf = hf_model(model)
+    hf = hfm.unwrap(model)
     ids, mask = _field(batch, "input_ids"), _field(batch, "attention_mask")
     pv, grid, mm = _field(batch, "pixel_values"), _field(batch, "image_grid_thw"), _field(batch, "mm_token_type_ids")
     out = {"input_ids": ids.repeat_interleave(n, 0), "attention_mask": mask.repeat_interleave(n, 0)}
@@ -348,68 +239,12 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
                                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 latent_end_id=latent_end_id, stop_id=stop_id, pad_id=pad_id, generator=generator,
                                 projector=projector, vision=vision, engine=engine)
-    hf = hf_model(model)
-    lm = hf.model.language_model
-    embed = hf.get_input_embeddings()
     prompt = prompt_inputs(model, batch, repeat=n, vision=vision)
-    R, _, D = prompt["embeds"].shape
-    dev, dt = prompt["embeds"].device, prompt["embeds"].dtype
-
-    # Prefill. h is the post-norm hidden at index s0 - 1 (<|latent_start|>) = mu_0.
-    cache = _new_cache(lm)
-    h = _step(lm, prompt["embeds"], prompt["position_ids"], prompt["attention_mask"], cache)
-    mask = prompt["attention_mask"]
-    next_pos = prompt["position_ids"][:, :, -1:] + 1  # [3,R,1]: text-like from here on
-    ones = torch.ones(R, 1, dtype=mask.dtype, device=dev)
-
-    latents = torch.zeros(R, k_latent, D, dtype=dt, device=dev)
-    mus = torch.zeros(R, k_latent, D, dtype=dt, device=dev)
-    lat_logp = torch.zeros(R, k_latent, dtype=torch.float32, device=dev)
-    noisy = latent_sigma > 0 and k_latent > 0
-    if noisy:
-        # The engine's draw: one (R, K, D) normal tensor in the model dtype, before any token.
-        eps = torch.empty(R, k_latent, D, dtype=dt, device=dev).normal_(generator=generator)
-    for t in range(k_latent):
-        # hidden at index s0 + t - 1 (through the feedback map): the mean of latent t
-        mu = h if projector is None else projector(h)
-        z = (mu.float() + latent_sigma * eps[:, t].float()).to(dt) if noisy else mu.to(dt)
-        latents[:, t], mus[:, t] = z, mu
-        if noisy:
-            lat_logp[:, t] = latent_gaussian_logprob(mu, z, sigma=latent_sigma)
-        mask = torch.cat([mask, ones], dim=1)
-        h = _step(lm, z[:, None], next_pos, mask, cache)
-        next_pos = next_pos + 1
-
-    end = embed(torch.full((R, 1), latent_end_id, dtype=torch.long, device=dev))
-    mask = torch.cat([mask, ones], dim=1)
-    h = _step(lm, end, next_pos, mask, cache)
-    next_pos = next_pos + 1
-
-    V = hf.lm_head.out_features
-    tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    tok_logp = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=dev)
-    tok_mask = torch.zeros(R, max_new_tokens, dtype=torch.bool, device=dev)
-    done = torch.zeros(R, dtype=torch.bool, device=dev)
-    for j in range(max_new_tokens):
-        logits = hf.lm_head(h).float() / temperature
-        probs = _top_p_filter(logits, top_p).softmax(-1)
-        # Exponential race (the engine's sampler): argmax p_i / E_i, E ~ Exp(1), is an
-        # exact sample from p; drawn as the engine draws it, one (R, V) tensor per token.
-        race = torch.empty(R, V, dtype=torch.float32, device=dev).exponential_(generator=generator)
-        tok = (probs / race).argmax(-1)
-        logp = logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
-        live = ~done
-        tokens[:, j] = torch.where(live, tok, torch.full_like(tok, pad_id))
-        tok_logp[:, j] = torch.where(live, logp, torch.zeros_like(logp))
-        tok_mask[:, j] = live
-        done = done | (live & (tok == stop_id))
-        if bool(done.all()) or j == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, ones], dim=1)
-        h = _step(lm, embed(tokens[:, j:j + 1]), next_pos, mask, cache)
-        next_pos = next_pos + 1
-    return Rollouts(prompt=prompt, latents=latents, latent_logprobs=lat_logp, tokens=tokens,
-                    token_logprobs=tok_logp, token_mask=tok_mask, stopped=done, n=n, latent_mu=mus)
+    out = latent_loop(model, prompt, k=k_latent, max_new_tokens=max_new_tokens, first_token=latent_end_id,
+                      projector=projector, latent_noise_std=float(latent_sigma), temperature=float(temperature),
+                      top_p=float(top_p), stop_ids=[stop_id], pad_id=pad_id, generator=generator)
+    return _rollouts(prompt, n, latent_sigma, stop_id, out.latents, out.latent_mu, out.tokens, out.token_logprobs,
+                     out.text_lengths)
 
 
 def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, top_p, max_new_tokens,
@@ -440,18 +275,23 @@ def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, to
         text = eng.decode_text(max_new_tokens, first_token=latent_end_id, **kw)
         latents, hidden, tokens, tok_logp, lengths = (seg.latents, seg.latent_hidden, text.tokens,
                                                       text.token_logprobs, text.text_lengths)
-    D = latents.shape[-1]
-    mu = hidden if projector is None else projector(hidden.reshape(-1, D)).view_as(hidden).to(hidden.dtype)
-    if k_latent > 0 and latent_sigma > 0:
-        lat_logp = latent_gaussian_logprob(mu.reshape(-1, D), latents.reshape(-1, D),
-                                           sigma=latent_sigma).view(R, k_latent)
+    mu = hidden if projector is None else projector(hidden.flatten(0, 1)).view_as(hidden).to(hidden.dtype)
+    prompt = prompt_inputs(model, batch, repeat=n, vision=vision)
+    return _rollouts(prompt, n, latent_sigma, stop_id, latents, mu, tokens, tok_logp, lengths)
+
+
+def _rollouts(prompt, n, latent_sigma, stop_id, latents, mu, tokens, tok_logp, lengths) -> Rollouts:
+    """Rollouts from either backend's output: the Gaussian log-probs of the latents and
+    the token masks are computed here, the same way for both."""
+    R, K, D = latents.shape
+    if K > 0 and latent_sigma > 0:
+        lat_logp = latent_gaussian_logprob(mu.reshape(-1, D), latents.reshape(-1, D), sigma=latent_sigma).view(R, K)
     else:
-        lat_logp = torch.zeros(R, k_latent, dtype=torch.float32, device=latents.device)
+        lat_logp = torch.zeros(R, K, dtype=torch.float32, device=latents.device)
     T = tokens.shape[1]
     tok_mask = torch.arange(T, device=tokens.device)[None, :] < lengths[:, None]
     last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
     stopped = (lengths > 0) & (last == stop_id)
-    prompt = prompt_inputs(model, batch, repeat=n, vision=vision)
     return Rollouts(prompt=prompt, latents=latents, latent_logprobs=lat_logp, tokens=tokens,
                     token_logprobs=tok_logp, token_mask=tok_mask, stopped=stopped, n=n, latent_mu=mu)
 
@@ -470,7 +310,7 @@ def policy_forward(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, 
     ``prompt`` (prompt_inputs of the same rows) lets a caller recompute the prompt
     embeddings under this model, e.g. with the adapter disabled; default: the rollout's.
     """
-    hf = hf_model(model)
+    hf = hfm.unwrap(model)
     p = ro.prompt if prompt is None else prompt
     R, P, D = p["embeds"].shape
     K, T = ro.latents.shape[1], ro.tokens.shape[1]
@@ -482,9 +322,7 @@ def policy_forward(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, 
     pos = torch.cat([p["position_ids"], p["position_ids"][:, :, -1:] + steps], dim=2)
     mask = torch.cat([p["attention_mask"], torch.ones(R, K + 1, dtype=p["attention_mask"].dtype, device=dev),
                       ro.token_mask.to(p["attention_mask"].dtype)], dim=1)
-    # use_cache=False: the config default (True) would build a KV cache nobody reads
-    hidden = hf.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask,
-                                     use_cache=False).last_hidden_state
+    hidden = hfm.run_decoder(hf, embeds, mask, pos)
 
     s0 = P  # index of the first latent input (prompt ends with <|latent_start|>)
     if K > 0 and latent_sigma > 0:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from medlvr.models.hf import unwrap, vision_tokens
 from medlvr.train import latent as L
 
 MODES = ("recurrent", "teacher-forced")
@@ -74,12 +75,12 @@ class LatentLM(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        hidden = L.unwrap_hf(model).config.text_config.hidden_size
+        hidden = unwrap(model).config.text_config.hidden_size
         self.projector = L.LatentProjector(hidden) if cfg.projector else None
 
     @property
     def hf(self) -> nn.Module:
-        return L.unwrap_hf(self.model)
+        return unwrap(self.model)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -91,7 +92,7 @@ class LatentLM(nn.Module):
             out = L.recurrent_forward(self.model, batch, k=k, projector=self.projector)
             roi = self._roi(out.latent_hidden, out.vision_tokens, batch)
         else:
-            vis = L.vision_tokens(self.model, batch.get("pixel_values"), batch.get("image_grid_thw"))
+            vis = vision_tokens(self.model, batch.get("pixel_values"), batch.get("image_grid_thw"))
             targets = L.pooled_roi_targets(vis, batch, k=k, merge=self.hf.config.vision_config.spatial_merge_size)
             out = L.forward_with_latents(self.model, batch, targets, k=k, vis=vis)
             roi = self._roi(out.latent_hidden, vis, batch)

@@ -1,10 +1,10 @@
 """Stage 2 of MedLVR: VLPO, visual-latent policy optimisation under outcome rewards.
 
-One step (GRPO-style, DESIGN §1):
+One step (GRPO-style, docs/vlpo.md):
 
 1. Rollouts: n samples per prompt (``rollout.sample_rollouts``) through the latent engine
    (``medlvr.engine.LatentEngine``, built once per ``train_vlpo``; ``rollout_backend="hf"``
-   selects the plain HF KV-cached loop instead, same random draws). The latent segment is
+   selects the plain-HF loop of medlvr/reference/latent_loop.py instead, same random draws). The latent segment is
    explored by Gaussian noise on every fed-back hidden state, z_t = mu_t + sigma * eps,
    then the answer is sampled with temperature / top-p.
 2. Rewards: ``w_acc * accuracy + w_fmt * format`` (``rewards.outcome_rewards``).

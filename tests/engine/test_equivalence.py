@@ -1,5 +1,5 @@
 """The engine against the HF reference loop (engine_reference.py) and against one full
-HF forward over [prompt; latents] (DESIGN §7), fp32 on CPU.
+HF forward over [prompt; latents] (docs/engine.md), fp32 on CPU.
 
 Tolerance: fp32, 1e-5 relative to the largest magnitude of the compared tensor (hidden
 states reach ~5, logits ~10 with this init): the engine and HF differ only in the order
@@ -160,8 +160,8 @@ def test_positions_follow_hf_rope_index(vl_model):
     for b, (ids, pv, grid) in enumerate(samples):
         pos, delta = vl_model.model.get_rope_index(ids[None], (ids == tm.IMAGE).int()[None], image_grid_thw=grid)
         # the first latent's position: sequence index + rope delta, in all three sections
-        assert engine._pos[:, b].tolist() == [ids.numel() + int(delta)] * 3
-        assert engine._pos[0, b] == pos.max() + 1
+        assert engine.state.positions[:, b].tolist() == [ids.numel() + int(delta)] * 3
+        assert engine.state.positions[0, b] == pos.max() + 1
 
 
 def test_k_max_zero_answers_from_prompt(vl_model):
@@ -240,9 +240,9 @@ def test_bucket_padding_rows_are_inert(vl_model):
               stop_ids=[2], return_logits=True)
     plain = LatentEngine(vl_model, max_batch=4, max_len=64).generate(tm.left_pad(samples), **kw)
     padded_engine = LatentEngine(vl_model, max_batch=4, max_len=64)
-    padded_engine._bucket_for = lambda B: 4
+    padded_engine.state.bucketed = True  # the padding CUDA graphs use: 3 -> 4 rows
     padded = padded_engine.generate(tm.left_pad(samples), **kw)
-    assert padded_engine._bucket == 4 and padded_engine._len[3] == 0
+    assert padded_engine.state.bucket == 4 and padded_engine.state.lengths[3] == 0
     for a, b in ((padded.latents, plain.latents), (padded.logits, plain.logits)):
         close(a, b, rel=1e-6)
     assert padded.tokens.tolist() == plain.tokens.tolist()

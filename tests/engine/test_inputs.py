@@ -139,7 +139,7 @@ def test_nothing_written_past_each_samples_length(vl_model):
     out = _gen(engine, batch, k_max=6, max_new_tokens=6, exit="cosine", exit_threshold=thr, stop_ids=[stop])
     written = out.prompt_lengths + out.num_latent + out.text_lengths
     assert out.num_latent.unique().numel() > 1 and out.text_lengths.unique().numel() > 1
-    assert engine._len[:3].tolist() == written.tolist()
+    assert engine.state.lengths[:3].tolist() == written.tolist()
     for t in engine.cache.k + engine.cache.v:
         for b in range(3):
             n = int(written[b])

@@ -11,7 +11,7 @@ def make_batch(processor, *, k: int, questions=("what is it?", "is the lesion on
                answers=("yes", "no it is not", "liver"), sizes=((100, 100), (60, 90), (120, 80)),
                rois=((0, (10.0, 20.0, 70.0, 90.0)), (2, (0.0, 0.0, 50.0, 40.0)), (2, (30.0, 30.0, 100.0, 100.0))),
                image_seeds=None) -> dict:
-    """Right-padded batch in the layout of team_interfaces.md; rois: (sample, box in resized pixels)."""
+    """Right-padded batch in the layout of docs/data.md; rois: (sample, box in resized pixels)."""
     seeds = image_seeds if image_seeds is not None else range(len(sizes))
     imgs = [Image.fromarray((np.random.default_rng(s).random((h, w, 3)) * 255).astype("uint8"))
             for s, (h, w) in zip(seeds, sizes)]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from medlvr.models import build_default
+from medlvr.models.hf import vision_tokens
 from medlvr.reference.roi_align import roi_align_loss_ref
 from medlvr.train import latent as L
 from medlvr.train.stage1 import LatentLM, Stage1Config, build_trainable
@@ -101,7 +102,7 @@ def test_teacher_forced_feeds_pooled_targets(mp):
     model, processor = mp
     k = 4
     batch = make_batch(processor, k=k)
-    vis = L.vision_tokens(model, batch["pixel_values"], batch["image_grid_thw"])
+    vis = vision_tokens(model, batch["pixel_values"], batch["image_grid_thw"])
     tg = L.pooled_roi_targets(vis, batch, k=k)
     from medlvr.reference.roi_align import roi_pool_targets_ref
 

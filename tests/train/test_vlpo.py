@@ -255,15 +255,16 @@ def test_rollouts_shapes_masks_and_seeded_determinism(model):
 
 
 def test_top_p_filter_keeps_the_smallest_nucleus():
-    from medlvr.train.rollout import _top_p_filter
+    # VLPO's rollouts use the engine's one top-p filter (on probabilities).
+    from medlvr.engine.sampling import top_p_filter
 
-    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3], [0.7, 0.2, 0.1]]))
-    out = _top_p_filter(logits, 0.7)
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.7, 0.2, 0.1]])
+    out = top_p_filter(probs, torch.tensor(0.7))
     # row 0: 0.5 (mass before it 0) and 0.3 (before it 0.5 < 0.7) stay, 0.2 (before it 0.8) goes
     # row 1: 0.7 alone reaches 0.7, so 0.2 (mass before it 0.7 >= 0.7) goes
-    assert torch.isinf(out).tolist() == [[True, False, False], [False, True, True]]
-    torch.testing.assert_close(out[0, 1:], logits[0, 1:])
-    assert torch.equal(_top_p_filter(logits, 1.0), logits)
+    assert (out == 0).tolist() == [[True, False, False], [False, True, True]]
+    torch.testing.assert_close(out[0, 1:], probs[0, 1:])
+    assert torch.equal(top_p_filter(probs, torch.tensor(1.0)), probs)
 
 
 def test_sample_rollouts_rejects_bad_arguments(model):

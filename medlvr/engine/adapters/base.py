@@ -5,9 +5,8 @@ model only through a ``ModelAdapter``: the decoder's layers (norms, projections,
 the final norm, the embeddings and lm_head, the rotary frequencies, and a ``prefill``
 that runs the HF model itself over the prompt and hands back the K/V it cached.
 
-This file and its siblings are the only engine code that knows transformers internals
-(cache objects, output field names, ``get_rope_index``). transformers 5.x renamed
-``past_key_values`` to ``cache`` between minor versions; the helpers below accept both.
+What depends on the transformers version (cache objects and their keyword, output field
+names, ``get_rope_index``) lives in medlvr/models/hf.py, which these adapters call.
 
 Adding a model is one small file: subclass ``TextDecoderAdapter`` (plain RoPE decoders)
 or ``QwenVLAdapter`` (3-section mRoPE + vision tower), set ``model_types``, and decorate
@@ -20,6 +19,8 @@ from typing import Mapping
 
 import torch
 from torch import nn
+
+from medlvr.models import hf
 
 _REGISTRY: dict[str, type["ModelAdapter"]] = {}
 
@@ -125,26 +126,6 @@ def _norm_eps(norm: nn.Module) -> float:
     raise ValueError(f"cannot find the epsilon of norm module {type(norm).__name__}")
 
 
-def model_output_cache(output):
-    """The cache object of an HF model output (field ``cache`` in transformers >= 5.2x,
-    ``past_key_values`` before)."""
-    for name in ("cache", "past_key_values"):
-        value = getattr(output, name, None) if not isinstance(output, Mapping) else output.get(name)
-        if value is not None:
-            return value
-    raise RuntimeError("the HF model returned no KV cache; was use_cache=True honoured?")
-
-
-def cache_layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values) of one layer of an HF DynamicCache, each (B Hkv S Dh)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return layers[layer].keys, layers[layer].values
-    if hasattr(cache, "key_cache"):
-        return cache.key_cache[layer], cache.value_cache[layer]
-    return cache[layer][0], cache[layer][1]
-
-
 class ModelAdapter:
     """Common part: layer views, dimensions and rotary frequencies of a causal decoder.
 
@@ -240,10 +221,10 @@ class ModelAdapter:
                              "generation prompts are padded on the left")
 
     def _layer_kv(self, output) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        cache = model_output_cache(output)
+        cache = hf.output_cache(output)
         keys, values = [], []
         for i in range(len(self.layers)):
-            k, v = cache_layer_kv(cache, i)
+            k, v = hf.cache_layer_kv(cache, i)
             keys.append(k)
             values.append(v)
         return keys, values

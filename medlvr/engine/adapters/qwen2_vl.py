@@ -1,19 +1,18 @@
 """Qwen2-VL adapter, and the shared base of the Qwen VL family (3-section mRoPE).
 
-Prompt positions come from HF's ``get_rope_index`` (through medlvr.models.rope_positions
-when that module is present): image tokens get (t, h, w) positions, text after an image
-continues from the compressed maximum (DESIGN §7), and every step after the prompt
-advances all three sections together.
+Prompt positions come from HF's ``get_rope_index`` through medlvr/models/hf.py: image
+tokens get (t, h, w) positions, text after an image continues from the compressed maximum,
+and every step after the prompt advances all three sections together (docs/engine.md).
 """
 from __future__ import annotations
 
-import inspect
 from typing import Mapping
 
 import torch
 from torch import nn
 
 from medlvr.engine.adapters.base import ModelAdapter, Prefill, register
+from medlvr.models import hf
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -90,32 +89,12 @@ class QwenVLAdapter(ModelAdapter):
     # ------------------------------------------------------------ positions
     def _mm_token_type_ids(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         mm = batch.get("mm_token_type_ids")
-        if mm is not None:
-            return mm
-        # The processor's convention: text 0, image 1, video 2.
-        ids = batch["input_ids"]
-        mm = torch.zeros_like(ids, dtype=torch.int32)
-        mm[ids == self.image_token_id] = 1
-        mm[ids == self.video_token_id] = 2
-        return mm
+        return mm if mm is not None else hf.mm_token_type_ids(self.model, batch["input_ids"])
 
     def rope_positions(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """3-D prompt positions (3 B S), HF's own (0 at pad tokens)."""
-        ids, mask = batch["input_ids"], batch["attention_mask"].long()
-        grid, mm = batch.get("image_grid_thw"), self._mm_token_type_ids(batch)
-        try:
-            from medlvr.models import rope_positions  # the project's single get_rope_index caller
-        except ImportError:
-            rope_positions = None
-        if rope_positions is not None:
-            pos, _ = rope_positions(self.model, input_ids=ids, attention_mask=mask, image_grid_thw=grid,
-                                    mm_token_type_ids=mm)
-            return pos
-        get = self.model.model.get_rope_index
-        kwargs = dict(image_grid_thw=grid, attention_mask=mask)
-        if "mm_token_type_ids" in inspect.signature(get).parameters:
-            kwargs["mm_token_type_ids"] = mm
-        pos, _ = get(ids, **kwargs)
+        pos, _ = hf.rope_positions(self.model, batch["input_ids"], batch["attention_mask"].long(),
+                                   batch.get("image_grid_thw"), self._mm_token_type_ids(batch))
         return pos
 
     # ------------------------------------------------------------ prompt forward

@@ -1,0 +1,196 @@
+"""A request to the engine: its arguments, checked once, and its outputs.
+
+``LatentEngine.generate`` checks everything up front and hands the checked values to its
+three phases; each public phase checks only its own. Every error names the argument and
+what was expected."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from medlvr.engine.state import MAX_STOP_IDS
+
+EXITS = ("fixed", "cosine", "stop_logit")
+DEFAULT_COSINE_THRESHOLD = 0.99
+
+
+def as_mapping(batch) -> Mapping[str, torch.Tensor]:
+    """A dict of model inputs; a medlvr.train collate ``Batch`` is accepted as well."""
+    if isinstance(batch, Mapping):
+        return batch
+    if callable(getattr(batch, "model_inputs", None)):
+        return batch.model_inputs()
+    raise TypeError(f"batch must be a dict of tensors (or a collate Batch), got {type(batch).__name__}")
+
+
+def checked_batch(batch, engine) -> dict[str, torch.Tensor]:
+    """The batch as a dict on the engine's device, checked by the model's adapter and
+    against the engine's capacity (max_batch, max_len)."""
+    max_batch, max_len, device = engine.max_batch, engine.max_len, engine.device
+    batch = as_mapping(batch)
+    engine.adapter.check_batch(batch)
+    B = batch["input_ids"].shape[0]
+    if B < 1 or B > max_batch:
+        raise ValueError(f"batch size must be in [1, max_batch={max_batch}], got {B}")
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    n_max = int(batch["attention_mask"].long().sum(-1).max())
+    if n_max > max_len or batch["input_ids"].shape[1] > max_len:
+        raise ValueError(f"prompt of {batch['input_ids'].shape[1]} tokens ({n_max} unpadded) does not fit "
+                         f"max_len {max_len}")
+    return batch
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+def token_id(name: str, value, vocab: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+        raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value!r}")
+    return value
+
+
+def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator must be on the model's device type {device.type}, got {generator.device}")
+
+
+def text_feeds(max_new_tokens: int, first_token: int | None) -> int:
+    """Cache positions a text decode writes: the first token (if fed) and every sampled
+    token but the last."""
+    if max_new_tokens == 0:
+        return 0
+    return max_new_tokens if first_token is not None else max_new_tokens - 1
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """A checked latent segment: ``mode`` is the step's exit key ("fixed", "cosine",
+    "head", "logit" or "argmax"), ``threshold`` the value the rule compares against."""
+
+    k_max: int
+    mode: str
+    threshold: float
+    latent_end_id: int | None
+    noise_std: float
+
+    @classmethod
+    def checked(cls, k_max, *, exit, exit_threshold, latent_end_id, latent_noise_std, vocab: int,
+                has_stop_head: bool) -> "SegmentParams":
+        count("k_max", k_max)
+        if exit not in EXITS:
+            raise ValueError(f"exit must be one of {EXITS}, got {exit!r}")
+        t = exit_threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
+            raise ValueError(f"exit_threshold must be a float or None, got {t!r}")
+        if latent_end_id is not None:
+            token_id("latent_end_id", latent_end_id, vocab)
+        if exit == "fixed":
+            mode = "fixed"
+        elif exit == "cosine":
+            if t is not None and not -1.0 <= t <= 1.0:
+                raise ValueError(f"exit_threshold for exit='cosine' must lie in [-1, 1], got {t}")
+            mode = "cosine"
+        elif has_stop_head:
+            mode = "head"
+        elif latent_end_id is None:
+            raise ValueError("exit='stop_logit' needs latent_end_id (or a latent_stop_head on the model)")
+        else:
+            mode = "argmax" if t is None else "logit"
+        std = latent_noise_std
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
+            raise ValueError(f"latent_noise_std must be a float >= 0, got {std!r}")
+        threshold = float(t) if t is not None else (DEFAULT_COSINE_THRESHOLD if exit == "cosine" else 0.0)
+        return cls(k_max=k_max, mode=mode, threshold=threshold, latent_end_id=latent_end_id, noise_std=float(std))
+
+
+@dataclass(frozen=True)
+class TextParams:
+    """A checked text decode. temperature 0 is greedy."""
+
+    max_new_tokens: int
+    first_token: int | None
+    temperature: float
+    top_p: float
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    return_logits: bool
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def use_top_p(self) -> bool:
+        return not self.greedy and self.top_p < 1.0
+
+    @property
+    def feeds(self) -> int:
+        return text_feeds(self.max_new_tokens, self.first_token)
+
+    @classmethod
+    def checked(cls, max_new_tokens, *, first_token, temperature, top_p, stop_ids: Sequence[int], pad_id,
+                return_logits: bool, vocab: int) -> "TextParams":
+        count("max_new_tokens", max_new_tokens)
+        if first_token is not None:
+            token_id("first_token", first_token, vocab)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be a float >= 0, got {temperature!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be a float in (0, 1], got {top_p!r}")
+        stops = stop_ids.tolist() if isinstance(stop_ids, torch.Tensor) else list(stop_ids)
+        if len(stops) > MAX_STOP_IDS:
+            raise ValueError(f"stop_ids may hold at most {MAX_STOP_IDS} ids, got {len(stops)}")
+        for s in stops:
+            token_id("stop_ids entries", s, vocab)
+        if pad_id is not None:
+            token_id("pad_id", pad_id, vocab)
+        pad = pad_id if pad_id is not None else (stops[0] if stops else 0)
+        return cls(max_new_tokens=max_new_tokens, first_token=first_token, temperature=float(temperature),
+                   top_p=float(top_p), stop_ids=tuple(int(s) for s in stops), pad_id=int(pad),
+                   return_logits=bool(return_logits))
+
+
+@dataclass
+class LatentSegment:
+    """latents (B, K, D): the inputs z_t fed at latent step t, zero from a sample's exit
+    on. latent_hidden (B, K, D): the post-norm hidden states h_{t-1} that produced them
+    (equal to latents without a projector). num_latent (B): steps each sample ran."""
+
+    latents: torch.Tensor
+    latent_hidden: torch.Tensor
+    num_latent: torch.Tensor
+
+
+@dataclass
+class TextOutput:
+    tokens: torch.Tensor  # (B, T) int64, pad after the stop token
+    token_logprobs: torch.Tensor  # (B, T) fp32, 0 after the stop token
+    text_lengths: torch.Tensor  # (B,) tokens generated, the stop token included
+    logits: torch.Tensor | None = None  # (B, T, V) fp32 when asked for, 0 after the stop
+
+
+@dataclass
+class GenerateOutput:
+    """The phases' outputs together (docs/engine.md). token_logprobs are log-probs of the
+    sampled tokens under log_softmax(logits / temperature) (temperature 0: under
+    log_softmax(logits))."""
+
+    latents: torch.Tensor
+    latent_hidden: torch.Tensor
+    num_latent: torch.Tensor
+    tokens: torch.Tensor
+    token_logprobs: torch.Tensor
+    text_lengths: torch.Tensor
+    prompt_lengths: torch.Tensor
+    logits: torch.Tensor | None = None
