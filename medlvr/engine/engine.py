@@ -45,7 +45,7 @@ from medlvr.engine.adapters import adapter_for
 from medlvr.engine.cache import StaticKVCache
 from medlvr.engine.fused import FusedProjections
 from medlvr.engine.graphs import GraphRunner
-from medlvr.engine.request import (GenerateOutput, LatentSegment, SegmentParams, TextOutput, TextParams,
+from medlvr.engine.request import (GenerateOutput, LatentSegment, SegmentParams, TextOutput, TextParams, as_mapping,
                                    check_generator, checked_batch, positive_int)
 from medlvr.engine.state import DecodeState
 from medlvr.ops.decode import decode_attention, rmsnorm_feedback, rotary_append
@@ -107,18 +107,26 @@ class LatentEngine:
                  exit_threshold: float | None = None, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, stop_ids: Sequence[int] = (), latent_end_id: int | None = None,
                  generator: torch.Generator | None = None, pad_id: int | None = None,
-                 return_logits: bool = False, latent_noise_std: float = 0.0) -> GenerateOutput:
+                 return_logits: bool = False, latent_noise_std: float = 0.0, exit_scope: str = "sample",
+                 end_embedding: torch.Tensor | None = None,
+                 latent_counts: Sequence[int] | torch.Tensor | None = None) -> GenerateOutput:
         """Prefill -> latent segment of up to k_max steps -> answer of up to
         max_new_tokens tokens, for a left-padded batch of prompts ending with
         <|latent_start|> (docs/engine.md). With k_max == 0 there is no latent
         segment and no <|latent_end|> is fed: the answer follows the prompt directly.
-        Every argument is checked once, here, before anything runs."""
+        Every argument is checked once, here, before anything runs. The exit arguments
+        (exit, exit_threshold, exit_scope, end_embedding, latent_counts) are those of
+        ``latent_segment``."""
         V = self.adapter.vocab_size
         if isinstance(k_max, int) and not isinstance(k_max, bool) and k_max > 0 and latent_end_id is None:
             raise ValueError("latent_end_id is required when k_max > 0 (it is fed after the latent segment)")
+        ids = as_mapping(batch).get("input_ids")
         seg = SegmentParams.checked(k_max, exit=exit, exit_threshold=exit_threshold, latent_end_id=latent_end_id,
                                     latent_noise_std=latent_noise_std, vocab=V,
-                                    has_stop_head=self.stop_head is not None)
+                                    has_stop_head=self.stop_head is not None, exit_scope=exit_scope,
+                                    end_embedding=end_embedding, latent_counts=latent_counts,
+                                    batch=ids.shape[0] if isinstance(ids, torch.Tensor) else None,
+                                    hidden_size=self._latent_size())
         text = TextParams.checked(max_new_tokens, first_token=latent_end_id if k_max > 0 else None,
                                   temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id,
                                   return_logits=return_logits, vocab=V)
@@ -144,7 +152,9 @@ class LatentEngine:
 
     def latent_segment(self, k_max: int, *, exit: str = "fixed", exit_threshold: float | None = None,
                        latent_end_id: int | None = None, latent_noise_std: float = 0.0,
-                       generator: torch.Generator | None = None) -> LatentSegment:
+                       generator: torch.Generator | None = None, exit_scope: str = "sample",
+                       end_embedding: torch.Tensor | None = None,
+                       latent_counts: Sequence[int] | torch.Tensor | None = None) -> LatentSegment:
         """Run up to k_max latent steps from the current state (after ``prefill``).
 
         exit rules, per sample, evaluated after each step t on its output h_t:
@@ -155,7 +165,16 @@ class LatentEngine:
               ``latent_stop_head`` on the model, when its logit > exit_threshold (default
               0); else when lm_head(h_t)[latent_end_id] > exit_threshold, or, with no
               threshold, when it is the argmax of lm_head(h_t) (a full V x D read per step).
-        Every sample runs at least one step when k_max > 0.
+          "end_distance" (LVR): stop when ||mu_{t+1} - end_embedding||_2 < exit_threshold
+              (default 0.02): the next latent reached the learned end embedding (D,);
+              mu_{t+1} is not fed.
+          "count" (Coconut): sample b runs exactly latent_counts[b] steps (in [0, k_max],
+              e.g. the <|latent|> tokens of its prompt); a per-row step budget, a mask.
+        Every sample runs at least one step when k_max > 0, except under "count" (a row
+        with count 0 runs none).
+        exit_scope "sample": each row exits on its own; "batch": every row keeps running
+        until every row's rule has fired at least once (or k_max): the batch-global latent
+        mode of Mirage (docs/dropin.md). With all rows firing at the same step the two agree.
 
         latent_noise_std: VLPO's latent exploration. The fed latent is
         z_t = mu_t + latent_noise_std * eps_t, eps_t ~ N(0, I) drawn from ``generator``,
@@ -166,7 +185,9 @@ class LatentEngine:
         self._require_prefill()
         seg = SegmentParams.checked(k_max, exit=exit, exit_threshold=exit_threshold, latent_end_id=latent_end_id,
                                     latent_noise_std=latent_noise_std, vocab=self.adapter.vocab_size,
-                                    has_stop_head=self.stop_head is not None)
+                                    has_stop_head=self.stop_head is not None, exit_scope=exit_scope,
+                                    end_embedding=end_embedding, latent_counts=latent_counts,
+                                    batch=self.state.batch, hidden_size=self._latent_size())
         check_generator(generator, self.device)
         if self.state.host_len + k_max > self.max_len:
             raise ValueError(f"k_max {k_max} latent steps after {self.state.host_len} cached positions exceed "
@@ -229,6 +250,14 @@ class LatentEngine:
         if noisy:
             eps.normal_(generator=generator)  # drawn outside the graph, from the caller's generator
         s.active[:B] = True
+        if p.counts is not None:  # host ints, copied outside the graph
+            s.k_row.zero_()
+            s.k_row[:B].copy_(torch.tensor(p.counts, dtype=torch.long))
+            s.active[:B] = s.k_row[:B] > 0
+        if p.end_embedding is not None:
+            s.end_emb.copy_(p.end_embedding)
+        s.fired.zero_()
+        s.fired[B:] = True  # padding rows never hold a batch-global exit back
         s.num_latent.zero_()
         s.threshold.fill_(p.threshold)
         if p.latent_end_id is not None:
@@ -238,10 +267,10 @@ class LatentEngine:
             # A segment starts from the current mean: z_0 = mu_0 (+ noise).
             s.x[:Bk].copy_(s.feed(s.mu[:Bk], eps[:, 0]) if noisy else s.mu[:Bk])
             for t in range(k):
-                self._latent_step(t, p.mode, lat, hid, eps if noisy else None)
+                self._latent_step(t, p.mode, lat, hid, eps if noisy else None, batch_scope=p.scope == "batch")
 
         with self._inference():
-            self._graphs.run(("latent", Bk, k, p.mode, noisy), segment)
+            self._graphs.run(("latent", Bk, k, p.mode, noisy, p.scope), segment)
         s.host_len += k
         return LatentSegment(lat[:B].clone(), hid[:B].clone(), s.num_latent[:B].clone())
 
@@ -317,7 +346,8 @@ class LatentEngine:
             h = h + (fused.mlp(normed) if fused is not None else layer.mlp(normed))
         return h
 
-    def _latent_step(self, t: int, mode: str, lat: torch.Tensor, hid: torch.Tensor, eps: torch.Tensor | None) -> None:
+    def _latent_step(self, t: int, mode: str, lat: torch.Tensor, hid: torch.Tensor, eps: torch.Tensor | None,
+                     batch_scope: bool = False) -> None:
         s = self.state
         Bk = s.bucket
         x, mu, h, active = s.x[:Bk], s.mu[:Bk], s.h[:Bk], s.active[:Bk]
@@ -340,7 +370,13 @@ class LatentEngine:
             nxt = s.feed(mu, eps[:, t + 1]) if eps is not None else mu
             x.copy_(torch.where(keep, nxt, x))
         stop = self._stop_rule(mode, mu, prev, h)
-        if stop is not None:
+        if stop is not None and batch_scope:
+            # Batch-global exit: a row's rule firing marks it; the segment ends for every
+            # row once every row is marked (one reduction on the device, no host branch).
+            fired = s.fired[:Bk]
+            fired.logical_or_(stop & active)
+            active.logical_and_(~fired.all())
+        elif stop is not None:
             active.logical_and_(~stop)
 
     def _stop_rule(self, mode: str, mu_next: torch.Tensor, mu: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
@@ -350,6 +386,11 @@ class LatentEngine:
             return F.cosine_similarity(mu_next.float(), mu.float(), dim=-1) > self.state.threshold
         if mode == "head":
             return self.stop_head(h).float().reshape(-1) > self.state.threshold
+        if mode == "end_distance":
+            return (mu_next.float() - self.state.end_emb).norm(dim=-1) < self.state.threshold
+        if mode == "count":  # num_latent already counts this step
+            Bk = mu_next.shape[0]
+            return self.state.num_latent[:Bk] >= self.state.k_row[:Bk]
         head = self.adapter.lm_head
         if mode == "logit":
             # One vocabulary row, not the whole lm_head.
@@ -413,6 +454,13 @@ class LatentEngine:
         finally:
             for m, training in flags:
                 m.training = training
+
+    def _latent_size(self) -> int | None:
+        """Size of the fed latent: D without a projector; a projector's output size is
+        known only when it is an nn.Linear."""
+        if self.projector is None:
+            return self.adapter.hidden_size
+        return getattr(self.projector, "out_features", None)
 
     def _require_prefill(self) -> None:
         if self.state.batch == 0:

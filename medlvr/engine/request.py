@@ -12,8 +12,11 @@ import torch
 
 from medlvr.engine.state import MAX_STOP_IDS
 
-EXITS = ("fixed", "cosine", "stop_logit")
+EXITS = ("fixed", "cosine", "stop_logit", "end_distance", "count")
+EXIT_SCOPES = ("sample", "batch")
 DEFAULT_COSINE_THRESHOLD = 0.99
+# LVR's threshold on the distance of the latent to its learned end embedding (issue 15).
+DEFAULT_END_DISTANCE = 0.02
 
 
 def as_mapping(batch) -> Mapping[str, torch.Tensor]:
@@ -73,30 +76,72 @@ def text_feeds(max_new_tokens: int, first_token: int | None) -> int:
     return max_new_tokens if first_token is not None else max_new_tokens - 1
 
 
+def latent_counts_checked(latent_counts, *, k_max: int, batch: int) -> tuple[int, ...]:
+    """The token-count rule's per-row step counts (host ints, each in [0, k_max])."""
+    if latent_counts is None:
+        raise ValueError("exit='count' needs latent_counts: one step count per sample")
+    counts = latent_counts.tolist() if isinstance(latent_counts, torch.Tensor) else list(latent_counts)
+    if len(counts) != batch or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        raise ValueError(f"latent_counts must hold {batch} ints (one per sample), got {latent_counts!r}")
+    if any(not 0 <= c <= k_max for c in counts):
+        raise ValueError(f"latent_counts entries must lie in [0, k_max={k_max}], got {counts}")
+    return tuple(counts)
+
+
+def end_embedding_checked(end_embedding, *, hidden_size: int | None) -> torch.Tensor:
+    if not isinstance(end_embedding, torch.Tensor) or end_embedding.dim() != 1 \
+            or not end_embedding.is_floating_point():
+        raise ValueError("exit='end_distance' needs end_embedding, a floating (D,) tensor (the learned end "
+                         f"embedding), got {type(end_embedding).__name__}"
+                         f"{tuple(end_embedding.shape) if isinstance(end_embedding, torch.Tensor) else ''}")
+    if hidden_size is not None and end_embedding.shape[0] != hidden_size:
+        raise ValueError(f"end_embedding must have shape ({hidden_size},) (the fed latent's size), "
+                         f"got {tuple(end_embedding.shape)}")
+    return end_embedding.detach()
+
+
 @dataclass(frozen=True)
 class SegmentParams:
     """A checked latent segment: ``mode`` is the step's exit key ("fixed", "cosine",
-    "head", "logit" or "argmax"), ``threshold`` the value the rule compares against."""
+    "head", "logit", "argmax", "end_distance" or "count"), ``threshold`` the value the rule
+    compares against, ``scope`` "sample" (each row exits on its own) or "batch" (every row
+    runs until every row's rule has fired once, Mirage's batch-global latent mode).
+    ``end_embedding`` (D,): end_distance's target; ``counts``: count's steps per row."""
 
     k_max: int
     mode: str
     threshold: float
     latent_end_id: int | None
     noise_std: float
+    scope: str = "sample"
+    end_embedding: torch.Tensor | None = None
+    counts: tuple[int, ...] | None = None
 
     @classmethod
     def checked(cls, k_max, *, exit, exit_threshold, latent_end_id, latent_noise_std, vocab: int,
-                has_stop_head: bool) -> "SegmentParams":
+                has_stop_head: bool, exit_scope: str = "sample", end_embedding=None, latent_counts=None,
+                batch: int | None = None, hidden_size: int | None = None) -> "SegmentParams":
         count("k_max", k_max)
         if exit not in EXITS:
             raise ValueError(f"exit must be one of {EXITS}, got {exit!r}")
+        if exit_scope not in EXIT_SCOPES:
+            raise ValueError(f"exit_scope must be one of {EXIT_SCOPES}, got {exit_scope!r}")
         t = exit_threshold
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
             raise ValueError(f"exit_threshold must be a float or None, got {t!r}")
         if latent_end_id is not None:
             token_id("latent_end_id", latent_end_id, vocab)
+        emb = counts = None
         if exit == "fixed":
             mode = "fixed"
+        elif exit == "end_distance":
+            if t is not None and not t > 0:
+                raise ValueError(f"exit_threshold for exit='end_distance' must be > 0 (a distance), got {t}")
+            emb = end_embedding_checked(end_embedding, hidden_size=hidden_size)
+            mode = "end_distance"
+        elif exit == "count":
+            counts = latent_counts_checked(latent_counts, k_max=k_max, batch=batch)
+            mode = "count"
         elif exit == "cosine":
             if t is not None and not -1.0 <= t <= 1.0:
                 raise ValueError(f"exit_threshold for exit='cosine' must lie in [-1, 1], got {t}")
@@ -110,8 +155,10 @@ class SegmentParams:
         std = latent_noise_std
         if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
             raise ValueError(f"latent_noise_std must be a float >= 0, got {std!r}")
-        threshold = float(t) if t is not None else (DEFAULT_COSINE_THRESHOLD if exit == "cosine" else 0.0)
-        return cls(k_max=k_max, mode=mode, threshold=threshold, latent_end_id=latent_end_id, noise_std=float(std))
+        default = {"cosine": DEFAULT_COSINE_THRESHOLD, "end_distance": DEFAULT_END_DISTANCE}.get(exit, 0.0)
+        threshold = float(t) if t is not None else default
+        return cls(k_max=k_max, mode=mode, threshold=threshold, latent_end_id=latent_end_id, noise_std=float(std),
+                   scope=exit_scope, end_embedding=emb, counts=counts)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,9 @@ class DecodeState:
         self.text_len = z(max_batch)
         self.logits = z(max_batch, vocab_size, dt=torch.float32)
         self.noise = torch.ones(max_batch, vocab_size, dtype=torch.float32, device=device)
+        self.fired = z(max_batch, dt=torch.bool)  # exit_scope="batch": the row's rule fired once
+        self.k_row = z(max_batch)  # exit="count": latent steps of each row
+        self.end_emb = z(hidden_size, dt=torch.float32)  # exit="end_distance": the learned end embedding
         self.threshold = z((), dt=torch.float32)
         self.sigma = z((), dt=torch.float32)
         self.latent_end = z(1)
@@ -93,7 +96,7 @@ class DecodeState:
         """The buffers a step mutates (besides the KV cache and per-call outputs): what a
         graph capture saves and restores around its warm-up runs."""
         return [self.x, self.mu, self.h, self.length, self.pos, self.active, self.num_latent, self.tok,
-                self.logprob, self.text_len, self.logits]
+                self.logprob, self.text_len, self.logits, self.fired]
 
     # ------------------------------------------------------------ engine side
     def start(self, batch: int, *, lengths: torch.Tensor, next_positions: torch.Tensor, hidden: torch.Tensor,

@@ -18,7 +18,9 @@ Sequence of one row (left-padded prompt ending with <|latent_start|>)::
 - exits, per row, after step t on its output h_t (the engine's rules, docs/engine.md):
   "fixed"; "cosine": cos(feedback(h_t), mu_t) > threshold; "stop_logit":
   lm_head(h_t)[latent_end_id] > threshold, or with no threshold, latent_end_id is the
-  argmax. An exited row feeds nothing more: its later latent columns are masked out of
+  argmax; "end_distance": ||feedback(h_t) - end_embedding||_2 < threshold (LVR);
+  "count": row b runs latent_counts[b] steps (Coconut). exit_scope "batch": every row
+  runs until every row's rule has fired once (Mirage). An exited row feeds nothing more: its later latent columns are masked out of
   the attention and its position does not advance.
 - tokens: greedy (temperature 0) or sampled with ``medlvr.engine.sampling.sample``
   (top-p nucleus, exponential race) from the same random draws as the engine: the latent
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from medlvr.engine import sampling
-from medlvr.engine.request import DEFAULT_COSINE_THRESHOLD, EXITS
+from medlvr.engine.request import DEFAULT_COSINE_THRESHOLD, DEFAULT_END_DISTANCE, EXIT_SCOPES, EXITS
 from medlvr.models import hf
 
 
@@ -65,7 +67,9 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
                 latent_end_id: int | None = None, projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
                 latent_noise_std: float = 0.0, latent_eps: torch.Tensor | None = None, temperature: float = 0.0,
                 top_p: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                generator: torch.Generator | None = None, return_logits: bool = False) -> LoopOutput:
+                generator: torch.Generator | None = None, return_logits: bool = False, exit_scope: str = "sample",
+                end_embedding: torch.Tensor | None = None,
+                latent_counts: Sequence[int] | torch.Tensor | None = None) -> LoopOutput:
     """Prefill -> up to k latent steps -> ``first_token`` (if given) -> up to
     max_new_tokens answer tokens, for a left-padded batch.
 
@@ -78,6 +82,12 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
         raise ValueError(f"exit must be one of {EXITS}, got {exit!r}")
     if exit == "stop_logit" and latent_end_id is None:
         raise ValueError("exit='stop_logit' needs latent_end_id")
+    if exit == "end_distance" and not isinstance(end_embedding, torch.Tensor):
+        raise ValueError("exit='end_distance' needs end_embedding, a (D,) tensor")
+    if exit == "count" and latent_counts is None:
+        raise ValueError("exit='count' needs latent_counts, one step count per row")
+    if exit_scope not in EXIT_SCOPES:
+        raise ValueError(f"exit_scope must be one of {EXIT_SCOPES}, got {exit_scope!r}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
     model = hf.unwrap(model)
@@ -104,6 +114,10 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
     latents, mus, hidden, outs = zeros, zeros.clone(), zeros.clone(), zeros.clone()
     num_latent = torch.zeros(B, dtype=torch.long, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
+    if exit == "count":
+        counts = torch.as_tensor(latent_counts, dtype=torch.long, device=dev)
+        active = counts > 0
+    fired = torch.zeros(B, dtype=torch.bool, device=dev)
     sigma = float(latent_noise_std)
     noisy = sigma > 0 and k > 0
     eps = latent_eps
@@ -125,10 +139,19 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
             logits = head(h).float()
             stop = (logits.argmax(-1) == latent_end_id if exit_threshold is None
                     else logits[:, latent_end_id] > exit_threshold)
+        elif exit == "end_distance":
+            thr = DEFAULT_END_DISTANCE if exit_threshold is None else exit_threshold
+            stop = (mu_next.float() - end_embedding.float()).norm(dim=-1) < thr
+        elif exit == "count":
+            stop = num_latent >= counts
         else:
             stop = torch.zeros_like(active)
         mu = torch.where(keep, mu_next, mu)
-        active = active & ~stop
+        if exit_scope == "batch" and exit != "fixed":
+            fired = fired | (stop & active)
+            active = active & ~fired.all()
+        else:
+            active = active & ~stop
 
     # ---------------------------------------------------------------- answer
     T = max_new_tokens

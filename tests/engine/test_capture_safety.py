@@ -94,6 +94,21 @@ def test_latent_segment_is_capture_safe(vl_model, exit, threshold, noise):
     assert out.latents.shape[:2] == (3, 3)
 
 
+NEW_EXITS = [dict(exit="end_distance", exit_threshold=0.5, end_embedding=torch.zeros(64)),
+             dict(exit="count", latent_counts=[1, 3, 0]),
+             dict(exit="count", latent_counts=[1, 3, 2], exit_scope="batch"),
+             dict(exit="stop_logit", exit_scope="batch")]
+
+
+@pytest.mark.parametrize("kw", NEW_EXITS, ids=["end_distance", "count", "count-batch", "stop_logit-batch"])
+def test_drop_in_exit_rules_are_capture_safe(vl_model, kw):
+    """The exit rules of the drop-in presets (issue 15) run inside the segment graph."""
+    engine = LatentEngine(vl_model, max_batch=4, max_len=64)
+    with capture_checks():
+        out = engine.generate(_batch(), k_max=3, max_new_tokens=2, latent_end_id=tm.LATENT_END, **kw)
+    assert out.latents.shape[:2] == (3, 3)
+
+
 @pytest.mark.parametrize("sampling", SAMPLING, ids=["greedy", "temperature", "top_p"])
 @pytest.mark.parametrize("with_generator", [False, True])
 def test_text_step_is_capture_safe(vl_model, sampling, with_generator):
