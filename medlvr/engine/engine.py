@@ -48,7 +48,7 @@ from medlvr.engine.graphs import GraphRunner
 from medlvr.engine.request import (GenerateOutput, LatentSegment, SegmentParams, TextOutput, TextParams, as_mapping,
                                    check_generator, checked_batch, positive_int)
 from medlvr.engine.state import DecodeState
-from medlvr.ops.decode import decode_attention, rmsnorm_feedback, rotary_append
+from medlvr.ops.decode import decode_attention, rotary_append
 
 # Check for "every sample stopped" once per this many text steps on CUDA: each check
 # is a host sync, which would otherwise serialise the otherwise asynchronous replays.
@@ -93,6 +93,9 @@ class LatentEngine:
         self.max_batch, self.max_len = max_batch, max_len
         if not isinstance(fuse_projections, bool):
             raise TypeError(f"fuse_projections must be a bool, got {fuse_projections!r}")
+        if a.max_positions is not None and max_len > a.max_positions:
+            raise ValueError(f"max_len {max_len} exceeds the model's {a.max_positions} learned positions "
+                             "(config.n_positions)")
         self.fused = FusedProjections(a.layers) if fuse_projections else None
         self.cache = StaticKVCache(num_layers=len(a.layers), max_batch=max_batch, num_kv_heads=a.num_kv_heads,
                                    max_len=max_len, head_dim=a.head_dim, dtype=self.dtype, device=self.device)
@@ -325,13 +328,16 @@ class LatentEngine:
         slots = torch.where(active, lengths, torch.full_like(lengths, -1))
         attn_len = lengths + active.long()  # the step's own key included
         pos = self.state.pos[:, :Bk] if a.mrope_section is not None else self.state.pos[0, :Bk]
-        h = x
+        # learned absolute positions (GPT-2) are added to the input, latent or token
+        h = x if a.position_embedding is None else x + a.position_embedding(pos).to(x.dtype)
         for i, layer in enumerate(a.layers):
             eps_in, eps_post = a.layer_eps[i]
-            normed = rmsnorm_feedback(h, layer.input_norm.weight, eps=eps_in, out=torch.empty_like(h))
+            normed = a.layer_norm(h, layer.input_norm, eps_in)
             fused = self.fused.layers[i] if self.fused is not None else None
             if fused is not None:
                 q, k, v = fused.qkv(normed)
+            elif layer.qkv is not None:
+                q, k, v = layer.qkv(normed)
             else:
                 q, k, v = layer.q_proj(normed), layer.k_proj(normed), layer.v_proj(normed)
             q = q.view(Bk, a.num_heads, a.head_dim)
@@ -342,7 +348,7 @@ class LatentEngine:
                               k_cache=k_cache, v_cache=v_cache, slots=slots, rotary_dim=a.rotary_dim)
             o = decode_attention(q, k_cache, v_cache, attn_len, scale=a.attn_scale)
             h = h + layer.o_proj(o.reshape(Bk, a.num_heads * a.head_dim))
-            normed = rmsnorm_feedback(h, layer.post_norm.weight, eps=eps_post, out=torch.empty_like(h))
+            normed = a.layer_norm(h, layer.post_norm, eps_post)
             h = h + (fused.mlp(normed) if fused is not None else layer.mlp(normed))
         return h
 
@@ -360,8 +366,7 @@ class LatentEngine:
         prev = mu.clone()
         # Exited rows keep their last state: after the segment mu/h (and x) hold each
         # sample's state at its own last position.
-        normed = rmsnorm_feedback(out, self.adapter.norm.weight, eps=self.adapter.norm_eps, out=mu, active=active,
-                                  projector=self.projector)
+        normed = self.adapter.norm_feedback(out, out=mu, active=active, projector=self.projector)
         if self.projector is None:
             h.copy_(mu)
         else:
@@ -413,7 +418,7 @@ class LatentEngine:
         active = s.active[:Bk]
         out = self._layers(self.adapter.embed_tokens(s.tok[:Bk]), active, bound)
         s.advance(active)
-        normed = rmsnorm_feedback(out, self.adapter.norm.weight, eps=self.adapter.norm_eps, out=torch.empty_like(out))
+        normed = self.adapter.norm_feedback(out, out=torch.empty_like(out))
         s.logits[:Bk].copy_(self.adapter.lm_head(normed))
 
     def _draw(self, p: TextParams, generator: torch.Generator | None) -> None:

@@ -42,8 +42,8 @@ def unwrap(model: nn.Module) -> nn.Module:
         # like the HF model from outside but is not one (no get_rope_index on its .model).
         if hasattr(m, "get_base_model"):
             m = m.get_base_model()
-        elif hasattr(m, "lm_head") and hasattr(m, "model"):
-            return m
+        elif hasattr(m, "lm_head") and (hasattr(m, "model") or hasattr(m, "transformer")):
+            return m  # GPT2LMHeadModel keeps its decoder as .transformer
         elif isinstance(getattr(m, "module", None), nn.Module):  # DDP, FSDP
             m = m.module
         elif hasattr(m, "_orig_mod"):  # torch.compile
@@ -56,12 +56,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def is_multimodal(model: nn.Module) -> bool:
     """True for the Qwen-VL layout (vision tower + ``language_model``, 3-section mRoPE)."""
-    return hasattr(unwrap(model).model, "language_model")
+    return hasattr(_inner(unwrap(model)), "language_model")
+
+
+def _inner(hf_model: nn.Module) -> nn.Module:
+    inner = getattr(hf_model, "model", None)
+    return inner if inner is not None else hf_model.transformer
 
 
 def decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack (embed_tokens, layers, final norm, rotary_emb)."""
-    inner = unwrap(model).model
+    """The decoder stack (embed_tokens, layers, final norm, rotary_emb; GPT-2's
+    ``transformer``: wte, wpe, h, ln_f)."""
+    inner = _inner(unwrap(model))
     return inner.language_model if hasattr(inner, "language_model") else inner
 
 

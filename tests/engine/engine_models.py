@@ -58,6 +58,16 @@ def llama(seed: int = 0, dtype=torch.float32):
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def gpt2(seed: int = 0, dtype=torch.float32):
+    """Tiny random GPT-2 (Coconut's architecture): learned positions, LayerNorm, Conv1D."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0,
+                     eos_token_id=2, pad_token_id=0, initializer_range=INIT)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
 def vl_sample(grid_hw, n_text: int, *, seed: int):
     """One prompt: text, an image of (h, w) patches (merged 2x2), text, <|latent_start|>.
     grid_hw None: a text-only prompt. Returns (ids (S,), pixel_values or None, grid or None)."""

@@ -28,10 +28,10 @@ def _gen(engine, batch, **kw):
 
 def test_unknown_model_type_lists_supported():
     model = torch.nn.Linear(2, 2)
-    model.config = types.SimpleNamespace(model_type="gpt2")
-    with pytest.raises(ValueError, match="model_type must be one of .*qwen2_5_vl.*'gpt2'"):
+    model.config = types.SimpleNamespace(model_type="gpt_neox")
+    with pytest.raises(ValueError, match="model_type must be one of .*qwen2_5_vl.*'gpt_neox'"):
         LatentEngine(model, max_batch=1, max_len=8)
-    assert {"qwen2_5_vl", "qwen2_vl", "qwen2", "llama"} <= set(supported_model_types())
+    assert {"qwen2_5_vl", "qwen2_vl", "qwen2", "llama", "gpt2"} <= set(supported_model_types())
 
 
 def test_batch_over_max_batch(vl_model):

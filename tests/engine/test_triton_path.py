@@ -33,3 +33,22 @@ def test_engine_on_triton_kernels_matches_references(device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(b.abs().max())))
     assert out.num_latent.tolist() == ref.num_latent.tolist()
     assert out.tokens.tolist() == ref.tokens.tolist()
+
+
+@pytest.mark.parametrize("device", triton_devices())
+def test_gpt2_on_triton_kernels_matches_references(device):
+    """GPT-2's K/V append goes through rotary_append with one zero frequency (the identity
+    rotation, medlvr/engine/adapters/gpt2.py): on the kernel too it must be a plain append."""
+    model = tm.gpt2().to(device)
+    ids = torch.tensor([[0, 0, 11, 12, 13, tm.LATENT_START], [21, 22, 23, 24, 25, tm.LATENT_START]], device=device)
+    batch = {"input_ids": ids, "attention_mask": (torch.arange(6, device=device) >= torch.tensor(
+        [[2], [0]], device=device)).long()}
+    kw = dict(k_max=2, exit="count", latent_counts=[1, 2], max_new_tokens=2, latent_end_id=tm.LATENT_END,
+              return_logits=True)
+    with medlvr.force_backend("reference"):
+        ref = LatentEngine(model, max_batch=2, max_len=16).generate(batch, **kw)
+    with medlvr.force_backend("triton"):
+        out = LatentEngine(model, max_batch=2, max_len=16).generate(batch, **kw)
+    for a, b in ((out.latents, ref.latents), (out.logits, ref.logits)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(b.abs().max())))
+    assert out.tokens.tolist() == ref.tokens.tolist()

@@ -15,12 +15,13 @@ with ``@register``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from medlvr.models import hf
+from medlvr.ops.decode import rmsnorm_feedback
 
 _REGISTRY: dict[str, type["ModelAdapter"]] = {}
 
@@ -92,13 +93,14 @@ class DecoderLayer:
     """One pre-norm decoder layer, as module references (not weight copies): the engine
     always sees the model's current weights, and PEFT/LoRA wrappers stay in the path."""
 
-    input_norm: nn.Module  # RMSNorm: .weight, eps
-    q_proj: nn.Module
-    k_proj: nn.Module
-    v_proj: nn.Module
+    input_norm: nn.Module  # RMSNorm: .weight, eps (LayerNorm for GPT-2: adapter.norm knows)
+    q_proj: nn.Module | None
+    k_proj: nn.Module | None
+    v_proj: nn.Module | None
     o_proj: nn.Module
     post_norm: nn.Module
     mlp: nn.Module  # act(gate(x)) * up(x) -> down
+    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # fused (GPT-2)
 
 
 @dataclass
@@ -149,7 +151,25 @@ class ModelAdapter:
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or self.hidden_size // self.num_heads)
         self.vocab_size = int(cfg.vocab_size)
+        self._init_rotary()
+        self.layers = self._layer_views()
+        self.attn_scale = self._attn_scale()
+        self.norm = self._final_norm()
+        self.norm_eps = _norm_eps(self.norm)
+        self.layer_eps = [(_norm_eps(l.input_norm), _norm_eps(l.post_norm)) for l in self.layers]
+        self.embed_tokens = TokenEmbedding(model.get_input_embeddings())
+        self.lm_head = model.get_output_embeddings()
+        if self.lm_head is None:
+            raise ValueError(f"{type(model).__name__} has no lm_head (use the *ForCausalLM / "
+                             "*ForConditionalGeneration class)")
 
+    # ------------------------------------------------------------ layout (overridden by GPT-2)
+    # Learned absolute positions: an nn.Embedding added to every step's input (GPT-2);
+    # None for rotary models. max_positions: the table's size (None: unbounded).
+    position_embedding: nn.Module | None = None
+    max_positions: int | None = None
+
+    def _init_rotary(self) -> None:
         rotary = self.decoder.rotary_emb
         if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
             raise ValueError("rope types that scale cos/sin (attention_scaling != 1, e.g. yarn, longrope) are not "
@@ -160,22 +180,32 @@ class ModelAdapter:
         self.inv_freq = rotary.inv_freq.detach().to(torch.float32)
         self.rotary_dim = 2 * self.inv_freq.numel()
 
-        self.layers = [
+    def _layer_views(self) -> list[DecoderLayer]:
+        return [
             DecoderLayer(input_norm=layer.input_layernorm, q_proj=layer.self_attn.q_proj,
                          k_proj=layer.self_attn.k_proj, v_proj=layer.self_attn.v_proj,
                          o_proj=layer.self_attn.o_proj, post_norm=layer.post_attention_layernorm,
                          mlp=layer.mlp)
             for layer in self.decoder.layers
         ]
-        self.attn_scale = float(getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim ** -0.5))
-        self.norm = self.decoder.norm
-        self.norm_eps = _norm_eps(self.norm)
-        self.layer_eps = [(_norm_eps(l.input_norm), _norm_eps(l.post_norm)) for l in self.layers]
-        self.embed_tokens = TokenEmbedding(model.get_input_embeddings())
-        self.lm_head = model.get_output_embeddings()
-        if self.lm_head is None:
-            raise ValueError(f"{type(model).__name__} has no lm_head (use the *ForCausalLM / "
-                             "*ForConditionalGeneration class)")
+
+    def _attn_scale(self) -> float:
+        return float(getattr(self.decoder.layers[0].self_attn, "scaling", self.head_dim ** -0.5))
+
+    def _final_norm(self) -> nn.Module:
+        return self.decoder.norm
+
+    # ------------------------------------------------------------ the norms of a step
+    def layer_norm(self, hidden: torch.Tensor, module: nn.Module, eps: float) -> torch.Tensor:
+        """A layer's input / post-attention norm of one step (B, D) -> (B, D)."""
+        return rmsnorm_feedback(hidden, module.weight, eps=eps, out=torch.empty_like(hidden))
+
+    def norm_feedback(self, hidden: torch.Tensor, *, out: torch.Tensor, active: torch.Tensor | None = None,
+                      projector: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The final norm, written into ``out`` (the next latent input) for active rows;
+        rmsnorm_feedback's contract (medlvr/ops/decode.py)."""
+        return rmsnorm_feedback(hidden, self.norm.weight, eps=self.norm_eps, out=out, active=active,
+                                projector=projector)
 
     # ------------------------------------------------------------ per model family
     mrope_section: tuple[int, ...] | None = None
