@@ -1,0 +1,234 @@
+"""One call on the user's own model: ``generate``, ``patch`` and ``custom_generate``.
+
+    out = medlvr.generate(model, processor(...), spec="coconut", tokenizer=tok)
+    out.tokens, out.latents, out.num_latent
+
+The prompt (what the tokenizer / processor returns, left- or right-padded) is cut at the
+spec's start token and re-padded on the left as the engine wants it (docs/engine.md);
+Coconut's placeholders are counted per row (the token-count exit) and dropped, since the
+engine feeds the latents in their place. Every check runs before the engine does.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from medlvr.dropin.spec import LatentSpec, ResolvedTokens
+from medlvr.engine import LatentEngine
+from medlvr.engine.adapters import adapter_for
+from medlvr.models import hf
+
+# model -> its engine, rebuilt when a request outgrows it (weak: dies with the model)
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, LatentEngine]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class DropinOutput:
+    """tokens (B, T) answer ids (pad after the stop), token_logprobs (B, T), text_lengths
+    (B); latents (B, K, D) the latents fed (zero after each row's exit), num_latent (B);
+    prompt_ids (B, S) the left-padded prompts the engine ran (cut after the start token),
+    prompt_mask (B, S); sequences (B, S_in + T): the caller's input_ids followed by the
+    answer, HF generate's layout (the latents are not ids: they are in ``latents``)."""
+
+    tokens: torch.Tensor
+    token_logprobs: torch.Tensor
+    text_lengths: torch.Tensor
+    latents: torch.Tensor
+    num_latent: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    sequences: torch.Tensor
+
+
+def _spec(spec) -> LatentSpec:
+    if isinstance(spec, str):
+        return LatentSpec.preset(spec)
+    if not isinstance(spec, LatentSpec):
+        raise TypeError(f"spec must be a LatentSpec or a preset name, got {type(spec).__name__}")
+    return spec
+
+
+def _rows(inputs: Mapping[str, Any]) -> list[torch.Tensor]:
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError("inputs must hold input_ids, a (B, S) tensor (what the tokenizer / processor returns)")
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    if mask.shape != ids.shape:
+        raise ValueError(f"inputs['attention_mask'] must have input_ids' shape {tuple(ids.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    return [ids[b][mask[b].bool()] for b in range(ids.shape[0])]
+
+
+def engine_prompts(inputs: Mapping[str, Any], spec: LatentSpec, tok: ResolvedTokens, *, pad_id: int = 0):
+    """(batch for the engine, latent_counts or None). Each row is cut right after its
+    last start token; what follows must be nothing ("after_start") or placeholders,
+    optionally closed by the end token ("placeholders")."""
+    rows, counts = [], []
+    for b, row in enumerate(_rows(inputs)):
+        hits = (row == tok.start).nonzero().flatten().tolist()
+        if not hits:
+            if spec.require_start:
+                raise ValueError(f"inputs['input_ids'] row {b} holds no latent start token (id {tok.start}, "
+                                 f"{spec.start_token!r}) but spec {spec.name!r} requires one")
+            row = torch.cat([row, row.new_tensor([tok.start])])
+            hits = [row.numel() - 1]
+        cut = hits[-1] + 1
+        tail = row[cut:].tolist()
+        if spec.placement == "placeholders":
+            if tail and tail[-1] == tok.end:
+                tail = tail[:-1]
+            if any(t != tok.latent for t in tail):
+                raise ValueError(f"inputs['input_ids'] row {b}: after the start token only latent placeholders "
+                                 f"(id {tok.latent}) and the end token may follow, got {tail}")
+            counts.append(len(tail))
+        elif tail:
+            raise ValueError(f"inputs['input_ids'] row {b}: the prompt must end with the start token "
+                             f"(id {tok.start}); {len(tail)} tokens follow it")
+        rows.append(row[:cut])
+    S = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), S), pad_id, dtype=torch.long, device=rows[0].device)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, S - r.numel():] = r
+        mask[b, S - r.numel():] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    for key in ("pixel_values", "image_grid_thw"):  # images precede the start token: kept as they are
+        if inputs.get(key) is not None:
+            batch[key] = inputs[key]
+    return batch, (counts if spec.placement == "placeholders" else None)
+
+
+def _engine(model: nn.Module, batch: int, length: int, projector) -> LatentEngine:
+    eng = _ENGINES.get(model)
+    if eng is None or eng.max_batch < batch or eng.max_len < length or eng.projector is not projector:
+        cap = 64
+        while cap < length:
+            cap *= 2
+        limit = adapter_for(model).max_positions
+        cap = min(cap, limit) if limit is not None else cap
+        size = max(batch, eng.max_batch if eng is not None else 1)
+        eng = LatentEngine(model, max_batch=size, max_len=max(cap, length), projector=projector)
+        _ENGINES[model] = eng
+    return eng
+
+
+def _stop_ids(model, tokenizer, stop_ids):
+    if stop_ids is not None:
+        return list(stop_ids)
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    eos = getattr(tok, "eos_token_id", None) if tok is not None else None
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+def generate(model: nn.Module, inputs: Mapping[str, Any], spec: LatentSpec | str = "medlvr", *, tokenizer=None,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+             stop_ids: Sequence[int] | None = None, generator: torch.Generator | None = None) -> DropinOutput:
+    """Run ``spec``'s latent reasoning on ``model`` with the engine: prompt -> latents ->
+    end token -> answer. ``inputs``: the tokenizer's / processor's output (input_ids,
+    attention_mask, and pixel_values / image_grid_thw for VLMs). ``tokenizer`` resolves
+    token names and gives the eos id (stop_ids default). The engine is built on first use
+    and cached per model."""
+    spec = _spec(spec)
+    model = hf.unwrap(model)
+    adapter = adapter_for(model)  # unsupported model types fail here, listing the supported ones
+    tok = spec.resolve(tokenizer, vocab_size=adapter.vocab_size)
+    stops = _stop_ids(model, tokenizer, stop_ids)
+    pad = stops[0] if stops else 0
+    batch, counts = engine_prompts(inputs, spec, tok, pad_id=pad)
+    k = spec.max_steps if spec.max_steps is not None else max(counts)
+    if counts is not None and spec.max_steps is not None and max(counts) > spec.max_steps:
+        raise ValueError(f"a prompt holds {max(counts)} latent placeholders, more than spec.max_steps "
+                         f"{spec.max_steps}")
+    end_emb = spec.end_embedding
+    if isinstance(end_emb, str):
+        if not isinstance(getattr(model, end_emb, None), torch.Tensor):
+            raise ValueError(f"spec {spec.name!r}: end_embedding names model.{end_emb}, which is not a tensor")
+        end_emb = getattr(model, end_emb)
+    projector = spec.projector if spec.projector is not None else getattr(model, "latent_projector", None)
+    need = int(batch["attention_mask"].sum(-1).max()) + k + max_new_tokens
+    eng = _engine(model, batch["input_ids"].shape[0], need, projector)
+    out = eng.generate(batch, k_max=k, exit=spec.exit, exit_threshold=spec.exit_threshold,
+                       exit_scope=spec.exit_scope, end_embedding=end_emb, latent_counts=counts,
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stops,
+                       latent_end_id=tok.end if k > 0 else None, generator=generator, pad_id=pad)
+    ids = inputs["input_ids"].to(out.tokens.device)
+    return DropinOutput(tokens=out.tokens, token_logprobs=out.token_logprobs, text_lengths=out.text_lengths,
+                        latents=out.latents, num_latent=out.num_latent, prompt_ids=batch["input_ids"],
+                        prompt_mask=batch["attention_mask"], sequences=torch.cat([ids, out.tokens], dim=1))
+
+
+def _holds_start(input_ids, tok: ResolvedTokens) -> bool:
+    return isinstance(input_ids, torch.Tensor) and bool((input_ids == tok.start).any())
+
+
+def patch(model: nn.Module, spec: LatentSpec | str, *, tokenizer=None) -> nn.Module:
+    """Make ``model.generate(...)`` run prompts that hold the spec's start token through the
+    engine (returning HF's layout: input_ids + answer, or a DropinOutput with
+    ``return_dict_in_generate=True``); every other call goes to HF's generate untouched.
+    Supported arguments on the engine route: max_new_tokens, do_sample, temperature,
+    top_p, eos_token_id, generator; others raise. Returns the model."""
+    spec = _spec(spec)
+    adapter = adapter_for(hf.unwrap(model))
+    tok = spec.resolve(tokenizer, vocab_size=adapter.vocab_size)
+    original = model.generate
+
+    @functools.wraps(original)
+    def routed(*args, **kwargs):
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if not _holds_start(inputs, tok):
+            return original(*args, **kwargs)
+        return _run_hf_style(model, spec, tokenizer, inputs, kwargs)
+
+    model.generate = routed
+    model.medlvr_unpatched_generate = original
+    return model
+
+
+_HF_KEYS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "max_new_tokens",
+            "do_sample", "temperature", "top_p", "eos_token_id", "pad_token_id", "generator",
+            "return_dict_in_generate", "generation_config", "logits_processor", "stopping_criteria", "synced_gpus",
+            "streamer", "use_cache", "output_scores", "output_logits", "output_attentions",
+            "output_hidden_states", "token_type_ids"}
+
+
+def _run_hf_style(model, spec, tokenizer, input_ids, kwargs) -> DropinOutput | torch.Tensor:
+    unknown = sorted(set(kwargs) - _HF_KEYS)
+    if unknown:
+        raise ValueError(f"generate arguments {unknown} are not supported on medlvr's latent route "
+                         f"(spec {spec.name!r})")
+    cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    get = lambda k, d=None: kwargs[k] if kwargs.get(k) is not None else getattr(cfg, k, d)  # noqa: E731
+    sample = bool(get("do_sample", False))
+    eos = get("eos_token_id")
+    out = generate(model, {**kwargs, "input_ids": input_ids}, spec, tokenizer=tokenizer,
+                   max_new_tokens=int(get("max_new_tokens", 64) or 64),
+                   temperature=float(get("temperature", 1.0) or 1.0) if sample else 0.0,
+                   top_p=float(get("top_p", 1.0) or 1.0) if sample else 1.0,
+                   stop_ids=None if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+                   generator=kwargs.get("generator"))
+    return out if kwargs.get("return_dict_in_generate") else out.sequences
+
+
+def custom_generate(spec: LatentSpec | str, *, tokenizer=None):
+    """A decoding callable for ``model.generate(inputs, custom_generate=...)`` (transformers
+    >= 5 calls it after its own input preparation with the prepared input_ids and model
+    kwargs). Logits processors and stopping criteria other than eos are not applied."""
+    spec = _spec(spec)
+
+    def decode(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
+               synced_gpus=False, streamer=None, **model_kwargs):
+        kw = {k: v for k, v in model_kwargs.items() if k in ("attention_mask", "pixel_values", "image_grid_thw")}
+        kw["generation_config"] = generation_config
+        if generation_config is not None:
+            kw["return_dict_in_generate"] = bool(getattr(generation_config, "return_dict_in_generate", False))
+        return _run_hf_style(model, spec, tokenizer, input_ids, kw)
+
+    return decode
