@@ -82,6 +82,46 @@ def _compiled(fn, enabled):
 
 
 # ------------------------------------------------------------------ measurement
+# ------------------------------------------------------------------ library peers
+def external_attention_peers(device, dtype, notes):
+    """Decode-attention peers from libraries, when importable on this device: a dict
+    name -> make(q, k_cache, v_cache, lengths) -> step function. Each converts the
+    (B, Hkv, L, Dh) cache to its own native layout once, outside the timed step. A peer
+    that cannot run is named in ``notes`` with the reason."""
+    peers = {}
+    if device.type != "cuda":
+        notes.append("flash_attn_with_kvcache, FlashInfer decode: not run (CUDA only).")
+        return peers
+    try:
+        from flash_attn import flash_attn_with_kvcache
+
+        def make_fa(q, k_cache, v_cache, lengths):
+            kc, vc = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()  # (B, L, Hkv, Dh)
+            q4, seqlens = q[:, None], lengths.to(torch.int32)
+            return lambda: flash_attn_with_kvcache(q4, kc, vc, cache_seqlens=seqlens)
+        peers["flash_attn_with_kvcache"] = make_fa
+    except Exception as e:  # not installed / no build for this GPU
+        notes.append(f"flash_attn_with_kvcache: not run ({type(e).__name__}: {str(e)[:120]})")
+    try:
+        import flashinfer
+
+        def make_fi(q, k_cache, v_cache, lengths):
+            # One page per sample of page_size = L (NHD layout): the cache as FlashInfer
+            # stores it, every sample at full length as in this benchmark.
+            B, Hkv, L, Dh = k_cache.shape
+            kv = torch.stack([k_cache.transpose(1, 2), v_cache.transpose(1, 2)], dim=1).contiguous()
+            ws = torch.empty(128 << 20, dtype=torch.uint8, device=q.device)
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+            idx = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+            last = lengths.to(torch.int32)
+            w.plan(idx, idx[:-1], last, q.shape[1], Hkv, Dh, L, data_type=q.dtype)
+            return lambda: w.run(q, kv)
+        peers["flashinfer decode (paged)"] = make_fi
+    except Exception as e:
+        notes.append(f"FlashInfer decode: not run ({type(e).__name__}: {str(e)[:120]})")
+    return peers
+
+
 def copy_bandwidth(device, args) -> float:
     """GB/s of a large device copy (read + write), the practical HBM/DRAM floor."""
     nbytes = 1 << 28 if device.type == "cuda" else 1 << 25  # 256 MB on a GPU (>> L2), 32 MB on CPU
@@ -102,7 +142,8 @@ def _time(fn, device, args):
     return time_ms(fn, device=device, warmup=args.warmup, iters=args.iters)
 
 
-def bench_case(B, L, *, Hq, Hkv, Dh, D, dtype, device, args, bw, use_triton, use_compile):
+def bench_case(B, L, *, Hq, Hkv, Dh, D, dtype, device, args, bw, use_triton, use_compile, peers=None,
+               notes=None):
     rows = []
     es = torch.tensor([], dtype=dtype).element_size()
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -145,6 +186,12 @@ def bench_case(B, L, *, Hq, Hkv, Dh, D, dtype, device, args, bw, use_triton, use
     if comp is not None:
         rows.append(_row("decode_attention", shape, "torch.compile(naive)",
                          _time(lambda: comp(q, k_cache, v_cache, lengths), device, args), nbytes, bw))
+    for name, make in (peers or {}).items():
+        try:
+            fn = make(q, k_cache, v_cache, lengths)
+            rows.append(_row("decode_attention", shape, name, _time(fn, device, args), nbytes, bw))
+        except Exception as e:  # a peer that fails at this shape is named, never fatal
+            notes.append(f"{name} {shape}: failed ({type(e).__name__}: {str(e)[:120]})")
     if use_triton:
         rows.append(_row("decode_attention", shape, "medlvr triton",
                          _time(lambda: ops.decode_attention(q, k_cache, v_cache, lengths, out=out), device, args),
@@ -190,16 +237,18 @@ def main(argv=None):
     # torch.compile on CPU needs a C++ toolchain and minutes per shape: CUDA only by default.
     use_compile = on_cuda and not args.no_compile
     bw = copy_bandwidth(device, args)
-    rows = []
+    rows, peer_notes = [], []
+    peers = external_attention_peers(device, dtype, peer_notes)
     with torch.inference_mode():
         for B, L in cases:
             rows += bench_case(B, L, Hq=Hq, Hkv=Hkv, Dh=Dh, D=D, dtype=dtype, device=device, args=args, bw=bw,
-                               use_triton=on_cuda, use_compile=use_compile)
+                               use_triton=on_cuda, use_compile=use_compile, peers=peers, notes=peer_notes)
     for r in rows:
         r["dtype"] = str(dtype).replace("torch.", "")
     notes = [f"Copy bandwidth measured in this run: {bw:.1f} GB/s (read + write of a large tensor copy).",
              "MB moved = bytes the op must read + write at minimum; frac of copy bw = (MB moved / time) / copy bw.",
              f"Shapes: Hq={Hq}, Hkv={Hkv}, Dh={Dh}, D={D} (Qwen2.5-VL-7B), all samples at full length L."]
+    notes += peer_notes
     if not on_cuda:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         notes.append(f"CPU load average (1 min) at the end of the run: {load:.1f} on {os.cpu_count()} cores "

@@ -20,6 +20,13 @@ layer) and does ~1 FLOP per byte. Two consequences shape the kernel:
 
 Softmax in base 2: scores are scaled by scale * log2(e) so exp2 (one MUFU op) replaces
 exp. All statistics and accumulators are fp32.
+
+Cascade attention (grouped rollouts, medlvr/engine/group.py): with a row map, query row b
+reads cache row ``rows[b]`` (G query rows share one prompt's K/V, read in place, never
+copied), and with an lse output each row's log-sum-exp (natural log) is written next to
+its output so that a prefix call and a suffix call can be merged exactly
+(medlvr.ops.decode.merge_attention). Both are constexpr switches: the plain kernel is
+unchanged.
 """
 from __future__ import annotations
 
@@ -41,14 +48,15 @@ BLOCK_N = 64
 
 @triton.jit
 def _decode_attn_stage1(
-    q_ptr, kc_ptr, vc_ptr, len_ptr, o_ptr, lse_ptr, part_ptr,
+    q_ptr, kc_ptr, vc_ptr, len_ptr, o_ptr, lse_ptr, part_ptr, map_ptr, lo_ptr,
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
     so_b, so_h, so_d,
-    sp_b, sp_h, sp_s, sp_d, sl_b, sl_h, sl_s,
-    qk_scale, split_len, seq_cap,
+    sp_b, sp_h, sp_s, sp_d, sl_b, sl_h, sl_s, slo_b, slo_h,
+    qk_scale, split_len, seq_cap, row_cap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr, EMU: tl.constexpr,
+    HAS_MAP: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1).to(tl.int64)
@@ -73,8 +81,14 @@ def _decode_attn_stage1(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    k_base = kc_ptr + b * sk_b + hk * sk_h
-    v_base = vc_ptr + b * sv_b + hk * sv_h
+    if HAS_MAP:
+        # The cache row this query row reads; clamped to the cache (row_cap = B_max) so an
+        # unchecked bad map never reads outside it (checked on CPU / with check=True).
+        row = tl.minimum(tl.maximum(tl.load(map_ptr + b).to(tl.int64), 0), row_cap - 1)
+    else:
+        row = b
+    k_base = kc_ptr + row * sk_b + hk * sk_h
+    v_base = vc_ptr + row * sv_b + hk * sv_h
     # The loop only visits [lo, hi): every visited tile holds at least one valid key,
     # so m_i is finite after the first tile and exp2(m_i - m_new) never sees -inf - -inf.
     for start in range(lo, hi, BLOCK_N):
@@ -109,6 +123,10 @@ def _decode_attn_stage1(
         # One split covers the sequence: this is already the answer, skip stage 2.
         tl.store(o_ptr + b * so_b + h[:, None] * so_h + d[None, :] * so_d,
                  _cast(o, o_ptr.dtype.element_ty, EMU), mask=gm[:, None] & dm[None, :])
+        if WRITE_LSE:  # natural log: log2 units * ln 2
+            lse1 = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
+                            float("-inf"))
+            tl.store(lo_ptr + b * slo_b + h * slo_h, lse1, mask=gm)
     else:
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(part_ptr + b * sp_b + h[:, None] * sp_h + s * sp_s + d[None, :] * sp_d, o,
@@ -118,10 +136,10 @@ def _decode_attn_stage1(
 
 @triton.jit
 def _decode_attn_stage2(
-    o_ptr, lse_ptr, part_ptr,
-    so_b, so_h, so_d, sp_b, sp_h, sp_s, sp_d, sl_b, sl_h, sl_s,
+    o_ptr, lse_ptr, part_ptr, lo_ptr,
+    so_b, so_h, so_d, sp_b, sp_h, sp_s, sp_d, sl_b, sl_h, sl_s, slo_b, slo_h,
     SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    EMU: tl.constexpr,
+    EMU: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     # out = sum_s 2^(lse_s - M) * o_s / sum_s 2^(lse_s - M), M = max_s lse_s: the
     # standard logsumexp merge of normalised partial outputs.
@@ -140,6 +158,10 @@ def _decode_attn_stage2(
                    mask=sm[:, None] & dm[None, :], other=0.0)
     o = tl.sum(part * w[:, None], axis=0) / tl.where(den > 0.0, den, 1.0)
     tl.store(o_ptr + b * so_b + h * so_h + d * so_d, _cast(o, o_ptr.dtype.element_ty, EMU), mask=dm)
+    if WRITE_LSE:  # log-sum-exp over all splits, natural log
+        tot = tl.where(den > 0.0, (mx + tl.log2(tl.where(den > 0.0, den, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(lo_ptr + b * slo_b + h * slo_h, tot)
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,8 +181,11 @@ def default_num_splits(B: int, Hkv: int, L_max: int, device: torch.device) -> in
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
                      scale: float | None = None, num_splits: int | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launcher; arguments were validated by medlvr.ops.decode.decode_attention."""
+                     out: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                     lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Launcher; arguments were validated by medlvr.ops.decode.decode_attention.
+    rows (B) int: cache row of query row b (default b); lse (B Hq) fp32: receives each
+    row's log-sum-exp of the scaled scores (natural log, -inf for length 0)."""
     B, Hq, Dh = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -181,25 +206,28 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = max(16, triton.next_power_of_2(Dh))
     single = splits == 1
     interpreted = q.device.type != "cuda"
+    lse_out = lse
     if single:
-        part = lse = out  # unused by the SINGLE specialisation; any tensor will do
+        part = part_lse = out  # unused by the SINGLE specialisation; any tensor will do
         sp, sl = (0, 0, 0, 0), (0, 0, 0)
     else:
         # Scratch in fp32, shaped by (B, Hq, splits, Dh): values never matter for its
         # size, so it is allocated from the graph pool during capture like any output.
         part = torch.empty((B, Hq, splits, Dh), dtype=torch.float32, device=q.device)
-        lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
-        sp, sl = part.stride(), lse.stride()
+        part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+        sp, sl = part.stride(), part_lse.stride()
+    slo = lse_out.stride() if lse_out is not None else (0, 0)
+    rows_arg = rows.contiguous() if rows is not None else lengths  # unused without HAS_MAP
     _decode_attn_stage1[(B, Hkv, splits)](
-        q, k_cache, v_cache, lengths, out, lse, part,
+        q, k_cache, v_cache, lengths, out, part_lse, part, rows_arg, lse_out if lse_out is not None else part_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        *sp, *sl,
-        qk_scale, split_len, L,
+        *sp, *sl, *slo,
+        qk_scale, split_len, L, k_cache.shape[0],
         GROUP=group, HEAD_DIM=Dh, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N, SINGLE=single,
         DOT_PREC="ieee" if k_cache.dtype == torch.float32 or interpreted else "tf32",
         # triton 3.8's interpreter multiplies bf16 dot operands as their uint16 bit
         # patterns (create_dot has no bf16 case), so on CPU the operands go to fp32 first.
-        UPCAST_DOT=interpreted, EMU=interpreted,
+        UPCAST_DOT=interpreted, EMU=interpreted, HAS_MAP=rows is not None, WRITE_LSE=lse_out is not None,
         # sm_90, bf16, Dh=128 (tests/ops/test_decode_compile.py): 76 registers, no
         # spills, K/V tiles double-buffered through cp.async in 38 KB of shared memory,
         # so ~5 programs fit per SM. Deeper pipelining (3 stages, 72 KB) would halve
@@ -208,9 +236,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     )
     if not single:
         _decode_attn_stage2[(B, Hq)](
-            out, lse, part,
-            *out.stride(), *sp, *sl,
+            out, part_lse, part, lse_out if lse_out is not None else part_lse,
+            *out.stride(), *sp, *sl, *slo,
             SPLITS=splits, HEAD_DIM=Dh, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, EMU=interpreted,
+            WRITE_LSE=lse_out is not None,
             # The [splits, Dh] fp32 partial tile is loaded whole: 4 warps keep it at
             # <= 64 values per thread for 64 splits x 128 (54 registers at sm_90).
             num_warps=4 if triton.next_power_of_2(splits) * block_d >= 4096 else 2,

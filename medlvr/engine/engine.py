@@ -45,8 +45,9 @@ from medlvr.engine.adapters import adapter_for
 from medlvr.engine.cache import StaticKVCache
 from medlvr.engine.fused import FusedProjections
 from medlvr.engine.graphs import GraphRunner
+from medlvr.engine.group import cascade_attention
 from medlvr.engine.request import (GenerateOutput, LatentSegment, SegmentParams, TextOutput, TextParams, as_mapping,
-                                   check_generator, checked_batch, positive_int)
+                                   check_generator, checked_batch, count, positive_int)
 from medlvr.engine.state import DecodeState
 from medlvr.ops.decode import decode_attention, rotary_append
 
@@ -70,13 +71,22 @@ class LatentEngine:
     fuse_projections: run q/k/v and gate/up as one GEMM each from fused weight copies
         (faster small-batch steps, more memory; kept in sync with the model, see
         medlvr/engine/fused.py). Layers wrapped by PEFT/LoRA are left unfused.
+    max_prompts / max_prompt_len: a shared prompt cache for grouped generation
+        (``generate(..., group_size=G)``, medlvr/engine/group.py): up to max_prompts
+        prompts of up to max_prompt_len (default max_len) tokens, each prefilled and stored
+        once for its G rows; the rows' own cache (max_batch x max_len) then holds only
+        latents + answer. 0 (default): no prompt cache, independent rows only.
     """
 
     def __init__(self, model: nn.Module, *, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
                  use_cuda_graphs: bool | str = "auto",
-                 projector: Callable[[torch.Tensor], torch.Tensor] | None = None, fuse_projections: bool = False):
+                 projector: Callable[[torch.Tensor], torch.Tensor] | None = None, fuse_projections: bool = False,
+                 max_prompts: int = 0, max_prompt_len: int | None = None):
         positive_int("max_batch", max_batch)
         positive_int("max_len", max_len)
+        count("max_prompts", max_prompts)
+        self.max_prompts = max_prompts
+        self.max_prompt_len = max_len if max_prompt_len is None else positive_int("max_prompt_len", max_prompt_len)
         self.model = model
         self.adapter = a = adapter_for(model)
         self.device = a.device
@@ -99,6 +109,9 @@ class LatentEngine:
         self.fused = FusedProjections(a.layers) if fuse_projections else None
         self.cache = StaticKVCache(num_layers=len(a.layers), max_batch=max_batch, num_kv_heads=a.num_kv_heads,
                                    max_len=max_len, head_dim=a.head_dim, dtype=self.dtype, device=self.device)
+        self.prefix = None if max_prompts == 0 else StaticKVCache(
+            num_layers=len(a.layers), max_batch=max_prompts, num_kv_heads=a.num_kv_heads,
+            max_len=self.max_prompt_len, head_dim=a.head_dim, dtype=self.dtype, device=self.device)
 
         self.state = DecodeState(max_batch=max_batch, hidden_size=a.hidden_size, vocab_size=a.vocab_size,
                                  position_rows=a.num_position_rows, dtype=a.dtype, device=self.device,
@@ -112,14 +125,17 @@ class LatentEngine:
                  generator: torch.Generator | None = None, pad_id: int | None = None,
                  return_logits: bool = False, latent_noise_std: float = 0.0, exit_scope: str = "sample",
                  end_embedding: torch.Tensor | None = None,
-                 latent_counts: Sequence[int] | torch.Tensor | None = None) -> GenerateOutput:
+                 latent_counts: Sequence[int] | torch.Tensor | None = None,
+                 group_size: int | None = None) -> GenerateOutput:
         """Prefill -> latent segment of up to k_max steps -> answer of up to
         max_new_tokens tokens, for a left-padded batch of prompts ending with
         <|latent_start|> (docs/engine.md). With k_max == 0 there is no latent
         segment and no <|latent_end|> is fed: the answer follows the prompt directly.
-        Every argument is checked once, here, before anything runs. The exit arguments
-        (exit, exit_threshold, exit_scope, end_embedding, latent_counts) are those of
-        ``latent_segment``."""
+        The exit arguments (exit, exit_threshold, exit_scope, end_embedding, latent_counts)
+        are those of ``latent_segment``. group_size=G: G rows per prompt (row p * G + j), the
+        prompt prefilled and cached once (needs max_prompts > 0); every output has P * G rows,
+        and they equal the rows of the prompts repeated G times given the same generator.
+        Every argument is checked once, here, before anything runs."""
         V = self.adapter.vocab_size
         if isinstance(k_max, int) and not isinstance(k_max, bool) and k_max > 0 and latent_end_id is None:
             raise ValueError("latent_end_id is required when k_max > 0 (it is fed after the latent segment)")
@@ -134,13 +150,15 @@ class LatentEngine:
                                   temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id,
                                   return_logits=return_logits, vocab=V)
         check_generator(generator, self.device)
-        batch = checked_batch(batch, self)
+        batch = checked_batch(batch, self, group_size)
         prompt_max = int(batch["attention_mask"].long().sum(-1).max())
-        need = prompt_max + k_max + text.feeds
+        # Grouped rows keep the prompt in the shared prompt cache, not in their own.
+        own_prompt = prompt_max if group_size is None else 0
+        need = own_prompt + k_max + text.feeds
         if need > self.max_len:
-            raise ValueError(f"sequence too long for the cache: longest prompt {prompt_max} + k_max {k_max} + "
+            raise ValueError(f"sequence too long for the cache: prompt {own_prompt} + k_max {k_max} + "
                              f"{text.feeds} fed text tokens = {need} > max_len {self.max_len}")
-        prompt_lengths = self._prefill(batch)
+        prompt_lengths = self._prefill(batch, group_size)
         latents = self._segment(seg, generator)
         answer = self._decode(text, generator)
         return GenerateOutput(latents=latents.latents, latent_hidden=latents.latent_hidden,
@@ -148,10 +166,11 @@ class LatentEngine:
                               token_logprobs=answer.token_logprobs, text_lengths=answer.text_lengths,
                               prompt_lengths=prompt_lengths, logits=answer.logits)
 
-    def prefill(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def prefill(self, batch: Mapping[str, torch.Tensor], *, group_size: int | None = None) -> torch.Tensor:
         """Run the HF model over the left-padded prompts, fill the static cache, set
-        each sample's next position and first latent input. Returns prompt lengths (B)."""
-        return self._prefill(checked_batch(batch, self))
+        each sample's next position and first latent input. Returns prompt lengths (B).
+        group_size=G: grouped generation (see generate); returns (P * G) lengths."""
+        return self._prefill(checked_batch(batch, self, group_size), group_size)
 
     def latent_segment(self, k_max: int, *, exit: str = "fixed", exit_threshold: float | None = None,
                        latent_end_id: int | None = None, latent_noise_std: float = 0.0,
@@ -232,14 +251,27 @@ class LatentEngine:
         self._graphs.reset()
 
     # ================================================================ the three phases (arguments checked)
-    def _prefill(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _prefill(self, batch: Mapping[str, torch.Tensor], group_size: int | None = None) -> torch.Tensor:
+        host_len = int(batch["attention_mask"].long().sum(-1).max())
         with self._inference():
             pre = self.adapter.prefill(batch)
-            self.cache.load_prompt(pre.keys, pre.values, pre.lengths)
             mu = self.projector(pre.hidden) if self.projector is not None else pre.hidden
-            self.state.start(batch["input_ids"].shape[0], lengths=pre.lengths, next_positions=pre.next_positions,
-                             hidden=pre.hidden, mu=mu, host_len=int(batch["attention_mask"].long().sum(-1).max()))
-        return pre.lengths.clone()
+            if group_size is None:
+                self.cache.load_prompt(pre.keys, pre.values, pre.lengths)
+                self.state.start(batch["input_ids"].shape[0], lengths=pre.lengths,
+                                 next_positions=pre.next_positions, hidden=pre.hidden, mu=mu, host_len=host_len)
+                return pre.lengths.clone()
+            # Grouped: the prompt's K/V once in the prefix cache; each of its G rows starts
+            # with an empty own cache at the prompt's next position.
+            G = group_size
+            self.prefix.load_prompt(pre.keys, pre.values, pre.lengths)
+            rows = pre.lengths.shape[0] * G
+            self.state.start(rows, lengths=torch.zeros(rows, dtype=torch.long, device=self.device),
+                             next_positions=pre.next_positions.repeat_interleave(G, dim=1),
+                             hidden=pre.hidden.repeat_interleave(G, dim=0), mu=mu.repeat_interleave(G, dim=0),
+                             host_len=0)
+            self.state.share_prefix(G, pre.lengths, host_len)
+        return pre.lengths.repeat_interleave(G)
 
     def _segment(self, p: SegmentParams, generator: torch.Generator | None) -> LatentSegment:
         s, k = self.state, p.k_max
@@ -273,7 +305,7 @@ class LatentEngine:
                 self._latent_step(t, p.mode, lat, hid, eps if noisy else None, batch_scope=p.scope == "batch")
 
         with self._inference():
-            self._graphs.run(("latent", Bk, k, p.mode, noisy, p.scope), segment)
+            self._graphs.run(("latent", Bk, k, p.mode, noisy, p.scope, s.group, s.prompts), segment)
         s.host_len += k
         return LatentSegment(lat[:B].clone(), hid[:B].clone(), s.num_latent[:B].clone())
 
@@ -287,7 +319,7 @@ class LatentEngine:
         logprobs = torch.zeros(B, T, dtype=torch.float32, device=self.device)
         logits = (torch.zeros(B, T, self.adapter.vocab_size, dtype=torch.float32, device=self.device)
                   if p.return_logits else None)
-        key = ("text", Bk, p.greedy, p.use_top_p)
+        key = ("text", Bk, p.greedy, p.use_top_p, s.group, s.prompts)
         start, base = 0, s.host_len
         with self._inference():
             if p.first_token is None and T > 0:  # the first token comes from the current hidden state
@@ -321,8 +353,9 @@ class LatentEngine:
         are given, so without the cut each step would cost O(max_len), not O(length).
         On CUDA the kernels skip positions past each length themselves, and a captured
         graph needs fixed shapes, so the full cache is passed."""
-        a = self.adapter
+        a, s = self.adapter, self.state
         cut = slice(None) if self.device.type != "cpu" else slice(0, min(bound, self.max_len))
+        pcut = slice(None) if self.device.type != "cpu" else slice(0, max(s.prefix_host_len, 1))
         Bk = x.shape[0]
         lengths = self.state.length[:Bk]
         slots = torch.where(active, lengths, torch.full_like(lengths, -1))
@@ -346,7 +379,13 @@ class LatentEngine:
             k_cache, v_cache = self.cache.k[i][:, :, cut], self.cache.v[i][:, :, cut]
             q = rotary_append(q, k, v, positions=pos, inv_freq=a.inv_freq, mrope_section=a.mrope_section,
                               k_cache=k_cache, v_cache=v_cache, slots=slots, rotary_dim=a.rotary_dim)
-            o = decode_attention(q, k_cache, v_cache, attn_len, scale=a.attn_scale)
+            if s.group:  # grouped rows: shared prompt prefix + own suffix (medlvr/engine/group.py)
+                o = cascade_attention(q, k_cache, v_cache, attn_len, k_prefix=self.prefix.k[i][:, :, pcut],
+                                      v_prefix=self.prefix.v[i][:, :, pcut], group=s.group, prompts=s.prompts,
+                                      prompt_lengths=s.prefix_len[:s.prompts], row_prompt=s.prefix_row[:Bk],
+                                      row_lengths=s.prefix_row_len[:Bk], scale=a.attn_scale)
+            else:
+                o = decode_attention(q, k_cache, v_cache, attn_len, scale=a.attn_scale)
             h = h + layer.o_proj(o.reshape(Bk, a.num_heads * a.head_dim))
             normed = a.layer_norm(h, layer.post_norm, eps_post)
             h = h + (fused.mlp(normed) if fused is not None else layer.mlp(normed))

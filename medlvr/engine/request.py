@@ -28,20 +28,30 @@ def as_mapping(batch) -> Mapping[str, torch.Tensor]:
     raise TypeError(f"batch must be a dict of tensors (or a collate Batch), got {type(batch).__name__}")
 
 
-def checked_batch(batch, engine) -> dict[str, torch.Tensor]:
+def checked_batch(batch, engine, group_size: int | None = None) -> dict[str, torch.Tensor]:
     """The batch as a dict on the engine's device, checked by the model's adapter and
-    against the engine's capacity (max_batch, max_len)."""
-    max_batch, max_len, device = engine.max_batch, engine.max_len, engine.device
+    against the engine's capacity (max_batch, max_len; with ``group_size``, grouped
+    generation: prompts x group_size rows <= max_batch, prompts <= max_prompts, the
+    prompt in max_prompt_len)."""
+    max_batch, device = engine.max_batch, engine.device
+    max_len = engine.max_len if group_size is None else engine.max_prompt_len
     batch = as_mapping(batch)
     engine.adapter.check_batch(batch)
     B = batch["input_ids"].shape[0]
-    if B < 1 or B > max_batch:
+    if group_size is not None:
+        positive_int("group_size", group_size)
+        if engine.max_prompts == 0:
+            raise ValueError("group_size needs an engine built with max_prompts > 0 (the shared prompt cache)")
+        if B < 1 or B > engine.max_prompts or B * group_size > max_batch:
+            raise ValueError(f"grouped batch: prompts must be in [1, max_prompts={engine.max_prompts}] and "
+                             f"prompts x group_size <= max_batch={max_batch}, got {B} x {group_size}")
+    elif B < 1 or B > max_batch:
         raise ValueError(f"batch size must be in [1, max_batch={max_batch}], got {B}")
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     n_max = int(batch["attention_mask"].long().sum(-1).max())
     if n_max > max_len or batch["input_ids"].shape[1] > max_len:
         raise ValueError(f"prompt of {batch['input_ids'].shape[1]} tokens ({n_max} unpadded) does not fit "
-                         f"max_len {max_len}")
+                         f"{'max_len' if group_size is None else 'max_prompt_len'} {max_len}")
     return batch
 
 

@@ -52,6 +52,11 @@ class DecodeState:
         self.top_p = torch.ones((), dtype=torch.float32, device=device)
         self.stop_ids = torch.full((MAX_STOP_IDS,), -1, dtype=torch.long, device=device)
         self.pad = z(())
+        # Grouped generation (medlvr/engine/group.py): row b reads prompt prefix_row[b]'s K/V
+        # (prefix_row_len[b] positions, 0 on padding rows) from the shared prefix cache;
+        # prefix_len[p] per prompt. group = G rows per prompt (0: independent rows).
+        self.prefix_row, self.prefix_row_len, self.prefix_len = z(max_batch), z(max_batch), z(max_batch)
+        self.group, self.prompts, self.prefix_host_len = 0, 0, 0
         self.batch = 0  # real samples of the current request (0: no prefill yet)
         self.bucket = 0
         self.host_len = 0
@@ -111,6 +116,20 @@ class DecodeState:
         self.x[:batch].copy_(mu)
         self.active[:batch] = True
         self.batch, self.host_len = batch, host_len
+        self.group, self.prompts, self.prefix_host_len = 0, 0, 0
+
+    def share_prefix(self, group: int, prompt_lengths: torch.Tensor, host_len: int) -> None:
+        """After ``start``: the batch is len(prompt_lengths) prompts x ``group`` rows (row
+        p * group + j), each row's cache holding only what follows its prompt, the prompt
+        itself shared from the prefix cache (medlvr/engine/group.py)."""
+        P = prompt_lengths.shape[0]
+        self.prefix_len.zero_()
+        self.prefix_row.zero_()
+        self.prefix_row_len.zero_()
+        self.prefix_len[:P].copy_(prompt_lengths)
+        self.prefix_row[:P * group].copy_(torch.arange(P, device=self.prefix_row.device).repeat_interleave(group))
+        self.prefix_row_len[:P * group].copy_(prompt_lengths.repeat_interleave(group))
+        self.group, self.prompts, self.prefix_host_len = group, P, host_len
 
     def segment_buffers(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latents, hidden, eps), each (bucket, k, D): the segment's outputs and noise,

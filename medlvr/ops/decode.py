@@ -15,8 +15,9 @@ No op here has a loss or a gradient (inference only).
 Shapes (B samples this step, B_max/L_max cache capacity, GQA Hq = group * Hkv):
     rotary_append(q (B Hq Dh), k/v (B Hkv Dh), positions (B)|(3 B), inv_freq (rd/2),
                   k_cache/v_cache (B_max Hkv L_max Dh), slots (B)) -> q_rot (B Hq Dh)
-    decode_attention(q (B Hq Dh), k_cache/v_cache (B_max Hkv L_max Dh), lengths (B))
-                  -> out (B Hq Dh)
+    decode_attention(q (B Hq Dh), k_cache/v_cache (B_max Hkv L_max Dh), lengths (B),
+                  rows (B)?, return_lse?) -> out (B Hq Dh) [, lse (B Hq) fp32]
+    merge_attention(o_a, lse_a, o_b, lse_b) -> out (B Hq Dh)  (cascade attention)
     rmsnorm_feedback(hidden (B D), weight (D), out (B D), active (B)?) -> normed (B D)
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from medlvr.capture import in_guarded_region
 from medlvr.ops import _checks
 from medlvr.reference import decode as ref
 
-__all__ = ["rotary_append", "decode_attention", "rmsnorm_feedback"]
+__all__ = ["rotary_append", "decode_attention", "merge_attention", "rmsnorm_feedback"]
 
 _FLOATS = _checks.FLOAT_DTYPES
 _INTS = (torch.int32, torch.int64)
@@ -165,7 +166,8 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
 # ---------------------------------------------------------------- decode attention
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
                      scale: float | None = None, num_splits: int | None = None,
-                     out: torch.Tensor | None = None, check: bool = False) -> torch.Tensor:
+                     out: torch.Tensor | None = None, check: bool = False, rows: torch.Tensor | None = None,
+                     return_lse: bool = False):
     """Single-token GQA attention over per-sample cache lengths (flash-decoding split-K).
 
     Dtypes: q, k_cache, v_cache and ``out`` one dtype (fp16/bf16/fp32/fp64; nothing mixed:
@@ -177,9 +179,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_splits: how many chunks of L_max run in parallel (default: from L_max and the
     SM count; never from the lengths, so a captured graph stays valid as they grow).
     Returns out (B Hq Dh) in q's dtype.
-    check: validate 0 <= lengths <= L_max on a GPU too (syncs: not inside a graph).
-        Without it the kernel reads at most L_max positions of each sample; CPU calls
-        are always checked.
+    rows: int (B), the cache row query row b reads (default b): cascade attention's
+        shared prefix, G query rows over one prompt's K/V (the cache then needs only as
+        many rows as distinct prompts, B_max >= max(rows) + 1).
+    return_lse: return (out, lse), lse (B Hq) fp32 (fp64 for fp64) the log-sum-exp of the
+        scaled scores in natural log, -inf for length 0: merge_attention combines two
+        calls over disjoint keys into attention over both.
+    check: validate 0 <= lengths <= L_max (and 0 <= rows < B_max) on a GPU too (syncs:
+        not inside a graph). Without it the kernel reads at most L_max positions of each
+        sample and clamps rows into the cache; CPU calls are always checked.
     """
     _tensor("q", q, dims=3, dtypes=_FLOATS)
     B, Hq, Dh = q.shape
@@ -187,7 +195,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Hkv = k_cache.shape[1]
     if Hkv < 1 or Hq % Hkv != 0:
         raise ValueError(f"q heads ({Hq}) must be a multiple of the cache's kv heads ({Hkv})")
-    _check_caches(k_cache, v_cache, B=B, Hkv=Hkv, Dh=Dh)
+    _check_caches(k_cache, v_cache, B=B if rows is None else min(B, 1), Hkv=Hkv, Dh=Dh)
+    if rows is not None:
+        _tensor("rows", rows, dims=1, dtypes=_INTS)
+        _shape("rows", rows, (B,))
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"v_cache must have k_cache's dtype {k_cache.dtype}, got {v_cache.dtype}")
     if k_cache.dtype != q.dtype:  # the kernel's tensor-core dots take one input dtype
@@ -201,18 +214,50 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out is not None:
         _tensor("out", out, dtypes=(q.dtype,))
         _shape("out", out, tuple(q.shape))
-    _same_device(q, k_cache=k_cache, v_cache=v_cache, lengths=lengths, out=out)
+    _same_device(q, k_cache=k_cache, v_cache=v_cache, lengths=lengths, out=out, rows=rows)
     if _debug_checks_on(check, q) and B > 0:
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > k_cache.shape[2]:
             raise ValueError(f"lengths must lie in [0, L_max = {k_cache.shape[2]}], got range [{lo}, {hi}]")
+        if rows is not None:
+            lo, hi = int(rows.min()), int(rows.max())
+            if lo < 0 or hi >= k_cache.shape[0]:
+                raise ValueError(f"rows must lie in [0, B_max = {k_cache.shape[0]}), got range [{lo}, {hi}]")
 
     backend = _checks.backend("decode_attention", q.device, has_triton=True, q=q, k_cache=k_cache,
                               v_cache=v_cache, out=out)
     if backend == "triton" and B > 0:
-        return _kernels("decode_attention").decode_attention(q, k_cache, v_cache, lengths, scale=scale,
-                                                             num_splits=num_splits, out=out)
-    return ref.decode_attention(q, k_cache, v_cache, lengths, scale=scale, out=out)
+        lse = torch.empty((B, Hq), dtype=torch.float32, device=q.device) if return_lse else None
+        o = _kernels("decode_attention").decode_attention(q, k_cache, v_cache, lengths, scale=scale,
+                                                          num_splits=num_splits, out=out, rows=rows, lse=lse)
+        return (o, lse) if return_lse else o
+    return ref.decode_attention(q, k_cache, v_cache, lengths, scale=scale, out=out, rows=rows,
+                                return_lse=return_lse)
+
+
+# ---------------------------------------------------------------- cascade merge
+def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor, *,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over two disjoint key sets from each set's output and log-sum-exp (the
+    cascade merge, FlashInfer's merge_state): prefix call + suffix call + this = one
+    attention over prefix and suffix (medlvr/reference/decode.py has the math).
+
+    o_a, o_b (B H Dh) one float dtype; lse_a, lse_b (B H) float, natural log, -inf for an
+    empty set (as decode_attention(..., return_lse=True) returns them). Math in fp32
+    (fp64 for fp64); returns out (B H Dh) in o_a's dtype. A few elementwise torch ops on
+    every device: no host sync, capturable in a CUDA graph.
+    """
+    _tensor("o_a", o_a, dims=3, dtypes=_FLOATS)
+    _tensor("o_b", o_b, dims=3, dtypes=(o_a.dtype,))
+    _shape("o_b", o_b, tuple(o_a.shape))
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        _tensor(name, t, dims=2, dtypes=_FLOATS)
+        _shape(name, t, tuple(o_a.shape[:2]))
+    if out is not None:
+        _tensor("out", out, dtypes=(o_a.dtype,))
+        _shape("out", out, tuple(o_a.shape))
+    _same_device(o_a, o_b=o_b, lse_a=lse_a, lse_b=lse_b, out=out)
+    return ref.merge_attention(o_a, lse_a, o_b, lse_b, out=out)
 
 
 # ---------------------------------------------------------------- norm + feedback

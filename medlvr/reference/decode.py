@@ -11,7 +11,8 @@ D hidden size.
     rotary_append(q (B Hq Dh), k (B Hkv Dh), v (B Hkv Dh), positions (B) | (3 B), ...)
         -> q_rot (B Hq Dh); writes rope(k) and v into caches (B_max Hkv L_max Dh) at slots
     decode_attention(q (B Hq Dh), k_cache, v_cache (B_max Hkv L_max Dh), lengths (B))
-        -> out (B Hq Dh)
+        -> out (B Hq Dh)  [, lse (B Hq)]
+    merge_attention(o_a, lse_a, o_b, lse_b) -> out (B Hq Dh): attention over both key sets
     rmsnorm_feedback(hidden (B D), weight (D), out (B D)) -> normed (B D)
 """
 from __future__ import annotations
@@ -98,11 +99,15 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, *,
-                     scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float | None = None, out: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                     return_lse: bool = False):
     """One query token per sample against its first lengths[b] cache positions.
 
     GQA: query head h reads kv head h // group (HF repeat_kv). Softmax in fp32 with a
     length mask; a sample with length 0 gets an all-zero output, never NaN.
+    rows (B): query row b reads cache row rows[b] (default b): G rows sharing one prompt.
+    return_lse: also return lse (B Hq), log sum_j exp(scale * q.k_j) in natural log (fp32,
+    fp64 for fp64; -inf for length 0), what merge_attention needs.
     """
     B, Hq, Dh = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
@@ -112,8 +117,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # Query heads grouped under their kv head (h = hk * group + g, HF repeat_kv), so K/V
     # are used as stored instead of being repeated `group` times.
     qg = q.to(cdt).reshape(B, Hkv, group, Dh)
-    k = k_cache[:B].to(cdt)  # (B, Hkv, L, Dh)
-    v = v_cache[:B].to(cdt)
+    if rows is None:
+        k, v = k_cache[:B].to(cdt), v_cache[:B].to(cdt)  # (B, Hkv, L, Dh)
+    else:  # a gather of each row's cache row (index_select: no data-dependent shape)
+        idx = rows.to(q.device).long()
+        k, v = k_cache.index_select(0, idx).to(cdt), v_cache.index_select(0, idx).to(cdt)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * sc  # (B, Hkv, group, L)
     valid = torch.arange(L, device=q.device)[None, :] < lengths.to(q.device)[:, None]  # (B, L)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
@@ -128,6 +136,37 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     o = torch.matmul(p, v) / torch.where(denom > 0, denom, torch.ones_like(denom))
     o = o.reshape(B, Hq, Dh)
     o = o.to(q.dtype)
+    if out is not None:
+        out.copy_(o)
+        o = out
+    if not return_lse:
+        return o
+    lse = torch.where(denom > 0, m + torch.log(torch.where(denom > 0, denom, torch.ones_like(denom))),
+                      torch.full_like(denom, float("-inf")))
+    return o, lse.reshape(B, Hq)
+
+
+def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor, *,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets from each set's normalised output
+    and log-sum-exp (cascade / FlashInfer's merge_state):
+
+        out = (e^(lse_a - M) o_a + e^(lse_b - M) o_b) / (e^(lse_a - M) + e^(lse_b - M)),
+        M = max(lse_a, lse_b),
+
+    exact because softmax over A u B weighs A's softmax by sum_A e^s / sum_{A u B} e^s.
+    An empty set has lse -inf (weight 0); both empty gives 0, never NaN. o (B H Dh), lse
+    (B H); math in fp32 (fp64 for fp64), the result in o_a's dtype.
+    """
+    cdt = _compute_dtype(o_a.dtype)
+    la, lb = lse_a.to(cdt), lse_b.to(cdt)
+    m = torch.maximum(la, lb)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa, wb = torch.exp(la - m), torch.exp(lb - m)
+    den = wa + wb
+    o = (wa[..., None] * o_a.to(cdt) + wb[..., None] * o_b.to(cdt)) / torch.where(den > 0, den,
+                                                                                 torch.ones_like(den))[..., None]
+    o = o.to(o_a.dtype)
     if out is not None:
         out.copy_(o)
         return out

@@ -17,8 +17,12 @@ the Gaussian that produced the input at index s0 + t.
 Two rollout backends give the same rollouts (``sample_rollouts(backend=...)``,
 ``VLPOConfig.rollout_backend``):
 
-- "engine" (default): ``medlvr.engine.LatentEngine.generate`` with ``latent_noise_std``:
-  static KV cache, decode kernels, CUDA graphs on GPU. :class:`RolloutEngine` builds the
+- "engine" (default): ``medlvr.engine.LatentEngine.generate`` with ``latent_noise_std``
+  and ``group_size=n``: each prompt prefilled once, its K/V shared by its n rows
+  (medlvr/engine/group.py); static KV cache, decode kernels, CUDA graphs on GPU.
+- "engine_rows": the same engine with every prompt repeated n times as independent rows
+  (n prefills, n prompt caches); the same rollouts, kept for comparison
+  (tests/train/test_rollout_group.py, benchmarks/bench_group_rollouts.py). :class:`RolloutEngine` builds the
   engine once and reuses it across VLPO steps; it holds references to the model's
   modules, so optimizer steps (LoRA included) are seen by the next rollout.
 - "hf": the plain-HF KV-cached loop of medlvr/reference/latent_loop.py, the engine's
@@ -51,7 +55,7 @@ from medlvr.reference.latent_loop import latent_loop
 __all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "image_features", "vision_frozen", "prompt_inputs",
            "sample_rollouts", "policy_forward", "gather_logprobs", "latent_gaussian_logprob"]
 
-BACKENDS = ("engine", "hf")
+BACKENDS = ("engine", "engine_rows", "hf")
 
 
 def _field(batch: Any, name: str):
@@ -146,19 +150,24 @@ class RolloutEngine:
         self.engine = None
         self.builds = 0
 
-    def get(self, *, rows: int, max_len: int):
-        """The engine, (re)built when ``rows`` / ``max_len`` exceed its capacity."""
+    def get(self, *, rows: int, max_len: int, prompts: int = 0, prompt_len: int = 0):
+        """The engine, (re)built when ``rows`` / ``max_len`` (or, for grouped rollouts, the
+        shared prompt cache's ``prompts`` / ``prompt_len``) exceed its capacity."""
         from medlvr.engine import LatentEngine
 
         e = self.engine
-        if e is None or rows > e.max_batch or max_len > e.max_len:
-            m = self.len_multiple
-            need_len = -(-max_len // m) * m
+        m = self.len_multiple
+        up = lambda n: -(-n // m) * m  # noqa: E731
+        if (e is None or rows > e.max_batch or max_len > e.max_len or prompts > e.max_prompts
+                or (prompts > 0 and prompt_len > e.max_prompt_len)):
             max_batch = max(rows, e.max_batch if e is not None else 0)
-            max_len = max(need_len, e.max_len if e is not None else 0)
+            max_len = max(up(max_len), e.max_len if e is not None else 0)
+            max_prompts = max(prompts, e.max_prompts if e is not None else 0)
+            max_prompt_len = max(up(max(prompt_len, 1)), e.max_prompt_len if e is not None and e.max_prompts else 0)
             self.engine = None  # drop the old static cache before allocating the new one
             self.engine = LatentEngine(self.model, max_batch=max_batch, max_len=max_len, projector=self.projector,
-                                       use_cuda_graphs=self.use_cuda_graphs)
+                                       use_cuda_graphs=self.use_cuda_graphs, max_prompts=max_prompts,
+                                       max_prompt_len=max_prompt_len if max_prompts else None)
             self.builds += 1
         return self.engine
 
@@ -199,6 +208,12 @@ def _repeat_rows(model: torch.nn.Module, batch: Any, n: int) -> dict[str, torch.
     return out
 
 
+def _field_dict(batch: Any) -> dict[str, torch.Tensor]:
+    """The engine's input fields of a prompt batch (a dict or a collate Batch)."""
+    names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    return {k: v for k in names if (v := _field(batch, k)) is not None}
+
+
 def _check_rollout_args(n, k_latent, latent_sigma, temperature, top_p, max_new_tokens, backend):
     if n < 1 or k_latent < 0 or max_new_tokens < 1:
         raise ValueError(f"need n >= 1, k_latent >= 0, max_new_tokens >= 1; got n={n}, "
@@ -234,11 +249,11 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
     images itself).
     """
     _check_rollout_args(n, k_latent, latent_sigma, temperature, top_p, max_new_tokens, backend)
-    if backend == "engine":
+    if backend in ("engine", "engine_rows"):
         return _engine_rollouts(model, batch, n=n, k_latent=k_latent, latent_sigma=latent_sigma,
                                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 latent_end_id=latent_end_id, stop_id=stop_id, pad_id=pad_id, generator=generator,
-                                projector=projector, vision=vision, engine=engine)
+                                projector=projector, vision=vision, engine=engine, grouped=backend == "engine")
     prompt = prompt_inputs(model, batch, repeat=n, vision=vision)
     out = latent_loop(model, prompt, k=k_latent, max_new_tokens=max_new_tokens, first_token=latent_end_id,
                       projector=projector, latent_noise_std=float(latent_sigma), temperature=float(temperature),
@@ -248,29 +263,37 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
 
 
 def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, top_p, max_new_tokens,
-                     latent_end_id, stop_id, pad_id, generator, projector, vision, engine) -> Rollouts:
+                     latent_end_id, stop_id, pad_id, generator, projector, vision, engine,
+                     grouped: bool = True) -> Rollouts:
     """sample_rollouts through LatentEngine: prefill -> K fixed latent steps with noise ->
-    <|latent_end|> -> answer (the same sequence policy_forward scores)."""
-    rows = _repeat_rows(model, batch, n)
-    R = rows["input_ids"].shape[0]
-    prompt_max = int(rows["attention_mask"].long().sum(-1).max())
+    <|latent_end|> -> answer (the same sequence policy_forward scores). grouped: the n
+    rows of a prompt share its prefill and K/V (group_size=n); else the prompts are
+    repeated n times as independent rows."""
+    mask = _field(batch, "attention_mask")
+    P = mask.shape[0]
+    prompt_max = int(mask.long().sum(-1).max())
     if engine is None:
         engine = RolloutEngine(model, projector=projector, len_multiple=1)
     elif engine.projector is not projector:
         raise ValueError("engine: its projector differs from the rollout's projector argument")
-    # The engine's exact need: prompt + K latents + <|latent_end|> + every token but the last.
-    eng = engine.get(rows=R, max_len=prompt_max + k_latent + max_new_tokens)
+    # The engine's exact need: (prompt +) K latents + <|latent_end|> + every token but the last.
+    if grouped:
+        rows, group = _field_dict(batch), dict(group_size=n)
+        eng = engine.get(rows=P * n, max_len=k_latent + max_new_tokens, prompts=P, prompt_len=prompt_max)
+    else:
+        rows, group = _repeat_rows(model, batch, n), {}
+        eng = engine.get(rows=P * n, max_len=prompt_max + k_latent + max_new_tokens)
     kw = dict(temperature=float(temperature), top_p=float(top_p), stop_ids=[stop_id], pad_id=pad_id,
               generator=generator)
     if k_latent > 0:
         out = eng.generate(rows, k_max=k_latent, exit="fixed", max_new_tokens=max_new_tokens,
-                           latent_end_id=latent_end_id, latent_noise_std=float(latent_sigma), **kw)
+                           latent_end_id=latent_end_id, latent_noise_std=float(latent_sigma), **group, **kw)
         latents, hidden, tokens, tok_logp, lengths = (out.latents, out.latent_hidden, out.tokens,
                                                       out.token_logprobs, out.text_lengths)
     else:
         # generate(k_max=0) feeds no <|latent_end|>; VLPO's sequence (policy_forward) always
         # has one, so the phases are called directly with it as the first fed token.
-        eng.prefill(rows)
+        eng.prefill(rows, **group)
         seg = eng.latent_segment(0)
         text = eng.decode_text(max_new_tokens, first_token=latent_end_id, **kw)
         latents, hidden, tokens, tok_logp, lengths = (seg.latents, seg.latent_hidden, text.tokens,

@@ -150,3 +150,15 @@ def test_text_step_is_capture_safe_with_peft_trainable_tokens(vl_model):
         _batch(), k_max=2, max_new_tokens=3, latent_end_id=tm.LATENT_END, temperature=1.0,
         generator=torch.Generator().manual_seed(0))
     assert torch.equal(out.tokens, plain.tokens)
+
+
+@pytest.mark.parametrize("exit,threshold", [("fixed", None), ("stop_logit", None)])
+def test_grouped_generation_is_capture_safe(vl_model, exit, threshold):
+    """Grouped rows (medlvr/engine/group.py): the cascade prefix/suffix/merge in the
+    latent segment and the text step, sampled with latent noise."""
+    engine = LatentEngine(vl_model, max_batch=8, max_len=8, max_prompts=3, max_prompt_len=32)
+    with capture_checks():
+        out = engine.generate(_batch(), group_size=2, k_max=3, exit=exit, exit_threshold=threshold,
+                              max_new_tokens=3, latent_end_id=tm.LATENT_END, temperature=1.0, top_p=0.8,
+                              latent_noise_std=0.1, generator=torch.Generator().manual_seed(0))
+    assert out.tokens.shape == (6, 3)

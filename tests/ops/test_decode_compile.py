@@ -90,18 +90,23 @@ def _compile_all():
     att = _load("decode_attention")
     for dtype in ("bf16", "fp16"):
         ptrs = {"q_ptr": f"*{dtype}", "kc_ptr": f"*{dtype}", "vc_ptr": f"*{dtype}", "len_ptr": "*i32",
-                "o_ptr": f"*{dtype}", "lse_ptr": "*fp32", "part_ptr": "*fp32", "qk_scale": "fp32",
-                "split_len": "i32", "seq_cap": "i32"}
+                "o_ptr": f"*{dtype}", "lse_ptr": "*fp32", "part_ptr": "*fp32", "map_ptr": "*i64",
+                "lo_ptr": "*fp32", "qk_scale": "fp32", "split_len": "i32", "seq_cap": "i32", "row_cap": "i32"}
         for single in ((False, True) if dtype == "bf16" else (False,)):
-            out[f"attention stage1 {dtype} single={single}"] = _compile_sm90(
-                att._decode_attn_stage1, ptrs,
-                dict(GROUP=7, HEAD_DIM=128, BLOCK_G=16, BLOCK_D=128, BLOCK_N=att.BLOCK_N, SINGLE=single,
-                     DOT_PREC="tf32", UPCAST_DOT=False, EMU=False), num_warps=4, num_stages=2)
+            # cascade=True: the prefix call of grouped rollouts (row map + lse output)
+            for cascade in ((False, True) if dtype == "bf16" else (False,)):
+                out[f"attention stage1 {dtype} single={single} cascade={cascade}"] = _compile_sm90(
+                    att._decode_attn_stage1, ptrs,
+                    dict(GROUP=7, HEAD_DIM=128, BLOCK_G=16, BLOCK_D=128, BLOCK_N=att.BLOCK_N, SINGLE=single,
+                         DOT_PREC="tf32", UPCAST_DOT=False, EMU=False, HAS_MAP=cascade, WRITE_LSE=cascade),
+                    num_warps=4, num_stages=2)
         if dtype != "bf16":
             continue
-        out[f"attention stage2 {dtype}"] = _compile_sm90(
-            att._decode_attn_stage2, {"o_ptr": f"*{dtype}", "lse_ptr": "*fp32", "part_ptr": "*fp32"},
-            dict(SPLITS=64, HEAD_DIM=128, BLOCK_S=64, BLOCK_D=128, EMU=False), num_warps=4)
+        for lse in (False, True):
+            out[f"attention stage2 {dtype} lse={lse}"] = _compile_sm90(
+                att._decode_attn_stage2,
+                {"o_ptr": f"*{dtype}", "lse_ptr": "*fp32", "part_ptr": "*fp32", "lo_ptr": "*fp32"},
+                dict(SPLITS=64, HEAD_DIM=128, BLOCK_S=64, BLOCK_D=128, EMU=False, WRITE_LSE=lse), num_warps=4)
     rms = _load("rmsnorm_feedback")
     out["rmsnorm bf16"] = _compile_sm90(
         rms._rmsnorm_feedback_kernel,
