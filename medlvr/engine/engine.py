@@ -38,18 +38,15 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from medlvr.engine import sampling
 from medlvr.engine.adapters import adapter_for
 from medlvr.engine.cache import StaticKVCache
 from medlvr.engine.fused import FusedProjections
 from medlvr.engine.graphs import GraphRunner
-from medlvr.engine.group import cascade_attention
 from medlvr.engine.request import (GenerateOutput, LatentSegment, SegmentParams, TextOutput, TextParams, as_mapping,
                                    check_generator, checked_batch, count, positive_int)
 from medlvr.engine.state import DecodeState
-from medlvr.ops.decode import decode_attention, rotary_append
+from medlvr.engine.step import DecodeStep
 
 # Check for "every sample stopped" once per this many text steps on CUDA: each check
 # is a host sync, which would otherwise serialise the otherwise asynchronous replays.
@@ -117,6 +114,8 @@ class LatentEngine:
                                  position_rows=a.num_position_rows, dtype=a.dtype, device=self.device,
                                  bucketed=self.use_cuda_graphs)
         self._graphs = GraphRunner(enabled=self.use_cuda_graphs, device=self.device, state=self.state.mutable)
+        self.step = DecodeStep(adapter=a, cache=self.cache, prefix=self.prefix, state=self.state, fused=self.fused,
+                               projector=self.projector, stop_head=self.stop_head)
 
     # ================================================================ public API
     def generate(self, batch: Mapping[str, torch.Tensor], *, k_max: int, exit: str = "fixed",
@@ -302,7 +301,7 @@ class LatentEngine:
             # A segment starts from the current mean: z_0 = mu_0 (+ noise).
             s.x[:Bk].copy_(s.feed(s.mu[:Bk], eps[:, 0]) if noisy else s.mu[:Bk])
             for t in range(k):
-                self._latent_step(t, p.mode, lat, hid, eps if noisy else None, batch_scope=p.scope == "batch")
+                self.step.latent_step(t, p.mode, lat, hid, eps if noisy else None, batch_scope=p.scope == "batch")
 
         with self._inference():
             self._graphs.run(("latent", Bk, k, p.mode, noisy, p.scope, s.group, s.prompts), segment)
@@ -325,7 +324,7 @@ class LatentEngine:
             if p.first_token is None and T > 0:  # the first token comes from the current hidden state
                 s.logits[:Bk].copy_(self.adapter.lm_head(s.h[:Bk]))
                 self._draw(p, generator)
-                self._sample(p)
+                self.step.sample(p)
                 s.record(0, tokens, logprobs, logits)
                 start = 1
             elif p.first_token is not None:
@@ -335,7 +334,7 @@ class LatentEngine:
                     break
                 self._draw(p, generator)
                 bound = base + (t - start) + 1
-                self._graphs.run(key, lambda: (self._feed_tokens(bound), self._sample(p)))
+                self._graphs.run(key, lambda: (self.step.feed_tokens(bound), self.step.sample(p)))
                 s.record(t, tokens, logprobs, logits)
         s.host_len = base + p.feeds
         text_lengths = s.text_len[:B].clone()
@@ -343,141 +342,15 @@ class LatentEngine:
             logits *= (torch.arange(T, device=self.device)[None, :] < text_lengths[:, None])[..., None]
         return TextOutput(tokens=tokens, token_logprobs=logprobs, text_lengths=text_lengths, logits=logits)
 
-    # ================================================================ one decode step
-    def _layers(self, x: torch.Tensor, active: torch.Tensor, bound: int) -> torch.Tensor:
-        """All decoder layers for one token per row over the static cache. Rows with
-        ``active`` append their K/V at slot length[b]; the others write nothing.
-
-        bound: a host-known upper bound of max(length) + 1 for this step. On CPU the cache
-        is handed to the ops cut to it: the PyTorch references read every position they
-        are given, so without the cut each step would cost O(max_len), not O(length).
-        On CUDA the kernels skip positions past each length themselves, and a captured
-        graph needs fixed shapes, so the full cache is passed."""
-        a, s = self.adapter, self.state
-        cut = slice(None) if self.device.type != "cpu" else slice(0, min(bound, self.max_len))
-        pcut = slice(None) if self.device.type != "cpu" else slice(0, max(s.prefix_host_len, 1))
-        Bk = x.shape[0]
-        lengths = self.state.length[:Bk]
-        slots = torch.where(active, lengths, torch.full_like(lengths, -1))
-        attn_len = lengths + active.long()  # the step's own key included
-        pos = self.state.pos[:, :Bk] if a.mrope_section is not None else self.state.pos[0, :Bk]
-        # learned absolute positions (GPT-2) are added to the input, latent or token
-        h = x if a.position_embedding is None else x + a.position_embedding(pos).to(x.dtype)
-        for i, layer in enumerate(a.layers):
-            eps_in, eps_post = a.layer_eps[i]
-            normed = a.layer_norm(h, layer.input_norm, eps_in)
-            fused = self.fused.layers[i] if self.fused is not None else None
-            if fused is not None:
-                q, k, v = fused.qkv(normed)
-            elif layer.qkv is not None:
-                q, k, v = layer.qkv(normed)
-            else:
-                q, k, v = layer.q_proj(normed), layer.k_proj(normed), layer.v_proj(normed)
-            q = q.view(Bk, a.num_heads, a.head_dim)
-            k = k.view(Bk, a.num_kv_heads, a.head_dim)
-            v = v.view(Bk, a.num_kv_heads, a.head_dim)
-            k_cache, v_cache = self.cache.k[i][:, :, cut], self.cache.v[i][:, :, cut]
-            q = rotary_append(q, k, v, positions=pos, inv_freq=a.inv_freq, mrope_section=a.mrope_section,
-                              k_cache=k_cache, v_cache=v_cache, slots=slots, rotary_dim=a.rotary_dim)
-            if s.group:  # grouped rows: shared prompt prefix + own suffix (medlvr/engine/group.py)
-                o = cascade_attention(q, k_cache, v_cache, attn_len, k_prefix=self.prefix.k[i][:, :, pcut],
-                                      v_prefix=self.prefix.v[i][:, :, pcut], group=s.group, prompts=s.prompts,
-                                      prompt_lengths=s.prefix_len[:s.prompts], row_prompt=s.prefix_row[:Bk],
-                                      row_lengths=s.prefix_row_len[:Bk], scale=a.attn_scale)
-            else:
-                o = decode_attention(q, k_cache, v_cache, attn_len, scale=a.attn_scale)
-            h = h + layer.o_proj(o.reshape(Bk, a.num_heads * a.head_dim))
-            normed = a.layer_norm(h, layer.post_norm, eps_post)
-            h = h + (fused.mlp(normed) if fused is not None else layer.mlp(normed))
-        return h
-
-    def _latent_step(self, t: int, mode: str, lat: torch.Tensor, hid: torch.Tensor, eps: torch.Tensor | None,
-                     batch_scope: bool = False) -> None:
-        s = self.state
-        Bk = s.bucket
-        x, mu, h, active = s.x[:Bk], s.mu[:Bk], s.h[:Bk], s.active[:Bk]
-        keep = active[:, None]
-        lat[:, t].copy_(x.masked_fill(~keep, 0))
-        hid[:, t].copy_(h.masked_fill(~keep, 0))
-        out = self._layers(x, active, s.host_len + t + 1)
-        s.num_latent[:Bk] += active.long()
-        s.advance(active)
-        prev = mu.clone()
-        # Exited rows keep their last state: after the segment mu/h (and x) hold each
-        # sample's state at its own last position.
-        normed = self.adapter.norm_feedback(out, out=mu, active=active, projector=self.projector)
-        if self.projector is None:
-            h.copy_(mu)
-        else:
-            h.copy_(torch.where(keep, normed.to(h.dtype), h))
-        if t + 1 < lat.shape[1]:  # the last step's output is not fed as a latent
-            nxt = s.feed(mu, eps[:, t + 1]) if eps is not None else mu
-            x.copy_(torch.where(keep, nxt, x))
-        stop = self._stop_rule(mode, mu, prev, h)
-        if stop is not None and batch_scope:
-            # Batch-global exit: a row's rule firing marks it; the segment ends for every
-            # row once every row is marked (one reduction on the device, no host branch).
-            fired = s.fired[:Bk]
-            fired.logical_or_(stop & active)
-            active.logical_and_(~fired.all())
-        elif stop is not None:
-            active.logical_and_(~stop)
-
-    def _stop_rule(self, mode: str, mu_next: torch.Tensor, mu: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
-        if mode == "fixed":
-            return None
-        if mode == "cosine":
-            return F.cosine_similarity(mu_next.float(), mu.float(), dim=-1) > self.state.threshold
-        if mode == "head":
-            return self.stop_head(h).float().reshape(-1) > self.state.threshold
-        if mode == "end_distance":
-            return (mu_next.float() - self.state.end_emb).norm(dim=-1) < self.state.threshold
-        if mode == "count":  # num_latent already counts this step
-            Bk = mu_next.shape[0]
-            return self.state.num_latent[:Bk] >= self.state.k_row[:Bk]
-        head = self.adapter.lm_head
-        if mode == "logit":
-            # One vocabulary row, not the whole lm_head.
-            logit = F.linear(h, head.weight.index_select(0, self.state.latent_end)).float().squeeze(-1)
-            if getattr(head, "bias", None) is not None:
-                logit = logit + head.bias.index_select(0, self.state.latent_end).float()
-            return logit > self.state.threshold
-        return head(h).float().argmax(dim=-1) == self.state.latent_end  # mode "argmax"
-
     def _all_stopped(self, t: int, start: int) -> bool:
         """Every sample stopped (a host sync: on CUDA checked once per _STOP_POLL steps)."""
         if t == 0 or (self.device.type != "cpu" and (t - start) % _STOP_POLL != 0):
             return False
         return not bool(self.state.active[:self.state.batch].any())
 
-    def _feed_tokens(self, bound: int) -> None:
-        """Feed tok for active rows; leaves next-token logits in state.logits."""
-        s = self.state
-        Bk = s.bucket
-        active = s.active[:Bk]
-        out = self._layers(self.adapter.embed_tokens(s.tok[:Bk]), active, bound)
-        s.advance(active)
-        normed = self.adapter.norm_feedback(out, out=torch.empty_like(out))
-        s.logits[:Bk].copy_(self.adapter.lm_head(normed))
-
     def _draw(self, p: TextParams, generator: torch.Generator | None) -> None:
         if not p.greedy:  # outside any graph: the next sampling step uses these draws
             self.state.draw_noise(generator)
-
-    def _sample(self, p: TextParams) -> None:
-        """Sample tok from state.logits; rows that hit a stop id become inactive."""
-        s = self.state
-        Bk = s.bucket
-        active = s.active[:Bk]
-        tok, lp = sampling.sample(s.logits[:Bk], greedy=p.greedy, temperature=s.temperature,
-                                  top_p=s.top_p if p.use_top_p else None, noise=s.noise[:Bk])
-        s.tok[:Bk].copy_(torch.where(active, tok, s.pad))
-        s.logprob[:Bk].copy_(torch.where(active, lp, torch.zeros_like(lp)))
-        s.text_len[:Bk] += active.long()
-        # A broadcast compare against the fixed-size stop-id buffer (padded with -1, never
-        # a token): no data-dependent path, unlike torch.isin's sort-based variant.
-        stopped = (s.tok[:Bk, None] == s.stop_ids[None, :]).any(dim=-1)
-        active.logical_and_(~stopped)
 
     # ================================================================ helpers
     @contextlib.contextmanager

@@ -1,0 +1,163 @@
+"""One decode step of the latent engine: every decoder layer for one token per row over the
+static cache, the latent step (feedback, noise, exit rules as masks) and the text step
+(embed, forward, sample). ``LatentEngine`` (medlvr/engine/engine.py) runs these inside the
+functions it captures as CUDA graphs, so nothing here syncs with the host or copies from
+it (tests/engine/test_capture_safety.py checks that on CPU).
+
+Per layer on GPU: cuBLAS GEMMs plus the Triton kernels of medlvr/ops/decode.py (rotary +
+KV append, split-K decode attention, RMSNorm); on CPU the same code runs their references.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+from medlvr.engine import sampling
+from medlvr.engine.adapters.base import ModelAdapter
+from medlvr.engine.cache import StaticKVCache
+from medlvr.engine.fused import FusedProjections
+from medlvr.engine.group import cascade_attention
+from medlvr.engine.request import TextParams
+from medlvr.engine.state import DecodeState
+from medlvr.ops.decode import decode_attention, rotary_append
+
+
+class DecodeStep:
+    """The step math over one engine's buffers (all held by reference).
+
+    prefix: the shared prompt cache of grouped generation, or None. stop_head: the model's
+    ``latent_stop_head`` (exit "stop_logit" with a head), or None."""
+
+    def __init__(self, *, adapter: ModelAdapter, cache: StaticKVCache, prefix: StaticKVCache | None,
+                 state: DecodeState, fused: FusedProjections | None,
+                 projector: Callable[[torch.Tensor], torch.Tensor] | None, stop_head: torch.nn.Module | None):
+        self.adapter, self.cache, self.prefix, self.state = adapter, cache, prefix, state
+        self.fused, self.projector, self.stop_head = fused, projector, stop_head
+        self.device, self.max_len = adapter.device, cache.max_len
+
+    def layers(self, x: torch.Tensor, active: torch.Tensor, bound: int) -> torch.Tensor:
+        """All decoder layers for one token per row over the static cache. Rows with
+        ``active`` append their K/V at slot length[b]; the others write nothing.
+
+        bound: a host-known upper bound of max(length) + 1 for this step. On CPU the cache
+        is handed to the ops cut to it: the PyTorch references read every position they
+        are given, so without the cut each step would cost O(max_len), not O(length).
+        On CUDA the kernels skip positions past each length themselves, and a captured
+        graph needs fixed shapes, so the full cache is passed."""
+        a, s = self.adapter, self.state
+        cut = slice(None) if self.device.type != "cpu" else slice(0, min(bound, self.max_len))
+        pcut = slice(None) if self.device.type != "cpu" else slice(0, max(s.prefix_host_len, 1))
+        Bk = x.shape[0]
+        lengths = self.state.length[:Bk]
+        slots = torch.where(active, lengths, torch.full_like(lengths, -1))
+        attn_len = lengths + active.long()  # the step's own key included
+        pos = self.state.pos[:, :Bk] if a.mrope_section is not None else self.state.pos[0, :Bk]
+        # learned absolute positions (GPT-2) are added to the input, latent or token
+        h = x if a.position_embedding is None else x + a.position_embedding(pos).to(x.dtype)
+        for i, layer in enumerate(a.layers):
+            eps_in, eps_post = a.layer_eps[i]
+            normed = a.layer_norm(h, layer.input_norm, eps_in)
+            fused = self.fused.layers[i] if self.fused is not None else None
+            if fused is not None:
+                q, k, v = fused.qkv(normed)
+            elif layer.qkv is not None:
+                q, k, v = layer.qkv(normed)
+            else:
+                q, k, v = layer.q_proj(normed), layer.k_proj(normed), layer.v_proj(normed)
+            q = q.view(Bk, a.num_heads, a.head_dim)
+            k = k.view(Bk, a.num_kv_heads, a.head_dim)
+            v = v.view(Bk, a.num_kv_heads, a.head_dim)
+            k_cache, v_cache = self.cache.k[i][:, :, cut], self.cache.v[i][:, :, cut]
+            q = rotary_append(q, k, v, positions=pos, inv_freq=a.inv_freq, mrope_section=a.mrope_section,
+                              k_cache=k_cache, v_cache=v_cache, slots=slots, rotary_dim=a.rotary_dim)
+            if s.group:  # grouped rows: shared prompt prefix + own suffix (medlvr/engine/group.py)
+                o = cascade_attention(q, k_cache, v_cache, attn_len, k_prefix=self.prefix.k[i][:, :, pcut],
+                                      v_prefix=self.prefix.v[i][:, :, pcut], group=s.group, prompts=s.prompts,
+                                      prompt_lengths=s.prefix_len[:s.prompts], row_prompt=s.prefix_row[:Bk],
+                                      row_lengths=s.prefix_row_len[:Bk], scale=a.attn_scale)
+            else:
+                o = decode_attention(q, k_cache, v_cache, attn_len, scale=a.attn_scale)
+            h = h + layer.o_proj(o.reshape(Bk, a.num_heads * a.head_dim))
+            normed = a.layer_norm(h, layer.post_norm, eps_post)
+            h = h + (fused.mlp(normed) if fused is not None else layer.mlp(normed))
+        return h
+
+    def latent_step(self, t: int, mode: str, lat: torch.Tensor, hid: torch.Tensor, eps: torch.Tensor | None,
+                     batch_scope: bool = False) -> None:
+        s = self.state
+        Bk = s.bucket
+        x, mu, h, active = s.x[:Bk], s.mu[:Bk], s.h[:Bk], s.active[:Bk]
+        keep = active[:, None]
+        lat[:, t].copy_(x.masked_fill(~keep, 0))
+        hid[:, t].copy_(h.masked_fill(~keep, 0))
+        out = self.layers(x, active, s.host_len + t + 1)
+        s.num_latent[:Bk] += active.long()
+        s.advance(active)
+        prev = mu.clone()
+        # Exited rows keep their last state: after the segment mu/h (and x) hold each
+        # sample's state at its own last position.
+        normed = self.adapter.norm_feedback(out, out=mu, active=active, projector=self.projector)
+        if self.projector is None:
+            h.copy_(mu)
+        else:
+            h.copy_(torch.where(keep, normed.to(h.dtype), h))
+        if t + 1 < lat.shape[1]:  # the last step's output is not fed as a latent
+            nxt = s.feed(mu, eps[:, t + 1]) if eps is not None else mu
+            x.copy_(torch.where(keep, nxt, x))
+        stop = self.stop_rule(mode, mu, prev, h)
+        if stop is not None and batch_scope:
+            # Batch-global exit: a row's rule firing marks it; the segment ends for every
+            # row once every row is marked (one reduction on the device, no host branch).
+            fired = s.fired[:Bk]
+            fired.logical_or_(stop & active)
+            active.logical_and_(~fired.all())
+        elif stop is not None:
+            active.logical_and_(~stop)
+
+    def stop_rule(self, mode: str, mu_next: torch.Tensor, mu: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
+        if mode == "fixed":
+            return None
+        if mode == "cosine":
+            return F.cosine_similarity(mu_next.float(), mu.float(), dim=-1) > self.state.threshold
+        if mode == "head":
+            return self.stop_head(h).float().reshape(-1) > self.state.threshold
+        if mode == "end_distance":
+            return (mu_next.float() - self.state.end_emb).norm(dim=-1) < self.state.threshold
+        if mode == "count":  # num_latent already counts this step
+            Bk = mu_next.shape[0]
+            return self.state.num_latent[:Bk] >= self.state.k_row[:Bk]
+        head = self.adapter.lm_head
+        if mode == "logit":
+            # One vocabulary row, not the whole lm_head.
+            logit = F.linear(h, head.weight.index_select(0, self.state.latent_end)).float().squeeze(-1)
+            if getattr(head, "bias", None) is not None:
+                logit = logit + head.bias.index_select(0, self.state.latent_end).float()
+            return logit > self.state.threshold
+        return head(h).float().argmax(dim=-1) == self.state.latent_end  # mode "argmax"
+
+    def feed_tokens(self, bound: int) -> None:
+        """Feed tok for active rows; leaves next-token logits in state.logits."""
+        s = self.state
+        Bk = s.bucket
+        active = s.active[:Bk]
+        out = self.layers(self.adapter.embed_tokens(s.tok[:Bk]), active, bound)
+        s.advance(active)
+        normed = self.adapter.norm_feedback(out, out=torch.empty_like(out))
+        s.logits[:Bk].copy_(self.adapter.lm_head(normed))
+
+    def sample(self, p: TextParams) -> None:
+        """Sample tok from state.logits; rows that hit a stop id become inactive."""
+        s = self.state
+        Bk = s.bucket
+        active = s.active[:Bk]
+        tok, lp = sampling.sample(s.logits[:Bk], greedy=p.greedy, temperature=s.temperature,
+                                  top_p=s.top_p if p.use_top_p else None, noise=s.noise[:Bk])
+        s.tok[:Bk].copy_(torch.where(active, tok, s.pad))
+        s.logprob[:Bk].copy_(torch.where(active, lp, torch.zeros_like(lp)))
+        s.text_len[:Bk] += active.long()
+        # A broadcast compare against the fixed-size stop-id buffer (padded with -1, never
+        # a token): no data-dependent path, unlike torch.isin's sort-based variant.
+        stopped = (s.tok[:Bk, None] == s.stop_ids[None, :]).any(dim=-1)
+        active.logical_and_(~stopped)
