@@ -32,7 +32,8 @@ Launches (grid axis 1 splits D into BLOCK_D slices, for parallelism at small R·
                atomics; tokens outside every box get zeros.
 
 Geometry: the tables of medlvr.ops.roi_geometry.RoiGeometry (one int32 buffer prepared
-once per batch; meaning of each table there). All coordinates are in token units; the
+once per batch; meaning of each table there); the few values derived from them (bin
+origins, the rows a box may touch) are recomputed here. All coordinates are in token units; the
 tables hold the clipped box, and the −½ pixel-centre shift of bilinear pooling is
 applied here (one fp32 subtraction, the same rounding as the reference's).
 """
@@ -246,57 +247,62 @@ def _roi_loss_bwd_latent_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, sums_ptr, 
 
 
 @triton.jit
-def _roi_loss_bwd_vision_kernel(dt_ptr, dv_ptr, geom_f_ptr, geom_i_ptr, extent_ptr,
-                                block_image_ptr, block_start_ptr, image_meta_ptr, rows_by_image_ptr,
-                                image_ptr_ptr, D, K, GW, sampling_ratio, BLOCK_T: tl.constexpr,
+def _roi_loss_bwd_vision_kernel(dt_ptr, dv_ptr, geom_f_ptr, geom_i_ptr, image_meta_ptr, rows_by_image_ptr,
+                                image_ptr_ptr, blocks_per_image, D, K, GW, sampling_ratio, BLOCK_T: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, AREA: tl.constexpr):
-    # one program: BLOCK_T consecutive tokens of one image × one D slice
-    blk = tl.program_id(0)
+    # one program: BLOCK_T consecutive tokens of one image × one D slice; axis 0 runs over
+    # images × the largest image's blocks, and a block past its image's end does nothing
+    b = tl.program_id(0) // blocks_per_image
+    start = (tl.program_id(0) % blocks_per_image).to(tl.int64) * BLOCK_T
     sid = tl.program_id(1)
-    b = tl.load(block_image_ptr + blk)
-    start = tl.load(block_start_ptr + blk).to(tl.int64)
     off = tl.load(image_meta_ptr + b * 3 + 0).to(tl.int64)
     H = tl.load(image_meta_ptr + b * 3 + 1).to(tl.int64)
     W = tl.load(image_meta_ptr + b * 3 + 2).to(tl.int64)
-    local = start + tl.arange(0, BLOCK_T)
-    t_mask = local < H * W
-    i = (local // W).to(tl.int32)
-    j = (local % W).to(tl.int32)
-    row_first = start // W
-    row_last = tl.minimum(start + BLOCK_T - 1, H * W - 1) // W
-    d = sid * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    # all K bins of a box at once: bin k = p·GW + q (padded to BLOCK_K >= 16 for tl.dot)
-    k = tl.arange(0, BLOCK_K)
-    k_mask = k < K
-    p = k // GW
-    q = k % GW
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    first = tl.load(image_ptr_ptr + b)
-    last = tl.load(image_ptr_ptr + b + 1)
-    for slot in range(first, last):
-        r = tl.load(rows_by_image_ptr + slot)
-        i_lo = tl.load(extent_ptr + r * 2 + 0)
-        i_hi = tl.load(extent_ptr + r * 2 + 1)
-        if (row_last >= i_lo) & (row_first < i_hi):
-            x_lo, y_lo, bin_w, bin_h, ny, nx = _box_params(geom_f_ptr, geom_i_ptr, r, sampling_ratio, AREA)
-            # w[token, bin]: the same weights the forward used, recomputed
-            wy = _axis_weight(i[:, None], (y_lo + p * bin_h)[None, :], bin_h, ny, H, AREA)
-            wx = _axis_weight(j[:, None], (x_lo + q * bin_w)[None, :], bin_w, nx, W, AREA)
-            w = tl.where(t_mask[:, None] & k_mask[None, :], wy * wx, 0.0)
-            rows = r.to(tl.int64) * K + k
-            dt = tl.load(dt_ptr + rows[:, None] * D + d[None, :],
-                         mask=k_mask[:, None] & d_mask[None, :], other=0.0)
-            # dv[tokens] += w · dt[bins]; "ieee" keeps fp32 products (no TF32 rounding)
-            acc += tl.dot(w, dt, input_precision="ieee")
-    tok = off + local
-    tl.store(dv_ptr + tok[:, None] * D + d[None, :], acc.to(dv_ptr.dtype.element_ty),
-             mask=t_mask[:, None] & d_mask[None, :])
+    if start < H * W:
+        local = start + tl.arange(0, BLOCK_T)
+        t_mask = local < H * W
+        i = (local // W).to(tl.int32)
+        j = (local % W).to(tl.int32)
+        row_first = start // W
+        row_last = tl.minimum(start + BLOCK_T - 1, H * W - 1) // W
+        d = sid * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        # all K bins of a box at once: bin k = p·GW + q (padded to BLOCK_K >= 16 for tl.dot)
+        k = tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        p = k // GW
+        q = k % GW
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        first = tl.load(image_ptr_ptr + b)
+        last = tl.load(image_ptr_ptr + b + 1)
+        for slot in range(first, last):
+            r = tl.load(rows_by_image_ptr + slot)
+            # token rows any bin of box r may weight: the clipped box's rows with a cell of
+            # slack each side (both poolings; fp32 rounding of y0 + gh·bin_h at the far edge)
+            y0 = tl.load(geom_f_ptr + r * 4 + 1)
+            y_end = y0 + (K // GW) * tl.load(geom_f_ptr + r * 4 + 3)
+            i_lo = tl.floor(y0).to(tl.int64) - 1
+            i_hi = tl.floor(y_end).to(tl.int64) + 2
+            if (row_last >= i_lo) & (row_first < i_hi):
+                x_lo, y_lo, bin_w, bin_h, ny, nx = _box_params(geom_f_ptr, geom_i_ptr, r, sampling_ratio, AREA)
+                # w[token, bin]: the same weights the forward used, recomputed
+                wy = _axis_weight(i[:, None], (y_lo + p * bin_h)[None, :], bin_h, ny, H, AREA)
+                wx = _axis_weight(j[:, None], (x_lo + q * bin_w)[None, :], bin_w, nx, W, AREA)
+                w = tl.where(t_mask[:, None] & k_mask[None, :], wy * wx, 0.0)
+                rows = r.to(tl.int64) * K + k
+                dt = tl.load(dt_ptr + rows[:, None] * D + d[None, :],
+                             mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+                # dv[tokens] += w · dt[bins]; "ieee" keeps fp32 products (no TF32 rounding)
+                acc += tl.dot(w, dt, input_precision="ieee")
+        tok = off + local
+        tl.store(dv_ptr + tok[:, None] * D + d[None, :], acc.to(dv_ptr.dtype.element_ty),
+                 mask=t_mask[:, None] & d_mask[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
 
 _TILE_TOKENS = 16  # tokens per tile: 16 × 512 fp32 = 64 registers a thread at 4 warps
+BLOCK_T = 16  # tokens per program of the vision-gradient kernel (its tl.dot needs >= 16 rows)
 _FINISH_BLOCK = 1024  # losses per step of the last program's row-order sum
 
 
@@ -372,17 +378,19 @@ def roi_loss_backward_latents(latents: torch.Tensor, vision_tokens: torch.Tensor
 
 
 def roi_loss_backward_vision(dt: torch.Tensor, vision_tokens: torch.Tensor, tables: dict, *, bins: tuple[int, int],
-                             block_tokens: int, sampling_ratio: int, area: bool) -> torch.Tensor:
-    """dv (T D) in the vision tokens' dtype: every token written once (zeros outside boxes). One launch."""
+                             max_image_tokens: int, sampling_ratio: int, area: bool) -> torch.Tensor:
+    """dv (T D) in the vision tokens' dtype: every token written once (zeros outside boxes). One launch.
+
+    max_image_tokens: the largest image's token count (sizes the launch grid)."""
     T, D = vision_tokens.shape
     gh, gw = bins
+    n_images = tables["image_meta"].numel() // 3
     dv = torch.empty_like(vision_tokens)
-    n_blocks = tables["block_image"].numel()
     if T:
         block_d = max(16, min(triton.next_power_of_2(D), 256))
-        _roi_loss_bwd_vision_kernel[(n_blocks, triton.cdiv(D, block_d))](
-            dt, dv, tables["geom_f"], tables["geom_i"], tables["extent"], tables["block_image"],
-            tables["block_start"], tables["image_meta"], tables["rows_by_image"], tables["image_ptr"], D, gh * gw, gw,
-            sampling_ratio, BLOCK_T=block_tokens, BLOCK_D=block_d,
+        per_image = triton.cdiv(max_image_tokens, BLOCK_T)
+        _roi_loss_bwd_vision_kernel[(n_images * per_image, triton.cdiv(D, block_d))](
+            dt, dv, tables["geom_f"], tables["geom_i"], tables["image_meta"], tables["rows_by_image"],
+            tables["image_ptr"], per_image, D, gh * gw, gw, sampling_ratio, BLOCK_T=BLOCK_T, BLOCK_D=block_d,
             BLOCK_K=max(16, triton.next_power_of_2(gh * gw)), AREA=area, num_warps=4)
     return dv

@@ -24,7 +24,7 @@ import math
 import torch
 
 from medlvr import _backend
-from medlvr.ops.roi_geometry import BLOCK_TOKENS, RoiGeometry, check_bins, prepare_roi_geometry
+from medlvr.ops.roi_geometry import RoiGeometry, check_bins, prepare_roi_geometry
 from medlvr.reference.roi_align import COS_EPS, axis_weights, bilinear_samples, clip_boxes, roi_align_loss_ref
 
 __all__ = ["RoiGeometry", "prepare_roi_geometry", "roi_align_loss", "roi_align_loss_memory_floor"]
@@ -144,7 +144,8 @@ class _RoiAlignLoss(torch.autograd.Function):
         dv = None
         if want_dv:
             dv = kern.roi_loss_backward_vision(dt, vision_tokens, geometry.tables, bins=geometry.bins,
-                                               block_tokens=BLOCK_TOKENS, sampling_ratio=ctx.sr, area=ctx.area)
+                                               max_image_tokens=max(geometry.tokens_per_image, default=0),
+                                               sampling_ratio=ctx.sr, area=ctx.area)
         return dz, dv, None, None, None, None, None
 
 

@@ -2,8 +2,8 @@
 
 Why a separate object: every value-dependent check of the boxes (finite, in their image,
 not reversed, not empty after clipping) and every kernel table (clipped boxes in token
-units, bin sizes, sample counts, image offsets, the vision-gradient kernel's token
-blocks) depends on the boxes alone. Computing them inside each loss call cost a device
+units, bin sizes, sample counts, image offsets, boxes grouped by image) depends on the
+boxes alone. Computing them inside each loss call cost a device
 sync to read the boxes, numpy work and a host-to-device copy per call, and made the call
 impossible to capture in a CUDA graph. ``prepare_roi_geometry`` does all of it once,
 with torch ops on the boxes' device and ONE device-to-host read (the checks' verdict and
@@ -13,7 +13,7 @@ sync at all) hands the result to the op, whose call then only checks shapes and 
 The geometry does not depend on the pooling, the loss or the sampling ratio: those stay
 arguments of the call, so the collator, which does not know them, can prepare it.
 Conventions (token layout, clipping, bin order) are the reference's
-(medlvr/reference/roi_align.py); the tables' meaning is in kernels/roi_align_loss.py.
+(medlvr/reference/roi_align.py); kernels/roi_align_loss.py reads the tables.
 """
 from __future__ import annotations
 
@@ -21,23 +21,25 @@ from dataclasses import dataclass, field
 
 import torch
 
+from medlvr.ops import _checks
 from medlvr.reference.roi_align import bilinear_samples, clip_boxes
 
 __all__ = ["RoiGeometry", "prepare_roi_geometry"]
 
-# Tokens per program of the vision-gradient kernel (its tl.dot needs >= 16 rows); the
-# token blocks of the tables are cut to this size and never straddle two images.
-BLOCK_TOKENS = 16
-
-# Tables, in buffer order, with their columns; rows are R boxes, I images or NB blocks.
+# Tables, in buffer order, with their columns; rows are R boxes or I images.
 #   geom_f (R 4) fp32 bits: x0, y0 (clipped box start, token units), bin_w, bin_h
 #   geom_i (R 5): token offset of the box's image, H, W, adaptive bilinear samples along y, x
-#   extent (R 2): i_lo, i_hi, a superset of the token rows any bin of the box weights
 #   image_meta (I 3): token offset, H, W;  image_ptr (I+1): each image's slice of rows_by_image
-#   rows_by_image (R): box rows sorted by image (stable);  block_image, block_start (NB)
+#   rows_by_image (R): box rows sorted by image (stable)
 #   counters (R·K + 1): zeros; the forward kernel's arrival counters, reset by the kernel
-_LAYOUT = (("geom_f", 4), ("geom_i", 5), ("extent", 2), ("image_meta", 3), ("rows_by_image", 1),
-           ("image_ptr", 1), ("block_image", 1), ("block_start", 1), ("counters", 1))
+_LAYOUT = (("geom_f", 4), ("geom_i", 5), ("image_meta", 3), ("rows_by_image", 1), ("image_ptr", 1),
+           ("counters", 1))
+
+
+def _table_rows(sizes: tuple[int, int], bins: tuple[int, int]) -> dict:
+    R, I = sizes
+    return {"geom_f": R, "geom_i": R, "image_meta": I, "rows_by_image": R, "image_ptr": I + 1,
+            "counters": R * bins[0] * bins[1] + 1}
 
 
 def _aligned(n: int) -> int:
@@ -57,22 +59,19 @@ class RoiGeometry:
     itself), so two losses on one geometry must not run concurrently on two streams.
     """
     buffer: torch.Tensor = field(repr=False)  # int32, all tables (views in ``tables``)
-    sizes: tuple[int, int, int]        # R boxes, I images, NB vision-gradient blocks
+    sizes: tuple[int, int]             # R boxes, I images
     bins: tuple[int, int]
     merge: int
     patch: int
     tokens_per_image: tuple[int, ...]  # merged tokens of each image (their sum is T)
     max_bin_w: float                   # widest bin, token units: sizes the load tiles
-    grid_thw: torch.Tensor = field(repr=False)   # the inputs as given: for the reference
-    boxes: torch.Tensor = field(repr=False)      # path and the memory floor, never read by
-    box_image: torch.Tensor = field(repr=False)  # the kernels
+    grid_thw: torch.Tensor = field(repr=False)   # the inputs as given, for the reference
+    boxes: torch.Tensor = field(repr=False)      # path (the kernels read only the tables)
+    box_image: torch.Tensor = field(repr=False)
     tables: dict = field(init=False, repr=False)
 
     def __post_init__(self):
-        R, I, NB = self.sizes
-        K = self.bins[0] * self.bins[1]
-        rows = {"geom_f": R, "geom_i": R, "extent": R, "image_meta": I, "rows_by_image": R, "image_ptr": I + 1,
-                "block_image": NB, "block_start": NB, "counters": R * K + 1}
+        rows = _table_rows(self.sizes, self.bins)
         tables, at = {}, 0
         for name, cols in _LAYOUT:
             n = rows[name] * cols
@@ -113,14 +112,6 @@ class RoiGeometry:
         return self._with_buffer(self.buffer.pin_memory())
 
 
-def _check_tensor(name: str, x, ndim: int) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    return x
-
-
 def check_int(name: str, value, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -148,9 +139,9 @@ def prepare_roi_geometry(grid_thw: torch.Tensor, boxes: torch.Tensor, box_image:
     and none on the CPU: prepare in the data loader and move the result with
     ``.to(device)``.
     """
-    _check_tensor("grid_thw", grid_thw, 2)
-    _check_tensor("boxes", boxes, 2)
-    _check_tensor("box_image", box_image, 1)
+    _checks.tensor("grid_thw", grid_thw, dims=2)
+    _checks.tensor("boxes", boxes, dims=2)
+    _checks.tensor("box_image", box_image, dims=1)
     gh, gw = check_bins(bins)
     check_int("merge", merge)
     check_int("patch", patch)
@@ -169,83 +160,64 @@ def prepare_roi_geometry(grid_thw: torch.Tensor, boxes: torch.Tensor, box_image:
     I, cell = grid.shape[0], merge * patch
 
     # --- every value check at once; one read of the verdicts below
-    t, h, w = grid.unbind(1)
-    bad_grid = (t != 1) | (h <= 0) | (w <= 0) | (h % merge != 0) | (w % merge != 0)
-    H, W = h // merge, w // merge
-    counts = t * H * W
-    not_finite = ~torch.isfinite(bx).all(1)
+    hw_px = grid[:, 1:]
+    bad_grid = (grid[:, 0] != 1) | ((hw_px <= 0) | (hw_px % merge != 0)).any(1)
+    HW = hw_px // merge  # merged tokens per image: rows H, columns W
+    counts = grid[:, 0] * HW.prod(1)
     bad_image = (img < 0) | (img >= I)
-    reversed_ = (bx[:, 2] < bx[:, 0]) | (bx[:, 3] < bx[:, 1])
     row_image = img.clamp(0, max(I - 1, 0))  # in range for the gathers; bad rows raise below
-    hw = torch.stack([H, W], 1)[row_image] if I else torch.zeros(R, 2, dtype=torch.int64, device=dev)
-    x0, y0, x1, y1 = clip_boxes(bx, hw, cell).unbind(1)  # the reference's clipping, same fp32 ops
-    empty = (x1 <= x0) | (y1 <= y0)
-    bin_w = (x1 - x0) / gw  # as the reference's axis_weights: (hi − lo) / n_bins in fp32
-    bin_h = (y1 - y0) / gh
-    widest = bin_w.max().reshape(1) if R else bin_w.new_zeros(1)
-    verdict = [counts, bad_grid, not_finite, bad_image, reversed_, empty, widest]
-    host = torch.cat([x.to(torch.float64) for x in verdict]).cpu()  # the one device-to-host read
-    counts_h, bad_grid_h, not_finite_h, bad_image_h, reversed_h, empty_h = host[:-1].split([I, I, R, R, R, R])
-    _raise_first_bad_row(grid_thw, boxes, box_image, bad_grid_h, not_finite_h, bad_image_h, reversed_h, empty_h,
-                         I=I, merge=merge, cell=cell)
-    tokens_per_image = tuple(int(c) for c in counts_h.tolist())
+    hw = HW[row_image] if I else HW.new_zeros(R, 2)
+    clipped = clip_boxes(bx, hw, cell)  # the reference's clipping, the same fp32 ops
+    lo, hi = clipped[:, :2], clipped[:, 2:]  # (x, y) start and end, token units
+    bin_w = (clipped[:, 2] - clipped[:, 0]) / gw  # as the reference's axis_weights: (hi − lo) / n_bins
+    bin_h = (clipped[:, 3] - clipped[:, 1]) / gh
+    widest = bin_w.max().reshape(1).double() if R else bin_w.new_zeros(1, dtype=torch.float64)
+    verdict = [bad_grid, ~torch.isfinite(bx).all(1), bad_image, (bx[:, 2:] < bx[:, :2]).any(1), (hi <= lo).any(1),
+               counts, widest]
+    host = torch.cat(verdict).tolist()  # float64 by promotion; the one device-to-host read
+    at = 0
+    for name, n in (("grid_thw", I), ("not finite", R), ("box_image", R), ("reversed", R), ("empty", R)):
+        if any(host[at: at + n]):
+            _raise_bad_row(name, host[at: at + n].index(1.0), grid_thw, boxes, box_image, I=I, merge=merge,
+                           cell=cell)
+        at += n
+    tokens_per_image = tuple(int(c) for c in host[at: at + I])
 
-    # --- kernel tables (asynchronous on a GPU: no more reads)
-    H_r, W_r = hw.unbind(1)
+    # --- kernel tables (asynchronous on a GPU: no more reads), written into one buffer
+    rows = _table_rows((R, I), (gh, gw))
+    buffer = torch.zeros(sum(_aligned(rows[name] * cols) for name, cols in _LAYOUT), dtype=torch.int32, device=dev)
+    geometry = RoiGeometry(buffer, (R, I), (gh, gw), merge, patch, tokens_per_image, host[-1], grid_thw, boxes,
+                           box_image)
+    t = geometry.tables
     offsets = counts.cumsum(0) - counts
-    ny = bilinear_samples(y0, y1, gh, -1, cell)  # used when the call asks for sampling_ratio=-1
-    nx = bilinear_samples(x0, x1, gw, -1, cell)
-    # rows any bin may weight, with a cell of slack each side for both poolings and for
-    # fp32 rounding at the box's far edge (the vision-gradient kernel skips other boxes)
-    i_lo = (y0.floor() - 1).clamp(min=0).to(torch.int64)
-    i_hi = torch.minimum(y1.floor().to(torch.int64) + 2, H_r)
-    per_image = (counts + BLOCK_TOKENS - 1) // BLOCK_TOKENS
-    n_blocks = sum((c + BLOCK_TOKENS - 1) // BLOCK_TOKENS for c in tokens_per_image)
-    block_image = torch.repeat_interleave(torch.arange(I, device=dev), per_image, output_size=n_blocks)
-    first_block = per_image.cumsum(0) - per_image
-    block_start = (torch.arange(n_blocks, device=dev) - first_block[block_image]) * BLOCK_TOKENS
+    t["geom_f"].view(R, 4).copy_(torch.stack([clipped[:, 0], clipped[:, 1], bin_w, bin_h], 1))
+    # adaptive bilinear samples, used when a call asks for sampling_ratio=-1
+    ny = bilinear_samples(clipped[:, 1], clipped[:, 3], gh, -1, cell)
+    nx = bilinear_samples(clipped[:, 0], clipped[:, 2], gw, -1, cell)
+    t["geom_i"].view(R, 5).copy_(torch.stack([offsets[row_image], hw[:, 0], hw[:, 1], ny, nx], 1))
+    t["image_meta"].view(I, 3).copy_(torch.cat([offsets[:, None], HW], 1))
     rows_by_image = torch.argsort(img, stable=True)
-    image_ptr = torch.searchsorted(img[rows_by_image], torch.arange(I + 1, device=dev))
-    parts = {
-        "geom_f": torch.stack([x0, y0, bin_w, bin_h], 1).view(torch.int32),
-        "geom_i": torch.stack([offsets[row_image], H_r, W_r, ny, nx], 1),
-        "extent": torch.stack([i_lo, i_hi], 1),
-        "image_meta": torch.stack([offsets, H, W], 1),
-        "rows_by_image": rows_by_image,
-        "image_ptr": image_ptr,
-        "block_image": block_image,
-        "block_start": block_start,
-        "counters": torch.zeros(R * gh * gw + 1, dtype=torch.int32, device=dev),
-    }
-    flat = [parts[name].reshape(-1).to(torch.int32) for name, _ in _LAYOUT]
-    pad = torch.zeros(3, dtype=torch.int32, device=dev)
-    buffer = torch.cat([x for f in flat for x in (f, pad[: _aligned(f.numel()) - f.numel()])])
-    return RoiGeometry(buffer, (R, I, n_blocks), (gh, gw), merge, patch, tokens_per_image, float(host[-1]),
-                       grid_thw, boxes, box_image)
+    t["rows_by_image"].copy_(rows_by_image)
+    t["image_ptr"].copy_(torch.searchsorted(img[rows_by_image], torch.arange(I + 1, device=dev)))
+    return geometry
 
 
-def _raise_first_bad_row(grid_thw, boxes, box_image, bad_grid, not_finite, bad_image, reversed_, empty, *,
-                         I: int, merge: int, cell: int) -> None:
-    """The ValueError of the first failed check, naming the row (only reads more on failure)."""
-    if bool(bad_grid.any()):
-        b = int(bad_grid.nonzero()[0])
-        t, h, w = grid_thw[b].tolist()
+def _raise_bad_row(check: str, r: int, grid_thw, boxes, box_image, *, I: int, merge: int, cell: int) -> None:
+    """The ValueError of a failed check, naming row ``r`` (reads the row: failures only)."""
+    if check == "grid_thw":
+        t, h, w = grid_thw[r].tolist()
         if t != 1:
-            raise ValueError(f"grid_thw row {b} = {(t, h, w)}: only images (t = 1) are supported; "
+            raise ValueError(f"grid_thw row {r} = {(t, h, w)}: only images (t = 1) are supported; "
                              "a video's frames do not share one box")
-        raise ValueError(f"grid_thw row {b} = {(t, h, w)}: h and w must be positive multiples of merge = {merge}")
-    if bool(not_finite.any()):
-        r = int(not_finite.nonzero()[0])
-        raise ValueError(f"boxes row {r} = {boxes[r].tolist()} is not finite")
-    if bool(bad_image.any()):
-        r = int(bad_image.nonzero()[0])
-        raise ValueError(f"box_image row {r} = {int(box_image[r])} is out of range for {I} images")
-    if bool(reversed_.any()):
-        r = int(reversed_.nonzero()[0])
-        raise ValueError(f"boxes row {r} = {boxes[r].tolist()} has x1 < x0 or y1 < y0 (expected x0 <= x1, y0 <= y1)")
-    if bool(empty.any()):
-        r = int(empty.nonzero()[0])
-        i = int(box_image[r])
-        _, h, w = (int(x) for x in grid_thw[i].tolist())
-        raise ValueError(f"boxes row {r} = {boxes[r].tolist()} is empty after clipping to image {i} "
-                         f"({w // merge * cell} x {h // merge * cell} px)")
+        raise ValueError(f"grid_thw row {r} = {(t, h, w)}: h and w must be positive multiples of merge = {merge}")
+    box = boxes[r].tolist()
+    if check == "not finite":
+        raise ValueError(f"boxes row {r} = {box} is not finite")
+    i = int(box_image[r])
+    if check == "box_image":
+        raise ValueError(f"box_image row {r} = {i} is out of range for {I} images")
+    if check == "reversed":
+        raise ValueError(f"boxes row {r} = {box} has x1 < x0 or y1 < y0 (expected x0 <= x1, y0 <= y1)")
+    _, h, w = (int(x) for x in grid_thw[i].tolist())
+    raise ValueError(f"boxes row {r} = {box} is empty after clipping to image {i} "
+                     f"({w // merge * cell} x {h // merge * cell} px)")

@@ -41,13 +41,8 @@ COS_EPS = 1e-8
 def clip_boxes(boxes: torch.Tensor, grid_hw: torch.Tensor, cell: int) -> torch.Tensor:
     """Boxes (R 4) in pixels clipped to their image (grid_hw (R 2): token rows, cols), in token units (fp32)."""
     b = boxes.to(torch.float32) / cell
-    h = grid_hw[:, 0].to(torch.float32)
-    w = grid_hw[:, 1].to(torch.float32)
-    x0 = b[:, 0].clamp(min=0).minimum(w)
-    x1 = b[:, 2].clamp(min=0).minimum(w)
-    y0 = b[:, 1].clamp(min=0).minimum(h)
-    y1 = b[:, 3].clamp(min=0).minimum(h)
-    return torch.stack([x0, y0, x1, y1], dim=1)
+    limit = grid_hw.flip(1).to(torch.float32).repeat(1, 2)  # (w, h, w, h) per box
+    return b.clamp(min=0).minimum(limit)
 
 
 def axis_weights(lo: float, hi: float, n_bins: int, size: int, *, pooling: str, samples: int) -> torch.Tensor:

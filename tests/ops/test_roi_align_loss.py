@@ -298,9 +298,8 @@ fwd = dict(part_ptr="*fp32", count_ptr="*i32", sums_ptr="*fp32", loss_ptr="*fp32
            D="i32", K="i32", GW="i32", sampling_ratio="i32", scale="fp32", eps="fp32", **geom)
 bwd = dict(sums_ptr="*fp32", g_ptr="*fp32", g_stride_r="i32", g_stride_k="i32", g_scale="fp32", dt_ptr="*fp32",
            D="i32", K="i32", GW="i32", sampling_ratio="i32", eps="fp32", **geom)
-vision = dict(dt_ptr="*fp32", extent_ptr="*i32", block_image_ptr="*i32", block_start_ptr="*i32",
-              image_meta_ptr="*i32", rows_by_image_ptr="*i32", image_ptr_ptr="*i32", D="i32", K="i32", GW="i32",
-              sampling_ratio="i32", **geom)
+vision = dict(dt_ptr="*fp32", image_meta_ptr="*i32", rows_by_image_ptr="*i32", image_ptr_ptr="*i32",
+              blocks_per_image="i32", D="i32", K="i32", GW="i32", sampling_ratio="i32", **geom)
 tiles = dict(BLOCK_D=512, BLOCK_I=2, BLOCK_J=8)
 # both poolings and losses, equal and mixed dtypes (fp32 latents with bf16 tokens: autocast)
 cases = [
