@@ -135,12 +135,15 @@ def cuda_accounting(fn: Callable[[], object], *, iters: int = 20, warmup: int = 
         torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
-            fn()
+            with torch.profiler.record_function("accounted call"):
+                fn()
         torch.cuda.synchronize()
+    events = prof.events()
+    calls = [e.time_range for e in events if e.name == "accounted call"]
     kernels = copies = syncs = 0
     kernel_us = 0.0
     names = Counter()
-    for e in prof.events():
+    for e in events:
         kind = str(getattr(e, "device_type", ""))
         if kind.endswith("CUDA"):
             low = e.name.lower()
@@ -151,8 +154,8 @@ def cuda_accounting(fn: Callable[[], object], *, iters: int = 20, warmup: int = 
                 kernel_us += e.time_range.elapsed_us()
                 names[e.name.split("(")[0][:40]] += 1
         elif e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize"):
-            syncs += 1
-    syncs -= 1  # the torch.cuda.synchronize() that closes the profiled region
+            # only inside the calls (not the synchronize that closes the profiled region)
+            syncs += any(c.start <= e.time_range.start <= c.end for c in calls)
     return {"host ms": statistics.median(samples), "host ms (min)": min(samples), "kernels": kernels / iters, "kernel ms": kernel_us / iters / 1e3,
             "memcpy/memset": copies / iters, "syncs": syncs / iters,
             "detail": "; ".join(f"{k} x{v / iters:g}" for k, v in names.items())}
