@@ -321,7 +321,7 @@ def _block_ij(max_cols: int) -> tuple[int, int]:
 
 def roi_loss_forward(latents: torch.Tensor, vision_tokens: torch.Tensor, tables: dict, *, bins: tuple[int, int],
                      max_cols: int, sampling_ratio: int, area: bool, cosine: bool, eps: float, scale: float):
-    """(per_bin (R·K) fp32, total () fp32, sums (R·K, 3) fp32 saved for the backward).
+    """(per_bin (R K) fp32, total () fp32, sums (R·K, 3) fp32 saved for the backward).
 
     One launch (none when R = 0: the total is then a fresh 0). sums = (z·t, z·z, t·t)
     for cosine, (Σ(z−t)², 0, 0) for mse; total = scale · Σ per_bin. ``tables``: the
@@ -331,19 +331,19 @@ def roi_loss_forward(latents: torch.Tensor, vision_tokens: torch.Tensor, tables:
     n = R * K
     dev = latents.device
     if R == 0:
-        return (torch.empty(0, device=dev, dtype=torch.float32), torch.zeros((), device=dev, dtype=torch.float32),
+        return (torch.empty(0, K, device=dev, dtype=torch.float32), torch.zeros((), device=dev, dtype=torch.float32),
                 torch.empty(0, 3, device=dev, dtype=torch.float32))
     block_d = _block_d(D)
     n_slices = triton.cdiv(D, block_d)
-    # one allocation: partials (n, slices, 3) | sums (n, 3) | per-bin loss (n) | total,
-    # each starting on 16 bytes (Triton specialises on pointer alignment: no recompiles as R varies)
-    sizes = (3 * n * n_slices, 3 * n, n, 1)
-    starts = [0]
-    for size in sizes:
-        starts.append(starts[-1] + (size + 3) // 4 * 4)
-    work = torch.empty(starts[-1], device=dev, dtype=torch.float32)
-    part, sums, per_bin, total = (work[a: a + size] for a, size in zip(starts, sizes))
-    sums, total = sums.view(n, 3), total.view(())
+    # partials (n, slices, 3) | sums (n, 3) share one allocation (sums starts on 16 bytes:
+    # Triton specialises on pointer alignment, and R varies from batch to batch); the
+    # returned losses get their own, since autograd forbids in-place ops on an output that
+    # is a view of a tensor made inside the Function
+    n_part = (3 * n * n_slices + 3) // 4 * 4
+    work = torch.empty(n_part + 3 * n, device=dev, dtype=torch.float32)
+    part, sums = work[:n_part], work[n_part:].view(n, 3)
+    per_bin = torch.empty(R, K, device=dev, dtype=torch.float32)
+    total = torch.empty((), device=dev, dtype=torch.float32)
     block_i, block_j = _block_ij(max_cols)
     _roi_loss_fwd_kernel[(n, n_slices)](
         latents, vision_tokens, tables["geom_f"], tables["geom_i"], part, tables["counters"], sums, per_bin, total,

@@ -126,7 +126,7 @@ class _RoiAlignLoss(torch.autograd.Function):
         ctx.save_for_backward(latents, vision_tokens, sums)
         ctx.geometry, ctx.max_cols, ctx.sr, ctx.area, ctx.cosine, ctx.reduction = (geometry, max_cols, sr, area,
                                                                                    cosine, reduction)
-        return per_bin.view(R, K) if reduction == "none" else total
+        return per_bin if reduction == "none" else total
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -216,3 +216,15 @@ def test_cuda_geometry_on_the_wrong_device_is_an_error():
     z, v = _zv(device="cuda")
     with pytest.raises(ValueError, match=r"geometry is on cpu.*geometry.to\(device\)"):
         roi_align_loss(z, v, geometry=geometry)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_in_place_on_the_loss_keeps_the_backward(reduction):
+    # the returned loss is no view of the Function's buffers: scaling it in place is fine
+    z, v = _zv()
+    with medlvr.force_backend("triton"):
+        out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, reduction=reduction)
+        want = torch.autograd.grad(out.sum() * 3.0, z)[0]
+        out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, reduction=reduction)
+        out.mul_(3.0)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), z)[0], want, rtol=0, atol=0)
