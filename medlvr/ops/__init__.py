@@ -2,12 +2,14 @@
 compiled extension / Triton / the reference in medlvr.reference."""
 from medlvr.ops.decode import decode_attention, rmsnorm_feedback, rotary_append
 from medlvr.ops.logprobs import gather_logprobs, latent_gaussian_logprob
-from medlvr.ops.roi_align_loss import roi_align_loss
+from medlvr.ops.roi_align_loss import RoiGeometry, prepare_roi_geometry, roi_align_loss
 
 __all__ = [
+    "RoiGeometry",
     "decode_attention",
     "gather_logprobs",
     "latent_gaussian_logprob",
+    "prepare_roi_geometry",
     "rmsnorm_feedback",
     "roi_align_loss",
     "rotary_append",

@@ -19,16 +19,15 @@ between the kernels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
-import numpy as np
 import torch
 
 from medlvr import _backend
-from medlvr.reference.roi_align import (COS_EPS, axis_weights, bilinear_samples, clip_boxes,
-                                        roi_align_loss_ref)
+from medlvr.ops.roi_geometry import RoiGeometry, check_bins, prepare_roi_geometry
+from medlvr.reference.roi_align import COS_EPS, axis_weights, bilinear_samples, clip_boxes, roi_align_loss_ref
 
-__all__ = ["roi_align_loss", "roi_align_loss_memory_floor"]
+__all__ = ["RoiGeometry", "prepare_roi_geometry", "roi_align_loss", "roi_align_loss_memory_floor"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _POOLINGS = ("area", "bilinear")
@@ -38,190 +37,96 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_int(name: str, value, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
 
 
-def _check_tensor(name: str, x, ndim: int) -> torch.Tensor:
+def _check_float_tensor(name: str, x, ndim: int) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be one of {_FLOAT_DTYPES}, got {x.dtype}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     return x
 
 
-def _check_side_device(name: str, x: torch.Tensor, device: torch.device) -> None:
-    # boxes and grids are small: they may stay on the CPU (no device sync to read them)
-    if x.device.type != "cpu" and x.device != device:
-        raise ValueError(f"{name} must be on the CPU or on {device} (the latents' device), got {x.device}")
+def _geometry_of(grid_thw, boxes, box_image, bins, geometry, merge, patch) -> RoiGeometry:
+    """The call's geometry: the one given, or one prepared from the boxes (the old form)."""
+    if geometry is None:
+        if grid_thw is None or boxes is None or box_image is None or bins is None:
+            raise TypeError("roi_align_loss needs geometry=prepare_roi_geometry(...) or all of grid_thw, boxes, "
+                            "box_image and bins")
+        return prepare_roi_geometry(grid_thw, boxes, box_image, bins=bins, merge=2 if merge is None else merge,
+                                    patch=14 if patch is None else patch)
+    if not isinstance(geometry, RoiGeometry):
+        raise TypeError(f"geometry must be a RoiGeometry (prepare_roi_geometry), got {type(geometry).__name__}")
+    if grid_thw is not None or boxes is not None or box_image is not None:
+        raise TypeError("pass either geometry= or grid_thw, boxes and box_image, not both")
+    if bins is not None and check_bins(bins) != geometry.bins:
+        raise ValueError(f"bins = {tuple(bins)} differs from the geometry's bins {geometry.bins}")
+    for name, value, have in (("merge", merge, geometry.merge), ("patch", patch, geometry.patch)):
+        if value is not None and value != have:
+            raise ValueError(f"{name} = {value!r} differs from the geometry's {name} = {have}")
+    return geometry
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """Everything the kernels need, derived from validated inputs on the host."""
-    geom: dict      # GEOMETRY_FIELDS -> views of one int32 device buffer (one copy)
-    max_cols: int   # widest column span of any bin, in tokens
-
-
-def _validate(latents, vision_tokens, grid_thw, boxes, box_image, bins, pooling, loss, reduction,
-              merge, patch, sampling_ratio):
-    """Raise TypeError/ValueError for bad input; return numpy (grid, box image ids, clipped boxes, tokens per image)."""
-    _check_tensor("latents", latents, 3)
-    _check_tensor("vision_tokens", vision_tokens, 2)
-    _check_tensor("grid_thw", grid_thw, 2)
-    _check_tensor("boxes", boxes, 2)
-    _check_tensor("box_image", box_image, 1)
-    if latents.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"latents must be one of {_FLOAT_DTYPES}, got {latents.dtype}")
-    if vision_tokens.dtype != latents.dtype:
-        raise TypeError(f"vision_tokens must have the latents' dtype {latents.dtype}, got {vision_tokens.dtype}")
+def _check_call(latents, vision_tokens, geometry: RoiGeometry, pooling, loss, reduction, sampling_ratio) -> None:
+    """Shape/dtype/device checks of one call: Python ints only, nothing read from a device."""
+    _check_float_tensor("latents", latents, 3)
+    _check_float_tensor("vision_tokens", vision_tokens, 2)
     if vision_tokens.device != latents.device:
         raise ValueError(f"vision_tokens must be on the latents' device {latents.device}, got {vision_tokens.device}")
-    for name, x in (("grid_thw", grid_thw), ("boxes", boxes), ("box_image", box_image)):
-        _check_side_device(name, x, latents.device)
-    if not isinstance(bins, (tuple, list)) or len(bins) != 2:
-        raise TypeError(f"bins must be a pair (gh, gw), got {bins!r}")
-    gh = _check_int("bins[0] (gh)", bins[0])
-    gw = _check_int("bins[1] (gw)", bins[1])
     _check_choice("pooling", pooling, _POOLINGS)
     _check_choice("loss", loss, _LOSSES)
     _check_choice("reduction", reduction, _REDUCTIONS)
-    _check_int("merge", merge)
-    _check_int("patch", patch)
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
         raise TypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
     if sampling_ratio != -1 and sampling_ratio < 1:
         raise ValueError(f"sampling_ratio must be a positive int or -1 (adaptive), got {sampling_ratio}")
-
     R, K, D = latents.shape
+    gh, gw = geometry.bins
     if K != gh * gw:
         raise ValueError(f"latents has K = {K} latent states per box, but bins = ({gh}, {gw}) needs K = {gh * gw}")
+    if R != geometry.num_rois:
+        raise ValueError(f"latents has R = {R} rows, but there are {geometry.num_rois} boxes")
     if D == 0:
         raise ValueError(f"latents must have a hidden size D >= 1, got shape {tuple(latents.shape)}")
     if vision_tokens.shape[1] != D:
         raise ValueError(f"vision_tokens must have D = {D} columns like latents, got shape {tuple(vision_tokens.shape)}")
-    if grid_thw.shape[1] != 3 or grid_thw.is_floating_point() or grid_thw.is_complex():
-        raise ValueError(f"grid_thw must be an integer tensor (I, 3), got {grid_thw.dtype} {tuple(grid_thw.shape)}")
-    if boxes.shape != (R, 4) or not boxes.is_floating_point():
-        raise ValueError(f"boxes must be a floating tensor (R, 4) = ({R}, 4), got {boxes.dtype} {tuple(boxes.shape)}")
-    if box_image.shape != (R,) or box_image.is_floating_point() or box_image.dtype == torch.bool:
-        raise ValueError(f"box_image must be an integer tensor (R,) = ({R},), got {box_image.dtype} {tuple(box_image.shape)}")
-
-    # Box and grid checks run in numpy on host copies: R and I are small, and numpy's
-    # per-call cost (~1 µs) keeps the host time of a GPU call far below torch's CPU ops.
-    grid = grid_thw.detach().to("cpu", torch.int64).numpy()
-    for b, (t, h, w) in enumerate(grid.tolist()):
-        if t != 1:
-            raise ValueError(f"grid_thw row {b} = {(t, h, w)}: only images (t = 1) are supported; "
-                             "a video's frames do not share one box")
-        if h <= 0 or w <= 0 or h % merge or w % merge:
-            raise ValueError(f"grid_thw row {b} = {(t, h, w)}: h and w must be positive multiples of merge = {merge}")
-    counts = grid[:, 0] * (grid[:, 1] // merge) * (grid[:, 2] // merge)
-    if int(counts.sum()) != vision_tokens.shape[0]:
-        raise ValueError(f"grid_thw adds up to {int(counts.sum())} merged tokens "
-                         f"(per image {counts.tolist()}), but vision_tokens has T = {vision_tokens.shape[0]}")
-
-    bx = boxes.detach().to("cpu", torch.float32).numpy()
-    img = box_image.detach().to("cpu", torch.int64).numpy()
-    n_images = grid.shape[0]
-    for r in np.flatnonzero(~np.isfinite(bx).all(1)).tolist():
-        raise ValueError(f"boxes row {r} = {bx[r].tolist()} is not finite")
-    for r in np.flatnonzero((img < 0) | (img >= n_images)).tolist():
-        raise ValueError(f"box_image row {r} = {int(img[r])} is out of range for {n_images} images")
-    for r in np.flatnonzero((bx[:, 2] < bx[:, 0]) | (bx[:, 3] < bx[:, 1])).tolist():
-        raise ValueError(f"boxes row {r} = {bx[r].tolist()} has x1 < x0 or y1 < y0 (expected x0 <= x1, y0 <= y1)")
-    hw = grid[:, 1:] // merge
-    # the reference's clip_boxes, in the same fp32 operations
-    b = bx / np.float32(merge * patch)
-    h, w = hw[img, 0].astype(np.float32), hw[img, 1].astype(np.float32)
-    clipped = np.stack([np.minimum(np.maximum(b[:, 0], 0), w), np.minimum(np.maximum(b[:, 1], 0), h),
-                        np.minimum(np.maximum(b[:, 2], 0), w), np.minimum(np.maximum(b[:, 3], 0), h)], 1)
-    empty = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
-    for r in np.flatnonzero(empty).tolist():
-        i = int(img[r])
-        raise ValueError(f"boxes row {r} = {bx[r].tolist()} is empty after clipping to image {i} "
-                         f"({int(hw[i, 1]) * merge * patch} x {int(hw[i, 0]) * merge * patch} px)")
-    return grid, img, clipped, counts
-
-
-def _plan(grid, img, clipped, counts, *, bins, pooling, merge, patch, sampling_ratio, device) -> _Plan:
-    """Kernel geometry (numpy on the host, one int32 buffer, one copy to ``device``)."""
-    from medlvr.kernels.roi_align_loss import BLOCK_T, GEOMETRY_FIELDS
-
-    gh, gw = bins
-    hw = grid[:, 1:] // merge
-    offsets = np.cumsum(counts) - counts
-    x0, y0, x1, y1 = clipped.T
-    bin_w = (x1 - x0) / np.float32(gw)
-    bin_h = (y1 - y0) / np.float32(gh)
-    R = len(img)
-    if pooling == "bilinear":
-        # torchvision's sample count, evaluated in fp32 the way torchvision does
-        ny = np.broadcast_to(bilinear_samples(y0, y1, gh, sampling_ratio, merge * patch), (R,))
-        nx = np.broadcast_to(bilinear_samples(x0, x1, gw, sampling_ratio, merge * patch), (R,))
-        # aligned=True: pixel centres sit at half-integers of the token grid
-        start_x, start_y = x0 - np.float32(0.5), y0 - np.float32(0.5)
-        max_cols = int((np.floor(bin_w) + 3).max()) if R else 1
-    else:
-        ny = nx = np.ones(R, dtype=np.int64)
-        start_x, start_y = x0, y0
-        max_cols = int((np.ceil(bin_w) + 1).max()) if R else 1
-    H, W = hw[img, 0], hw[img, 1]
-    # rows any bin may weight, with a cell of slack each side for both poolings and for
-    # fp32 rounding at the box's far edge (the vision-gradient kernel skips other boxes)
-    i_lo = np.maximum(np.floor(y0) - 1, 0).astype(np.int64)
-    i_hi = np.minimum(np.floor(y1).astype(np.int64) + 2, H)
-    # 16-token blocks of the vision-gradient kernel never straddle two images
-    per_image = (counts + BLOCK_T - 1) // BLOCK_T
-    block_image = np.repeat(np.arange(len(counts)), per_image)
-    block_start = (np.arange(len(block_image)) - (np.cumsum(per_image) - per_image)[block_image]) * BLOCK_T
-    image_ptr = np.zeros(len(counts) + 1, dtype=np.int64)
-    image_ptr[1:] = np.cumsum(np.bincount(img, minlength=len(counts)))
-    fields = {
-        "geom_f": np.stack([start_x, start_y, bin_w, bin_h], 1).astype(np.float32).view(np.int32),
-        "geom_i": np.stack([offsets[img], H, W, ny, nx], 1),
-        "extent": np.stack([i_lo, i_hi], 1),
-        "image_meta": np.stack([offsets, hw[:, 0], hw[:, 1]], 1),
-        "rows_by_image": np.argsort(img, kind="stable"),
-        "image_ptr": image_ptr,
-        "block_image": block_image,
-        "block_start": block_start,
-    }
-    flat = [fields[name].reshape(-1).astype(np.int32) for name in GEOMETRY_FIELDS]
-    buf = torch.from_numpy(np.concatenate(flat)).to(device)  # one host-to-device copy
-    geom, at = {}, 0
-    for name, part in zip(GEOMETRY_FIELDS, flat):
-        geom[name] = buf[at: at + part.size]
-        at += part.size
-    geom["geom_f"] = geom["geom_f"].view(torch.float32)
-    return _Plan(geom, max_cols)
+    if geometry.n_tokens != vision_tokens.shape[0]:
+        raise ValueError(f"grid_thw adds up to {geometry.n_tokens} merged tokens (per image "
+                         f"{list(geometry.tokens_per_image)}), but vision_tokens has T = {vision_tokens.shape[0]}")
 
 
 # ----------------------------------------------------------------------------- autograd
 
 class _RoiAlignLoss(torch.autograd.Function):
+    """Forward one launch, backward one (+ one for the vision tokens' gradient).
+
+    Nothing here reads a device value or copies host data: with a prepared geometry the
+    call is asynchronous and can be captured in a CUDA graph."""
+
     @staticmethod
-    def forward(ctx, latents, vision_tokens, plan: _Plan, bins, pooling, loss, reduction):
+    def forward(ctx, latents, vision_tokens, geometry: RoiGeometry, pooling, loss, reduction, sampling_ratio):
         from medlvr.kernels import roi_align_loss as kern
 
         R, K, D = latents.shape
         area, cosine = pooling == "area", loss == "cosine"
-        per_bin, total, sums = kern.roi_loss_forward(latents, vision_tokens, plan.geom, bins=bins,
-                                                     max_cols=plan.max_cols, area=area, cosine=cosine,
-                                                     eps=COS_EPS, mean=reduction == "mean")
+        # the widest bin's column span (a tile-shape hint; any value is correct): area
+        # overlaps ceil(w) + 1 cells at most, bilinear samples read floor(w) + 3
+        w = geometry.max_bin_w
+        max_cols = (math.ceil(w) + 1) if area else (math.floor(w) + 3)
+        sr = sampling_ratio if not area else 1
+        per_bin, total, sums = kern.roi_loss_forward(
+            latents, vision_tokens, geometry.tables, bins=geometry.bins, max_cols=max_cols, sampling_ratio=sr,
+            area=area, cosine=cosine, eps=COS_EPS, scale=1.0 / (R * K) if reduction == "mean" and R else 1.0)
         ctx.save_for_backward(latents, vision_tokens, sums)
-        ctx.plan, ctx.bins, ctx.area, ctx.cosine, ctx.reduction = plan, bins, area, cosine, reduction
-        return per_bin.view(R, K) if reduction == "none" else total
+        ctx.geometry, ctx.max_cols, ctx.sr, ctx.area, ctx.cosine, ctx.reduction = (geometry, max_cols, sr, area,
+                                                                                   cosine, reduction)
+        return per_bin if reduction == "none" else total
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -229,54 +134,70 @@ class _RoiAlignLoss(torch.autograd.Function):
 
         latents, vision_tokens, sums = ctx.saved_tensors
         R, K, D = latents.shape
+        geometry = ctx.geometry
         want_dz, want_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad = grad_out.to(torch.float32)
-        grad = grad.reshape(R * K).contiguous() if ctx.reduction == "none" else grad.reshape(())
         scale = 1.0 / (R * K) if ctx.reduction == "mean" and R else 1.0
-        dz, dt = kern.roi_loss_backward_latents(latents, vision_tokens, ctx.plan.geom, sums, grad, grad_scale=scale,
-                                                bins=ctx.bins, max_cols=ctx.plan.max_cols, area=ctx.area,
-                                                cosine=ctx.cosine, eps=COS_EPS, want_dz=want_dz, want_dt=want_dv)
+        dz, dt = kern.roi_loss_backward_latents(
+            latents, vision_tokens, geometry.tables, sums, grad_out, grad_scale=scale, bins=geometry.bins,
+            max_cols=ctx.max_cols, sampling_ratio=ctx.sr, area=ctx.area, cosine=ctx.cosine, eps=COS_EPS,
+            want_dz=want_dz, want_dt=want_dv)
         dv = None
         if want_dv:
-            dv = kern.roi_loss_backward_vision(dt, vision_tokens, ctx.plan.geom, bins=ctx.bins, area=ctx.area)
+            dv = kern.roi_loss_backward_vision(dt, vision_tokens, geometry.tables, bins=geometry.bins,
+                                               max_image_tokens=max(geometry.tokens_per_image, default=0),
+                                               sampling_ratio=ctx.sr, area=ctx.area)
         return dz, dv, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public
 
-def roi_align_loss(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_thw: torch.Tensor,
-                   boxes: torch.Tensor, box_image: torch.Tensor, *, bins: tuple[int, int],
+def roi_align_loss(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_thw: torch.Tensor | None = None,
+                   boxes: torch.Tensor | None = None, box_image: torch.Tensor | None = None, *,
+                   bins: tuple[int, int] | None = None, geometry: RoiGeometry | None = None,
                    pooling: str = "area", loss: str = "cosine", reduction: str = "mean",
-                   detach_target: bool = True, merge: int = 2, patch: int = 14,
+                   detach_target: bool = True, merge: int | None = None, patch: int | None = None,
                    sampling_ratio: int = 2) -> torch.Tensor:
     """ROI alignment loss between latent states and pooled vision tokens (fp32).
 
-    latents (R K D), vision_tokens (T D) of the same float dtype (fp32/fp16/bf16) and
-    device; grid_thw (I 3) int, images only (t = 1), in patches; boxes (R 4) pixel
-    (x0, y0, x1, y1) of the resized image; box_image (R) int. grid_thw, boxes and
-    box_image may live on the CPU (reading them then costs no device sync).
+    latents (R K D), vision_tokens (T D) on one device, each fp32, fp16 or bf16: the two
+    dtypes may differ (under bf16 autocast the vision tokens arrive bf16 while latents
+    made outside it stay fp32). Both are read as fp32 and every sum is fp32; the loss is
+    fp32 and each gradient comes back in its own input's dtype.
+
+    The boxes come in one of two forms:
+      geometry=prepare_roi_geometry(grid_thw, boxes, box_image, bins=..., merge=, patch=)
+          prepared once per batch (the data path does it on the CPU and moves it with
+          ``.to(device)``). The call then reads nothing from the device and copies
+          nothing to it: no sync, and it can be captured in a CUDA graph (backward too).
+      grid_thw (I 3) int, images only (t = 1), in patches; boxes (R 4) pixel (x0, y0,
+          x1, y1) of the resized image; box_image (R) int; bins; merge (2), patch (14).
+          The op prepares the geometry itself, on the boxes' device, each call: one sync
+          when the boxes live on a GPU, one host-to-device copy when on the CPU.
     bins = (gh, gw) with gh·gw = K, bins row-major over the box (k = p·gw + q).
     pooling: "area" (overlap-weighted mean of token cells) or "bilinear" (RoIAlign,
     aligned=True, ``sampling_ratio`` samples per bin and axis, -1 = adaptive).
     loss: "cosine" (1 − cos) or "mse" (mean over D). reduction: "mean" over R·K (0 for
     R = 0), "sum", or "none" → (R K). detach_target=False also sends gradient to
     vision_tokens. Boxes are clipped to their image; a box empty after clipping, a
-    reversed box, or an image index out of range raises ValueError naming the row.
+    reversed box, or an image index out of range raises ValueError naming the row (when
+    the geometry is prepared).
     """
-    grid, img, clipped, counts = _validate(latents, vision_tokens, grid_thw, boxes, box_image, bins,
-                                           pooling, loss, reduction, merge, patch, sampling_ratio)
-    bins = (int(bins[0]), int(bins[1]))
+    geometry = _geometry_of(grid_thw, boxes, box_image, bins, geometry, merge, patch)
+    _check_call(latents, vision_tokens, geometry, pooling, loss, reduction, sampling_ratio)
     backend = _backend.choose(latents.device, has_ext=False, has_triton=True)
     if backend == "reference":
-        return roi_align_loss_ref(latents, vision_tokens, torch.from_numpy(grid), boxes.detach().cpu(),
-                                  torch.from_numpy(img), bins=bins,
-                                  pooling=pooling, loss=loss, reduction=reduction,
-                                  detach_target=detach_target, merge=merge, patch=patch,
+        return roi_align_loss_ref(latents, vision_tokens, geometry.grid_thw, geometry.boxes, geometry.box_image,
+                                  bins=geometry.bins, pooling=pooling, loss=loss, reduction=reduction,
+                                  detach_target=detach_target, merge=geometry.merge, patch=geometry.patch,
                                   sampling_ratio=sampling_ratio)
-    plan = _plan(grid, img, clipped, counts, bins=bins, pooling=pooling, merge=merge, patch=patch,
-                 sampling_ratio=sampling_ratio, device=latents.device)
+    if geometry.device != latents.device:
+        if grid_thw is None:
+            raise ValueError(f"geometry is on {geometry.device}, the latents on {latents.device}: move it once per "
+                             "batch with geometry.to(device)")
+        geometry = geometry.to(latents.device)  # the old form with boxes on the CPU: one copy
     v = vision_tokens.detach() if detach_target else vision_tokens
-    return _RoiAlignLoss.apply(latents.contiguous(), v.contiguous(), plan, bins, pooling, loss, reduction)
+    return _RoiAlignLoss.apply(latents.contiguous(), v.contiguous(), geometry, pooling, loss, reduction,
+                               sampling_ratio)
 
 
 def roi_align_loss_memory_floor(vision_tokens: torch.Tensor, grid_thw: torch.Tensor, boxes: torch.Tensor,

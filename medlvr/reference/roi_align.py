@@ -33,8 +33,6 @@ target carries gradient to the vision tokens unless ``detach_target``.
 """
 from __future__ import annotations
 
-
-import numpy as np
 import torch
 
 COS_EPS = 1e-8
@@ -43,13 +41,8 @@ COS_EPS = 1e-8
 def clip_boxes(boxes: torch.Tensor, grid_hw: torch.Tensor, cell: int) -> torch.Tensor:
     """Boxes (R 4) in pixels clipped to their image (grid_hw (R 2): token rows, cols), in token units (fp32)."""
     b = boxes.to(torch.float32) / cell
-    h = grid_hw[:, 0].to(torch.float32)
-    w = grid_hw[:, 1].to(torch.float32)
-    x0 = b[:, 0].clamp(min=0).minimum(w)
-    x1 = b[:, 2].clamp(min=0).minimum(w)
-    y0 = b[:, 1].clamp(min=0).minimum(h)
-    y1 = b[:, 3].clamp(min=0).minimum(h)
-    return torch.stack([x0, y0, x1, y1], dim=1)
+    limit = grid_hw.flip(1).to(torch.float32).repeat(1, 2)  # (w, h, w, h) per box
+    return b.clamp(min=0).minimum(limit)
 
 
 def axis_weights(lo: float, hi: float, n_bins: int, size: int, *, pooling: str, samples: int) -> torch.Tensor:
@@ -86,24 +79,27 @@ def axis_weights(lo: float, hi: float, n_bins: int, size: int, *, pooling: str, 
     return (w * valid[..., None]).sum(1).div(samples).to(torch.float32)
 
 
-def bilinear_samples(lo, hi, n_bins: int, sampling_ratio: int, cell: int):
-    """Samples per bin along one axis: torchvision's rule (adaptive when sampling_ratio <= 0).
+def bilinear_samples(lo, hi, n_bins: int, sampling_ratio: int, cell: int) -> torch.Tensor:
+    """Samples per bin along one axis (int64 tensor): torchvision's rule (adaptive when sampling_ratio <= 0).
 
-    lo, hi: the clipped box extent in token units (scalars or numpy arrays). The adaptive
-    count ceil(extent / n_bins) is evaluated in fp32 exactly as torchvision's roi_align
-    (aligned=True) evaluates it from pixel coordinates: (hi_px·s − 0.5) − (lo_px·s − 0.5)
-    with s = fp32(1/cell). On a box whose extent is a whole number of bins that fp32 value
-    can exceed the integer by one ulp and ceil then takes one more sample; matching it is
-    what makes `bilinear` equal torchvision's result on every box.
+    lo, hi: the clipped box extent in token units (Python floats or fp32 tensors of one
+    shape, on any device: medlvr.ops.roi_geometry evaluates it for all boxes at once). The
+    adaptive count ceil(extent / n_bins) is evaluated in fp32 exactly as torchvision's
+    roi_align (aligned=True) evaluates it from pixel coordinates: (hi_px·s − 0.5) −
+    (lo_px·s − 0.5) with s = fp32(1/cell). On a box whose extent is a whole number of bins
+    that fp32 value can exceed the integer by one ulp and ceil then takes one more sample;
+    matching it is what makes `bilinear` equal torchvision's result on every box. (A
+    Python scalar operand of an fp32 tensor op is rounded to fp32 first, so each line
+    below is one fp32 operation.)
     """
-    lo32, hi32 = np.asarray(lo, dtype=np.float32), np.asarray(hi, dtype=np.float32)
+    lo32 = torch.as_tensor(lo, dtype=torch.float32)
+    hi32 = torch.as_tensor(hi, dtype=torch.float32, device=lo32.device)
     if sampling_ratio > 0:
-        return np.full(np.broadcast(lo32, hi32).shape, sampling_ratio, dtype=np.int64)[()]
-    c, s, half = np.float32(cell), np.float32(1.0 / cell), np.float32(0.5)
-    start = (lo32 * c) * s - half
-    end = (hi32 * c) * s - half
-    per_bin = np.ceil((end - start) / np.float32(n_bins))
-    return np.maximum(per_bin, 1).astype(np.int64)[()]
+        return torch.full(torch.broadcast_shapes(lo32.shape, hi32.shape), sampling_ratio, dtype=torch.int64,
+                          device=lo32.device)
+    start = (lo32 * float(cell)) * (1.0 / cell) - 0.5
+    end = (hi32 * float(cell)) * (1.0 / cell) - 0.5
+    return torch.ceil((end - start) / n_bins).clamp(min=1).to(torch.int64)
 
 
 def roi_pool_targets_ref(vision_tokens: torch.Tensor, grid_thw: torch.Tensor, boxes: torch.Tensor,
@@ -165,8 +161,14 @@ def roi_align_loss_ref(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_
                        pooling: str = "area", loss: str = "cosine", reduction: str = "mean",
                        detach_target: bool = True, merge: int = 2, patch: int = 14,
                        sampling_ratio: int = 2) -> torch.Tensor:
-    """fp32 loss: a scalar, or (R K) for reduction='none'. See the module docstring."""
-    v = vision_tokens.detach() if detach_target else vision_tokens
-    t = roi_pool_targets_ref(v, grid_thw, boxes, box_image, bins=bins, pooling=pooling,
-                             merge=merge, patch=patch, sampling_ratio=sampling_ratio)
-    return reduce_loss(per_bin_loss(latents.to(torch.float32), t, loss), reduction)
+    """fp32 loss: a scalar, or (R K) for reduction='none'. See the module docstring.
+
+    latents and vision_tokens may have different float dtypes; both are computed in fp32,
+    also under torch.autocast (which would otherwise run the pooling matmul in bf16), and
+    each gradient comes back in its input's dtype.
+    """
+    with torch.autocast(latents.device.type, enabled=False):
+        v = vision_tokens.detach() if detach_target else vision_tokens
+        t = roi_pool_targets_ref(v, grid_thw, boxes, box_image, bins=bins, pooling=pooling,
+                                 merge=merge, patch=patch, sampling_ratio=sampling_ratio)
+        return reduce_loss(per_bin_loss(latents.to(torch.float32), t, loss), reduction)

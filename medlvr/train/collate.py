@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from medlvr.imageio import load_image
+from medlvr.ops.roi_geometry import RoiGeometry, prepare_roi_geometry
 from medlvr.train.qa import format_question
 
 IGNORE_INDEX = -100
@@ -39,6 +40,7 @@ class Batch:
     resized_sizes: torch.Tensor | None = None  # (I, 2) resized (width, height) fed to the vision tower
     k_latent: int = 0
     padding_side: str = "right"
+    roi_geometry: RoiGeometry | None = None  # the boxes checked and laid out for roi_align_loss (training, K > 0)
 
     def model_inputs(self) -> dict:
         """The keyword arguments of a Qwen2(.5)-VL forward / the engine's generate."""
@@ -52,7 +54,7 @@ class Batch:
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            kw[f.name] = v.to(device) if isinstance(v, torch.Tensor) else v
+            kw[f.name] = v.to(device) if isinstance(v, (torch.Tensor, RoiGeometry)) else v
         return Batch(**kw)
 
     def __len__(self) -> int:
@@ -175,12 +177,21 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
             boxes.append([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
             rimg.append(i)
             rsamp.append(b)
+    roi_boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    roi_image = torch.tensor(rimg, dtype=torch.long)
+    geometry = None
+    if with_answer and k_latent > 0:
+        # The stage-1 alignment loss's box checks and kernel tables, once per batch here on
+        # the CPU (the loader), so the loss call on the GPU neither syncs nor recomputes them.
+        from medlvr.train.latent import roi_bins
+
+        geometry = prepare_roi_geometry(grid, roi_boxes, roi_image, bins=roi_bins(k_latent), patch=patch,
+                                        merge=int(getattr(processor.image_processor, "merge_size", 2)))
     return Batch(
         input_ids=input_ids, attention_mask=attn, pixel_values=pixel_values, image_grid_thw=grid,
         mm_token_type_ids=mm, labels=labels, latent_start_index=lsi,
-        roi_boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        roi_image=torch.tensor(rimg, dtype=torch.long), roi_sample=torch.tensor(rsamp, dtype=torch.long),
+        roi_boxes=roi_boxes, roi_image=roi_image, roi_sample=torch.tensor(rsamp, dtype=torch.long),
         answers=[r.answer for r in records], records=list(records),
         image_sizes=torch.tensor(orig_sizes, dtype=torch.long).reshape(-1, 2), resized_sizes=resized,
-        k_latent=k_latent, padding_side=padding_side,
+        k_latent=k_latent, padding_side=padding_side, roi_geometry=geometry,
     )

@@ -309,9 +309,14 @@ def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor, batch: Mapping
     if boxes is None or boxes.shape[0] == 0 or vis is None:
         return out
     sample = batch["roi_sample"].to(latent_hidden.device).long()
-    per_row = roi_align_loss(latent_hidden[sample], vis, batch["image_grid_thw"], boxes.to(vis.device).float(),
-                        batch["roi_image"].to(vis.device).long(), bins=roi_bins(K), pooling=pooling, loss=loss,
-                        reduction="none")
+    geometry = batch.get("roi_geometry")  # from collate: boxes checked once, no device sync in the loss
+    if geometry is not None:
+        per_row = roi_align_loss(latent_hidden[sample], vis, geometry=geometry.to(vis.device), bins=roi_bins(K),
+                            pooling=pooling, loss=loss, reduction="none")
+    else:
+        per_row = roi_align_loss(latent_hidden[sample], vis, batch["image_grid_thw"], boxes.to(vis.device).float(),
+                            batch["roi_image"].to(vis.device).long(), bins=roi_bins(K), pooling=pooling, loss=loss,
+                            reduction="none")
     if per_row.dim() > 1:
         per_row = per_row.reshape(per_row.shape[0], -1).mean(dim=1)
     counts = torch.zeros(B, dtype=torch.float32, device=out.device).index_add_(0, sample, torch.ones_like(per_row, dtype=torch.float32))

@@ -129,7 +129,8 @@ class _Collator:
         b = collate(records, self.processor, k_latent=self.k, with_answer=True, latent_token_ids=self.ids,
                     padding_side="right", images_cache=self.cache)
         return {**b.model_inputs(), "labels": b.labels, "latent_start_index": b.latent_start_index,
-                "roi_boxes": b.roi_boxes, "roi_image": b.roi_image, "roi_sample": b.roi_sample}
+                "roi_boxes": b.roi_boxes, "roi_image": b.roi_image, "roi_sample": b.roi_sample,
+                "roi_geometry": b.roi_geometry}
 
 
 def make_scheduler(optimizer, cfg: LoopConfig):

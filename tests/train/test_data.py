@@ -140,6 +140,10 @@ def test_collate_training_layout_labels_and_rois(default, data_dir):
         [30 * 140 / 300, 15 * 56 / 150, 150 * 140 / 300, 120 * 56 / 150],
         [0.0, 0.0, 112.0, 112.0]]))
     assert b.resized_sizes.tolist() == [[112, 112], [140, 56], [112, 112], [112, 112]]
+    # the ROI loss's geometry, checked once here (K = 3 latents -> bins 1 x 3)
+    g = b.roi_geometry
+    assert g.bins == (1, 3) and g.num_rois == 3 and g.tokens_per_image == (16, 10, 16, 16)
+    assert torch.equal(g.boxes, b.roi_boxes) and b.to("cpu").roi_geometry is g
     with torch.no_grad():
         loss = model(**b.model_inputs(), labels=b.labels).loss
     assert torch.isfinite(loss)
@@ -150,6 +154,7 @@ def test_collate_generation_prompt_is_left_padded(default, data_dir):
     lt = latent_token_ids(proc)
     recs = _records(data_dir)
     b = collate(recs, proc, k_latent=4, with_answer=False, latent_token_ids=lt)
+    assert b.roi_geometry is None  # generation prompts never reach the ROI loss
     S = b.input_ids.shape[1]
     assert b.padding_side == "left" and (b.input_ids[:, -1] == lt.start).all()
     assert b.attention_mask[:, -1].all() and (b.attention_mask[:, 0] == 0).any()

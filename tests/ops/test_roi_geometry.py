@@ -1,0 +1,230 @@
+"""roi_align_loss with a geometry prepared once per batch: the same result as the old
+argument form, no host read or host-made tensor in the call (and on a GPU: no sync, CUDA
+graph capture), mixed float dtypes and bf16 autocast, the stage-1 hand-off, bad input.
+Kernels on CUDA tensors when a GPU is present, else on CPU tensors under TRITON_INTERPRET."""
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import medlvr
+from medlvr.ops.roi_align_loss import RoiGeometry, prepare_roi_geometry, roi_align_loss
+from medlvr.reference.roi_align import roi_align_loss_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GRID = torch.tensor([[1, 14, 10], [1, 6, 18], [1, 4, 4]])  # 35 + 27 + 4 merged tokens
+BOXES = torch.tensor([[30.0, 31.0, 45.5, 40.0],
+                      [0.0, 100.0, 140.0, 196.0],
+                      [0.0, 0.0, 252.0, 84.0],
+                      [-20.0, 10.0, 75.0, 400.0]])
+BOX_IMAGE = torch.tensor([0, 0, 1, 0])
+BINS = (2, 3)
+T = 66
+
+
+def _zv(D=16, z_dtype=torch.float32, v_dtype=torch.float32, device=DEVICE):
+    z = torch.randn(4, 6, D).to(device, z_dtype).requires_grad_(True)
+    v = torch.randn(T, D).to(device, v_dtype).requires_grad_(True)
+    return z, v
+
+
+@pytest.mark.parametrize("pooling, sampling_ratio", [("area", 2), ("bilinear", 2), ("bilinear", -1)])
+def test_one_geometry_serves_every_pooling_like_the_old_form(pooling, sampling_ratio):
+    # prepared once (pooling-free), used for several calls: bit-equal to the old form
+    geometry = prepare_roi_geometry(GRID.to(DEVICE), BOXES.to(DEVICE), BOX_IMAGE.to(DEVICE), bins=BINS)
+    z, v = _zv()
+    kw = dict(pooling=pooling, sampling_ratio=sampling_ratio, reduction="none", detach_target=False)
+    g = torch.randn(4, 6, device=DEVICE)
+    with medlvr.force_backend("triton"):
+        old = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, **kw)
+        old_grads = torch.autograd.grad(old, (z, v), g)
+        for _ in range(2):
+            new = roi_align_loss(z, v, geometry=geometry, **kw)
+            assert torch.equal(new, old)
+            assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(new, (z, v), g), old_grads))
+    # the forward's arrival counters are back at zero for the next call / graph replay
+    assert torch.count_nonzero(geometry.tables["counters"]) == 0
+
+
+class _HostTraffic(TorchFunctionMode):
+    """Records every torch call that reads a tensor's data on the host or makes a tensor
+    from host data: on a GPU each would be a device sync or a host-to-device copy."""
+    NAMES = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "cpu", "cuda", "to",
+             "nonzero", "tensor", "as_tensor", "from_numpy", "pin_memory", "copy_"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_call_with_geometry_reads_nothing_from_the_device(backward):
+    geometry = prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=BINS).to(DEVICE)
+    z, v = _zv()
+    with medlvr.force_backend("triton"):
+        with _HostTraffic() as seen:
+            out = roi_align_loss(z, v, geometry=geometry, pooling="bilinear", detach_target=False)
+            if backward:
+                out.backward()
+        assert seen.seen == []
+        # the detector is not blind: the old form reads the boxes' verdict from the host
+        with _HostTraffic() as seen:
+            roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS)
+        assert "tolist" in seen.seen
+
+
+@pytest.mark.cuda
+def test_cuda_no_sync_and_graph_capture_of_forward_and_backward():
+    geometry = prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=BINS).to("cuda")
+    z = torch.randn(4, 6, 64, device="cuda", requires_grad=True)
+    v = torch.randn(T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        out = roi_align_loss(z, v, geometry=geometry, pooling="area", detach_target=False)
+        dz, dv = torch.autograd.grad(out, (z, v))
+        return out, dz, dv
+
+    eager = step()  # also compiles the kernels before the capture
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(captured, eager))
+
+
+@pytest.mark.parametrize("z_dtype, v_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                              (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_mixed_float_dtypes(backend, z_dtype, v_dtype):
+    # contract: any two of fp32/fp16/bf16; computed in fp32 from the inputs as given, loss
+    # fp32, each gradient in its input's dtype (one ulp of it against the fp32 reference)
+    device = DEVICE if backend == "triton" else "cpu"
+    z, v = _zv(z_dtype=z_dtype, v_dtype=v_dtype, device=device)
+    with medlvr.force_backend(backend):
+        out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, detach_target=False)
+    zr, vr = z.detach().float().requires_grad_(), v.detach().float().requires_grad_()
+    ref = roi_align_loss_ref(zr, vr, GRID, BOXES, BOX_IMAGE, bins=BINS, detach_target=False)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(out, (z, v))
+    want = torch.autograd.grad(ref, (zr, vr))
+    for g, w, x in zip(got, want, (z, v)):
+        assert g.dtype == x.dtype
+        torch.testing.assert_close(g.float(), w, rtol=1.6e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_under_bf16_autocast(backend):
+    # issue 10: under autocast the vision tokens arrive bf16 while the latents stay fp32.
+    # The loss is the fp32 loss of those inputs (autocast must not lower the pooling).
+    device = DEVICE if backend == "triton" else "cpu"
+    z, v = _zv(z_dtype=torch.float32, v_dtype=torch.bfloat16, device=device)
+    with medlvr.force_backend(backend), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, pooling="bilinear", detach_target=False)
+    with medlvr.force_backend(backend):
+        plain = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, pooling="bilinear", detach_target=False)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, plain, rtol=1e-6, atol=1e-7)
+    dz, dv = torch.autograd.grad(out, (z, v))
+    assert dz.dtype == torch.float32 and dv.dtype == torch.bfloat16
+
+
+def test_stage1_alignment_term_with_the_collated_geometry():
+    # medlvr.train.latent.roi_alignment takes the batch's geometry (made by collate) and
+    # gives the same per-sample term and gradients as from the raw boxes
+    from medlvr.train.latent import roi_alignment
+
+    batch = {"image_grid_thw": GRID, "roi_boxes": BOXES, "roi_image": BOX_IMAGE,
+             "roi_sample": torch.tensor([0, 2, 2, 1])}
+    h = torch.randn(3, 6, 16, requires_grad=True)
+    v = torch.randn(T, 16, requires_grad=True)
+    old = roi_alignment(h, v, batch)
+    new = roi_alignment(h, v, {**batch, "roi_geometry": prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=(2, 3))})
+    torch.testing.assert_close(new, old, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(new.sum(), h), torch.autograd.grad(old.sum(), h), rtol=0, atol=0)
+
+
+def test_geometry_moves_once_and_is_pooling_free():
+    geometry = prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=BINS)
+    assert isinstance(geometry, RoiGeometry) and geometry.device.type == "cpu"
+    assert geometry.to("cpu") is geometry
+    assert geometry.num_rois == 4 and geometry.n_tokens == T and geometry.tokens_per_image == (35, 27, 4)
+    # every table is a view of the one buffer (a single copy moves them all)
+    assert all(t.untyped_storage().data_ptr() == geometry.buffer.untyped_storage().data_ptr()
+               for t in geometry.tables.values())
+    x0, y0, bin_w, bin_h = geometry.tables["geom_f"].view(4, 4)[0].tolist()
+    assert (x0, y0) == pytest.approx((30 / 28, 31 / 28)) and bin_w == pytest.approx(15.5 / 28 / 3)
+
+
+def test_geometry_prepared_empty_batch():
+    geometry = prepare_roi_geometry(GRID, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), bins=BINS)
+    z, v = torch.zeros(0, 6, 8, device=DEVICE, requires_grad=True), torch.randn(T, 8, device=DEVICE)
+    with medlvr.force_backend("triton"):
+        out = roi_align_loss(z, v, geometry=geometry.to(DEVICE))
+    assert out.item() == 0.0
+
+
+def _row(r, value):
+    b = BOXES.clone()
+    b[r] = torch.tensor(value)
+    return b
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda z, v, g: roi_align_loss(z, v), TypeError, r"needs geometry=prepare_roi_geometry"),
+    (lambda z, v, g: roi_align_loss(z, v, GRID, geometry=g), TypeError, r"either geometry= or grid_thw"),
+    (lambda z, v, g: roi_align_loss(z, v, geometry=BOXES), TypeError, r"geometry must be a RoiGeometry"),
+    (lambda z, v, g: roi_align_loss(z, v, geometry=g, bins=(3, 2)), ValueError, r"bins = \(3, 2\) differs"),
+    (lambda z, v, g: roi_align_loss(z, v, geometry=g, merge=1), ValueError, r"merge = 1 differs"),
+    (lambda z, v, g: roi_align_loss(z[:3], v, geometry=g), ValueError, r"R = 3 rows, but there are 4 boxes"),
+    (lambda z, v, g: roi_align_loss(z, v[:60], geometry=g), ValueError, r"adds up to 66 .*T = 60"),
+    (lambda z, v, g: prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=(2,)), TypeError, r"bins must be a pair"),
+    (lambda z, v, g: prepare_roi_geometry(GRID, _row(2, [0.0, 0.0, float("inf"), 1.0]), BOX_IMAGE, bins=BINS),
+     ValueError, r"boxes row 2 .*not finite"),
+    (lambda z, v, g: prepare_roi_geometry(GRID, _row(1, [0.0, 50.0, 10.0, 40.0]), BOX_IMAGE, bins=BINS),
+     ValueError, r"boxes row 1 .*x1 < x0 or y1 < y0"),
+    (lambda z, v, g: prepare_roi_geometry(GRID, _row(3, [300.0, 0.0, 400.0, 10.0]), BOX_IMAGE, bins=BINS),
+     ValueError, r"boxes row 3 .*empty after clipping to image 0 \(140 x 196 px\)"),
+])
+def test_bad_geometry_use_names_the_problem(call, error, match):
+    z, v = _zv(D=8, device="cpu")
+    geometry = prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=BINS)
+    with pytest.raises(error, match=match):
+        call(z, v, geometry)
+
+
+@pytest.mark.cuda
+def test_cuda_geometry_on_the_wrong_device_is_an_error():
+    geometry = prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=BINS)  # on the CPU
+    z, v = _zv(device="cuda")
+    with pytest.raises(ValueError, match=r"geometry is on cpu.*geometry.to\(device\)"):
+        roi_align_loss(z, v, geometry=geometry)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_in_place_on_the_loss_keeps_the_backward(reduction):
+    # the returned loss is no view of the Function's buffers: scaling it in place is fine
+    z, v = _zv()
+    with medlvr.force_backend("triton"):
+        out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, reduction=reduction)
+        want = torch.autograd.grad(out.sum() * 3.0, z)[0]
+        out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, reduction=reduction)
+        out.mul_(3.0)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), z)[0], want, rtol=0, atol=0)
