@@ -194,7 +194,13 @@ def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, 
     Returns: without projector, ``out`` itself (its active rows hold normed); with a
     projector, the normed hidden states as a new (B, D) tensor (every row computed).
     """
-    normed = rms_norm(hidden, weight, eps)
+    return write_feedback(rms_norm(hidden, weight, eps), out=out, active=active, projector=projector)
+
+
+def write_feedback(normed: torch.Tensor, *, out: torch.Tensor, active: torch.Tensor | None = None,
+                   projector: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The feedback half of ``rmsnorm_feedback`` for an already normed hidden state (any final
+    norm: GPT-2's LayerNorm too): the same writes into ``out`` and the same return value."""
     fed = normed if projector is None else projector(normed)
     if active is None:
         out.copy_(fed)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from medlvr.engine.adapters.base import DecoderLayer, TextDecoderAdapter, register
+from medlvr.reference.decode import write_feedback
 
 
 def _split_qkv(c_attn: nn.Module, width: int):
@@ -70,10 +71,4 @@ class GPT2Adapter(TextDecoderAdapter):
 
     def norm_feedback(self, hidden: torch.Tensor, *, out: torch.Tensor, active: torch.Tensor | None = None,
                       projector: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        normed = self.norm(hidden)
-        fed = normed if projector is None else projector(normed)
-        if active is None:
-            out.copy_(fed)
-        else:
-            out.copy_(torch.where(active[:, None], fed.to(out.dtype), out))
-        return out if projector is None else normed
+        return write_feedback(self.norm(hidden), out=out, active=active, projector=projector)
