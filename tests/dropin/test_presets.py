@@ -1,4 +1,4 @@
-"""Each preset on medlvr equals that system's own loop (tests/dropin/originals.py) on a tiny
+"""Each preset on medlvr equals that system's own loop (medlvr/reference/dropin_loops.py) on a tiny
 random model of its architecture: latents, exits and tokens, per sample, at batch 1 and in
 ragged batches the originals never ran. fp32, tolerance as tests/engine/test_equivalence.py."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 
 import engine_models as tm
 import medlvr
-import originals
 from medlvr.dropin import LatentSpec
+from medlvr.reference import dropin_loops as originals
 
 T, EOS = 5, 2
 LATENT = 9  # tiny vocab ids (tests/engine/engine_models.py): 7 start, 8 end, 9 latent

@@ -1,5 +1,8 @@
 """The public systems' latent loops, re-implemented as issue 15's table says their code runs
-them (batch 1, host-side Python control flow), on plain HF calls. medlvr must reproduce them."""
+them (batch 1, host-side Python control flow), on plain HF calls. medlvr's drop-in presets
+must reproduce them (tests/dropin/test_presets.py) and are timed against them
+(benchmarks/bench_dropin.py). Host-built tensors go to the model's device, so the loops run
+on a GPU as their users run them there (one host round trip per step included)."""
 from __future__ import annotations
 
 import torch
@@ -25,7 +28,7 @@ def coconut(model, ids, *, latent_id, max_new_tokens, eos):
         tokens.append(tok)
         if tok == eos:
             break
-        embeds = torch.cat([embeds, wte(torch.tensor([tok]))])
+        embeds = torch.cat([embeds, wte(ids.new_tensor([tok]))])
     return latents, tokens
 
 
@@ -37,7 +40,7 @@ def qwen_vl(model, batch, *, k, end_id, max_new_tokens, eos, rule, batch_global=
     when every row has fired). Then <end> is fed and the answer decoded greedily."""
     p = hf.prompt_inputs(model, batch)
     emb, pos, mask = p["embeds"], p["position_ids"], p["attention_mask"]
-    B = emb.shape[0]
+    B, dev = emb.shape[0], emb.device
     cache = hf.new_cache(model)
     h = hf.run_decoder(model, emb, mask, pos, cache)[:, -1]
     nxt = pos[..., -1:] + 1
@@ -47,7 +50,7 @@ def qwen_vl(model, batch, *, k, end_id, max_new_tokens, eos, rule, batch_global=
 
     def step(x, on):
         nonlocal mask, nxt
-        act = torch.tensor(on)
+        act = torch.tensor(on, device=dev)
         mask = torch.cat([mask, act[:, None].to(mask.dtype)], 1)
         out = hf.run_decoder(model, x[:, None], mask, nxt, cache)[:, -1]
         nxt = nxt + act[:, None].long()
@@ -60,7 +63,7 @@ def qwen_vl(model, batch, *, k, end_id, max_new_tokens, eos, rule, batch_global=
             if live[b]:
                 latents[b].append(h[b].clone())
         out = step(h, live)
-        h = torch.where(torch.tensor(live)[:, None], out, h)
+        h = torch.where(torch.tensor(live, device=dev)[:, None], out, h)
         stop = rule(h)
         for b in range(B):
             if live[b] and bool(stop[b]):
@@ -71,7 +74,7 @@ def qwen_vl(model, batch, *, k, end_id, max_new_tokens, eos, rule, batch_global=
         else:
             live = [lv and not bool(s) for lv, s in zip(live, stop)]
     on = [True] * B
-    h = step(model.get_input_embeddings()(torch.full((B,), end_id)), on)
+    h = step(model.get_input_embeddings()(torch.full((B,), end_id, device=dev)), on)
     tokens = [[] for _ in range(B)]
     for j in range(max_new_tokens):
         tok = model.lm_head(h).argmax(-1)
@@ -82,4 +85,4 @@ def qwen_vl(model, batch, *, k, end_id, max_new_tokens, eos, rule, batch_global=
         if not any(on) or j == max_new_tokens - 1:
             break
         h = step(model.get_input_embeddings()(tok), on)
-    return [torch.stack(l) if l else torch.zeros(0, h.shape[-1]) for l in latents], tokens
+    return [torch.stack(l) if l else h.new_zeros(0, h.shape[-1]) for l in latents], tokens
