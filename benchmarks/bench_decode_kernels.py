@@ -1,4 +1,5 @@
-"""Per-step kernels of the latent decode engine vs naive PyTorch (and SDPA).
+"""Per-step kernels of the latent decode engine vs naive PyTorch (and SDPA, and for
+add_rmsnorm the unfused pair it replaces: a torch add, then the rmsnorm kernel).
 
     python benchmarks/bench_decode_kernels.py            # Qwen2.5-VL-7B shapes, CUDA
     python benchmarks/bench_decode_kernels.py --quick    # small shapes (any device)
@@ -70,6 +71,20 @@ def naive_rmsnorm(hidden, weight, eps, out):
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     out.copy_(weight * h.to(hidden.dtype))
     return out
+
+
+def naive_add_rmsnorm(x, residual, weight, eps):
+    # HF decoder layer: `hidden = residual + hidden`, then the next RMSNorm
+    hidden = residual + x
+    h = hidden.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(hidden.dtype), hidden
+
+
+def unfused_pair(x, residual, weight, eps, buf):
+    # medlvr's step before add_rmsnorm: a torch add, then the rmsnorm kernel
+    hidden = residual + x
+    return ops.rmsnorm_feedback(hidden, weight, eps=eps, out=buf), hidden
 
 
 def _compiled(fn, enabled):
@@ -215,6 +230,21 @@ def bench_case(B, L, *, Hq, Hkv, Dh, D, dtype, device, args, bw, use_triton, use
     label = "medlvr triton" if use_triton else "medlvr reference (CPU fallback)"
     rows.append(_row("rmsnorm_feedback", shape, label,
                      _time(lambda: ops.rmsnorm_feedback(hidden, weight, eps=1e-6, out=buf), device, args), nbytes, bw))
+
+    # ---- a layer's residual add + the next RMSNorm: read x, residual; write normed, new residual
+    x = rnd(B, D)
+    nbytes = 4 * B * D * es + D * es
+    rows.append(_row("add_rmsnorm", shape, "naive torch (add + HF RMSNorm)",
+                     _time(lambda: naive_add_rmsnorm(x, hidden, weight, 1e-6), device, args), nbytes, bw))
+    comp = _compiled(naive_add_rmsnorm, use_compile)
+    if comp is not None:
+        rows.append(_row("add_rmsnorm", shape, "torch.compile(naive)",
+                         _time(lambda: comp(x, hidden, weight, 1e-6), device, args), nbytes, bw))
+    pair = "medlvr unfused (torch add + rmsnorm kernel)" if use_triton else "medlvr unfused (add + reference norm)"
+    rows.append(_row("add_rmsnorm", shape, pair,
+                     _time(lambda: unfused_pair(x, hidden, weight, 1e-6, buf), device, args), nbytes, bw))
+    rows.append(_row("add_rmsnorm", shape, label,
+                     _time(lambda: ops.add_rmsnorm(x, hidden, weight, eps=1e-6), device, args), nbytes, bw))
     return rows
 
 

@@ -6,7 +6,12 @@ embedding. Providers:
                   latent-reasoning code does it (CPU and GPU); the whole generate is
                   medlvr/reference/latent_loop.py
   hf_static_graph the same forward over a StaticCache, one step captured as a CUDA graph
-                  (GPU only)
+                  (GPU; on CPU "hf_static", the same loop without a graph); for the
+                  whole generate the loop of benchmarks/_hf_peers.py (StaticGenerate)
+  hf_compile_graph gpt-fast style: the HF decoder under torch.compile(mode=
+                  "max-autotune-no-cudagraphs") over a StaticCache, the step captured as a
+                  CUDA graph (GPU; on CPU --quick "hf_compile", no graph, first case only:
+                  one CPU compile takes ~40 s); --no-compile skips it
   medlvr_eager    LatentEngine without CUDA graphs (CPU only: the PyTorch references)
   medlvr_nofuse   LatentEngine, K-step segment captured as one CUDA graph (GPU only)
   medlvr          the same with fuse_projections=True: one q/k/v and one gate/up GEMM
@@ -25,7 +30,6 @@ small L and B, meant for CPU smoke runs; its numbers say nothing about a GPU.
 from __future__ import annotations
 
 import gc
-import inspect
 import json
 import sys
 import time
@@ -34,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import _hf_peers  # noqa: E402
 from benchmarks._common import parser, report, time_ms  # noqa: E402
 from medlvr.engine import LatentEngine  # noqa: E402
 from medlvr.models import hf  # noqa: E402
@@ -111,60 +116,6 @@ def hf_eager_step(model, B, L, device, dtype):
     return step
 
 
-# ---------------------------------------------------------------- HF static cache + graph
-def hf_static_graph_step(model, B, L, device, dtype):
-    """(step, reset): one HF forward over a StaticCache captured as a CUDA graph. The
-    cache is filled with L random positions; reset() rewinds it to L before each step.
-    transformers >= 5.2x tracks the write position in the cache (cumulative_length);
-    earlier 5.x takes an explicit cache_position, which is passed when accepted."""
-    from transformers import StaticCache
-
-    cfg = model.config.text_config
-    cache = StaticCache(config=model.config, max_cache_len=L + 64)
-    kw = hf.cache_keyword(model.model)
-    takes_cache_position = "cache_position" in inspect.signature(model.model.forward).parameters
-    D = cfg.hidden_size
-    # Fill positions [0, L) through the model itself (lazy cache init), in chunks.
-    with torch.no_grad():
-        for s in range(0, L, 512):
-            n = min(512, L - s)
-            extra = {"cache_position": torch.arange(s, s + n, device=device)} if takes_cache_position else {}
-            pos = torch.arange(s, s + n, device=device).view(1, 1, n).expand(3, B, n)
-            model.model(inputs_embeds=torch.randn(B, n, D, device=device, dtype=dtype) * 0.02, position_ids=pos,
-                        use_cache=True, **{kw: cache}, **extra)
-    h = torch.randn(B, 1, D, device=device, dtype=dtype)
-    pos = torch.full((3, B, 1), L, device=device, dtype=torch.long)
-    cpos = torch.full((1,), L, device=device, dtype=torch.long)
-
-    def reset():
-        pos.fill_(L)
-        cpos.fill_(L)
-        for layer in getattr(cache, "layers", []):
-            if hasattr(layer, "cumulative_length") and torch.is_tensor(layer.cumulative_length):
-                layer.cumulative_length.fill_(L)
-
-    def forward():
-        extra = {"cache_position": cpos} if takes_cache_position else {}
-        out = model.model(inputs_embeds=h, position_ids=pos, use_cache=True, **{kw: cache}, **extra)
-        h.copy_(out.last_hidden_state[:, -1:])
-        pos.add_(1)
-        cpos.add_(1)
-
-    with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                reset()
-                forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        reset()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            forward()
-    return graph.replay, reset
-
-
 # ---------------------------------------------------------------- medlvr
 def medlvr_segment(engine: LatentEngine, B: int, L: int, device):
     """(segment, reset): a K-step latent segment from a context of L cached positions."""
@@ -185,6 +136,7 @@ def medlvr_segment(engine: LatentEngine, B: int, L: int, device):
 def main() -> None:
     p = parser("latent decode step: HF eager vs HF StaticCache+graph vs medlvr")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (quick default: 1)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile (gpt-fast style) peer")
     args = p.parse_args()
     device = torch.device(args.device)
     quick = args.quick
@@ -213,7 +165,14 @@ def main() -> None:
         notes.append("--quick on CPU: a smoke run of the code paths. The CPU path runs the PyTorch references of "
                      f"the kernels; torch threads = {torch.get_num_threads()}. Not indicative of GPU performance.")
 
+    model_notes = list(notes)
     rows = []
+    compile_tried = False
+    if args.no_compile:
+        notes.append("hf_compile_graph: not run (--no-compile)")
+    elif not cuda:
+        notes.append("hf_compile (CPU, no graph): first case only (one CPU compile takes ~40 s); on CUDA every "
+                     "case runs as hf_compile_graph")
     with torch.no_grad():
         for L in lengths:
             for B in batches:
@@ -233,24 +192,30 @@ def main() -> None:
                     seg, reset = medlvr_segment(engine, B, L, device)
                     add(name, time_ms(seg, setup=reset, device=device, warmup=args.warmup,
                                       iters=args.iters) / K_SEGMENT)
-                # Last: if HF's forward cannot be captured, the failure must not cost the others.
-                if cuda:
-                    torch.cuda.empty_cache()
+                # Last: a peer that fails (capture, compile) is named and costs the others nothing.
+                hf_peers = [("hf_static_graph" if cuda else "hf_static", {})]
+                if not args.no_compile and (cuda or not compile_tried):
+                    hf_peers.append(("hf_compile_graph" if cuda else "hf_compile",
+                                     {"compile_mode": _hf_peers.GPT_FAST_MODE}))
+                    compile_tried = True
+                for name, kw in hf_peers:
+                    if cuda:
+                        torch.cuda.empty_cache()
                     try:
-                        replay, reset = hf_static_graph_step(model, B, L, device, dtype)
-                        add("hf_static_graph", time_ms(replay, setup=reset, device=device, warmup=args.warmup,
-                                                       iters=args.iters))
-                        del replay, reset
-                    except Exception as e:  # an HF version whose static path cannot be captured
-                        notes.append(f"hf_static_graph {case}: failed ({type(e).__name__}: {str(e)[:160]})")
+                        step, reset, _ = _hf_peers.static_step(model, B, L, device, dtype, graph=cuda, **kw)
+                        add(name, time_ms(step, setup=reset, device=device, warmup=args.warmup, iters=args.iters))
+                        del step, reset
+                    except Exception as e:  # an HF version whose static path cannot be captured / compiled
+                        notes.append(f"{name} {case}: failed ({type(e).__name__}: {str(e)[:160]})")
                     gc.collect()
-                    torch.cuda.empty_cache()
+                    if cuda:
+                        torch.cuda.empty_cache()
 
     report("latent_step", rows, device=device, out=args.out, x="case", y="ms",
            title="latent decode step (ms per step)", notes=notes)
 
     # One whole generate, side by side: prefill + k_gen latent steps + t_gen answer tokens.
-    gen_rows = []
+    gen_rows, gen_notes = [], []
     gen_batches = [1] if quick else [1, 8]
     with torch.no_grad():
         for B in gen_batches:
@@ -260,12 +225,23 @@ def main() -> None:
             gen_rows.append({"case": case, "provider": "hf_eager", "ms": time_ms(
                 lambda: latent_loop(model, batch, k=k_gen, max_new_tokens=t_gen, first_token=latent_end),
                 device=device, warmup=1, iters=3)})
+            try:
+                static = _hf_peers.StaticGenerate(model, batch, k=k_gen, max_new_tokens=t_gen, first_token=latent_end,
+                                                  graph=cuda)
+                gen_rows.append({"case": case, "provider": "hf_static_graph" if cuda else "hf_static",
+                                 "ms": time_ms(static, device=device, warmup=1, iters=3)})
+                del static
+            except Exception as e:  # an HF version whose static path cannot be captured
+                gen_notes.append(f"hf_static_graph generate B={B}: failed ({type(e).__name__}: {str(e)[:160]})")
             for name, eng in engines.items():
                 gen_rows.append({"case": case, "provider": name, "ms": time_ms(
                     lambda: eng.generate(batch, k_max=k_gen, max_new_tokens=t_gen, latent_end_id=latent_end),
                     device=device, warmup=1, iters=3)})
     report("latent_generate", gen_rows, device=device, out=args.out, x="case", y="ms",
-           title="whole generate (ms)", notes=notes[:1] + notes[2:])
+           title="whole generate (ms)", notes=model_notes + gen_notes + [
+               "hf_static_graph: HF StaticCache, prompt prefilled eagerly, every latent and text step replayed "
+               "from a CUDA graph (benchmarks/_hf_peers.py StaticGenerate); hf_static on CPU: the same loop, "
+               "no graph"])
 
 
 if __name__ == "__main__":

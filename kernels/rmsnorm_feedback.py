@@ -1,5 +1,6 @@
 """Final RMSNorm of the last hidden state written straight into the next latent step's
-input-embedding buffer. Raw kernel and launcher only: checks and dispatch are in
+input-embedding buffer, and the residual add + RMSNorm of the decoder layers
+(add_rmsnorm). Raw kernels and launchers only: checks and dispatch are in
 medlvr.ops.decode.
 
 A latent step feeds back e_t = norm(h_{t-1}); unfused that is ~7 launches (cast, pow,
@@ -73,3 +74,52 @@ def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, 
         num_warps=max(1, min(16, block_d // 512)),
     )
     return out
+
+
+@triton.jit
+def _add_rmsnorm_kernel(
+    x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
+    sx_b, sx_d, sr_b, sr_d, so_b, so_d, sn_b, sn_d,
+    eps,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, SUM: tl.constexpr, RES: tl.constexpr, EMU: tl.constexpr,
+):
+    # A decoder layer's residual add and the next RMSNorm in one pass: the row of x and
+    # of the residual is read once, the new residual and the normed row written once
+    # (unfused: the add reads 2 rows and writes 1, the norm reads that row again).
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    x = tl.load(x_ptr + b * sx_b + d * sx_d, mask=dm, other=0.0)
+    r = tl.load(r_ptr + b * sr_b + d * sr_d, mask=dm, other=0.0)
+    # torch adds two half-precision tensors in fp32 and rounds once to the promoted dtype
+    # (SUM): the same here, so the new residual equals `residual + x` bit for bit.
+    s = _cast(r.to(tl.float32) + x.to(tl.float32), SUM, EMU)
+    tl.store(res_out_ptr + b * sn_b + d * sn_d, s, mask=dm)
+    # Then rmsnorm_feedback's math on the rounded sum (see the module docstring).
+    sf = s.to(tl.float32)
+    var = tl.sum(sf * sf, axis=0) / D
+    rinv = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+    n = _cast(sf * rinv, SUM, EMU)
+    w = tl.load(w_ptr + d, mask=dm, other=0.0)
+    y = _cast(w.to(tl.float32) * n.to(tl.float32), RES, EMU)
+    tl.store(out_ptr + b * so_b + d * so_d, y, mask=dm)
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, *,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher; arguments were validated by medlvr.ops.decode.add_rmsnorm."""
+    B, D = x.shape
+    weight = weight.contiguous()
+    sum_dt = torch.promote_types(residual.dtype, x.dtype)
+    res_dt = torch.promote_types(sum_dt, weight.dtype)
+    new_residual = torch.empty((B, D), dtype=sum_dt, device=x.device)
+    normed = torch.empty((B, D), dtype=res_dt, device=x.device)
+    block_d = triton.next_power_of_2(D)
+    _add_rmsnorm_kernel[(B,)](
+        x, residual, weight, normed, new_residual,
+        *x.stride(), *residual.stride(), *normed.stride(), *new_residual.stride(),
+        eps,
+        D=D, BLOCK_D=block_d, SUM=_TL[sum_dt], RES=_TL[res_dt], EMU=x.device.type != "cuda",
+        num_warps=max(1, min(16, block_d // 512)),  # as rmsnorm_feedback: ~16 elements per thread
+    )
+    return normed, new_residual

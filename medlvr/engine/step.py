@@ -5,7 +5,8 @@ functions it captures as CUDA graphs, so nothing here syncs with the host or cop
 it (tests/engine/test_capture_safety.py checks that on CPU).
 
 Per layer on GPU: cuBLAS GEMMs plus the Triton kernels of medlvr/ops/decode.py (rotary +
-KV append, split-K decode attention, RMSNorm); on CPU the same code runs their references.
+KV append, split-K decode attention, residual add + RMSNorm); on CPU the same code runs
+their references.
 """
 from __future__ import annotations
 
@@ -56,9 +57,13 @@ class DecodeStep:
         pos = self.state.pos[:, :Bk] if a.mrope_section is not None else self.state.pos[0, :Bk]
         # learned absolute positions (GPT-2) are added to the input, latent or token
         h = x if a.position_embedding is None else x + a.position_embedding(pos).to(x.dtype)
-        for i, layer in enumerate(a.layers):
-            eps_in, eps_post = a.layer_eps[i]
-            normed = a.layer_norm(h, layer.input_norm, eps_in)
+        # Residual adds are fused with the norm that follows them (adapter.add_layer_norm:
+        # add_rmsnorm for RMSNorm models): attention output + input norm of the MLP, and MLP
+        # output + the next layer's input norm. Only the first input norm and the last
+        # MLP's add stand alone; the final norm is the caller's (norm_feedback).
+        layers = a.layers
+        normed = a.layer_norm(h, layers[0].input_norm, a.layer_eps[0][0])
+        for i, layer in enumerate(layers):
             fused = self.fused.layers[i] if self.fused is not None else None
             if fused is not None:
                 q, k, v = fused.qkv(normed)
@@ -79,9 +84,13 @@ class DecodeStep:
                                       row_lengths=s.prefix_row_len[:Bk], scale=a.attn_scale)
             else:
                 o = decode_attention(q, k_cache, v_cache, attn_len, scale=a.attn_scale)
-            h = h + layer.o_proj(o.reshape(Bk, a.num_heads * a.head_dim))
-            normed = a.layer_norm(h, layer.post_norm, eps_post)
-            h = h + (fused.mlp(normed) if fused is not None else layer.mlp(normed))
+            normed, h = a.add_layer_norm(layer.o_proj(o.reshape(Bk, a.num_heads * a.head_dim)), h,
+                                         layer.post_norm, a.layer_eps[i][1])
+            m = fused.mlp(normed) if fused is not None else layer.mlp(normed)
+            if i + 1 < len(layers):
+                normed, h = a.add_layer_norm(m, h, layers[i + 1].input_norm, a.layer_eps[i + 1][0])
+            else:
+                h = h + m
         return h
 
     def latent_step(self, t: int, mode: str, lat: torch.Tensor, hid: torch.Tensor, eps: torch.Tensor | None,

@@ -11,10 +11,11 @@ through the functions here, so a change in transformers is made once, in this fi
 - :func:`vision_tokens` / :func:`embed_inputs`: merged vision tokens and prompt embeddings;
 - :func:`rope_positions` / :func:`positions`: mRoPE positions, the only call of HF's
   ``get_rope_index`` in medlvr; :func:`prompt_inputs`: all three for a prompt batch;
-- :func:`cache_keyword`, :func:`new_cache`, :func:`output_cache`, :func:`cache_layer_kv`:
-  the KV-cache object and its keyword (transformers 5.2x renamed ``past_key_values`` to
-  ``cache``; the GPU machine runs 5.17);
-- :func:`run_decoder`: one decoder-stack call returning the post-final-norm hidden states.
+- :func:`cache_keyword`, :func:`new_cache`, :func:`new_static_cache`, :func:`rewind_static_cache`,
+  :func:`output_cache`, :func:`cache_layer_kv`: the KV-cache object and its keyword (transformers 5.2x renamed
+  ``past_key_values`` to ``cache``; the GPU machine runs 5.17);
+- :func:`run_decoder`: one decoder-stack call returning the post-final-norm hidden states
+  (:func:`decoder_kwargs`: its arguments, for callers that compile the decoder).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ import torch
 from torch import nn
 
 __all__ = ["unwrap", "decoder", "is_multimodal", "vision_tokens", "embed_inputs", "rope_positions",
-           "mm_token_type_ids", "positions", "prompt_inputs", "cache_keyword", "new_cache", "output_cache",
-           "cache_layer_kv", "run_decoder"]
+           "mm_token_type_ids", "positions", "prompt_inputs", "cache_keyword", "new_cache", "new_static_cache",
+           "rewind_static_cache", "output_cache", "cache_layer_kv", "decoder_kwargs", "run_decoder"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -217,6 +218,32 @@ def new_cache(model: nn.Module):
         return DynamicCache()
 
 
+def new_static_cache(model: nn.Module, max_len: int):
+    """An empty StaticCache for ``model``'s decoder, ``max_len`` positions per row (HF
+    allocates it on the first update, at that call's batch size). Its write position
+    lives on the device (a tensor in transformers >= 5.2x), so a step over it can be
+    captured in a CUDA graph; :func:`run_decoder` passes ``cache_position`` to versions
+    that still want it. ``cache.reset()`` empties it for reuse."""
+    from transformers import StaticCache
+
+    return StaticCache(config=unwrap(model).config, max_cache_len=max_len)
+
+
+def rewind_static_cache(cache, length: int) -> None:
+    """Move a :func:`new_static_cache`'s write position back to ``length`` (the positions
+    past it are then overwritten by the next steps). transformers >= 5.2x keeps that
+    position as a device tensor per layer (``cumulative_length``); earlier versions take
+    it from the ``cache_position`` of each call, so there is nothing to move."""
+    for layer in getattr(cache, "layers", []):
+        if torch.is_tensor(getattr(layer, "cumulative_length", None)):
+            layer.cumulative_length.fill_(length)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_cache_position(cls: type) -> bool:
+    return "cache_position" in inspect.signature(cls.forward).parameters
+
+
 def output_cache(output):
     """The cache object of an HF model output (field ``cache`` in transformers >= 5.2x,
     ``past_key_values`` before)."""
@@ -237,16 +264,28 @@ def cache_layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache[layer][0], cache[layer][1]
 
 
-def run_decoder(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor,
-                cache=None) -> torch.Tensor:
-    """Decoder stack + final norm: embeds [B,s,D], mask [B, past+s], positions [3,B,s] (VL)
-    or [B,s] -> post-norm hidden [B,s,D]. With ``cache`` (a DynamicCache) the step's K/V
-    are appended to it; without, no cache is built."""
-    lm = decoder(model)
+def decoder_kwargs(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor,
+                   cache=None, *, cache_position: torch.Tensor | None = None) -> dict[str, Any]:
+    """The keyword arguments of one :func:`decoder` call (see :func:`run_decoder`), for a
+    caller that runs the decoder itself (e.g. under torch.compile)."""
     kw: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
     if cache is not None:
+        lm = decoder(model)
         kw[cache_keyword(lm)] = cache
         kw["use_cache"] = True
+        if cache_position is not None and _takes_cache_position(type(lm)):
+            kw["cache_position"] = cache_position
     else:
         kw["use_cache"] = False  # the config default (True) would build a cache nobody reads
-    return lm(**kw).last_hidden_state
+    return kw
+
+
+def run_decoder(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor,
+                cache=None, *, cache_position: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder stack + final norm: embeds [B,s,D], mask [B, past+s], positions [3,B,s] (VL)
+    or [B,s] -> post-norm hidden [B,s,D]. With ``cache`` (a DynamicCache or
+    :func:`new_static_cache`) the step's K/V are appended to it; without, no cache is
+    built. cache_position (s) long: the cache slots written, handed only to transformers
+    versions whose decoder takes it (newer ones track it inside the cache)."""
+    kw = decoder_kwargs(model, embeds, mask, pos, cache, cache_position=cache_position)
+    return decoder(model)(**kw).last_hidden_state

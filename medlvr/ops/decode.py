@@ -1,5 +1,5 @@
 """Per-step ops of the latent decode engine: fused rotary + KV append, split-K GQA decode
-attention, and the final-norm hidden-state feedback.
+attention, the final-norm hidden-state feedback, and the layers' residual add + RMSNorm.
 
 Inference only (no autograd). Every op is CUDA-graph capturable on the Triton path:
 arguments are validated from shapes/dtypes/devices only (no host sync), grids depend on
@@ -19,6 +19,7 @@ Shapes (B samples this step, B_max/L_max cache capacity, GQA Hq = group * Hkv):
                   rows (B)?, return_lse?) -> out (B Hq Dh) [, lse (B Hq) fp32]
     merge_attention(o_a, lse_a, o_b, lse_b) -> out (B Hq Dh)  (cascade attention)
     rmsnorm_feedback(hidden (B D), weight (D), out (B D), active (B)?) -> normed (B D)
+    add_rmsnorm(x (B D), residual (B D), weight (D)) -> normed (B D), new_residual (B D)
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from medlvr.capture import in_guarded_region
 from medlvr.ops import _checks
 from medlvr.reference import decode as ref
 
-__all__ = ["rotary_append", "decode_attention", "merge_attention", "rmsnorm_feedback"]
+__all__ = ["rotary_append", "decode_attention", "merge_attention", "rmsnorm_feedback", "add_rmsnorm"]
 
 _FLOATS = _checks.FLOAT_DTYPES
 _INTS = (torch.int32, torch.int64)
@@ -312,3 +313,38 @@ def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, 
             out.copy_(torch.where(active[:, None], fed.to(out.dtype), out))
         return normed
     return ref.rmsnorm_feedback(hidden, weight, eps=float(eps), out=out, active=active, projector=projector)
+
+
+# ---------------------------------------------------------------- residual add + norm
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, *,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm decoder layer's residual add and the RMSNorm that follows, in one pass:
+
+        new_residual = residual + x
+        normed       = weight * (new_residual_fp32 * rsqrt(mean(new_residual_fp32^2) + eps))
+                                .to(new_residual.dtype)
+
+    x (B D) (the o_proj or MLP output), residual (B D), weight (D); strided rows are fine.
+    Returns (normed (B D), new_residual (B D)), both new tensors.
+    Dtypes: x and residual may differ (under bf16 autocast a bf16 projection output is
+    added to an fp32 residual): new_residual has torch's promote(residual, x), the sum
+    computed in fp32 and rounded once, bit-equal to ``residual + x``. normed follows
+    rmsnorm_feedback's convention on new_residual: fp32 statistic (fp64 for fp64), rounded
+    to new_residual's dtype, times the weight in promote(new_residual, weight). Any fp64
+    tensor takes the reference (fp64 rule, medlvr/ops/_checks.py). No out buffers: inside
+    a captured graph the allocations come from the graph's pool.
+    """
+    _tensor("x", x, dims=2, dtypes=_FLOATS)
+    B, D = x.shape
+    _tensor("residual", residual, dims=2, dtypes=_FLOATS)
+    _shape("residual", residual, (B, D))
+    _tensor("weight", weight, dims=1, dtypes=_FLOATS)
+    _shape("weight", weight, (D,))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    _same_device(x, residual=residual, weight=weight)
+
+    backend = _checks.backend("add_rmsnorm", x.device, has_triton=True, x=x, residual=residual, weight=weight)
+    if backend == "triton" and B > 0:
+        return _kernels("rmsnorm_feedback").add_rmsnorm(x, residual, weight, eps=float(eps))
+    return ref.add_rmsnorm(x, residual, weight, eps=float(eps))

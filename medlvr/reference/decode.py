@@ -14,6 +14,7 @@ D hidden size.
         -> out (B Hq Dh)  [, lse (B Hq)]
     merge_attention(o_a, lse_a, o_b, lse_b) -> out (B Hq Dh): attention over both key sets
     rmsnorm_feedback(hidden (B D), weight (D), out (B D)) -> normed (B D)
+    add_rmsnorm(x (B D), residual (B D), weight (D)) -> normed (B D), new_residual (B D)
 """
 from __future__ import annotations
 
@@ -207,3 +208,16 @@ def write_feedback(normed: torch.Tensor, *, out: torch.Tensor, active: torch.Ten
     else:
         out.copy_(torch.where(active[:, None], fed.to(out.dtype), out))
     return out if projector is None else normed
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, *,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add of a pre-norm decoder layer followed by the next RMSNorm:
+
+        new_residual = residual + x           (torch's promotion: dtype promote(residual, x))
+        normed       = rms_norm(new_residual, weight, eps)
+
+    exactly the two lines an HF layer runs (``hidden = residual + hidden`` then the norm),
+    so the engine's unfused step and this give identical bits."""
+    new_residual = residual + x
+    return rms_norm(new_residual, weight, eps), new_residual

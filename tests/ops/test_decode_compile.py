@@ -112,6 +112,13 @@ def _compile_all():
         rms._rmsnorm_feedback_kernel,
         {"h_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "active_ptr": "*i1", "eps": "fp32"},
         dict(D=3584, BLOCK_D=4096, HAS_ACTIVE=True, RES=tl.bfloat16, EMU=False), num_warps=8)
+    # the layers' residual add + norm: bf16 throughout, and bf16 x onto an fp32 residual (autocast)
+    for r_dtype, tl_sum in (("bf16", tl.bfloat16), ("fp32", tl.float32)):
+        out[f"add_rmsnorm x bf16 residual {r_dtype}"] = _compile_sm90(
+            rms._add_rmsnorm_kernel,
+            {"x_ptr": "*bf16", "r_ptr": f"*{r_dtype}", "w_ptr": "*bf16", "out_ptr": f"*{r_dtype}",
+             "res_out_ptr": f"*{r_dtype}", "eps": "fp32"},
+            dict(D=3584, BLOCK_D=4096, SUM=tl_sum, RES=tl_sum, EMU=False), num_warps=8)
     return out
 
 
@@ -130,6 +137,10 @@ def compiled():
 def test_no_register_spills(compiled):
     spilled = {k: v for k, v in compiled.items() if v["spill_bytes"]}
     assert not spilled, spilled
+
+
+def test_add_rmsnorm_compiles(compiled):
+    assert {"add_rmsnorm x bf16 residual bf16", "add_rmsnorm x bf16 residual fp32"} <= set(compiled)
 
 
 def test_rotary_uses_precise_trig(compiled):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from medlvr.models import hf
-from medlvr.ops.decode import rmsnorm_feedback
+from medlvr.ops.decode import add_rmsnorm, rmsnorm_feedback
 
 _REGISTRY: dict[str, type["ModelAdapter"]] = {}
 
@@ -199,6 +199,12 @@ class ModelAdapter:
     def layer_norm(self, hidden: torch.Tensor, module: nn.Module, eps: float) -> torch.Tensor:
         """A layer's input / post-attention norm of one step (B, D) -> (B, D)."""
         return rmsnorm_feedback(hidden, module.weight, eps=eps, out=torch.empty_like(hidden))
+
+    def add_layer_norm(self, x: torch.Tensor, residual: torch.Tensor, module: nn.Module,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """A residual add and the layer norm after it, (B, D) each -> (normed, residual + x):
+        one add_rmsnorm launch where the unfused pair is two (medlvr/ops/decode.py)."""
+        return add_rmsnorm(x, residual, module.weight, eps=eps)
 
     def norm_feedback(self, hidden: torch.Tensor, *, out: torch.Tensor, active: torch.Tensor | None = None,
                       projector: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:

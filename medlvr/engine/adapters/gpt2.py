@@ -69,6 +69,11 @@ class GPT2Adapter(TextDecoderAdapter):
     def layer_norm(self, hidden: torch.Tensor, module: nn.Module, eps: float) -> torch.Tensor:
         return module(hidden)
 
+    def add_layer_norm(self, x: torch.Tensor, residual: torch.Tensor, module: nn.Module,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = residual + x  # LayerNorm: no fused kernel, the add and the module as they are
+        return module(hidden), hidden
+
     def norm_feedback(self, hidden: torch.Tensor, *, out: torch.Tensor, active: torch.Tensor | None = None,
                       projector: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         return write_feedback(self.norm(hidden), out=out, active=active, projector=projector)
