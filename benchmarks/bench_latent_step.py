@@ -10,8 +10,8 @@ embedding. Providers:
                   whole generate the loop of benchmarks/_hf_peers.py (StaticGenerate)
   hf_compile_graph gpt-fast style: the HF decoder under torch.compile(mode=
                   "max-autotune-no-cudagraphs") over a StaticCache, the step captured as a
-                  CUDA graph (GPU; on CPU --quick "hf_compile", no graph, first case only:
-                  one CPU compile takes ~40 s); --no-compile skips it
+                  CUDA graph (GPU; on CPU "hf_compile", no graph); first case only unless
+                  --compile-all (each shape is a fresh compile); --no-compile skips it
   medlvr_eager    LatentEngine without CUDA graphs (CPU only: the PyTorch references)
   medlvr_nofuse   LatentEngine, K-step segment captured as one CUDA graph (GPU only)
   medlvr          the same with fuse_projections=True: one q/k/v and one gate/up GEMM
@@ -137,6 +137,9 @@ def main() -> None:
     p = parser("latent decode step: HF eager vs HF StaticCache+graph vs medlvr")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (quick default: 1)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile (gpt-fast style) peer")
+    p.add_argument("--compile-all", action="store_true",
+                   help="run the compiled peer at every shape (default: the first case only; each shape is a "
+                        "fresh max-autotune compile, minutes on a 7B model)")
     args = p.parse_args()
     device = torch.device(args.device)
     quick = args.quick
@@ -170,9 +173,10 @@ def main() -> None:
     compile_tried = False
     if args.no_compile:
         notes.append("hf_compile_graph: not run (--no-compile)")
-    elif not cuda:
-        notes.append("hf_compile (CPU, no graph): first case only (one CPU compile takes ~40 s); on CUDA every "
-                     "case runs as hf_compile_graph")
+    elif not args.compile_all:
+        notes.append(f"{'hf_compile_graph' if cuda else 'hf_compile (CPU, no graph)'}: first case only (each shape "
+                     "is a fresh max-autotune compile: minutes on a 7B model, ~40 s on this CPU); --compile-all "
+                     "runs every case")
     with torch.no_grad():
         for L in lengths:
             for B in batches:
@@ -194,7 +198,7 @@ def main() -> None:
                                       iters=args.iters) / K_SEGMENT)
                 # Last: a peer that fails (capture, compile) is named and costs the others nothing.
                 hf_peers = [("hf_static_graph" if cuda else "hf_static", {})]
-                if not args.no_compile and (cuda or not compile_tried):
+                if not args.no_compile and (args.compile_all or not compile_tried):
                     hf_peers.append(("hf_compile_graph" if cuda else "hf_compile",
                                      {"compile_mode": _hf_peers.GPT_FAST_MODE}))
                     compile_tried = True
