@@ -61,7 +61,7 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _vlpo(args: argparse.Namespace) -> int:
-    from medlvr.train.vlpo import vlpo_main
+    from medlvr.train.vlpo_cli import vlpo_main
 
     res = vlpo_main(args)
     print(f"final weights: {res['final_dir']}")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sft)
 
     p = sub.add_parser("vlpo", help="stage 2: visual-latent policy optimisation from a stage-1 run")
-    from medlvr.train.vlpo import add_vlpo_arguments
+    from medlvr.train.vlpo_cli import add_vlpo_arguments
 
     add_vlpo_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
