@@ -114,10 +114,15 @@ def _device_of(args, kwargs) -> torch.device | None:
     return None
 
 
-class _FunctionGuard(TorchFunctionMode):
+class _GuardMode:
+    """A torch mode that reports to a CaptureGuard (mixed into the function and dispatch modes)."""
+
     def __init__(self, guard: "CaptureGuard"):
         super().__init__()
         self.guard = guard
+
+
+class _FunctionGuard(_GuardMode, TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -141,10 +146,7 @@ class _FunctionGuard(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _DispatchGuard(TorchDispatchMode):
-    def __init__(self, guard: "CaptureGuard"):
-        super().__init__()
-        self.guard = guard
+class _DispatchGuard(_GuardMode, TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -40,18 +40,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _synth(args: argparse.Namespace) -> int:
-    from medlvr.train.synth import synth_main
-
-    return synth_main(args)
-
-
-def _convert(args: argparse.Namespace) -> int:
-    from medlvr.train.converters import convert_main
-
-    return convert_main(args)
-
-
 def _sft(args: argparse.Namespace) -> int:
     from medlvr.train.stage1 import stage1_main
 
@@ -61,23 +49,11 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _vlpo(args: argparse.Namespace) -> int:
-    from medlvr.train.vlpo import vlpo_main
+    from medlvr.train.vlpo_cli import vlpo_main
 
     res = vlpo_main(args)
     print(f"final weights: {res['final_dir']}")
     return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from medlvr.train.evaluate import eval_main
-
-    return eval_main(args)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from medlvr.train.demo import demo_main
-
-    return demo_main(args)
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -106,44 +82,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommand arguments are registered lazily-importing modules only for the chosen command
     # would need a two-pass parse; the imports below are light (no torch model is built).
-    from medlvr.train.converters import add_convert_arguments
-    from medlvr.train.evaluate import add_eval_arguments
+    from medlvr.train.converters import add_convert_arguments, convert_main
+    from medlvr.train.demo import add_demo_arguments, demo_main
+    from medlvr.train.evaluate import add_eval_arguments, eval_main
     from medlvr.train.stage1 import add_stage1_arguments
-    from medlvr.train.synth import add_synth_arguments
+    from medlvr.train.synth import add_synth_arguments, synth_main
+    from medlvr.train.vlpo_cli import add_vlpo_arguments
 
-    p = sub.add_parser("synth", help="write the deterministic synthetic medical VQA set (JSONL + PNG)")
-    add_synth_arguments(p)
-    p.set_defaults(func=_synth)
-
-    p = sub.add_parser("convert", help="convert a published dataset layout (OmniMedVQA, VQA-RAD, SLAKE, PathVQA) to JSONL")
-    add_convert_arguments(p)
-    p.set_defaults(func=_convert)
-
-    p = sub.add_parser("sft", help="stage 1: ROI-supervised latent fine-tuning (accelerate; resumable)")
-    add_stage1_arguments(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    _window(p)
-    p.set_defaults(func=_sft)
-
-    p = sub.add_parser("vlpo", help="stage 2: visual-latent policy optimisation from a stage-1 run")
-    from medlvr.train.vlpo import add_vlpo_arguments
-
-    add_vlpo_arguments(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    _window(p)
-    p.set_defaults(func=_vlpo)
-
-    p = sub.add_parser("eval", help="accuracy by benchmark and question type of trained runs; table + plot")
-    add_eval_arguments(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    _window(p)
-    p.set_defaults(func=_eval)
-
-    p = sub.add_parser("demo", help="synthesise data, train plain SFT / stage 1 / stage 1 + VLPO, evaluate the three")
-    from medlvr.train.demo import add_demo_arguments
-
-    add_demo_arguments(p)
-    p.set_defaults(func=_demo)
+    # (name, help, add its arguments, run it, runs a model: --threads and --window)
+    commands = [
+        ("synth", "write the deterministic synthetic medical VQA set (JSONL + PNG)", add_synth_arguments, synth_main,
+         False),
+        ("convert", "convert a published dataset layout (OmniMedVQA, VQA-RAD, SLAKE, PathVQA) to JSONL",
+         add_convert_arguments, convert_main, False),
+        ("sft", "stage 1: ROI-supervised latent fine-tuning (accelerate; resumable)", add_stage1_arguments, _sft, True),
+        ("vlpo", "stage 2: visual-latent policy optimisation from a stage-1 run", add_vlpo_arguments, _vlpo, True),
+        ("eval", "accuracy by benchmark and question type of trained runs; table + plot", add_eval_arguments,
+         eval_main, True),
+        ("demo", "synthesise data, train plain SFT / stage 1 / stage 1 + VLPO, evaluate the three",
+         add_demo_arguments, demo_main, False),
+    ]
+    for name, help_, add_arguments, run, model_flags in commands:
+        p = sub.add_parser(name, help=help_)
+        add_arguments(p)
+        if model_flags:
+            p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+            _window(p)
+        p.set_defaults(func=run)
     return parser
 
 

@@ -44,21 +44,36 @@ class Batch:
 
     def model_inputs(self) -> dict:
         """The keyword arguments of a Qwen2(.5)-VL forward / the engine's generate."""
-        return {
-            "input_ids": self.input_ids, "attention_mask": self.attention_mask,
-            "pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw,
-            "mm_token_type_ids": self.mm_token_type_ids,
-        }
+        return {k: getattr(self, k) for k in MODEL_INPUTS}
 
-    def to(self, device) -> "Batch":
+    # Mapping access by field name: the training code (medlvr/train/latent.py, rollout.py) and
+    # the engine read a Batch and a plain dict of model inputs (tests, benchmarks) alike.
+    def __getitem__(self, name: str):
+        if name not in _FIELDS:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def get(self, name: str, default=None):
+        return getattr(self, name) if name in _FIELDS else default
+
+    def keys(self) -> tuple[str, ...]:
+        return _FIELDS
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """Every tensor (and the ROI geometry) on ``device``; records and answers ride along.
+        accelerate's DataLoader calls this for each batch it yields."""
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            kw[f.name] = v.to(device) if isinstance(v, (torch.Tensor, RoiGeometry)) else v
+            kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, (torch.Tensor, RoiGeometry)) else v
         return Batch(**kw)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+_FIELDS = tuple(f.name for f in fields(Batch))
 
 
 def prompt_text(record, *, k_latent: int, image_token: str = "<|image_pad|>") -> str:

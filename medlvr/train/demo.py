@@ -54,23 +54,6 @@ QUICK = DemoPlan(n_records=96, sft_steps=6, batch_size=8, warmup_steps=0, vlpo_r
                  vlpo_rollouts=2, eval_records=16)
 
 
-def _save_run(out: Path, lm, meta: dict) -> Path:
-    """The stage-1 run format (run.json + model.safetensors), written atomically."""
-    from safetensors.torch import save_file
-
-    final = out / "final"
-    tmp = out / ".tmp-final"
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(lm.trainable_state_dict(), str(tmp / "model.safetensors"))
-    (tmp / "run.json").write_text(json.dumps(meta, indent=2))
-    if final.exists():
-        import shutil
-
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
 def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = True,
              mixed_precision: str = "auto") -> dict:
     """Run the demo into ``out_dir``; returns the summary dict (also written to summary.json).
@@ -80,8 +63,9 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     from medlvr.models import build_default
     from medlvr.train.data import load_jsonl
     from medlvr.train.evaluate import evaluate, print_table, write_outputs
-    from medlvr.train.loop import LoopConfig, make_accelerator, resolve_mixed_precision, train_loop
-    from medlvr.train.stage1 import Stage1Config, build_trainable, load_trained
+    from medlvr.train.loop import LoopConfig, make_accelerator, resolve_mixed_precision
+    from medlvr.train.runs import RunDir, load_trained
+    from medlvr.train.stage1 import Stage1Config, build_trainable, train_stage1
     from medlvr.train.synth import synthesize
     from medlvr.train.vlpo import VLPOConfig, train_vlpo
 
@@ -123,7 +107,7 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
         t = time.perf_counter()
         model, processor = build_default(seed=plan.seed)
         lm = build_trainable(model, processor, s1)
-        res = train_loop(lm, processor, train, loop_cfg(name), base="default",
+        res = train_stage1(lm, processor, train, loop_cfg(name), base="default",
                          desc=f"({name[0]}) {'plain SFT' if s1.k_latent == 0 else f'stage 1, K={s1.k_latent}'}")
         finals[name] = Path(res["final_dir"])
         times[name] = time.perf_counter() - t
@@ -143,7 +127,9 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     lm.train()
     train_vlpo(lm.model, processor, rl_prompts, vcfg, progress=progress, log_path=metrics, projector=lm.projector,
                accelerator=accelerator)
-    finals["c_vlpo"] = _save_run(out / "c_vlpo", lm, {**meta, "vlpo": asdict(vcfg), "init": str(finals["b_stage1"])})
+    run = RunDir(out / "c_vlpo" / "final").save(lm, {**meta, "vlpo": asdict(vcfg), "init": str(finals["b_stage1"])},
+                                               accelerator=accelerator)
+    finals["c_vlpo"] = run.path
     times["c_vlpo"] = time.perf_counter() - t
 
     labels = {"a_sft": "(a) SFT", "b_stage1": "(b) stage 1", "c_vlpo": "(c) stage 1+2"}

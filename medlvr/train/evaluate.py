@@ -241,7 +241,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 def eval_main(args: argparse.Namespace) -> int:
     from medlvr.train.data import load_jsonl
-    from medlvr.train.stage1 import load_trained
+    from medlvr.train.runs import load_trained
 
     records, report = load_jsonl(args.data, split=args.split or None, skip_bad=getattr(args, "skip_bad", False),
                                  window=getattr(args, "window", None))

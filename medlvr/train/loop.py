@@ -1,43 +1,34 @@
-"""The training loop: accelerate (CPU, one GPU, DDP or FSDP from an accelerate config), gradient
-accumulation, AdamW + warmup/cosine schedule, atomic checkpoints, exact resume, metrics.
+"""The training loop of both stages ("one loop, two objectives"): accelerate (CPU, one GPU,
+DDP or FSDP from an accelerate config), AdamW + warmup/cosine schedule, gradient clipping,
+autocast, metrics, progress bar, atomic checkpoints, exact resume, the final run folder.
 
-What a *step* is: one optimizer update on the GLOBAL batch (``--batch-size`` samples, split
-over the processes by accelerate's ``split_batches``; ``--grad-accum`` micro-batches of that
-size per update). So a run's steps, schedule and data order do not depend on the number of
-processes, which is what lets the distributed test compare 2 processes with 1.
+A stage plugs in an :class:`Objective`: the module whose forward carries the gradient and one
+training step. Stage 1 (medlvr/train/stage1.py, ``SFTObjective``) accumulates
+``--grad-accum`` micro-batches per optimizer update; stage 2 (medlvr/train/vlpo.py,
+``VLPOObjective``) samples rollouts and makes ``ppo_epochs`` updates per step. Both reach the
+weights only through the :class:`Updater` the loop hands them (autocast, backward,
+``update``: clip, optimizer step, schedule, zero grad), so accelerate's gradient sync, mixed
+precision and clipping are the same for both.
 
-Data order: epoch e is a permutation of the records drawn from (seed, e) alone (no RNG state
-involved); the data position is (epoch, micro-batch index in the epoch). A partial last
-micro-batch is dropped, so every update sees the same number of samples.
-
-Checkpoint (``<out>/checkpoints/step-XXXXXXX/``, written to a ``.tmp-`` directory first and
-moved with os.replace, so a crash never leaves a half-written checkpoint; ``latest`` names the
-newest one, also replaced atomically):
-    model.safetensors   trainable parameters of the LatentLM module (LoRA or all)
-    optimizer.pt        optimizer state;  scheduler.pt  scheduler state
-    rng-<rank>.pt       python / numpy / torch (/ cuda) RNG states of each process
-    state.json          step, epoch, micro-batch position, seed
-    run.json            what to rebuild before loading the weights (see stage1.load_trained)
-``--resume auto`` (or a checkpoint dir) restores all of it and continues exactly.
+Checkpoints and the final weights are run folders (medlvr/train/runs.py); ``--resume auto``
+(or a checkpoint dir) restores weights, optimizer, schedule, RNG and the objective's data
+position and continues exactly.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
-import random
-import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 
-CKPT_DIR = "checkpoints"
+from medlvr.train.runs import RunDir, find_checkpoint, load_checkpoint, save_checkpoint
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
@@ -86,51 +77,6 @@ class LoopConfig:
 
 class StopTraining(RuntimeError):
     """Raised by ``stop_after`` (a debug switch that simulates a crash for the resume test)."""
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Permutation of range(n) that depends on (seed, epoch) only."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class _ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items: Sequence[Any]):
-        self.items = list(items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.items[i]
-
-
-class _Collator:
-    """Records -> dict batch (tensors are moved by accelerate; records/answers ride along)."""
-
-    def __init__(self, processor, k_latent: int):
-        from medlvr.models import latent_token_ids
-
-        self.processor, self.k, self.ids, self.cache = processor, k_latent, latent_token_ids(processor), {}
-
-    def __call__(self, records):
-        from medlvr.train.collate import collate
-
-        b = collate(records, self.processor, k_latent=self.k, with_answer=True, latent_token_ids=self.ids,
-                    padding_side="right", images_cache=self.cache)
-        return {**b.model_inputs(), "labels": b.labels, "latent_start_index": b.latent_start_index,
-                "roi_boxes": b.roi_boxes, "roi_image": b.roi_image, "roi_sample": b.roi_sample,
-                "roi_geometry": b.roi_geometry}
 
 
 def make_scheduler(optimizer, cfg: LoopConfig):
@@ -186,116 +132,22 @@ def make_accelerator(mixed_precision: str = "auto", **kwargs):
     return Accelerator(cpu=not gpu_per_rank(), mixed_precision=mode, **kwargs)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(accelerator, lm, optimizer, scheduler, *, out_dir: Path, step: int, epoch: int, micro: int,
-                    seed: int, run_meta: dict, keep: int) -> Path:
-    """Write checkpoint ``step`` atomically; every process contributes its RNG state."""
-    from safetensors.torch import save_file
-
-    root = out_dir / CKPT_DIR
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    state = accelerator.unwrap_model(lm).trainable_state_dict()
-    if accelerator.is_main_process:
-        save_file(state, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "epoch": epoch, "micro": micro, "seed": seed,
-                                                    "num_processes": accelerator.num_processes}))
-        (tmp / "run.json").write_text(json.dumps(run_meta, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():  # a re-run of the same step after a resume: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / "latest", final.name)
-        old = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for p in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(p, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def find_checkpoint(resume: str, out_dir: Path) -> Path | None:
-    """``auto``: the checkpoint named by <out>/checkpoints/latest (None when there is none)."""
-    if resume == "auto":
-        latest = out_dir / CKPT_DIR / "latest"
-        if not latest.is_file():
-            return None
-        return out_dir / CKPT_DIR / latest.read_text().strip()
-    p = Path(resume)
-    if not (p / "state.json").is_file():
-        raise FileNotFoundError(f"resume: expected a checkpoint directory with state.json, got {resume}")
-    return p
-
-
-def load_checkpoint(accelerator, lm, optimizer, scheduler, ckpt: Path) -> dict:
-    from safetensors.torch import load_file
-
-    state = json.loads((ckpt / "state.json").read_text())
-    if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
-        # Weights and optimizer are process-count independent; only the RNG streams are per process.
-        accelerator.print(f"resume: checkpoint written by {state['num_processes']} processes, running "
-                          f"{accelerator.num_processes}: RNG streams are not restored exactly")
-    weights = load_file(str(ckpt / "model.safetensors"))
-    module = accelerator.unwrap_model(lm)
-    missing, unexpected = module.load_state_dict(weights, strict=False)
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    if unexpected or trainable - set(weights):
-        raise ValueError(f"{ckpt}: weights do not match the model (missing {sorted(trainable - set(weights))[:5]}, "
-                         f"unexpected {unexpected[:5]})")
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-    rng = ckpt / f"rng-{accelerator.process_index}.pt"
-    if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return state
-
-
 # ----------------------------------------------------------------------------- metrics
 
 
 class MetricsWriter:
-    """One row per logged step to JSONL or CSV (main process), and to accelerate's trackers."""
+    """One row per logged step to JSONL or CSV (main process; no file when path is None), and
+    to accelerate's trackers."""
 
-    def __init__(self, path: Path, accelerator, *, append: bool):
-        self.path, self.acc = path, accelerator
-        self.csv = path.suffix == ".csv"
+    def __init__(self, path: Path | None, accelerator, *, append: bool):
+        self.path, self.acc = (Path(path) if path is not None else None), accelerator
+        self.csv = self.path is not None and self.path.suffix == ".csv"
         self._fields: list[str] | None = None
-        if accelerator.is_main_process and not append and path.exists():
-            path.unlink()
+        if accelerator.is_main_process and not append and self.path is not None and self.path.exists():
+            self.path.unlink()
 
     def write(self, row: dict) -> None:
-        if self.acc.is_main_process:
+        if self.acc.is_main_process and self.path is not None:
             if self.csv:
                 new = not self.path.exists()
                 if self._fields is None:
@@ -315,27 +167,84 @@ class MetricsWriter:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _micro_batches(dl, sampler: EpochSampler, epoch: int, skip: int, accelerator) -> Iterator[tuple[int, int, Any]]:
-    """Endless (epoch, index-in-epoch after this batch, batch) over epochs, starting at (epoch, skip)."""
-    from accelerate.data_loader import skip_first_batches
+class Updater:
+    """What an objective may do to the weights during its step.
 
-    while True:
-        # The prepared loader re-sets its sampler's epoch from its own counter at each __iter__
-        # (skip_first_batches copies that counter): set both so they agree after a resume.
-        dl.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        it = skip_first_batches(dl, skip) if skip else dl
-        i = skip
-        for batch in it:
-            i += 1
-            yield epoch, i, batch
-        epoch, skip = epoch + 1, 0
+    module: the (prepared) module whose forward carries the gradient; optimizer: its
+    optimizer. Under accelerate (``accelerator``) backward, clipping and autocast are
+    accelerate's; without one (a bare :func:`medlvr.train.vlpo_step.vlpo_step` call) they are
+    plain torch. ``update()`` is one optimizer update: clip to ``max_grad_norm`` (0: off),
+    step, advance the schedule, zero the gradients; it returns the pre-clip gradient norm
+    (None when clipping is off)."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, accelerator: Any = None,
+                 scheduler: Any = None, max_grad_norm: float = 0.0):
+        self.module, self.optimizer, self.accelerator = module, optimizer, accelerator
+        self.scheduler, self.max_grad_norm = scheduler, max_grad_norm
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
+
+    def accumulating(self, sync: bool = True) -> contextlib.AbstractContextManager:
+        """Around the forward and backward of a micro-batch that is not the last one before an
+        update: gradients accumulate locally, without DDP's all-reduce."""
+        if sync or self.accelerator is None:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.module)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def reduce(self, value: torch.Tensor, op: str = "mean") -> float:
+        """A metric averaged (or summed) over the processes."""
+        return float(self.accelerator.reduce(value, op) if self.accelerator is not None else value)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.optimizer.param_groups[0]["lr"]
+
+    def update(self) -> float | None:
+        norm = None
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            if self.accelerator is not None:
+                norm = float(self.accelerator.clip_grad_norm_(self.module.parameters(), self.max_grad_norm))
+            else:
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
 
-def train_loop(lm, processor, records: Sequence[Any], cfg: LoopConfig, *, base: str = "default", desc: str = "train",
-               accelerator=None, extra_meta: dict | None = None) -> dict:
-    """Train ``lm`` (a stage1.LatentLM) on ``records``; returns the last logged metrics plus
-    ``final_dir`` (<out>/final: run.json + model.safetensors)."""
+class Objective(Protocol):
+    """What a stage plugs into :func:`train_loop`.
+
+    module: the module whose forward carries the gradient (accelerate prepares it: DDP / FSDP
+    hook its forward); its parameters with requires_grad are optimised.
+    start(updater): after preparation, before the first step (prepare data, build
+    references, seed per-rank streams). step(updater, step) -> the metrics row of step
+    ``step`` (0-based count of steps done before it). postfix(row): the progress bar's fields.
+    position() -> the data position to checkpoint (None: the objective cannot resume);
+    seek(state): restore it from a checkpoint's state.json."""
+    module: torch.nn.Module
+
+    def start(self, updater: Updater) -> None: ...
+    def step(self, updater: Updater, step: int) -> dict: ...
+    def postfix(self, row: dict) -> dict: ...
+    def position(self) -> dict | None: ...
+    def seek(self, state: dict) -> None: ...
+
+
+def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None, desc: str = "train",
+               meta: dict | None = None, metrics_path: str | Path | None = "", append_metrics: bool = False) -> dict:
+    """Run ``cfg.max_steps`` steps of ``objective``; returns the last step's metrics row, plus
+    ``final_dir`` when ``meta`` is given (the run folder <out>/final: meta as run.json and the
+    module's trainable weights). metrics_path: the metrics file ("" = <out>/<cfg.metrics>;
+    None = none); append_metrics keeps an existing file's rows (a resume always does)."""
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
@@ -343,116 +252,61 @@ def train_loop(lm, processor, records: Sequence[Any], cfg: LoopConfig, *, base: 
     if accelerator is None:
         accelerator = make_accelerator(cfg.mixed_precision, log_with=cfg.report_to, project_dir=str(out),
                                        dataloader_config=DataLoaderConfiguration(split_batches=True))
-    if cfg.batch_size % accelerator.num_processes:
-        raise ValueError(f"batch_size: expected a multiple of the {accelerator.num_processes} processes, got {cfg.batch_size}")
-    if len(records) < cfg.batch_size:
-        raise ValueError(f"records: expected at least batch_size={cfg.batch_size} records, got {len(records)}")
     set_seed(cfg.seed)
-    if accelerator.is_main_process:
+    if metrics_path == "":
+        metrics_path = out / cfg.metrics
+    if accelerator.is_main_process and (meta is not None or cfg.save_every):
         out.mkdir(parents=True, exist_ok=True)
 
-    sampler = EpochSampler(len(records), cfg.seed)
-    dl = torch.utils.data.DataLoader(_ListDataset(records), batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                     collate_fn=_Collator(processor, lm.cfg.k_latent), num_workers=0)
-    params = [p for p in lm.parameters() if p.requires_grad]
+    params = [p for p in objective.module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model: expected trainable parameters (requires_grad), found none")
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=cfg.adam_eps)
     scheduler = make_scheduler(optimizer, cfg)
-    lm.train()
-    lm, optimizer, dl, scheduler = accelerator.prepare(lm, optimizer, dl, scheduler)
+    module, optimizer, scheduler = accelerator.prepare(objective.module, optimizer, scheduler)
+    updater = Updater(module, optimizer, accelerator=accelerator, scheduler=scheduler, max_grad_norm=cfg.max_grad_norm)
+    objective.start(updater)
+    if (cfg.save_every or cfg.resume) and objective.position() is None:
+        raise ValueError(f"save_every / resume: {type(objective).__name__} cannot checkpoint its data position")
 
-    run_meta = {"base": base, "stage1": asdict(accelerator.unwrap_model(lm).cfg), "loop": asdict(cfg), **(extra_meta or {})}
-    step, epoch, micro = 0, 0, 0
+    step = 0
     ckpt = find_checkpoint(cfg.resume, out) if cfg.resume else None
     if ckpt is not None:
-        st = load_checkpoint(accelerator, lm, optimizer, scheduler, ckpt)
-        step, epoch, micro = st["step"], st["epoch"], st["micro"]
-        accelerator.print(f"resumed from {ckpt} at step {step} (epoch {epoch}, micro-batch {micro})")
+        state = load_checkpoint(accelerator, module, optimizer, scheduler, ckpt)
+        step = state["step"]
+        objective.seek(state)
+        accelerator.print(f"resumed from {ckpt} at step {step} ({objective.position()})")
     if cfg.report_to:
         accelerator.init_trackers(out.name, config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
-    metrics = MetricsWriter(out / cfg.metrics, accelerator, append=ckpt is not None)
+    metrics = MetricsWriter(metrics_path, accelerator, append=append_metrics or ckpt is not None)
 
-    per_update = cfg.batch_size * cfg.grad_accum
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", disable=not (cfg.progress and accelerator.is_local_main_process),
-               dynamic_ncols=True)
-    batches = _micro_batches(dl, sampler, epoch, micro, accelerator)
-    t0 = time.perf_counter()
-    steps_timed = 0
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True,
+               disable=not (cfg.progress and accelerator.is_local_main_process))
     last: dict = {}
-    while step < cfg.max_steps:
-        agg = {"loss": 0.0, "ce": 0.0, "roi": 0.0, "roi_frac": 0.0, "tokens": 0.0}
-        for j in range(cfg.grad_accum):
-            epoch, micro, batch = next(batches)
-            sync = j == cfg.grad_accum - 1
-            # Micro-batches before the last one accumulate locally (no gradient all-reduce).
-            with accelerator.no_sync(lm) if not sync else _nullcontext():
-                with accelerator.autocast():
-                    res = lm(batch)
-                    loss = res["loss"] / cfg.grad_accum
-                accelerator.backward(loss)
-            for key in agg:
-                agg[key] += float(accelerator.reduce(res[key].detach().float(), "mean" if key != "tokens" else "sum")) / (
-                    cfg.grad_accum if key != "tokens" else 1)
-        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-            gnorm = float(accelerator.clip_grad_norm_(lm.parameters(), cfg.max_grad_norm))
-        else:
-            gnorm = float("nan")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_timed += 1
-        elapsed = time.perf_counter() - t0
-        last = {"step": step, "epoch": epoch, **agg, "grad_norm": gnorm, "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": steps_timed * per_update / max(elapsed, 1e-9),
-                "tokens_per_s": agg["tokens"] * steps_timed / max(elapsed, 1e-9), "elapsed_s": elapsed}
-        bar.update(1)
-        bar.set_postfix(loss=f"{agg['loss']:.3f}", ce=f"{agg['ce']:.3f}", roi=f"{agg['roi']:.3f}",
-                        sps=f"{last['samples_per_s']:.1f}")
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            metrics.write(last)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            save_checkpoint(accelerator, lm, optimizer, scheduler, out_dir=out, step=step, epoch=epoch, micro=micro,
-                            seed=cfg.seed, run_meta=run_meta, keep=cfg.keep_checkpoints)
-        if cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.max_steps:
-            bar.close()
-            raise StopTraining(f"stop_after={cfg.stop_after}: stopped at step {step}")
-    bar.close()
-    final = out / "final"
-    _save_final(accelerator, lm, final, run_meta)
+    try:
+        while step < cfg.max_steps:
+            last = objective.step(updater, step)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(objective.postfix(last))
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                metrics.write(last)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                save_checkpoint(accelerator, module, optimizer, scheduler, out_dir=out, step=step,
+                                position=objective.position(), seed=cfg.seed, meta=meta or {}, keep=cfg.keep_checkpoints)
+            if cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.max_steps:
+                raise StopTraining(f"stop_after={cfg.stop_after}: stopped at step {step}")
+    finally:
+        bar.close()
+    last = dict(last)
+    if meta is not None:
+        last["final_dir"] = str(RunDir(out / "final").save(module, meta, accelerator=accelerator).path)
     if cfg.report_to:
         accelerator.end_training()
-    last["final_dir"] = str(final)
     return last
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _save_final(accelerator, lm, final: Path, run_meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    accelerator.wait_for_everyone()
-    state = accelerator.unwrap_model(lm).trainable_state_dict()
-    if accelerator.is_main_process:
-        tmp = final.with_name(f".tmp-{final.name}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_file(state, str(tmp / "model.safetensors"))
-        (tmp / "run.json").write_text(json.dumps(run_meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-
 
 # ----------------------------------------------------------------------------- CLI glue
 

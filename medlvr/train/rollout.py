@@ -44,7 +44,7 @@ by one from the last prompt position (docs/engine.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -59,7 +59,7 @@ BACKENDS = ("engine", "engine_rows", "hf")
 
 
 def _field(batch: Any, name: str):
-    return batch[name] if isinstance(batch, Mapping) else getattr(batch, name, None)
+    return batch.get(name)  # a collate Batch or a dict of its model inputs: the same mapping access
 
 
 def image_features(model: torch.nn.Module, batch: Any) -> torch.Tensor | None:

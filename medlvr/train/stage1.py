@@ -25,16 +25,18 @@ the module and saved with it.
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from medlvr.models.hf import unwrap, vision_tokens
 from medlvr.train import latent as L
+from medlvr.train.collate import Batch, collate
+from medlvr.train.runs import run_meta
 
 MODES = ("recurrent", "teacher-forced")
 
@@ -82,7 +84,7 @@ class LatentLM(nn.Module):
     def hf(self) -> nn.Module:
         return unwrap(self.model)
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         k = cfg.k_latent
         if k == 0:
@@ -136,34 +138,128 @@ def build_trainable(model: nn.Module, processor: Any, cfg: Stage1Config) -> Late
     return LatentLM(model, cfg)
 
 
-def save_run_config(path: Path, *, base: str, cfg: Stage1Config, extra: dict | None = None) -> None:
-    """run.json beside the weights: what to rebuild before loading them (base model, LoRA, K, mode)."""
-    d = {"base": base, "stage1": asdict(cfg)}
-    d.update(extra or {})
-    path.write_text(json.dumps(d, indent=2))
+# ----------------------------------------------------------------------------- the objective
 
 
-def load_trained(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(LatentLM, processor, run_config) from a directory holding run.json + model.safetensors
-    (a finished run's ``final/`` or any checkpoint)."""
-    from safetensors.torch import load_file
+class EpochSampler(torch.utils.data.Sampler):
+    """Permutation of range(n) that depends on (seed, epoch) only (no RNG state involved, so a
+    resumed run draws the same order)."""
 
-    from medlvr.models import load
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
 
-    run_dir = Path(run_dir)
-    meta_path = run_dir / "run.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"run_dir: expected {meta_path} (written by medlvr sft / vlpo), not found")
-    meta = json.loads(meta_path.read_text())
-    model, processor = load(meta["base"], dtype=dtype, device=device)
-    lm = build_trainable(model, processor, Stage1Config(**meta["stage1"]))
-    state = load_file(str(run_dir / "model.safetensors"))
-    missing, unexpected = lm.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"{run_dir / 'model.safetensors'}: unexpected keys {unexpected[:5]}")
-    lm.to(device)
-    lm.eval()
-    return lm, processor, meta
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _Collator:
+    """Records -> a collate Batch (accelerate's loader moves it with Batch.to)."""
+
+    def __init__(self, processor, k_latent: int):
+        from medlvr.models import latent_token_ids
+
+        self.processor, self.k, self.ids, self.cache = processor, k_latent, latent_token_ids(processor), {}
+
+    def __call__(self, records) -> Batch:
+        return collate(records, self.processor, k_latent=self.k, with_answer=True, latent_token_ids=self.ids,
+                       padding_side="right", images_cache=self.cache)
+
+
+class SFTObjective:
+    """Stage 1 in the shared loop (medlvr/train/loop.py): one step is one optimizer update on
+    the GLOBAL batch (``batch_size`` samples split over the processes by accelerate's
+    ``split_batches``; ``grad_accum`` micro-batches of that size per update), so a run's
+    steps, schedule and data order do not depend on the number of processes.
+
+    Data order: epoch e is a permutation of the records drawn from (seed, e) alone; the data
+    position is (epoch, micro-batch index in the epoch). A partial last micro-batch is
+    dropped, so every update sees the same number of samples."""
+
+    def __init__(self, lm: LatentLM, processor: Any, records: Sequence[Any], cfg: Any):
+        if len(records) < cfg.batch_size:
+            raise ValueError(f"records: expected at least batch_size={cfg.batch_size} records, got {len(records)}")
+        self.module, self.cfg = lm, cfg
+        self.sampler = EpochSampler(len(records), cfg.seed)
+        self.loader = torch.utils.data.DataLoader(list(records), batch_size=cfg.batch_size, sampler=self.sampler,
+                                                  drop_last=True, collate_fn=_Collator(processor, lm.cfg.k_latent),
+                                                  num_workers=0)
+        self.epoch = self.micro = 0
+        self._batches: Iterator | None = None
+        self._t0: float | None = None
+        self._steps_timed = 0
+        lm.train()
+
+    def start(self, updater) -> None:
+        acc = updater.accelerator
+        if self.cfg.batch_size % acc.num_processes:
+            raise ValueError(f"batch_size: expected a multiple of the {acc.num_processes} processes, got {self.cfg.batch_size}")
+        self.loader = acc.prepare(self.loader)
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "micro": self.micro}
+
+    def seek(self, state: dict) -> None:
+        self.epoch, self.micro = state["epoch"], state["micro"]
+
+    def _micro_batches(self) -> Iterator[tuple[int, int, Batch]]:
+        """Endless (epoch, index-in-epoch after this batch, batch), starting at the position."""
+        from accelerate.data_loader import skip_first_batches
+
+        epoch, skip = self.epoch, self.micro
+        while True:
+            # The prepared loader re-sets its sampler's epoch from its own counter at each __iter__
+            # (skip_first_batches copies that counter): set both so they agree after a resume.
+            self.loader.set_epoch(epoch)
+            self.sampler.set_epoch(epoch)
+            i = skip
+            for batch in skip_first_batches(self.loader, skip) if skip else self.loader:
+                i += 1
+                yield epoch, i, batch
+            epoch, skip = epoch + 1, 0
+
+    def step(self, updater, step: int) -> dict:
+        cfg = self.cfg
+        if self._batches is None:
+            self._batches, self._t0 = self._micro_batches(), time.perf_counter()
+        agg = {"loss": 0.0, "ce": 0.0, "roi": 0.0, "roi_frac": 0.0, "tokens": 0.0}
+        for j in range(cfg.grad_accum):
+            self.epoch, self.micro, batch = next(self._batches)
+            # Micro-batches before the last one accumulate locally (no gradient all-reduce).
+            with updater.accumulating(sync=j == cfg.grad_accum - 1):
+                with updater.autocast():
+                    res = updater.module(batch)
+                    loss = res["loss"] / cfg.grad_accum
+                updater.backward(loss)
+            for key in agg:
+                total = key == "tokens"
+                agg[key] += updater.reduce(res[key].detach().float(), "sum" if total else "mean") / (
+                    1 if total else cfg.grad_accum)
+        gnorm = updater.update()
+        self._steps_timed += 1
+        elapsed = time.perf_counter() - self._t0
+        return {"step": step + 1, "epoch": self.epoch, **agg, "grad_norm": float("nan") if gnorm is None else gnorm,
+                "lr": updater.lr(), "samples_per_s": self._steps_timed * cfg.batch_size * cfg.grad_accum / max(elapsed, 1e-9),
+                "tokens_per_s": agg["tokens"] * self._steps_timed / max(elapsed, 1e-9), "elapsed_s": elapsed}
+
+    def postfix(self, row: dict) -> dict:
+        return {"loss": f"{row['loss']:.3f}", "ce": f"{row['ce']:.3f}", "roi": f"{row['roi']:.3f}",
+                "sps": f"{row['samples_per_s']:.1f}"}
+
+
+def train_stage1(lm: LatentLM, processor: Any, records: Sequence[Any], cfg: Any, *, base: str = "default",
+                 desc: str = "train", accelerator: Any = None, extra_meta: dict | None = None) -> dict:
+    """Train ``lm`` on ``records`` with the shared loop (cfg: a loop.LoopConfig); returns the
+    last logged metrics plus ``final_dir`` (<out>/final, a run folder: medlvr/train/runs.py)."""
+    from medlvr.train.loop import train_loop
+
+    meta = run_meta(base=base, stage1=lm.cfg, loop=asdict(cfg), **(extra_meta or {}))
+    return train_loop(SFTObjective(lm, processor, records, cfg), cfg, accelerator=accelerator, desc=desc, meta=meta)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -191,7 +287,7 @@ def add_stage1_arguments(p: argparse.ArgumentParser) -> None:
 def stage1_main(args: argparse.Namespace) -> dict:
     from medlvr.models import load
     from medlvr.train.data import load_split
-    from medlvr.train.loop import loop_config_from_args, train_loop
+    from medlvr.train.loop import loop_config_from_args
 
     records = load_split(args.data, args.split, skip_bad=args.skip_bad, window=getattr(args, "window", None))
     cfg = Stage1Config(k_latent=args.k_latent, mode=args.mode, roi_weight=args.roi_weight, roi_loss=args.roi_loss,
@@ -200,8 +296,8 @@ def stage1_main(args: argparse.Namespace) -> dict:
     lcfg = loop_config_from_args(args)
     model, processor = load(args.model, dtype=torch.float32, seed=lcfg.seed)
     lm = build_trainable(model, processor, cfg)
-    return train_loop(lm, processor, records, lcfg, base=args.model, desc=f"sft K={cfg.k_latent} {cfg.mode}")
+    return train_stage1(lm, processor, records, lcfg, base=args.model, desc=f"sft K={cfg.k_latent} {cfg.mode}")
 
 
-__all__ = ["Stage1Config", "LatentLM", "build_trainable", "load_trained", "save_run_config",
-           "add_stage1_arguments", "stage1_main", "MODES", "field"]
+__all__ = ["Stage1Config", "LatentLM", "build_trainable", "SFTObjective", "train_stage1", "add_stage1_arguments",
+           "stage1_main", "MODES"]

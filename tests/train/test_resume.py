@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from _threads import one_thread  # noqa: F401  (autouse fixture)
 from medlvr.models import build_default
 from medlvr.train.data import load_jsonl
-from medlvr.train.loop import LoopConfig, StopTraining, train_loop
-from medlvr.train.stage1 import Stage1Config, build_trainable, load_trained
+from medlvr.train.loop import LoopConfig, StopTraining
+from medlvr.train.runs import load_trained
+from medlvr.train.stage1 import Stage1Config, build_trainable, train_stage1
 from medlvr.train.synth import synthesize
 
 
@@ -27,7 +28,7 @@ def _run(records, out, **kw):
     lm = build_trainable(model, processor, Stage1Config(k_latent=2, roi_weight=1.0))
     cfg = LoopConfig(out_dir=str(out), max_steps=6, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=2,
                      save_every=2, keep_checkpoints=2, progress=False, seed=1, **kw)
-    return train_loop(lm, processor, records, cfg)
+    return train_stage1(lm, processor, records, cfg)
 
 
 def test_resume_is_exact(records, tmp_path):

@@ -13,8 +13,8 @@ import torch
 from medlvr.reference.logprobs import latent_gaussian_logprob_ref
 from medlvr.train import rewards as R
 from medlvr.train.rollout import policy_forward, prompt_inputs, sample_rollouts
-from medlvr.train.vlpo import (VLPOConfig, VLPOTokens, group_advantages, kl_k3, ppo_clip_loss, vlpo_loss,
-                               vlpo_step)
+from medlvr.train.vlpo_loss import group_advantages, kl_k3, ppo_clip_loss, vlpo_loss
+from medlvr.train.vlpo_step import VLPOConfig, VLPOTokens, vlpo_step
 
 # Tiny vocabulary of the test model (ids chosen by hand; the real ids come from the tokenizer).
 PAD, IM_END, VIDEO, V_START, V_END, IMAGE, L_START, L_END, L_PAD = 0, 57, 56, 58, 59, 60, 61, 62, 63
@@ -600,13 +600,13 @@ def test_train_vlpo_with_accelerator_full_finetune(tmp_path, monkeypatch):
     assert moved == any(h["adv_abs"] > 0 for h in hist)
 def test_vlpo_main_trains_saves_and_reloads(tmp_path, monkeypatch):
     """``medlvr vlpo`` path: synthetic JSONL -> embedded model with LoRA -> 2 steps -> final/
-    readable by stage1.load_trained, metrics.jsonl with one line per step."""
+    readable by runs.load_trained, metrics.jsonl with one line per step."""
     import argparse
     import json
 
     import medlvr.train.vlpo as vlpo_mod
-    from medlvr.train.stage1 import load_trained
-    from medlvr.train.vlpo import add_vlpo_arguments, vlpo_main
+    from medlvr.train.runs import load_trained
+    from medlvr.train.vlpo_cli import add_vlpo_arguments, vlpo_main
 
     # A random model answers nothing right (all rewards 0 -> zero advantages -> no update);
     # the real rewards still run, plus a per-rollout bonus so the save path sees a change.
@@ -640,7 +640,7 @@ def test_vlpo_main_trains_saves_and_reloads(tmp_path, monkeypatch):
 def test_adapter_is_identity_detects_trained_adapters():
     from medlvr.models import build_default
     from medlvr.train.stage1 import Stage1Config, build_trainable
-    from medlvr.train.vlpo import adapter_is_identity
+    from medlvr.train.vlpo_step import adapter_is_identity
 
     model, processor = build_default(seed=0)
     assert not adapter_is_identity(model)  # no adapter at all
@@ -669,8 +669,9 @@ def test_vlpo_main_from_a_stage1_lora_run_uses_it_as_reference(tmp_path):
     from safetensors.torch import save_file
 
     from medlvr.models import build_default
-    from medlvr.train.stage1 import Stage1Config, build_trainable, save_run_config
-    from medlvr.train.vlpo import add_vlpo_arguments, vlpo_main
+    from medlvr.train.runs import save_run_config
+    from medlvr.train.stage1 import Stage1Config, build_trainable
+    from medlvr.train.vlpo_cli import add_vlpo_arguments, vlpo_main
 
     data, _ = _synth_records(tmp_path, 3)
     model, processor = build_default(seed=0)

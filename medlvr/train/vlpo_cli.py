@@ -1,0 +1,102 @@
+"""``medlvr vlpo``: stage 2 from the command line (medlvr/train/vlpo.py is the method)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+
+from medlvr.train.vlpo import VLPOConfig, train_vlpo
+
+__all__ = ["add_vlpo_arguments", "vlpo_main"]
+
+
+def add_vlpo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``medlvr vlpo`` (one per VLPOConfig field, plus model / data / output)."""
+    from medlvr.train.loop import MIXED_PRECISION
+
+    d = VLPOConfig()
+    p.add_argument("--data", required=True, help="training JSONL (medlvr format)")
+    p.add_argument("--split", default="train", help="records of this split are used (others ignored)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and report) bad records instead of failing")
+    p.add_argument("--model", default="default",
+                   help="'default' (embedded small Qwen2.5-VL) or a local checkpoint dir; ignored with --init")
+    p.add_argument("--init", default=None,
+                   help="a stage-1 run directory (run.json + model.safetensors, e.g. runs/sft/final): "
+                        "its base model, LoRA, projector and K are restored and trained further")
+    p.add_argument("--lora", action="store_true", help="without --init: LoRA (q/k/v/o) instead of full fine-tuning")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--out", default="runs/vlpo", help="output dir: metrics.jsonl, vlpo.json, final/")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
+                   help="autocast of the training passes: auto = bf16 on a GPU, none on the CPU (rollouts "
+                        "run in the weights' dtype)")
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("VLPO")
+    g.add_argument("--k-latent", type=int, default=None,
+                   help=f"latent steps K (default: the --init run's K, else {d.k_latent})")
+    for f in dataclasses.fields(VLPOConfig):
+        if f.name == "k_latent":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        g.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
+    return p
+
+
+def vlpo_main(args: argparse.Namespace) -> dict:
+    """``medlvr vlpo``: load (model from --model or the stage-1 run --init), data, train, save.
+
+    Output (<out>): metrics.jsonl (one line per step), vlpo.json (the config), final/
+    (a run folder, medlvr/train/runs.py, so ``runs.load_trained`` and the
+    evaluation read a VLPO result like a stage-1 one). Returns the last step's metrics plus
+    ``final_dir``.
+    """
+    from pathlib import Path
+
+    from medlvr.models import load
+    from medlvr.train.data import load_split
+    from medlvr.train.loop import make_accelerator
+    from medlvr.train.runs import RunDir, load_trained, run_meta
+    from medlvr.train.stage1 import Stage1Config, build_trainable
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    records = load_split(args.data, args.split, skip_bad=args.skip_bad, window=getattr(args, "window", None))
+
+    if args.init:
+        lm, processor, meta = load_trained(args.init, device=device, dtype=dtype)
+        base = meta["base"]
+        k_default = int(meta["stage1"]["k_latent"])
+        stage1 = meta["stage1"]
+    else:
+        model, processor = load(args.model, dtype=dtype, device=device, seed=args.seed)
+        k_default = VLPOConfig().k_latent if args.k_latent is None else args.k_latent
+        s1 = Stage1Config(k_latent=k_default, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha)
+        lm = build_trainable(model, processor, s1).to(device)
+        base, stage1 = args.model, dataclasses.asdict(s1)
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(VLPOConfig) if f.name != "k_latent"}
+    cfg = VLPOConfig(k_latent=k_default if args.k_latent is None else args.k_latent, **fields)
+    cfg.validate()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vlpo.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists():
+        metrics_path.unlink()  # one run per directory: metrics of an older run are not mixed in
+    # "auto": a stage-1 LoRA already holds the SFT policy (disabling it would give the base
+    # model), so the KL reference is then a frozen copy; a fresh adapter is simply disabled.
+    accelerator = make_accelerator(args.mixed_precision)
+    history = train_vlpo(lm, processor, records, cfg, progress=not args.no_progress, log_path=metrics_path,
+                         reference="auto", accelerator=accelerator)
+    stage1 = {**stage1, "k_latent": cfg.k_latent}
+    RunDir(out / "final").save(lm, run_meta(base=base, stage1=stage1, vlpo=dataclasses.asdict(cfg), init=args.init),
+                             accelerator=accelerator)
+    last = dict(history[-1]) if history else {}
+    last["final_dir"] = str(out / "final")
+    return last

@@ -1,0 +1,233 @@
+"""One VLPO step (stage 2, medlvr/train/vlpo.py): rollouts, rewards, group advantages, the
+KL reference's log-probs, then ``ppo_epochs`` optimizer updates of the clipped objective
+(medlvr/train/vlpo_loss.py). The step reaches the weights only through the training loop's
+:class:`medlvr.train.loop.Updater` (accelerate's backward, clipping and autocast); called on
+its own with a plain optimizer it runs the same math in plain torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from medlvr.train.loop import Updater
+from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_forward, prompt_inputs,
+                                  sample_rollouts, vision_frozen)
+from medlvr.train.vlpo_loss import group_advantages, vlpo_loss
+
+__all__ = ["VLPOConfig", "VLPOTokens", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model", "vlpo_step"]
+
+
+@dataclass
+class VLPOConfig:
+    """Hyper-parameters of stage 2. Defaults follow GRPO / DAPO practice."""
+    n_rollouts: int = 4           # samples per prompt (the group)
+    temperature: float = 1.0      # text sampling temperature (also used in the log-probs)
+    top_p: float = 1.0            # nucleus for text sampling
+    latent_sigma: float = 0.1     # std of the latent exploration noise (0: no latent term)
+    k_latent: int = 8             # latent steps per rollout (fixed exit during VLPO)
+    eps_low: float = 0.2          # ratio clipped below at 1 - eps_low
+    eps_high: float = 0.28        # ... and above at 1 + eps_high (clip-higher)
+    dual_clip: float = 3.0        # c > 1: loss of a negative-advantage position is at most -c * A; 0 = off
+    kl_beta: float = 0.04         # weight of the k3 KL to the reference policy; 0 = no reference pass
+    latent_coef: float = 0.1      # weight of a latent position relative to a text token
+    lr: float = 1e-6
+    steps: int = 100
+    batch_prompts: int = 4        # prompts per step (rollouts per step = batch_prompts * n_rollouts)
+    max_new_tokens: int = 32
+    w_accuracy: float = 1.0
+    w_format: float = 0.1
+    seed: int = 0
+    ppo_epochs: int = 1           # optimiser steps per batch of rollouts
+    adv_eps: float = 1e-6         # A = (r - mean) / (std + adv_eps)
+    max_grad_norm: float = 1.0    # 0 = no clipping
+    old_logprobs: str = "recompute"  # "recompute" (teacher-forced, exact on-policy) | "rollout"
+    rollout_backend: str = "engine"  # "engine" (LatentEngine) | "hf" (plain HF KV-cached loop, the fallback)
+
+    def validate(self) -> None:
+        checks = [
+            ("n_rollouts", self.n_rollouts >= 1, ">= 1"), ("temperature", self.temperature > 0, "> 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("latent_sigma", self.latent_sigma >= 0, ">= 0"),
+            ("k_latent", self.k_latent >= 0, ">= 0"), ("eps_low", 0 <= self.eps_low < 1, "in [0, 1)"),
+            ("eps_high", self.eps_high >= 0, ">= 0"),
+            ("dual_clip", self.dual_clip == 0 or self.dual_clip > 1, "0 (off) or > 1"),
+            ("kl_beta", self.kl_beta >= 0, ">= 0"), ("latent_coef", self.latent_coef >= 0, ">= 0"),
+            ("lr", self.lr > 0, "> 0"), ("steps", self.steps >= 0, ">= 0"),
+            ("batch_prompts", self.batch_prompts >= 1, ">= 1"), ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"), ("adv_eps", self.adv_eps >= 0, ">= 0"),
+            ("old_logprobs", self.old_logprobs in ("recompute", "rollout"), "'recompute' or 'rollout'"),
+            ("rollout_backend", self.rollout_backend in BACKENDS, " or ".join(map(repr, BACKENDS))),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"VLPOConfig.{name}: expected {want}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class VLPOTokens:
+    """Token ids the rollout loop needs: <|latent_end|>, the stop token (<|im_end|>), pad."""
+    latent_end: int
+    stop: int
+    pad: int
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    m = model
+    while hasattr(m, "module") and not hasattr(m, "disable_adapter"):
+        m = m.module
+    return hasattr(m, "disable_adapter") and hasattr(m, "get_base_model")
+
+
+def peft_model(model: torch.nn.Module) -> torch.nn.Module:
+    m = model
+    while not hasattr(m, "disable_adapter"):
+        m = m.module
+    return m
+
+
+def adapter_is_identity(model: torch.nn.Module) -> bool:
+    """True when a peft LoRA model's adapter is still at peft's identity init (every lora_B
+    zero, trainable-token rows equal to the base rows): disabling it then gives the very same
+    policy, so it is a valid KL reference. False for any adapter that has been trained, any
+    other peft type, or a plain model."""
+    if not is_peft(model):
+        return False
+    m = peft_model(model)
+    types = {str(getattr(c, "peft_type", "")).split(".")[-1] for c in getattr(m, "peft_config", {}).values()}
+    if not types or not types <= {"LORA"}:
+        return False
+    for mod in m.modules():
+        for name in ("lora_B", "lora_embedding_B"):
+            d = getattr(mod, name, None)
+            if isinstance(d, (torch.nn.ModuleDict, torch.nn.ParameterDict)):
+                for v in d.values():
+                    w = v.weight if isinstance(v, torch.nn.Module) else v
+                    if bool((w != 0).any()):
+                        return False
+        delta = getattr(mod, "trainable_tokens_delta", None)
+        if isinstance(delta, torch.nn.ParameterDict) and len(delta):
+            base = mod.get_base_layer().weight.detach()
+            for k, v in delta.items():
+                idx = torch.as_tensor(mod.token_indices[k], device=base.device)
+                if not torch.equal(v.detach(), base[idx].to(v.dtype)):
+                    return False
+    return True
+
+
+def _score(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, projector, vision=None):
+    prompt = prompt_inputs(model, batch, repeat=ro.n, vision=vision)
+    return policy_forward(model, ro, latent_end_id=tokens.latent_end, temperature=cfg.temperature,
+                          latent_sigma=cfg.latent_sigma, prompt=prompt, projector=projector)
+
+
+class PolicyScorer(torch.nn.Module):
+    """The policy (+ projector) as one module whose forward is the teacher-forced scoring.
+
+    DDP / FSDP synchronise gradients through the wrapped module's forward; the helpers in
+    ``rollout`` call inner HF modules directly, so under accelerate the gradient-carrying
+    pass must go through this module's forward (stage 1's LatentLM does the same)."""
+
+    def __init__(self, model: torch.nn.Module, projector: torch.nn.Module | None, cfg: VLPOConfig,
+                 tokens: VLPOTokens):
+        super().__init__()
+        self.model, self.projector, self.cfg, self.tokens = model, projector, cfg, tokens
+
+    def forward(self, batch: Any, ro: Rollouts, vision: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _score(self.model, batch, ro, self.cfg, self.tokens, self.projector, vision)
+
+
+def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts], dict[str, Any]],
+              optimizer: torch.optim.Optimizer | Updater, cfg: VLPOConfig, *, tokens: VLPOTokens,
+              generator: torch.Generator | None = None, ref_model: torch.nn.Module | None = None,
+              projector: torch.nn.Module | None = None, ref_projector: torch.nn.Module | None = None,
+              rollout_engine: RolloutEngine | None = None) -> dict[str, float]:
+    """Rollouts, rewards, advantages and ``cfg.ppo_epochs`` optimiser updates on one prompt batch.
+
+    batch: left-padded prompts ending with <|latent_start|> (a collate Batch with
+    with_answer=False, or a dict of its model inputs), on the model's device.
+    reward_fn(rollouts) -> {"reward": [R] list/tensor, other per-rollout metrics...}; rollout
+    i*n + j answers prompt i. optimizer: the training loop's Updater (its module is the
+    prepared :class:`PolicyScorer` that carries the gradient; its autocast is entered around
+    the rollouts and the no-grad scoring passes, so that they run in the precision of the
+    prepared forward, else the first ratio would not be 1 under mixed precision), or a plain
+    torch optimizer (plain backward, clipping to ``cfg.max_grad_norm``, no autocast).
+    ref_model: the frozen reference for full fine-tuning; None with a peft model means
+    "adapter disabled". ref_projector: the reference's latent projector (a frozen copy of the
+    initial one when the projector trains); default: ``projector``.
+    rollout_engine: the engine reused across steps (``cfg.rollout_backend == "engine"``);
+    None builds one for this step only.
+    Dropout is switched off (eval mode) for the whole step: the policy that is optimised is
+    the one that sampled. Old log-probs ("recompute") are the first PPO epoch's own log-probs,
+    detached: the ratio of that epoch is exactly 1 without a separate no-grad pass. A frozen
+    vision tower runs once per step; its features serve every pass.
+    """
+    if not isinstance(optimizer, Updater):
+        optimizer = Updater(PolicyScorer(model, projector, cfg, tokens), optimizer, max_grad_norm=cfg.max_grad_norm)
+    updater = optimizer
+    if cfg.kl_beta > 0 and ref_model is None and not is_peft(model):
+        raise ValueError("ref_model: expected a frozen reference model for a non-peft policy when kl_beta > 0, "
+                         "got None")
+    amp = updater.autocast
+    was_training = model.training
+    model.eval()
+    n = cfg.n_rollouts
+    with torch.no_grad(), amp():
+        vision = image_features(model, batch) if vision_frozen(model) else None
+        ro = sample_rollouts(model, batch, n=n, k_latent=cfg.k_latent, latent_sigma=cfg.latent_sigma,
+                             temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                             latent_end_id=tokens.latent_end, stop_id=tokens.stop, pad_id=tokens.pad,
+                             generator=generator, projector=projector, vision=vision,
+                             backend=cfg.rollout_backend, engine=rollout_engine)
+    rew = reward_fn(ro)
+    rewards = torch.as_tensor(rew["reward"], dtype=torch.float32, device=ro.tokens.device)
+    adv = group_advantages(rewards, n, eps=cfg.adv_eps)
+
+    ref_tok = ref_lat = None
+    if cfg.kl_beta > 0:
+        with torch.no_grad(), amp():
+            if ref_model is not None:
+                ref_model.eval()
+                ref_tok, ref_lat = _score(ref_model, batch, ro, cfg, tokens, ref_projector or projector, vision)
+            else:
+                with peft_model(model).disable_adapter():
+                    ref_tok, ref_lat = _score(model, batch, ro, cfg, tokens, ref_projector or projector, vision)
+
+    old_tok = old_lat = None
+    if cfg.old_logprobs == "rollout":
+        old_tok, old_lat = ro.token_logprobs, ro.latent_logprobs
+    stats: dict[str, float] = {}
+    gap = torch.zeros(())
+    updater.optimizer.zero_grad(set_to_none=True)
+    for epoch in range(cfg.ppo_epochs):
+        tok, lat = updater.module(batch, ro, vision)
+        if epoch == 0:
+            # The policy before any update scored the rollouts: these are the old log-probs.
+            first = tok.detach()
+            gap = ((first - ro.token_logprobs).abs() * ro.token_mask).sum() / ro.token_mask.sum().clamp(min=1)
+            if old_tok is None:
+                old_tok, old_lat = first, lat.detach()
+        loss, stats = vlpo_loss(token_logp=tok, token_old=old_tok, token_mask=ro.token_mask, latent_logp=lat,
+                                latent_old=old_lat, advantages=adv, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                                dual_clip=cfg.dual_clip, latent_coef=cfg.latent_coef, kl_beta=cfg.kl_beta,
+                                token_ref=ref_tok, latent_ref=ref_lat)
+        updater.backward(loss)
+        norm = updater.update()
+        if norm is not None:
+            stats["grad_norm"] = norm
+    model.train(was_training)
+
+    out = {k: float(torch.as_tensor(v, dtype=torch.float32).mean()) for k, v in rew.items()}
+    out.update(stats)
+    groups = rewards.view(-1, n)
+    out.update({
+        "adv_abs": float(adv.abs().mean()),
+        "zero_std_groups": float(((groups.amax(1) - groups.amin(1)) == 0).float().mean()),
+        "answer_len": float(ro.token_mask.float().sum(1).mean()),
+        "stopped": float(ro.stopped.float().mean()),
+        "behaviour_gap": float(gap),
+    })
+    return out
+
+
