@@ -1,7 +1,7 @@
 """Batched log-prob gathering for VLPO: token log-probs and latent Gaussian log-probs.
 
     gather_logprobs(logits (N V), targets (N)) -> logp (N) fp32 [, entropy (N) fp32]
-    latent_gaussian_logprob(mu (M D), z (M D), sigma) -> logp (M) fp32
+    latent_gaussian_logprob(mu (M D), z (M D), sigma) -> logp (M) fp32 (mu, z may differ in dtype)
 
 N is the packed (ragged) token count of a batch. Fast paths: medlvr._C (C++ on CPU,
 CUDA on GPU, see csrc/logprobs_*.{cpp,cu}); the plain-PyTorch spec is
@@ -124,23 +124,29 @@ def latent_gaussian_logprob(mu: torch.Tensor, z: torch.Tensor, *, sigma: float) 
     Args:
         mu: (M, D) the current policy's hidden states that produce each latent input (for the
             latent at segment step t this is the state at sequence position t - 1).
-        z: (M, D) the latents the rollout actually fed back; same dtype and device as mu.
+        z: (M, D) the latents the rollout actually fed back; same device as mu.
         sigma: > 0, the exploration standard deviation of the latent policy.
     The constant -D/2 log(2 pi sigma^2) is left out: it cancels in every ratio and KL.
     Gradients flow to mu, and to z when z requires grad.
-    Dtypes: mu and z must share one dtype (TypeError otherwise; nothing is cast). The
-    squared distance is accumulated and returned in fp32 (fp64 for fp64), so the loss is
-    fp32. z - mu is of the order of sigma: a caller holding fp32 z and bf16 mu should pass
-    mu.float(), not round z to bf16.
+    Dtypes: mu and z may be any two of fp16/bf16/fp32/fp64 (under bf16 autocast mu comes
+    out of the model bf16 while the rollout's z is fp32). Two different dtypes are both
+    cast up to their promoted dtype (fp32 for any pair of fp16/bf16/fp32, fp64 with an fp64
+    one) before the subtraction: the cast is exact, so z - mu, which is of the order of
+    sigma, is never rounded to the narrower dtype. The squared distance is accumulated and
+    returned in fp32 (fp64 when either input is fp64), so the loss is fp32; each gradient
+    comes back in its own input's dtype. Autocast changes none of this.
     """
     _checks.tensor("mu", mu, dims=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("z", z, dims=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.same_device("z", z, "mu", mu)
     if z.shape != mu.shape:
         raise ValueError(f"z must have the shape of mu {tuple(mu.shape)}, got {tuple(z.shape)}")
-    if z.dtype != mu.dtype:
-        raise TypeError(f"z must have the dtype of mu ({mu.dtype}), got {z.dtype}")
     sigma = _checks.positive_float("sigma", sigma)
+    if z.dtype != mu.dtype:
+        # the kernels take one dtype: cast the narrower input up (exact; autograd returns
+        # its gradient in its own dtype). One (M, D) copy; M·D is small next to the logits.
+        common = torch.promote_types(mu.dtype, z.dtype)
+        mu, z = mu.to(common), z.to(common)
     backend = _checks.backend("latent_gaussian_logprob", mu.device, has_ext=True, mu=mu, z=z)
     if backend == "reference":
         return latent_gaussian_logprob_ref(mu, z, sigma=sigma)

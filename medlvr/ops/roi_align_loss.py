@@ -23,13 +23,13 @@ import math
 
 import torch
 
-from medlvr import _backend
+from medlvr.ops import _checks
 from medlvr.ops.roi_geometry import RoiGeometry, check_bins, prepare_roi_geometry
 from medlvr.reference.roi_align import COS_EPS, axis_weights, bilinear_samples, clip_boxes, roi_align_loss_ref
 
 __all__ = ["RoiGeometry", "prepare_roi_geometry", "roi_align_loss", "roi_align_loss_memory_floor"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = _checks.FLOAT_DTYPES  # fp64 too: computed in fp64 by the reference (fp64 rule, _checks)
 _POOLINGS = ("area", "bilinear")
 _LOSSES = ("cosine", "mse")
 _REDUCTIONS = ("mean", "sum", "none")
@@ -159,10 +159,13 @@ def roi_align_loss(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_thw:
                    sampling_ratio: int = 2) -> torch.Tensor:
     """ROI alignment loss between latent states and pooled vision tokens (fp32).
 
-    latents (R K D), vision_tokens (T D) on one device, each fp32, fp16 or bf16: the two
-    dtypes may differ (under bf16 autocast the vision tokens arrive bf16 while latents
+    latents (R K D), vision_tokens (T D) on one device, each fp32, fp16, bf16 or fp64: the
+    two dtypes may differ (under bf16 autocast the vision tokens arrive bf16 while latents
     made outside it stay fp32). Both are read as fp32 and every sum is fp32; the loss is
-    fp32 and each gradient comes back in its own input's dtype.
+    fp32 and each gradient comes back in its own input's dtype. fp64 rule
+    (medlvr/ops/_checks.py): a call with an fp64 input goes to the reference, which
+    computes boxes, bin weights, targets and loss in fp64 and returns an fp64 loss;
+    forcing the fp32 Triton backend on it is a TypeError naming the argument.
 
     The boxes come in one of two forms:
       geometry=prepare_roi_geometry(grid_thw, boxes, box_image, bins=..., merge=, patch=)
@@ -184,7 +187,8 @@ def roi_align_loss(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_thw:
     """
     geometry = _geometry_of(grid_thw, boxes, box_image, bins, geometry, merge, patch)
     _check_call(latents, vision_tokens, geometry, pooling, loss, reduction, sampling_ratio)
-    backend = _backend.choose(latents.device, has_ext=False, has_triton=True)
+    backend = _checks.backend("roi_align_loss", latents.device, has_triton=True, latents=latents,
+                              vision_tokens=vision_tokens)
     if backend == "reference":
         return roi_align_loss_ref(latents, vision_tokens, geometry.grid_thw, geometry.boxes, geometry.box_image,
                                   bins=geometry.bins, pooling=pooling, loss=loss, reduction=reduction,

@@ -28,8 +28,11 @@ poolings are separable, target[p, q] = Σ_ij wy[p, i] · wx[q, j] · v[i, j]:
 
 Loss per (row, bin): ``cosine`` 1 − z·t / (max(|z|, ε)·max(|t|, ε)), ε = 1e-8; ``mse``
 mean over D of (z − t)². Reduction over all R·K terms: ``mean`` (0 when R = 0: a batch
-with no ROI adds no alignment term), ``sum``, ``none`` → (R K). Computed in fp32; the
-target carries gradient to the vision tokens unless ``detach_target``.
+with no ROI adds no alignment term), ``sum``, ``none`` → (R K). Computed in fp32, or in
+fp64 when the latents or the vision tokens are fp64 (the fp64 rule of
+medlvr/ops/_checks.py: clipped boxes, bin weights, targets and loss all in fp64); the
+target carries gradient to the vision tokens unless ``detach_target``. The bilinear sample
+count stays torchvision's fp32 rule in both: it is an integer convention, not a precision.
 """
 from __future__ import annotations
 
@@ -38,27 +41,31 @@ import torch
 COS_EPS = 1e-8
 
 
-def clip_boxes(boxes: torch.Tensor, grid_hw: torch.Tensor, cell: int) -> torch.Tensor:
-    """Boxes (R 4) in pixels clipped to their image (grid_hw (R 2): token rows, cols), in token units (fp32)."""
-    b = boxes.to(torch.float32) / cell
-    limit = grid_hw.flip(1).to(torch.float32).repeat(1, 2)  # (w, h, w, h) per box
+def clip_boxes(boxes: torch.Tensor, grid_hw: torch.Tensor, cell: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Boxes (R 4) in pixels clipped to their image (grid_hw (R 2): token rows, cols), in token
+    units, computed in ``dtype`` (fp32: what the kernels' tables hold; fp64 for fp64 calls)."""
+    b = boxes.to(dtype) / cell
+    limit = grid_hw.flip(1).to(dtype).repeat(1, 2)  # (w, h, w, h) per box
     return b.clamp(min=0).minimum(limit)
 
 
-def axis_weights(lo: float, hi: float, n_bins: int, size: int, *, pooling: str, samples: int) -> torch.Tensor:
-    """(n_bins, size) fp32 weights of the token rows (or columns) for each bin along one axis.
+def axis_weights(lo: float, hi: float, n_bins: int, size: int, *, pooling: str, samples: int,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n_bins, size) weights of the token rows (or columns) for each bin along one axis, in
+    ``dtype`` (fp32, or fp64 for an fp64 call).
 
     lo, hi: the clipped box extent in token units along this axis. ``samples`` is the
     number of bilinear samples per bin along this axis (ignored for ``area``).
     """
-    p = torch.arange(n_bins, dtype=torch.float32)[:, None]
+    p = torch.arange(n_bins, dtype=dtype)[:, None]
     if pooling == "area":
-        # fp32 bin edges, computed as the kernels compute them, so that both agree on
-        # sub-pixel bins where fp32 rounding of the edges is a visible part of the width
-        idx = torch.arange(size, dtype=torch.float32)[None, :]
-        lo32 = torch.tensor(lo, dtype=torch.float32)
-        s = (torch.tensor(hi, dtype=torch.float32) - lo32) / n_bins
-        a = lo32 + p * s
+        # bin edges in ``dtype``: fp32 edges are computed as the kernels compute them, so
+        # that both agree on sub-pixel bins where fp32 rounding of the edges is a visible
+        # part of the width
+        idx = torch.arange(size, dtype=dtype)[None, :]
+        lo_t = torch.tensor(lo, dtype=dtype)
+        s = (torch.tensor(hi, dtype=dtype) - lo_t) / n_bins
+        a = lo_t + p * s
         b = a + s
         overlap = (torch.minimum(idx + 1, b) - torch.maximum(idx, a)).clamp(min=0)
         return overlap / (b - a)
@@ -76,7 +83,7 @@ def axis_weights(lo: float, hi: float, n_bins: int, size: int, *, pooling: str, 
     frac = torch.where(at_edge, 0.0, y - low)
     idx = torch.arange(size)[None, None, :]
     w = ((idx == low[..., None]) * (1.0 - frac)[..., None] + (idx == high[..., None]) * frac[..., None])
-    return (w * valid[..., None]).sum(1).div(samples).to(torch.float32)
+    return (w * valid[..., None]).sum(1).div(samples).to(dtype)
 
 
 def bilinear_samples(lo, hi, n_bins: int, sampling_ratio: int, cell: int) -> torch.Tensor:
@@ -104,20 +111,24 @@ def bilinear_samples(lo, hi, n_bins: int, sampling_ratio: int, cell: int) -> tor
 
 def roi_pool_targets_ref(vision_tokens: torch.Tensor, grid_thw: torch.Tensor, boxes: torch.Tensor,
                          box_image: torch.Tensor, *, bins: tuple[int, int], pooling: str = "area",
-                         merge: int = 2, patch: int = 14, sampling_ratio: int = 2) -> torch.Tensor:
-    """Pooled targets (R K D) in fp32, materialised (the fast path never does this).
+                         merge: int = 2, patch: int = 14, sampling_ratio: int = 2,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Pooled targets (R K D), materialised (the fast path never does this), computed in
+    ``dtype``: by default fp64 for fp64 vision tokens, else fp32.
 
     Differentiable w.r.t. vision_tokens. Inputs are assumed valid (the op checks them).
     """
     gh, gw = bins
     cell = merge * patch
+    if dtype is None:
+        dtype = torch.float64 if vision_tokens.dtype == torch.float64 else torch.float32
     grid = grid_thw.to("cpu", torch.int64)
     hw = grid[:, 1:] // merge
     counts = grid[:, 0] * hw[:, 0] * hw[:, 1]
     offsets = torch.cumsum(counts, 0) - counts
     img = box_image.to("cpu", torch.int64)
-    clipped = clip_boxes(boxes.detach().to("cpu"), hw[img], cell)
-    v = vision_tokens.to(torch.float32)
+    clipped = clip_boxes(boxes.detach().to("cpu"), hw[img], cell, dtype)
+    v = vision_tokens.to(dtype)
     out = []
     for r in range(boxes.shape[0]):
         b = int(img[r])
@@ -125,8 +136,8 @@ def roi_pool_targets_ref(vision_tokens: torch.Tensor, grid_thw: torch.Tensor, bo
         x0, y0, x1, y1 = (float(c) for c in clipped[r])
         ny = int(bilinear_samples(y0, y1, gh, sampling_ratio, cell))
         nx = int(bilinear_samples(x0, x1, gw, sampling_ratio, cell))
-        wy = axis_weights(y0, y1, gh, h, pooling=pooling, samples=ny).to(v.device)
-        wx = axis_weights(x0, x1, gw, w, pooling=pooling, samples=nx).to(v.device)
+        wy = axis_weights(y0, y1, gh, h, pooling=pooling, samples=ny, dtype=dtype).to(v.device)
+        wx = axis_weights(x0, x1, gw, w, pooling=pooling, samples=nx, dtype=dtype).to(v.device)
         tokens = v[int(offsets[b]): int(offsets[b]) + h * w]
         # (K, h·w) weights of every token for every bin, k = p·gw + q: outer products
         weights = (wy[:, None, :, None] * wx[None, :, None, :]).reshape(gh * gw, h * w)
@@ -138,7 +149,7 @@ def roi_pool_targets_ref(vision_tokens: torch.Tensor, grid_thw: torch.Tensor, bo
 
 
 def per_bin_loss(z: torch.Tensor, t: torch.Tensor, loss: str) -> torch.Tensor:
-    """(…, D) fp32 latents and targets → (…) loss per bin."""
+    """(…, D) latents and targets of one dtype (fp32, or fp64) → (…) loss per bin."""
     if loss == "cosine":
         nz = torch.linalg.vector_norm(z, dim=-1).clamp(min=COS_EPS)
         nt = torch.linalg.vector_norm(t, dim=-1).clamp(min=COS_EPS)
@@ -161,14 +172,16 @@ def roi_align_loss_ref(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_
                        pooling: str = "area", loss: str = "cosine", reduction: str = "mean",
                        detach_target: bool = True, merge: int = 2, patch: int = 14,
                        sampling_ratio: int = 2) -> torch.Tensor:
-    """fp32 loss: a scalar, or (R K) for reduction='none'. See the module docstring.
+    """fp32 loss (fp64 when an input is fp64): a scalar, or (R K) for reduction='none'. See
+    the module docstring.
 
-    latents and vision_tokens may have different float dtypes; both are computed in fp32,
-    also under torch.autocast (which would otherwise run the pooling matmul in bf16), and
-    each gradient comes back in its input's dtype.
+    latents and vision_tokens may have different float dtypes; both are computed in fp32
+    (fp64 when either is fp64), also under torch.autocast (which would otherwise run the
+    pooling matmul in bf16), and each gradient comes back in its input's dtype.
     """
+    acc = torch.float64 if torch.float64 in (latents.dtype, vision_tokens.dtype) else torch.float32
     with torch.autocast(latents.device.type, enabled=False):
         v = vision_tokens.detach() if detach_target else vision_tokens
         t = roi_pool_targets_ref(v, grid_thw, boxes, box_image, bins=bins, pooling=pooling,
-                                 merge=merge, patch=patch, sampling_ratio=sampling_ratio)
-        return reduce_loss(per_bin_loss(latents.to(torch.float32), t, loss), reduction)
+                                 merge=merge, patch=patch, sampling_ratio=sampling_ratio, dtype=acc)
+        return reduce_loss(per_bin_loss(latents.to(acc), t, loss), reduction)

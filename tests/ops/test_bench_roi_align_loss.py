@@ -1,12 +1,17 @@
-"""benchmarks/bench_roi_align_loss.py runs on this machine's device without a peer failing
-(on a GPU: the bf16 CUDA case, where torchvision needs its fp32 fallback, and the CUDA
-graph row), and its breakdown counts what the op's docs say. Speed is not asserted."""
+"""benchmarks/bench_roi_align_loss.py runs on every device present without a peer failing
+(on CUDA: the bf16 case, where torchvision needs its fp32 fallback, and the CUDA graph
+row), and its breakdown counts what the op's docs say. Speed is not asserted.
+
+Devices (tests/devices.py): the speed table on CPU (where medlvr runs its reference: no
+Triton) and CUDA; the breakdown on CPU tensors needs the interpreter (it counts and skips
+the Triton launches there), on CUDA it profiles the native kernels."""
 import csv
 import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
+
+from devices import kernel_devices, triton_devices
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_roi_align_loss.py"
 
@@ -25,23 +30,25 @@ def _rows(folder: Path, stem: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_quick_benchmark_runs_every_provider(bench, tmp_path):
-    bench.main(["--quick", "--iters", "2", "--warmup", "1", "--out", str(tmp_path)])
+@pytest.mark.parametrize("device", kernel_devices())
+def test_quick_benchmark_runs_every_provider(bench, tmp_path, device):
+    bench.main(["--quick", "--device", device, "--iters", "2", "--warmup", "1", "--out", str(tmp_path)])
     rows = _rows(tmp_path, "roi_align_loss-quick")
-    assert len(rows) == (7 if torch.cuda.is_available() else 6)
+    assert len(rows) == (7 if device == "cuda" else 6)
     for row in rows:
         assert not row["dtype"].startswith("could not run"), row
         assert float(row["fwd+bwd ms"]) > 0
-    if torch.cuda.is_available():  # torchvision has no bf16 CUDA kernel: it runs fp32 and says so
+    if device == "cuda":  # torchvision has no bf16 CUDA kernel: it runs fp32 and says so
         tv = next(r for r in rows if r["provider"].startswith("torchvision"))
         assert tv["dtype"].startswith("float32 (fp32 copies")
 
 
-def test_breakdown_counts_launches_and_host_reads(bench, tmp_path):
-    bench.main(["--breakdown", "--quick", "--iters", "2", "--warmup", "1", "--out", str(tmp_path)])
+@pytest.mark.parametrize("device", triton_devices())
+def test_breakdown_counts_launches_and_host_reads(bench, tmp_path, device):
+    bench.main(["--breakdown", "--quick", "--device", device, "--iters", "2", "--warmup", "1", "--out", str(tmp_path)])
     rows = {r["call"]: r for r in _rows(tmp_path, "roi_align_loss-breakdown-quick")}
     geometry_fwd = rows["op, prepared geometry: forward"]
-    if torch.cuda.is_available():
+    if device == "cuda":
         assert float(geometry_fwd["kernels"]) == 1 and float(geometry_fwd["syncs"]) == 0
         assert float(geometry_fwd["memcpy/memset"]) == 0
     else:

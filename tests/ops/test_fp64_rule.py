@@ -10,10 +10,11 @@ the argument, raised before anything is written.
 """
 import pytest
 import torch
+import torchvision
 
 import medlvr
 from devices import kernel_devices
-from medlvr.ops import gather_logprobs, latent_gaussian_logprob
+from medlvr.ops import gather_logprobs, latent_gaussian_logprob, prepare_roi_geometry, roi_align_loss
 from medlvr.ops.decode import decode_attention, rmsnorm_feedback, rotary_append
 
 F64 = torch.float64
@@ -117,6 +118,67 @@ def test_rmsnorm_feedback_fp64(device):
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
 
+# Two images of 3×5 and 2×2 merged tokens (28 px each); boxes inside their image (torchvision
+# does not clip), bin edges on whole pixels (the pixel-level area formula below needs it)
+_ROI_GRID = torch.tensor([[1, 6, 10], [1, 4, 4]])
+_ROI_BOXES = torch.tensor([[6.0, 12.0, 126.0, 72.0], [2.0, 0.0, 56.0, 56.0], [27.0, 27.0, 30.0, 33.0]], dtype=F64)
+_ROI_IMAGE = torch.tensor([0, 1, 0])
+_ROI_BINS = (2, 3)
+
+
+def _roi_targets64(v, pooling):
+    """(R, K, D) targets written out in fp64: area = the plain mean over the bin's pixels
+    of the token map upsampled to pixels; bilinear = torchvision's roi_align (aligned=True)
+    run in fp64."""
+    shapes, offsets = [(3, 5), (2, 2)], [0, 15]
+    out = []
+    for r, box in enumerate(_ROI_BOXES.tolist()):
+        b = int(_ROI_IMAGE[r])
+        (h, w), o = shapes[b], offsets[b]
+        tokens = v[o: o + h * w].view(h, w, -1)
+        if pooling == "bilinear":
+            fmap = tokens.permute(2, 0, 1)[None]
+            t = torchvision.ops.roi_align(fmap, [torch.tensor([box], dtype=F64, device=v.device)], _ROI_BINS,
+                                          spatial_scale=1 / 28, sampling_ratio=2, aligned=True)
+            out.append(t[0].flatten(1).T)
+            continue
+        x0, y0, x1, y1 = (int(c) for c in box)
+        pix = tokens.repeat_interleave(28, 0).repeat_interleave(28, 1)
+        bh, bw = (y1 - y0) // _ROI_BINS[0], (x1 - x0) // _ROI_BINS[1]
+        out.append(torch.stack([pix[y0 + p * bh: y0 + (p + 1) * bh, x0 + q * bw: x0 + (q + 1) * bw].mean((0, 1))
+                                for p in range(_ROI_BINS[0]) for q in range(_ROI_BINS[1])]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("pooling", ["area", "bilinear"])
+@pytest.mark.parametrize("fp64_arg", ["both", "latents", "vision_tokens"])
+def test_roi_align_loss_fp64(device, pooling, fp64_arg):
+    # bin weights such as 22/40 px, clipped boxes and targets in fp32 are ~1e-7 relative
+    # off: tolerance 1e-12 (an fp64 input makes the call fp64, boxes and weights included)
+    z = _randn(3, 6, 24, device=device)
+    v = _randn(19, 24, seed=1, device=device)
+    if fp64_arg == "latents":
+        v = v.float()
+    elif fp64_arg == "vision_tokens":
+        z = z.float()
+    z.requires_grad_(True)
+    v.requires_grad_(True)
+    got = roi_align_loss(z, v, _ROI_GRID, _ROI_BOXES, _ROI_IMAGE, bins=_ROI_BINS, pooling=pooling,
+                         detach_target=False)
+    assert got.dtype == F64
+    w = torch.autograd.grad(got, (z, v))
+    z64, v64 = z.detach().double().requires_grad_(True), v.detach().double().requires_grad_(True)
+    t = _roi_targets64(v64, pooling)
+    want = (1.0 - (z64 * t).sum(-1) / (z64.norm(dim=-1) * t.norm(dim=-1))).mean()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, x, x64 in zip(w, (z, v), (z64, v64)):
+        assert g.dtype == x.dtype
+        tol = 1e-12 if x.dtype == F64 else 1e-6  # an fp32 input's gradient: one rounding to fp32
+        torch.testing.assert_close(g, torch.autograd.grad(want, x64, retain_graph=True)[0].to(x.dtype),
+                                   rtol=tol, atol=tol)
+
+
 # ------------------------------------------------------------------ forced Triton refuses fp64
 def _rotary_forced(device, fp64_arg):
     a = _rotary_case(device)
@@ -142,16 +204,24 @@ def _rmsnorm_forced(device, fp64_arg):
     return lambda: rmsnorm_feedback(t["hidden"], t["weight"], eps=1e-6, out=t["out"]), [t["out"]]
 
 
+def _roi_forced(device, fp64_arg):
+    geometry = prepare_roi_geometry(_ROI_GRID, _ROI_BOXES.float(), _ROI_IMAGE, bins=_ROI_BINS).to(device)
+    t = dict(latents=_randn(3, 6, 8, device=device).float(), vision_tokens=_randn(19, 8, seed=1, device=device).float())
+    t[fp64_arg] = t[fp64_arg].double()
+    return lambda: roi_align_loss(t["latents"], t["vision_tokens"], geometry=geometry), [geometry.buffer]
+
+
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("op,fp64_arg", [
     ("rotary_append", "q"), ("rotary_append", "k_cache"), ("rotary_append", "inv_freq"),
     ("decode_attention", "q"),
     ("rmsnorm_feedback", "hidden"), ("rmsnorm_feedback", "weight"), ("rmsnorm_feedback", "out"),
+    ("roi_align_loss", "latents"), ("roi_align_loss", "vision_tokens"),
 ])
 def test_forced_triton_refuses_fp64_naming_the_argument(op, fp64_arg, device):
     # No kernel runs, so CPU cases need no interpreter: the refusal comes first.
     make = {"rotary_append": _rotary_forced, "decode_attention": _attention_forced,
-            "rmsnorm_feedback": _rmsnorm_forced}[op]
+            "rmsnorm_feedback": _rmsnorm_forced, "roi_align_loss": _roi_forced}[op]
     call, written = make(device, fp64_arg)
     before = [t.clone() for t in written]
     with medlvr.force_backend("triton"), pytest.raises(TypeError, match=rf"^{op}: {fp64_arg} has dtype float64"):

@@ -189,7 +189,7 @@ def test_ops_pass_opcheck(device):
         (lambda: gather_logprobs([[1.0]], torch.zeros(1, dtype=torch.long)), TypeError, "logits must be a torch.Tensor"),
         (lambda: gather_logprobs(torch.randn(5, 3).T, torch.zeros(3, dtype=torch.long), inplace_backward=True), ValueError, "contiguous rows"),
         (lambda: latent_gaussian_logprob(torch.randn(3, 4), torch.randn(3, 5), sigma=1.0), ValueError, "z must have the shape of mu"),
-        (lambda: latent_gaussian_logprob(torch.randn(3, 4), torch.randn(3, 4).double(), sigma=1.0), TypeError, "z must have the dtype"),
+        (lambda: latent_gaussian_logprob(torch.randn(3, 4), torch.randn(3, 4).int(), sigma=1.0), TypeError, "z must have dtype"),
         (lambda: latent_gaussian_logprob(torch.randn(3, 4), torch.randn(3, 4), sigma=0), ValueError, "sigma must be"),
         (lambda: latent_gaussian_logprob(torch.randn(4), torch.randn(4), sigma=1.0), ValueError, "mu must be 2-D"),
     ],
@@ -240,3 +240,45 @@ def test_latent_gaussian_gradcheck_and_value(device):
     expected = -((z - mu) ** 2).sum(-1) / (2 * 0.25)
     torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(latent_gaussian_logprob_ref(mu, z, sigma=0.5).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("backend", ["ext", "reference"])
+@pytest.mark.parametrize("mu_dtype,z_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                              (torch.float16, torch.bfloat16), (torch.float32, torch.float64)])
+def test_latent_gaussian_mixed_dtypes_under_autocast(device, backend, mu_dtype, z_dtype):
+    # issue 10's contract: under bf16 autocast mu leaves the model bf16 while the rollout's
+    # z is fp32. Mixed float dtypes are accepted and cast up exactly, so z - mu (~ sigma)
+    # is never rounded to bf16; logp is fp32 (fp64 with an fp64 input), each gradient
+    # comes back in its input's dtype.
+    if backend == "ext":
+        if _backend.extension() is None:
+            pytest.skip("medlvr._C was not built")
+        _ext_on(device)
+    g = torch.Generator().manual_seed(0)
+    mu = (torch.randn(6, 37, generator=g, dtype=torch.float64) * 3.0).to(mu_dtype).to(device)
+    z = (mu.double() + 0.05 * torch.randn(6, 37, generator=g, dtype=torch.float64).to(device)).to(z_dtype)
+    mu.requires_grad_(True)
+    z.requires_grad_(True)
+    with medlvr.force_backend(backend), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        got = latent_gaussian_logprob(mu, z, sigma=0.1)
+    wide = torch.float64 if torch.float64 in (mu_dtype, z_dtype) else torch.float32
+    assert got.dtype == wide
+    weights = torch.linspace(-1, 1, 6, device=device, dtype=torch.float64)  # one set for both sides
+    (got * weights).sum().backward()
+    m64, z64 = mu.detach().double().requires_grad_(True), z.detach().double().requires_grad_(True)
+    want = -((z64 - m64) ** 2).sum(-1) / (2 * 0.1 ** 2)
+    (want * weights).sum().backward()
+    tol = 1e-12 if wide == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), want.detach(), rtol=tol, atol=tol)
+    # the test can fail: rounding z to mu's dtype first (the old caller's workaround done
+    # wrong) moves logp far beyond that tolerance when one input is bf16
+    if torch.bfloat16 in (mu_dtype, z_dtype):
+        rounded = -((z.detach().to(torch.bfloat16).double() - mu.detach().to(torch.bfloat16).double()) ** 2
+                    ).sum(-1) / (2 * 0.1 ** 2)
+        assert not torch.allclose(rounded, want.detach(), rtol=tol, atol=tol)
+    for x, w in ((mu, m64), (z, z64)):
+        assert x.grad.dtype == x.dtype
+        # one rounding to the input's dtype
+        gt = {torch.float64: 1e-12, torch.float32: 1e-5}.get(x.dtype, 1e-2)
+        torch.testing.assert_close(x.grad.double(), w.grad, rtol=gt, atol=gt * w.grad.abs().max().item())

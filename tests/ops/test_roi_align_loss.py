@@ -1,7 +1,10 @@
 """roi_align_loss: Triton against the reference, reference against torchvision / a
-pixel-level definition, gradients, determinism, bad input. The kernels run on CUDA
-tensors when a GPU is present and on CPU tensors under TRITON_INTERPRET=1 otherwise
-(conftest sets it then; it is process-wide, so one device per run)."""
+pixel-level definition, gradients, determinism, bad input.
+
+Devices (tests/devices.py): Triton cases run on CPU tensors under the interpreter (marked
+``interpreter``) and on CUDA tensors natively (marked ``cuda``); reference cases on CPU
+and CUDA. The tolerances are the same on both: the kernels compute in fp32 with IEEE
+products (no TF32 dot), and the interpreter rounds as the GPU does."""
 import pytest
 import torch
 import torchvision
@@ -9,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import medlvr
+from devices import backend_devices, kernel_devices, triton_devices
 from medlvr.ops.roi_align_loss import roi_align_loss, roi_align_loss_memory_floor
 from medlvr.reference.roi_align import clip_boxes, roi_align_loss_ref, roi_pool_targets_ref
 
 CELL = 28  # merge 2 × patch 14: pixels per token side
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton kernels run
 
 # Three images of odd token grids (7×5, 3×9, 2×2); the last has no box.
 GRID = torch.tensor([[1, 14, 10], [1, 6, 18], [1, 4, 4]])
@@ -30,7 +33,7 @@ def n_tokens(grid):
     return int((grid[:, 0] * (grid[:, 1] // 2) * (grid[:, 2] // 2)).sum())
 
 
-def inputs(D, dtype, grid=GRID, boxes=BOXES, bins=BINS, requires_grad=True, device=DEVICE, v_dtype=None):
+def inputs(D, dtype, grid=GRID, boxes=BOXES, bins=BINS, requires_grad=True, device="cpu", v_dtype=None):
     R, K = boxes.shape[0], bins[0] * bins[1]
     z = torch.randn(R, K, D).to(device, dtype).requires_grad_(requires_grad)
     v = torch.randn(n_tokens(grid), D).to(device, v_dtype or dtype).requires_grad_(requires_grad)
@@ -60,15 +63,16 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=2e-3,
        torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5)}
 
 
+@pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("detach_target", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("loss", ["cosine", "mse"])
 @pytest.mark.parametrize("pooling", ["area", "bilinear"])
-def test_triton_matches_reference(pooling, loss, reduction, dtype, detach_target):
+def test_triton_matches_reference(pooling, loss, reduction, dtype, detach_target, device):
     # bins (1, 2) keeps the interpreter quick over 72 cases; taller bin grids are
     # covered by the random-box and D-slice tests
-    z, v = inputs(40, dtype, bins=(1, 2))  # D = 40: not a multiple of the 64-wide block
+    z, v = inputs(40, dtype, bins=(1, 2), device=device)  # D = 40: not a multiple of the 64-wide block
     out, ref, got, want = run_both(z, v, GRID, BOXES, BOX_IMAGE, bins=(1, 2), pooling=pooling, loss=loss,
                                    reduction=reduction, detach_target=detach_target)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -83,11 +87,12 @@ def test_triton_matches_reference(pooling, loss, reduction, dtype, detach_target
         assert torch.count_nonzero(got[1][-4:]) == 0
 
 
+@pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("pooling, sampling_ratio, D", [("area", 2, 520), ("bilinear", 2, 520),
                                                        ("bilinear", -1, 24), ("bilinear", 3, 24)])
-def test_triton_d_slices_and_sampling_ratios(pooling, sampling_ratio, D):
+def test_triton_d_slices_and_sampling_ratios(pooling, sampling_ratio, D, device):
     # D = 520 spans two 512-wide slices, the second nearly empty; bins 3 rows × 1 column
-    z, v = inputs(D, torch.float32, bins=(3, 1))
+    z, v = inputs(D, torch.float32, bins=(3, 1), device=device)
     out, ref, got, want = run_both(z, v, GRID, BOXES, BOX_IMAGE, bins=(3, 1), pooling=pooling,
                                    sampling_ratio=sampling_ratio, detach_target=False)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -116,11 +121,12 @@ def batches(draw):
     return grid, boxes, torch.tensor(img, dtype=torch.long), bins
 
 
+@pytest.mark.parametrize("device", triton_devices())
 @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch=batches(), pooling=st.sampled_from(["area", "bilinear"]), loss=st.sampled_from(["cosine", "mse"]))
-def test_triton_random_boxes(batch, pooling, loss):
+def test_triton_random_boxes(batch, pooling, loss, device):
     grid, boxes, box_image, bins = batch
-    z, v = inputs(24, torch.float32, grid=grid, boxes=boxes, bins=bins)
+    z, v = inputs(24, torch.float32, grid=grid, boxes=boxes, bins=bins, device=device)
     out, ref, got, want = run_both(z, v, grid, boxes, box_image, bins=bins, pooling=pooling, loss=loss,
                                    reduction="sum", detach_target=False)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -128,11 +134,12 @@ def test_triton_random_boxes(batch, pooling, loss):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", kernel_devices())
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch=batches(), sampling_ratio=st.sampled_from([1, 2, 3, -1]))
-def test_reference_bilinear_is_torchvision_roi_align(batch, sampling_ratio):
+def test_reference_bilinear_is_torchvision_roi_align(batch, sampling_ratio, device):
     grid, boxes, box_image, bins = batch
-    v = torch.randn(n_tokens(grid), 3, dtype=torch.float64)
+    v = torch.randn(n_tokens(grid), 3, dtype=torch.float64).to(device)
     got = roi_pool_targets_ref(v.float(), grid, boxes, box_image, bins=bins, pooling="bilinear",
                                sampling_ratio=sampling_ratio)
     hw = grid[:, 1:] // 2
@@ -142,13 +149,13 @@ def test_reference_bilinear_is_torchvision_roi_align(batch, sampling_ratio):
         b = int(box_image[r])
         h, w = hw[b].tolist()
         fmap = v[offsets[b]: offsets[b] + h * w].float().view(h, w, -1).permute(2, 0, 1)[None]
-        want = torchvision.ops.roi_align(fmap, [clipped[r: r + 1]], bins, spatial_scale=1 / CELL,
+        want = torchvision.ops.roi_align(fmap, [clipped[r: r + 1].to(device)], bins, spatial_scale=1 / CELL,
                                          sampling_ratio=sampling_ratio, aligned=True)
         torch.testing.assert_close(got[r], want[0].flatten(1).T, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_adaptive_sampling_matches_torchvision_on_whole_bin_extents(backend):
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_adaptive_sampling_matches_torchvision_on_whole_bin_extents(backend, device):
     # A box 3 tokens wide in 1 bin: torchvision evaluates 84 px * fp32(1/28) = 3.0000002 and
     # takes ceil = 4 samples, not 3 (found by hypothesis); the op must take the same count.
     grid = torch.tensor([[1, 2, 6], [1, 2, 2]])
@@ -161,16 +168,17 @@ def test_adaptive_sampling_matches_torchvision_on_whole_bin_extents(backend):
     torch.testing.assert_close(got, want.flatten(1)[:, None, :], rtol=1e-5, atol=1e-6)
     z = torch.randn(2, 1, 3)
     with medlvr.force_backend(backend):
-        loss = roi_align_loss(z.to(DEVICE), v.to(DEVICE), grid, boxes, box_image, bins=(1, 1), pooling="bilinear",
+        loss = roi_align_loss(z.to(device), v.to(device), grid, boxes, box_image, bins=(1, 1), pooling="bilinear",
                               loss="mse", reduction="none", sampling_ratio=-1)
     torch.testing.assert_close(loss.cpu(), ((z - want.flatten(1)[:, None, :]) ** 2).mean(-1), rtol=1e-5, atol=1e-6)
 
 
-def test_reference_area_is_mean_over_pixels():
+@pytest.mark.parametrize("device", kernel_devices())
+def test_reference_area_is_mean_over_pixels(device):
     # with bin edges on whole pixels, the overlap-weighted mean of token cells is the
     # plain mean over the bin's pixels of the token map upsampled to pixels
     grid = torch.tensor([[1, 6, 10], [1, 4, 4]])
-    v = torch.randn(n_tokens(grid), 4)
+    v = torch.randn(n_tokens(grid), 4).to(device)
     boxes = torch.tensor([[6.0, 12.0, 126.0, 72.0], [2.0, 0.0, 56.0, 56.0], [27.0, 27.0, 30.0, 33.0]])
     box_image = torch.tensor([0, 1, 0])
     bins = (2, 3)
@@ -187,19 +195,20 @@ def test_reference_area_is_mean_over_pixels():
                 torch.testing.assert_close(got[r, p * bins[1] + q], cell.mean((0, 1)), rtol=1e-5, atol=1e-6)
 
 
-def test_bins_are_row_major_over_the_box():
+@pytest.mark.parametrize("device", kernel_devices())
+def test_bins_are_row_major_over_the_box(device):
     grid = torch.tensor([[1, 8, 8]])  # 4×4 tokens; token (i, j) holds (i, j)
     ii, jj = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
-    v = torch.stack([ii.flatten(), jj.flatten()], 1)
+    v = torch.stack([ii.flatten(), jj.flatten()], 1).to(device)
     t = roi_pool_targets_ref(v, grid, torch.tensor([[0.0, 0.0, 112.0, 112.0]]), torch.tensor([0]),
                              bins=(2, 2), pooling="area")
-    torch.testing.assert_close(t[0], torch.tensor([[0.5, 0.5], [0.5, 2.5], [2.5, 0.5], [2.5, 2.5]]))
+    torch.testing.assert_close(t[0].cpu(), torch.tensor([[0.5, 0.5], [0.5, 2.5], [2.5, 0.5], [2.5, 2.5]]))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend, device", backend_devices())
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_no_boxes_gives_zero_not_nan(backend, reduction):
-    z, v = inputs(8, torch.float32, boxes=torch.zeros(0, 4))
+def test_no_boxes_gives_zero_not_nan(backend, reduction, device):
+    z, v = inputs(8, torch.float32, boxes=torch.zeros(0, 4), device=device)
     with medlvr.force_backend(backend):
         out = roi_align_loss(z, v, GRID, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), bins=BINS,
                              reduction=reduction, detach_target=False)
@@ -210,9 +219,10 @@ def test_no_boxes_gives_zero_not_nan(backend, reduction):
     assert dz.shape == z.shape and torch.count_nonzero(dv) == 0
 
 
-def test_forward_and_backward_are_deterministic():
+@pytest.mark.parametrize("device", triton_devices())
+def test_forward_and_backward_are_deterministic(device):
     # the forward's total is summed by whichever program arrives last, in a fixed order
-    z, v = inputs(24, torch.float32)
+    z, v = inputs(24, torch.float32, device=device)
     runs = []
     for _ in range(2):
         with medlvr.force_backend("triton"):
@@ -270,16 +280,21 @@ def _box(row, value):
     (dict(loss="l1"), ValueError, r"loss must be one of"),
     (dict(reduction="avg"), ValueError, r"reduction must be one of"),
     (dict(sampling_ratio=0), ValueError, r"sampling_ratio must be a positive int or -1"),
-    (dict(vision_tokens=torch.randn(66, 8, dtype=torch.float64)), TypeError, r"vision_tokens must be one of"),
+    # fp64 is accepted (reference, in fp64); the forced fp32 Triton backend refuses it (fp64 rule)
+    (dict(vision_tokens=torch.randn(66, 8, dtype=torch.float64)), TypeError,
+     r"^roi_align_loss: vision_tokens has dtype float64"),
+    (dict(vision_tokens=torch.randn(66, 8).int()), TypeError, r"vision_tokens must be one of"),
     (dict(vision_tokens=torch.randn(66, 9)), ValueError, r"vision_tokens must have D = 8"),
     (dict(latents=torch.randn(3, 6, 8)), ValueError, r"latents has R = 3 rows, but there are 4 boxes"),
     (dict(boxes=BOXES.long()), ValueError, r"boxes must be a floating tensor"),
-    (dict(latents=torch.randn(4, 6, 8, dtype=torch.float64)), TypeError, r"latents must be one of"),
+    (dict(latents=torch.randn(4, 6, 8, dtype=torch.float64)), TypeError, r"^roi_align_loss: latents has dtype float64"),
+    (dict(latents=torch.randn(4, 6, 8).long()), TypeError, r"latents must be one of"),
     (dict(boxes=BOXES[:, :3]), ValueError, r"boxes must be a floating tensor \(R, 4\) = \(4, 4\)"),
     (dict(boxes=BOXES[:3]), ValueError, r"box_image must be an integer tensor \(R,\) = \(3,\), one image per box"),
     (dict(box_image=BOX_IMAGE.float()), ValueError, r"box_image must be an integer tensor"),
 ])
 def test_bad_input_names_the_problem(over, error, match):
+    # every check runs on the host before any launch, so no device or interpreter is needed
     with pytest.raises(error, match=match):
         _call(**over)
 

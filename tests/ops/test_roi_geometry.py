@@ -1,16 +1,18 @@
 """roi_align_loss with a geometry prepared once per batch: the same result as the old
 argument form, no host read or host-made tensor in the call (and on a GPU: no sync, CUDA
 graph capture), mixed float dtypes and bf16 autocast, the stage-1 hand-off, bad input.
-Kernels on CUDA tensors when a GPU is present, else on CPU tensors under TRITON_INTERPRET."""
+
+Devices (tests/devices.py): Triton cases on CPU tensors under the interpreter and on CUDA
+tensors natively, reference cases on CPU and CUDA, with the same tolerances."""
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 import medlvr
+from devices import backend_devices, kernel_devices, triton_devices
 from medlvr.ops.roi_align_loss import RoiGeometry, prepare_roi_geometry, roi_align_loss
 from medlvr.reference.roi_align import roi_align_loss_ref
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRID = torch.tensor([[1, 14, 10], [1, 6, 18], [1, 4, 4]])  # 35 + 27 + 4 merged tokens
 BOXES = torch.tensor([[30.0, 31.0, 45.5, 40.0],
                       [0.0, 100.0, 140.0, 196.0],
@@ -21,19 +23,20 @@ BINS = (2, 3)
 T = 66
 
 
-def _zv(D=16, z_dtype=torch.float32, v_dtype=torch.float32, device=DEVICE):
+def _zv(D=16, z_dtype=torch.float32, v_dtype=torch.float32, device="cpu"):
     z = torch.randn(4, 6, D).to(device, z_dtype).requires_grad_(True)
     v = torch.randn(T, D).to(device, v_dtype).requires_grad_(True)
     return z, v
 
 
+@pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("pooling, sampling_ratio", [("area", 2), ("bilinear", 2), ("bilinear", -1)])
-def test_one_geometry_serves_every_pooling_like_the_old_form(pooling, sampling_ratio):
+def test_one_geometry_serves_every_pooling_like_the_old_form(pooling, sampling_ratio, device):
     # prepared once (pooling-free), used for several calls: bit-equal to the old form
-    geometry = prepare_roi_geometry(GRID.to(DEVICE), BOXES.to(DEVICE), BOX_IMAGE.to(DEVICE), bins=BINS)
-    z, v = _zv()
+    geometry = prepare_roi_geometry(GRID.to(device), BOXES.to(device), BOX_IMAGE.to(device), bins=BINS)
+    z, v = _zv(device=device)
     kw = dict(pooling=pooling, sampling_ratio=sampling_ratio, reduction="none", detach_target=False)
-    g = torch.randn(4, 6, device=DEVICE)
+    g = torch.randn(4, 6, device=device)
     with medlvr.force_backend("triton"):
         old = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, **kw)
         old_grads = torch.autograd.grad(old, (z, v), g)
@@ -62,10 +65,11 @@ class _HostTraffic(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("backward", [False, True])
-def test_call_with_geometry_reads_nothing_from_the_device(backward):
-    geometry = prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=BINS).to(DEVICE)
-    z, v = _zv()
+def test_call_with_geometry_reads_nothing_from_the_device(backward, device):
+    geometry = prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=BINS).to(device)
+    z, v = _zv(device=device)
     with medlvr.force_backend("triton"):
         with _HostTraffic() as seen:
             out = roi_align_loss(z, v, geometry=geometry, pooling="bilinear", detach_target=False)
@@ -111,11 +115,10 @@ def test_cuda_no_sync_and_graph_capture_of_forward_and_backward():
 
 @pytest.mark.parametrize("z_dtype, v_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
                                               (torch.float16, torch.bfloat16)])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_mixed_float_dtypes(backend, z_dtype, v_dtype):
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_mixed_float_dtypes(backend, z_dtype, v_dtype, device):
     # contract: any two of fp32/fp16/bf16; computed in fp32 from the inputs as given, loss
     # fp32, each gradient in its input's dtype (one ulp of it against the fp32 reference)
-    device = DEVICE if backend == "triton" else "cpu"
     z, v = _zv(z_dtype=z_dtype, v_dtype=v_dtype, device=device)
     with medlvr.force_backend(backend):
         out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, detach_target=False)
@@ -130,11 +133,10 @@ def test_mixed_float_dtypes(backend, z_dtype, v_dtype):
         torch.testing.assert_close(g.float(), w, rtol=1.6e-2, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_under_bf16_autocast(backend):
+@pytest.mark.parametrize("backend, device", backend_devices())
+def test_under_bf16_autocast(backend, device):
     # issue 10: under autocast the vision tokens arrive bf16 while the latents stay fp32.
     # The loss is the fp32 loss of those inputs (autocast must not lower the pooling).
-    device = DEVICE if backend == "triton" else "cpu"
     z, v = _zv(z_dtype=torch.float32, v_dtype=torch.bfloat16, device=device)
     with medlvr.force_backend(backend), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, pooling="bilinear", detach_target=False)
@@ -146,19 +148,64 @@ def test_under_bf16_autocast(backend):
     assert dz.dtype == torch.float32 and dv.dtype == torch.bfloat16
 
 
-def test_stage1_alignment_term_with_the_collated_geometry():
+@pytest.mark.parametrize("device", kernel_devices())
+def test_stage1_alignment_term_with_the_collated_geometry(device):
     # medlvr.train.latent.roi_alignment takes the batch's geometry (made by collate) and
-    # gives the same per-sample term and gradients as from the raw boxes
+    # gives the same per-sample term and gradients as from the raw boxes (on CPU tensors the
+    # reference, on CUDA the kernels: what stage 1 runs there)
     from medlvr.train.latent import roi_alignment
 
     batch = {"image_grid_thw": GRID, "roi_boxes": BOXES, "roi_image": BOX_IMAGE,
              "roi_sample": torch.tensor([0, 2, 2, 1])}
-    h = torch.randn(3, 6, 16, requires_grad=True)
-    v = torch.randn(T, 16, requires_grad=True)
+    h = torch.randn(3, 6, 16).to(device).requires_grad_(True)
+    v = torch.randn(T, 16).to(device).requires_grad_(True)
     old = roi_alignment(h, v, batch)
     new = roi_alignment(h, v, {**batch, "roi_geometry": prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=(2, 3))})
     torch.testing.assert_close(new, old, rtol=0, atol=0)
     torch.testing.assert_close(torch.autograd.grad(new.sum(), h), torch.autograd.grad(old.sum(), h), rtol=0, atol=0)
+
+
+class _Calls(TorchFunctionMode):
+    """Names of the torch functions called inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", ""))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_stage1_per_sample_sum_is_deterministic_and_equals_index_add(device):
+    # roi_alignment once summed rows per sample with index_add, which on CUDA accumulates
+    # floats with atomics in a varying order. Its per-sample mean must keep the old values
+    # (rows in any order, several per sample, a sample with none) without any
+    # accumulate-by-index op; the CPU cannot show atomics, so it checks that none is used.
+    from medlvr.train.latent import roi_alignment
+
+    sample = torch.tensor([3, 0, 3, 3])  # unsorted; samples 1 and 2 have no box
+    batch = {"image_grid_thw": GRID, "roi_boxes": BOXES, "roi_image": BOX_IMAGE, "roi_sample": sample,
+             "roi_geometry": prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=BINS)}
+    h = torch.randn(4, 6, 16).to(device).requires_grad_(True)
+    v = torch.randn(T, 16).to(device)
+    with _Calls() as calls:
+        got = roi_alignment(h, v, batch)
+    assert not calls.names & {"index_add", "index_add_", "scatter_add", "scatter_add_", "index_put_", "put_"}
+    g = torch.linspace(1, 2, 4, device=device)
+    dh = torch.autograd.grad(got, h, g)[0]
+
+    h0 = h.detach().clone().requires_grad_(True)
+    per_row = roi_align_loss(h0[sample.to(device)], v, geometry=batch["roi_geometry"].to(device), reduction="none")
+    per_row = per_row.mean(1)
+    s = sample.to(device)
+    counts = torch.zeros(4, device=device).index_add_(0, s, torch.ones_like(per_row))
+    old = torch.zeros(4, device=device).index_add(0, s, per_row) / counts.clamp(min=1)
+    torch.testing.assert_close(got, old, rtol=1e-6, atol=1e-7)
+    assert got[1] == 0 and got[2] == 0
+    torch.testing.assert_close(dh, torch.autograd.grad(old, h0, g)[0], rtol=1e-6, atol=1e-7)
+    assert torch.equal(roi_alignment(h, v, batch), got.detach())  # run to run: bit-equal
 
 
 def test_geometry_moves_once_and_is_pooling_free():
@@ -173,11 +220,12 @@ def test_geometry_moves_once_and_is_pooling_free():
     assert (x0, y0) == pytest.approx((30 / 28, 31 / 28)) and bin_w == pytest.approx(15.5 / 28 / 3)
 
 
-def test_geometry_prepared_empty_batch():
+@pytest.mark.parametrize("device", triton_devices())
+def test_geometry_prepared_empty_batch(device):
     geometry = prepare_roi_geometry(GRID, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), bins=BINS)
-    z, v = torch.zeros(0, 6, 8, device=DEVICE, requires_grad=True), torch.randn(T, 8, device=DEVICE)
+    z, v = torch.zeros(0, 6, 8, device=device, requires_grad=True), torch.randn(T, 8, device=device)
     with medlvr.force_backend("triton"):
-        out = roi_align_loss(z, v, geometry=geometry.to(DEVICE))
+        out = roi_align_loss(z, v, geometry=geometry.to(device))
     assert out.item() == 0.0
 
 
@@ -218,10 +266,11 @@ def test_cuda_geometry_on_the_wrong_device_is_an_error():
         roi_align_loss(z, v, geometry=geometry)
 
 
+@pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_in_place_on_the_loss_keeps_the_backward(reduction):
+def test_in_place_on_the_loss_keeps_the_backward(reduction, device):
     # the returned loss is no view of the Function's buffers: scaling it in place is fine
-    z, v = _zv()
+    z, v = _zv(device=device)
     with medlvr.force_backend("triton"):
         out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, reduction=reduction)
         want = torch.autograd.grad(out.sum() * 3.0, z)[0]
