@@ -55,6 +55,18 @@ def integer(name: str, value) -> int:
     return value
 
 
+def targets_in_range(name: str, targets: torch.Tensor, V: int, ignore_index: int) -> None:
+    """Every entry of ``targets`` is in [0, V) or equals ``ignore_index``. Reads the data (one
+    host sync), so it is skipped while torch.compile traces."""
+    if targets.numel() == 0 or compiling():
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{row}] = {int(targets[row])} is outside [0, V = {V}) and is not "
+                         f"ignore_index = {ignore_index}")
+
+
 def compiling() -> bool:
     """True while torch.compile traces: value checks that read tensor data are skipped then
     (they would graph-break), shape/dtype checks still run."""

@@ -86,12 +86,7 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature:
     if inplace_backward and logits.stride(1) != 1:
         raise ValueError(f"inplace_backward needs logits with contiguous rows (stride(1) == 1), "
                          f"got strides {tuple(logits.stride())}")
-    if N and not _checks.compiling():
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"targets[{row}] = {int(targets[row])} is outside [0, V = {V}) and is not "
-                             f"ignore_index = {ignore_index}")
+    _checks.targets_in_range("targets", targets, V, ignore_index)
     backend = _checks.backend("gather_logprobs", logits.device, has_ext=True, logits=logits)
     if backend == "reference":
         return gather_logprobs_ref(logits, targets, temperature=temperature, ignore_index=ignore_index,

@@ -1,0 +1,296 @@
+"""Token log-probs straight from hidden states and the lm_head weight, and the VLPO objective on
+top of them, without ever materialising the (N, V) logits.
+
+    fused_linear_logprobs(hidden (N D), weight (V D), targets (N)) -> logp (N) fp32 [, entropy (N)]
+    fused_vlpo_loss(hidden (R T D), weight (V D), tokens (R T), ...) -> (loss, token_logp (R T),
+                                                                        latent_logp (R K))
+    lm_head_logprobs(lm_head, hidden (N D), targets (N)) -> logp (N): the training call sites
+
+Reference (the unfused spec): medlvr/reference/fused_logprobs.py. Run path, the same code on
+CPU and CUDA: medlvr/ops/_fused_logprobs_sweep.py (chunked MKL / cuBLAS GEMMs and the medlvr._C
+log-prob kernel, registered as torch.ops.medlvr.fused_*). Benchmark:
+benchmarks/bench_fused_logprobs.py; tests: tests/ops/test_fused_logprobs.py.
+
+Schedules. ``fused_linear_logprobs`` returns per-token values whose upstream gradient is only
+known in the backward, so the forward keeps (lse, entropy) per row and the backward recomputes
+each chunk's logits: 4 GEMMs in all, against 3 for an unfused path that keeps the logits.
+``fused_vlpo_loss`` returns a scalar whose d loss / d logp_i depends on row i alone; it gets the
+chunk's gradient as soon as the chunk's log-probs exist and does all three GEMMs in the forward
+(the Liger schedule): 3 GEMMs, and the backward only scales the saved gradients.
+
+Dtype contract. hidden and weight (and bias) may differ in dtype; the GEMMs run in
+medlvr.reference.fused_logprobs.compute_dtype: the autocast dtype under torch.autocast (as
+F.linear would), else the common dtype, else the 16-bit one of an fp32 / bf16|fp16 pair (the
+other operand is cast once, a (V, D) copy when it is the weight); bf16 with fp16, and fp64 with
+anything else, are refused. Softmax math is fp32 (fp64 for fp64); log-probs, entropy and the
+loss come out fp32 (fp64). Gradients come back in each input's own dtype. Peak memory beyond
+the inputs and their gradients is one (C, V) chunk of logits in the compute dtype (C from a
+byte budget, or ``chunk_size``) plus O(N) statistics (plus that one cast copy, if any).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medlvr.ops import _checks
+from medlvr.ops import _fused_logprobs_sweep as sweep
+from medlvr.ops.logprobs import gather_logprobs, latent_gaussian_logprob
+from medlvr.reference.fused_logprobs import compute_dtype, fused_linear_logprobs_ref, fused_vlpo_loss_ref
+
+__all__ = ["fused_linear_logprobs", "fused_vlpo_loss", "lm_head_logprobs"]
+
+# Bytes of the one logits buffer: large enough that a chunk's GEMMs run at full rate (C ~ 800
+# rows for V = 152064 bf16 on a GPU), small against the 512 MB target of the whole op.
+_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 128 * 2**20}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    inv_t: float
+    ignore_index: int
+    chunk: int
+    compute: torch.dtype
+    need: tuple  # (d hidden, d weight, d bias) wanted
+    with_entropy: bool = False
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """The per-token VLPO inputs (no gradient flows into them)."""
+    old: torch.Tensor
+    ref: torch.Tensor | None
+    adv: torch.Tensor
+    denominator: torch.Tensor
+    eps_low: float
+    eps_high: float
+    dual_clip: float
+    kl_beta: float
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """Per-token log-probs (objective None: the backward recomputes the logits chunk by chunk)
+    or the VLPO objective's token part (the forward computes the gradients, the backward scales
+    them by the incoming scalar)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, plan: _Plan, objective: _Objective | None):
+        ctx.plan, ctx.objective = plan, objective
+        if objective is None:
+            logp, lse, ent = torch.ops.medlvr.fused_logprobs_fwd(hidden, weight, bias, targets, plan.inv_t,
+                                                                 plan.ignore_index, plan.with_entropy, plan.chunk,
+                                                                 plan.compute)
+            ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+            if not plan.with_entropy:
+                ctx.mark_non_differentiable(ent)
+            return logp, ent
+        o = objective
+        loss, logp, dh, dw, db = sweep.vlpo_forward_backward(
+            hidden, weight, bias, targets, o.old, o.ref, o.adv, o.denominator, inv_temperature=plan.inv_t,
+            ignore_index=plan.ignore_index, chunk=plan.chunk, compute_dtype=plan.compute, eps_low=o.eps_low,
+            eps_high=o.eps_high, dual_clip=o.dual_clip, kl_beta=o.kl_beta, need=plan.need)
+        # Plain attributes, not save_for_backward: the backward hands these very tensors to
+        # autograd, which can then adopt them as .grad instead of copying (V, D).
+        ctx.grads = [g if need else None for g, need in zip((dh, dw, db), plan.need)]
+        ctx.mark_non_differentiable(logp)
+        return loss, logp
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        plan = ctx.plan
+        if ctx.objective is not None:
+            grads, ctx.grads = ctx.grads, None
+            # d loss was computed for an upstream gradient of 1 (the usual loss.backward()); the
+            # check is free on CPU, a host sync on CUDA, so there the scale is always applied.
+            if not (grad_a.device.type == "cpu" and bool(grad_a == 1)):
+                grads = [None if g is None else g.mul_(grad_a.to(g.dtype)) for g in grads]
+            return (*grads, None, None, None)
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:3])
+        if not any(need):
+            return None, None, None, None, None, None
+        if grad_a is None:
+            grad_a = torch.zeros_like(lse)
+        dh, dw, db = torch.ops.medlvr.fused_logprobs_bwd(
+            grad_a, grad_b if plan.with_entropy else None, hidden, weight, bias, targets, lse, ent, plan.inv_t,
+            plan.ignore_index, plan.chunk, plan.compute, *need)
+        return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None, None)
+
+
+def _chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device, chunk_size) -> int:
+    """Rows per chunk: from the byte budget of the logits buffer, balanced so the last chunk is
+    not a sliver (N = 513 with a budget of 256 rows runs as 3 x 171, not 256 + 256 + 1)."""
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        return chunk_size
+    elt = torch.finfo(dtype).bits // 8
+    cmax = max(1, _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"]) // max(1, v * elt))
+    k = max(1, -(-n // cmax))
+    return max(1, -(-n // k))
+
+
+def _check_linear(hidden, weight, bias, targets, ignore_index, targets_name="targets") -> torch.dtype:
+    _checks.tensor("hidden", hidden, dims=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("weight", weight, dims=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor(targets_name, targets, dims=1, dtypes=_checks.INDEX_DTYPES)
+    _checks.same_device("weight", weight, "hidden", hidden)
+    _checks.same_device(targets_name, targets, "hidden", hidden)
+    (N, D), V = hidden.shape, weight.shape[0]
+    if weight.shape[1] != D:
+        raise ValueError(f"weight must be (V, D) with D = {D} (hidden's last dim), got {tuple(weight.shape)}")
+    if V == 0:
+        raise ValueError("weight must have at least one row (V > 0), got V = 0")
+    if targets.shape[0] != N:
+        raise ValueError(f"{targets_name} must have N = {N} entries (one per hidden row), got {targets.shape[0]}")
+    if bias is not None:
+        _checks.tensor("bias", bias, dims=1, dtypes=_checks.FLOAT_DTYPES)
+        _checks.same_device("bias", bias, "hidden", hidden)
+        if bias.shape[0] != V:
+            raise ValueError(f"bias must be (V,) with V = {V} (weight's rows), got {tuple(bias.shape)}")
+    c = compute_dtype(hidden.dtype, weight.dtype, hidden.device.type)
+    if bias is not None and bias.dtype == torch.float64 and c != torch.float64:
+        raise TypeError(f"bias must not be float64 when hidden and weight are {str(c)[6:]}")
+    _checks.targets_in_range(targets_name, targets, V, ignore_index)
+    return c
+
+
+def _plan(hidden, weight, bias, c, temperature, ignore_index, chunk_size, with_entropy=False) -> _Plan:
+    grad = torch.is_grad_enabled()
+    need = tuple(bool(grad and t is not None and t.requires_grad) for t in (hidden, weight, bias))
+    chunk = _chunk_rows(hidden.shape[0], weight.shape[0], c, hidden.device, chunk_size)
+    return _Plan(1.0 / temperature, ignore_index, chunk, c, need, with_entropy)
+
+
+def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                          bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                          return_entropy: bool = False, chunk_size: int | None = None):
+    """log_softmax((hidden @ weight.T + bias) / temperature)[targets] per row, fp32, no logits tensor.
+
+    Args:
+        hidden: (N, D) float, the states that predict the targets (N may be 0).
+        weight: (V, D) float, the lm_head weight (tied or not); dtype rules in the module doc.
+        targets: (N,) int32/int64 in [0, V), or ``ignore_index`` (log-prob and entropy 0, no
+            gradient).
+        bias: (V,) or None, the lm_head bias.
+        temperature: > 0; the distribution is softmax(logits / temperature).
+        return_entropy: also return each row's entropy of that distribution (differentiable).
+        chunk_size: rows per chunk (default: a (C, V) logits buffer of ~128 MiB on CPU, 256 MiB on CUDA).
+    Returns:
+        logp (N,) fp32 (fp64 for fp64 inputs), and entropy (N,) when ``return_entropy``.
+    Gradients flow to hidden, weight and bias.
+    """
+    temperature = _checks.positive_float("temperature", temperature)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
+    c = _check_linear(hidden, weight, bias, targets, ignore_index)
+    backend = _checks.backend("fused_linear_logprobs", hidden.device, has_ext=True, hidden=hidden, weight=weight,
+                              bias=bias)
+    if backend == "reference":
+        return fused_linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=temperature,
+                                         ignore_index=ignore_index, return_entropy=return_entropy)
+    plan = _plan(hidden, weight, bias, c, temperature, ignore_index, chunk_size, bool(return_entropy))
+    logp, ent = _FusedLinearLogprobs.apply(hidden, weight, bias, targets, plan, None)
+    return (logp, ent) if return_entropy else logp
+
+
+def lm_head_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *,
+                     temperature: float = 1.0, ignore_index: int = -100) -> torch.Tensor:
+    """log_softmax(lm_head(hidden) / temperature)[targets] per row, fp32: what VLPO's token
+    log-probs and stage 1's answer cross-entropy (its negative) are made of.
+
+    A plain ``nn.Linear`` runs fused (:func:`fused_linear_logprobs` on its weight and bias);
+    any other module (a LoRA or quantised wrapper, a hooked forward) runs as ``lm_head(hidden)``
+    followed by ``gather_logprobs``, the unfused path, so its own forward is honoured.
+    """
+    if type(lm_head) is torch.nn.Linear and "forward" not in vars(lm_head):
+        return fused_linear_logprobs(hidden, lm_head.weight, targets, bias=lm_head.bias, temperature=temperature,
+                                     ignore_index=ignore_index)
+    return gather_logprobs(lm_head(hidden), targets, temperature=temperature, ignore_index=ignore_index)
+
+
+def _check_like(name: str, t, shape: tuple, ref_name: str, ref: torch.Tensor) -> None:
+    _checks.tensor(name, t, dtypes=_checks.FLOAT_DTYPES)
+    _checks.same_device(name, t, ref_name, ref)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
+                    token_old: torch.Tensor, advantages: torch.Tensor, *, latent_old: torch.Tensor,
+                    mu: torch.Tensor | None = None, z: torch.Tensor | None = None, latent_sigma: float = 0.0,
+                    eps_low: float, eps_high: float, dual_clip: float, latent_coef: float, kl_beta: float = 0.0,
+                    token_ref: torch.Tensor | None = None, latent_ref: torch.Tensor | None = None,
+                    temperature: float = 1.0, bias: torch.Tensor | None = None, chunk_size: int | None = None):
+    """medlvr.train.vlpo.vlpo_loss of one batch of R rollouts, straight from hidden states.
+
+    Args (the layout of vlpo_loss and rollout.policy_forward):
+        hidden: (R, T, D) the states predicting answer token t of rollout r (policy_forward's h_ans).
+        weight / bias: the lm_head's. tokens: (R, T) sampled ids; token_mask: (R, T) bool, the
+            scored tokens. token_old / token_ref: (R, T) old / reference log-probs.
+        advantages: (R,). latent_old / latent_ref: (R, K) old / reference latent log-probs.
+        mu, z: (R, K, D) the current policy's latent means (mu_t from position s0 + t - 1) and
+            the latents the rollout fed back; None for no latent log-prob (then 0, as
+            policy_forward gives for sigma = 0). latent_sigma: > 0 when mu is given.
+        eps_low, eps_high, dual_clip, latent_coef, kl_beta: as VLPOConfig.
+    Returns:
+        (loss, token_logp (R, T), latent_logp (R, K)): the scalar fp32 loss (gradients to hidden,
+        weight, bias and mu), and the detached log-probs (old log-probs for later epochs, stats).
+    """
+    for name, t, dims in (("hidden", hidden, 3), ("advantages", advantages, 1), ("latent_old", latent_old, 2)):
+        _checks.tensor(name, t, dims=dims, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("tokens", tokens, dims=2, dtypes=_checks.INDEX_DTYPES)
+    R, T, D = hidden.shape
+    K = latent_old.shape[1]
+    _check_like("token_old", token_old, (R, T), "hidden", hidden)
+    _check_like("advantages", advantages, (R,), "hidden", hidden)
+    _check_like("latent_old", latent_old, (R, K), "hidden", hidden)
+    _checks.tensor("token_mask", token_mask, dims=2)
+    if tuple(tokens.shape) != (R, T) or tuple(token_mask.shape) != (R, T):
+        raise ValueError(f"tokens and token_mask must have shape {(R, T)} (hidden's first two dims), got "
+                         f"{tuple(tokens.shape)} and {tuple(token_mask.shape)}")
+    _checks.same_device("token_mask", token_mask, "hidden", hidden)
+    if kl_beta > 0:
+        for name, t, shape in (("token_ref", token_ref, (R, T)), ("latent_ref", latent_ref, (R, K))):
+            if t is None:
+                raise ValueError(f"{name}: expected reference log-probs when kl_beta > 0, got None")
+            _check_like(name, t, shape, "hidden", hidden)
+    if (mu is None) != (z is None):
+        raise ValueError("mu and z must be given together (both (R, K, D)) or both be None")
+    if mu is not None:
+        _check_like("mu", mu, (R, K, D), "hidden", hidden)
+        _check_like("z", z, (R, K, D), "hidden", hidden)
+        latent_sigma = _checks.positive_float("latent_sigma", latent_sigma)
+    if not (0 <= eps_low < 1 and eps_high >= 0 and (dual_clip == 0 or dual_clip > 1) and latent_coef >= 0
+            and kl_beta >= 0):
+        raise ValueError(f"expected 0 <= eps_low < 1, eps_high >= 0, dual_clip 0 or > 1, latent_coef >= 0, "
+                         f"kl_beta >= 0; got eps_low={eps_low}, eps_high={eps_high}, dual_clip={dual_clip}, "
+                         f"latent_coef={latent_coef}, kl_beta={kl_beta}")
+    temperature = _checks.positive_float("temperature", temperature)
+    keep = token_mask.bool()
+    h, tgt = hidden[keep], tokens[keep]
+    c = _check_linear(h, weight, bias, tgt, -100, "tokens[token_mask]")
+    if _checks.backend("fused_vlpo_loss", hidden.device, has_ext=True, hidden=hidden, weight=weight) == "reference":
+        return fused_vlpo_loss_ref(hidden, weight, tokens, token_mask, token_old, advantages, latent_old=latent_old,
+                                   mu=mu, z=z, latent_sigma=latent_sigma, eps_low=eps_low, eps_high=eps_high,
+                                   dual_clip=dual_clip, latent_coef=latent_coef, kl_beta=kl_beta,
+                                   token_ref=token_ref, latent_ref=latent_ref, temperature=temperature, bias=bias)
+
+    # vlpo_loss's normaliser: scored text tokens + latent positions (when they count at all).
+    use_latent = latent_coef > 0 and latent_old.numel() > 0
+    denominator = (keep.float().sum() + float(latent_old.numel() if use_latent else 0)).clamp(min=1)
+    adv = advantages.float()[:, None]
+    terms = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, kl_beta=kl_beta)
+    objective = _Objective(old=token_old[keep], ref=None if kl_beta <= 0 else token_ref[keep],
+                           adv=adv.expand(R, T)[keep], denominator=denominator, **terms)
+    plan = _plan(h, weight, bias, c, temperature, -100, chunk_size)
+    loss, logp = _FusedLinearLogprobs.apply(h, weight, bias, tgt, plan, objective)
+    token_logp = torch.zeros(R, T, dtype=logp.dtype, device=hidden.device).masked_scatter(keep, logp)
+
+    if mu is not None and K > 0:
+        latent_logp = latent_gaussian_logprob(mu.reshape(-1, D), z.reshape(-1, D), sigma=latent_sigma).view(R, K)
+    else:
+        latent_logp = torch.zeros(R, K, dtype=torch.float32, device=hidden.device)
+    if use_latent:
+        lat = sweep.vlpo_token_terms(latent_logp, latent_old, latent_ref if kl_beta > 0 else None, adv, **terms)
+        loss = loss + latent_coef * lat.sum() / denominator
+    return loss, token_logp, latent_logp.detach()
