@@ -25,7 +25,8 @@ Public functions (shapes: B samples, S sequence, K latent steps, D hidden, T vis
   forcing with pooled ROI targets; VLPO re-scoring of rollouts with their fed-back z).
 - :func:`latent_mu` — h at s0 + t - 1 for t < K from a full forward's hidden states.
 - the pieces (vision tokens, embeddings, positions, the decoder call) come from medlvr/models/hf.py.
-- :func:`per_sample_ce` — CE averaged over each sample's answer tokens ([B]).
+- :func:`per_sample_ce` — CE averaged over each sample's answer tokens ([B]), from logits (the
+  reference); :func:`answer_ce` — the same from hidden states via the fused lm_head log-prob op.
 - :func:`roi_alignment` — per-sample ROI alignment term ([B], 0 for samples without an ROI).
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medlvr.models.hf import embed_inputs, new_cache, positions, run_decoder, unwrap, vision_tokens
+from medlvr.ops.fused_logprobs import lm_head_logprobs
 from medlvr.ops.roi_align_loss import roi_align_loss
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "coconut_reference",
     "latent_mu",
     "per_sample_ce",
+    "answer_ce",
     "roi_bins",
     "roi_alignment",
     "pooled_roi_targets",
@@ -119,6 +122,17 @@ def _lm_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return unwrap(model).lm_head(h)
 
 
+def answer_ce(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_sample_ce(lm_head(hidden), labels) without the [B, S, V] logits: only the answer
+    positions go through the fused lm_head + log-softmax (``medlvr.ops.lm_head_logprobs``)."""
+    tgt = labels[:, 1:]
+    valid = tgt != -100
+    logp = lm_head_logprobs(unwrap(model).lm_head, hidden[:, :-1][valid], tgt[valid])
+    tok = torch.zeros(tgt.shape, dtype=torch.float32, device=hidden.device).masked_scatter(valid, -logp)
+    n = valid.sum(dim=1)
+    return tok.sum(dim=1) / n.clamp(min=1), n
+
+
 def forward_with_latents(model: nn.Module, batch: Mapping[str, Any], latents: torch.Tensor | None, *,
                          k: int, vis: torch.Tensor | None = None, return_logits: bool = False,
                          return_hidden: bool = False) -> LatentOutput:
@@ -143,11 +157,11 @@ def forward_with_latents(model: nn.Module, batch: Mapping[str, Any], latents: to
         emb = emb.index_put((rows, cols), latents.to(emb.dtype))
     pos = positions(hf, batch)
     h = run_decoder(hf, emb, batch["attention_mask"], pos)
-    logits = _lm_head(hf, h)
-    ce, n = per_sample_ce(logits, batch["labels"]) if batch.get("labels") is not None else (None, None)
+    logits = _lm_head(hf, h) if return_logits else None
+    ce, n = answer_ce(hf, h, batch["labels"]) if batch.get("labels") is not None else (None, None)
     lh = latent_mu(h, batch["latent_start_index"], k) if k > 0 else None
     return LatentOutput(ce=ce, n_tokens=n, latent_inputs=latents if k > 0 else None, latent_hidden=lh,
-                        vision_tokens=vis, logits=logits if return_logits else None,
+                        vision_tokens=vis, logits=logits,
                         hidden=h if return_hidden else None)
 
 
@@ -241,9 +255,8 @@ def recurrent_forward(model: nn.Module, batch: Mapping[str, Any], *, k: int,
     tail = torch.cat([zs[-1][:, None].to(emb.dtype), emb[:, c + 1:]], dim=1)
     h_tail = run_decoder(hf, tail, mask, pos[:, :, c:], cache)
     labels = torch.where(lay.valid, _gather_cols(batch["labels"], lay.index, 1), torch.full_like(lay.index, -100))
-    # Labels before the suffix are -100 (answer + <|im_end|> only), so the tail's logits suffice.
-    logits_tail = _lm_head(hf, h_tail)
-    ce, n = per_sample_ce(logits_tail, labels[:, c:])
+    # Labels before the suffix are -100 (answer + <|im_end|> only), so the tail's states suffice.
+    ce, n = answer_ce(hf, h_tail, labels[:, c:])
     logits = None
     if return_logits:
         # hs[0] is the prefix's last column; hs[1:] are the outputs of the K-1 single steps.

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from medlvr.models import hf as hfm
-from medlvr.ops import gather_logprobs, latent_gaussian_logprob
+from medlvr.ops import gather_logprobs, latent_gaussian_logprob, lm_head_logprobs
 from medlvr.reference.latent_loop import latent_loop
 
 __all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "image_features", "vision_frozen", "prompt_inputs",
@@ -329,7 +329,8 @@ def policy_forward(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, 
     sequence the policy scores is exactly the one the behaviour policy produced.
     Returns token_logp [R,T] (0 where token_mask is 0) and latent_logp [R,K]
     (log N(z_t; mu_t, sigma^2), mu_t = hidden at index s0 + t - 1; zeros when K == 0 or
-    sigma == 0). Logits are computed only at the T answer-predicting positions.
+    sigma == 0). Token log-probs come from the answer-predicting hidden states and the lm_head
+    weight (``medlvr.ops.lm_head_logprobs``): no logits tensor exists.
     ``prompt`` (prompt_inputs of the same rows) lets a caller recompute the prompt
     embeddings under this model, e.g. with the adapter disabled; default: the rollout's.
     """
@@ -361,7 +362,7 @@ def policy_forward(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, 
     a0 = s0 + K + 1  # index of the first answer token; predicted by the hidden at a0 - 1
     h_ans = hidden[:, a0 - 1:a0 - 1 + T]
     keep = ro.token_mask
-    logits = hf.lm_head(h_ans[keep])
     tok = torch.zeros(R, T, dtype=torch.float32, device=dev)
-    tok = tok.masked_scatter(keep, gather_logprobs(logits, ro.tokens[keep], temperature=temperature))
+    # lm_head + log-softmax fused: the (tokens, V) logits are never materialised.
+    tok = tok.masked_scatter(keep, lm_head_logprobs(hf.lm_head, h_ans[keep], ro.tokens[keep], temperature=temperature))
     return tok, lat
