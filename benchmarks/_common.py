@@ -104,9 +104,11 @@ def peak_extra_bytes(fn: Callable[[], object], *, device: torch.device) -> int:
     # An op's memory figure includes its children's, so only the *self* part of each
     # event is summed (else an aten::empty inside an op counts twice); frees outside any
     # op arrive as "[memory]" events. The running sum in time order peaks at the answer.
+    # A net free of a parent scope (autograd's MmBackward releasing its saved input after
+    # its child mm's allocated the gradients) happens at the scope's end, not its start.
     live = peak = 0
     events = [e for e in prof.events() if getattr(e, "self_cpu_memory_usage", 0)]
-    for e in sorted(events, key=lambda e: e.time_range.start):
+    for e in sorted(events, key=lambda e: e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end):
         live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return int(peak)
