@@ -40,9 +40,11 @@ from medlvr.reference.fused_logprobs import compute_dtype, fused_linear_logprobs
 
 __all__ = ["fused_linear_logprobs", "fused_vlpo_loss", "lm_head_logprobs"]
 
-# Bytes of the one logits buffer: large enough that a chunk's GEMMs run at full rate (C ~ 800
-# rows for V = 152064 bf16 on a GPU), small against the 512 MB target of the whole op.
-_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 128 * 2**20}
+# Bytes of the one logits buffer: large enough that a chunk's GEMMs run near full rate
+# (C ~ 800 rows for V = 152064 bf16 on a GPU, ~130 rows fp32 on a CPU), small against the
+# 512 MB target of the whole op on a GPU and a quarter of the unfused path's extra memory
+# on a CPU (benchmarks/bench_fused_logprobs.py measures both).
+_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 80 * 2**20}
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             hidden, weight, bias, targets, o.old, o.ref, o.adv, o.denominator, inv_temperature=plan.inv_t,
             ignore_index=plan.ignore_index, chunk=plan.chunk, compute_dtype=plan.compute, eps_low=o.eps_low,
             eps_high=o.eps_high, dual_clip=o.dual_clip, kl_beta=o.kl_beta, need=plan.need)
-        # Plain attributes, not save_for_backward: the backward hands these very tensors to
-        # autograd, which can then adopt them as .grad instead of copying (V, D).
+        # Plain attributes, not save_for_backward: the backward drops them from ctx and hands
+        # the only reference to autograd, which can adopt it as .grad instead of copying (V, D).
         ctx.grads = [g if need else None for g, need in zip((dh, dw, db), plan.need)]
         ctx.mark_non_differentiable(logp)
         return loss, logp
@@ -99,6 +101,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_a, grad_b):
         plan = ctx.plan
         if ctx.objective is not None:
+            if ctx.grads is None:
+                raise RuntimeError("fused_vlpo_loss: its backward runs once (the gradients were computed in the "
+                                   "forward and handed out); recompute the loss to differentiate it again")
             grads, ctx.grads = ctx.grads, None
             # d loss was computed for an upstream gradient of 1 (the usual loss.backward()); the
             # check is free on CPU, a host sync on CUDA, so there the scale is always applied.
@@ -175,7 +180,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         bias: (V,) or None, the lm_head bias.
         temperature: > 0; the distribution is softmax(logits / temperature).
         return_entropy: also return each row's entropy of that distribution (differentiable).
-        chunk_size: rows per chunk (default: a (C, V) logits buffer of ~128 MiB on CPU, 256 MiB on CUDA).
+        chunk_size: rows per chunk (default: a (C, V) logits buffer of <= 80 MiB on CPU, 256 MiB on CUDA).
     Returns:
         logp (N,) fp32 (fp64 for fp64 inputs), and entropy (N,) when ``return_entropy``.
     Gradients flow to hidden, weight and bias.

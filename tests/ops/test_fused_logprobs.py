@@ -167,9 +167,14 @@ def test_registered_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.medlvr.fused_logprobs_fwd.default, args)
         lp, lse, e = torch.ops.medlvr.fused_logprobs_fwd(*args)
         g = torch.randn(6)
-        torch.library.opcheck(torch.ops.medlvr.fused_logprobs_bwd.default,
-                              (g, g if ent else None, h, w, bias, t, lse, e, 1.25, -100, 4, torch.float32,
-                               True, True, bias is not None))
+        for need in ((True, True, bias is not None), (True, False, False), (False, True, False)):
+            torch.library.opcheck(torch.ops.medlvr.fused_logprobs_bwd.default,
+                                  (g, g if ent else None, h, w, bias, t, lse, e, 1.25, -100, 4, torch.float32, *need))
+    # mixed dtypes: the op casts to the compute dtype and returns each gradient in its input's dtype
+    lp, lse, e = torch.ops.medlvr.fused_logprobs_fwd(h.bfloat16(), w, None, t, 1.0, -100, False, 4, torch.bfloat16)
+    torch.library.opcheck(torch.ops.medlvr.fused_logprobs_bwd.default,
+                          (torch.randn(6), None, h.bfloat16(), w, None, t, lse, e, 1.0, -100, 4, torch.bfloat16,
+                           True, True, False))
 
 
 def test_lm_head_logprobs_fuses_a_linear_and_honours_other_modules():

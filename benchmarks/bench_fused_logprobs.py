@@ -1,0 +1,294 @@
+"""Benchmark: token log-probs through the lm_head (hidden @ W.T -> log-softmax -> gather), forward +
+backward to hidden and weight, medlvr's fused op against its peers in one run.
+
+    python benchmarks/bench_fused_logprobs.py                  # CPU: N=512, D=896, V=152064, fp32
+    python benchmarks/bench_fused_logprobs.py --device cuda    # GPU: N=8192, D=3584, V=152064, bf16
+    python benchmarks/bench_fused_logprobs.py --quick          # small shapes (smoke test, any device)
+
+Every provider computes a scalar from the N per-token log-probs (a weighted sum with fixed
+random weights; for the GRPO/VLPO objectives their own loss) and its gradient to hidden and W:
+  bare GEMMs          h @ W.T, then G @ W and G.T @ h for a stored (N, V) G, outputs preallocated:
+                      the 3 matrix products every provider must do, the denominator of x_gemm
+  naive               logits = h @ W.T, log_softmax(logits.float() / T).gather; autograd
+  TRL                 TRL's selective_log_softmax over the full logits when trl is importable;
+                      else "TRL-style", its documented row-chunked logsumexp (benchmarks/bench_logprobs.py)
+  compiled            torch.compile of naive
+  medlvr unfused      logits = h @ W.T, medlvr.ops.gather_logprobs(inplace_backward=True)
+  Liger FLCE          liger_kernel LigerFusedLinearCrossEntropyLoss(reduction="sum") (CUDA only)
+  Liger GRPO          liger_kernel LigerFusedLinearGRPOLoss (CUDA only)
+  medlvr fused        medlvr.ops.fused_linear_logprobs: per-token output, the backward recomputes
+                      each chunk's logits (4 GEMMs)
+  medlvr fused VLPO   medlvr.ops.fused_vlpo_loss: the VLPO objective (clip, dual clip, k3 KL),
+                      gradients computed in the forward chunk by chunk (3 GEMMs)
+Columns: median ms forward (no grad) and forward+backward; x_gemm = fwd+bwd / bare GEMMs;
+floor_frac = (6 N V D flop at the matrix rate of a large square GEMM measured in this run) /
+fwd+bwd; peak_extra_MB beyond the inputs, and beyond_grads_MB: the same minus the gradients of
+hidden and W that every provider returns; mem_vs_naive compares beyond_grads_MB.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+from bench_logprobs import chunked as trl_style_logprobs  # noqa: E402
+
+from medlvr._backend import extension, extension_has_cuda  # noqa: E402
+from medlvr.ops import fused_linear_logprobs, fused_vlpo_loss, gather_logprobs  # noqa: E402
+
+EPS_LOW, EPS_HIGH, DUAL, BETA = 0.2, 0.28, 3.0, 0.04
+
+
+class NotRunnable(Exception):
+    """A peer that cannot run here; the reason goes into the table."""
+
+
+def _weighted(logp, ctx):
+    return (logp * ctx["w"]).sum()
+
+
+def naive(ctx):
+    def f(h, W):
+        logits = h @ W.T
+        lp = torch.log_softmax(logits.float() / ctx["T"], dim=-1).gather(-1, ctx["t"][:, None]).squeeze(-1)
+        return _weighted(lp, ctx)
+    return f
+
+
+def trl(ctx):
+    try:
+        from trl.trainer.utils import selective_log_softmax
+    except ImportError:
+        def f(h, W):
+            return _weighted(trl_style_logprobs(h @ W.T, ctx["t"], ctx["T"]), ctx)
+        f.label = "TRL-style (trl not installed)"
+        return f
+
+    def g(h, W):
+        return _weighted(selective_log_softmax((h @ W.T) / ctx["T"], ctx["t"]), ctx)
+    return g
+
+
+def compiled(ctx):
+    if ctx["no_compile"]:
+        raise NotRunnable("--no-compile")
+    return torch.compile(naive(ctx), dynamic=False)
+
+
+def medlvr_unfused(ctx):
+    _need_ext(ctx)
+
+    def f(h, W):
+        return _weighted(gather_logprobs(h @ W.T, ctx["t"], temperature=ctx["T"], inplace_backward=True), ctx)
+    return f
+
+
+def _liger(ctx):
+    if ctx["device"].type != "cuda":
+        raise NotRunnable("liger-kernel needs CUDA (Triton GPU kernels)")
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        raise NotRunnable("liger-kernel not installed (pip install medlvr[bench])")
+
+
+def liger_flce(ctx):
+    _liger(ctx)
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    if ctx["T"] != 1.0:
+        raise NotRunnable("no temperature argument")
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+    return lambda h, W: loss(W, h, ctx["t"])
+
+
+def liger_grpo(ctx):
+    _liger(ctx)
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    loss = LigerFusedLinearGRPOLoss(beta=BETA, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, temperature=ctx["T"],
+                                    use_ref_model=True)
+    R, n = ctx["R"], ctx["N"] // ctx["R"]
+    mask = torch.ones(R, n, dtype=torch.long, device=ctx["device"])
+
+    def f(h, W):
+        out = loss(h.view(R, n, -1), W, ctx["t"].view(R, n), mask, ctx["adv"],
+                   ref_per_token_logps=ctx["ref"].view(R, n), old_per_token_logps=ctx["old"].view(R, n))
+        return out[0] if isinstance(out, tuple) else out
+    return f
+
+
+def _need_ext(ctx):
+    if extension() is None:
+        raise NotRunnable("medlvr._C not built")
+    if ctx["device"].type == "cuda" and not extension_has_cuda():
+        raise NotRunnable("medlvr._C built without CUDA")
+
+
+def medlvr_fused(ctx):
+    _need_ext(ctx)
+    return lambda h, W: _weighted(fused_linear_logprobs(h, W, ctx["t"], temperature=ctx["T"]), ctx)
+
+
+def medlvr_fused_vlpo(ctx):
+    _need_ext(ctx)
+    R, n = ctx["R"], ctx["N"] // ctx["R"]
+    mask = torch.ones(R, n, dtype=torch.bool, device=ctx["device"])
+    empty = torch.zeros(R, 0, device=ctx["device"])
+
+    def f(h, W):
+        loss, _, _ = fused_vlpo_loss(h.view(R, n, -1), W, ctx["t"].view(R, n), mask, ctx["old"].view(R, n),
+                                     ctx["adv"], latent_old=empty, eps_low=EPS_LOW, eps_high=EPS_HIGH,
+                                     dual_clip=DUAL, latent_coef=0.0, kl_beta=BETA, token_ref=ctx["ref"].view(R, n),
+                                     latent_ref=empty, temperature=ctx["T"])
+        return loss
+    return f
+
+
+PROVIDERS = {"naive": naive, "TRL": trl, "compiled": compiled, "medlvr unfused": medlvr_unfused,
+             "Liger FLCE": liger_flce, "Liger GRPO": liger_grpo, "medlvr fused": medlvr_fused,
+             "medlvr fused VLPO": medlvr_fused_vlpo}
+
+
+def matrix_rate(device, dtype) -> float:
+    """flop/s of a large square GEMM in this run: the matrix-rate floor's denominator."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty_like(a)
+    ms = _common.time_ms(lambda: torch.mm(a, a, out=out), device=device, warmup=2, iters=5)
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
+def main(argv=None):
+    p = _common.parser(__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--d", type=int, default=None)
+    p.add_argument("--v", type=int, default=152064)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--providers", default=None, help="comma-separated subset of: " + ", ".join(PROVIDERS))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    N, D, V = args.n or (8192 if cuda else 512), args.d or (3584 if cuda else 896), args.v
+    if args.quick:
+        N, D, V = min(N, 64), min(D, 128), min(V, 32000)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    R = 8 if N % 8 == 0 else 1
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h0 = torch.randn(N, D, generator=g).to(device, dtype)
+    W0 = (torch.randn(V, D, generator=g) / D ** 0.5 * 3).to(device, dtype)
+    t = torch.randint(0, V, (N,), generator=g).to(device)
+    with torch.no_grad():  # old / reference log-probs near the policy's, so the clip is sometimes active
+        lp = torch.log_softmax((h0 @ W0.T).float() / args.temperature, -1).gather(-1, t[:, None]).squeeze(-1) \
+            if args.quick or not cuda else None
+    if lp is None:  # GPU shape: avoid the full fp32 logits just to build inputs
+        lp = torch.full((N,), -12.0, device=device)
+    ctx = dict(device=device, N=N, R=R, T=args.temperature, t=t, no_compile=args.no_compile,
+               w=torch.randn(N, generator=g).to(device), adv=torch.randn(R, generator=g).to(device),
+               old=(lp + 0.2 * torch.randn(N, generator=g).to(device)), ref=(lp + 0.2 * torch.randn(N, generator=g)
+                                                                             .to(device)))
+    h = h0.clone().requires_grad_(True)
+    W = W0.clone().requires_grad_(True)
+    shape = f"N={N} D={D} V={V} {str(dtype)[6:]}"
+    elt = h0.element_size()
+    grad_bytes = (N * D + V * D) * elt
+
+    # The bare GEMMs of the same shapes, outputs preallocated: no provider can do less.
+    G = torch.randn(N, V, device=device).to(dtype)
+    logits_out, dh_out, dw_out = torch.empty(N, V, device=device, dtype=dtype), torch.empty_like(h0), \
+        torch.empty_like(W0)
+
+    def bare_fwd():
+        torch.mm(h0, W0.T, out=logits_out)
+
+    def bare_all():
+        bare_fwd()
+        torch.mm(G, W0, out=dh_out)
+        torch.mm(G.T, h0, out=dw_out)
+
+    rate = matrix_rate(device, dtype)
+    floor_ms = 6 * N * V * D / rate * 1e3
+    timers = {"bare GEMMs": (bare_fwd, bare_all)}
+    skipped = []
+    for name in (args.providers.split(",") if args.providers else list(PROVIDERS)):
+        try:
+            fn = PROVIDERS[name](ctx)
+        except NotRunnable as e:
+            skipped.append({"provider": name, "shape": shape, "status": f"not runnable: {e}"})
+            continue
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                return fn(h, W)
+
+        def fwd_bwd(fn=fn):
+            return torch.autograd.grad(fn(h, W), (h, W))
+
+        timers[getattr(fn, "label", name)] = (fwd, fwd_bwd)
+
+    # Round robin: every round times each provider once, so a burst of load from other
+    # processes on a shared machine hits all of them alike; x_gemm is the median over rounds
+    # of (provider / bare GEMMs of the same round).
+    samples = {k: ([], []) for k in timers}
+    failed = {}
+    for r in range(args.warmup + args.iters):
+        for k, (f, fb) in timers.items():
+            if k in failed:
+                continue
+            try:
+                ms = (_common.time_ms(f, device=device, warmup=0, iters=1),
+                      _common.time_ms(fb, device=device, warmup=0, iters=1))
+            except Exception as e:  # a peer that cannot run here is reported, not hidden
+                print(f"{k}: failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+                failed[k] = f"failed: {type(e).__name__}"
+                continue
+            if r >= args.warmup:
+                samples[k][0].append(ms[0])
+                samples[k][1].append(ms[1])
+    bare = samples["bare GEMMs"][1]
+    gemm_ms = statistics.median(bare)
+    rows = []
+    for k, (f, fb) in timers.items():
+        if k in failed:
+            rows.append({"provider": k, "shape": shape, "status": failed[k]})
+            continue
+        ms_f, ms_fb = statistics.median(samples[k][0]), statistics.median(samples[k][1])
+        row = {"provider": k, "shape": shape, "fwd_ms": ms_f, "fwd_bwd_ms": ms_fb,
+               "x_gemm": statistics.median(a / b for a, b in zip(samples[k][1], bare)), "floor_frac": floor_ms / ms_fb,
+               "status": "ok (outputs preallocated)" if k == "bare GEMMs" else "ok"}
+        if k == "compiled" and not cuda:
+            # Inductor's CPU code allocates its buffers outside the aten ops the profiler sees.
+            row["status"] = "ok (memory not measured: Inductor's CPU buffers are invisible to the profiler)"
+        else:
+            peak = 0 if k == "bare GEMMs" else _common.peak_extra_bytes(fb, device=device)
+            row.update(peak_extra_MB=peak / 2**20, beyond_grads_MB=max(peak - grad_bytes, 0) / 2**20)
+        rows.append(row)
+    rows += skipped
+    for r in rows:
+        r["status"] = r.pop("status")  # last column
+    base = next((r for r in rows if r["provider"] == "naive" and r["status"] == "ok"), None)
+    for r in rows:
+        if base and "beyond_grads_MB" in r and r["provider"] != "bare GEMMs":
+            r["mem_vs_naive"] = r["beyond_grads_MB"] / max(base["beyond_grads_MB"], 1e-9)
+    notes = [f"matrix rate measured in this run (square {str(dtype)[6:]} GEMM): {rate / 1e9:.1f} GFLOP/s; "
+             f"floor = 6 N V D / rate = {floor_ms:.1f} ms; bare GEMMs {gemm_ms:.1f} ms (median of "
+             f"{len(bare)} rounds; every round times each provider once, x_gemm is the median of the "
+             f"per-round ratios).",
+             f"beyond_grads_MB = peak_extra_MB - {grad_bytes / 2**20:.1f} MB (d hidden + d W in {str(dtype)[6:]}): "
+             "exact for the fused ops (their gradients exist from the start of the sweep), a lower bound for "
+             "providers whose peak comes before their gradients exist (naive), so mem_vs_naive errs against medlvr.",
+             "medlvr fused: per-token output, so its backward recomputes the logits (4 GEMMs); "
+             "medlvr fused VLPO: the scalar objective, gradients in the forward (3 GEMMs)."]
+    name = "fused_logprobs" + ("-quick" if args.quick else "")
+    _common.report(name, rows, device=device, out=args.out, x="shape", y="fwd_bwd_ms",
+                   title="lm_head + token log-probs, forward+backward", notes=notes)
+
+
+if __name__ == "__main__":
+    main()
