@@ -114,6 +114,59 @@ def peak_extra_bytes(fn: Callable[[], object], *, device: torch.device) -> int:
     return int(peak)
 
 
+def peak_beyond_outputs(fn: Callable[[], object], *, device: torch.device) -> tuple[int, int]:
+    """(peak bytes allocated by ``fn()`` beyond what was live when it started, the same peak not
+    counting the tensors ``fn`` returns), e.g. the memory of a forward + backward beyond the
+    gradients it hands back, whenever in the call they were allocated.
+
+    CPU: the allocator's running total from the profiler's allocation events, the returned
+    tensors' storages recognised by address. CUDA: the caching allocator's peak minus the
+    returned tensors' bytes (a lower bound of the second figure when the peak came before
+    the outputs existed).
+    """
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        outs = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+        nbytes = sum(t.untyped_storage().nbytes() for t in outs)
+        del out, outs
+        return int(peak), int(max(peak - nbytes, 0))
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        outs = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+        ptrs = {t.untyped_storage().data_ptr() for t in outs}
+        del out, outs
+    allocs = []  # (time, ptr, +-bytes, allocator total after the event)
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            e = node.extra_fields
+            allocs.append((node.start_time_ns, e.ptr, e.alloc_size, e.total_allocated))
+        stack.extend(node.children)
+    if not allocs:
+        return 0, 0
+    allocs.sort(key=lambda a: a[0])
+    # An output's storage is the LAST allocation at its address (addresses are reused).
+    last = {ptr: i for i, (_, ptr, size, _) in enumerate(allocs) if size > 0 and ptr in ptrs}
+    base = allocs[0][3] - allocs[0][2]
+    live_out = peak = peak_wo = 0
+    for i, (_, ptr, size, total) in enumerate(allocs):
+        if ptr in last and i >= last[ptr]:
+            live_out += size
+        peak = max(peak, total - base)
+        peak_wo = max(peak_wo, total - base - live_out)
+    return int(peak), int(peak_wo)
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

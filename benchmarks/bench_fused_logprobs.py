@@ -21,9 +21,9 @@ random weights; for the GRPO/VLPO objectives their own loss) and its gradient to
   medlvr fused VLPO   medlvr.ops.fused_vlpo_loss: the VLPO objective (clip, dual clip, k3 KL),
                       gradients computed in the forward chunk by chunk (3 GEMMs)
 Columns: median ms forward (no grad) and forward+backward; x_gemm = fwd+bwd / bare GEMMs;
-floor_frac = (6 N V D flop at the matrix rate of a large square GEMM measured in this run) /
-fwd+bwd; peak_extra_MB beyond the inputs, and beyond_grads_MB: the same minus the gradients of
-hidden and W that every provider returns; mem_vs_naive compares beyond_grads_MB.
+floor_frac = (6 N V D flop at the matrix rate of the fastest large square GEMM of this run) /
+fwd+bwd; peak_extra_MB beyond the inputs, and beyond_grads_MB: the same peak not counting the
+gradients of hidden and W that every provider returns; mem_vs_naive compares beyond_grads_MB.
 """
 from __future__ import annotations
 
@@ -154,13 +154,13 @@ PROVIDERS = {"naive": naive, "TRL": trl, "compiled": compiled, "medlvr unfused":
              "medlvr fused VLPO": medlvr_fused_vlpo}
 
 
-def matrix_rate(device, dtype) -> float:
-    """flop/s of a large square GEMM in this run: the matrix-rate floor's denominator."""
+def square_gemm(device, dtype):
+    """(one large square GEMM, its flop): timed in every round, the fastest gives the matrix
+    rate of the floor (the best this device showed in this run)."""
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     out = torch.empty_like(a)
-    ms = _common.time_ms(lambda: torch.mm(a, a, out=out), device=device, warmup=2, iters=5)
-    return 2 * n ** 3 / (ms * 1e-3)
+    return (lambda: torch.mm(a, a, out=out)), 2 * n ** 3
 
 
 def main(argv=None):
@@ -212,8 +212,8 @@ def main(argv=None):
         torch.mm(G, W0, out=dh_out)
         torch.mm(G.T, h0, out=dw_out)
 
-    rate = matrix_rate(device, dtype)
-    floor_ms = 6 * N * V * D / rate * 1e3
+    square, square_flop = square_gemm(device, dtype)
+    square_ms = []
     timers = {"bare GEMMs": (bare_fwd, bare_all)}
     skipped = []
     for name in (args.providers.split(",") if args.providers else list(PROVIDERS)):
@@ -238,6 +238,7 @@ def main(argv=None):
     samples = {k: ([], []) for k in timers}
     failed = {}
     for r in range(args.warmup + args.iters):
+        square_ms.append(_common.time_ms(square, device=device, warmup=0, iters=1))
         for k, (f, fb) in timers.items():
             if k in failed:
                 continue
@@ -251,6 +252,8 @@ def main(argv=None):
             if r >= args.warmup:
                 samples[k][0].append(ms[0])
                 samples[k][1].append(ms[1])
+    rate = square_flop / (min(square_ms) * 1e-3)
+    floor_ms = 6 * N * V * D / rate * 1e3
     bare = samples["bare GEMMs"][1]
     gemm_ms = statistics.median(bare)
     rows = []
@@ -262,12 +265,8 @@ def main(argv=None):
         row = {"provider": k, "shape": shape, "fwd_ms": ms_f, "fwd_bwd_ms": ms_fb,
                "x_gemm": statistics.median(a / b for a, b in zip(samples[k][1], bare)), "floor_frac": floor_ms / ms_fb,
                "status": "ok (outputs preallocated)" if k == "bare GEMMs" else "ok"}
-        if k == "compiled" and not cuda:
-            # Inductor's CPU code allocates its buffers outside the aten ops the profiler sees.
-            row["status"] = "ok (memory not measured: Inductor's CPU buffers are invisible to the profiler)"
-        else:
-            peak = 0 if k == "bare GEMMs" else _common.peak_extra_bytes(fb, device=device)
-            row.update(peak_extra_MB=peak / 2**20, beyond_grads_MB=max(peak - grad_bytes, 0) / 2**20)
+        peak, beyond = (0, 0) if k == "bare GEMMs" else _common.peak_beyond_outputs(fb, device=device)
+        row.update(peak_extra_MB=peak / 2**20, beyond_grads_MB=beyond / 2**20)
         rows.append(row)
     rows += skipped
     for r in rows:
@@ -276,13 +275,14 @@ def main(argv=None):
     for r in rows:
         if base and "beyond_grads_MB" in r and r["provider"] != "bare GEMMs":
             r["mem_vs_naive"] = r["beyond_grads_MB"] / max(base["beyond_grads_MB"], 1e-9)
-    notes = [f"matrix rate measured in this run (square {str(dtype)[6:]} GEMM): {rate / 1e9:.1f} GFLOP/s; "
+    notes = [f"matrix rate measured in this run (fastest of {len(square_ms)} square {str(dtype)[6:]} GEMMs, one per "
+             f"round): {rate / 1e9:.1f} GFLOP/s; "
              f"floor = 6 N V D / rate = {floor_ms:.1f} ms; bare GEMMs {gemm_ms:.1f} ms (median of "
              f"{len(bare)} rounds; every round times each provider once, x_gemm is the median of the "
              f"per-round ratios).",
-             f"beyond_grads_MB = peak_extra_MB - {grad_bytes / 2**20:.1f} MB (d hidden + d W in {str(dtype)[6:]}): "
-             "exact for the fused ops (their gradients exist from the start of the sweep), a lower bound for "
-             "providers whose peak comes before their gradients exist (naive), so mem_vs_naive errs against medlvr.",
+             f"beyond_grads_MB: the peak not counting the returned d hidden and d W ({grad_bytes / 2**20:.1f} MB in "
+             f"{str(dtype)[6:]}) while they exist" + (" (CUDA: peak minus their bytes, a lower bound)." if cuda else
+                                                      ", from the allocator's timeline (benchmarks/_common.py)."),
              "medlvr fused: per-token output, so its backward recomputes the logits (4 GEMMs); "
              "medlvr fused VLPO: the scalar objective, gradients in the forward (3 GEMMs)."]
     name = "fused_logprobs" + ("-quick" if args.quick else "")

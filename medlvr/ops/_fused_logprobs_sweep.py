@@ -1,4 +1,4 @@
-"""Run path of medlvr.ops.fused_logprobs: the chunked lm_head sweep, registered as torch.ops.medlvr.*.
+"""Run path of medlvr.ops.fused_logprobs: the chunked lm_head sweep (the same code on CPU and CUDA).
 
 One sweep walks the N rows of ``hidden`` in chunks of C rows. Per chunk:
 
@@ -9,14 +9,17 @@ One sweep walks the N rows of ``hidden`` in chunks of C rows. Per chunk:
     logprobs_bwd_(g, x)                  the same kernel's backward, written over the buffer:
                                          x <- d l = (g (onehot - p) - ge p (log p + H)) / T
     d h_c = x W                          GEMM, rows disjoint across chunks
-    d W  += x^T h_c                      GEMM with beta = 1 (addmm_), chunks in a fixed order,
-    d b  += sum_rows x                   so the result is bitwise reproducible (no atomics)
+    d W  += x^T h_c                      GEMM with beta = 1 (addmm_; the first chunk's with beta = 0),
+    d b  += sum_rows x                   chunks in a fixed order, so the result is bitwise
+                                         reproducible (no atomics)
 
 so at no time does more than one chunk of logits exist. Three entry points use it:
 
-- ``fused_logprobs_fwd``: log-probs, lse (and entropy) only, 1 GEMM per chunk;
-- ``fused_logprobs_bwd``: the backward for an upstream g known only then: recompute x from
-  the saved lse, then the three steps above (3 GEMMs per chunk);
+- ``fused_logprobs_fwd`` (torch.ops.medlvr.fused_logprobs_fwd): log-probs, lse (and
+  entropy) only, 1 GEMM per chunk;
+- ``fused_logprobs_bwd`` (torch.ops.medlvr.fused_logprobs_bwd): the backward for an upstream
+  g known only then: recompute x from the saved lse, then the three steps above (3 GEMMs
+  per chunk);
 - ``vlpo_forward_backward``: a scalar objective whose d loss / d logp_i depends on row i alone, so a
   chunk's g is known as soon as its log-probs are: the forward does all 3 GEMMs per chunk
   (the Liger schedule) and nothing is recomputed. The per-token terms are the functions of
@@ -187,9 +190,10 @@ def vlpo_token_terms(logp: Tensor, old: Tensor, ref: Optional[Tensor], adv: Tens
 
 
 def vlpo_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logp: Tensor,
-                          ref_logp: Optional[Tensor], advantages: Tensor, denominator: Tensor, *, inv_temperature: float,
-                          ignore_index: int, chunk: int, compute_dtype: torch.dtype, eps_low: float, eps_high: float,
-                          dual_clip: float, kl_beta: float, need: Tuple[bool, bool, bool]):
+                          ref_logp: Optional[Tensor], advantages: Tensor, denominator: Tensor, *,
+                          inv_temperature: float, ignore_index: int, chunk: int, compute_dtype: torch.dtype,
+                          eps_low: float, eps_high: float, dual_clip: float, kl_beta: float,
+                          need: Tuple[bool, bool, bool]):
     """(loss, logp, d hidden, d weight, d bias) of loss = sum_i l_i / denominator over the rows
     whose target is not ignore_index, l_i = vlpo_token_terms(logp_i, old_i, ref_i, adv_i).
 

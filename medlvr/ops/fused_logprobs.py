@@ -40,11 +40,13 @@ from medlvr.reference.fused_logprobs import compute_dtype, fused_linear_logprobs
 
 __all__ = ["fused_linear_logprobs", "fused_vlpo_loss", "lm_head_logprobs"]
 
-# Bytes of the one logits buffer: large enough that a chunk's GEMMs run near full rate
-# (C ~ 800 rows for V = 152064 bf16 on a GPU, ~130 rows fp32 on a CPU), small against the
-# 512 MB target of the whole op on a GPU and a quarter of the unfused path's extra memory
-# on a CPU (benchmarks/bench_fused_logprobs.py measures both).
-_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 80 * 2**20}
+# Bytes of the one logits buffer: large enough that a chunk's GEMMs run near full rate, small
+# against the 512 MB target of the whole op on a GPU (C ~ 800 rows for V = 152064 bf16) and a
+# quarter of the unfused path's extra memory on a CPU (C = 256 rows fp32 at N = 512). On a CPU
+# every chunk re-reads W and read-modify-writes d W, which is what costs there (measured on
+# 2 cores at N = 512, D = 896: the 3 GEMMs chunked by 128 / 256 / 512 rows took 1.26 / 1.11 /
+# 1.03x their unchunked time); benchmarks/bench_fused_logprobs.py measures time and memory.
+_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 160 * 2**20}
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         bias: (V,) or None, the lm_head bias.
         temperature: > 0; the distribution is softmax(logits / temperature).
         return_entropy: also return each row's entropy of that distribution (differentiable).
-        chunk_size: rows per chunk (default: a (C, V) logits buffer of <= 80 MiB on CPU, 256 MiB on CUDA).
+        chunk_size: rows per chunk (default: a (C, V) logits buffer of <= 160 MiB on CPU, 256 MiB on CUDA).
     Returns:
         logp (N,) fp32 (fp64 for fp64 inputs), and entropy (N,) when ``return_entropy``.
     Gradients flow to hidden, weight and bias.
