@@ -178,6 +178,18 @@ def test_registered_ops_pass_opcheck():
                            True, True, False))
 
 
+def test_torch_compile_traces_the_registered_ops_in_one_graph():
+    h, w, _, t = _linear(9, 301, 16, torch.float32, "cpu", ignore_every=4)
+    gw = torch.randn(9)
+    f = torch.compile(lambda h, w: (fused_linear_logprobs(h, w, t, temperature=0.8, chunk_size=4) * gw).sum(),
+                      fullgraph=True, backend="aot_eager")
+    got = [x.detach().clone().requires_grad_(True) for x in (h, w)]
+    f(*got).backward()
+    want = _run(fused_linear_logprobs, h, w, None, t, gw, temperature=0.8, chunk_size=4)
+    torch.testing.assert_close(got[0].grad, want[2], rtol=0, atol=0)
+    torch.testing.assert_close(got[1].grad, want[3], rtol=0, atol=0)
+
+
 def test_lm_head_logprobs_fuses_a_linear_and_honours_other_modules():
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 300, bias=True)
