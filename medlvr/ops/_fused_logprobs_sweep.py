@@ -183,7 +183,7 @@ def vlpo_token_terms(logp: Tensor, old: Tensor, ref: Optional[Tensor], adv: Tens
                      eps_high: float, dual_clip: float, kl_beta: float) -> Tensor:
     """Per-position VLPO loss: ppo_clip_loss + kl_beta * kl_k3, the functions of medlvr/train/vlpo.py
     (imported, not copied), combined as its vlpo_loss combines them."""
-    from medlvr.train.vlpo import kl_k3, ppo_clip_loss
+    from medlvr.train.vlpo_loss import kl_k3, ppo_clip_loss
 
     pg, _ = ppo_clip_loss(logp, old, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
     return pg if kl_beta <= 0 else pg + kl_beta * kl_k3(logp, ref)

@@ -75,7 +75,7 @@ def fused_vlpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, tokens: torc
     predict the answer tokens (R T); mu / z (R K D) the latent means and fed-back latents
     (None: no latent term, latent log-probs 0, as policy_forward gives for sigma = 0).
     """
-    from medlvr.train.vlpo import vlpo_loss  # the one definition of the clip / KL / aggregation
+    from medlvr.train.vlpo_loss import vlpo_loss  # the one definition of the clip / KL / aggregation
 
     R, T = tokens.shape
     keep = token_mask.bool()
