@@ -23,7 +23,7 @@ so at no time does more than one chunk of logits exist. Three entry points use i
 - ``vlpo_forward_backward``: a scalar objective whose d loss / d logp_i depends on row i alone, so a
   chunk's g is known as soon as its log-probs are: the forward does all 3 GEMMs per chunk
   (the Liger schedule) and nothing is recomputed. The per-token terms are the functions of
-  medlvr/train/vlpo.py (ppo_clip_loss, kl_k3), differentiated by autograd on the (C,) log-prob
+  medlvr/train/vlpo_loss.py (ppo_clip_loss, kl_k3), differentiated by autograd on the (C,) log-prob
   vector, so there is one definition of the clip math.
 
 Inputs arrive in their own dtypes and are cast once to ``compute_dtype`` (the rule is
@@ -181,7 +181,7 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, inv_
 
 def vlpo_token_terms(logp: Tensor, old: Tensor, ref: Optional[Tensor], adv: Tensor, *, eps_low: float,
                      eps_high: float, dual_clip: float, kl_beta: float) -> Tensor:
-    """Per-position VLPO loss: ppo_clip_loss + kl_beta * kl_k3, the functions of medlvr/train/vlpo.py
+    """Per-position VLPO loss: ppo_clip_loss + kl_beta * kl_k3, the functions of medlvr/train/vlpo_loss.py
     (imported, not copied), combined as its vlpo_loss combines them."""
     from medlvr.train.vlpo_loss import kl_k3, ppo_clip_loss
 
@@ -197,7 +197,7 @@ def vlpo_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     """(loss, logp, d hidden, d weight, d bias) of loss = sum_i l_i / denominator over the rows
     whose target is not ignore_index, l_i = vlpo_token_terms(logp_i, old_i, ref_i, adv_i).
 
-    Not a registered op: the chunk's d loss / d logp is autograd through vlpo.py's functions,
+    Not a registered op: the chunk's d loss / d logp is autograd through vlpo_loss.py's functions,
     and a custom op's kernel runs below autograd. Its kernels (the GEMMs and the medlvr._C
     log-prob kernels) are registered ops each.
     """

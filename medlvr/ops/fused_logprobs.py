@@ -228,7 +228,7 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
                     eps_low: float, eps_high: float, dual_clip: float, latent_coef: float, kl_beta: float = 0.0,
                     token_ref: torch.Tensor | None = None, latent_ref: torch.Tensor | None = None,
                     temperature: float = 1.0, bias: torch.Tensor | None = None, chunk_size: int | None = None):
-    """medlvr.train.vlpo.vlpo_loss of one batch of R rollouts, straight from hidden states.
+    """medlvr.train.vlpo_loss.vlpo_loss of one batch of R rollouts, straight from hidden states.
 
     Args (the layout of vlpo_loss and rollout.policy_forward):
         hidden: (R, T, D) the states predicting answer token t of rollout r (policy_forward's h_ans).

@@ -7,7 +7,7 @@
 Both materialise the (N, V) logits ``hidden @ weight.T (+ bias)`` and hand them to
 gather_logprobs_ref, which makes an fp32 copy: that is what the fast path in
 medlvr/ops/fused_logprobs.py must equal without ever holding either tensor. The VLPO
-objective here is literally medlvr.train.vlpo.vlpo_loss over those log-probs and the latent
+objective here is literally medlvr.train.vlpo_loss.vlpo_loss over those log-probs and the latent
 Gaussian log-probs, i.e. what rollout.policy_forward + vlpo_loss compute.
 
 The dtype contract of the op lives here too (:func:`compute_dtype`), because the reference is
@@ -71,7 +71,7 @@ def fused_vlpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, tokens: torc
                         bias: torch.Tensor | None = None):
     """The VLPO objective of one batch of rollouts, unfused: (loss, token_logp, latent_logp).
 
-    Shapes as medlvr.train.vlpo.vlpo_loss takes them: hidden (R T D) are the states that
+    Shapes as medlvr.train.vlpo_loss.vlpo_loss takes them: hidden (R T D) are the states that
     predict the answer tokens (R T); mu / z (R K D) the latent means and fed-back latents
     (None: no latent term, latent log-probs 0, as policy_forward gives for sigma = 0).
     """
