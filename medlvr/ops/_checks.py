@@ -35,9 +35,27 @@ def tensor(name: str, t, *, dims: int | None = None, dtypes=None) -> torch.Tenso
     return t
 
 
+def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
 def same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.device != ref.device:
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+
+
+def same_devices(ref_name: str, ref: torch.Tensor, **named) -> None:
+    """same_device for several tensors at once; None entries (optional arguments) are skipped."""
+    for name, t in named.items():
+        if t is not None:
+            same_device(name, t, ref_name, ref)
+
+
+def choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
 
 
 def positive_float(name: str, value) -> float:
@@ -49,9 +67,11 @@ def positive_float(name: str, value) -> float:
     return value
 
 
-def integer(name: str, value) -> int:
+def integer(name: str, value, *, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 

@@ -46,29 +46,9 @@ def _kernels(name: str):
 
 
 # ---------------------------------------------------------------- argument checks
-def _tensor(name: str, t, *, dims: int | None = None, dtypes=None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dims is not None and t.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dims, got shape {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-
-
-def _same_device(ref_t: torch.Tensor, **named) -> None:
-    for name, t in named.items():
-        if t is not None and t.device != ref_t.device:
-            raise ValueError(f"{name} must be on {ref_t.device} like q/hidden, got {t.device}")
-
-
-def _shape(name: str, t: torch.Tensor, expected: tuple) -> None:
-    if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
-
-
 def _check_caches(k_cache, v_cache, *, B: int, Hkv: int, Dh: int) -> None:
-    _tensor("k_cache", k_cache, dims=4, dtypes=_FLOATS)
-    _tensor("v_cache", v_cache, dims=4, dtypes=_FLOATS)
+    _checks.tensor("k_cache", k_cache, dims=4, dtypes=_FLOATS)
+    _checks.tensor("v_cache", v_cache, dims=4, dtypes=_FLOATS)
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     if k_cache.shape[0] < B:
@@ -111,15 +91,15 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
         Without it a GPU call with a slot >= L_max writes nothing for that sample (the
         kernel never writes outside the cache); CPU calls are always checked.
     """
-    _tensor("q", q, dims=3, dtypes=_FLOATS)
-    _tensor("k", k, dims=3, dtypes=_FLOATS)
-    _tensor("v", v, dims=3, dtypes=_FLOATS)
+    _checks.tensor("q", q, dims=3, dtypes=_FLOATS)
+    _checks.tensor("k", k, dims=3, dtypes=_FLOATS)
+    _checks.tensor("v", v, dims=3, dtypes=_FLOATS)
     B, Hq, Dh = q.shape
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k and v must have q's dtype {q.dtype}, got k {k.dtype}, v {v.dtype}")
     if k.shape[0] != B or k.shape[2] != Dh:
         raise ValueError(f"k must have shape (B={B}, Hkv, Dh={Dh}), got {tuple(k.shape)}")
-    _shape("v", v, tuple(k.shape))
+    _checks.shape("v", v, tuple(k.shape))
     Hkv = k.shape[1]
     if Hkv < 1 or Hq % Hkv != 0:
         raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
@@ -128,11 +108,11 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
     rd = Dh if rotary_dim is None else rotary_dim
     if not isinstance(rd, int) or rd < 2 or rd > Dh or rd % 2 != 0:
         raise ValueError(f"rotary_dim must be an even int in [2, Dh={Dh}], got {rotary_dim!r}")
-    _tensor("inv_freq", inv_freq, dims=1, dtypes=_FLOATS)
-    _shape("inv_freq", inv_freq, (rd // 2,))
-    _tensor("positions", positions, dtypes=_INTS)
+    _checks.tensor("inv_freq", inv_freq, dims=1, dtypes=_FLOATS)
+    _checks.shape("inv_freq", inv_freq, (rd // 2,))
+    _checks.tensor("positions", positions, dtypes=_INTS)
     if mrope_section is None:
-        _shape("positions", positions, (B,))
+        _checks.shape("positions", positions, (B,))
     else:
         sec = list(mrope_section)
         # Three chunks (temporal, height, width) as in every Qwen2/2.5-VL config; the
@@ -141,14 +121,14 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
             raise ValueError(f"mrope_section must be 3 positive ints (t, h, w), got {mrope_section!r}")
         if sum(sec) != rd // 2:
             raise ValueError(f"mrope_section must sum to rotary_dim/2 = {rd // 2}, got {tuple(sec)} (sum {sum(sec)})")
-        _shape("positions", positions, (3, B))
+        _checks.shape("positions", positions, (3, B))
     _check_caches(k_cache, v_cache, B=B, Hkv=Hkv, Dh=Dh)
-    _tensor("slots", slots, dims=1, dtypes=_INTS)
-    _shape("slots", slots, (B,))
+    _checks.tensor("slots", slots, dims=1, dtypes=_INTS)
+    _checks.shape("slots", slots, (B,))
     if out is not None:
-        _tensor("out", out, dtypes=(q.dtype,))
-        _shape("out", out, tuple(q.shape))
-    _same_device(q, k=k, v=v, positions=positions, inv_freq=inv_freq, k_cache=k_cache, v_cache=v_cache,
+        _checks.tensor("out", out, dtypes=(q.dtype,))
+        _checks.shape("out", out, tuple(q.shape))
+    _checks.same_devices("q", q, k=k, v=v, positions=positions, inv_freq=inv_freq, k_cache=k_cache, v_cache=v_cache,
                  slots=slots, out=out)
     if _debug_checks_on(check, q) and B > 0:
         hi = int(slots.max())
@@ -190,32 +170,32 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         not inside a graph). Without it the kernel reads at most L_max positions of each
         sample and clamps rows into the cache; CPU calls are always checked.
     """
-    _tensor("q", q, dims=3, dtypes=_FLOATS)
+    _checks.tensor("q", q, dims=3, dtypes=_FLOATS)
     B, Hq, Dh = q.shape
-    _tensor("k_cache", k_cache, dims=4, dtypes=_FLOATS)
+    _checks.tensor("k_cache", k_cache, dims=4, dtypes=_FLOATS)
     Hkv = k_cache.shape[1]
     if Hkv < 1 or Hq % Hkv != 0:
         raise ValueError(f"q heads ({Hq}) must be a multiple of the cache's kv heads ({Hkv})")
     _check_caches(k_cache, v_cache, B=B if rows is None else min(B, 1), Hkv=Hkv, Dh=Dh)
     if rows is not None:
-        _tensor("rows", rows, dims=1, dtypes=_INTS)
-        _shape("rows", rows, (B,))
+        _checks.tensor("rows", rows, dims=1, dtypes=_INTS)
+        _checks.shape("rows", rows, (B,))
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"v_cache must have k_cache's dtype {k_cache.dtype}, got {v_cache.dtype}")
     if k_cache.dtype != q.dtype:  # the kernel's tensor-core dots take one input dtype
         raise TypeError(f"k_cache/v_cache must have q's dtype {q.dtype}, got {k_cache.dtype}")
-    _tensor("lengths", lengths, dims=1, dtypes=_INTS)
-    _shape("lengths", lengths, (B,))
+    _checks.tensor("lengths", lengths, dims=1, dtypes=_INTS)
+    _checks.shape("lengths", lengths, (B,))
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     if out is not None:
-        _tensor("out", out, dtypes=(q.dtype,))
-        _shape("out", out, tuple(q.shape))
-    _same_device(q, k_cache=k_cache, v_cache=v_cache, lengths=lengths, out=out, rows=rows)
+        _checks.tensor("out", out, dtypes=(q.dtype,))
+        _checks.shape("out", out, tuple(q.shape))
+    _checks.same_devices("q", q, k_cache=k_cache, v_cache=v_cache, lengths=lengths, out=out, rows=rows)
     if _debug_checks_on(check, q) and B > 0:
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > k_cache.shape[2]:
@@ -248,16 +228,16 @@ def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, l
     (fp64 for fp64); returns out (B H Dh) in o_a's dtype. A few elementwise torch ops on
     every device: no host sync, capturable in a CUDA graph.
     """
-    _tensor("o_a", o_a, dims=3, dtypes=_FLOATS)
-    _tensor("o_b", o_b, dims=3, dtypes=(o_a.dtype,))
-    _shape("o_b", o_b, tuple(o_a.shape))
+    _checks.tensor("o_a", o_a, dims=3, dtypes=_FLOATS)
+    _checks.tensor("o_b", o_b, dims=3, dtypes=(o_a.dtype,))
+    _checks.shape("o_b", o_b, tuple(o_a.shape))
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
-        _tensor(name, t, dims=2, dtypes=_FLOATS)
-        _shape(name, t, tuple(o_a.shape[:2]))
+        _checks.tensor(name, t, dims=2, dtypes=_FLOATS)
+        _checks.shape(name, t, tuple(o_a.shape[:2]))
     if out is not None:
-        _tensor("out", out, dtypes=(o_a.dtype,))
-        _shape("out", out, tuple(o_a.shape))
-    _same_device(o_a, o_b=o_b, lse_a=lse_a, lse_b=lse_b, out=out)
+        _checks.tensor("out", out, dtypes=(o_a.dtype,))
+        _checks.shape("out", out, tuple(o_a.shape))
+    _checks.same_devices("o_a", o_a, o_b=o_b, lse_a=lse_a, lse_b=lse_b, out=out)
     return ref.merge_attention(o_a, lse_a, o_b, lse_b, out=out)
 
 
@@ -279,22 +259,22 @@ def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, 
     Returns: without projector ``out`` itself; with a projector the normed hidden (B D).
     The projector (any callable, e.g. nn.Linear) runs in torch after the fused norm.
     """
-    _tensor("hidden", hidden, dims=2, dtypes=_FLOATS)
+    _checks.tensor("hidden", hidden, dims=2, dtypes=_FLOATS)
     B, D = hidden.shape
-    _tensor("weight", weight, dims=1, dtypes=_FLOATS)
-    _shape("weight", weight, (D,))
+    _checks.tensor("weight", weight, dims=1, dtypes=_FLOATS)
+    _checks.shape("weight", weight, (D,))
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-    _tensor("out", out, dims=2, dtypes=_FLOATS)
+    _checks.tensor("out", out, dims=2, dtypes=_FLOATS)
     if out.shape[0] != B or (projector is None and out.shape[1] != D):
         want = f"(B={B}, D={D})" if projector is None else f"(B={B}, projector's output size)"
         raise ValueError(f"out must have shape {want}, got {tuple(out.shape)}")
     if active is not None:
-        _tensor("active", active, dims=1, dtypes=(torch.bool,))
-        _shape("active", active, (B,))
+        _checks.tensor("active", active, dims=1, dtypes=(torch.bool,))
+        _checks.shape("active", active, (B,))
     if projector is not None and not callable(projector):
         raise TypeError(f"projector must be callable or None, got {type(projector).__name__}")
-    _same_device(hidden, weight=weight, out=out, active=active)
+    _checks.same_devices("hidden", hidden, weight=weight, out=out, active=active)
 
     backend = _checks.backend("rmsnorm_feedback", hidden.device, has_triton=True, hidden=hidden, weight=weight,
                               out=out)
@@ -334,15 +314,15 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, *
     tensor takes the reference (fp64 rule, medlvr/ops/_checks.py). No out buffers: inside
     a captured graph the allocations come from the graph's pool.
     """
-    _tensor("x", x, dims=2, dtypes=_FLOATS)
+    _checks.tensor("x", x, dims=2, dtypes=_FLOATS)
     B, D = x.shape
-    _tensor("residual", residual, dims=2, dtypes=_FLOATS)
-    _shape("residual", residual, (B, D))
-    _tensor("weight", weight, dims=1, dtypes=_FLOATS)
-    _shape("weight", weight, (D,))
+    _checks.tensor("residual", residual, dims=2, dtypes=_FLOATS)
+    _checks.shape("residual", residual, (B, D))
+    _checks.tensor("weight", weight, dims=1, dtypes=_FLOATS)
+    _checks.shape("weight", weight, (D,))
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-    _same_device(x, residual=residual, weight=weight)
+    _checks.same_devices("x", x, residual=residual, weight=weight)
 
     backend = _checks.backend("add_rmsnorm", x.device, has_triton=True, x=x, residual=residual, weight=weight)
     if backend == "triton" and B > 0:

@@ -37,22 +37,6 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_choice(name: str, value, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def _check_float_tensor(name: str, x, ndim: int) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be one of {_FLOAT_DTYPES}, got {x.dtype}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    return x
-
-
 def _geometry_of(grid_thw, boxes, box_image, bins, geometry, merge, patch) -> RoiGeometry:
     """The call's geometry: the one given, or one prepared from the boxes (the old form)."""
     if geometry is None:
@@ -75,13 +59,13 @@ def _geometry_of(grid_thw, boxes, box_image, bins, geometry, merge, patch) -> Ro
 
 def _check_call(latents, vision_tokens, geometry: RoiGeometry, pooling, loss, reduction, sampling_ratio) -> None:
     """Shape/dtype/device checks of one call: Python ints only, nothing read from a device."""
-    _check_float_tensor("latents", latents, 3)
-    _check_float_tensor("vision_tokens", vision_tokens, 2)
+    _checks.tensor("latents", latents, dims=3, dtypes=_FLOAT_DTYPES)
+    _checks.tensor("vision_tokens", vision_tokens, dims=2, dtypes=_FLOAT_DTYPES)
     if vision_tokens.device != latents.device:
         raise ValueError(f"vision_tokens must be on the latents' device {latents.device}, got {vision_tokens.device}")
-    _check_choice("pooling", pooling, _POOLINGS)
-    _check_choice("loss", loss, _LOSSES)
-    _check_choice("reduction", reduction, _REDUCTIONS)
+    _checks.choice("pooling", pooling, _POOLINGS)
+    _checks.choice("loss", loss, _LOSSES)
+    _checks.choice("reduction", reduction, _REDUCTIONS)
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
         raise TypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
     if sampling_ratio != -1 and sampling_ratio < 1:

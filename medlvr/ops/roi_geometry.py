@@ -112,18 +112,10 @@ class RoiGeometry:
         return self._with_buffer(self.buffer.pin_memory())
 
 
-def check_int(name: str, value, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def check_bins(bins) -> tuple[int, int]:
     if not isinstance(bins, (tuple, list)) or len(bins) != 2:
         raise TypeError(f"bins must be a pair (gh, gw), got {bins!r}")
-    return check_int("bins[0] (gh)", bins[0]), check_int("bins[1] (gw)", bins[1])
+    return _checks.integer("bins[0] (gh)", bins[0], minimum=1), _checks.integer("bins[1] (gw)", bins[1], minimum=1)
 
 
 def prepare_roi_geometry(grid_thw: torch.Tensor, boxes: torch.Tensor, box_image: torch.Tensor, *,
@@ -143,8 +135,8 @@ def prepare_roi_geometry(grid_thw: torch.Tensor, boxes: torch.Tensor, box_image:
     _checks.tensor("boxes", boxes, dims=2)
     _checks.tensor("box_image", box_image, dims=1)
     gh, gw = check_bins(bins)
-    check_int("merge", merge)
-    check_int("patch", patch)
+    _checks.integer("merge", merge, minimum=1)
+    _checks.integer("patch", patch, minimum=1)
     R = boxes.shape[0]
     if grid_thw.shape[1] != 3 or grid_thw.is_floating_point() or grid_thw.is_complex():
         raise ValueError(f"grid_thw must be an integer tensor (I, 3), got {grid_thw.dtype} {tuple(grid_thw.shape)}")
