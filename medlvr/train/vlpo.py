@@ -11,7 +11,8 @@ One step (GRPO-style, docs/vlpo.md):
 3. Advantages: normalised within each prompt's group of n (``vlpo_loss.group_advantages``).
 4. Log-probs: one teacher-forced forward over [prompt; z_0..z_{K-1}; <|latent_end|>;
    answer] (``rollout.policy_forward``). Text positions: log softmax(logits / T) of the
-   sampled token (``medlvr.ops.gather_logprobs``). Latent positions:
+   sampled token, from the answer states and the lm_head weight without a logits tensor
+   (``medlvr.ops.lm_head_logprobs``). Latent positions:
    log N(z_t; mu_t, sigma^2 I) = -||z_t - mu_t||^2 / (2 sigma^2)
    (``medlvr.ops.latent_gaussian_logprob``), mu_t = the current policy's hidden state at
    sequence index s0 + t - 1 (the position shift: mu comes from the position BEFORE the
