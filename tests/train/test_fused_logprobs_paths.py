@@ -10,7 +10,7 @@ from medlvr.models import build_default
 from medlvr.models.hf import unwrap
 from medlvr.train import latent as L
 from medlvr.train.rollout import policy_forward
-from medlvr.train.vlpo import VLPOConfig
+from medlvr.train.vlpo_step import VLPOConfig
 
 from _latent_batches import make_batch
 from _threads import one_thread  # noqa: F401  (autouse fixture)
