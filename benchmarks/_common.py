@@ -79,6 +79,16 @@ def time_ms(fn: Callable[[], object], *, device: torch.device, warmup: int = 3, 
     return statistics.median(samples)
 
 
+def _cuda_peak(fn: Callable[[], object], device: torch.device) -> tuple[int, object]:
+    """(the caching allocator's peak during ``fn()`` above what was allocated before, its result)."""
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    sync(device)
+    return int(torch.cuda.max_memory_allocated(device) - base), out
+
+
 def peak_extra_bytes(fn: Callable[[], object], *, device: torch.device) -> int:
     """Peak bytes allocated by ``fn()`` beyond what was live when it started.
 
@@ -88,14 +98,9 @@ def peak_extra_bytes(fn: Callable[[], object], *, device: torch.device) -> int:
     """
     gc.collect()
     if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        out = fn()
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
+        peak, out = _cuda_peak(fn, device)
         del out
-        return int(peak)
+        return peak
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -126,12 +131,7 @@ def peak_beyond_outputs(fn: Callable[[], object], *, device: torch.device) -> tu
     """
     gc.collect()
     if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        out = fn()
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
+        peak, out = _cuda_peak(fn, device)
         outs = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
         nbytes = sum(t.untyped_storage().nbytes() for t in outs)
         del out, outs
@@ -175,6 +175,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for CSV, Markdown and PNG")
     p.add_argument("--quick", action="store_true", help="small shapes, for smoke tests")
     return p
+
+
+def cpu_threads(args: argparse.Namespace, device: torch.device) -> None:
+    """Apply ``--threads`` on a CPU run (default: 1 for --quick smoke runs, where intra-op
+    threads only add OpenMP wake-ups on tiny ops; else torch's own default)."""
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or (1 if args.quick else torch.get_num_threads()))
 
 
 def _fmt(v) -> str:

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import medlvr  # noqa: E402
-from benchmarks._common import parser, peak_extra_bytes, report, time_ms  # noqa: E402
+from benchmarks._common import cpu_threads, parser, peak_extra_bytes, report, time_ms  # noqa: E402
 from benchmarks.bench_latent_step import build_model as build_qwen  # noqa: E402
 from medlvr.dropin import LatentSpec  # noqa: E402
 from medlvr.reference import dropin_loops  # noqa: E402
@@ -200,8 +200,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     quick = args.quick
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or (1 if quick else torch.get_num_threads()))
+    cpu_threads(args, device)
     dtype = torch.float32 if quick or device.type == "cpu" else torch.bfloat16
     chosen = [s for s in args.presets.split(",") if s]
     rows, notes = [], []

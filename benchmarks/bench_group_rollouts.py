@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import parser, peak_extra_bytes, report, time_ms  # noqa: E402
+from benchmarks._common import cpu_threads, parser, peak_extra_bytes, report, time_ms  # noqa: E402
 from benchmarks.bench_latent_step import build_model  # noqa: E402
 from medlvr.engine import LatentEngine  # noqa: E402
 
@@ -43,8 +43,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     quick = args.quick
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or (1 if quick else torch.get_num_threads()))
+    cpu_threads(args, device)
     dtype = torch.float32 if quick else torch.bfloat16
     P, G, S, K, T = (2, 4, 64, 4, 8) if quick else (8, 8, 1024, 8, 64)
     latent_end = 8 if quick else 151666

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import _hf_peers  # noqa: E402
-from benchmarks._common import parser, report, time_ms  # noqa: E402
+from benchmarks._common import cpu_threads, parser, report, time_ms  # noqa: E402
 from medlvr.engine import LatentEngine  # noqa: E402
 from medlvr.models import hf  # noqa: E402
 from medlvr.reference.latent_loop import latent_loop  # noqa: E402
@@ -143,8 +143,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     quick = args.quick
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or (1 if quick else torch.get_num_threads()))
+    cpu_threads(args, device)
     dtype = torch.float32 if quick else torch.bfloat16
     lengths = [128, 512] if quick else [1024, 4096]
     batches = [1, 4] if quick else [1, 8, 32]
