@@ -16,17 +16,7 @@ from devices import backend_devices, kernel_devices, triton_devices
 from medlvr.ops.roi_align_loss import roi_align_loss, roi_align_loss_memory_floor
 from medlvr.reference.roi_align import clip_boxes, roi_align_loss_ref, roi_pool_targets_ref
 
-CELL = 28  # merge 2 × patch 14: pixels per token side
-
-# Three images of odd token grids (7×5, 3×9, 2×2); the last has no box.
-GRID = torch.tensor([[1, 14, 10], [1, 6, 18], [1, 4, 4]])
-# box rows: smaller than one token, on the border, whole image, partly outside (clipped)
-BOXES = torch.tensor([[30.0, 31.0, 45.5, 40.0],
-                      [0.0, 100.0, 140.0, 196.0],
-                      [0.0, 0.0, 252.0, 84.0],
-                      [-20.0, 10.0, 75.0, 400.0]])
-BOX_IMAGE = torch.tensor([0, 0, 1, 0])
-BINS = (2, 3)
+from _roi_cases import BINS, BOX_IMAGE, BOXES, CELL, GRID  # noqa: E402
 
 
 def n_tokens(grid):

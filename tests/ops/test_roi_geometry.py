@@ -13,14 +13,7 @@ from devices import backend_devices, kernel_devices, triton_devices
 from medlvr.ops.roi_align_loss import RoiGeometry, prepare_roi_geometry, roi_align_loss
 from medlvr.reference.roi_align import roi_align_loss_ref
 
-GRID = torch.tensor([[1, 14, 10], [1, 6, 18], [1, 4, 4]])  # 35 + 27 + 4 merged tokens
-BOXES = torch.tensor([[30.0, 31.0, 45.5, 40.0],
-                      [0.0, 100.0, 140.0, 196.0],
-                      [0.0, 0.0, 252.0, 84.0],
-                      [-20.0, 10.0, 75.0, 400.0]])
-BOX_IMAGE = torch.tensor([0, 0, 1, 0])
-BINS = (2, 3)
-T = 66
+from _roi_cases import BINS, BOX_IMAGE, BOXES, GRID, T  # noqa: E402
 
 
 def _zv(D=16, z_dtype=torch.float32, v_dtype=torch.float32, device="cpu"):
