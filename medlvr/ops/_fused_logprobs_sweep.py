@@ -20,11 +20,12 @@ so at no time does more than one chunk of logits exist. Three entry points use i
 - ``fused_logprobs_bwd`` (torch.ops.medlvr.fused_logprobs_bwd): the backward for an upstream
   g known only then: recompute x from the saved lse, then the three steps above (3 GEMMs
   per chunk);
-- ``vlpo_forward_backward``: a scalar objective whose d loss / d logp_i depends on row i alone, so a
-  chunk's g is known as soon as its log-probs are: the forward does all 3 GEMMs per chunk
-  (the Liger schedule) and nothing is recomputed. The per-token terms are the functions of
-  medlvr/train/vlpo_loss.py (ppo_clip_loss, kl_k3), differentiated by autograd on the (C,) log-prob
-  vector, so there is one definition of the clip math.
+- ``objective_forward_backward``: a scalar objective whose d loss / d logp_i depends on row i
+  alone, so a chunk's g is known as soon as its log-probs are: the forward does all 3 GEMMs
+  per chunk (the Liger schedule) and nothing is recomputed. Two heads give that g:
+  ``vlpo_head`` (VLPO's clipped ratio + KL: the functions of medlvr/reference/vlpo_loss.py,
+  differentiated by autograd on the (C,) log-prob vector, so there is one definition of the
+  clip math) and ``weighted_sum_head`` (sum_i w_i logp_i: cross-entropy, per-sample means).
 
 Inputs arrive in their own dtypes and are cast once to ``compute_dtype`` (the rule is
 medlvr.reference.fused_logprobs.compute_dtype); gradients leave in each input's dtype, d W
@@ -39,6 +40,7 @@ from torch import Tensor
 # The log-prob kernels of medlvr._C must be registered before these ops run; importing the
 # extension does that (the wrapper only dispatches here when it was built).
 from medlvr import _backend
+from medlvr.reference.vlpo_loss import kl_k3, ppo_clip_loss
 
 Head = Callable[[slice, Tensor], Tuple[Tensor, Tensor]]
 
@@ -181,39 +183,54 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, inv_
 
 def vlpo_token_terms(logp: Tensor, old: Tensor, ref: Optional[Tensor], adv: Tensor, *, eps_low: float,
                      eps_high: float, dual_clip: float, kl_beta: float) -> Tensor:
-    """Per-position VLPO loss: ppo_clip_loss + kl_beta * kl_k3, the functions of medlvr/train/vlpo_loss.py
-    (imported, not copied), combined as its vlpo_loss combines them."""
-    from medlvr.train.vlpo_loss import kl_k3, ppo_clip_loss
-
+    """Per-position VLPO loss: ppo_clip_loss + kl_beta * kl_k3, the functions of
+    medlvr/reference/vlpo_loss.py, combined as its vlpo_loss combines them."""
     pg, _ = ppo_clip_loss(logp, old, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
     return pg if kl_beta <= 0 else pg + kl_beta * kl_k3(logp, ref)
 
 
-def vlpo_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logp: Tensor,
-                          ref_logp: Optional[Tensor], advantages: Tensor, denominator: Tensor, *,
-                          inv_temperature: float, ignore_index: int, chunk: int, compute_dtype: torch.dtype,
-                          eps_low: float, eps_high: float, dual_clip: float, kl_beta: float,
-                          need: Tuple[bool, bool, bool]):
-    """(loss, logp, d hidden, d weight, d bias) of loss = sum_i l_i / denominator over the rows
-    whose target is not ignore_index, l_i = vlpo_token_terms(logp_i, old_i, ref_i, adv_i).
+def vlpo_head(old_logp: Optional[Tensor], ref_logp: Optional[Tensor], advantages: Tensor, keep: Tensor,
+              denominator: Tensor, *, eps_low: float, eps_high: float, dual_clip: float, kl_beta: float) -> Head:
+    """The token part of VLPO's loss, sum_i keep_i l_i / denominator with
+    l_i = vlpo_token_terms(logp_i, old_i, ref_i, adv_i); old_logp None means on-policy (old =
+    the log-probs being computed, detached: PPO's first epoch, ratio exactly 1).
 
-    Not a registered op: the chunk's d loss / d logp is autograd through vlpo_loss.py's functions,
-    and a custom op's kernel runs below autograd. Its kernels (the GEMMs and the medlvr._C
-    log-prob kernels) are registered ops each.
-    """
-    keep = (targets != ignore_index).to(_stat_dtype(compute_dtype))
+    d loss / d logp of a chunk is autograd through the very functions vlpo_loss uses (the same
+    ops in the same order: (l * mask).sum() / denominator), so there is one definition of the
+    clip math."""
     terms = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, kl_beta=kl_beta)
 
     def head(rows: slice, lp: Tensor):
-        # d loss / d logp of the chunk, by autograd through the very functions vlpo_loss uses
-        # (the same ops in the same order: (l * mask).sum() / denominator).
         with torch.enable_grad():
             x = lp.detach().requires_grad_(True)
+            old = lp.detach() if old_logp is None else old_logp[rows]
             ref = None if ref_logp is None else ref_logp[rows]
-            s = (vlpo_token_terms(x, old_logp[rows], ref, advantages[rows], **terms) * keep[rows]).sum() / denominator
+            s = (vlpo_token_terms(x, old, ref, advantages[rows], **terms) * keep[rows]).sum() / denominator
             (g,) = torch.autograd.grad(s, x)
         return s.detach(), g
+    return head
 
+
+def weighted_sum_head(weights: Tensor) -> Head:
+    """loss = sum_i w_i logp_i, so d loss / d logp_i = w_i: a cross-entropy is w_i = -1 / n
+    (mean) or -1 (sum), and any per-row weighting (per-sample means) is a choice of w."""
+    def head(rows: slice, lp: Tensor):
+        w = weights[rows]
+        return (w * lp).sum(), w
+    return head
+
+
+def objective_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, head: Head, *,
+                               inv_temperature: float, ignore_index: int, chunk: int, compute_dtype: torch.dtype,
+                               need: Tuple[bool, bool, bool]):
+    """(loss, logp, d hidden, d weight, d bias) of a scalar loss = sum over chunks of
+    head(rows, logp[rows])[0], whose d loss / d logp_i (head's second output) depends on row i
+    alone: all three GEMMs of a chunk run as soon as its log-probs exist, nothing is recomputed.
+
+    Not a registered op: a head may differentiate through torch functions (vlpo_head), and a
+    custom op's kernel runs below autograd. Its kernels (the GEMMs and the medlvr._C log-prob
+    kernels) are registered ops each.
+    """
     h, w, b = _cast(hidden, weight, bias, compute_dtype)
     logp, _, _, loss, dh, dw, db = _sweep(h, w, b, targets, inv_t=inv_temperature, ignore_index=ignore_index,
                                           chunk=chunk, head=head, need=(need[0], need[1], need[2] and bias is not None),

@@ -2,9 +2,10 @@
 top of them, without ever materialising the (N, V) logits.
 
     fused_linear_logprobs(hidden (N D), weight (V D), targets (N)) -> logp (N) fp32 [, entropy (N)]
+    fused_linear_cross_entropy(hidden (N D), weight (V D), targets (N)) -> loss (): stage 1's answer loss
     fused_vlpo_loss(hidden (R T D), weight (V D), tokens (R T), ...) -> (loss, token_logp (R T),
-                                                                        latent_logp (R K))
-    lm_head_logprobs(lm_head, hidden (N D), targets (N)) -> logp (N): the training call sites
+                                                                        latent_logp (R K)): VLPO's
+    lm_head_logprobs(lm_head, hidden (N D), targets (N)) -> logp (N): scoring without a gradient
 
 Reference (the unfused spec): medlvr/reference/fused_logprobs.py. Run path, the same code on
 CPU and CUDA: medlvr/ops/_fused_logprobs_sweep.py (chunked MKL / cuBLAS GEMMs and the medlvr._C
@@ -14,9 +15,14 @@ benchmarks/bench_fused_logprobs.py; tests: tests/ops/test_fused_logprobs.py.
 Schedules. ``fused_linear_logprobs`` returns per-token values whose upstream gradient is only
 known in the backward, so the forward keeps (lse, entropy) per row and the backward recomputes
 each chunk's logits: 4 GEMMs in all, against 3 for an unfused path that keeps the logits.
-``fused_vlpo_loss`` returns a scalar whose d loss / d logp_i depends on row i alone; it gets the
-chunk's gradient as soon as the chunk's log-probs exist and does all three GEMMs in the forward
-(the Liger schedule): 3 GEMMs, and the backward only scales the saved gradients.
+``fused_vlpo_loss`` and ``fused_linear_cross_entropy`` return a scalar whose d loss / d logp_i
+depends on row i alone; they get the chunk's gradient as soon as the chunk's log-probs exist and
+do all three GEMMs in the forward (the Liger schedule): 3 GEMMs, and the backward only scales
+the saved gradients. No per-token op can do better than 4: d W = sum_i g_i (e_{y_i} - p_i) h_i^T
+needs every row's full softmax p_i weighted by an upstream g_i that arrives only in the
+backward, so either the (N, V) probabilities are kept or the logits are recomputed. The
+trainers therefore call the scalar ops; the per-token op serves scoring under no_grad (old and
+reference log-probs: 1 GEMM) and callers that need per-token gradients.
 
 Dtype contract. hidden and weight (and bias) may differ in dtype; the GEMMs run in
 medlvr.reference.fused_logprobs.compute_dtype: the autocast dtype under torch.autocast (as
@@ -36,9 +42,10 @@ import torch
 from medlvr.ops import _checks
 from medlvr.ops import _fused_logprobs_sweep as sweep
 from medlvr.ops.logprobs import gather_logprobs, latent_gaussian_logprob
-from medlvr.reference.fused_logprobs import compute_dtype, fused_linear_logprobs_ref, fused_vlpo_loss_ref
+from medlvr.reference.fused_logprobs import (compute_dtype, fused_linear_cross_entropy_ref, fused_linear_logprobs_ref,
+                                             fused_vlpo_loss_ref)
 
-__all__ = ["fused_linear_logprobs", "fused_vlpo_loss", "lm_head_logprobs"]
+__all__ = ["fused_linear_cross_entropy", "fused_linear_logprobs", "fused_vlpo_loss", "fusable_lm_head", "lm_head_logprobs"]
 
 # Bytes of the one logits buffer: large enough that a chunk's GEMMs run near full rate, small
 # against the 512 MB target of the whole op on a GPU (C ~ 800 rows for V = 152064 bf16) and a
@@ -59,26 +66,14 @@ class _Plan:
     with_entropy: bool = False
 
 
-@dataclass(frozen=True)
-class _Objective:
-    """The per-token VLPO inputs (no gradient flows into them)."""
-    old: torch.Tensor
-    ref: torch.Tensor | None
-    adv: torch.Tensor
-    denominator: torch.Tensor
-    eps_low: float
-    eps_high: float
-    dual_clip: float
-    kl_beta: float
-
-
 class _FusedLinearLogprobs(torch.autograd.Function):
     """Per-token log-probs (objective None: the backward recomputes the logits chunk by chunk)
-    or the VLPO objective's token part (the forward computes the gradients, the backward scales
-    them by the incoming scalar)."""
+    or a scalar objective of them (objective = a sweep head, e.g. VLPO's token part or a
+    cross-entropy: the forward computes the gradients, the backward scales them by the
+    incoming scalar)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, plan: _Plan, objective: _Objective | None):
+    def forward(ctx, hidden, weight, bias, targets, plan: _Plan, objective: "sweep.Head | None"):
         ctx.plan, ctx.objective = plan, objective
         if objective is None:
             logp, lse, ent = torch.ops.medlvr.fused_logprobs_fwd(hidden, weight, bias, targets, plan.inv_t,
@@ -88,11 +83,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             if not plan.with_entropy:
                 ctx.mark_non_differentiable(ent)
             return logp, ent
-        o = objective
-        loss, logp, dh, dw, db = sweep.vlpo_forward_backward(
-            hidden, weight, bias, targets, o.old, o.ref, o.adv, o.denominator, inv_temperature=plan.inv_t,
-            ignore_index=plan.ignore_index, chunk=plan.chunk, compute_dtype=plan.compute, eps_low=o.eps_low,
-            eps_high=o.eps_high, dual_clip=o.dual_clip, kl_beta=o.kl_beta, need=plan.need)
+        loss, logp, dh, dw, db = sweep.objective_forward_backward(
+            hidden, weight, bias, targets, objective, inv_temperature=plan.inv_t, ignore_index=plan.ignore_index,
+            chunk=plan.chunk, compute_dtype=plan.compute, need=plan.need)
         # Plain attributes, not save_for_backward: the backward drops them from ctx and hands
         # the only reference to autograd, which can adopt it as .grad instead of copying (V, D).
         ctx.grads = [g if need else None for g, need in zip((dh, dw, db), plan.need)]
@@ -104,7 +97,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         plan = ctx.plan
         if ctx.objective is not None:
             if ctx.grads is None:
-                raise RuntimeError("fused_vlpo_loss: its backward runs once (the gradients were computed in the "
+                raise RuntimeError("fused loss: its backward runs once (the gradients were computed in the "
                                    "forward and handed out); recompute the loss to differentiate it again")
             grads, ctx.grads = ctx.grads, None
             # d loss was computed for an upstream gradient of 1 (the usual loss.backward()); the
@@ -200,6 +193,14 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return (logp, ent) if return_entropy else logp
 
 
+def fusable_lm_head(lm_head: torch.nn.Module) -> bool:
+    """True for a plain ``nn.Linear`` (its forward not replaced): only then is lm_head(h) exactly
+    h @ weight.T + bias, which the fused ops compute from the weight. A LoRA or quantised
+    wrapper, or a replaced forward (accelerate's offload hook), must run its own forward (the
+    unfused path)."""
+    return type(lm_head) is torch.nn.Linear and "forward" not in vars(lm_head)
+
+
 def lm_head_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *,
                      temperature: float = 1.0, ignore_index: int = -100) -> torch.Tensor:
     """log_softmax(lm_head(hidden) / temperature)[targets] per row, fp32: what VLPO's token
@@ -209,10 +210,56 @@ def lm_head_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: to
     any other module (a LoRA or quantised wrapper, a hooked forward) runs as ``lm_head(hidden)``
     followed by ``gather_logprobs``, the unfused path, so its own forward is honoured.
     """
-    if type(lm_head) is torch.nn.Linear and "forward" not in vars(lm_head):
+    if fusable_lm_head(lm_head):
         return fused_linear_logprobs(hidden, lm_head.weight, targets, bias=lm_head.bias, temperature=temperature,
                                      ignore_index=ignore_index)
     return gather_logprobs(lm_head(hidden), targets, temperature=temperature, ignore_index=ignore_index)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                               weights: torch.Tensor | None = None, reduction: str = "mean",
+                               bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                               chunk_size: int | None = None, return_logprobs: bool = False):
+    """Cross-entropy of (hidden @ weight.T + bias) / temperature against targets, reduced to one
+    scalar, with every gradient computed in the forward (3 GEMMs per chunk, no logits tensor).
+
+        CE_i = -log_softmax((h_i W^T + b) / temperature)[targets_i]
+        "sum":  loss = sum_i w_i CE_i
+        "mean": loss = sum_i w_i CE_i / sum_i w_i      (0, not NaN, when every row is ignored)
+
+    over the rows whose target is not ``ignore_index``; w_i = ``weights[i]`` (default 1, so
+    "mean" is F.cross_entropy's mean). A per-sample mean of per-token CEs, averaged over B
+    samples, is ``weights = 1 / (B * n_sample(i))`` with "sum" (stage 1's answer loss).
+
+    Args: as :func:`fused_linear_logprobs`; weights: (N,) float, no gradient; reduction:
+        "mean" | "sum"; return_logprobs: also return the per-row log-probs (N,), detached.
+    Returns:
+        loss, a 0-dim fp32 tensor (fp64 for fp64 inputs) [, logp (N,)]. Its backward runs once.
+    """
+    temperature = _checks.positive_float("temperature", temperature)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
+    _checks.choice("reduction", reduction, ("mean", "sum"))
+    c = _check_linear(hidden, weight, bias, targets, ignore_index)
+    if weights is not None:
+        _checks.tensor("weights", weights, dims=1, dtypes=_checks.FLOAT_DTYPES)
+        _checks.same_device("weights", weights, "hidden", hidden)
+        _checks.shape("weights", weights, (hidden.shape[0],))
+    backend = _checks.backend("fused_linear_cross_entropy", hidden.device, has_ext=True, hidden=hidden,
+                              weight=weight, bias=bias)
+    if backend == "reference":
+        return fused_linear_cross_entropy_ref(hidden, weight, targets, weights=weights, reduction=reduction, bias=bias,
+                                              temperature=temperature, ignore_index=ignore_index,
+                                              return_logprobs=return_logprobs)
+    stat = torch.float64 if c == torch.float64 else torch.float32
+    w = (targets != ignore_index).to(stat)
+    if weights is not None:
+        w = w * weights.to(stat)
+    if reduction == "mean":
+        total = w.sum()
+        w = w / torch.where(total != 0, total, torch.ones_like(total))  # no host sync for the empty case
+    plan = _plan(hidden, weight, bias, c, temperature, ignore_index, chunk_size)
+    loss, logp = _FusedLinearLogprobs.apply(hidden, weight, bias, targets, plan, sweep.weighted_sum_head(-w))
+    return (loss, logp) if return_logprobs else loss
 
 
 def _check_like(name: str, t, shape: tuple, ref_name: str, ref: torch.Tensor) -> None:
@@ -223,18 +270,21 @@ def _check_like(name: str, t, shape: tuple, ref_name: str, ref: torch.Tensor) ->
 
 
 def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
-                    token_old: torch.Tensor, advantages: torch.Tensor, *, latent_old: torch.Tensor,
+                    token_old: torch.Tensor | None, advantages: torch.Tensor, *, latent_old: torch.Tensor | None,
                     mu: torch.Tensor | None = None, z: torch.Tensor | None = None, latent_sigma: float = 0.0,
                     eps_low: float, eps_high: float, dual_clip: float, latent_coef: float, kl_beta: float = 0.0,
                     token_ref: torch.Tensor | None = None, latent_ref: torch.Tensor | None = None,
                     temperature: float = 1.0, bias: torch.Tensor | None = None, chunk_size: int | None = None):
-    """medlvr.train.vlpo_loss.vlpo_loss of one batch of R rollouts, straight from hidden states.
+    """medlvr.reference.vlpo_loss.vlpo_loss of one batch of R rollouts, straight from hidden states.
 
     Args (the layout of vlpo_loss and rollout.policy_forward):
         hidden: (R, T, D) the states predicting answer token t of rollout r (policy_forward's h_ans).
         weight / bias: the lm_head's. tokens: (R, T) sampled ids; token_mask: (R, T) bool, the
-            scored tokens. token_old / token_ref: (R, T) old / reference log-probs.
-        advantages: (R,). latent_old / latent_ref: (R, K) old / reference latent log-probs.
+            scored tokens. token_old / token_ref: (R, T) old / reference log-probs; token_old None:
+            on-policy, old = the log-probs computed here, detached (PPO's first epoch: ratio
+            exactly 1, gradient A), which saves the caller a no-grad scoring pass.
+        advantages: (R,). latent_old / latent_ref: (R, K) old / reference latent log-probs;
+            latent_old None: on-policy likewise, K taken from mu (0 without mu).
         mu, z: (R, K, D) the current policy's latent means (mu_t from position s0 + t - 1) and
             the latents the rollout fed back; None for no latent log-prob (then 0, as
             policy_forward gives for sigma = 0). latent_sigma: > 0 when mu is given.
@@ -243,14 +293,20 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
         (loss, token_logp (R, T), latent_logp (R, K)): the scalar fp32 loss (gradients to hidden,
         weight, bias and mu), and the detached log-probs (old log-probs for later epochs, stats).
     """
-    for name, t, dims in (("hidden", hidden, 3), ("advantages", advantages, 1), ("latent_old", latent_old, 2)):
+    for name, t, dims in (("hidden", hidden, 3), ("advantages", advantages, 1)):
         _checks.tensor(name, t, dims=dims, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("tokens", tokens, dims=2, dtypes=_checks.INDEX_DTYPES)
     R, T, D = hidden.shape
-    K = latent_old.shape[1]
-    _check_like("token_old", token_old, (R, T), "hidden", hidden)
+    if latent_old is not None:
+        _checks.tensor("latent_old", latent_old, dims=2, dtypes=_checks.FLOAT_DTYPES)
+        K = latent_old.shape[1]
+    else:
+        K = 0 if mu is None else _checks.tensor("mu", mu, dims=3, dtypes=_checks.FLOAT_DTYPES).shape[1]
+    if token_old is not None:
+        _check_like("token_old", token_old, (R, T), "hidden", hidden)
     _check_like("advantages", advantages, (R,), "hidden", hidden)
-    _check_like("latent_old", latent_old, (R, K), "hidden", hidden)
+    if latent_old is not None:
+        _check_like("latent_old", latent_old, (R, K), "hidden", hidden)
     _checks.tensor("token_mask", token_mask, dims=2)
     if tuple(tokens.shape) != (R, T) or tuple(token_mask.shape) != (R, T):
         raise ValueError(f"tokens and token_mask must have shape {(R, T)} (hidden's first two dims), got "
@@ -283,12 +339,13 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
                                    token_ref=token_ref, latent_ref=latent_ref, temperature=temperature, bias=bias)
 
     # vlpo_loss's normaliser: scored text tokens + latent positions (when they count at all).
-    use_latent = latent_coef > 0 and latent_old.numel() > 0
-    denominator = (keep.float().sum() + float(latent_old.numel() if use_latent else 0)).clamp(min=1)
+    use_latent = latent_coef > 0 and R * K > 0
+    denominator = (keep.float().sum() + float(R * K if use_latent else 0)).clamp(min=1)
     adv = advantages.float()[:, None]
     terms = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, kl_beta=kl_beta)
-    objective = _Objective(old=token_old[keep], ref=None if kl_beta <= 0 else token_ref[keep],
-                           adv=adv.expand(R, T)[keep], denominator=denominator, **terms)
+    objective = sweep.vlpo_head(None if token_old is None else token_old[keep],
+                                None if kl_beta <= 0 else token_ref[keep], adv.expand(R, T)[keep],
+                                torch.ones_like(h[:, 0], dtype=adv.dtype), denominator, **terms)
     plan = _plan(h, weight, bias, c, temperature, -100, chunk_size)
     loss, logp = _FusedLinearLogprobs.apply(h, weight, bias, tgt, plan, objective)
     token_logp = torch.zeros(R, T, dtype=logp.dtype, device=hidden.device).masked_scatter(keep, logp)
@@ -298,6 +355,7 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
     else:
         latent_logp = torch.zeros(R, K, dtype=torch.float32, device=hidden.device)
     if use_latent:
-        lat = sweep.vlpo_token_terms(latent_logp, latent_old, latent_ref if kl_beta > 0 else None, adv, **terms)
+        old = latent_logp.detach() if latent_old is None else latent_old
+        lat = sweep.vlpo_token_terms(latent_logp, old, latent_ref if kl_beta > 0 else None, adv, **terms)
         loss = loss + latent_coef * lat.sum() / denominator
     return loss, token_logp, latent_logp.detach()

@@ -1,13 +1,14 @@
 """Reference of the fused lm_head log-prob op and the fused VLPO objective: the unfused path.
 
     fused_linear_logprobs_ref(hidden (N D), weight (V D), targets (N)) -> logp (N) [, entropy (N)]
+    fused_linear_cross_entropy_ref(hidden (N D), weight (V D), targets (N)) -> loss ()
     fused_vlpo_loss_ref(hidden (R T D), weight (V D), tokens (R T), ...) -> (loss, token_logp (R T),
                                                                             latent_logp (R K))
 
-Both materialise the (N, V) logits ``hidden @ weight.T (+ bias)`` and hand them to
+All materialise the (N, V) logits ``hidden @ weight.T (+ bias)`` and hand them to
 gather_logprobs_ref, which makes an fp32 copy: that is what the fast path in
 medlvr/ops/fused_logprobs.py must equal without ever holding either tensor. The VLPO
-objective here is literally medlvr.train.vlpo_loss.vlpo_loss over those log-probs and the latent
+objective here is literally medlvr.reference.vlpo_loss.vlpo_loss over those log-probs and the latent
 Gaussian log-probs, i.e. what rollout.policy_forward + vlpo_loss compute.
 
 The dtype contract of the op lives here too (:func:`compute_dtype`), because the reference is
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from medlvr.reference.logprobs import gather_logprobs_ref, latent_gaussian_logprob_ref
+from medlvr.reference.vlpo_loss import vlpo_loss  # the one definition of the clip / KL / aggregation
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -62,8 +64,26 @@ def fused_linear_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, target
                                return_entropy=return_entropy)
 
 
+def fused_linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                                   weights: torch.Tensor | None = None, reduction: str = "mean",
+                                   bias: torch.Tensor | None = None, temperature: float = 1.0,
+                                   ignore_index: int = -100, return_logprobs: bool = False):
+    """sum_i w_i CE_i ("sum"), or that / sum_i w_i ("mean", 0 when every row is ignored), over
+    the rows whose target is not ignore_index, through full logits (w_i = weights[i], default 1)."""
+    logp = fused_linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=temperature,
+                                     ignore_index=ignore_index)
+    w = (targets != ignore_index).to(logp.dtype)
+    if weights is not None:
+        w = w * weights.to(logp.dtype)
+    loss = -(w * logp).sum()
+    if reduction == "mean":
+        total = w.sum()
+        loss = loss / torch.where(total != 0, total, torch.ones_like(total))
+    return (loss, logp.detach()) if return_logprobs else loss
+
+
 def fused_vlpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
-                        token_old: torch.Tensor, advantages: torch.Tensor, *, latent_old: torch.Tensor,
+                        token_old: torch.Tensor | None, advantages: torch.Tensor, *, latent_old: torch.Tensor | None,
                         mu: torch.Tensor | None = None, z: torch.Tensor | None = None, latent_sigma: float = 0.0,
                         eps_low: float, eps_high: float, dual_clip: float, latent_coef: float,
                         kl_beta: float = 0.0, token_ref: torch.Tensor | None = None,
@@ -71,22 +91,23 @@ def fused_vlpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, tokens: torc
                         bias: torch.Tensor | None = None):
     """The VLPO objective of one batch of rollouts, unfused: (loss, token_logp, latent_logp).
 
-    Shapes as medlvr.train.vlpo_loss.vlpo_loss takes them: hidden (R T D) are the states that
+    Shapes as medlvr.reference.vlpo_loss.vlpo_loss takes them: hidden (R T D) are the states that
     predict the answer tokens (R T); mu / z (R K D) the latent means and fed-back latents
     (None: no latent term, latent log-probs 0, as policy_forward gives for sigma = 0).
+    token_old / latent_old None: on-policy, the computed log-probs detached (K from mu then).
     """
-    from medlvr.train.vlpo_loss import vlpo_loss  # the one definition of the clip / KL / aggregation
-
     R, T = tokens.shape
     keep = token_mask.bool()
     logp = fused_linear_logprobs_ref(hidden[keep], weight, tokens[keep], bias=bias, temperature=temperature)
     token_logp = torch.zeros(R, T, dtype=logp.dtype, device=hidden.device).masked_scatter(keep, logp)
-    K = latent_old.shape[1]
+    K = latent_old.shape[1] if latent_old is not None else (0 if mu is None else mu.shape[1])
     if mu is not None and K > 0:
         D = mu.shape[-1]
         latent_logp = latent_gaussian_logprob_ref(mu.reshape(-1, D), z.reshape(-1, D), sigma=latent_sigma).view(R, K)
     else:
         latent_logp = torch.zeros(R, K, dtype=torch.float32, device=hidden.device)
+    token_old = token_logp.detach() if token_old is None else token_old
+    latent_old = latent_logp.detach() if latent_old is None else latent_old
     loss, _ = vlpo_loss(token_logp=token_logp, token_old=token_old, token_mask=token_mask, latent_logp=latent_logp,
                         latent_old=latent_old, advantages=advantages, eps_low=eps_low, eps_high=eps_high,
                         dual_clip=dual_clip, latent_coef=latent_coef, kl_beta=kl_beta, token_ref=token_ref,

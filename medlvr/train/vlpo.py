@@ -33,7 +33,7 @@ clipped loss's gradient is the plain policy gradient; the behaviour log-probs re
 sampling time (engine or KV-cached loop: different kernels) are kept for the
 ``behaviour_gap`` metric, or used directly with ``old_logprobs="rollout"``.
 
-The parts: medlvr/train/vlpo_loss.py (the pure math of 3 and 5), medlvr/train/vlpo_step.py
+The parts: medlvr/reference/vlpo_loss.py (the pure math of 3 and 5), medlvr/train/vlpo_step.py
 (the config and one step: 1 to 5 and the PPO updates), this module (the objective stage 2
 plugs into the shared training loop of medlvr/train/loop.py, and ``train_vlpo``), and
 medlvr/train/vlpo_cli.py (``medlvr vlpo``).

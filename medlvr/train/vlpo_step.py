@@ -1,6 +1,6 @@
 """One VLPO step (stage 2, medlvr/train/vlpo.py): rollouts, rewards, group advantages, the
 KL reference's log-probs, then ``ppo_epochs`` optimizer updates of the clipped objective
-(medlvr/train/vlpo_loss.py). The step reaches the weights only through the training loop's
+(medlvr/reference/vlpo_loss.py). The step reaches the weights only through the training loop's
 :class:`medlvr.train.loop.Updater` (accelerate's backward, clipping and autocast); called on
 its own with a plain optimizer it runs the same math in plain torch.
 """
@@ -14,7 +14,7 @@ import torch
 from medlvr.train.loop import Updater
 from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_forward, prompt_inputs,
                                   sample_rollouts, vision_frozen)
-from medlvr.train.vlpo_loss import group_advantages, vlpo_loss
+from medlvr.reference.vlpo_loss import group_advantages, vlpo_loss
 
 __all__ = ["VLPOConfig", "VLPOTokens", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model", "vlpo_step"]
 

@@ -18,7 +18,7 @@ from medlvr.ops import fused_linear_logprobs, fused_vlpo_loss, lm_head_logprobs
 from medlvr.ops import _fused_logprobs_sweep as sweep
 from medlvr.ops.logprobs import gather_logprobs
 from medlvr.reference.fused_logprobs import fused_linear_logprobs_ref, fused_vlpo_loss_ref
-from medlvr.train.vlpo_loss import vlpo_loss
+from medlvr.reference.vlpo_loss import vlpo_loss
 
 requires_ext = pytest.mark.skipif(_backend.extension() is None, reason="medlvr._C was not built")
 pytestmark = [requires_ext, pytest.mark.usefixtures("one_torch_thread")]
@@ -284,6 +284,24 @@ def test_vlpo_clip_boundaries_and_dual_clip_take_vlpo_loss_branches():
     torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-6, atol=1e-7)
     _close(got["d hidden"].reshape(-1, 16), h.grad, 1e-5, "d hidden")
     _close(got["d weight"], w.grad, 1e-5, "d weight")
+
+
+@pytest.mark.parametrize("impl", [fused_vlpo_loss, fused_vlpo_loss_ref])
+def test_old_none_is_on_policy(impl):
+    """token_old / latent_old None = the log-probs computed in the call, detached: the same
+    loss and gradients as passing them in (PPO's first epoch, ratio 1), in one pass."""
+    x, kw = _vlpo_inputs(torch.float32, "cpu", bias=True)
+    first = _vlpo_run(impl, x, kw, chunk_size=4) if impl is fused_vlpo_loss else _vlpo_run(impl, x, kw)
+    extra = {"chunk_size": 4} if impl is fused_vlpo_loss else {}
+    passed = _vlpo_run(impl, {**x, "token_old": first["token_logp"].detach()},
+                       {**kw, "latent_old": first["latent_logp"].detach()}, **extra)
+    on_policy = _vlpo_run(impl, {**x, "token_old": None}, {**kw, "latent_old": None}, **extra)
+    for k in passed:
+        torch.testing.assert_close(on_policy[k], passed[k], rtol=1e-6, atol=1e-7, msg=k)
+    # K comes from mu; without mu there is no latent position at all
+    none = _vlpo_run(impl, {**x, "token_old": None}, {**kw, "latent_old": None, "mu": None, "z": None,
+                                                      "latent_ref": None, "kl_beta": 0.0}, **extra)
+    assert none["latent_logp"].shape == (3, 0)
 
 
 def test_kl_term_is_zero_at_the_reference():

@@ -13,7 +13,7 @@ import torch
 from medlvr.reference.logprobs import latent_gaussian_logprob_ref
 from medlvr.train import rewards as R
 from medlvr.train.rollout import policy_forward, prompt_inputs, sample_rollouts
-from medlvr.train.vlpo_loss import group_advantages, kl_k3, ppo_clip_loss, vlpo_loss
+from medlvr.reference.vlpo_loss import group_advantages, kl_k3, ppo_clip_loss, vlpo_loss
 from medlvr.train.vlpo_step import VLPOConfig, VLPOTokens, vlpo_step
 
 # Tiny vocabulary of the test model (ids chosen by hand; the real ids come from the tokenizer).

@@ -2,6 +2,10 @@
 surrogate with clip-higher and dual clip, the k3 KL estimator, and their token-level mean over
 the text and latent positions of a batch of rollouts (medlvr/train/vlpo.py explains the method;
 docs/vlpo.md the recipe).
+
+It lives beside the op references because it is the spec of two code paths: the trainer's
+unfused objective (medlvr/train/vlpo_step.py) and the fused lm_head objective
+(medlvr/ops/fused_logprobs.py), which calls these very functions chunk by chunk.
 """
 from __future__ import annotations
 
