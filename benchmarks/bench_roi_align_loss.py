@@ -20,7 +20,7 @@ Providers (each in a dtype it supports: the "dtype" column says which):
                    once per batch (geometry=), and (CUDA) that call captured in a CUDA
                    graph. On CUDA the Triton kernels; on CPU the reference path (Triton
                    needs a GPU): the table says "reference path".
-  stage-1 term     medlvr.train.latent.roi_alignment as stage 1 calls it: gather each
+  stage-1 term     medlvr.train.roi.roi_alignment as stage 1 calls it: gather each
                    box's sample from the latent states (B K D), the loss per box, the mean
                    per sample, and the backward into the latent states; with the batch's
                    geometry from collate, and without (the op then prepares it).
@@ -153,7 +153,7 @@ class Case:
         return roi_align_loss(self.latents, self.tokens, geometry=self.geometry, detach_target=not self.grad_vision)
 
     def stage1(self, with_geometry: bool):
-        from medlvr.train.latent import roi_alignment
+        from medlvr.train.roi import roi_alignment
 
         batch = {**self.batch, "roi_geometry": self.geometry} if with_geometry else self.batch
         # stage 1 adds the per-sample term to the per-sample CE and takes the batch mean

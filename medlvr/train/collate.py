@@ -18,6 +18,7 @@ import torch
 from medlvr.imageio import load_image
 from medlvr.ops.roi_geometry import RoiGeometry, prepare_roi_geometry
 from medlvr.train.qa import format_question
+from medlvr.train.roi import roi_bins
 
 IGNORE_INDEX = -100
 
@@ -198,8 +199,6 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
     if with_answer and k_latent > 0:
         # The stage-1 alignment loss's box checks and kernel tables, once per batch here on
         # the CPU (the loader), so the loss call on the GPU neither syncs nor recomputes them.
-        from medlvr.train.latent import roi_bins
-
         geometry = prepare_roi_geometry(grid, roi_boxes, roi_image, bins=roi_bins(k_latent), patch=patch,
                                         merge=int(getattr(processor.image_processor, "merge_size", 2)))
     return Batch(

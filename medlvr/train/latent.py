@@ -27,11 +27,10 @@ Public functions (shapes: B samples, S sequence, K latent steps, D hidden, T vis
 - the pieces (vision tokens, embeddings, positions, the decoder call) come from medlvr/models/hf.py.
 - :func:`per_sample_ce` — CE averaged over each sample's answer tokens ([B]), from logits (the
   reference); :func:`answer_ce` — the same from hidden states via the fused lm_head log-prob op.
-- :func:`roi_alignment` — per-sample ROI alignment term ([B], 0 for samples without an ROI).
+- stage 1's ROI supervision (alignment term, pooled targets) is medlvr/train/roi.py.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -40,8 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medlvr.models.hf import embed_inputs, new_cache, positions, run_decoder, unwrap, vision_tokens
-from medlvr.ops.fused_logprobs import lm_head_logprobs
-from medlvr.ops.roi_align_loss import roi_align_loss
+from medlvr.ops.fused_logprobs import fusable_lm_head, fused_linear_cross_entropy, lm_head_logprobs
 
 __all__ = [
     "LatentOutput",
@@ -52,9 +50,6 @@ __all__ = [
     "latent_mu",
     "per_sample_ce",
     "answer_ce",
-    "roi_bins",
-    "roi_alignment",
-    "pooled_roi_targets",
 ]
 
 
@@ -69,6 +64,9 @@ class LatentOutput:
         without a projector. The ROI alignment loss is taken on these.
     vision_tokens: [T, D] merged vision tokens of the batch's images (packing order).
     logits: [B, S, V] only when asked (tests, evaluation).
+    ce_mean: ce.mean() as the training loss takes it, when asked (``ce_mean=True``): then it
+        carries the gradient, computed in the forward by the fused cross-entropy, and ce is
+        detached.
     """
 
     ce: torch.Tensor
@@ -78,6 +76,7 @@ class LatentOutput:
     vision_tokens: torch.Tensor | None
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    ce_mean: torch.Tensor | None = None
 
 
 class LatentProjector(nn.Module):
@@ -122,25 +121,41 @@ def _lm_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return unwrap(model).lm_head(h)
 
 
-def answer_ce(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """per_sample_ce(lm_head(hidden), labels) without the [B, S, V] logits: only the answer
-    positions go through the fused lm_head + log-softmax (``medlvr.ops.lm_head_logprobs``)."""
+def answer_ce(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, mean: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """per_sample_ce(lm_head(hidden), labels) without the [B, S, V] logits -> (ce [B], n [B], ce_mean).
+
+    Only the answer positions go through the lm_head. ``mean=False``: ce is differentiable per
+    sample (``medlvr.ops.lm_head_logprobs``: its backward recomputes the logits, 4 GEMMs) and
+    ce_mean is None. ``mean=True`` (the training loss): ce_mean = ce.mean() is one scalar whose
+    gradients are computed in the forward by ``medlvr.ops.fused_linear_cross_entropy`` with
+    per-token weights 1 / (B n_b) (3 GEMMs), and ce comes back detached, for logging; an
+    lm_head that is not a plain nn.Linear runs unfused, ce_mean = ce.mean() by autograd."""
     tgt = labels[:, 1:]
     valid = tgt != -100
-    logp = lm_head_logprobs(unwrap(model).lm_head, hidden[:, :-1][valid], tgt[valid])
-    tok = torch.zeros(tgt.shape, dtype=torch.float32, device=hidden.device).masked_scatter(valid, -logp)
     n = valid.sum(dim=1)
-    return tok.sum(dim=1) / n.clamp(min=1), n
+    head = unwrap(model).lm_head
+    h, t = hidden[:, :-1][valid], tgt[valid]
+    tok = torch.zeros(tgt.shape, dtype=torch.float32, device=hidden.device)
+    if mean and fusable_lm_head(head):
+        row_n = n[:, None].expand_as(tgt)[valid].float()
+        ce_mean, logp = fused_linear_cross_entropy(h, head.weight, t, bias=head.bias, reduction="sum",
+                                                   weights=1.0 / (tgt.shape[0] * row_n), return_logprobs=True)
+        return tok.masked_scatter(valid, -logp).sum(dim=1) / n.clamp(min=1), n, ce_mean
+    ce = tok.masked_scatter(valid, -lm_head_logprobs(head, h, t)).sum(dim=1) / n.clamp(min=1)
+    return ce, n, (ce.mean() if mean else None)
 
 
 def forward_with_latents(model: nn.Module, batch: Mapping[str, Any], latents: torch.Tensor | None, *,
                          k: int, vis: torch.Tensor | None = None, return_logits: bool = False,
-                         return_hidden: bool = False) -> LatentOutput:
+                         return_hidden: bool = False, ce_mean: bool = False) -> LatentOutput:
     """One full forward with the K latent inputs given.
 
     latents: [B, K, D] placed at positions s0..s0+K-1 of each sample (K == 0: a plain forward).
     Used for teacher forcing (pooled ROI targets) and by VLPO to re-score rollouts with the z
     they fed back (then ``latent_mu(out.hidden, ...)`` is the current policy's mu).
+    ce_mean: the training loss form (:func:`answer_ce` with mean=True: out.ce_mean carries the
+    gradient, out.ce is detached).
     """
     hf = unwrap(model)
     ids = batch["input_ids"]
@@ -158,11 +173,11 @@ def forward_with_latents(model: nn.Module, batch: Mapping[str, Any], latents: to
     pos = positions(hf, batch)
     h = run_decoder(hf, emb, batch["attention_mask"], pos)
     logits = _lm_head(hf, h) if return_logits else None
-    ce, n = answer_ce(hf, h, batch["labels"]) if batch.get("labels") is not None else (None, None)
+    ce, n, mean = (answer_ce(hf, h, batch["labels"], mean=ce_mean) if batch.get("labels") is not None
+                   else (None, None, None))
     lh = latent_mu(h, batch["latent_start_index"], k) if k > 0 else None
     return LatentOutput(ce=ce, n_tokens=n, latent_inputs=latents if k > 0 else None, latent_hidden=lh,
-                        vision_tokens=vis, logits=logits,
-                        hidden=h if return_hidden else None)
+                        vision_tokens=vis, logits=logits, hidden=h if return_hidden else None, ce_mean=mean)
 
 
 def latent_mu(hidden: torch.Tensor, latent_start_index: torch.Tensor, k: int) -> torch.Tensor:
@@ -210,7 +225,8 @@ def _gather_cols(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor
 
 
 def recurrent_forward(model: nn.Module, batch: Mapping[str, Any], *, k: int,
-                      projector: nn.Module | None = None, return_logits: bool = False) -> LatentOutput:
+                      projector: nn.Module | None = None, return_logits: bool = False,
+                      ce_mean: bool = False) -> LatentOutput:
     """Exact latent recurrence with gradients through the whole chain.
 
     1. prefix forward (up to and including <|latent_start|>) into a DynamicCache;
@@ -221,11 +237,11 @@ def recurrent_forward(model: nn.Module, batch: Mapping[str, Any], *, k: int,
        is folded into the suffix pass: same math, one decoder call fewer).
     Cost: about one prefix + K-1 decode steps + one suffix pass, instead of K+1 full passes.
     Positions come from get_rope_index over the whole sequence incl. the <|latent_pad|>
-    placeholders, so they equal a single full forward's.
+    placeholders, so they equal a single full forward's. ce_mean: as forward_with_latents.
     """
     hf = unwrap(model)
     if k == 0:
-        return forward_with_latents(hf, batch, None, k=0, return_logits=return_logits)
+        return forward_with_latents(hf, batch, None, k=0, return_logits=return_logits, ce_mean=ce_mean)
     ids, am = batch["input_ids"], batch["attention_mask"]
     s0 = batch["latent_start_index"].to(ids.device)
     lay = _layout(am, s0, k)  # validates the padding before any model work
@@ -256,14 +272,14 @@ def recurrent_forward(model: nn.Module, batch: Mapping[str, Any], *, k: int,
     h_tail = run_decoder(hf, tail, mask, pos[:, :, c:], cache)
     labels = torch.where(lay.valid, _gather_cols(batch["labels"], lay.index, 1), torch.full_like(lay.index, -100))
     # Labels before the suffix are -100 (answer + <|im_end|> only), so the tail's states suffice.
-    ce, n = answer_ce(hf, h_tail, labels[:, c:])
+    ce, n, mean = answer_ce(hf, h_tail, labels[:, c:], mean=ce_mean)
     logits = None
     if return_logits:
         # hs[0] is the prefix's last column; hs[1:] are the outputs of the K-1 single steps.
         h_all = torch.cat([h_prefix, *[x[:, None] for x in hs[1:]], h_tail], dim=1)
         logits = _scatter_back(_lm_head(hf, h_all), lay, ids.shape[1])
     return LatentOutput(ce=ce, n_tokens=n, latent_inputs=torch.stack(zs, 1), latent_hidden=torch.stack(hs, 1),
-                        vision_tokens=vis, logits=logits)
+                        vision_tokens=vis, logits=logits, ce_mean=mean)
 
 
 def _scatter_back(x: torch.Tensor, lay: _Layout, s: int) -> torch.Tensor:
@@ -298,92 +314,3 @@ def coconut_reference(model: nn.Module, batch: Mapping[str, Any], *, k: int,
     ce, n = per_sample_ce(logits, batch["labels"])
     return LatentOutput(ce=ce, n_tokens=n, latent_inputs=torch.stack(zs, 1) if k else None,
                         latent_hidden=torch.stack(hs, 1) if k else None, vision_tokens=vis, logits=logits)
-
-
-def roi_bins(k: int) -> tuple[int, int]:
-    """(gh, gw) with gh * gw = K, as square as possible (gh <= gw): 4 -> (2,2), 8 -> (2,4), 6 -> (2,3)."""
-    if k < 1:
-        raise ValueError(f"k: expected >= 1 latent steps for ROI bins, got {k}")
-    gh = int(math.isqrt(k))
-    while k % gh:
-        gh -= 1
-    return gh, k // gh
-
-
-def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor, batch: Mapping[str, Any], *,
-                  loss: str = "cosine", pooling: str = "area") -> torch.Tensor:
-    """Per-sample alignment term [B]: mean over the sample's ROI rows, 0 without an ROI.
-
-    latent_hidden [B,K,D] (the h fed back); row r of the ROI table uses sample roi_sample[r]'s
-    latents against image roi_image[r]'s vision tokens, box roi_boxes[r] (resized pixels)."""
-    B, K, _ = latent_hidden.shape
-    out = latent_hidden.new_zeros(B, dtype=torch.float32)
-    boxes = batch.get("roi_boxes")
-    if boxes is None or boxes.shape[0] == 0 or vis is None:
-        return out
-    sample = batch["roi_sample"].to(latent_hidden.device).long()
-    geometry = batch.get("roi_geometry")  # from collate: boxes checked once, no device sync in the loss
-    if geometry is not None:
-        per_row = roi_align_loss(latent_hidden[sample], vis, geometry=geometry.to(vis.device), bins=roi_bins(K),
-                            pooling=pooling, loss=loss, reduction="none")
-    else:
-        per_row = roi_align_loss(latent_hidden[sample], vis, batch["image_grid_thw"], boxes.to(vis.device).float(),
-                            batch["roi_image"].to(vis.device).long(), bins=roi_bins(K), pooling=pooling, loss=loss,
-                            reduction="none")
-    if per_row.dim() > 1:
-        per_row = per_row.reshape(per_row.shape[0], -1).mean(dim=1)
-    # Per-sample sums as a masked (B, R) sum over rows, not index_add: on CUDA index_add of
-    # floats uses atomics, whose order (hence the fp32 rounding) varies from run to run, so
-    # the stage-1 term was not deterministic although roi_align_loss is. A reduction over a
-    # fixed axis is. R (boxes per batch) is small, so the (B, R) mask costs nothing.
-    member = (sample[None, :] == torch.arange(B, device=sample.device)[:, None]).to(torch.float32)
-    counts = member.sum(1)
-    out = (member * per_row.float()[None, :]).sum(1)
-    return out / counts.clamp(min=1)
-
-
-def pooled_roi_targets(vis: torch.Tensor, batch: Mapping[str, Any], *, k: int, merge: int = 2) -> torch.Tensor:
-    """[B, K, D] teacher-forcing inputs: the K area-pooled bins of each sample's FIRST ROI box.
-
-    A sample without an ROI gets the mean vision token of its first image in every slot (the
-    least informative target that is still on the visual manifold; chosen over skipping the
-    latent slots so that every sample keeps the same sequence layout as at inference); a
-    sample without an image gets zeros. Targets are detached: they are inputs, not a path for
-    gradients into the vision tower.
-    """
-    from medlvr.reference.roi_align import roi_pool_targets_ref  # the executable spec of the pooling
-
-    B = batch["input_ids"].shape[0]
-    grid = batch["image_grid_thw"]
-    counts = (grid.prod(-1) // (merge * merge)).tolist()
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-    v = vis.detach()
-    out = v.new_zeros(B, k, v.shape[-1])
-    for b, i in enumerate(_first_image_per_sample(batch["mm_token_type_ids"], len(counts))):
-        if i >= 0:
-            out[b] = v[starts[i]:starts[i + 1]].mean(0)
-    boxes = batch.get("roi_boxes")
-    if boxes is not None and boxes.shape[0] > 0:
-        first_row: dict[int, int] = {}
-        for r, b in enumerate(batch["roi_sample"].tolist()):
-            first_row.setdefault(b, r)
-        rows = torch.tensor(sorted(first_row.values()), dtype=torch.long)
-        tg = roi_pool_targets_ref(v, grid, boxes[rows].float(), batch["roi_image"][rows].long(),
-                                  bins=roi_bins(k), pooling="area", merge=merge)
-        for j, r in enumerate(rows.tolist()):
-            out[batch["roi_sample"][r]] = tg[j].to(out.dtype)
-    return out
-
-
-def _first_image_per_sample(mm_token_type_ids: torch.Tensor, n_images: int) -> list[int]:
-    """Index of each sample's first image in packing order (-1: no image). Images are packed in
-    sample order, one run of image tokens per image."""
-    t = (mm_token_type_ids == 1).long()
-    runs = (t[:, 1:] > t[:, :-1]).sum(1) + t[:, 0]
-    out, nxt = [], 0
-    for c in runs.tolist():
-        out.append(nxt if c > 0 and nxt < n_images else -1)
-        nxt += c
-    return out

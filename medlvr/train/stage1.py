@@ -14,7 +14,7 @@ Modes (``Stage1Config.mode``):
 - ``teacher-forced``: one forward with the latent inputs replaced by the pooled ROI targets
   (LVR-style); the alignment term is on the hidden states at s0 + t - 1, the positions whose
   output would be fed back at inference. Samples without an ROI get the mean vision token of
-  their first image in every latent slot (medlvr.train.latent.pooled_roi_targets).
+  their first image in every latent slot (medlvr.train.roi.pooled_roi_targets).
 - K = 0: plain SFT (no latent segment; the baseline (a) of the demo).
 
 The trainable model (:func:`build_trainable`): full fine-tuning, or LoRA (peft) on the language
@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from medlvr.models.hf import unwrap, vision_tokens
 from medlvr.train import latent as L
+from medlvr.train import roi as R
 from medlvr.train.collate import Batch, collate
 from medlvr.train.runs import run_meta
 
@@ -88,27 +89,29 @@ class LatentLM(nn.Module):
         cfg = self.cfg
         k = cfg.k_latent
         if k == 0:
-            out = L.forward_with_latents(self.model, batch, None, k=0)
+            out = L.forward_with_latents(self.model, batch, None, k=0, ce_mean=True)
             roi = torch.zeros_like(out.ce)
         elif cfg.mode == "recurrent":
-            out = L.recurrent_forward(self.model, batch, k=k, projector=self.projector)
+            out = L.recurrent_forward(self.model, batch, k=k, projector=self.projector, ce_mean=True)
             roi = self._roi(out.latent_hidden, out.vision_tokens, batch)
         else:
             vis = vision_tokens(self.model, batch.get("pixel_values"), batch.get("image_grid_thw"))
-            targets = L.pooled_roi_targets(vis, batch, k=k, merge=self.hf.config.vision_config.spatial_merge_size)
-            out = L.forward_with_latents(self.model, batch, targets, k=k, vis=vis)
+            targets = R.pooled_roi_targets(vis, batch, k=k, merge=self.hf.config.vision_config.spatial_merge_size)
+            out = L.forward_with_latents(self.model, batch, targets, k=k, vis=vis, ce_mean=True)
             roi = self._roi(out.latent_hidden, vis, batch)
         has_roi = torch.zeros_like(out.ce)
         if batch.get("roi_sample") is not None and batch["roi_sample"].numel():
             has_roi[batch["roi_sample"].to(has_roi.device)] = 1.0
-        loss = (out.ce + cfg.roi_weight * roi).mean()
+        # = (ce + roi_weight * roi).mean(); the CE mean is one fused op whose gradients are
+        # computed in its forward (medlvr.ops.fused_linear_cross_entropy).
+        loss = out.ce_mean + cfg.roi_weight * roi.mean()
         return {"loss": loss, "ce": out.ce.detach().mean(), "roi": roi.detach().sum() / has_roi.sum().clamp(min=1),
                 "roi_frac": has_roi.mean(), "tokens": out.n_tokens.sum().float()}
 
     def _roi(self, latent_hidden, vis, batch) -> torch.Tensor:
         if self.cfg.roi_weight == 0 or vis is None:
             return latent_hidden.new_zeros(latent_hidden.shape[0], dtype=torch.float32)
-        return L.roi_alignment(latent_hidden, vis, batch, loss=self.cfg.roi_loss, pooling=self.cfg.roi_pooling)
+        return R.roi_alignment(latent_hidden, vis, batch, loss=self.cfg.roi_loss, pooling=self.cfg.roi_pooling)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.named_parameters() if p.requires_grad}

@@ -143,10 +143,10 @@ def test_under_bf16_autocast(backend, device):
 
 @pytest.mark.parametrize("device", kernel_devices())
 def test_stage1_alignment_term_with_the_collated_geometry(device):
-    # medlvr.train.latent.roi_alignment takes the batch's geometry (made by collate) and
+    # medlvr.train.roi.roi_alignment takes the batch's geometry (made by collate) and
     # gives the same per-sample term and gradients as from the raw boxes (on CPU tensors the
     # reference, on CUDA the kernels: what stage 1 runs there)
-    from medlvr.train.latent import roi_alignment
+    from medlvr.train.roi import roi_alignment
 
     batch = {"image_grid_thw": GRID, "roi_boxes": BOXES, "roi_image": BOX_IMAGE,
              "roi_sample": torch.tensor([0, 2, 2, 1])}
@@ -176,7 +176,7 @@ def test_stage1_per_sample_sum_is_deterministic_and_equals_index_add(device):
     # floats with atomics in a varying order. Its per-sample mean must keep the old values
     # (rows in any order, several per sample, a sample with none) without any
     # accumulate-by-index op; the CPU cannot show atomics, so it checks that none is used.
-    from medlvr.train.latent import roi_alignment
+    from medlvr.train.roi import roi_alignment
 
     sample = torch.tensor([3, 0, 3, 3])  # unsorted; samples 1 and 2 have no box
     batch = {"image_grid_thw": GRID, "roi_boxes": BOXES, "roi_image": BOX_IMAGE, "roi_sample": sample,

@@ -1,7 +1,10 @@
-"""The training call sites of the fused lm_head log-prob op (medlvr.ops.lm_head_logprobs): stage 1's
-answer cross-entropy and VLPO's teacher-forced token log-probs equal the unfused path
+"""The training call sites of the fused lm_head ops: stage 1's answer cross-entropy (per sample,
+and the loss through fused_linear_cross_entropy), VLPO's teacher-forced token log-probs and its
+step through fused_vlpo_loss equal the unfused path
 (lm_head -> logits -> log-softmax, selected with force_backend("reference")), in fp32 and
 under CPU bf16 autocast with fp32 weights, and gradients reach the lm_head in its own dtype."""
+import contextlib
+
 import pytest
 import torch
 
@@ -36,6 +39,39 @@ def test_stage1_answer_ce_equals_the_logits_cross_entropy(autocast):
     rec.ce.sum().backward()
     g = unwrap(model).lm_head.weight.grad
     assert g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().max() > 0
+
+
+@pytest.mark.parametrize("mode,k", [("recurrent", 0), ("recurrent", 2), ("teacher-forced", 2)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_stage1_loss_through_the_fused_cross_entropy_equals_the_unfused_loss(mode, k, autocast, monkeypatch):
+    """LatentLM's loss takes the CE mean from fused_linear_cross_entropy (gradients in its
+    forward); value and every parameter gradient equal the unfused path's."""
+    from medlvr.train.stage1 import LatentLM, Stage1Config
+
+    calls = []
+    fused = L.fused_linear_cross_entropy
+    monkeypatch.setattr(L, "fused_linear_cross_entropy", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+
+    model, processor = build_default(seed=0)
+    lm = LatentLM(model.float().eval(), Stage1Config(k_latent=k, mode=mode, roi_weight=0.5, projector=k > 0))
+    batch = make_batch(processor, k=k)
+    out = []
+    for backend in (contextlib.nullcontext(), medlvr.force_backend("reference")):
+        lm.zero_grad(set_to_none=True)
+        with backend, _amp(autocast):
+            res = lm(batch)
+        (3.0 * res["loss"]).backward()  # an upstream scale, as gradient accumulation gives
+        out.append((res, {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}))
+    (got, g_got), (want, g_want) = out
+    assert len(calls) == 2, "stage 1 must take its CE loss from the fused cross-entropy"
+    tol = 2e-2 if autocast else 1e-5
+    for key in ("loss", "ce", "roi"):
+        torch.testing.assert_close(got[key], want[key], rtol=tol, atol=tol, msg=key)
+    assert set(g_got) == set(g_want) and "model.lm_head.weight" in g_got
+    for name in g_want:
+        scale = max(g_want[name].abs().max().item(), 1e-3)
+        err = (g_got[name] - g_want[name]).abs().max().item() / scale
+        assert err <= (5e-2 if autocast else 1e-4), f"{name}: relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("autocast", [False, True])

@@ -8,6 +8,7 @@ from medlvr.models import build_default
 from medlvr.models.hf import vision_tokens
 from medlvr.reference.roi_align import roi_align_loss_ref
 from medlvr.train import latent as L
+from medlvr.train import roi as R
 from medlvr.train.stage1 import LatentLM, Stage1Config, build_trainable
 
 from _latent_batches import make_batch
@@ -44,7 +45,7 @@ def test_recurrent_gradients_equal_coconut(mp):
     grads = []
     for fn in (L.recurrent_forward, L.coconut_reference):
         out = fn(model, batch, k=3)
-        loss = out.ce.mean() + L.roi_alignment(out.latent_hidden, out.vision_tokens, batch).mean()
+        loss = out.ce.mean() + R.roi_alignment(out.latent_hidden, out.vision_tokens, batch).mean()
         grads.append(torch.autograd.grad(loss, params))
     for g_rec, g_ref in zip(*grads):
         torch.testing.assert_close(g_rec, g_ref, rtol=1e-4, atol=1e-6)
@@ -90,7 +91,7 @@ def test_roi_alignment_per_sample(mp):
     k = 4
     batch = make_batch(processor, k=k)  # sample 0: one ROI, sample 1: none, sample 2: two ROIs
     out = L.recurrent_forward(model, batch, k=k)
-    per = L.roi_alignment(out.latent_hidden, out.vision_tokens, batch)
+    per = R.roi_alignment(out.latent_hidden, out.vision_tokens, batch)
     assert per.shape == (3,) and per[1] == 0 and per[0] > 0 and per[2] > 0
     rows = roi_align_loss_ref(out.latent_hidden[batch["roi_sample"]], out.vision_tokens, batch["image_grid_thw"],
                               batch["roi_boxes"], batch["roi_image"], bins=(2, 2), reduction="none")
@@ -103,7 +104,7 @@ def test_teacher_forced_feeds_pooled_targets(mp):
     k = 4
     batch = make_batch(processor, k=k)
     vis = vision_tokens(model, batch["pixel_values"], batch["image_grid_thw"])
-    tg = L.pooled_roi_targets(vis, batch, k=k)
+    tg = R.pooled_roi_targets(vis, batch, k=k)
     from medlvr.reference.roi_align import roi_pool_targets_ref
 
     ref = roi_pool_targets_ref(vis, batch["image_grid_thw"], batch["roi_boxes"], batch["roi_image"], bins=(2, 2))
@@ -152,9 +153,9 @@ def test_lora_trains_only_adapters_and_latent_rows():
 
 
 def test_roi_bins_and_bad_config():
-    assert L.roi_bins(1) == (1, 1) and L.roi_bins(4) == (2, 2) and L.roi_bins(8) == (2, 4) and L.roi_bins(6) == (2, 3)
+    assert R.roi_bins(1) == (1, 1) and R.roi_bins(4) == (2, 2) and R.roi_bins(8) == (2, 4) and R.roi_bins(6) == (2, 3)
     with pytest.raises(ValueError, match="k"):
-        L.roi_bins(0)
+        R.roi_bins(0)
     with pytest.raises(ValueError, match="mode"):
         Stage1Config(mode="coconut")
     with pytest.raises(ValueError, match="k_latent"):

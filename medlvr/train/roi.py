@@ -1,0 +1,106 @@
+"""Stage 1's ROI supervision: the per-sample alignment term between the latent states and the
+image evidence inside each annotated box, and the pooled box targets that teacher forcing
+feeds at the latent positions.
+
+The op is medlvr.ops.roi_align_loss (reference: medlvr/reference/roi_align.py); collate
+(medlvr/train/collate.py) prepares each batch's box geometry once on the CPU with
+:func:`roi_bins`, so the loss call on the GPU neither syncs nor recomputes it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from medlvr.ops.roi_align_loss import roi_align_loss
+from medlvr.reference.roi_align import roi_pool_targets_ref  # the executable spec of the pooling
+
+__all__ = ["roi_bins", "roi_alignment", "pooled_roi_targets"]
+
+
+def roi_bins(k: int) -> tuple[int, int]:
+    """(gh, gw) with gh * gw = K, as square as possible (gh <= gw): 4 -> (2,2), 8 -> (2,4), 6 -> (2,3)."""
+    if k < 1:
+        raise ValueError(f"k: expected >= 1 latent steps for ROI bins, got {k}")
+    gh = int(math.isqrt(k))
+    while k % gh:
+        gh -= 1
+    return gh, k // gh
+
+
+def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor, batch: Mapping[str, Any], *,
+                  loss: str = "cosine", pooling: str = "area") -> torch.Tensor:
+    """Per-sample alignment term [B]: mean over the sample's ROI rows, 0 without an ROI.
+
+    latent_hidden [B,K,D] (the h fed back); row r of the ROI table uses sample roi_sample[r]'s
+    latents against image roi_image[r]'s vision tokens, box roi_boxes[r] (resized pixels)."""
+    B, K, _ = latent_hidden.shape
+    out = latent_hidden.new_zeros(B, dtype=torch.float32)
+    boxes = batch.get("roi_boxes")
+    if boxes is None or boxes.shape[0] == 0 or vis is None:
+        return out
+    sample = batch["roi_sample"].to(latent_hidden.device).long()
+    geometry = batch.get("roi_geometry")  # from collate: boxes checked once, no device sync in the loss
+    if geometry is not None:
+        per_row = roi_align_loss(latent_hidden[sample], vis, geometry=geometry.to(vis.device), bins=roi_bins(K),
+                            pooling=pooling, loss=loss, reduction="none")
+    else:
+        per_row = roi_align_loss(latent_hidden[sample], vis, batch["image_grid_thw"], boxes.to(vis.device).float(),
+                            batch["roi_image"].to(vis.device).long(), bins=roi_bins(K), pooling=pooling, loss=loss,
+                            reduction="none")
+    if per_row.dim() > 1:
+        per_row = per_row.reshape(per_row.shape[0], -1).mean(dim=1)
+    # Per-sample sums as a masked (B, R) sum over rows, not index_add: on CUDA index_add of
+    # floats uses atomics, whose order (hence the fp32 rounding) varies from run to run, so
+    # the stage-1 term was not deterministic although roi_align_loss is. A reduction over a
+    # fixed axis is. R (boxes per batch) is small, so the (B, R) mask costs nothing.
+    member = (sample[None, :] == torch.arange(B, device=sample.device)[:, None]).to(torch.float32)
+    counts = member.sum(1)
+    out = (member * per_row.float()[None, :]).sum(1)
+    return out / counts.clamp(min=1)
+
+
+def pooled_roi_targets(vis: torch.Tensor, batch: Mapping[str, Any], *, k: int, merge: int = 2) -> torch.Tensor:
+    """[B, K, D] teacher-forcing inputs: the K area-pooled bins of each sample's FIRST ROI box.
+
+    A sample without an ROI gets the mean vision token of its first image in every slot (the
+    least informative target that is still on the visual manifold; chosen over skipping the
+    latent slots so that every sample keeps the same sequence layout as at inference); a
+    sample without an image gets zeros. Targets are detached: they are inputs, not a path for
+    gradients into the vision tower.
+    """
+    B = batch["input_ids"].shape[0]
+    grid = batch["image_grid_thw"]
+    counts = (grid.prod(-1) // (merge * merge)).tolist()
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    v = vis.detach()
+    out = v.new_zeros(B, k, v.shape[-1])
+    for b, i in enumerate(_first_image_per_sample(batch["mm_token_type_ids"], len(counts))):
+        if i >= 0:
+            out[b] = v[starts[i]:starts[i + 1]].mean(0)
+    boxes = batch.get("roi_boxes")
+    if boxes is not None and boxes.shape[0] > 0:
+        first_row: dict[int, int] = {}
+        for r, b in enumerate(batch["roi_sample"].tolist()):
+            first_row.setdefault(b, r)
+        rows = torch.tensor(sorted(first_row.values()), dtype=torch.long)
+        tg = roi_pool_targets_ref(v, grid, boxes[rows].float(), batch["roi_image"][rows].long(),
+                                  bins=roi_bins(k), pooling="area", merge=merge)
+        for j, r in enumerate(rows.tolist()):
+            out[batch["roi_sample"][r]] = tg[j].to(out.dtype)
+    return out
+
+
+def _first_image_per_sample(mm_token_type_ids: torch.Tensor, n_images: int) -> list[int]:
+    """Index of each sample's first image in packing order (-1: no image). Images are packed in
+    sample order, one run of image tokens per image."""
+    t = (mm_token_type_ids == 1).long()
+    runs = (t[:, 1:] > t[:, :-1]).sum(1) + t[:, 0]
+    out, nxt = [], 0
+    for c in runs.tolist():
+        out.append(nxt if c > 0 and nxt < n_images else -1)
+        nxt += c
+    return out
