@@ -49,11 +49,11 @@ from typing import Any
 import torch
 
 from medlvr.models import hf as hfm
-from medlvr.ops import gather_logprobs, latent_gaussian_logprob, lm_head_logprobs
+from medlvr.ops import latent_gaussian_logprob, lm_head_logprobs
 from medlvr.reference.latent_loop import latent_loop
 
-__all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "image_features", "vision_frozen", "prompt_inputs",
-           "sample_rollouts", "policy_forward", "gather_logprobs", "latent_gaussian_logprob"]
+__all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "PolicyStates", "image_features", "vision_frozen", "prompt_inputs",
+           "sample_rollouts", "policy_states", "state_logprobs", "policy_forward"]
 
 BACKENDS = ("engine", "engine_rows", "hf")
 
@@ -320,17 +320,24 @@ def _rollouts(prompt, n, latent_sigma, stop_id, latents, mu, tokens, tok_logp, l
 
 
 # ------------------------------------------------------------- teacher-forced pass ---
-def policy_forward(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, temperature: float,
-                   latent_sigma: float, prompt: dict[str, torch.Tensor] | None = None,
-                   projector: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of a rollout under ``model``: one forward over the whole sequence.
+@dataclass
+class PolicyStates:
+    """The teacher-forced pass's states the VLPO objective needs.
+
+    answer [R,T,D]: the hidden state that predicts answer token t (index s0 + K + t); mu
+    [R,K,D]: the latent means mu_t (hidden at s0 + t - 1, through the projector), None when
+    K == 0 or sigma == 0 (no latent log-prob)."""
+    answer: torch.Tensor
+    mu: torch.Tensor | None
+
+
+def policy_states(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, latent_sigma: float,
+                  prompt: dict[str, torch.Tensor] | None = None,
+                  projector: torch.nn.Module | None = None) -> PolicyStates:
+    """One decoder forward over the whole rollout sequence (no lm_head).
 
     Inputs at the latent positions are the rollout's z_t (as inputs_embeds), so the
     sequence the policy scores is exactly the one the behaviour policy produced.
-    Returns token_logp [R,T] (0 where token_mask is 0) and latent_logp [R,K]
-    (log N(z_t; mu_t, sigma^2), mu_t = hidden at index s0 + t - 1; zeros when K == 0 or
-    sigma == 0). Token log-probs come from the answer-predicting hidden states and the lm_head
-    weight (``medlvr.ops.lm_head_logprobs``): no logits tensor exists.
     ``prompt`` (prompt_inputs of the same rows) lets a caller recompute the prompt
     embeddings under this model, e.g. with the adapter disabled; default: the rollout's.
     """
@@ -349,20 +356,46 @@ def policy_forward(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, 
     hidden = hfm.run_decoder(hf, embeds, mask, pos)
 
     s0 = P  # index of the first latent input (prompt ends with <|latent_start|>)
+    mu = None
     if K > 0 and latent_sigma > 0:
         # mu_t from index s0 + t - 1 for the latent at index s0 + t: the position shift.
         mu = hidden[:, s0 - 1:s0 - 1 + K]
         if projector is not None:
             mu = projector(mu)
-        lat = latent_gaussian_logprob(mu.reshape(-1, D), ro.latents.reshape(-1, D),
+    a0 = s0 + K + 1  # index of the first answer token; predicted by the hidden at a0 - 1
+    return PolicyStates(answer=hidden[:, a0 - 1:a0 - 1 + T], mu=mu)
+
+
+def state_logprobs(model: torch.nn.Module, ro: Rollouts, states: PolicyStates, *, temperature: float,
+                   latent_sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_logp [R,T], latent_logp [R,K]) of the rollout under ``states``: the lm_head +
+    log-softmax fused (``medlvr.ops.lm_head_logprobs``: no (tokens, V) logits tensor), and
+    log N(z_t; mu_t, sigma^2) (zeros without mu). 0 where token_mask is 0."""
+    R, K, D = ro.latents.shape
+    dev = states.answer.device
+    if states.mu is not None:
+        lat = latent_gaussian_logprob(states.mu.reshape(-1, D), ro.latents.reshape(-1, D),
                                       sigma=latent_sigma).view(R, K)
     else:
         lat = torch.zeros(R, K, dtype=torch.float32, device=dev)
-
-    a0 = s0 + K + 1  # index of the first answer token; predicted by the hidden at a0 - 1
-    h_ans = hidden[:, a0 - 1:a0 - 1 + T]
     keep = ro.token_mask
-    tok = torch.zeros(R, T, dtype=torch.float32, device=dev)
-    # lm_head + log-softmax fused: the (tokens, V) logits are never materialised.
-    tok = tok.masked_scatter(keep, lm_head_logprobs(hf.lm_head, h_ans[keep], ro.tokens[keep], temperature=temperature))
+    tok = torch.zeros(keep.shape, dtype=torch.float32, device=dev)
+    tok = tok.masked_scatter(keep, lm_head_logprobs(hfm.unwrap(model).lm_head, states.answer[keep], ro.tokens[keep],
+                                                    temperature=temperature))
     return tok, lat
+
+
+def policy_forward(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, temperature: float,
+                   latent_sigma: float, prompt: dict[str, torch.Tensor] | None = None,
+                   projector: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of a rollout under ``model``: :func:`policy_states` + :func:`state_logprobs`.
+
+    Returns token_logp [R,T] (0 where token_mask is 0) and latent_logp [R,K]
+    (log N(z_t; mu_t, sigma^2), mu_t = hidden at index s0 + t - 1; zeros when K == 0 or
+    sigma == 0). What VLPO scores its old and reference log-probs with (no gradient); the
+    gradient-carrying pass goes through ``medlvr.ops.fused_vlpo_loss`` instead
+    (medlvr/train/vlpo_step.py).
+    """
+    states = policy_states(model, ro, latent_end_id=latent_end_id, latent_sigma=latent_sigma, prompt=prompt,
+                           projector=projector)
+    return state_logprobs(model, ro, states, temperature=temperature, latent_sigma=latent_sigma)

@@ -10,14 +10,16 @@ One step (GRPO-style, docs/vlpo.md):
 2. Rewards: ``w_acc * accuracy + w_fmt * format`` (``rewards.outcome_rewards``).
 3. Advantages: normalised within each prompt's group of n (``vlpo_loss.group_advantages``).
 4. Log-probs: one teacher-forced forward over [prompt; z_0..z_{K-1}; <|latent_end|>;
-   answer] (``rollout.policy_forward``). Text positions: log softmax(logits / T) of the
+   answer] (``rollout.policy_states``). Text positions: log softmax(logits / T) of the
    sampled token, from the answer states and the lm_head weight without a logits tensor
-   (``medlvr.ops.lm_head_logprobs``). Latent positions:
+   (no-grad scoring: ``medlvr.ops.lm_head_logprobs``; the training pass: step 5's fused
+   op). Latent positions:
    log N(z_t; mu_t, sigma^2 I) = -||z_t - mu_t||^2 / (2 sigma^2)
    (``medlvr.ops.latent_gaussian_logprob``), mu_t = the current policy's hidden state at
    sequence index s0 + t - 1 (the position shift: mu comes from the position BEFORE the
    latent it generated).
-5. Loss (``vlpo_loss.vlpo_loss``): PPO clipped ratio with separate low / high bounds
+5. Loss (``vlpo_loss.vlpo_loss``, computed by ``medlvr.ops.fused_vlpo_loss`` from the
+   answer states: gradients chunk by chunk in its forward, 3 GEMMs): PPO clipped ratio with separate low / high bounds
    (clip-higher, DAPO) and a dual clip for negative advantages, plus
    beta * KL(policy || reference) by the k3 estimator, per position; latent positions get
    the same advantage as the text of their rollout and weight ``latent_coef``.

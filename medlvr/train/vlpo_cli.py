@@ -43,8 +43,10 @@ def add_vlpo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if f.name == "k_latent":
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
-        g.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
+        if isinstance(f.default, bool):  # --fused-loss / --no-fused-loss (type=bool would take "False" as True)
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            continue
+        g.add_argument(flag, type=type(f.default), default=f.default, help=f"default {f.default}")
     return p
 
 

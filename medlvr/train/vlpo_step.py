@@ -1,6 +1,8 @@
 """One VLPO step (stage 2, medlvr/train/vlpo.py): rollouts, rewards, group advantages, the
 KL reference's log-probs, then ``ppo_epochs`` optimizer updates of the clipped objective
-(medlvr/reference/vlpo_loss.py). The step reaches the weights only through the training loop's
+(medlvr/reference/vlpo_loss.py, computed from the answer hidden states by the fused lm_head
+op medlvr.ops.fused_vlpo_loss: no logits tensor, gradients in its forward, 3 GEMMs; the
+unfused path, ``VLPOConfig.fused_loss=False``, is kept as the reference). The step reaches the weights only through the training loop's
 :class:`medlvr.train.loop.Updater` (accelerate's backward, clipping and autocast); called on
 its own with a plain optimizer it runs the same math in plain torch.
 """
@@ -11,12 +13,14 @@ from typing import Any, Callable
 
 import torch
 
-from medlvr.train.loop import Updater
-from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_forward, prompt_inputs,
-                                  sample_rollouts, vision_frozen)
+from medlvr.models.hf import unwrap
+from medlvr.ops import fusable_lm_head, fused_vlpo_loss
 from medlvr.reference.vlpo_loss import group_advantages, vlpo_loss
+from medlvr.train.loop import Updater
+from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_forward, policy_states,
+                                  prompt_inputs, sample_rollouts, state_logprobs, vision_frozen)
 
-__all__ = ["VLPOConfig", "VLPOTokens", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model", "vlpo_step"]
+__all__ = ["VLPOConfig", "VLPOTokens", "LossInputs", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model", "vlpo_step"]
 
 
 @dataclass
@@ -44,6 +48,7 @@ class VLPOConfig:
     max_grad_norm: float = 1.0    # 0 = no clipping
     old_logprobs: str = "recompute"  # "recompute" (teacher-forced, exact on-policy) | "rollout"
     rollout_backend: str = "engine"  # "engine" (LatentEngine) | "hf" (plain HF KV-cached loop, the fallback)
+    fused_loss: bool = True       # the loss from hidden states (fused_vlpo_loss); False: logits + vlpo_loss
 
     def validate(self) -> None:
         checks = [
@@ -58,6 +63,7 @@ class VLPOConfig:
             ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"), ("adv_eps", self.adv_eps >= 0, ">= 0"),
             ("old_logprobs", self.old_logprobs in ("recompute", "rollout"), "'recompute' or 'rollout'"),
             ("rollout_backend", self.rollout_backend in BACKENDS, " or ".join(map(repr, BACKENDS))),
+            ("fused_loss", isinstance(self.fused_loss, bool), "True or False"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -121,21 +127,72 @@ def _score(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, proj
                           latent_sigma=cfg.latent_sigma, prompt=prompt, projector=projector)
 
 
+@dataclass
+class LossInputs:
+    """What the clipped objective compares the current policy with, fixed for one step:
+    advantages [R], old log-probs (None: on-policy, the current ones detached: PPO's first
+    epoch, "recompute") and the KL reference's (None when kl_beta == 0)."""
+    advantages: torch.Tensor
+    token_old: torch.Tensor | None = None
+    latent_old: torch.Tensor | None = None
+    token_ref: torch.Tensor | None = None
+    latent_ref: torch.Tensor | None = None
+
+
+def _loss(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, projector, vision, x: LossInputs):
+    """(loss, token_logp [R,T], latent_logp [R,K]) of the policy on the rollouts; the log-probs
+    detached. Fused: the decoder pass, then fused_vlpo_loss on the answer states and the lm_head
+    weight (the (tokens, V) logits never exist). Unfused (cfg.fused_loss False, or an lm_head
+    that is not a plain Linear, e.g. LoRA on it): lm_head_logprobs + vlpo_loss."""
+    st = policy_states(model, ro, latent_end_id=tokens.latent_end, latent_sigma=cfg.latent_sigma,
+                       prompt=prompt_inputs(model, batch, repeat=ro.n, vision=vision), projector=projector)
+    terms = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, latent_coef=cfg.latent_coef,
+                 kl_beta=cfg.kl_beta, token_ref=x.token_ref, latent_ref=x.latent_ref)
+    head = unwrap(model).lm_head
+    if cfg.fused_loss and fusable_lm_head(head):
+        latent_old = x.latent_old
+        if latent_old is None and st.mu is None:  # latent positions without a Gaussian (sigma 0): log-prob 0
+            latent_old = torch.zeros(ro.latents.shape[:2], dtype=torch.float32, device=ro.latents.device)
+        return fused_vlpo_loss(st.answer, head.weight, ro.tokens, ro.token_mask, x.token_old, x.advantages,
+                               latent_old=latent_old, mu=st.mu, z=None if st.mu is None else ro.latents,
+                               latent_sigma=cfg.latent_sigma, temperature=cfg.temperature, bias=head.bias, **terms)
+    tok, lat = state_logprobs(model, ro, st, temperature=cfg.temperature, latent_sigma=cfg.latent_sigma)
+    loss, _ = vlpo_loss(token_logp=tok, token_old=tok.detach() if x.token_old is None else x.token_old,
+                        token_mask=ro.token_mask, latent_logp=lat,
+                        latent_old=lat.detach() if x.latent_old is None else x.latent_old, advantages=x.advantages,
+                        **terms)
+    return loss, tok.detach(), lat.detach()
+
+
 class PolicyScorer(torch.nn.Module):
-    """The policy (+ projector) as one module whose forward is the teacher-forced scoring.
+    """The policy (+ projector) as one module whose forward is the VLPO loss of a batch of
+    rollouts: ``forward(batch, ro, vision, inputs) -> (loss, token_logp, latent_logp)``.
 
     DDP / FSDP synchronise gradients through the wrapped module's forward; the helpers in
     ``rollout`` call inner HF modules directly, so under accelerate the gradient-carrying
-    pass must go through this module's forward (stage 1's LatentLM does the same)."""
+    pass must go through this module's forward (stage 1's LatentLM does the same). The
+    fused loss hands the lm_head's gradient to autograd in the backward, where DDP's
+    gradient hooks see it like any other."""
 
     def __init__(self, model: torch.nn.Module, projector: torch.nn.Module | None, cfg: VLPOConfig,
                  tokens: VLPOTokens):
         super().__init__()
         self.model, self.projector, self.cfg, self.tokens = model, projector, cfg, tokens
 
-    def forward(self, batch: Any, ro: Rollouts, vision: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _score(self.model, batch, ro, self.cfg, self.tokens, self.projector, vision)
+    def forward(self, batch: Any, ro: Rollouts, vision: torch.Tensor | None, inputs: LossInputs
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _loss(self.model, batch, ro, self.cfg, self.tokens, self.projector, vision, inputs)
+
+
+def _stats(tok, lat, ro: Rollouts, cfg: VLPOConfig, x: LossInputs) -> dict[str, float]:
+    """vlpo_loss's statistics (clip fractions, ratios, KL, the loss) at the detached log-probs:
+    elementwise work on [R, T], the one definition of what each statistic means."""
+    with torch.no_grad():
+        _, stats = vlpo_loss(token_logp=tok, token_old=x.token_old, token_mask=ro.token_mask, latent_logp=lat,
+                             latent_old=x.latent_old, advantages=x.advantages, eps_low=cfg.eps_low,
+                             eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, latent_coef=cfg.latent_coef,
+                             kl_beta=cfg.kl_beta, token_ref=x.token_ref, latent_ref=x.latent_ref)
+    return stats
 
 
 def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts], dict[str, Any]],
@@ -184,34 +241,32 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
     rewards = torch.as_tensor(rew["reward"], dtype=torch.float32, device=ro.tokens.device)
     adv = group_advantages(rewards, n, eps=cfg.adv_eps)
 
-    ref_tok = ref_lat = None
+    inputs = LossInputs(advantages=adv)
     if cfg.kl_beta > 0:
         with torch.no_grad(), amp():
             if ref_model is not None:
                 ref_model.eval()
-                ref_tok, ref_lat = _score(ref_model, batch, ro, cfg, tokens, ref_projector or projector, vision)
+                inputs.token_ref, inputs.latent_ref = _score(ref_model, batch, ro, cfg, tokens,
+                                                             ref_projector or projector, vision)
             else:
                 with peft_model(model).disable_adapter():
-                    ref_tok, ref_lat = _score(model, batch, ro, cfg, tokens, ref_projector or projector, vision)
+                    inputs.token_ref, inputs.latent_ref = _score(model, batch, ro, cfg, tokens,
+                                                                 ref_projector or projector, vision)
 
-    old_tok = old_lat = None
     if cfg.old_logprobs == "rollout":
-        old_tok, old_lat = ro.token_logprobs, ro.latent_logprobs
+        inputs.token_old, inputs.latent_old = ro.token_logprobs, ro.latent_logprobs
     stats: dict[str, float] = {}
     gap = torch.zeros(())
     updater.optimizer.zero_grad(set_to_none=True)
     for epoch in range(cfg.ppo_epochs):
-        tok, lat = updater.module(batch, ro, vision)
+        # Epoch 0 with "recompute" passes no old log-probs: the policy before any update
+        # scores the rollouts in this very pass, and its detached log-probs are the old ones.
+        loss, tok, lat = updater.module(batch, ro, vision, inputs)
         if epoch == 0:
-            # The policy before any update scored the rollouts: these are the old log-probs.
-            first = tok.detach()
-            gap = ((first - ro.token_logprobs).abs() * ro.token_mask).sum() / ro.token_mask.sum().clamp(min=1)
-            if old_tok is None:
-                old_tok, old_lat = first, lat.detach()
-        loss, stats = vlpo_loss(token_logp=tok, token_old=old_tok, token_mask=ro.token_mask, latent_logp=lat,
-                                latent_old=old_lat, advantages=adv, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                dual_clip=cfg.dual_clip, latent_coef=cfg.latent_coef, kl_beta=cfg.kl_beta,
-                                token_ref=ref_tok, latent_ref=ref_lat)
+            gap = ((tok - ro.token_logprobs).abs() * ro.token_mask).sum() / ro.token_mask.sum().clamp(min=1)
+            if inputs.token_old is None:
+                inputs.token_old, inputs.latent_old = tok, lat
+        stats = _stats(tok, lat, ro, cfg, inputs)
         updater.backward(loss)
         norm = updater.update()
         if norm is not None:

@@ -99,3 +99,66 @@ def test_vlpo_step_runs_under_bf16_autocast_with_fp32_weights():
         m = _step(policy, cfg, _random_reward)
     assert m["ratio_text"] == 1.0 and m["kl_text"] == 0.0
     assert torch.isfinite(torch.tensor(m["loss"])) and m["grad_norm"] > 0
+
+
+def _sgd_step(policy, cfg, *, ref=None, projector=None, autocast=False):
+    """One vlpo_step with plain SGD (lr from cfg, no clipping): the parameter change is
+    lr * gradient, so fused and unfused paths can be compared parameter by parameter."""
+    from test_vlpo import TOKENS, prompt_batch
+
+    from medlvr.train.vlpo_step import vlpo_step
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if projector is not None:
+        params += list(projector.parameters())
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    with _amp(autocast):
+        m = vlpo_step(policy, prompt_batch(), _random_reward, torch.optim.SGD(params, lr=cfg.lr), cfg, tokens=TOKENS,
+                      generator=torch.Generator().manual_seed(0), ref_model=ref, projector=projector)
+    return m, {n: (before[n] - p.detach()) for n, p in policy.named_parameters() if n in before}
+
+
+@pytest.mark.parametrize("case", ["lora-kl-2epochs", "full-ref-projector", "sigma0-rollout-old", "bf16-autocast"])
+def test_vlpo_step_through_fused_vlpo_loss_equals_the_unfused_step(case, monkeypatch):
+    """VLPOConfig.fused_loss (default) scores through fused_vlpo_loss; the update and every
+    statistic equal the unfused path (lm_head log-probs + vlpo_loss)."""
+    import copy
+
+    from medlvr.train import vlpo_step as step_module
+    from medlvr.train.latent import LatentProjector
+
+    calls = []
+    fused = step_module.fused_vlpo_loss
+    monkeypatch.setattr(step_module, "fused_vlpo_loss", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    kw = dict(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=4, kl_beta=0.1, lr=0.1, max_grad_norm=0.0)
+    runs = []
+    for fused_loss in (True, False):
+        torch.manual_seed(0)
+        if case == "lora-kl-2epochs":
+            policy = lora(tiny_model(1).float())
+            cfg, extra = VLPOConfig(**kw, ppo_epochs=2, fused_loss=fused_loss), {}
+        elif case == "full-ref-projector":
+            policy = tiny_model(2).float()
+            proj = LatentProjector(32)
+            torch.nn.init.normal_(proj.down.weight, std=0.1)
+            cfg, extra = VLPOConfig(**kw, fused_loss=fused_loss), dict(ref=copy.deepcopy(policy).requires_grad_(False),
+                                                                        projector=proj)
+        elif case == "sigma0-rollout-old":
+            policy = tiny_model(3).float()
+            cfg = VLPOConfig(**{**kw, "latent_sigma": 0.0, "kl_beta": 0.0}, old_logprobs="rollout", ppo_epochs=2,
+                             fused_loss=fused_loss)
+            extra = {}
+        else:
+            policy = lora(tiny_model(4).float())
+            cfg, extra = VLPOConfig(**kw, fused_loss=fused_loss), dict(autocast=True)
+        runs.append(_sgd_step(policy, cfg, **extra))
+    (m_f, d_f), (m_u, d_u) = runs
+    assert len(calls) == (2 if "2epochs" in case or "rollout-old" in case else 1), "the fused step must be used"
+    tol = 2e-2 if case == "bf16-autocast" else 1e-5
+    assert set(m_f) == set(m_u)
+    for k in m_u:
+        assert abs(m_f[k] - m_u[k]) <= tol * max(1.0, abs(m_u[k])), (k, m_f[k], m_u[k])
+    assert set(d_f) == set(d_u) and any(d.abs().max() > 0 for d in d_u.values())
+    for n in d_u:
+        scale = max(d_u[n].abs().max().item(), 1e-6)
+        assert (d_f[n] - d_u[n]).abs().max().item() <= (5e-2 if case == "bf16-autocast" else 1e-4) * scale + 1e-7, n

@@ -637,6 +637,19 @@ def test_vlpo_main_trains_saves_and_reloads(tmp_path, monkeypatch):
     assert trained and any(p.abs().max() > 0 for p in trained.values())  # the update was saved
 
 
+def test_vlpo_cli_boolean_fields_are_switches():
+    """A bool VLPOConfig field is --name / --no-name (argparse's type=bool took "False" as True)."""
+    import argparse
+
+    from medlvr.train.vlpo_cli import add_vlpo_arguments
+
+    parse = add_vlpo_arguments(argparse.ArgumentParser()).parse_args
+    assert parse(["--data", "x"]).fused_loss is True
+    assert parse(["--data", "x", "--no-fused-loss"]).fused_loss is False
+    with pytest.raises(SystemExit):
+        parse(["--data", "x", "--fused-loss", "False"])
+
+
 def test_adapter_is_identity_detects_trained_adapters():
     from medlvr.models import build_default
     from medlvr.train.stage1 import Stage1Config, build_trainable
