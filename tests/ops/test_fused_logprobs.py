@@ -132,13 +132,15 @@ def test_bf16_autocast_with_fp32_master_weight(hdtype):
     _close(lp, fused_linear_logprobs_ref(h.bfloat16(), w.bfloat16(), t), 1e-5, "mixed without autocast")
 
 
-def test_fp32_weight_gradient_from_16bit_gemms_goes_through_v_slices(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp32_weight_gradient_from_16bit_gemms_goes_through_v_slices(device, monkeypatch):
     """Autocast over an fp32 weight: d W is accumulated in fp32 from bf16 products computed a
     slice of V at a time (here 7 rows, V = 301: 43 slices, the last one short), never as a
     (V, D) temporary; the result equals the unsliced one up to bf16 rounding."""
-    h, w, _, t = _linear(9, 301, 16, torch.float32, "cpu", ignore_every=4)
-    gw = torch.randn(9)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    _ext(device)
+    h, w, _, t = _linear(9, 301, 16, torch.float32, device, ignore_every=4)
+    gw = torch.randn(9, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         whole = _run(fused_linear_logprobs, h, w, None, t, gw, chunk_size=4)
         monkeypatch.setattr(sweep, "_DW_SLICE_BYTES", 7 * 16 * 2)
         sliced = _run(fused_linear_logprobs, h, w, None, t, gw, chunk_size=4)
