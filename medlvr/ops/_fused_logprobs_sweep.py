@@ -114,6 +114,8 @@ def _sweep(h: Tensor, w: Tensor, b: Optional[Tensor], targets: Tensor, *, inv_t:
             if head is not None:
                 l_c, g_c = head(rows, lp_c)
                 loss += l_c
+                if not (need_h or need_w or need_b):
+                    continue  # a loss under no_grad (or of frozen inputs): d logits would feed no GEMM
                 ge_c = None
             else:
                 g_c = grad_logp[rows]

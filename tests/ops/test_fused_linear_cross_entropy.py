@@ -159,3 +159,15 @@ def test_bad_input_names_the_argument_before_any_kernel(monkeypatch, arg, mutate
     mutate(a)
     with pytest.raises(exc, match=msg):
         fused_linear_cross_entropy(a.pop("hidden"), a.pop("weight"), a.pop("targets"), **a)
+
+
+def test_no_grad_loss_skips_the_gradient_kernel():
+    """Under no_grad (an evaluation loss) the sweep computes the loss alone: the same value, and
+    neither the log-prob backward kernel nor the gradient GEMMs run."""
+    h, w, b, t, weights = _inputs(13, 301, 16, torch.float32, "cpu", bias=True, ignore_every=4)
+    want = fused_linear_cross_entropy(h.requires_grad_(True), w, t, bias=b, weights=weights, chunk_size=5)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got = fused_linear_cross_entropy(h, w, t, bias=b, weights=weights, chunk_size=5)
+    names = [e.name for e in prof.events()]
+    assert torch.equal(got, want.detach())
+    assert "medlvr::logprobs_bwd_" not in names and names.count("aten::addmm") == 3  # the 3 chunks' logits
