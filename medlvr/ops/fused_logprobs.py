@@ -45,7 +45,9 @@ from medlvr.ops.logprobs import gather_logprobs, latent_gaussian_logprob
 from medlvr.reference.fused_logprobs import (compute_dtype, fused_linear_cross_entropy_ref, fused_linear_logprobs_ref,
                                              fused_vlpo_loss_ref)
 
-__all__ = ["fused_linear_cross_entropy", "fused_linear_logprobs", "fused_vlpo_loss", "fusable_lm_head", "lm_head_logprobs"]
+__all__ = [
+    "fused_linear_cross_entropy", "fused_linear_logprobs", "fused_vlpo_loss", "fusable_lm_head", "lm_head_logprobs",
+]
 
 # Bytes of the one logits buffer: large enough that a chunk's GEMMs run near full rate, small
 # against the 512 MB target of the whole op on a GPU (C ~ 800 rows for V = 152064 bf16) and a

@@ -2,9 +2,10 @@
 KL reference's log-probs, then ``ppo_epochs`` optimizer updates of the clipped objective
 (medlvr/reference/vlpo_loss.py, computed from the answer hidden states by the fused lm_head
 op medlvr.ops.fused_vlpo_loss: no logits tensor, gradients in its forward, 3 GEMMs; the
-unfused path, ``VLPOConfig.fused_loss=False``, is kept as the reference). The step reaches the weights only through the training loop's
-:class:`medlvr.train.loop.Updater` (accelerate's backward, clipping and autocast); called on
-its own with a plain optimizer it runs the same math in plain torch.
+unfused path, ``VLPOConfig.fused_loss=False``, is kept as the reference). The step reaches
+the weights only through the training loop's :class:`medlvr.train.loop.Updater` (accelerate's
+backward, clipping and autocast); called on its own with a plain optimizer it runs the same
+math in plain torch.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from medlvr.train.loop import Updater
 from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_forward, policy_states,
                                   prompt_inputs, sample_rollouts, state_logprobs, vision_frozen)
 
-__all__ = ["VLPOConfig", "VLPOTokens", "LossInputs", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model", "vlpo_step"]
+__all__ = ["VLPOConfig", "VLPOTokens", "LossInputs", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model",
+           "vlpo_step"]
 
 
 @dataclass
