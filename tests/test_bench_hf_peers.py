@@ -7,13 +7,13 @@ on a GPU the decode steps are replayed from CUDA graphs. The StaticCache attends
 its whole (zero-padded, masked) capacity where the DynamicCache has only the filled
 positions, so sums differ in order: tolerance 1e-5 on hidden states, tokens exact.
 """
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import _benchmarks
 from devices import kernel_devices
 from medlvr.reference.latent_loop import latent_loop
 
@@ -24,10 +24,7 @@ import engine_models  # noqa: E402
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("_hf_peers", ROOT / "benchmarks" / "_hf_peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmarks.load("_hf_peers")
 
 
 @pytest.mark.parametrize("device", kernel_devices())

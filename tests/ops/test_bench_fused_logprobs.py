@@ -1,16 +1,14 @@
 """benchmarks/bench_fused_logprobs.py runs every provider on each device present without a peer
 crashing it, and its agreement check (d hidden of each medlvr row against the unfused spec, in
 fp64) passes for the real rows and flags a wrong one. Speed is not asserted."""
-import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+import _benchmarks
 from devices import kernel_devices
 from medlvr import _backend
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_fused_logprobs.py"
 pytestmark = pytest.mark.skipif(_backend.extension() is None, reason="medlvr._C was not built")
 TINY = ["--quick", "--no-compile", "--n", "16", "--d", "32", "--v", "1000", "--iters", "1", "--warmup", "0"]
 MEDLVR_ROWS = {"medlvr unfused", "medlvr fused", "medlvr fused CE", "medlvr fused VLPO", "medlvr fused VLPO on-policy"}
@@ -18,16 +16,11 @@ MEDLVR_ROWS = {"medlvr unfused", "medlvr fused", "medlvr fused CE", "medlvr fuse
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_fused_logprobs", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmarks.load("bench_fused_logprobs")
 
 
 def _rows(folder: Path) -> dict:
-    (path,) = folder.glob("fused_logprobs-quick-*.csv")
-    with open(path) as f:
-        return {r["provider"]: r for r in csv.DictReader(f)}
+    return {r["provider"]: r for r in _benchmarks.csv_rows(folder, "fused_logprobs-quick-*.csv")}
 
 
 @pytest.mark.parametrize("device", kernel_devices())

@@ -5,29 +5,22 @@ row), and its breakdown counts what the op's docs say. Speed is not asserted.
 Devices (tests/devices.py): the speed table on CPU (where medlvr runs its reference: no
 Triton) and CUDA; the breakdown on CPU tensors needs the interpreter (it counts and skips
 the Triton launches there), on CUDA it profiles the native kernels."""
-import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+import _benchmarks
 from devices import kernel_devices, triton_devices
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_roi_align_loss.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_roi_align_loss", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmarks.load("bench_roi_align_loss")
 
 
 def _rows(folder: Path, stem: str) -> list[dict]:
-    (path,) = folder.glob(f"{stem}-*.csv")
-    with open(path) as f:
-        return list(csv.DictReader(f))
+    return _benchmarks.csv_rows(folder, f"{stem}-*.csv")
 
 
 @pytest.mark.parametrize("device", kernel_devices())
