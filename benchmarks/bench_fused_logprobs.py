@@ -26,6 +26,8 @@ random weights; for the GRPO/VLPO objectives their own loss) and its gradient to
   medlvr fused VLPO on-policy
                       the same with token_old = latent_old = None: PPO's first epoch, old log-probs =
                       the ones computed in this pass (what the VLPO trainer calls in epoch 0; 3 GEMMs)
+  medlvr fused CE C=c the CE row at c rows per chunk (--chunk-sizes; on CUDA 512,1024,2048 by
+                      default): where the logits-buffer budget of medlvr/ops/fused_logprobs.py sits
 
 Why 4 GEMMs for `medlvr fused` and 3 for the scalar rows: d W = sum_i g_i (e_{y_i} - p_i) h_i^T
 needs each row's full softmax p_i times its upstream gradient g_i = d objective / d logp_i.
@@ -162,7 +164,7 @@ def medlvr_fused_ce(ctx):
     # add a scaling pass over d W that stage 1 never pays).
     neg_w = -ctx["w"]
     return lambda h, W: fused_linear_cross_entropy(h, W, ctx["t"], weights=neg_w, reduction="sum",
-                                                   temperature=ctx["T"])
+                                                   temperature=ctx["T"], chunk_size=ctx.get("chunk"))
 
 
 def _vlpo(ctx, op, on_policy):
@@ -263,6 +265,9 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--providers", default=None, help="comma-separated subset of: " + ", ".join(PROVIDERS))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (quick default: 1; else torch's)")
+    p.add_argument("--chunk-sizes", default=None,
+                   help="comma-separated rows per chunk: one extra 'medlvr fused CE C=<rows>' row each, to tune the "
+                        "logits-buffer budget (default on CUDA: 512,1024,2048; the plain row uses the op's default)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     _common.cpu_threads(args, device)
@@ -317,6 +322,13 @@ def main(argv=None):
             return torch.autograd.grad(fn(h, W), (h, W))
 
         timers[getattr(fn, "label", name)] = (fwd, fwd_bwd)
+    chunk_sizes = args.chunk_sizes if args.chunk_sizes is not None else ("512,1024,2048" if cuda else "")
+    for c in filter(None, chunk_sizes.split(",")):
+        if extension() is None or (cuda and not extension_has_cuda()):
+            break
+        ce = medlvr_fused_ce({**ctx, "chunk": int(c)})
+        timers[f"medlvr fused CE C={c}"] = ((lambda f=ce: torch.no_grad()(f)(h, W)),
+                                           (lambda f=ce: torch.autograd.grad(f(h, W), (h, W))))
 
     # Round robin: every round times each provider once, so a burst of load from other
     # processes on a shared machine hits all of them alike; x_gemm is the median over rounds

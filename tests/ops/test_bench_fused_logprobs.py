@@ -25,9 +25,11 @@ def _rows(folder: Path) -> dict:
 
 @pytest.mark.parametrize("device", kernel_devices())
 def test_quick_benchmark_runs_and_medlvr_rows_agree(bench, tmp_path, device):
-    bench.main(TINY + ["--device", device, "--out", str(tmp_path)])
+    bench.main(TINY + ["--device", device, "--out", str(tmp_path), "--chunk-sizes", "5"])
     rows = _rows(tmp_path)
-    assert len(rows) == len(bench.PROVIDERS) + 1 and MEDLVR_ROWS | {"bare GEMMs"} <= set(rows)  # one row each
+    # one row each, the bare GEMMs and the chunk-size row
+    assert len(rows) == len(bench.PROVIDERS) + 2 and MEDLVR_ROWS | {"bare GEMMs", "medlvr fused CE C=5"} <= set(rows)
+    assert rows["medlvr fused CE C=5"]["status"] == "ok" and float(rows["medlvr fused CE C=5"]["fwd_bwd_ms"]) > 0
     tol = 1e-4 if device == "cpu" else 5e-2  # CUDA runs bf16
     for name in MEDLVR_ROWS:
         assert rows[name]["status"] == "ok", rows[name]
