@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from medlvr.engine.graphs import capture_graph
 from medlvr.models import hf
 
 GPT_FAST_MODE = "max-autotune-no-cudagraphs"
@@ -29,15 +30,7 @@ GPT_FAST_MODE = "max-autotune-no-cudagraphs"
 def capture(fn: Callable[[], None], warmups: Callable[[], None]) -> Callable[[], None]:
     """``fn`` captured in a CUDA graph; returns its replay. ``warmups`` runs on a side
     stream first (lazy allocations, cuBLAS handles, compiled-kernel autotuning)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        warmups()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return capture_graph(fn, warmup=warmups)[0].replay
 
 
 def _decoder_fn(model, compile_mode: str | None):

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import parser, peak_extra_bytes, report, time_ms  # noqa: E402
+from medlvr.engine.graphs import capture_graph  # noqa: E402
 from medlvr.ops.roi_align_loss import roi_align_loss, roi_align_loss_memory_floor  # noqa: E402
 
 CELL = 28
@@ -168,18 +169,7 @@ def _graphed(fn, case: Case):
         out = fn()
         return out, torch.autograd.grad(out, wrt)
 
-    graphs = []
-    for body in (fn, fwd_bwd):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                body()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
-        graphs.append(graph)
+    graphs = [capture_graph(body, warmup=lambda body=body: [body() for _ in range(2)])[0] for body in (fn, fwd_bwd)]
     return graphs[0].replay, graphs[1].replay
 
 

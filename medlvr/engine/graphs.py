@@ -9,11 +9,32 @@ through the engine's preallocated buffers, which is what makes sharing the pool 
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from medlvr.capture import CaptureGuard, checks_enabled
+
+__all__ = ["GraphRunner", "capture_graph"]
+
+
+def capture_graph(fn: Callable[[], Any], *, warmup: Callable[[], Any] | None = None, pool=None,
+                  device: torch.device | None = None) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(graph, out): ``fn`` recorded into one CUDA graph; ``out`` is what fn returned while it
+    was recorded, the static tensors every ``graph.replay()`` rewrites.
+
+    ``warmup`` (default: fn once) first runs for real on a side stream, as torch.cuda.graph
+    requires: lazy allocations, cuBLAS handles, Triton compilation and autotuning happen
+    there, outside the capture. The one place medlvr (and its benchmarks and tests) capture."""
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        (warmup or fn)()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()  # recorded, not executed
+    return graph, out
 
 
 class GraphRunner:
@@ -61,9 +82,7 @@ class GraphRunner:
             for t, value in zip(tensors, saved):
                 t.copy_(value)
 
-        stream = torch.cuda.Stream(device=self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
+        def warmup():
             for i in range(2):
                 if i == 0:
                     with CaptureGuard(f"the graph {key}"):
@@ -71,10 +90,8 @@ class GraphRunner:
                 else:
                     fn()
                 restore()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            fn()  # recorded, not executed
+        graph, _ = capture_graph(fn, warmup=warmup, pool=self._pool, device=self.device)
         return graph

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import medlvr
 from devices import backend_devices, triton_devices
+from medlvr.engine.graphs import capture_graph
 from medlvr.ops.decode import decode_attention
 from medlvr.reference import decode as ref
 
@@ -157,14 +158,7 @@ def test_cuda_graph_capture_all_three_ops():
         decode_attention(q_rot, kc, vc, (slots + 1).clamp(min=0), out=o_buf)
         rmsnorm_feedback(hidden, w, eps=1e-6, out=e_buf, active=active)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()  # warm-up compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture_graph(step)  # its warm-up compiles the kernels outside the capture
     pos.copy_(torch.tensor([[10, 20, 30, 40], [11, 21, 31, 41], [12, 22, 32, 42]]))
     slots.copy_(torch.tensor([5, -1, 100, L - 1]))
     active.copy_(torch.tensor([True, False, True, True]))

@@ -10,6 +10,7 @@ from torch.overrides import TorchFunctionMode
 
 import medlvr
 from devices import backend_devices, kernel_devices, triton_devices
+from medlvr.engine.graphs import capture_graph
 from medlvr.ops.roi_align_loss import RoiGeometry, prepare_roi_geometry, roi_align_loss
 from medlvr.reference.roi_align import roi_align_loss_ref
 
@@ -92,14 +93,7 @@ def test_cuda_no_sync_and_graph_capture_of_forward_and_backward():
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_graph(step)
     for _ in range(2):
         graph.replay()
         torch.cuda.synchronize()
