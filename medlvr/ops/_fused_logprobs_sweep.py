@@ -203,15 +203,14 @@ def vlpo_token_terms(logp: Tensor, old: Tensor, ref: Optional[Tensor], adv: Tens
     return pg if kl_beta <= 0 else pg + kl_beta * kl_k3(logp, ref)
 
 
-def vlpo_head(old_logp: Optional[Tensor], ref_logp: Optional[Tensor], advantages: Tensor, keep: Tensor,
-              denominator: Tensor, *, eps_low: float, eps_high: float, dual_clip: float, kl_beta: float) -> Head:
-    """The token part of VLPO's loss, sum_i keep_i l_i / denominator with
+def vlpo_head(old_logp: Optional[Tensor], ref_logp: Optional[Tensor], advantages: Tensor, denominator: Tensor, *,
+              eps_low: float, eps_high: float, dual_clip: float, kl_beta: float) -> Head:
+    """The token part of VLPO's loss over rows that are all scored, sum_i l_i / denominator with
     l_i = vlpo_token_terms(logp_i, old_i, ref_i, adv_i); old_logp None means on-policy (old =
     the log-probs being computed, detached: PPO's first epoch, ratio exactly 1).
 
-    d loss / d logp of a chunk is autograd through the very functions vlpo_loss uses (the same
-    ops in the same order: (l * mask).sum() / denominator), so there is one definition of the
-    clip math."""
+    d loss / d logp of a chunk is autograd through the very functions vlpo_loss uses, so there
+    is one definition of the clip math."""
     terms = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, kl_beta=kl_beta)
 
     def head(rows: slice, lp: Tensor):
@@ -219,7 +218,7 @@ def vlpo_head(old_logp: Optional[Tensor], ref_logp: Optional[Tensor], advantages
             x = lp.detach().requires_grad_(True)
             old = lp.detach() if old_logp is None else old_logp[rows]
             ref = None if ref_logp is None else ref_logp[rows]
-            s = (vlpo_token_terms(x, old, ref, advantages[rows], **terms) * keep[rows]).sum() / denominator
+            s = vlpo_token_terms(x, old, ref, advantages[rows], **terms).sum() / denominator
             (g,) = torch.autograd.grad(s, x)
         return s.detach(), g
     return head

@@ -345,9 +345,9 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
     denominator = (keep.float().sum() + float(R * K if use_latent else 0)).clamp(min=1)
     adv = advantages.float()[:, None]
     terms = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, kl_beta=kl_beta)
+    # Only the scored tokens enter the sweep (h = hidden[keep]), so every row counts.
     objective = sweep.vlpo_head(None if token_old is None else token_old[keep],
-                                None if kl_beta <= 0 else token_ref[keep], adv.expand(R, T)[keep],
-                                torch.ones_like(h[:, 0], dtype=adv.dtype), denominator, **terms)
+                                None if kl_beta <= 0 else token_ref[keep], adv.expand(R, T)[keep], denominator, **terms)
     plan = _plan(h, weight, bias, c, temperature, -100, chunk_size)
     loss, logp = _FusedLinearLogprobs.apply(h, weight, bias, tgt, plan, objective)
     token_logp = torch.zeros(R, T, dtype=logp.dtype, device=hidden.device).masked_scatter(keep, logp)
