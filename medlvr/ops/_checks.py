@@ -4,7 +4,7 @@ expected and what was received, and every check runs before any kernel launches.
 The fp64 rule, the same for every op and every device: **fp64 is computed in fp64, end to
 end.** The references (medlvr/reference/) and the compiled extension (csrc/: C++ on CPU,
 CUDA on GPU, whose accumulators follow the input type) compute fp64 inputs in fp64. The
-Triton kernels (kernels/) compute in fp32, so they take no fp64 operand: an op that has
+Triton kernels (medlvr/kernels/) compute in fp32, so they take no fp64 operand: an op that has
 one picks the reference by itself for a call with an fp64 tensor, and forcing the Triton
 backend on such a call raises a TypeError naming the argument. ``backend`` below is the
 one place that applies the rule: an op dispatches through it, not through

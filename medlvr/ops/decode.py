@@ -41,7 +41,7 @@ _INTS = (torch.int32, torch.int64)
 
 def _kernels(name: str):
     """``medlvr.kernels.<name>``, imported on first use so that importing medlvr.ops does
-    not import triton (the install maps kernels/ to medlvr.kernels)."""
+    not import triton."""
     return importlib.import_module(f"medlvr.kernels.{name}")
 
 

@@ -13,7 +13,7 @@ sync at all) hands the result to the op, whose call then only checks shapes and 
 The geometry does not depend on the pooling, the loss or the sampling ratio: those stay
 arguments of the call, so the collator, which does not know them, can prepare it.
 Conventions (token layout, clipping, bin order) are the reference's
-(medlvr/reference/roi_align.py); kernels/roi_align_loss.py reads the tables.
+(medlvr/reference/roi_align.py); medlvr/kernels/roi_align_loss.py reads the tables.
 """
 from __future__ import annotations
 
