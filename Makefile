@@ -7,12 +7,7 @@ STAMPS := .make-stamps
 # A CUDA 13.0 build of torch (CPU execution works; the CUDA kernels compile against it).
 # Override for another machine, e.g. `make test TORCH_PIN="torch==2.13.0 torchvision"`.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
-# torch's extension builder finds nvcc on PATH; point it at the toolkit that holds the headers.
-ifeq ($(origin CUDA_HOME), undefined)
-  ifneq ($(wildcard /usr/local/cuda/include/cuda_runtime.h),)
-    export CUDA_HOME := /usr/local/cuda
-  endif
-endif
+# setup.py finds the CUDA toolkit itself (nvcc and libcudart together), or builds the C++ kernels alone.
 export MAX_JOBS ?= 2
 
 .PHONY: install demo demo-quick test test-fast bench gpu-check clean
