@@ -53,23 +53,21 @@ def _nvcc_top() -> Path | None:
     return Path(os.path.realpath(nvcc)).parent.parent
 
 
-def find_cuda_home() -> tuple[Path | None, str]:
-    """(toolkit root, why) where nvcc and cudart are found together, else (None, why not).
-    Looked for in CUDA_HOME, CUDA_PATH, the toolkit behind ``nvcc`` on PATH, /usr/local/cuda."""
-    tried = []
-    for name in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(name):
-            tried.append((Path(os.environ[name]), name))
+def find_cuda_home(fallback: Path = Path("/usr/local/cuda")) -> tuple[Path | None, str]:
+    """(toolkit root, where it was found) where nvcc and cudart are found together, else
+    (None, why not). Looked for in CUDA_HOME, CUDA_PATH, the toolkit behind ``nvcc`` on PATH,
+    then ``fallback``."""
+    tried = [(Path(os.environ[name]), name) for name in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(name)]
     top = _nvcc_top()
     if top is not None:
         tried.append((top, "nvcc on PATH"))
-    tried.append((Path("/usr/local/cuda"), "/usr/local/cuda"))
+    tried.append((fallback, "the default location"))
     for home, where in tried:
         if _toolkit_complete(home):
             return home, f"{home} (from {where})"
-    if not tried[:-1] and not Path("/usr/local/cuda").exists():
+    if len(tried) == 1 and not fallback.exists():
         return None, "no CUDA toolkit found (no nvcc on PATH, CUDA_HOME unset)"
-    return None, "no complete CUDA toolkit (nvcc + cuda_runtime.h + libcudart) in " + ", ".join(
+    return None, "no complete CUDA toolkit (nvcc + cuda_runtime.h + libcudart together) in " + ", ".join(
         f"{h} ({w})" for h, w in tried)
 
 
@@ -110,13 +108,18 @@ def extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = extensions()
+def main() -> None:
+    ext_modules, cmdclass = extensions()
+    setup(
+        # Namespace discovery so the data folders (medlvr/models/assets) are packages too:
+        # setuptools warns about package data in a folder it does not know as a package.
+        packages=find_namespace_packages(include=["medlvr", "medlvr.*"], exclude=["*.__pycache__"]),
+        package_data={"medlvr.models": ["assets/*", "assets/**/*"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
 
-setup(
-    # Namespace discovery so the data folders (medlvr/models/assets) are packages too:
-    # setuptools warns about package data in a folder it does not know as a package.
-    packages=find_namespace_packages(include=["medlvr", "medlvr.*"], exclude=["*.__pycache__"]),
-    package_data={"medlvr.models": ["assets/*", "assets/**/*"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+
+# setuptools' build backend runs this file as __main__; tests load it to check find_cuda_home.
+if __name__ == "__main__":
+    main()
