@@ -87,7 +87,7 @@ def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, bat
     dtype); the HF loop runs under it."""
     from medlvr.train.loop import resolve_mixed_precision
 
-    from tqdm.auto import tqdm
+    from medlvr.progress import progress
 
     from medlvr.models import latent_token_ids
     from medlvr.train.collate import collate
@@ -113,7 +113,7 @@ def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, bat
     preds: list[dict] = []
     cache: dict = {}
     try:
-        for i in tqdm(range(0, len(records), batch_size), desc="eval", unit="batch", disable=not progress):
+        for i in progress(range(0, len(records), batch_size), desc="eval", unit="batch", disable=not progress):
             recs = list(records[i:i + batch_size])
             b = collate(recs, processor, k_latent=k, with_answer=False, latent_token_ids=ids, padding_side="left",
                         images_cache=cache)

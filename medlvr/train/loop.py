@@ -52,6 +52,7 @@ class LoopConfig:
     resume: str | None = None
     stop_after: int | None = None
     mixed_precision: str = "auto"
+    device: str = "auto"
     metrics: str = "metrics.jsonl"
     report_to: str | None = None
     progress: bool = True
@@ -65,6 +66,7 @@ class LoopConfig:
             raise ValueError(f"schedule: expected 'cosine', 'linear' or 'constant', got {self.schedule!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision: expected one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        check_device(self.device)
         if self.report_to == "tensorboard":
             import importlib.util
 
@@ -94,6 +96,24 @@ def make_scheduler(optimizer, cfg: LoopConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(device: str) -> str:
+    """``device`` of the training commands: auto (a GPU per rank when there are enough, see
+    :func:`gpu_per_rank`, else the CPU), cpu, or cuda (an error when there is none)."""
+    if device not in DEVICES:
+        raise ValueError(f"device: expected one of {DEVICES}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for, but torch.cuda.is_available() is False "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    return device
+
+
+def trains_on_gpu(device: str = "auto") -> bool:
+    return check_device(device) == "cuda" or (device == "auto" and gpu_per_rank())
+
+
 def gpu_per_rank() -> bool:
     """Whether this process trains on a GPU: one GPU per rank when there are enough of them
     (NCCL), else every rank on the CPU (gloo). Two NCCL ranks on one GPU fail
@@ -103,17 +123,17 @@ def gpu_per_rank() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() >= ranks_here
 
 
-def resolve_mixed_precision(mode: str) -> str:
+def resolve_mixed_precision(mode: str, device: str = "auto") -> str:
     """"auto" -> bf16 autocast on a GPU, plain fp32 on the CPU (CPU bf16 autocast is slow
     and only changes numerics there; ask for "bf16" to test the GPU's numerics on a CPU)."""
     if mode not in MIXED_PRECISION:
         raise ValueError(f"mixed_precision: expected one of {MIXED_PRECISION}, got {mode!r}")
     if mode == "auto":
-        return "bf16" if gpu_per_rank() else "no"
+        return "bf16" if trains_on_gpu(device) else "no"
     return mode
 
 
-def make_accelerator(mixed_precision: str = "auto", **kwargs):
+def make_accelerator(mixed_precision: str = "auto", device: str = "auto", **kwargs):
     """The one place medlvr builds an ``accelerate.Accelerator`` (stage 1, VLPO, the demo).
 
     cpu=True without a GPU per rank (:func:`gpu_per_rank`): accelerate then forms a gloo
@@ -122,14 +142,14 @@ def make_accelerator(mixed_precision: str = "auto", **kwargs):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, is_initialized
 
-    mode = resolve_mixed_precision(mixed_precision)
+    mode = resolve_mixed_precision(mixed_precision, device)
     state = AcceleratorState() if is_initialized() else None  # a process-wide singleton
     if state is not None and state.num_processes == 1 and state.mixed_precision != mode:
         # accelerate refuses a second Accelerator with another precision in one process
         # (its state is global). One process is free to run stage 1 in bf16 and evaluate in
         # fp32, so the state is re-made; launched multi-process runs keep the rule.
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=not gpu_per_rank(), mixed_precision=mode, **kwargs)
+    return Accelerator(cpu=not trains_on_gpu(device), mixed_precision=mode, **kwargs)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -246,11 +266,12 @@ def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None
     module's trainable weights). metrics_path: the metrics file ("" = <out>/<cfg.metrics>;
     None = none); append_metrics keeps an existing file's rows (a resume always does)."""
     from accelerate.utils import DataLoaderConfiguration, set_seed
-    from tqdm.auto import tqdm
+
+    from medlvr.progress import progress
 
     out = Path(cfg.out_dir)
     if accelerator is None:
-        accelerator = make_accelerator(cfg.mixed_precision, log_with=cfg.report_to, project_dir=str(out),
+        accelerator = make_accelerator(cfg.mixed_precision, device=cfg.device, log_with=cfg.report_to, project_dir=str(out),
                                        dataloader_config=DataLoaderConfiguration(split_batches=True))
     set_seed(cfg.seed)
     if metrics_path == "":
@@ -283,15 +304,15 @@ def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None
         accelerator.init_trackers(out.name, config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))})
     metrics = MetricsWriter(metrics_path, accelerator, append=append_metrics or ckpt is not None)
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True,
+    bar = progress(total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and accelerator.is_local_main_process))
     last: dict = {}
     try:
         while step < cfg.max_steps:
             last = objective.step(updater, step)
             step += 1
+            bar.set_postfix(objective.postfix(last), refresh=False)  # shown by the update's own frame
             bar.update(1)
-            bar.set_postfix(objective.postfix(last))
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 metrics.write(last)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
@@ -314,27 +335,32 @@ def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None
 def add_loop_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training loop")
     g.add_argument("--out", default="runs/sft", help="output directory (checkpoints, metrics, final weights)")
-    g.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=8, help="GLOBAL micro-batch (split over processes)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=5e-4)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    g.add_argument("--batch-size", type=int, default=8, help="GLOBAL micro-batch, split over processes (default 8)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW weight decay of the matrices; biases and norms get none (default 0)")
     g.add_argument("--adam-eps", type=float, default=1e-8,
                    help="AdamW epsilon (larger damps the normalised update of near-zero gradients)")
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine")
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before the schedule (default 0)")
+    g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
+                   help="learning-rate decay after warm-up (default cosine, to 0 at --steps)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the global gradient norm to this (0: no clipping; default 1.0)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the model init (default model), data order and sampling")
+    g.add_argument("--log-every", type=int, default=1, help="write a metrics row every N steps (default 1)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only the final weights)")
-    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept in --out, newest first (default 2)")
     g.add_argument("--resume", default=None, help="'auto' (latest in --out) or a checkpoint directory")
     g.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # debug: simulate a crash
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
                    help="autocast: auto = bf16 on a GPU, none on the CPU")
+    g.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto = one GPU per process when there are enough, else the CPU (default auto)")
     g.add_argument("--metrics", default="metrics.jsonl", help="metrics file name in --out (.jsonl or .csv)")
     g.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def loop_config_from_args(a: argparse.Namespace) -> LoopConfig:
@@ -342,5 +368,5 @@ def loop_config_from_args(a: argparse.Namespace) -> LoopConfig:
                       weight_decay=a.weight_decay, adam_eps=a.adam_eps, warmup_steps=a.warmup_steps, schedule=a.schedule,
                       max_grad_norm=a.max_grad_norm, seed=a.seed, log_every=a.log_every, save_every=a.save_every,
                       keep_checkpoints=a.keep_checkpoints, resume=a.resume, stop_after=a.stop_after,
-                      mixed_precision=a.mixed_precision, metrics=a.metrics, report_to=a.report_to,
+                      mixed_precision=a.mixed_precision, device=a.device, metrics=a.metrics, report_to=a.report_to,
                       progress=not a.no_progress)
