@@ -23,12 +23,16 @@ class ImageReadError(ValueError):
 _EXTRAS = {"pydicom": "pydicom>=3.0", "nibabel": "nibabel>=5"}
 
 
+class MissingDependency(ImportError):
+    """An optional package that a feature needs is not installed; the message says how to install it."""
+
+
 def require(package: str, purpose: str):
-    """Import an optional dependency or raise ImportError naming it and how to install it."""
+    """Import an optional dependency or raise MissingDependency naming it and how to install it."""
     try:
         return importlib.import_module(package)
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependency(
             f"{purpose} needs the optional package '{package}', which is not installed: "
             f"pip install '{_EXTRAS.get(package, package)}' (or pip install 'medlvr[medical]')") from e
 

@@ -249,7 +249,7 @@ def load_jsonl(path, *, skip_bad: bool = False, split: str | None = None, check_
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise _Bad("<json>", f"invalid JSON: {e.msg} at column {e.colno}") from None
+                    raise _Bad("<json>", f"invalid JSON: {e.msg}: column {e.colno}") from None
                 rec = parse_record(obj, base_dir=path.parent, default_source=path.stem,
                                    default_id=f"{path.stem}-{lineno}", check_images=check_images)
                 if rec.id in seen:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -167,8 +166,6 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke-test sized run (well under a minute)")
     p.add_argument("--out", default="demo_out", help="output directory (data, runs, plot, summary.json)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 per 2 cores; oversubscribed OpenMP is slow on small CPUs)")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
                    help="autocast for every phase: auto = bf16 on a GPU, none on the CPU")
     p.add_argument("--no-progress", action="store_true")
@@ -177,8 +174,6 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def demo_main(args: argparse.Namespace) -> int:
-    if not args.threads:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     plan = replace(QUICK if args.quick else FULL, seed=args.seed, image_format=getattr(args, "image_format", "png"))
     run_demo(args.out, plan, progress=not args.no_progress, mixed_precision=args.mixed_precision)
     return 0

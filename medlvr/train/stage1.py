@@ -274,14 +274,19 @@ def add_stage1_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="training JSONL (medlvr format)")
     p.add_argument("--model", default="default", help="'default' (embedded small Qwen2.5-VL) or a local checkpoint dir")
     p.add_argument("--k-latent", type=int, default=4, help="latent steps K (0 = plain SFT)")
-    p.add_argument("--mode", choices=MODES, default="recurrent")
+    p.add_argument("--mode", choices=MODES, default="recurrent",
+                   help="recurrent = the exact latent recurrence, hidden state fed back (default); teacher-forced "
+                        "= one forward with the pooled ROI targets as latent inputs (LVR-style)")
     p.add_argument("--roi-weight", type=float, default=1.0, help="lambda of the ROI alignment term")
-    p.add_argument("--roi-loss", choices=("cosine", "mse"), default="cosine")
-    p.add_argument("--roi-pooling", choices=("area", "bilinear"), default="area")
+    p.add_argument("--roi-loss", choices=("cosine", "mse"), default="cosine",
+                   help="ROI alignment distance between latent k and its pooled target (default cosine: 1 - cos)")
+    p.add_argument("--roi-pooling", choices=("area", "bilinear"), default="area",
+                   help="pooling of the vision tokens inside the ROI into K targets: area = overlap-weighted "
+                        "mean per bin, bilinear = RoIAlign (default area)")
     p.add_argument("--projector", action="store_true", help="learned latent feedback projector (identity at init)")
     p.add_argument("--lora", action="store_true", help="LoRA on q/k/v/o of the language model (else full fine-tuning)")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank, with --lora (default 16)")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (scale alpha/r), with --lora (default 32)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and report) bad records instead of failing")
     p.add_argument("--split", default="train", help="records of this split are used (others ignored)")
     add_loop_arguments(p)

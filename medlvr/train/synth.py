@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medlvr.imageio.errors import require
 from medlvr.train.data import ROI, Record, write_jsonl
 
 QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
@@ -226,6 +227,8 @@ def synthesize(out_dir, *, n: int = 800, seed: int = 0, roi_fraction: float = 0.
     bad = [q for q in qtypes if q not in QTYPES]
     if not qtypes or bad:
         raise ValueError(f"qtypes: expected a non-empty subset of {QTYPES}, got {qtypes!r}")
+    if image_format == "dicom":  # before anything is written: no half-made images/ folder
+        require("pydicom", "image_format='dicom' (synthetic CT slices)")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     n_train = int(round(n * split_fractions[0]))
@@ -260,14 +263,16 @@ def synthesize(out_dir, *, n: int = 800, seed: int = 0, roi_fraction: float = 0.
 def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="output directory (images/ + train/val/test.jsonl)")
     parser.add_argument("--n", type=int, default=800, help="number of records (default 800)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the images, questions and ROI draws (default 0)")
     parser.add_argument("--roi-fraction", type=float, default=0.5,
                         help="fraction of records with a lesion that carry its ROI box (default 0.5)")
     parser.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112)")
-    parser.add_argument("--difficulty", choices=tuple(DIFFICULTIES), default="easy")
+    parser.add_argument("--difficulty", choices=tuple(DIFFICULTIES), default="easy",
+                        help="lesion contrast, radius range, noise and rib texture: easy, medium, hard (default easy)")
     parser.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
                         help="split fractions (default 0.8 0.1 0.1)")
-    parser.add_argument("--qtypes", nargs="+", choices=QTYPES, default=list(QTYPES))
+    parser.add_argument("--qtypes", nargs="+", choices=QTYPES, default=list(QTYPES),
+                        help="question types, cycled over the records (default: all)")
     parser.add_argument("--format", choices=IMAGE_FORMATS, default="png", dest="image_format",
                         help="png (default) or dicom: CT-like DICOM slices in HU with rescale and window tags")
     return parser
