@@ -13,14 +13,15 @@ Limits: 255 registers a thread and 64 K a block, 227 KB (sm_90) / 163 KB (sm_80)
 memory a block, CUDA's grid limits, and SPILL_BUDGET = 16 bytes of spill stores or of
 spill loads a thread. A spill in a decode kernel's K/V loop is local-memory traffic on
 every tile, thousands of times per generated token: the fp32 attention tiles are sized so
-that none spills (medlvr/kernels/decode_attention.py). The budget admits what ptxas does
-to the ROI-loss kernels on sm_80: 4-16 bytes, in the forward's SASS two registers stored
-once before the loop nest and loaded once after it (a few bytes per program, next to the
-tens of KB each program reads); a K/V loop that spills moves kilobytes.
+that none spills (medlvr/kernels/decode_attention.py). The budget admits what ptxas does on
+sm_80 to the ROI-loss kernels (4-16 B) and to fp32 one-split decode attention (4 B): in
+their SASS one or two registers are stored to local memory once before the loop nest and
+loaded once after it, a few bytes per program next to the tens of KB each program reads.
+A spill in a K/V loop moves kilobytes and fails.
 
 Two sizes: the CI run compiles one binary per kernel variant (constexprs, pointer dtypes,
-launch options) that a sample of the workloads reaches (~80 compiles a target, a few
-minutes on 2 cores); MEDLVR_COMPILE_ALL=1 (marked slow) compiles every distinct
+launch options) that a sample of the workloads reaches (~65 a target, ~1 minute on the
+shared 2-core development machine); MEDLVR_COMPILE_ALL=1 (marked slow) compiles every distinct
 specialisation of the whole grid of shapes. Both write their table (one row per compiled
 binary: registers, spills, shared memory) to $MEDLVR_COMPILE_TABLE, or to pytest's tmp dir.
 
