@@ -243,7 +243,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             # triton 3.8's interpreter multiplies bf16 dot operands as their uint16 bit
             # patterns (create_dot has no bf16 case), so on CPU the operands go to fp32 first.
             UPCAST_DOT=interpreted, EMU=interpreted, HAS_MAP=rows is not None, WRITE_LSE=lse_out is not None,
-            # sm_90, bf16, Dh=128 (tests/ops/test_decode_compile.py): 76 registers, no
+            # sm_90, bf16, Dh=128 (tests/ops/test_decode_compile.py): 78 registers, no
             # spills, K/V tiles double-buffered through cp.async in 38 KB of shared memory,
             # so ~5 programs fit per SM. Deeper pipelining (3 stages, 72 KB) would halve
             # the resident programs, and at small batch a split holds only 1-2 tiles anyway.

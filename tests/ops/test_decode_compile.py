@@ -91,7 +91,7 @@ def _compile_all(full: bool) -> list[dict]:
         first = launches[0]
         _, src, _ = lc.bind(first, arch)
         row = dict(arch=f"sm_{arch}", kernel=first.name, variant=_variant(src), launches=len(launches),
-                   example=first.workload, grid="x".join(map(str, first.grid)))
+                   example=first.workload, grid="x".join(map(str, first.grid)), signature=dict(src.signature))
         try:
             res = lc.compile_launch(first, arch)
             problems = [p for launch in launches for p in lc.check(res, launch, arch, SPILL_BUDGET)]
@@ -203,6 +203,15 @@ def test_every_kernel_and_path_is_reached(compiled):
     stage1 = [r["variant"] for r in compiled if r["kernel"] == "_decode_attn_stage1"]
     assert any("HAS_MAP=True" in v for v in stage1) and any("BLOCK_G=64" in v for v in stage1)
     assert any("SINGLE=True" in v for v in stage1) and any("SINGLE=False" in v for v in stage1)
+
+
+def test_specialised_as_the_engine_calls(compiled):
+    # The engine's lengths are int64 tensors and its strides Python ints below 2^31: Triton
+    # binds them as *i64 and i32, a unit innermost stride as the constant 1.
+    for r in compiled:
+        if r["kernel"] == "_decode_attn_stage1":
+            sig = r["signature"]
+            assert (sig["len_ptr"], sig["sk_l"], sig["sk_d"]) == ("*i64", "i32", "constexpr"), r["example"]
 
 
 def test_rotary_uses_precise_trig(compiled):
