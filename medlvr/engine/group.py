@@ -28,8 +28,10 @@ import torch
 from medlvr.ops.decode import decode_attention, merge_attention
 
 # Largest folded query block (G * query heads per kv head) for the prefix call. 64 rows:
-# Qwen2.5-VL-7B (group 7) with G = 8 is 56 rows, compiled for sm_90 without spills
-# (tests/ops/test_decode_compile.py).
+# Qwen2.5-VL-7B (group 7) with G = 8 is 56 rows in a 64-row block. tests/ops/test_decode_compile.py
+# compiles it for sm_90 and sm_80 in each dtype without spills: bf16/fp16 in 168-178
+# registers; fp32 only with its own tile of 32 keys over 8 warps (128-154 registers,
+# medlvr/kernels/decode_attention.py): with bf16's tile it spilled kilobytes a thread.
 FOLD_MAX = 64
 
 

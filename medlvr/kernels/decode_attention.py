@@ -38,12 +38,23 @@ import triton
 import triton.language as tl
 
 from medlvr.kernels._cast import _cast
+from medlvr.kernels._device import on_device
 
 
 _LOG2E = 1.4426950408889634
 # 64 keys per tile: a K (or V) tile of 64 x 128 bf16 is 16 KB, so double-buffering both
 # fits comfortably in shared memory while the loop still issues large coalesced loads.
+# Splits are cut in whole BLOCK_N tiles (default_num_splits).
 BLOCK_N = 64
+# fp32 caches take the exact path: IEEE fp32 dots run on FMA units, not tensor cores, and
+# Triton's FMA dot holds both operands and the product of a tile in registers. With
+# BLOCK_N keys and 4 warps that overflows them: 255 registers and ~190 B of spill per
+# thread at Dh = 128 on sm_80, and kilobytes on both targets for the 32- and 64-row query
+# blocks of grouped rollouts (medlvr/engine/group.py). Half the keys per tile over twice
+# the threads fits every block (16-64 rows x Dh 128) in 64-154 registers without a spill
+# (tests/ops/test_decode_compile.py compiles them for sm_90 and sm_80); FP32_BLOCK_N
+# divides BLOCK_N, so the splits are unchanged.
+FP32_BLOCK_N, FP32_WARPS = 32, 8
 
 
 @triton.jit
@@ -165,7 +176,8 @@ def _decode_attn_stage2(
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (sizes the split-K grid)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -173,7 +185,7 @@ def default_num_splits(B: int, Hkv: int, L_max: int, device: torch.device) -> in
     """Splits so that B * Hkv * splits fills the GPU about twice over (two waves hide the
     tail of programs whose split ends early), with at least BLOCK_N keys per split.
     A function of shapes and the device only, never of lengths (graph-safe)."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
     want = math.ceil(2 * sms / max(B * Hkv, 1))
     return max(1, min(want, triton.cdiv(L_max, BLOCK_N)))
@@ -218,30 +230,33 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         sp, sl = part.stride(), part_lse.stride()
     slo = lse_out.stride() if lse_out is not None else (0, 0)
     rows_arg = rows.contiguous() if rows is not None else lengths  # unused without HAS_MAP
-    _decode_attn_stage1[(B, Hkv, splits)](
-        q, k_cache, v_cache, lengths, out, part_lse, part, rows_arg, lse_out if lse_out is not None else part_lse,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        *sp, *sl, *slo,
-        qk_scale, split_len, L, k_cache.shape[0],
-        GROUP=group, HEAD_DIM=Dh, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N, SINGLE=single,
-        DOT_PREC="ieee" if k_cache.dtype == torch.float32 or interpreted else "tf32",
-        # triton 3.8's interpreter multiplies bf16 dot operands as their uint16 bit
-        # patterns (create_dot has no bf16 case), so on CPU the operands go to fp32 first.
-        UPCAST_DOT=interpreted, EMU=interpreted, HAS_MAP=rows is not None, WRITE_LSE=lse_out is not None,
-        # sm_90, bf16, Dh=128 (tests/ops/test_decode_compile.py): 76 registers, no
-        # spills, K/V tiles double-buffered through cp.async in 38 KB of shared memory,
-        # so ~5 programs fit per SM. Deeper pipelining (3 stages, 72 KB) would halve
-        # the resident programs, and at small batch a split holds only 1-2 tiles anyway.
-        num_warps=4, num_stages=2,
-    )
-    if not single:
-        _decode_attn_stage2[(B, Hq)](
-            out, part_lse, part, lse_out if lse_out is not None else part_lse,
-            *out.stride(), *sp, *sl, *slo,
-            SPLITS=splits, HEAD_DIM=Dh, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, EMU=interpreted,
-            WRITE_LSE=lse_out is not None,
-            # The [splits, Dh] fp32 partial tile is loaded whole: 4 warps keep it at
-            # <= 64 values per thread for 64 splits x 128 (54 registers at sm_90).
-            num_warps=4 if triton.next_power_of_2(splits) * block_d >= 4096 else 2,
+    fp32 = k_cache.dtype == torch.float32
+    with on_device(q):
+        _decode_attn_stage1[(B, Hkv, splits)](
+            q, k_cache, v_cache, lengths, out, part_lse, part, rows_arg,
+            lse_out if lse_out is not None else part_lse,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+            *sp, *sl, *slo,
+            qk_scale, split_len, L, k_cache.shape[0],
+            GROUP=group, HEAD_DIM=Dh, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=FP32_BLOCK_N if fp32 else BLOCK_N,
+            SINGLE=single, DOT_PREC="ieee" if fp32 or interpreted else "tf32",
+            # triton 3.8's interpreter multiplies bf16 dot operands as their uint16 bit
+            # patterns (create_dot has no bf16 case), so on CPU the operands go to fp32 first.
+            UPCAST_DOT=interpreted, EMU=interpreted, HAS_MAP=rows is not None, WRITE_LSE=lse_out is not None,
+            # sm_90, bf16, Dh=128 (tests/ops/test_decode_compile.py): 78 registers, no
+            # spills, K/V tiles double-buffered through cp.async in 38 KB of shared memory,
+            # so ~5 programs fit per SM. Deeper pipelining (3 stages, 72 KB) would halve
+            # the resident programs, and at small batch a split holds only 1-2 tiles anyway.
+            num_warps=FP32_WARPS if fp32 else 4, num_stages=2,
         )
+        if not single:
+            _decode_attn_stage2[(B, Hq)](
+                out, part_lse, part, lse_out if lse_out is not None else part_lse,
+                *out.stride(), *sp, *sl, *slo,
+                SPLITS=splits, HEAD_DIM=Dh, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, EMU=interpreted,
+                WRITE_LSE=lse_out is not None,
+                # The [splits, Dh] fp32 partial tile is loaded whole: 4 warps keep it at
+                # <= 64 values per thread for 64 splits x 128 (54 registers at sm_90).
+                num_warps=4 if triton.next_power_of_2(splits) * block_d >= 4096 else 2,
+            )
     return out

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from medlvr.kernels._cast import _cast
+from medlvr.kernels._device import on_device
 
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -65,14 +66,15 @@ def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, 
         active = active.contiguous()
     block_d = triton.next_power_of_2(D)
     res = torch.promote_types(hidden.dtype, weight.dtype)
-    _rmsnorm_feedback_kernel[(B,)](
-        hidden, weight, out, active if active is not None else out,
-        *hidden.stride(), *out.stride(),
-        eps,
-        D=D, BLOCK_D=block_d, HAS_ACTIVE=active is not None, RES=_TL[res], EMU=hidden.device.type != "cuda",
-        # ~16 elements per thread: 4096-wide rows (D=3584) get 8 warps.
-        num_warps=max(1, min(16, block_d // 512)),
-    )
+    with on_device(hidden):
+        _rmsnorm_feedback_kernel[(B,)](
+            hidden, weight, out, active if active is not None else out,
+            *hidden.stride(), *out.stride(),
+            eps,
+            D=D, BLOCK_D=block_d, HAS_ACTIVE=active is not None, RES=_TL[res], EMU=hidden.device.type != "cuda",
+            # ~16 elements per thread: 4096-wide rows (D=3584) get 8 warps.
+            num_warps=max(1, min(16, block_d // 512)),
+        )
     return out
 
 
@@ -115,11 +117,12 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, *
     new_residual = torch.empty((B, D), dtype=sum_dt, device=x.device)
     normed = torch.empty((B, D), dtype=res_dt, device=x.device)
     block_d = triton.next_power_of_2(D)
-    _add_rmsnorm_kernel[(B,)](
-        x, residual, weight, normed, new_residual,
-        *x.stride(), *residual.stride(), *normed.stride(), *new_residual.stride(),
-        eps,
-        D=D, BLOCK_D=block_d, SUM=_TL[sum_dt], RES=_TL[res_dt], EMU=x.device.type != "cuda",
-        num_warps=max(1, min(16, block_d // 512)),  # as rmsnorm_feedback: ~16 elements per thread
-    )
+    with on_device(x):
+        _add_rmsnorm_kernel[(B,)](
+            x, residual, weight, normed, new_residual,
+            *x.stride(), *residual.stride(), *normed.stride(), *new_residual.stride(),
+            eps,
+            D=D, BLOCK_D=block_d, SUM=_TL[sum_dt], RES=_TL[res_dt], EMU=x.device.type != "cuda",
+            num_warps=max(1, min(16, block_d // 512)),  # as rmsnorm_feedback: ~16 elements per thread
+        )
     return normed, new_residual

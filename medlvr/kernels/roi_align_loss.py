@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from medlvr.kernels._device import on_device
+
 
 @triton.jit
 def _axis_weight(idx, lo, size_bin, n_samples, extent, AREA: tl.constexpr):
@@ -345,11 +347,12 @@ def roi_loss_forward(latents: torch.Tensor, vision_tokens: torch.Tensor, tables:
     per_bin = torch.empty(R, K, device=dev, dtype=torch.float32)
     total = torch.empty((), device=dev, dtype=torch.float32)
     block_i, block_j = _block_ij(max_cols)
-    _roi_loss_fwd_kernel[(n, n_slices)](
-        latents, vision_tokens, tables["geom_f"], tables["geom_i"], part, tables["counters"], sums, per_bin, total,
-        n, D, K, bins[1], sampling_ratio, scale, eps,
-        BLOCK_D=block_d, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_S=triton.next_power_of_2(n_slices),
-        BLOCK_R=_FINISH_BLOCK, AREA=area, COSINE=cosine, num_warps=4)
+    with on_device(latents):
+        _roi_loss_fwd_kernel[(n, n_slices)](
+            latents, vision_tokens, tables["geom_f"], tables["geom_i"], part, tables["counters"], sums, per_bin, total,
+            n, D, K, bins[1], sampling_ratio, scale, eps,
+            BLOCK_D=block_d, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_S=triton.next_power_of_2(n_slices),
+            BLOCK_R=_FINISH_BLOCK, AREA=area, COSINE=cosine, num_warps=4)
     return per_bin, total, sums
 
 
@@ -369,11 +372,12 @@ def roi_loss_backward_latents(latents: torch.Tensor, vision_tokens: torch.Tensor
         block_d = _block_d(D)
         block_i, block_j = _block_ij(max_cols)
         stride_r, stride_k = (0, 0) if grad.dim() == 0 else grad.stride()
-        _roi_loss_bwd_latent_kernel[(R * K, triton.cdiv(D, block_d))](
-            latents, vision_tokens, tables["geom_f"], tables["geom_i"], sums, grad, stride_r, stride_k,
-            grad_scale, dz if want_dz else latents, dt if want_dt else sums, D, K, bins[1], sampling_ratio, eps,
-            BLOCK_D=block_d, BLOCK_I=block_i, BLOCK_J=block_j, AREA=area, COSINE=cosine,
-            WRITE_DZ=want_dz, WRITE_DT=want_dt, num_warps=4)
+        with on_device(latents):
+            _roi_loss_bwd_latent_kernel[(R * K, triton.cdiv(D, block_d))](
+                latents, vision_tokens, tables["geom_f"], tables["geom_i"], sums, grad, stride_r, stride_k,
+                grad_scale, dz if want_dz else latents, dt if want_dt else sums, D, K, bins[1], sampling_ratio, eps,
+                BLOCK_D=block_d, BLOCK_I=block_i, BLOCK_J=block_j, AREA=area, COSINE=cosine,
+                WRITE_DZ=want_dz, WRITE_DT=want_dt, num_warps=4)
     return dz, dt
 
 
@@ -389,8 +393,9 @@ def roi_loss_backward_vision(dt: torch.Tensor, vision_tokens: torch.Tensor, tabl
     if T:
         block_d = max(16, min(triton.next_power_of_2(D), 256))
         per_image = triton.cdiv(max_image_tokens, BLOCK_T)
-        _roi_loss_bwd_vision_kernel[(n_images * per_image, triton.cdiv(D, block_d))](
-            dt, dv, tables["geom_f"], tables["geom_i"], tables["image_meta"], tables["rows_by_image"],
-            tables["image_ptr"], per_image, D, gh * gw, gw, sampling_ratio, BLOCK_T=BLOCK_T, BLOCK_D=block_d,
-            BLOCK_K=max(16, triton.next_power_of_2(gh * gw)), AREA=area, num_warps=4)
+        with on_device(dt):
+            _roi_loss_bwd_vision_kernel[(n_images * per_image, triton.cdiv(D, block_d))](
+                dt, dv, tables["geom_f"], tables["geom_i"], tables["image_meta"], tables["rows_by_image"],
+                tables["image_ptr"], per_image, D, gh * gw, gw, sampling_ratio, BLOCK_T=BLOCK_T, BLOCK_D=block_d,
+                BLOCK_K=max(16, triton.next_power_of_2(gh * gw)), AREA=area, num_warps=4)
     return dv

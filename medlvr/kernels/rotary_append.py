@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from medlvr.kernels._cast import _cast
+from medlvr.kernels._device import on_device
 from triton.language.extra import libdevice
 
 
@@ -130,18 +131,19 @@ def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, position
     inv_freq = inv_freq.to(torch.float32).contiguous()
     slots = slots.contiguous()
     n_pass = Dh - rotary_dim
-    _rotary_append_kernel[(B, Hq + Hkv)](
-        q, k, v, out, positions, inv_freq, slots, k_cache, v_cache,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        spos_r, spos_b,
-        *k_cache.stride(), *v_cache.stride(),
-        k_cache.shape[2],
-        HQ=Hq, HALF=half, ROT_DIM=rotary_dim, HEAD_DIM=Dh,
-        SEC0=sec0, SEC01=sec01, MROPE=mrope_section is not None,
-        BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_PASS=triton.next_power_of_2(n_pass) if n_pass > 0 else 0,
-        PRECISE_TRIG=q.device.type == "cuda", EMU=q.device.type != "cuda",
-        # Dh/2 = 64 lanes per half: one warp covers a head; more warps would idle.
-        num_warps=1 if half <= 64 else 2,
-    )
+    with on_device(q):
+        _rotary_append_kernel[(B, Hq + Hkv)](
+            q, k, v, out, positions, inv_freq, slots, k_cache, v_cache,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            spos_r, spos_b,
+            *k_cache.stride(), *v_cache.stride(),
+            k_cache.shape[2],
+            HQ=Hq, HALF=half, ROT_DIM=rotary_dim, HEAD_DIM=Dh,
+            SEC0=sec0, SEC01=sec01, MROPE=mrope_section is not None,
+            BLOCK_HALF=triton.next_power_of_2(half),
+            BLOCK_PASS=triton.next_power_of_2(n_pass) if n_pass > 0 else 0,
+            PRECISE_TRIG=q.device.type == "cuda", EMU=q.device.type != "cuda",
+            # Dh/2 = 64 lanes per half: one warp covers a head; more warps would idle.
+            num_warps=1 if half <= 64 else 2,
+        )
     return out
