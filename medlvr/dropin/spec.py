@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from medlvr.engine.request import EXIT_SCOPES, EXITS
+from medlvr.reference.exit_rules import EXIT_SCOPES, EXITS
 
 PLACEMENTS = ("after_start", "placeholders")
 Token = int | str
