@@ -118,12 +118,11 @@ def end_embedding_checked(end_embedding, *, hidden_size: int | None) -> torch.Te
     return end_embedding.detach()
 
 
-def checked(k_max: int, *, exit: str = "fixed", exit_threshold=None, exit_scope: str = "sample",
-            exit_distance: str = "mse", exit_distance_on: str = "fed", exit_check_start: bool = False,
-            after_exit: str = "end_token", latent_end_id: int | None = None, latent_pad_id: int | None = None,
-            end_embedding=None, latent_counts=None, batch: int | None = None, hidden_size: int | None = None,
-            vocab: int | None = None, has_stop_head: bool = False) -> ExitRule:
-    """Check a rule's arguments (ValueError naming the argument) and fill its defaults."""
+def check_options(*, exit: str = "fixed", exit_threshold=None, exit_scope: str = "sample",
+                  exit_distance: str = "mse", exit_distance_on: str = "fed", exit_check_start: bool = False,
+                  after_exit: str = "end_token", latent_pad_id=None, has_stop_head: bool = False) -> None:
+    """The checks that need no tensors and no batch: names, combinations, the threshold's
+    range (also run by medlvr/dropin/spec.py when a spec is built)."""
     _one_of("exit", exit, EXITS)
     _one_of("exit_scope", exit_scope, EXIT_SCOPES)
     _one_of("exit_distance", exit_distance, DISTANCES)
@@ -134,21 +133,42 @@ def checked(k_max: int, *, exit: str = "fixed", exit_threshold=None, exit_scope:
     t = exit_threshold
     if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
         raise ValueError(f"exit_threshold must be a float or None, got {t!r}")
+    if exit == "end_distance" and t is not None and not t > 0:
+        raise ValueError(f"exit_threshold for exit='end_distance' must be > 0 (a distance), got {t}")
+    if exit == "cosine" and t is not None and not -1.0 <= t <= 1.0:
+        raise ValueError(f"exit_threshold for exit='cosine' must lie in [-1, 1], got {t}")
+    if exit_check_start and exit != "stop_logit":
+        raise ValueError(f"exit_check_start=True needs exit='stop_logit' (the end token at <start>), got {exit!r}")
+    if exit_scope == "batch" and exit in ("fixed", "count"):
+        raise ValueError(f"exit_scope='batch' counts firings of a data-dependent rule, not exit={exit!r}")
+    if after_exit == "mirage":
+        if exit_scope != "batch" or exit != "stop_logit" or t is not None or has_stop_head:
+            raise ValueError("after_exit='mirage' needs exit='stop_logit' (argmax, no threshold, no stop head) "
+                             "and exit_scope='batch'")
+        if latent_pad_id is None:
+            raise ValueError("after_exit='mirage' needs latent_pad_id (the id Mirage writes into latent positions)")
+
+
+def checked(k_max: int, *, exit: str = "fixed", exit_threshold=None, exit_scope: str = "sample",
+            exit_distance: str = "mse", exit_distance_on: str = "fed", exit_check_start: bool = False,
+            after_exit: str = "end_token", latent_end_id: int | None = None, latent_pad_id: int | None = None,
+            end_embedding=None, latent_counts=None, batch: int | None = None, hidden_size: int | None = None,
+            vocab: int | None = None, has_stop_head: bool = False) -> ExitRule:
+    """Check a rule's arguments (ValueError naming the argument) and fill its defaults."""
+    check_options(exit=exit, exit_threshold=exit_threshold, exit_scope=exit_scope, exit_distance=exit_distance,
+                  exit_distance_on=exit_distance_on, exit_check_start=exit_check_start, after_exit=after_exit,
+                  latent_pad_id=latent_pad_id, has_stop_head=has_stop_head)
+    t = exit_threshold
     if latent_end_id is not None:
         _token("latent_end_id", latent_end_id, vocab)
+    if latent_pad_id is not None:
+        _token("latent_pad_id", latent_pad_id, vocab)
     emb = counts = None
+    mode = exit
     if exit == "end_distance":
-        if t is not None and not t > 0:
-            raise ValueError(f"exit_threshold for exit='end_distance' must be > 0 (a distance), got {t}")
         emb = end_embedding_checked(end_embedding, hidden_size=hidden_size)
-        mode = "end_distance"
     elif exit == "count":
         counts = counts_checked(latent_counts, k_max=k_max, batch=batch)
-        mode = "count"
-    elif exit == "cosine":
-        if t is not None and not -1.0 <= t <= 1.0:
-            raise ValueError(f"exit_threshold for exit='cosine' must lie in [-1, 1], got {t}")
-        mode = "cosine"
     elif exit == "stop_logit":
         if has_stop_head:
             mode = "head"
@@ -156,20 +176,6 @@ def checked(k_max: int, *, exit: str = "fixed", exit_threshold=None, exit_scope:
             raise ValueError("exit='stop_logit' needs latent_end_id (or a latent_stop_head on the model)")
         else:
             mode = "argmax" if t is None else "logit"
-    else:
-        mode = "fixed"
-    if exit_check_start and exit != "stop_logit":
-        raise ValueError(f"exit_check_start=True needs exit='stop_logit' (the end token at <start>), got {exit!r}")
-    if exit_scope == "batch" and exit in ("fixed", "count"):
-        raise ValueError(f"exit_scope='batch' counts firings of a data-dependent rule, not exit={exit!r}")
-    if after_exit == "mirage":
-        if exit_scope != "batch" or mode != "argmax":
-            raise ValueError("after_exit='mirage' needs exit='stop_logit' (argmax, no threshold, no stop head) "
-                             "and exit_scope='batch'")
-        if latent_pad_id is None:
-            raise ValueError("after_exit='mirage' needs latent_pad_id (the id Mirage writes into latent positions)")
-    if latent_pad_id is not None:
-        _token("latent_pad_id", latent_pad_id, vocab)
     default = {"cosine": DEFAULT_COSINE_THRESHOLD, "end_distance": DEFAULT_END_DISTANCE}.get(exit, 0.0)
     return ExitRule(exit=exit, mode=mode, threshold=float(t) if t is not None else default, scope=exit_scope,
                     distance=exit_distance, distance_on=exit_distance_on, check_start=exit_check_start,
