@@ -106,16 +106,18 @@ def engine_prompts(inputs: Mapping[str, Any], spec: LatentSpec, tok: ResolvedTok
     return batch, (counts if spec.placement == "placeholders" else None)
 
 
-def _engine(model: nn.Module, batch: int, length: int, projector) -> LatentEngine:
+def _engine(model: nn.Module, batch: int, length: int, projector, spec: LatentSpec) -> LatentEngine:
     eng = _ENGINES.get(model)
-    if eng is None or eng.max_batch < batch or eng.max_len < length or eng.projector is not projector:
+    flags = dict(project_first=spec.project_first, projector_logits=spec.projector_logits)
+    if eng is None or eng.max_batch < batch or eng.max_len < length or eng.projector is not projector \
+            or (eng.project_first, eng.projector_logits) != tuple(flags.values()):
         cap = 64
         while cap < length:
             cap *= 2
         limit = adapter_for(model).max_positions
         cap = min(cap, limit) if limit is not None else cap
         size = max(batch, eng.max_batch if eng is not None else 1)
-        eng = LatentEngine(model, max_batch=size, max_len=max(cap, length), projector=projector)
+        eng = LatentEngine(model, max_batch=size, max_len=max(cap, length), projector=projector, **flags)
         _ENGINES[model] = eng
     return eng
 
@@ -159,7 +161,7 @@ def generate(model: nn.Module, inputs: Mapping[str, Any], spec: LatentSpec | str
         end_emb = getattr(model, end_emb)
     projector = spec.projector if spec.projector is not None else getattr(model, "latent_projector", None)
     need = int(batch["attention_mask"].sum(-1).max()) + k + max_new_tokens
-    eng = _engine(model, batch["input_ids"].shape[0], need, projector)
+    eng = _engine(model, batch["input_ids"].shape[0], need, projector, spec)
     out = eng.generate(batch, k_max=k, exit=spec.exit, exit_threshold=spec.exit_threshold,
                        exit_scope=spec.exit_scope, exit_distance=spec.exit_distance,
                        exit_distance_on=spec.exit_distance_on, exit_check_start=spec.exit_check_start,

@@ -42,7 +42,10 @@ class LatentSpec:
         ``max_new_tokens`` (the originals without a step cap stop on their token budget,
         which counts the latent steps).
     projector: callable hidden -> latent, or None (the model's ``latent_projector`` if it
-        has one, else the identity). end_embedding: for "end_distance", a (D,) tensor or the
+        has one, else the identity). project_first=False: the first latent is not projected;
+        projector_logits=True: the exit tests and the first answer token read the projected
+        state (LVR's lvr_head: ``projector=model.lvr_head, project_first=False,
+        projector_logits=True``). end_embedding: for "end_distance", a (D,) tensor or the
         name of a model attribute holding it (LVR's ``lvr_latent_end_emb``).
     start_embedded: the start token is run as a token (False: Monet, whose runner feeds
         the hidden state that sampled <start> at <start>'s own position).
@@ -66,6 +69,8 @@ class LatentSpec:
     after_exit: str = "end_token"
     latent_pad_token: Token | None = None
     projector: Callable[[torch.Tensor], torch.Tensor] | None = None
+    project_first: bool = True
+    projector_logits: bool = False
     end_embedding: torch.Tensor | str | None = None
     require_start: bool = True
     start_embedded: bool = True
@@ -82,7 +87,7 @@ class LatentSpec:
             raise ValueError("placement='placeholders' needs latent_token (the placeholder the latents replace)")
         if self.exit == "count" and self.placement != "placeholders":
             raise ValueError("exit='count' counts latent_token placeholders: it needs placement='placeholders'")
-        for field in ("start_embedded", "stop_first", "require_start"):
+        for field in ("start_embedded", "stop_first", "require_start", "project_first", "projector_logits"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"{field} must be a bool, got {getattr(self, field)!r}")
         if not self.start_embedded and self.placement != "after_start":

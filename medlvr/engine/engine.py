@@ -65,6 +65,10 @@ class LatentEngine:
     use_cuda_graphs: True, False or "auto" (= on CUDA devices).
     projector: optional callable (B, D) -> (B, D) applied to the post-norm hidden state
         before it is fed back (default: ``model.latent_projector`` if present).
+        project_first=False: the first latent is the prompt's hidden state itself;
+        projector_logits=True: inside the segment the exit tests and the first answer token
+        read the projected state (LVR's lvr_head: not on the first latent, and its output
+        also feeds lm_head).
     fuse_projections: run q/k/v and gate/up as one GEMM each from fused weight copies
         (faster small-batch steps, more memory; kept in sync with the model, see
         medlvr/engine/fused.py). Layers wrapped by PEFT/LoRA are left unfused.
@@ -78,7 +82,8 @@ class LatentEngine:
     def __init__(self, model: nn.Module, *, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
                  use_cuda_graphs: bool | str = "auto",
                  projector: Callable[[torch.Tensor], torch.Tensor] | None = None, fuse_projections: bool = False,
-                 max_prompts: int = 0, max_prompt_len: int | None = None):
+                 max_prompts: int = 0, max_prompt_len: int | None = None, project_first: bool = True,
+                 projector_logits: bool = False):
         positive_int("max_batch", max_batch)
         positive_int("max_len", max_len)
         count("max_prompts", max_prompts)
@@ -96,6 +101,10 @@ class LatentEngine:
             raise ValueError(f"use_cuda_graphs=True needs a CUDA model, the model is on {self.device}")
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs == "auto" else use_cuda_graphs
         self.projector = projector if projector is not None else getattr(model, "latent_projector", None)
+        for name, flag in (("project_first", project_first), ("projector_logits", projector_logits)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        self.project_first, self.projector_logits = project_first, projector_logits
         self.stop_head = getattr(model, "latent_stop_head", None)
         self.max_batch, self.max_len = max_batch, max_len
         if not isinstance(fuse_projections, bool):
@@ -115,7 +124,8 @@ class LatentEngine:
                                  bucketed=self.use_cuda_graphs)
         self._graphs = GraphRunner(enabled=self.use_cuda_graphs, device=self.device, state=self.state.mutable)
         self.step = DecodeStep(adapter=a, cache=self.cache, prefix=self.prefix, state=self.state, fused=self.fused,
-                               projector=self.projector, stop_head=self.stop_head)
+                               projector=self.projector, stop_head=self.stop_head,
+                               projector_logits=projector_logits)
 
     # ================================================================ public API
     def generate(self, batch: Mapping[str, torch.Tensor], *, k_max: int, exit: str = "fixed",
@@ -264,7 +274,8 @@ class LatentEngine:
         host_len = int(batch["attention_mask"].long().sum(-1).max())
         with self._inference():
             pre = self.adapter.prefill(batch)
-            mu = self.projector(pre.hidden) if self.projector is not None else pre.hidden
+            project = self.projector is not None and self.project_first
+            mu = self.projector(pre.hidden) if project else pre.hidden
             if group_size is None:
                 self.cache.load_prompt(pre.keys, pre.values, pre.lengths)
                 self.state.start(batch["input_ids"].shape[0], lengths=pre.lengths,

@@ -30,13 +30,17 @@ class DecodeStep:
     """The step math over one engine's buffers (all held by reference).
 
     prefix: the shared prompt cache of grouped generation, or None. stop_head: the model's
-    ``latent_stop_head`` (exit "stop_logit" with a head), or None."""
+    ``latent_stop_head`` (exit "stop_logit" with a head), or None. projector_logits: the
+    segment's hidden state ``h`` (what the exit tests and the first answer token read) is the
+    projected one (LVR's lvr_head)."""
 
     def __init__(self, *, adapter: ModelAdapter, cache: StaticKVCache, prefix: StaticKVCache | None,
                  state: DecodeState, fused: FusedProjections | None,
-                 projector: Callable[[torch.Tensor], torch.Tensor] | None, stop_head: torch.nn.Module | None):
+                 projector: Callable[[torch.Tensor], torch.Tensor] | None, stop_head: torch.nn.Module | None,
+                 projector_logits: bool = False):
         self.adapter, self.cache, self.prefix, self.state = adapter, cache, prefix, state
         self.fused, self.projector, self.stop_head = fused, projector, stop_head
+        self.projector_logits = projector_logits
         self.device, self.max_len = adapter.device, cache.max_len
 
     def layers(self, x: torch.Tensor, active: torch.Tensor, bound: int) -> torch.Tensor:
@@ -109,7 +113,7 @@ class DecodeStep:
         # Exited rows keep their last state: after the segment mu/h (and x) hold each
         # sample's state at its own last position.
         normed = self.adapter.norm_feedback(out, out=mu, active=active, projector=self.projector)
-        if self.projector is None:
+        if self.projector is None or self.projector_logits:
             h.copy_(mu)
         else:
             h.copy_(torch.where(keep, normed.to(h.dtype), h))

@@ -126,7 +126,7 @@ def _lvr_end_switch(strategy, *, next_tokens, lphs, end_id, end_emb, threshold, 
 @torch.no_grad()
 def lvr(model, batch: dict, *, strategy: str, start_id: int, end_id: int, eos: int, max_new_tokens: int,
         steps: int | None = None, end_embedding: torch.Tensor | None = None, threshold: float = 0.02,
-        criterion: str = "mse", pad_id: int = 0) -> LoopResult:
+        criterion: str = "mse", pad_id: int = 0, head=None) -> LoopResult:
     """LVR's patched ``_sample`` loops, strategy "end_token" (``_lvr_deocding``, generate's
     default), "distance" (``_lvr_deocding_with_latentend``, decoding_strategy="latent") or
     "steps" (``_lvr_deocding_by_steps``, its evaluation's). Per iteration: the forward
@@ -140,8 +140,17 @@ def lvr(model, batch: dict, *, strategy: str, start_id: int, end_id: int, eos: i
         fed (None at <start>); counter += mode, reset at start; mode = (mode | start) & ~end
         & ~(counter >= max_steps);
       steps: remaining = steps on entry, -= mode; mode = (mode | start) & (remaining > 0).
-    A row in the mode never finishes: unfinished = mode | (unfinished & ~stop)."""
+    A row in the mode never finishes: unfinished = mode | (unfinished & ~stop).
+
+    head: the optional lvr_head (src/model/lvr_heads.py; forward
+    ``qwen2_5_mixed_modality_forward_lvr_with_head_inference``): in an iteration that fed a
+    latent, the output hidden state is replaced by head(hidden), which is both the next
+    fed vector and what lm_head reads; the prompt's pass (not in the mode) has no head, so
+    the first latent is the plain hidden state. That forward tests ``if lvr_mode_switch:``,
+    which only works for batch 1."""
     dec = _Decoder(model, batch)
+    if head is not None and dec.h.shape[0] != 1:
+        raise ValueError("LVR's head forward runs batch 1 (it tests `if lvr_mode_switch:`)")
     B = dec.h.shape[0]
     dev = dec.h.device
     last = batch["input_ids"][:, -1].to(dev)
@@ -160,6 +169,8 @@ def lvr(model, batch: dict, *, strategy: str, start_id: int, end_id: int, eos: i
             for b in mode.nonzero().flatten().tolist():
                 latents[b].append(x[b].clone())
             dec.feed(x)
+            if head is not None and bool(mode.any()):
+                dec.h = head(dec.h)
         nxt = dec.argmax()
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_id))
         start = last == start_id

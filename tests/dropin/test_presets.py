@@ -217,3 +217,33 @@ def test_mirage_per_sample_option(vl):
     spec = _qwen_spec("mirage", exit_scope="sample", after_exit="end_token", latent_pad_token=None)
     out = medlvr.generate(vl, _batch([0, 1, 2]), spec=spec, max_new_tokens=T, stop_ids=[EOS])
     assert out.num_latent.tolist() == [4, 0, 1]
+
+
+class LVRHead(torch.nn.Module):
+    """LVR's "simple" head (src/model/lvr_heads.py, LVRHead): LayerNorm, Linear, GELU, Linear."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.ln_q = torch.nn.LayerNorm(d, eps=1e-6)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU(), torch.nn.Linear(d, d))
+
+    def forward(self, x):
+        return self.mlp(self.ln_q(x))
+
+
+@pytest.mark.parametrize("preset,strategy", [("lvr-steps", "steps"), ("lvr", "end_token")])
+def test_lvr_head(vl, preset, strategy):
+    """The head is not applied to the first latent and its output also feeds lm_head (the
+    exit test and the first answer token); batch 1, as LVR's head forward runs."""
+    torch.manual_seed(0)
+    head = LVRHead(64).double().eval()
+    kw = dict(projector=head, project_first=False, projector_logits=True)
+    spec = _qwen_spec(preset, max_steps=3, **kw) if preset == "lvr-steps" else _qwen_spec(preset, **kw)
+    out = medlvr.generate(vl, _batch([0]), spec=spec, max_new_tokens=T, stop_ids=[EOS])
+    ref = originals.lvr(vl, _batch([0]), strategy=strategy, start_id=tm.LATENT_START, end_id=tm.LATENT_END, eos=EOS,
+                        max_new_tokens=BUDGET, steps=3, head=head)
+    answer = ref.after[0] if strategy == "steps" else ref.after[0][1:]
+    _check(out, 0, ref.latents[0], answer)
+    plain = medlvr.generate(vl, _batch([0]), spec=spec.replace(project_first=True, projector_logits=False),
+                            max_new_tokens=T, stop_ids=[EOS])
+    assert not torch.allclose(plain.latents[0, 0], out.latents[0, 0])
