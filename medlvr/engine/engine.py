@@ -201,18 +201,10 @@ class LatentEngine:
                        after_exit: str = "end_token", latent_pad_id: int | None = None) -> LatentSegment:
         """Run up to k_max latent steps from the current state (after ``prefill``).
 
-        The exit rules and their arguments are defined in medlvr/reference/exit_rules.py
-        (docs/engine.md lists them): exit "fixed", "cosine" (exit_threshold default 0.99),
-        "stop_logit" (the end token is the argmax of lm_head(h_t), or its logit /
-        ``latent_stop_head`` > exit_threshold), "end_distance" (LVR: exit_distance "mse" or
-        "l2" of the fed latent ("fed") or the next one ("next") to end_embedding, below
-        exit_threshold, default 0.02), "count" (Coconut: latent_counts[b] steps per row).
-        exit_check_start: "stop_logit" also tested on the start token's own output (a row can
-        run 0 steps). exit_scope "sample": each row exits on its own; "batch": Mirage's one
-        latent mode for the batch, left when the running count of firings reaches the batch
-        size. after_exit: what ``generate`` feeds next ("end_token", "model", "mirage" with
-        latent_pad_id). Without exit_check_start every sample runs at least one step when
-        k_max > 0, except under "count" (a row with count 0 runs none).
+        Exit rules (exit, exit_threshold, exit_scope, exit_distance, exit_distance_on,
+        exit_check_start, end_embedding, latent_counts; after_exit / latent_pad_id say what
+        ``generate`` feeds next) are defined, with their defaults, in
+        medlvr/reference/exit_rules.py; docs/engine.md lists them. Per-row exits are masks.
 
         latent_noise_std: VLPO's latent exploration. The fed latent is
         z_t = mu_t + latent_noise_std * eps_t, eps_t ~ N(0, I) drawn from ``generator``,
