@@ -73,7 +73,9 @@ def _drop_last_column(batch: dict) -> dict:
 # ---------------------------------------------------------------------------------- Coconut
 @torch.no_grad()
 def coconut(model, ids: torch.Tensor, *, latent_id: int, eos: int, max_new_tokens: int) -> LoopResult:
-    """``Coconut.generate`` (batch 1: it asserts input_ids.shape[0] == 1) over
+    """facebookresearch/coconut@27273cb, coconut.py, ``Coconut.generate`` and ``Coconut.forward``.
+
+    ``Coconut.generate`` (batch 1: it asserts input_ids.shape[0] == 1) over
     ``Coconut.forward``. forward: pass 0 runs the prefix before the first <|latent|>; each
     pass fills the next <|latent|> embedding with the last hidden state (hidden_states[-1],
     GPT-2's post-ln_f output) at the position before it and runs that one position on the
@@ -127,7 +129,11 @@ def _lvr_end_switch(strategy, *, next_tokens, lphs, end_id, end_emb, threshold, 
 def lvr(model, batch: dict, *, strategy: str, start_id: int, end_id: int, eos: int, max_new_tokens: int,
         steps: int | None = None, end_embedding: torch.Tensor | None = None, threshold: float = 0.02,
         criterion: str = "mse", pad_id: int = 0, head=None) -> LoopResult:
-    """LVR's patched ``_sample`` loops, strategy "end_token" (``_lvr_deocding``, generate's
+    """VincentLeebang/lvr@637a9f7, src/model/qwen_lvr_model.py, ``QwenWithLVR._lvr_deocding``
+    / ``_lvr_deocding_with_latentend`` / ``_lvr_deocding_by_steps``; the fed vector from
+    src/train/monkey_patch_forward_lvr.py, ``qwen2_5_mixed_modality_forward_lvr_inference``.
+
+    LVR's patched ``_sample`` loops, strategy "end_token" (``_lvr_deocding``, generate's
     default), "distance" (``_lvr_deocding_with_latentend``, decoding_strategy="latent") or
     "steps" (``_lvr_deocding_by_steps``, its evaluation's). Per iteration: the forward
     (monkey_patch_forward_lvr.py) replaces the last input embedding of rows in LVR mode by
@@ -208,7 +214,10 @@ def lvr(model, batch: dict, *, strategy: str, start_id: int, end_id: int, eos: i
 @torch.no_grad()
 def monet(model, batch: dict, *, start_id: int, end_id: int, latent_size: int, eos: int,
           max_new_tokens: int) -> LoopResult:
-    """Monet's vLLM runner (``execute_model``), per request. The model has just sampled
+    """bent1e/Monet@224f1f6, RL/monet_models/vllm/monet_gpu_model_runner.py,
+    ``GPUModelRunner.execute_model`` (the LATENT blocks: input override and state update).
+
+    Monet's vLLM runner, per request. The model has just sampled
     <start> (the prompt's last id): the runner sets active, pending = the hidden state that
     sampled it, current_len = 1, and at the next step overrides the input embedding of
     <start>'s own position with pending, so <start> is never embedded. Each step then:
@@ -261,7 +270,10 @@ def monet(model, batch: dict, *, start_id: int, end_id: int, latent_size: int, e
 @torch.no_grad()
 def mirage(model, batch: dict, *, start_id: int, end_id: int, latent_pad_id: int, eos: int, max_new_tokens: int,
            max_latent_len: int = 8, pad_id: int = 0) -> LoopResult:
-    """Mirage's ``_sample``: one latent mode for the whole batch. The prompt ends with
+    """UMass-Embodied-AGI/Mirage@53f26de, transformers/src/transformers/generation/utils.py,
+    ``GenerationMixin._sample``.
+
+    One latent mode for the whole batch. The prompt ends with
     <start>, which the loop feeds as a token (latent_start). Per iteration, over the rows in
     order: a sampled <start> sets the mode; an end id adds 1 to latent_end_num, and when
     that running count equals the batch size the mode ends (a row can be counted at several
