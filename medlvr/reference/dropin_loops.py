@@ -62,7 +62,8 @@ class _Decoder:
         return self.head(self.h).float().argmax(dim=-1)
 
 
-def _drop_last_column(batch: dict) -> dict:
+def drop_last_column(batch: dict) -> dict:
+    """The batch without its last column (a left-padded batch whose rows all end with <start>)."""
     out = dict(batch)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
         if key in out:
@@ -227,7 +228,7 @@ def monet(model, batch: dict, *, start_id: int, end_id: int, latent_size: int, e
     id, so eos sampled inside the segment ends the request."""
     if not bool((batch["input_ids"][:, -1] == start_id).all()):
         raise ValueError("every prompt must end with the start token the model sampled")
-    dec = _Decoder(model, _drop_last_column(batch))  # <start> is not run as a token
+    dec = _Decoder(model, drop_last_column(batch))  # <start> is not run as a token
     B = dec.h.shape[0]
     dev = dec.h.device
     active = [True] * B

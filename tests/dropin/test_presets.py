@@ -18,7 +18,7 @@ import fp64_models as fm
 import medlvr
 from medlvr.dropin import LatentSpec
 from medlvr.reference import dropin_loops as originals
-from medlvr.reference.dropin_loops import _drop_last_column
+from medlvr.reference.dropin_loops import drop_last_column
 from medlvr.reference.latent_loop import latent_loop
 
 T, EOS = 5, 2
@@ -122,7 +122,7 @@ def vl_monet():
     """Monet's trajectory starts one position earlier (<start> is not embedded): end
     token after latent 3 of row 0, 5 of row 1, 2 of row 2."""
     model = fm.qwen2_5_vl()
-    _steer_end(model, _drop_last_column(fm.vl_batch(SAMPLES)), [(0, 3), (1, 5), (2, 2)])
+    _steer_end(model, drop_last_column(fm.vl_batch(SAMPLES)), [(0, 3), (1, 5), (2, 2)])
     return model
 
 
