@@ -2,19 +2,21 @@
 
 Providers, per preset and batch size:
   original  the system's loop as its public code runs it (medlvr/reference/dropin_loops.py):
-            Coconut re-runs the whole prefix per latent and per answer token, no KV cache,
-            batch 1; LVR / Monet: HF DynamicCache, host-side exit check per step, batch 1;
-            Mirage: the whole batch in one loop with the batch-global exit. At batch 16 the
-            batch-1 loops run once per sample, as their users run them.
+            Coconut: one pass per latent on a KV cache, then every answer token re-runs the
+            whole sequence without a cache, batch 1 (at batch 16, one loop per row, as its
+            generate asserts batch 1); LVR (decoding_strategy="steps", its evaluation's), Monet
+            (its vLLM runner's logic) and Mirage (batch-global exit): the batch together, one
+            HF DynamicCache step per token, host-side mode bookkeeping per step.
   medlvr    ``medlvr.generate(model, inputs, spec=LatentSpec.preset(name))``: the tokenizer-
             style batch in, the engine (static KV cache, CUDA graphs on a GPU) underneath;
             the time includes cutting / re-padding the prompts. The engine is built during
             warmup and cached per model, as it is for a user calling generate repeatedly.
 
 Every row decodes the same work on both sides: no eos (each row writes max_new_tokens),
-the presets' step budgets (Coconut: the prompt's <|latent|> count). With random weights the
-end-token rules do not fire, so each row runs its full budget; the exits themselves are
-checked in tests/dropin/test_presets.py. Each run compares medlvr's latents and tokens with
+the presets' step budgets (Coconut: the prompt's <|latent|> count; LVR 6 fixed steps). With
+random weights and lm_head's start / end / pad rows zeroed (their logits are 0, under the
+largest random logit) the end-token rules do not fire, so each row runs its full budget; the exits
+themselves are checked in tests/dropin/test_presets.py. Each run compares medlvr's latents and tokens with
 the original's (max |difference| of the latents, rows whose tokens / latent counts differ)
 and reports a mismatch in the table instead of stopping.
 
@@ -41,7 +43,7 @@ from benchmarks.bench_latent_step import build_model as build_qwen  # noqa: E402
 from medlvr.dropin import LatentSpec  # noqa: E402
 from medlvr.reference import dropin_loops  # noqa: E402
 
-QWEN_PRESETS = ("lvr", "monet", "mirage")
+QWEN_PRESETS = ("lvr-steps", "monet", "mirage")
 BATCHES = (1, 16)
 NO_EOS = -1  # no id equals it: every row decodes max_new_tokens on both sides
 
@@ -59,13 +61,14 @@ def build_gpt2(quick: bool, device: torch.device, dtype: torch.dtype):
 
 
 def sizes(quick: bool) -> dict:
-    # Qwen: the start/end ids are Monet's (151666/151667), used for every Qwen preset so the
-    # prompts are shared and no tokenizer is needed; GPT-2: the three ids Coconut appends.
+    # Qwen: the start/end/pad ids are Monet's and Mirage's (151666/151667/151665), used for
+    # every Qwen preset so the prompts are shared and no tokenizer is needed; GPT-2: the
+    # three ids Coconut appends.
     if quick:
         return dict(qwen_prompt=24, gpt2_prompt=16, spread=8, latents=6, tokens=8, text_hi=1024,
-                    qwen_ids=(7, 8), gpt2_ids=(7, 8, 9))
+                    qwen_ids=(7, 8, 9), gpt2_ids=(7, 8, 9))
     return dict(qwen_prompt=256, gpt2_prompt=128, spread=64, latents=6, tokens=32, text_hi=50257,
-                qwen_ids=(151666, 151667), gpt2_ids=(50257, 50258, 50259))
+                qwen_ids=(151666, 151667, 151665), gpt2_ids=(50257, 50258, 50259))
 
 
 def prompts(n: int, length: int, spread: int, text_hi: int, tail: list[int], device, seed: int = 0):
@@ -90,26 +93,35 @@ def padded(rows, *, left: bool) -> dict:
 
 
 def original_fn(preset, model, rows, k, T, ids):
-    """A callable running the original loop on ``rows``; returns [(latents (n, D), tokens)]."""
+    """A callable running the original loop on ``rows``; returns [(latents (n, D), answer tokens)].
+    Coconut's generate runs batch 1 (one loop per row); LVR's and Mirage's patched HF
+    ``_sample`` and Monet's vLLM runner run the batch together. Their token budgets count
+    the latent placeholders (medlvr/reference/dropin_loops.py), so each gets k + T (+ the
+    forced end token) to write T answer tokens."""
     if preset == "coconut":
-        return lambda: [dropin_loops.coconut(model, r, latent_id=ids[2], max_new_tokens=T, eos=NO_EOS) for r in rows]
-    end = ids[1]
-    rule = lambda h: model.lm_head(h).argmax(-1) == end  # noqa: E731  (the end token is the argmax)
-    if preset == "mirage":
-        def run():
-            lats, toks = dropin_loops.qwen_vl(model, padded(rows, left=True), k=k, end_id=end, max_new_tokens=T,
-                                              eos=NO_EOS, rule=rule, batch_global=True)
-            return list(zip(lats, toks))
-        return run
+        def per_row():
+            res = [dropin_loops.coconut(model, r, latent_id=ids[2], eos=NO_EOS, max_new_tokens=T) for r in rows]
+            return [(o.latents[0], o.after[0]) for o in res]
+        return per_row
+    start, end = ids[:2]
+    batch = padded(rows, left=True)
+    if preset == "lvr-steps":
+        run = lambda: dropin_loops.lvr(model, batch, strategy="steps", start_id=start, end_id=end,  # noqa: E731
+                                       eos=NO_EOS, max_new_tokens=k + T, steps=k)
+        skip = 0  # the model's own token follows the latents: it is the first answer token
+    elif preset == "monet":
+        run = lambda: dropin_loops.monet(model, batch, start_id=start, end_id=end, latent_size=k,  # noqa: E731
+                                         eos=NO_EOS, max_new_tokens=k + T + 1)
+        skip = 1  # the forced end token
+    else:
+        run = lambda: dropin_loops.mirage(model, batch, start_id=start, end_id=end, latent_pad_id=ids[2],  # noqa: E731
+                                          eos=NO_EOS, max_new_tokens=k + T + 1, max_latent_len=k)
+        skip = 1
 
-    def per_sample():
-        out = []
-        for r in rows:
-            lats, toks = dropin_loops.qwen_vl(model, padded([r], left=True), k=k, end_id=end, max_new_tokens=T,
-                                              eos=NO_EOS, rule=rule)
-            out.append((lats[0], toks[0]))
-        return out
-    return per_sample
+    def together():
+        res = run()
+        return [(lat, after[skip:]) for lat, after in zip(res.latents, res.after)]
+    return together
 
 
 def medlvr_fn(model, rows, spec, T, left):
@@ -152,9 +164,12 @@ def bench_model(model, presets, *, quick, device, args, rows_out, notes):
                 spec = LatentSpec.preset("coconut", start_token=start, end_token=end, latent_token=lat)
                 k, ids, left = sz["latents"], sz["gpt2_ids"], False
             else:
-                start, end = sz["qwen_ids"]
+                start, end, pad = sz["qwen_ids"]
                 rows = prompts(B, sz["qwen_prompt"], sz["spread"], sz["text_hi"], [start], device)
-                spec = LatentSpec.preset(preset, start_token=start, end_token=end)
+                extra = {"latent_pad_token": pad} if preset == "mirage" else {}
+                spec = LatentSpec.preset(preset, start_token=start, end_token=end, **extra)
+                if preset == "lvr-steps":
+                    spec = spec.replace(max_steps=sz["latents"])
                 k, ids, left = spec.max_steps, sz["qwen_ids"], True
             fns = {"original": original_fn(preset, model, rows, k, sz["tokens"], ids),
                    "medlvr": medlvr_fn(model, rows, spec, sz["tokens"], left)}
@@ -196,7 +211,7 @@ def main() -> None:
     p = parser("drop-in presets: original-style loops vs medlvr.generate")
     p.set_defaults(warmup=1, iters=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (quick default: 1)")
-    p.add_argument("--presets", default="coconut,lvr,monet,mirage", help="comma-separated subset")
+    p.add_argument("--presets", default="coconut,lvr-steps,monet,mirage", help="comma-separated subset")
     args = p.parse_args()
     device = torch.device(args.device)
     quick = args.quick
@@ -215,6 +230,11 @@ def main() -> None:
     qwen = [s for s in chosen if s in QWEN_PRESETS]
     if qwen:
         model = build_qwen(quick, device, dtype)
+        # Zero lm_head's start / end / pad rows: their logits are 0, below the largest of the
+        # other (random, centred) logits in practice, so no row samples <start> again (a second
+        # segment, which medlvr does not run) and every row runs its full latent budget.
+        with torch.no_grad():
+            model.lm_head.weight[list(sz["qwen_ids"])] = 0
         bench_model(model, qwen, quick=quick, device=device, args=args, rows_out=rows, notes=notes)
 
     configs = "tiny GPT-2 / Qwen2.5-VL configs" if quick else "GPT-2 124M / Qwen2.5-VL-7B text config"
@@ -222,9 +242,9 @@ def main() -> None:
         f"random weights, {dtype}; {configs}; prompts: Coconut {sz['gpt2_prompt']}-token question (ragged) + "
         f"{sz['latents']} <|latent|>, "
         f"Qwen {sz['qwen_prompt']} tokens (ragged, text only) ending with the start token; latent steps per row: "
-        f"the preset's budget (lvr 16, monet 10, mirage 8; coconut the placeholder count); {sz['tokens']} answer "
-        "tokens per row, no eos. ms = one generate over the whole batch (median); original at B=16: 16 batch-1 "
-        "loops, except Mirage (one batched loop, batch-global exit).",
+        f"the preset's budget (lvr-steps {sz['latents']}, monet 10, mirage 8; coconut the placeholder count); "
+        f"{sz['tokens']} answer tokens per row, no eos. ms = one generate over the whole batch (median); original "
+        "at B=16: 16 batch-1 loops for Coconut (its generate asserts batch 1), one batched loop for the others.",
         "peak_MB: peak memory allocated during one warm call beyond what was live before it (benchmarks/_common.py); "
         "held_MB (GPU, medlvr rows): memory held between calls beyond the weights (the cached engine: static KV "
         "cache and graph pools; the original loops hold none). speedup = original ms / medlvr ms. "

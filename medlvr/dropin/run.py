@@ -67,7 +67,7 @@ def _rows(inputs: Mapping[str, Any]) -> list[torch.Tensor]:
 
 def engine_prompts(inputs: Mapping[str, Any], spec: LatentSpec, tok: ResolvedTokens, *, pad_id: int = 0):
     """(batch for the engine, latent_counts or None). Each row is cut right after its
-    last start token; what follows must be nothing ("after_start") or placeholders,
+    last start token (right before it when the spec's start token is not embedded); what follows must be nothing ("after_start") or placeholders,
     optionally closed by the end token ("placeholders")."""
     rows, counts = [], []
     for b, row in enumerate(_rows(inputs)):
@@ -78,8 +78,10 @@ def engine_prompts(inputs: Mapping[str, Any], spec: LatentSpec, tok: ResolvedTok
                                  f"{spec.start_token!r}) but spec {spec.name!r} requires one")
             row = torch.cat([row, row.new_tensor([tok.start])])
             hits = [row.numel() - 1]
-        cut = hits[-1] + 1
-        tail = row[cut:].tolist()
+        tail = row[hits[-1] + 1:].tolist()
+        # start_embedded=False (Monet): <start>'s position takes the first latent, so the
+        # prompt the engine runs stops before it.
+        cut = hits[-1] + (1 if spec.start_embedded else 0)
         if spec.placement == "placeholders":
             if tail and tail[-1] == tok.end:
                 tail = tail[:-1]
@@ -104,16 +106,18 @@ def engine_prompts(inputs: Mapping[str, Any], spec: LatentSpec, tok: ResolvedTok
     return batch, (counts if spec.placement == "placeholders" else None)
 
 
-def _engine(model: nn.Module, batch: int, length: int, projector) -> LatentEngine:
+def _engine(model: nn.Module, batch: int, length: int, projector, spec: LatentSpec) -> LatentEngine:
     eng = _ENGINES.get(model)
-    if eng is None or eng.max_batch < batch or eng.max_len < length or eng.projector is not projector:
+    flags = dict(project_first=spec.project_first, projector_logits=spec.projector_logits)
+    if eng is None or eng.max_batch < batch or eng.max_len < length or eng.projector is not projector \
+            or (eng.project_first, eng.projector_logits) != tuple(flags.values()):
         cap = 64
         while cap < length:
             cap *= 2
         limit = adapter_for(model).max_positions
         cap = min(cap, limit) if limit is not None else cap
         size = max(batch, eng.max_batch if eng is not None else 1)
-        eng = LatentEngine(model, max_batch=size, max_len=max(cap, length), projector=projector)
+        eng = LatentEngine(model, max_batch=size, max_len=max(cap, length), projector=projector, **flags)
         _ENGINES[model] = eng
     return eng
 
@@ -143,7 +147,10 @@ def generate(model: nn.Module, inputs: Mapping[str, Any], spec: LatentSpec | str
     stops = _stop_ids(model, tokenizer, stop_ids)
     pad = stops[0] if stops else 0
     batch, counts = engine_prompts(inputs, spec, tok, pad_id=pad)
-    k = spec.max_steps if spec.max_steps is not None else max(counts)
+    if spec.max_steps is not None:
+        k = spec.max_steps
+    else:  # "count": the batch's largest count; else the token budget bounds the steps
+        k = max(counts) if counts is not None else max_new_tokens
     if counts is not None and spec.max_steps is not None and max(counts) > spec.max_steps:
         raise ValueError(f"a prompt holds {max(counts)} latent placeholders, more than spec.max_steps "
                          f"{spec.max_steps}")
@@ -154,11 +161,14 @@ def generate(model: nn.Module, inputs: Mapping[str, Any], spec: LatentSpec | str
         end_emb = getattr(model, end_emb)
     projector = spec.projector if spec.projector is not None else getattr(model, "latent_projector", None)
     need = int(batch["attention_mask"].sum(-1).max()) + k + max_new_tokens
-    eng = _engine(model, batch["input_ids"].shape[0], need, projector)
+    eng = _engine(model, batch["input_ids"].shape[0], need, projector, spec)
     out = eng.generate(batch, k_max=k, exit=spec.exit, exit_threshold=spec.exit_threshold,
-                       exit_scope=spec.exit_scope, end_embedding=end_emb, latent_counts=counts,
-                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stops,
-                       latent_end_id=tok.end if k > 0 else None, generator=generator, pad_id=pad)
+                       exit_scope=spec.exit_scope, exit_distance=spec.exit_distance,
+                       exit_distance_on=spec.exit_distance_on, exit_check_start=spec.exit_check_start,
+                       after_exit=spec.after_exit, latent_pad_id=tok.latent_pad, end_embedding=end_emb,
+                       latent_counts=counts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       stop_ids=stops, stop_first=spec.stop_first, latent_end_id=tok.end, generator=generator,
+                       pad_id=pad)
     ids = inputs["input_ids"].to(out.tokens.device)
     return DropinOutput(tokens=out.tokens, token_logprobs=out.token_logprobs, text_lengths=out.text_lengths,
                         latents=out.latents, num_latent=out.num_latent, prompt_ids=batch["input_ids"],

@@ -1,13 +1,18 @@
-"""A ``rollout_func`` for ``trl.GRPOTrainer`` (trl >= 1.x, experimental there): completions
+"""A ``rollout_func`` for ``trl.GRPOTrainer`` (trl 1.16, experimental there): completions
 sampled by the latent engine.
 
     trainer = GRPOTrainer(model=model, reward_funcs=..., args=GRPOConfig(...),
                           rollout_func=medlvr.dropin.trl.rollout_func("coconut", tokenizer=tok))
 
-trl's contract (trl/trainer/grpo_trainer.py, RolloutFunc): ``f(prompts, trainer)`` gets the
-process's prompts once each and returns ``prompt_ids``, ``completion_ids``, ``logprobs``
-(lists per completion, ``num_generations`` completions per prompt, in order); other keys
-reach the reward functions: here ``latents`` (each (n, D) tensor) and ``num_latent``.
+What trl 1.16 does with it (trl/trainer/grpo_trainer.py): ``_generate`` calls
+``rollout_func(prompts, trainer)`` with the process's slice of the batch, in which trl's
+RepeatSampler has already repeated each prompt ``num_generations`` times (its docstring
+says otherwise; the code hands over ``[x["prompt"] for x in inputs]``, and the reward step
+then expects one completion per input). So the function returns exactly one completion per
+prompt it receives, in order: ``prompt_ids``, ``completion_ids`` and ``logprobs`` (lists of
+ints / floats per completion; trl pads them itself). Every other key is an extra field that
+trl copies into the reward functions' kwargs one entry per completion (``inputs[i][key] =
+values[i]``): here ``latents`` (each (n, D) tensor on the CPU) and ``num_latent``.
 
 Limit: GRPOTrainer's loss recomputes the policy's log-probs with a plain forward over
 prompt + completion ids; it does not feed the latents, so its ratio is not the one of the
@@ -23,29 +28,30 @@ from medlvr.dropin.run import generate
 from medlvr.dropin.spec import LatentSpec
 
 
-def rollout_func(spec: LatentSpec | str, *, tokenizer, max_new_tokens: int = 128, temperature: float = 1.0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None) -> Callable:
+def rollout_func(spec: LatentSpec | str, *, tokenizer, max_new_tokens: int = 128, temperature: float | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None) -> Callable:
     """spec: a LatentSpec or preset name; prompts without the start token get it appended.
-    tokenizer: renders chat prompts (apply_chat_template) and tokenizes them (left padding)."""
+    tokenizer: renders chat prompts (apply_chat_template) and tokenizes them (left padding).
+    temperature / top_p: None takes the trainer's (GRPOConfig.temperature / top_p)."""
     base = LatentSpec.preset(spec) if isinstance(spec, str) else spec
     spec = base.replace(require_start=False)
 
     def rollout(prompts: list, trainer) -> dict:
-        n = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
         texts = [p if isinstance(p, str) else
                  tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        texts = [t for t in texts for _ in range(n)]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         device = next(trainer.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
+        temp = trainer.temperature if temperature is None else temperature
+        nucleus = trainer.top_p if top_p is None else top_p
         out = generate(trainer.model, enc, spec, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, generator=generator)
+                       temperature=temp, top_p=nucleus, generator=generator)
         lengths, steps = out.text_lengths.tolist(), out.num_latent.tolist()
-        prompt_ids = [out.prompt_ids[b][out.prompt_mask[b].bool()].tolist() for b in range(len(texts))]
-        return {"prompt_ids": prompt_ids,
-                "completion_ids": [out.tokens[b, :lengths[b]].tolist() for b in range(len(texts))],
-                "logprobs": [out.token_logprobs[b, :lengths[b]].tolist() for b in range(len(texts))],
-                "latents": [out.latents[b, :steps[b]].cpu() for b in range(len(texts))],
+        rows = range(len(texts))
+        return {"prompt_ids": [out.prompt_ids[b][out.prompt_mask[b].bool()].tolist() for b in rows],
+                "completion_ids": [out.tokens[b, :lengths[b]].tolist() for b in rows],
+                "logprobs": [out.token_logprobs[b, :lengths[b]].tolist() for b in rows],
+                "latents": [out.latents[b, :steps[b]].cpu() for b in rows],
                 "num_latent": steps}
 
     return rollout

@@ -43,8 +43,8 @@ from medlvr.engine.adapters import adapter_for
 from medlvr.engine.cache import StaticKVCache
 from medlvr.engine.fused import FusedProjections
 from medlvr.engine.graphs import GraphRunner
-from medlvr.engine.request import (GenerateOutput, LatentSegment, SegmentParams, TextOutput, TextParams, as_mapping,
-                                   check_generator, checked_batch, count, positive_int)
+from medlvr.engine.request import (FROM_SEGMENT, GenerateOutput, LatentSegment, SegmentParams, TextOutput, TextParams,
+                                   as_mapping, check_generator, checked_batch, count, positive_int)
 from medlvr.engine.state import DecodeState
 from medlvr.engine.step import DecodeStep
 
@@ -65,6 +65,10 @@ class LatentEngine:
     use_cuda_graphs: True, False or "auto" (= on CUDA devices).
     projector: optional callable (B, D) -> (B, D) applied to the post-norm hidden state
         before it is fed back (default: ``model.latent_projector`` if present).
+        project_first=False: the first latent is the prompt's hidden state itself;
+        projector_logits=True: inside the segment the exit tests and the first answer token
+        read the projected state (LVR's lvr_head: not on the first latent, and its output
+        also feeds lm_head).
     fuse_projections: run q/k/v and gate/up as one GEMM each from fused weight copies
         (faster small-batch steps, more memory; kept in sync with the model, see
         medlvr/engine/fused.py). Layers wrapped by PEFT/LoRA are left unfused.
@@ -78,7 +82,8 @@ class LatentEngine:
     def __init__(self, model: nn.Module, *, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
                  use_cuda_graphs: bool | str = "auto",
                  projector: Callable[[torch.Tensor], torch.Tensor] | None = None, fuse_projections: bool = False,
-                 max_prompts: int = 0, max_prompt_len: int | None = None):
+                 max_prompts: int = 0, max_prompt_len: int | None = None, project_first: bool = True,
+                 projector_logits: bool = False):
         positive_int("max_batch", max_batch)
         positive_int("max_len", max_len)
         count("max_prompts", max_prompts)
@@ -96,6 +101,10 @@ class LatentEngine:
             raise ValueError(f"use_cuda_graphs=True needs a CUDA model, the model is on {self.device}")
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs == "auto" else use_cuda_graphs
         self.projector = projector if projector is not None else getattr(model, "latent_projector", None)
+        for name, flag in (("project_first", project_first), ("projector_logits", projector_logits)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        self.project_first, self.projector_logits = project_first, projector_logits
         self.stop_head = getattr(model, "latent_stop_head", None)
         self.max_batch, self.max_len = max_batch, max_len
         if not isinstance(fuse_projections, bool):
@@ -115,7 +124,8 @@ class LatentEngine:
                                  bucketed=self.use_cuda_graphs)
         self._graphs = GraphRunner(enabled=self.use_cuda_graphs, device=self.device, state=self.state.mutable)
         self.step = DecodeStep(adapter=a, cache=self.cache, prefix=self.prefix, state=self.state, fused=self.fused,
-                               projector=self.projector, stop_head=self.stop_head)
+                               projector=self.projector, stop_head=self.stop_head,
+                               projector_logits=projector_logits)
 
     # ================================================================ public API
     def generate(self, batch: Mapping[str, torch.Tensor], *, k_max: int, exit: str = "fixed",
@@ -125,18 +135,24 @@ class LatentEngine:
                  return_logits: bool = False, latent_noise_std: float = 0.0, exit_scope: str = "sample",
                  end_embedding: torch.Tensor | None = None,
                  latent_counts: Sequence[int] | torch.Tensor | None = None,
-                 group_size: int | None = None) -> GenerateOutput:
+                 group_size: int | None = None, exit_distance: str = "mse", exit_distance_on: str = "fed",
+                 exit_check_start: bool = False, after_exit: str = "end_token", latent_pad_id: int | None = None,
+                 stop_first: bool = True) -> GenerateOutput:
         """Prefill -> latent segment of up to k_max steps -> answer of up to
         max_new_tokens tokens, for a left-padded batch of prompts ending with
         <|latent_start|> (docs/engine.md). With k_max == 0 there is no latent
         segment and no <|latent_end|> is fed: the answer follows the prompt directly.
-        The exit arguments (exit, exit_threshold, exit_scope, end_embedding, latent_counts)
-        are those of ``latent_segment``. group_size=G: G rows per prompt (row p * G + j), the
+        The exit arguments (exit, exit_threshold, exit_scope, end_embedding, latent_counts,
+        exit_distance, exit_distance_on, exit_check_start, after_exit, latent_pad_id) are those
+        of ``latent_segment``; after_exit says what the answer starts from (the end token,
+        the model's own next token, or Mirage's per-row tokens). stop_first: as in
+        ``decode_text``. group_size=G: G rows per prompt (row p * G + j), the
         prompt prefilled and cached once (needs max_prompts > 0); every output has P * G rows,
         and they equal the rows of the prompts repeated G times given the same generator.
         Every argument is checked once, here, before anything runs."""
         V = self.adapter.vocab_size
-        if isinstance(k_max, int) and not isinstance(k_max, bool) and k_max > 0 and latent_end_id is None:
+        if isinstance(k_max, int) and not isinstance(k_max, bool) and k_max > 0 and latent_end_id is None \
+                and after_exit == "end_token":
             raise ValueError("latent_end_id is required when k_max > 0 (it is fed after the latent segment)")
         ids = as_mapping(batch).get("input_ids")
         seg = SegmentParams.checked(k_max, exit=exit, exit_threshold=exit_threshold, latent_end_id=latent_end_id,
@@ -144,10 +160,15 @@ class LatentEngine:
                                     has_stop_head=self.stop_head is not None, exit_scope=exit_scope,
                                     end_embedding=end_embedding, latent_counts=latent_counts,
                                     batch=ids.shape[0] if isinstance(ids, torch.Tensor) else None,
-                                    hidden_size=self._latent_size())
-        text = TextParams.checked(max_new_tokens, first_token=latent_end_id if k_max > 0 else None,
-                                  temperature=temperature, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id,
-                                  return_logits=return_logits, vocab=V)
+                                    hidden_size=self._latent_size(), exit_distance=exit_distance,
+                                    exit_distance_on=exit_distance_on, exit_check_start=exit_check_start,
+                                    after_exit=after_exit, latent_pad_id=latent_pad_id)
+        first = None
+        if k_max > 0 or seg.rule.check_start:
+            first = {"end_token": latent_end_id, "model": None, "mirage": FROM_SEGMENT}[seg.rule.after]
+        text = TextParams.checked(max_new_tokens, first_token=first, temperature=temperature, top_p=top_p,
+                                  stop_ids=stop_ids, pad_id=pad_id, return_logits=return_logits, vocab=V,
+                                  stop_first=stop_first)
         check_generator(generator, self.device)
         batch = checked_batch(batch, self, group_size)
         prompt_max = int(batch["attention_mask"].long().sum(-1).max())
@@ -175,27 +196,15 @@ class LatentEngine:
                        latent_end_id: int | None = None, latent_noise_std: float = 0.0,
                        generator: torch.Generator | None = None, exit_scope: str = "sample",
                        end_embedding: torch.Tensor | None = None,
-                       latent_counts: Sequence[int] | torch.Tensor | None = None) -> LatentSegment:
+                       latent_counts: Sequence[int] | torch.Tensor | None = None, exit_distance: str = "mse",
+                       exit_distance_on: str = "fed", exit_check_start: bool = False,
+                       after_exit: str = "end_token", latent_pad_id: int | None = None) -> LatentSegment:
         """Run up to k_max latent steps from the current state (after ``prefill``).
 
-        exit rules, per sample, evaluated after each step t on its output h_t:
-          "fixed": every sample runs k_max steps.
-          "cosine": stop when cos(z_{t+1}, z_t) > exit_threshold (default 0.99):
-              successive latents have converged, z_{t+1} is not fed.
-          "stop_logit": stop when the model would emit <|latent_end|> next: with a
-              ``latent_stop_head`` on the model, when its logit > exit_threshold (default
-              0); else when lm_head(h_t)[latent_end_id] > exit_threshold, or, with no
-              threshold, when it is the argmax of lm_head(h_t) (a full V x D read per step).
-          "end_distance" (LVR): stop when ||mu_{t+1} - end_embedding||_2 < exit_threshold
-              (default 0.02): the next latent reached the learned end embedding (D,);
-              mu_{t+1} is not fed.
-          "count" (Coconut): sample b runs exactly latent_counts[b] steps (in [0, k_max],
-              e.g. the <|latent|> tokens of its prompt); a per-row step budget, a mask.
-        Every sample runs at least one step when k_max > 0, except under "count" (a row
-        with count 0 runs none).
-        exit_scope "sample": each row exits on its own; "batch": every row keeps running
-        until every row's rule has fired at least once (or k_max): the batch-global latent
-        mode of Mirage (docs/dropin.md). With all rows firing at the same step the two agree.
+        Exit rules (exit, exit_threshold, exit_scope, exit_distance, exit_distance_on,
+        exit_check_start, end_embedding, latent_counts; after_exit / latent_pad_id say what
+        ``generate`` feeds next) are defined, with their defaults, in
+        medlvr/reference/exit_rules.py; docs/engine.md lists them. Per-row exits are masks.
 
         latent_noise_std: VLPO's latent exploration. The fed latent is
         z_t = mu_t + latent_noise_std * eps_t, eps_t ~ N(0, I) drawn from ``generator``,
@@ -208,7 +217,10 @@ class LatentEngine:
                                     latent_noise_std=latent_noise_std, vocab=self.adapter.vocab_size,
                                     has_stop_head=self.stop_head is not None, exit_scope=exit_scope,
                                     end_embedding=end_embedding, latent_counts=latent_counts,
-                                    batch=self.state.batch, hidden_size=self._latent_size())
+                                    batch=self.state.batch, hidden_size=self._latent_size(),
+                                    exit_distance=exit_distance, exit_distance_on=exit_distance_on,
+                                    exit_check_start=exit_check_start, after_exit=after_exit,
+                                    latent_pad_id=latent_pad_id)
         check_generator(generator, self.device)
         if self.state.host_len + k_max > self.max_len:
             raise ValueError(f"k_max {k_max} latent steps after {self.state.host_len} cached positions exceed "
@@ -254,7 +266,8 @@ class LatentEngine:
         host_len = int(batch["attention_mask"].long().sum(-1).max())
         with self._inference():
             pre = self.adapter.prefill(batch)
-            mu = self.projector(pre.hidden) if self.projector is not None else pre.hidden
+            project = self.projector is not None and self.project_first
+            mu = self.projector(pre.hidden) if project else pre.hidden
             if group_size is None:
                 self.cache.load_prompt(pre.keys, pre.values, pre.lengths)
                 self.state.start(batch["input_ids"].shape[0], lengths=pre.lengths,
@@ -273,38 +286,43 @@ class LatentEngine:
         return pre.lengths.repeat_interleave(G)
 
     def _segment(self, p: SegmentParams, generator: torch.Generator | None) -> LatentSegment:
-        s, k = self.state, p.k_max
+        s, k, rule = self.state, p.k_max, p.rule
         B, Bk = s.batch, s.bucket
-        if k == 0:
+        s.num_latent.zero_()
+        if k == 0 and not rule.check_start:
             empty = s.x.new_zeros(B, 0, s.x.shape[1])
             return LatentSegment(empty, empty.clone(), torch.zeros(B, dtype=torch.long, device=self.device))
         lat, hid, eps = s.segment_buffers(k)
-        noisy = p.noise_std > 0
+        noisy = p.noise_std > 0 and k > 0
         s.sigma.fill_(p.noise_std)
         if noisy:
             eps.normal_(generator=generator)  # drawn outside the graph, from the caller's generator
         s.active[:B] = True
-        if p.counts is not None:  # host ints, copied outside the graph
+        if rule.counts is not None:  # host ints, copied outside the graph
             s.k_row.zero_()
-            s.k_row[:B].copy_(torch.tensor(p.counts, dtype=torch.long))
+            s.k_row[:B].copy_(torch.tensor(rule.counts, dtype=torch.long))
             s.active[:B] = s.k_row[:B] > 0
-        if p.end_embedding is not None:
-            s.end_emb.copy_(p.end_embedding)
-        s.fired.zero_()
-        s.fired[B:] = True  # padding rows never hold a batch-global exit back
-        s.num_latent.zero_()
-        s.threshold.fill_(p.threshold)
+        if rule.end_embedding is not None:
+            s.end_emb.copy_(rule.end_embedding)
+        s.fired_count.zero_()
+        s.batch_size.fill_(B)
+        s.threshold.fill_(rule.threshold)
         if p.latent_end_id is not None:
             s.latent_end.fill_(p.latent_end_id)
+            s.tok[:B] = p.latent_end_id  # after_exit "mirage": a k_max exit feeds the end token
+        if rule.latent_pad_id is not None:
+            s.latent_pad.fill_(rule.latent_pad_id)
 
         def segment():
+            if rule.check_start:
+                self.step.start_test(rule)
             # A segment starts from the current mean: z_0 = mu_0 (+ noise).
             s.x[:Bk].copy_(s.feed(s.mu[:Bk], eps[:, 0]) if noisy else s.mu[:Bk])
             for t in range(k):
-                self.step.latent_step(t, p.mode, lat, hid, eps if noisy else None, batch_scope=p.scope == "batch")
+                self.step.latent_step(t, rule, lat, hid, eps if noisy else None)
 
         with self._inference():
-            self._graphs.run(("latent", Bk, k, p.mode, noisy, p.scope, s.group, s.prompts), segment)
+            self._graphs.run(("latent", Bk, k, rule.graph_key, noisy, s.group, s.prompts), segment)
         s.host_len += k
         return LatentSegment(lat[:B].clone(), hid[:B].clone(), s.num_latent[:B].clone())
 
@@ -327,9 +345,11 @@ class LatentEngine:
                 self.step.sample(p)
                 s.record(0, tokens, logprobs, logits)
                 start = 1
-            elif p.first_token is not None:
+            elif p.first_token is not None and p.first_token != FROM_SEGMENT:
                 s.tok[:B] = p.first_token
             for t in range(start, T):
+                if t == 1 and not p.stop_first:
+                    s.active[:B] = True  # the first token does not stop a row (a fill, no sync)
                 if self._all_stopped(t, start):
                     break
                 self._draw(p, generator)

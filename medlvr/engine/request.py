@@ -11,13 +11,7 @@ from typing import Mapping, Sequence
 import torch
 
 from medlvr.engine.state import MAX_STOP_IDS
-
-EXITS = ("fixed", "cosine", "stop_logit", "end_distance", "count")
-EXIT_SCOPES = ("sample", "batch")
-DEFAULT_COSINE_THRESHOLD = 0.99
-# LVR's threshold on the distance of the latent to its learned end embedding (issue 15).
-DEFAULT_END_DISTANCE = 0.02
-
+from medlvr.reference import exit_rules
 
 def as_mapping(batch) -> Mapping[str, torch.Tensor]:
     """A dict of model inputs; a medlvr.train collate ``Batch`` is accepted as well."""
@@ -78,7 +72,12 @@ def check_generator(generator: torch.Generator | None, device: torch.device) -> 
         raise ValueError(f"generator must be on the model's device type {device.type}, got {generator.device}")
 
 
-def text_feeds(max_new_tokens: int, first_token: int | None) -> int:
+# first_token value: feed, per row, the token the latent segment left (exit rule
+# after_exit="mirage", medlvr/reference/exit_rules.py).
+FROM_SEGMENT = "segment"
+
+
+def text_feeds(max_new_tokens: int, first_token: int | str | None) -> int:
     """Cache positions a text decode writes: the first token (if fed) and every sampled
     token but the last."""
     if max_new_tokens == 0:
@@ -86,102 +85,55 @@ def text_feeds(max_new_tokens: int, first_token: int | None) -> int:
     return max_new_tokens if first_token is not None else max_new_tokens - 1
 
 
-def latent_counts_checked(latent_counts, *, k_max: int, batch: int) -> tuple[int, ...]:
-    """The token-count rule's per-row step counts (host ints, each in [0, k_max])."""
-    if latent_counts is None:
-        raise ValueError("exit='count' needs latent_counts: one step count per sample")
-    counts = latent_counts.tolist() if isinstance(latent_counts, torch.Tensor) else list(latent_counts)
-    if len(counts) != batch or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-        raise ValueError(f"latent_counts must hold {batch} ints (one per sample), got {latent_counts!r}")
-    if any(not 0 <= c <= k_max for c in counts):
-        raise ValueError(f"latent_counts entries must lie in [0, k_max={k_max}], got {counts}")
-    return tuple(counts)
-
-
-def end_embedding_checked(end_embedding, *, hidden_size: int | None) -> torch.Tensor:
-    if not isinstance(end_embedding, torch.Tensor) or end_embedding.dim() != 1 \
-            or not end_embedding.is_floating_point():
-        raise ValueError("exit='end_distance' needs end_embedding, a floating (D,) tensor (the learned end "
-                         f"embedding), got {type(end_embedding).__name__}"
-                         f"{tuple(end_embedding.shape) if isinstance(end_embedding, torch.Tensor) else ''}")
-    if hidden_size is not None and end_embedding.shape[0] != hidden_size:
-        raise ValueError(f"end_embedding must have shape ({hidden_size},) (the fed latent's size), "
-                         f"got {tuple(end_embedding.shape)}")
-    return end_embedding.detach()
-
-
 @dataclass(frozen=True)
 class SegmentParams:
-    """A checked latent segment: ``mode`` is the step's exit key ("fixed", "cosine",
-    "head", "logit", "argmax", "end_distance" or "count"), ``threshold`` the value the rule
-    compares against, ``scope`` "sample" (each row exits on its own) or "batch" (every row
-    runs until every row's rule has fired once, Mirage's batch-global latent mode).
-    ``end_embedding`` (D,): end_distance's target; ``counts``: count's steps per row."""
+    """A checked latent segment: ``rule`` its exit rule (medlvr/reference/exit_rules.py:
+    mode, threshold, scope, what is fed after it, ...), the end token id and the latent
+    noise."""
 
     k_max: int
-    mode: str
-    threshold: float
+    rule: exit_rules.ExitRule
     latent_end_id: int | None
     noise_std: float
-    scope: str = "sample"
-    end_embedding: torch.Tensor | None = None
-    counts: tuple[int, ...] | None = None
+
+    @property
+    def mode(self) -> str:
+        return self.rule.mode
+
+    @property
+    def scope(self) -> str:
+        return self.rule.scope
 
     @classmethod
-    def checked(cls, k_max, *, exit, exit_threshold, latent_end_id, latent_noise_std, vocab: int,
-                has_stop_head: bool, exit_scope: str = "sample", end_embedding=None, latent_counts=None,
-                batch: int | None = None, hidden_size: int | None = None) -> "SegmentParams":
+    def checked(cls, k_max, *, latent_end_id, latent_noise_std, vocab: int, has_stop_head: bool,
+                batch: int | None = None, hidden_size: int | None = None, **exit_kw) -> "SegmentParams":
+        """exit_kw: the exit rule's arguments (exit_rules.checked: exit, exit_threshold,
+        exit_scope, exit_distance, exit_distance_on, exit_check_start, after_exit,
+        latent_pad_id, end_embedding, latent_counts)."""
         count("k_max", k_max)
-        if exit not in EXITS:
-            raise ValueError(f"exit must be one of {EXITS}, got {exit!r}")
-        if exit_scope not in EXIT_SCOPES:
-            raise ValueError(f"exit_scope must be one of {EXIT_SCOPES}, got {exit_scope!r}")
-        t = exit_threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
-            raise ValueError(f"exit_threshold must be a float or None, got {t!r}")
-        if latent_end_id is not None:
-            token_id("latent_end_id", latent_end_id, vocab)
-        emb = counts = None
-        if exit == "fixed":
-            mode = "fixed"
-        elif exit == "end_distance":
-            if t is not None and not t > 0:
-                raise ValueError(f"exit_threshold for exit='end_distance' must be > 0 (a distance), got {t}")
-            emb = end_embedding_checked(end_embedding, hidden_size=hidden_size)
-            mode = "end_distance"
-        elif exit == "count":
-            counts = latent_counts_checked(latent_counts, k_max=k_max, batch=batch)
-            mode = "count"
-        elif exit == "cosine":
-            if t is not None and not -1.0 <= t <= 1.0:
-                raise ValueError(f"exit_threshold for exit='cosine' must lie in [-1, 1], got {t}")
-            mode = "cosine"
-        elif has_stop_head:
-            mode = "head"
-        elif latent_end_id is None:
-            raise ValueError("exit='stop_logit' needs latent_end_id (or a latent_stop_head on the model)")
-        else:
-            mode = "argmax" if t is None else "logit"
+        rule = exit_rules.checked(k_max, latent_end_id=latent_end_id, batch=batch, hidden_size=hidden_size,
+                                  vocab=vocab, has_stop_head=has_stop_head, **exit_kw)
         std = latent_noise_std
         if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
             raise ValueError(f"latent_noise_std must be a float >= 0, got {std!r}")
-        default = {"cosine": DEFAULT_COSINE_THRESHOLD, "end_distance": DEFAULT_END_DISTANCE}.get(exit, 0.0)
-        threshold = float(t) if t is not None else default
-        return cls(k_max=k_max, mode=mode, threshold=threshold, latent_end_id=latent_end_id, noise_std=float(std),
-                   scope=exit_scope, end_embedding=emb, counts=counts)
+        return cls(k_max=k_max, rule=rule, latent_end_id=latent_end_id, noise_std=float(std))
 
 
 @dataclass(frozen=True)
 class TextParams:
-    """A checked text decode. temperature 0 is greedy."""
+    """A checked text decode. temperature 0 is greedy. first_token: an id fed to every
+    row, None (the first token is sampled from the current hidden state) or FROM_SEGMENT.
+    stop_first: the first sampled token may stop a row (False: Coconut's generate appends
+    its first token without the eos test)."""
 
     max_new_tokens: int
-    first_token: int | None
+    first_token: int | str | None
     temperature: float
     top_p: float
     stop_ids: tuple[int, ...]
     pad_id: int
     return_logits: bool
+    stop_first: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -197,10 +149,12 @@ class TextParams:
 
     @classmethod
     def checked(cls, max_new_tokens, *, first_token, temperature, top_p, stop_ids: Sequence[int], pad_id,
-                return_logits: bool, vocab: int) -> "TextParams":
+                return_logits: bool, vocab: int, stop_first: bool = True) -> "TextParams":
         count("max_new_tokens", max_new_tokens)
-        if first_token is not None:
+        if first_token is not None and first_token != FROM_SEGMENT:
             token_id("first_token", first_token, vocab)
+        if not isinstance(stop_first, bool):
+            raise ValueError(f"stop_first must be a bool, got {stop_first!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature must be a float >= 0, got {temperature!r}")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
@@ -215,7 +169,7 @@ class TextParams:
         pad = pad_id if pad_id is not None else (stops[0] if stops else 0)
         return cls(max_new_tokens=max_new_tokens, first_token=first_token, temperature=float(temperature),
                    top_p=float(top_p), stop_ids=tuple(int(s) for s in stops), pad_id=int(pad),
-                   return_logits=bool(return_logits))
+                   return_logits=bool(return_logits), stop_first=stop_first)
 
 
 @dataclass

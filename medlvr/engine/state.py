@@ -42,7 +42,11 @@ class DecodeState:
         self.text_len = z(max_batch)
         self.logits = z(max_batch, vocab_size, dt=torch.float32)
         self.noise = torch.ones(max_batch, vocab_size, dtype=torch.float32, device=device)
-        self.fired = z(max_batch, dt=torch.bool)  # exit_scope="batch": the row's rule fired once
+        # exit_scope="batch" (medlvr/reference/exit_rules.py): the running count of firings,
+        # the batch size it must reach, and the latent pad id of after_exit="mirage"
+        self.fired_count = z(())
+        self.batch_size = z(())
+        self.latent_pad = z(1)
         self.k_row = z(max_batch)  # exit="count": latent steps of each row
         self.end_emb = z(hidden_size, dt=torch.float32)  # exit="end_distance": the learned end embedding
         self.threshold = z((), dt=torch.float32)
@@ -101,7 +105,7 @@ class DecodeState:
         """The buffers a step mutates (besides the KV cache and per-call outputs): what a
         graph capture saves and restores around its warm-up runs."""
         return [self.x, self.mu, self.h, self.length, self.pos, self.active, self.num_latent, self.tok,
-                self.logprob, self.text_len, self.logits, self.fired]
+                self.logprob, self.text_len, self.logits, self.fired_count]
 
     # ------------------------------------------------------------ engine side
     def start(self, batch: int, *, lengths: torch.Tensor, next_positions: torch.Tensor, hidden: torch.Tensor,

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.nn import functional as F
 
 from medlvr.engine import sampling
 from medlvr.engine.adapters.base import ModelAdapter
@@ -23,19 +22,25 @@ from medlvr.engine.group import cascade_attention
 from medlvr.engine.request import TextParams
 from medlvr.engine.state import DecodeState
 from medlvr.ops.decode import decode_attention, rotary_append
+from medlvr.reference import exit_rules
+from medlvr.reference.exit_rules import ExitRule
 
 
 class DecodeStep:
     """The step math over one engine's buffers (all held by reference).
 
     prefix: the shared prompt cache of grouped generation, or None. stop_head: the model's
-    ``latent_stop_head`` (exit "stop_logit" with a head), or None."""
+    ``latent_stop_head`` (exit "stop_logit" with a head), or None. projector_logits: the
+    segment's hidden state ``h`` (what the exit tests and the first answer token read) is the
+    projected one (LVR's lvr_head)."""
 
     def __init__(self, *, adapter: ModelAdapter, cache: StaticKVCache, prefix: StaticKVCache | None,
                  state: DecodeState, fused: FusedProjections | None,
-                 projector: Callable[[torch.Tensor], torch.Tensor] | None, stop_head: torch.nn.Module | None):
+                 projector: Callable[[torch.Tensor], torch.Tensor] | None, stop_head: torch.nn.Module | None,
+                 projector_logits: bool = False):
         self.adapter, self.cache, self.prefix, self.state = adapter, cache, prefix, state
         self.fused, self.projector, self.stop_head = fused, projector, stop_head
+        self.projector_logits = projector_logits
         self.device, self.max_len = adapter.device, cache.max_len
 
     def layers(self, x: torch.Tensor, active: torch.Tensor, bound: int) -> torch.Tensor:
@@ -93,8 +98,8 @@ class DecodeStep:
                 h = h + m
         return h
 
-    def latent_step(self, t: int, mode: str, lat: torch.Tensor, hid: torch.Tensor, eps: torch.Tensor | None,
-                     batch_scope: bool = False) -> None:
+    def latent_step(self, t: int, rule: ExitRule, lat: torch.Tensor, hid: torch.Tensor,
+                    eps: torch.Tensor | None) -> None:
         s = self.state
         Bk = s.bucket
         x, mu, h, active = s.x[:Bk], s.mu[:Bk], s.h[:Bk], s.active[:Bk]
@@ -108,43 +113,43 @@ class DecodeStep:
         # Exited rows keep their last state: after the segment mu/h (and x) hold each
         # sample's state at its own last position.
         normed = self.adapter.norm_feedback(out, out=mu, active=active, projector=self.projector)
-        if self.projector is None:
+        if self.projector is None or self.projector_logits:
             h.copy_(mu)
         else:
             h.copy_(torch.where(keep, normed.to(h.dtype), h))
         if t + 1 < lat.shape[1]:  # the last step's output is not fed as a latent
             nxt = s.feed(mu, eps[:, t + 1]) if eps is not None else mu
             x.copy_(torch.where(keep, nxt, x))
-        stop = self.stop_rule(mode, mu, prev, h)
-        if stop is not None and batch_scope:
-            # Batch-global exit: a row's rule firing marks it; the segment ends for every
-            # row once every row is marked (one reduction on the device, no host branch).
-            fired = s.fired[:Bk]
-            fired.logical_or_(stop & active)
-            active.logical_and_(~fired.all())
-        elif stop is not None:
+        self.exit_test(rule, fed=lat[:, t], mu=prev, mu_next=mu, h=h)
+
+    def exit_test(self, rule: ExitRule, *, fed: torch.Tensor | None, mu: torch.Tensor | None,
+                  mu_next: torch.Tensor | None, h: torch.Tensor) -> None:
+        """Run the rule's stop test (medlvr/reference/exit_rules.py) and take the rows (or,
+        with scope "batch", the whole batch) it ends out of the segment: masks on the
+        device, no host branch. With after_exit "mirage" the exit writes each row's next
+        token into state.tok."""
+        s = self.state
+        Bk = s.bucket
+        active = s.active[:Bk]
+        stop, tok = exit_rules.stop_mask(rule, threshold=s.threshold, fed=fed, mu=mu, mu_next=mu_next, h=h,
+                                         lm_head=self.adapter.lm_head, end_id=s.latent_end, stop_head=self.stop_head,
+                                         num_latent=s.num_latent[:Bk], counts=s.k_row[:Bk], end_embedding=s.end_emb)
+        if stop is None:
+            return
+        if rule.scope == "batch":
+            exits, first = exit_rules.batch_exit(stop, active, s.fired_count, s.batch_size)
+            if rule.after == "mirage":
+                after = exit_rules.mirage_after_tokens(tok, stop, first, s.latent_end, s.latent_pad)
+                s.tok[:Bk].copy_(torch.where(exits & active, after, s.tok[:Bk]))
+            active.logical_and_(~exits)
+        else:
             active.logical_and_(~stop)
 
-    def stop_rule(self, mode: str, mu_next: torch.Tensor, mu: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
-        if mode == "fixed":
-            return None
-        if mode == "cosine":
-            return F.cosine_similarity(mu_next.float(), mu.float(), dim=-1) > self.state.threshold
-        if mode == "head":
-            return self.stop_head(h).float().reshape(-1) > self.state.threshold
-        if mode == "end_distance":
-            return (mu_next.float() - self.state.end_emb).norm(dim=-1) < self.state.threshold
-        if mode == "count":  # num_latent already counts this step
-            Bk = mu_next.shape[0]
-            return self.state.num_latent[:Bk] >= self.state.k_row[:Bk]
-        head = self.adapter.lm_head
-        if mode == "logit":
-            # One vocabulary row, not the whole lm_head.
-            logit = F.linear(h, head.weight.index_select(0, self.state.latent_end)).float().squeeze(-1)
-            if getattr(head, "bias", None) is not None:
-                logit = logit + head.bias.index_select(0, self.state.latent_end).float()
-            return logit > self.state.threshold
-        return head(h).float().argmax(dim=-1) == self.state.latent_end  # mode "argmax"
+    def start_test(self, rule: ExitRule) -> None:
+        """exit_check_start: the rule's test on h_{-1}, the start token's own output,
+        before any latent is fed (rows it ends run 0 steps)."""
+        s = self.state
+        self.exit_test(rule, fed=None, mu=None, mu_next=None, h=s.h[:s.bucket])
 
     def feed_tokens(self, bound: int) -> None:
         """Feed tok for active rows; leaves next-token logits in state.logits."""

@@ -15,14 +15,14 @@ Sequence of one row (left-padded prompt ending with <|latent_start|>)::
   default) and h_{t-1} the post-norm hidden state at sequence position s0 + t - 1, so
   z_0 comes from <|latent_start|>. Every step after the prompt is text-like: all mRoPE
   sections advance by one from the prompt's last position (docs/engine.md).
-- exits, per row, after step t on its output h_t (the engine's rules, docs/engine.md):
-  "fixed"; "cosine": cos(feedback(h_t), mu_t) > threshold; "stop_logit":
-  lm_head(h_t)[latent_end_id] > threshold, or with no threshold, latent_end_id is the
-  argmax; "end_distance": ||feedback(h_t) - end_embedding||_2 < threshold (LVR);
-  "count": row b runs latent_counts[b] steps (Coconut). exit_scope "batch": every row
-  runs until every row's rule has fired once (Mirage). An exited row feeds nothing more: its later latent columns are masked out of
-  the attention and its position does not advance.
-- tokens: greedy (temperature 0) or sampled with ``medlvr.engine.sampling.sample``
+- exits: the rules of medlvr/reference/exit_rules.py (their stop tests are shared with
+  the engine: this loop checks the engine's layout, positions, cache and feedback, not the
+  rules' definitions, which tests/dropin/test_presets.py checks against the original
+  systems' loops). An exited row feeds nothing more: its later latent columns are masked
+  out of the attention and its position does not advance. After the segment the answer
+  starts from ``first_token`` (after_exit "end_token"; None: sampled from each row's last
+  hidden state, "model") or from the per-row tokens of after_exit "mirage".
+- tokens: greedy (temperature 0) or sampled with ``medlvr.reference.sampling.sample``
   (top-p nucleus, exponential race) from the same random draws as the engine: the latent
   noise as one (B, K, D) normal tensor in the model dtype first (only when sigma > 0 and
   K > 0), then one (B, V) tensor of Exp(1) variates per sampled token.
@@ -33,11 +33,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from medlvr.engine import sampling
-from medlvr.engine.request import DEFAULT_COSINE_THRESHOLD, DEFAULT_END_DISTANCE, EXIT_SCOPES, EXITS
 from medlvr.models import hf
+from medlvr.reference import exit_rules, sampling
 
 
 @dataclass
@@ -69,25 +67,19 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
                 top_p: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
                 generator: torch.Generator | None = None, return_logits: bool = False, exit_scope: str = "sample",
                 end_embedding: torch.Tensor | None = None,
-                latent_counts: Sequence[int] | torch.Tensor | None = None) -> LoopOutput:
+                latent_counts: Sequence[int] | torch.Tensor | None = None, exit_distance: str = "mse",
+                exit_distance_on: str = "fed", exit_check_start: bool = False, after_exit: str = "end_token",
+                latent_pad_id: int | None = None, stop_first: bool = True) -> LoopOutput:
     """Prefill -> up to k latent steps -> ``first_token`` (if given) -> up to
     max_new_tokens answer tokens, for a left-padded batch.
 
     prompt: a model-input batch (input_ids, attention_mask, pixel_values, image_grid_thw,
     mm_token_type_ids) or precomputed ``medlvr.models.hf.prompt_inputs`` (embeds,
     position_ids, attention_mask). latent_eps: (B, K, D) standard-normal draws to use
-    instead of drawing them from ``generator``.
+    instead of drawing them from ``generator``. The exit arguments are those of
+    medlvr/reference/exit_rules.py; stop_first=False: the first answer token never stops a
+    row (Coconut).
     """
-    if exit not in EXITS:
-        raise ValueError(f"exit must be one of {EXITS}, got {exit!r}")
-    if exit == "stop_logit" and latent_end_id is None:
-        raise ValueError("exit='stop_logit' needs latent_end_id")
-    if exit == "end_distance" and not isinstance(end_embedding, torch.Tensor):
-        raise ValueError("exit='end_distance' needs end_embedding, a (D,) tensor")
-    if exit == "count" and latent_counts is None:
-        raise ValueError("exit='count' needs latent_counts, one step count per row")
-    if exit_scope not in EXIT_SCOPES:
-        raise ValueError(f"exit_scope must be one of {EXIT_SCOPES}, got {exit_scope!r}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
     model = hf.unwrap(model)
@@ -95,8 +87,13 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
     emb, pos, mask = p["embeds"], p["position_ids"], p["attention_mask"]
     B, _, D = emb.shape
     dev, dt = emb.device, emb.dtype
-    feedback = projector if projector is not None else (lambda x: x)
     embed, head = model.get_input_embeddings(), model.lm_head
+    rule = exit_rules.checked(k, exit=exit, exit_threshold=exit_threshold, exit_scope=exit_scope,
+                              exit_distance=exit_distance, exit_distance_on=exit_distance_on,
+                              exit_check_start=exit_check_start, after_exit=after_exit, latent_end_id=latent_end_id,
+                              latent_pad_id=latent_pad_id, end_embedding=end_embedding, latent_counts=latent_counts,
+                              batch=B, vocab=head.out_features)
+    feedback = projector if projector is not None else (lambda x: x)
     cache = hf.new_cache(model)
     h = hf.run_decoder(model, emb, mask, pos, cache)[:, -1]
     nxt = pos[..., -1:] + 1  # [3,B,1] (mRoPE) or [B,1]: text-like from here on
@@ -114,16 +111,39 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
     latents, mus, hidden, outs = zeros, zeros.clone(), zeros.clone(), zeros.clone()
     num_latent = torch.zeros(B, dtype=torch.long, device=dev)
     active = torch.ones(B, dtype=torch.bool, device=dev)
-    if exit == "count":
-        counts = torch.as_tensor(latent_counts, dtype=torch.long, device=dev)
+    counts = None
+    if rule.counts is not None:
+        counts = torch.tensor(rule.counts, dtype=torch.long, device=dev)
         active = counts > 0
-    fired = torch.zeros(B, dtype=torch.bool, device=dev)
+    buffers = dict(threshold=torch.tensor(rule.threshold, device=dev), lm_head=head, counts=counts,
+                   end_id=None if latent_end_id is None else torch.tensor([latent_end_id], device=dev),
+                   end_embedding=rule.end_embedding)
+    fired = torch.zeros((), dtype=torch.long, device=dev)
+    after = torch.full((B,), latent_end_id if latent_end_id is not None else 0, dtype=torch.long, device=dev)
+
+    def exit_test(**inputs) -> None:
+        nonlocal active, after
+        stop, tok = exit_rules.stop_mask(rule, num_latent=num_latent, **inputs, **buffers)
+        if stop is None:
+            return
+        if rule.scope == "batch":
+            exits, first = exit_rules.batch_exit(stop, active, fired, torch.tensor(B, device=dev))
+            if rule.after == "mirage":
+                pad = torch.tensor([rule.latent_pad_id], device=dev)
+                after = torch.where(exits & active, exit_rules.mirage_after_tokens(tok, stop, first, buffers["end_id"],
+                                                                                   pad), after)
+            active = active & ~exits
+        else:
+            active = active & ~stop
+
     sigma = float(latent_noise_std)
     noisy = sigma > 0 and k > 0
     eps = latent_eps
     if noisy and eps is None:
         eps = torch.empty(B, k, D, dtype=dt, device=dev).normal_(generator=generator)
     mu = feedback(h)
+    if rule.check_start:
+        exit_test(fed=None, mu=None, mu_next=None, h=h)
     for t in range(k):
         z = (mu.float() + sigma * eps[:, t].float()).to(dt) if noisy else mu.to(dt)
         keep = active[:, None]
@@ -132,31 +152,15 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
         h = torch.where(keep, step(z, active), h)
         outs[:, t] = torch.where(keep, h, 0)
         mu_next = feedback(h)
-        if exit == "cosine":
-            thr = DEFAULT_COSINE_THRESHOLD if exit_threshold is None else exit_threshold
-            stop = F.cosine_similarity(mu_next.float(), mu.float(), dim=-1) > thr
-        elif exit == "stop_logit":
-            logits = head(h).float()
-            stop = (logits.argmax(-1) == latent_end_id if exit_threshold is None
-                    else logits[:, latent_end_id] > exit_threshold)
-        elif exit == "end_distance":
-            thr = DEFAULT_END_DISTANCE if exit_threshold is None else exit_threshold
-            stop = (mu_next.float() - end_embedding.float()).norm(dim=-1) < thr
-        elif exit == "count":
-            stop = num_latent >= counts
-        else:
-            stop = torch.zeros_like(active)
+        exit_test(fed=latents[:, t], mu=mu, mu_next=mu_next, h=h)
         mu = torch.where(keep, mu_next, mu)
-        if exit_scope == "batch" and exit != "fixed":
-            fired = fired | (stop & active)
-            active = active & ~fired.all()
-        else:
-            active = active & ~stop
 
     # ---------------------------------------------------------------- answer
     T = max_new_tokens
     live = torch.ones(B, dtype=torch.bool, device=dev)
-    if first_token is not None and T > 0:
+    if rule.after == "mirage" and T > 0:
+        h = step(embed(after), live)
+    elif first_token is not None and T > 0:
         h = step(embed(torch.full((B,), first_token, dtype=torch.long, device=dev)), live)
     greedy = temperature == 0
     temp = torch.tensor(float(temperature) if not greedy else 1.0, device=dev)
@@ -176,7 +180,7 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
         if logits_out is not None:
             logits_out[:, j] = torch.where(live[:, None], logits, 0.0)
         lengths += live.long()
-        hit = live & (tok[:, None] == stops[None, :]).any(-1)
+        hit = live & (tok[:, None] == stops[None, :]).any(-1) & (stop_first or j > 0)
         stopped |= hit
         live = live & ~hit
         if not bool(live.any()) or j == T - 1:

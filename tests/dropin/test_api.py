@@ -36,9 +36,10 @@ def _prompt(n_latent=2, with_start=True):
 
 
 def test_presets_listed():
-    assert presets() == ["coconut", "lvr", "medlvr", "mirage", "monet"]
-    assert LatentSpec.preset("monet").end_token == 151667 and LatentSpec.preset("monet").max_steps == 10
-    assert LatentSpec.preset("mirage").exit_scope == "batch" and LatentSpec.preset("mirage").max_steps == 8
+    assert presets() == ["coconut", "lvr", "lvr-latent", "lvr-steps", "medlvr", "mirage", "monet"]
+    monet, mirage = LatentSpec.preset("monet"), LatentSpec.preset("mirage")
+    assert monet.end_token == 151667 and monet.max_steps == 10 and not monet.start_embedded
+    assert mirage.exit_scope == "batch" and mirage.max_steps == 8 and mirage.after_exit == "mirage"
 
 
 def test_token_names_resolve_through_the_tokenizer(gpt2):
@@ -86,6 +87,12 @@ def test_bad_spec():
         LatentSpec(exit="end_distance")
     with pytest.raises(ValueError, match="preset must be one of"):
         LatentSpec.preset("quiet-star")
+    with pytest.raises(ValueError, match="exit_distance must be one of"):
+        LatentSpec(exit="end_distance", end_embedding="e", exit_distance="cosine")
+    with pytest.raises(ValueError, match="after_exit='mirage' needs"):
+        LatentSpec(exit="stop_logit", after_exit="mirage")
+    with pytest.raises(ValueError, match="start_embedded=False needs placement='after_start'"):
+        LatentSpec(placement="placeholders", latent_token=9, exit="count", max_steps=None, start_embedded=False)
 
 
 def test_engine_is_cached_per_model(gpt2):

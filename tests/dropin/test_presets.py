@@ -1,35 +1,74 @@
-"""Each preset on medlvr equals that system's own loop (medlvr/reference/dropin_loops.py) on a tiny
-random model of its architecture: latents, exits and tokens, per sample, at batch 1 and in
-ragged batches the originals never ran. fp32, tolerance as tests/engine/test_equivalence.py."""
+"""Each preset on medlvr equals its system's own loop, written from the original code
+(medlvr/reference/dropin_loops.py cites repository, commit, file and function), on a tiny
+random fp64 model of the preset's architecture: the latents fed, the latent steps of each
+row and the answer tokens, at batch 1 and in a ragged left-padded batch of 3 whose rows
+leave the segment at different steps.
+
+The end-token row of lm_head is set (least squares over the hidden states of a fixed
+run) so that the end token is the argmax at chosen (row, test) pairs only: the latent
+trajectory does not depend on lm_head, so this fixes where each rule fires without
+touching what the loops compute."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import engine_models as tm
+import fp64_models as fm
 import medlvr
 from medlvr.dropin import LatentSpec
 from medlvr.reference import dropin_loops as originals
+from medlvr.reference.dropin_loops import drop_last_column
+from medlvr.reference.latent_loop import latent_loop
 
 T, EOS = 5, 2
-LATENT = 9  # tiny vocab ids (tests/engine/engine_models.py): 7 start, 8 end, 9 latent
+BUDGET = 64  # the originals' token budget (it counts latent placeholders): never the binding limit here
+SAMPLES = [((4, 6), 3, 1), ((2, 2), 6, 2), (None, 4, 3)]
+LATENT = 9  # tiny vocab ids (tests/engine/engine_models.py): 7 start, 8 end, 9 latent / pad
 
 
-def close(actual, expected, rel=1e-5):
-    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * max(1.0, float(expected.abs().max())))
+def close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10 * max(1.0, float(expected.abs().max())))
 
 
-def _check(out, b, latents, tokens):
+def _check(out, b, latents, answer):
     n = latents.shape[0]
-    assert int(out.num_latent[b]) == n
+    assert int(out.num_latent[b]) == n, f"row {b}: latent steps"
     if n:
         close(out.latents[b, :n], latents)
     assert torch.all(out.latents[b, n:] == 0)
-    assert out.tokens[b, :len(tokens)].tolist() == tokens and int(out.text_lengths[b]) == len(tokens)
+    L = int(out.text_lengths[b])
+    assert out.tokens[b, :L].tolist() == answer[:T], f"row {b}: answer tokens"
+
+
+def _steer_end(model, batch, picks, k=10, a=30.0):
+    """Set lm_head's end row so that the end token is the argmax exactly at ``picks``
+    ((row, test) with test 0 the start token's own output, test j the output after the
+    j-th latent) and nowhere else on this batch's latent trajectory."""
+    f = latent_loop(model, batch, k=k, max_new_tokens=0)
+    h = torch.cat([f.latent_hidden[:, :1], f.step_hidden], dim=1)
+    y = torch.full(h.shape[:2], -a, dtype=h.dtype)
+    for r, t in picks:
+        y[r, t] = a
+    v = torch.linalg.lstsq(h.reshape(-1, h.shape[-1]), y.reshape(-1, 1)).solution[:, 0]
+    with torch.no_grad():
+        model.lm_head.weight[tm.LATENT_END] = v
+        fires = model.lm_head(h).argmax(-1) == tm.LATENT_END
+    assert sorted(map(tuple, fires.nonzero().tolist())) == sorted(picks)
+    return f
+
+
+def _qwen_spec(name, **kw):
+    return LatentSpec.preset(name, start_token=tm.LATENT_START, end_token=tm.LATENT_END, **kw)
+
+
+ROWS = {"batch1": [0], "ragged3": [0, 1, 2]}
 
 
 # ------------------------------------------------------------------ Coconut (GPT-2)
-COCONUT = LatentSpec.preset("coconut", start_token=tm.LATENT_START, end_token=tm.LATENT_END, latent_token=LATENT)
+@pytest.fixture(scope="module")
+def gpt2():
+    return fm.gpt2()
 
 
 def _coconut_prompt(n_text, n_latent, seed):
@@ -38,90 +77,173 @@ def _coconut_prompt(n_text, n_latent, seed):
                       torch.full((n_latent,), LATENT), torch.tensor([tm.LATENT_END])])
 
 
-def _right_padded(rows):
+def _left_padded(rows):
     S = max(r.numel() for r in rows)
     ids = torch.zeros(len(rows), S, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, r in enumerate(rows):
-        ids[b, :r.numel()], mask[b, :r.numel()] = r, 1
-    return {"input_ids": ids, "attention_mask": mask}  # tokenizers pad GPT-2 on the right
+        ids[b, S - r.numel():], mask[b, S - r.numel():] = r, 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.fixture(scope="module")
-def gpt2():
-    return tm.gpt2()
-
-
-@pytest.mark.parametrize("shapes", [[(6, 3)], [(6, 3), (9, 1), (4, 0), (3, 4)]], ids=["batch1", "ragged"])
+@pytest.mark.parametrize("shapes", [[(6, 3)], [(6, 3), (9, 1), (4, 0)]], ids=["batch1", "ragged3"])
 def test_coconut(gpt2, shapes):
     rows = [_coconut_prompt(n, k, seed=s) for s, (n, k) in enumerate(shapes)]
-    out = medlvr.generate(gpt2, _right_padded(rows), spec=COCONUT, max_new_tokens=T, stop_ids=[EOS])
+    # eos = row 0's first answer token: Coconut's generate appends it without the eos
+    # test, so row 0 goes on (stop_first=False).
+    eos = originals.coconut(gpt2, rows[0], latent_id=LATENT, eos=-1, max_new_tokens=1).after[0][0]
+    spec = LatentSpec.preset("coconut", start_token=tm.LATENT_START, end_token=tm.LATENT_END, latent_token=LATENT)
+    out = medlvr.generate(gpt2, _left_padded(rows), spec=spec, max_new_tokens=T, stop_ids=[eos])
+    assert int(out.text_lengths[0]) > 1
     for b, ids in enumerate(rows):
-        lat, toks = originals.coconut(gpt2, ids, latent_id=LATENT, max_new_tokens=T, eos=EOS)
-        _check(out, b, lat, toks)
+        ref = originals.coconut(gpt2, ids, latent_id=LATENT, eos=eos, max_new_tokens=T)
+        L = int(out.text_lengths[b])
+        mine = out.tokens[b, :L].tolist()
+        if L > 1 and mine[-1] == eos:  # medlvr keeps the stop token, Coconut's generate drops it
+            mine = mine[:-1]
+        assert int(out.num_latent[b]) == ref.latents[0].shape[0] == shapes[b][1]
+        if shapes[b][1]:
+            close(out.latents[b, :shapes[b][1]], ref.latents[0])
+        assert mine == ref.after[0]
 
 
 # ------------------------------------------------------------------ Qwen2.5-VL systems
-SAMPLES = [((4, 6), 3, 1), ((2, 2), 6, 2), (None, 4, 3)]
-
-
 @pytest.fixture(scope="module")
 def vl():
-    """A tiny Qwen2.5-VL whose <|latent_end|> row of lm_head is steered towards the
-    latents of the first sample, so the end-token rule fires at different steps per row."""
-    model = tm.qwen2_5_vl()
-    ids, pv, grid = tm.vl_sample(*SAMPLES[0][:2], seed=SAMPLES[0][2])
-    from medlvr.reference.latent_loop import latent_loop
-    ref = latent_loop(model, tm.left_pad([(ids, pv, grid)]), k=6, max_new_tokens=0)
-    with torch.no_grad():
-        target = ref.step_hidden[0, 2]
-        model.lm_head.weight[tm.LATENT_END] = 2 * target / target.norm() ** 2
+    """End token at test 0 of row 1, tests 1-2 of row 2 and test 4 of row 0 (the latents
+    with <start> embedded: LVR, Mirage)."""
+    model = fm.qwen2_5_vl()
+    _steer_end(model, fm.vl_batch(SAMPLES), [(1, 0), (2, 1), (2, 2), (0, 4)])
     return model
 
 
-def _vl_batch(which):
-    return tm.left_pad([tm.vl_sample(hw, n, seed=s) for hw, n, s in (SAMPLES[i] for i in which)])
+@pytest.fixture(scope="module")
+def vl_monet():
+    """Monet's trajectory starts one position earlier (<start> is not embedded): end
+    token after latent 3 of row 0, 5 of row 1, 2 of row 2."""
+    model = fm.qwen2_5_vl()
+    _steer_end(model, drop_last_column(fm.vl_batch(SAMPLES)), [(0, 3), (1, 5), (2, 2)])
+    return model
 
 
-def _end_argmax(model):
-    return lambda h: model.lm_head(h).argmax(-1) == tm.LATENT_END
+def _batch(which):
+    return fm.vl_batch([SAMPLES[i] for i in which])
 
 
-@pytest.mark.parametrize("preset,k", [("lvr", 6), ("monet", 10)])
-@pytest.mark.parametrize("which", [[0], [1], [0, 1, 2]], ids=["batch1a", "batch1b", "ragged"])
-def test_end_token_presets(vl, preset, k, which):
-    spec = LatentSpec.preset(preset, start_token=tm.LATENT_START, end_token=tm.LATENT_END, max_steps=k)
-    out = medlvr.generate(vl, _vl_batch(which), spec=spec, max_new_tokens=T, stop_ids=[EOS])
-    for b, i in enumerate(which):
-        lat, toks = originals.qwen_vl(vl, _vl_batch([i]), k=k, end_id=tm.LATENT_END, max_new_tokens=T, eos=EOS,
-                                      rule=_end_argmax(vl))
-        _check(out, b, lat[0], toks[0])
-    if which == [0, 1, 2]:
-        assert len(set(out.num_latent.tolist())) > 1, "the steered end row should give ragged exits"
+@pytest.mark.parametrize("rows", ROWS.values(), ids=ROWS.keys())
+def test_lvr_end_token(vl, rows):
+    """generate's default: the end token is tested at <start> too (row 1: 0 latents), no cap."""
+    out = medlvr.generate(vl, _batch(rows), spec=_qwen_spec("lvr"), max_new_tokens=T, stop_ids=[EOS])
+    ref = originals.lvr(vl, _batch(rows), strategy="end_token", start_id=tm.LATENT_START, end_id=tm.LATENT_END,
+                        eos=EOS, max_new_tokens=BUDGET)
+    for b in range(len(rows)):
+        assert ref.after[b][0] == tm.LATENT_END
+        _check(out, b, ref.latents[b], ref.after[b][1:])
+    if len(rows) == 3:
+        assert out.num_latent.tolist() == [4, 0, 1]
 
 
-def test_lvr_end_distance(vl):
-    from medlvr.reference.latent_loop import latent_loop
-    ref = latent_loop(vl, _vl_batch([1]), k=6, max_new_tokens=0)
-    e_end = ref.latent_mu[0, 3].clone()  # sample 1 reaches it after step 2
-    spec = LatentSpec.preset("lvr", start_token=tm.LATENT_START, end_token=tm.LATENT_END, max_steps=6,
-                             exit="end_distance", end_embedding=e_end, exit_threshold=1e-3)
-    out = medlvr.generate(vl, _vl_batch([0, 1, 2]), spec=spec, max_new_tokens=T, stop_ids=[EOS])
+@pytest.mark.parametrize("rows", ROWS.values(), ids=ROWS.keys())
+def test_lvr_latent_end_distance(vl, rows):
+    """decoding_strategy="latent": MSE of the fed latent to the learned end embedding <
+    0.02 (the default threshold), then the model's own next token."""
+    fixed = latent_loop(vl, fm.vl_batch(SAMPLES), k=6, max_new_tokens=0)
+    e_end = fixed.latents[1, 2] + 0.1  # row 1's third fed latent at MSE 0.01
+    spec = _qwen_spec("lvr-latent", end_embedding=e_end, max_steps=6)
+    out = medlvr.generate(vl, _batch(rows), spec=spec, max_new_tokens=T, stop_ids=[EOS])
+    ref = originals.lvr(vl, _batch(rows), strategy="distance", start_id=tm.LATENT_START, end_id=tm.LATENT_END,
+                        eos=EOS, max_new_tokens=BUDGET, steps=6, end_embedding=e_end)
+    for b in range(len(rows)):
+        _check(out, b, ref.latents[b], ref.after[b])
+    if len(rows) == 3:
+        assert out.num_latent.tolist() == [6, 3, 6]
+
+
+def test_lvr_steps(vl):
+    """decoding_strategy="steps" (its evaluation's): a fixed count, then the model's own token."""
+    batch = _batch([0, 1, 2])
+    out = medlvr.generate(vl, batch, spec=_qwen_spec("lvr-steps", max_steps=3), max_new_tokens=T, stop_ids=[EOS])
+    ref = originals.lvr(vl, batch, strategy="steps", start_id=tm.LATENT_START, end_id=tm.LATENT_END, eos=EOS,
+                        max_new_tokens=BUDGET, steps=3)
     for b in range(3):
-        lat, toks = originals.qwen_vl(vl, _vl_batch([b]), k=6, end_id=tm.LATENT_END, max_new_tokens=T, eos=EOS,
-                                      rule=lambda h: (h - e_end).norm(dim=-1) < 1e-3)
-        _check(out, b, lat[0], toks[0])
-    assert int(out.num_latent[1]) == 3
+        _check(out, b, ref.latents[b], ref.after[b])
 
 
-def test_mirage_batch_global_exit(vl):
-    """Mirage's original runs the batch together and leaves latent mode when every row has
-    emitted the end token; medlvr's exit_scope='batch' reproduces it on the whole batch."""
-    spec = LatentSpec.preset("mirage", start_token=tm.LATENT_START, end_token=tm.LATENT_END)
-    batch = _vl_batch([0, 1, 2])
-    out = medlvr.generate(vl, batch, spec=spec, max_new_tokens=T, stop_ids=[EOS])
-    lats, toks = originals.qwen_vl(vl, batch, k=8, end_id=tm.LATENT_END, max_new_tokens=T, eos=EOS,
-                                   rule=_end_argmax(vl), batch_global=True)
-    for b in range(3):
-        _check(out, b, lats[b], toks[b])
-    assert len(set(out.num_latent.tolist())) == 1
+@pytest.mark.parametrize("rows", ROWS.values(), ids=ROWS.keys())
+def test_monet(vl_monet, rows):
+    """<start> is never embedded: its position takes the hidden state that sampled it."""
+    out = medlvr.generate(vl_monet, _batch(rows), spec=_qwen_spec("monet"), max_new_tokens=T, stop_ids=[EOS])
+    ref = originals.monet(vl_monet, _batch(rows), start_id=tm.LATENT_START, end_id=tm.LATENT_END, latent_size=10,
+                          eos=EOS, max_new_tokens=BUDGET)
+    for b in range(len(rows)):
+        assert ref.after[b][0] == tm.LATENT_END
+        _check(out, b, ref.latents[b], ref.after[b][1:])
+    if len(rows) == 3:
+        assert out.num_latent.tolist() == [3, 5, 2]
+    embedded = medlvr.generate(vl_monet, _batch(rows), spec=_qwen_spec("monet", start_embedded=True),
+                               max_new_tokens=T, stop_ids=[EOS])
+    assert not torch.allclose(embedded.latents[0, 0], out.latents[0, 0])
+
+
+def test_monet_cap_forces_the_end_token(vl_monet):
+    out = medlvr.generate(vl_monet, _batch([1]), spec=_qwen_spec("monet", max_steps=4), max_new_tokens=T,
+                          stop_ids=[EOS])
+    ref = originals.monet(vl_monet, _batch([1]), start_id=tm.LATENT_START, end_id=tm.LATENT_END, latent_size=4,
+                          eos=EOS, max_new_tokens=BUDGET)
+    assert ref.after[0][0] == tm.LATENT_END and int(out.num_latent[0]) == 4
+    _check(out, 0, ref.latents[0], ref.after[0][1:])
+
+
+@pytest.mark.parametrize("rows", ROWS.values(), ids=ROWS.keys())
+def test_mirage(vl, rows):
+    """One latent mode for the batch. Ragged: row 1 fires at <start>, row 2 at tests 1 and
+    2, so the running count reaches 3 at test 2 on row 2, before row 0 ever fired; rows 0
+    and 1 then feed the latent pad id, row 2 the end token."""
+    spec = _qwen_spec("mirage", latent_pad_token=LATENT)
+    out = medlvr.generate(vl, _batch(rows), spec=spec, max_new_tokens=T, stop_ids=[EOS])
+    ref = originals.mirage(vl, _batch(rows), start_id=tm.LATENT_START, end_id=tm.LATENT_END, latent_pad_id=LATENT,
+                           eos=EOS, max_new_tokens=BUDGET)
+    for b in range(len(rows)):
+        _check(out, b, ref.latents[b], ref.after[b][1:])
+    if len(rows) == 3:
+        assert [a[0] for a in ref.after] == [LATENT, LATENT, tm.LATENT_END]
+        assert out.num_latent.tolist() == [2, 2, 2]
+    else:
+        assert out.num_latent.tolist() == [4]
+
+
+def test_mirage_per_sample_option(vl):
+    """medlvr's addition: each row leaves on its own end token (and feeds it)."""
+    spec = _qwen_spec("mirage", exit_scope="sample", after_exit="end_token", latent_pad_token=None)
+    out = medlvr.generate(vl, _batch([0, 1, 2]), spec=spec, max_new_tokens=T, stop_ids=[EOS])
+    assert out.num_latent.tolist() == [4, 0, 1]
+
+
+class LVRHead(torch.nn.Module):
+    """LVR's "simple" head (src/model/lvr_heads.py, LVRHead): LayerNorm, Linear, GELU, Linear."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.ln_q = torch.nn.LayerNorm(d, eps=1e-6)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU(), torch.nn.Linear(d, d))
+
+    def forward(self, x):
+        return self.mlp(self.ln_q(x))
+
+
+@pytest.mark.parametrize("preset,strategy", [("lvr-steps", "steps"), ("lvr", "end_token")])
+def test_lvr_head(vl, preset, strategy):
+    """The head is not applied to the first latent and its output also feeds lm_head (the
+    exit test and the first answer token); batch 1, as LVR's head forward runs."""
+    torch.manual_seed(0)
+    head = LVRHead(64).double().eval()
+    kw = dict(projector=head, project_first=False, projector_logits=True)
+    spec = _qwen_spec(preset, max_steps=3, **kw) if preset == "lvr-steps" else _qwen_spec(preset, **kw)
+    out = medlvr.generate(vl, _batch([0]), spec=spec, max_new_tokens=T, stop_ids=[EOS])
+    ref = originals.lvr(vl, _batch([0]), strategy=strategy, start_id=tm.LATENT_START, end_id=tm.LATENT_END, eos=EOS,
+                        max_new_tokens=BUDGET, steps=3, head=head)
+    answer = ref.after[0] if strategy == "steps" else ref.after[0][1:]
+    _check(out, 0, ref.latents[0], answer)
+    plain = medlvr.generate(vl, _batch([0]), spec=spec.replace(project_first=True, projector_logits=False),
+                            max_new_tokens=T, stop_ids=[EOS])
+    assert not torch.allclose(plain.latents[0, 0], out.latents[0, 0])

@@ -95,14 +95,18 @@ def test_latent_segment_is_capture_safe(vl_model, exit, threshold, noise):
 
 
 NEW_EXITS = [dict(exit="end_distance", exit_threshold=0.5, end_embedding=torch.zeros(64)),
-             dict(exit="count", latent_counts=[1, 3, 0]),
-             dict(exit="count", latent_counts=[1, 3, 2], exit_scope="batch"),
-             dict(exit="stop_logit", exit_scope="batch")]
+             dict(exit="end_distance", exit_threshold=0.5, end_embedding=torch.zeros(64), exit_distance="l2",
+                  exit_distance_on="next", after_exit="model"),
+             dict(exit="count", latent_counts=[1, 3, 0], stop_first=False),
+             dict(exit="stop_logit", exit_check_start=True),
+             dict(exit="stop_logit", exit_scope="batch", exit_check_start=True, after_exit="mirage",
+                  latent_pad_id=tm.LATENT_PAD)]
 
 
-@pytest.mark.parametrize("kw", NEW_EXITS, ids=["end_distance", "count", "count-batch", "stop_logit-batch"])
+@pytest.mark.parametrize("kw", NEW_EXITS, ids=["lvr-distance", "l2-next-model", "count", "check-start", "mirage"])
 def test_drop_in_exit_rules_are_capture_safe(vl_model, kw):
-    """The exit rules of the drop-in presets (issue 15) run inside the segment graph."""
+    """The exit rules of the drop-in presets (medlvr/reference/exit_rules.py) run inside
+    the segment graph, and what follows them inside the text graph."""
     engine = LatentEngine(vl_model, max_batch=4, max_len=64)
     with capture_checks():
         out = engine.generate(_batch(), k_max=3, max_new_tokens=2, latent_end_id=tm.LATENT_END, **kw)
