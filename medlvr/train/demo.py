@@ -139,34 +139,43 @@ def _ordering(diffs: dict[str, dict[str, tuple]]) -> str:
     return "; ".join(parts)
 
 
-def save_curve(histories: dict[str, list[dict]], path: Path, *, window: int = 5) -> Path | None:
-    """Stage 2's reward curve: the training reward (moving mean over ``window`` steps) and the
-    periodic greedy validation accuracy, per VLPO run."""
+def _mean_by_step(hists: list[list[dict]], key: str) -> list[tuple[int, float]]:
+    by: dict[int, list[float]] = {}
+    for hist in hists:
+        for h in hist:
+            if key in h:
+                by.setdefault(h["step"] + 1, []).append(h[key])
+    return [(x, sum(v) / len(v)) for x, v in sorted(by.items())]
+
+
+def save_curve(histories: dict[str, list[list[dict]]], path: Path, *, window: int = 5) -> Path | None:
+    """Stage 2's reward curve per kind of VLPO run, averaged over its seeds: the training
+    reward (moving mean over ``window`` steps) and the periodic greedy validation accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not any(histories.values()):
+    if not any(any(h) for h in histories.values()):
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for i, (name, hist) in enumerate(histories.items()):
-        color = f"C{i}"
-        steps = [h["step"] + 1 for h in hist if "reward" in h]
-        rew = [h["reward"] for h in hist if "reward" in h]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, (name, hists) in enumerate(histories.items()):
+        color, seeds = f"C{i}", f" ({len(hists)} seeds)" if len(hists) > 1 else ""
+        pts = _mean_by_step(hists, "reward")
+        rew = [y for _, y in pts]
         smooth = [sum(rew[max(0, j - window + 1):j + 1]) / len(rew[max(0, j - window + 1):j + 1])
                   for j in range(len(rew))]
-        ax.plot(steps, smooth, color=color, label=f"{name}: train reward ({window}-step mean)")
-        pts = [(h["step"] + 1, h["val_accuracy"]) for h in hist if "val_accuracy" in h]
-        if pts:
-            ax.plot(*zip(*pts), "o--", color=color, ms=4, label=f"{name}: val accuracy (greedy)")
-            for x, y in pts:
-                ax.annotate(f"{100 * y:.1f}", (x, y), fontsize=6, textcoords="offset points", xytext=(0, 4),
-                            ha="center")
+        ax.plot([x for x, _ in pts], smooth, color=color, label=f"{name}: train reward{seeds}, {window}-step mean")
+        acc = _mean_by_step(hists, "val_accuracy")
+        if acc:
+            ax.plot(*zip(*acc), "o--", color=color, ms=4, label=f"{name}: greedy val accuracy{seeds}")
+            for j, (x, y) in enumerate(acc):
+                ax.annotate(f"{100 * y:.1f}", (x, y), fontsize=6, textcoords="offset points",
+                            xytext=(0, 5 if i % 2 == 0 else -10), ha="center", color=color)
     ax.set_xlabel("VLPO step")
     ax.set_ylabel("reward / accuracy")
     ax.set_title("stage 2: training reward and held-out accuracy")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -232,7 +241,7 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
             finals[name], hist = _stage2(plan, name, seed, finals["b_stage1"], rl_prompts, val, out, device=device,
                                          accelerator=accelerator, progress=progress, mixed_precision=mixed_precision)
             if hist:
-                histories[labels[name]] = hist
+                histories.setdefault(LABELS[kind], []).append(hist)
             times[name] = time.perf_counter() - t
 
     results, ablations = {}, {}
