@@ -21,11 +21,12 @@ One step (GRPO-style, docs/vlpo.md):
 5. Loss (``vlpo_loss.vlpo_loss``, computed by ``medlvr.ops.fused_vlpo_loss`` from the
    answer states: gradients chunk by chunk in its forward, 3 GEMMs): PPO clipped ratio with separate low / high bounds
    (clip-higher, DAPO) and a dual clip for negative advantages, plus
-   beta * KL(policy || reference) by the k3 estimator, per position; latent positions get
-   the same advantage as the text of their rollout and weight ``latent_coef``.
-   Aggregation is the DAPO token-level mean: the sum over every scored position of the
-   step's rollouts divided by their count, so a long answer weighs more than a short one
-   (GRPO's per-sample mean would up-weight the tokens of short answers).
+   beta * KL(policy || reference): k3 per text token, the exact Gaussian KL
+   ||mu - mu_ref||^2 / (2 sigma^2) per latent step. Latent steps get the advantage of their
+   rollout and enter at the scale sigma / sqrt(D) (a text token's; vlpo_loss.latent_scale).
+   Aggregation: the mean over the step's answer tokens (DAPO's token-level mean, so a long
+   answer weighs more than a short one), plus latent_coef times each rollout's mean over its
+   K latent steps (K does not dilute the answer).
 
 Reference policy: the same model with its LoRA adapter disabled while that adapter is
 still at its identity init, else (full fine-tuning, or a LoRA that already holds stage-1
