@@ -292,10 +292,10 @@ def eval_main(args: argparse.Namespace) -> int:
     comparison: dict = {}
     if len(results) > 1:
         diffs = compare(results, n_boot=getattr(args, "bootstrap", 2000))
-        print(format_paired(diffs, title="paired accuracy differences, points [bootstrap 95% CI]"))
+        format_paired(diffs, title="paired accuracy differences, points [bootstrap 95% CI]")
         comparison["paired"] = diffs
     if ablations:
-        print(format_ablation(ablations))
+        format_ablation(ablations)
         comparison["ablation"] = ablations
     paths = write_outputs(results, args.out, comparison=comparison or None)
     print(f"wrote {paths['predictions']}, {paths['accuracy']}, {paths['plot']}")
