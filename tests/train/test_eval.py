@@ -149,3 +149,25 @@ def test_plot_labels_have_one_decimal(setup, tmp_path, monkeypatch):
     write_outputs({"m": res}, tmp_path)
     assert labels and all(len(t.split(".")[-1]) == 1 for t in labels), labels
     assert "33.3" in labels
+
+
+def test_eval_main_pairs_runs_and_ablates(tmp_path, capsys):
+    """medlvr eval with two runs and --ablation: the paired table (second run minus the first)
+    and the ablation of the run with latents, also in comparison.json."""
+    from medlvr.cli import main
+
+    data = tmp_path / "data"
+    assert main(["synth", "--out", str(data), "--n", "12", "--image-size", "56", "--split", "0.5", "0", "0.5"]) == 0
+    for name, k in (("sft", "0"), ("lat", "2")):
+        assert main(["sft", "--data", str(data / "train.jsonl"), "--out", str(tmp_path / name), "--k-latent", k,
+                     "--steps", "1", "--batch-size", "3", "--no-progress", "--threads", "1"]) == 0
+    ev = tmp_path / "eval"
+    assert main(["eval", "--run", f"a={tmp_path / 'sft' / 'final'}", "--run", f"b={tmp_path / 'lat' / 'final'}",
+                 "--data", str(data / "test.jsonl"), "--out", str(ev), "--max-new-tokens", "3", "--threads", "1",
+                 "--ablation", "--bootstrap", "200", "--ablation-sigma", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "b - a" in out and "shuffle" in out and "no latent segment" in out
+    comp = json.loads((ev / "comparison.json").read_text())
+    assert set(comp["paired"]["b - a"]) >= {"overall"} and comp["paired"]["b - a"]["overall"][3] == 6
+    assert comp["ablation"]["a"] is None and set(comp["ablation"]["b"]["ablations"]) == {"zero", "shuffle",
+                                                                                          "noise@0.5"}
