@@ -179,7 +179,7 @@ def _vlpo(ctx, op, on_policy):
         loss, _, _ = op(h.view(R, n, -1), W, ctx["t"].view(R, n), mask, old, ctx["adv"],
                         latent_old=None if on_policy else empty, eps_low=EPS_LOW, eps_high=EPS_HIGH,
                         dual_clip=DUAL, latent_coef=0.0, kl_beta=BETA, token_ref=ctx["ref"].view(R, n),
-                        latent_ref=empty, temperature=ctx["T"])
+                        temperature=ctx["T"])
         return loss
     return f
 

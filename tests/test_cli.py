@@ -139,7 +139,7 @@ def test_demo_quick(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "(a) SFT" in out and "(b) stage 1" in out and "(c) stage 1+2" in out and "ordering" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["accuracy"]) == {"(a) SFT", "(b) stage 1", "(c) stage 1+2"}
+    assert {"(a) SFT", "(b) stage 1", "(c) stage 1+2"} <= set(summary["accuracy"])
     assert (tmp_path / "accuracy.png").is_file()
     for run in ("a_sft", "b_stage1", "c_vlpo"):
         assert (tmp_path / run / "final" / "model.safetensors").is_file()

@@ -24,8 +24,9 @@ so at no time does more than one chunk of logits exist. Three entry points use i
   alone, so a chunk's g is known as soon as its log-probs are: the forward does all 3 GEMMs
   per chunk (the Liger schedule) and nothing is recomputed. Two heads give that g:
   ``vlpo_head`` (VLPO's clipped ratio + KL: the functions of medlvr/reference/vlpo_loss.py,
-  differentiated by autograd on the (C,) log-prob vector, so there is one definition of the
-  clip math) and ``weighted_sum_head`` (sum_i w_i logp_i: cross-entropy, per-sample means).
+  differentiated by autograd on the (C,) log-prob vector, so the trainer's unfused path and
+  this op share one definition of the clip math; the op's test oracle is the closed form of
+  medlvr/reference/fused_logprobs.py) and ``weighted_sum_head`` (sum_i w_i logp_i: cross-entropy, per-sample means).
 
 Inputs arrive in their own dtypes and are cast once to ``compute_dtype`` (the rule is
 medlvr.reference.fused_logprobs.compute_dtype); gradients leave in each input's dtype, d W

@@ -44,6 +44,7 @@ from medlvr.ops import _fused_logprobs_sweep as sweep
 from medlvr.ops.logprobs import gather_logprobs, latent_gaussian_logprob
 from medlvr.reference.fused_logprobs import (compute_dtype, fused_linear_cross_entropy_ref, fused_linear_logprobs_ref,
                                              fused_vlpo_loss_ref)
+from medlvr.reference.vlpo_loss import gaussian_kl, ppo_clip_loss
 
 __all__ = [
     "fused_linear_cross_entropy", "fused_linear_logprobs", "fused_vlpo_loss", "fusable_lm_head", "lm_head_logprobs",
@@ -275,26 +276,83 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
                     token_old: torch.Tensor | None, advantages: torch.Tensor, *, latent_old: torch.Tensor | None,
                     mu: torch.Tensor | None = None, z: torch.Tensor | None = None, latent_sigma: float = 0.0,
                     eps_low: float, eps_high: float, dual_clip: float, latent_coef: float, kl_beta: float = 0.0,
-                    token_ref: torch.Tensor | None = None, latent_ref: torch.Tensor | None = None,
-                    temperature: float = 1.0, bias: torch.Tensor | None = None, chunk_size: int | None = None):
+                    token_ref: torch.Tensor | None = None, mu_ref: torch.Tensor | None = None,
+                    latent_scale: float = 1.0, temperature: float = 1.0, bias: torch.Tensor | None = None,
+                    chunk_size: int | None = None):
     """medlvr.reference.vlpo_loss.vlpo_loss of one batch of R rollouts, straight from hidden states.
 
-    Args (the layout of vlpo_loss and rollout.policy_forward):
-        hidden: (R, T, D) the states predicting answer token t of rollout r (policy_forward's h_ans).
+    Args (the layout of vlpo_loss and rollout.policy_states):
+        hidden: (R, T, D) the states predicting answer token t of rollout r (policy_states' answer).
         weight / bias: the lm_head's. tokens: (R, T) sampled ids; token_mask: (R, T) bool, the
-            scored tokens. token_old / token_ref: (R, T) old / reference log-probs; token_old None:
-            on-policy, old = the log-probs computed here, detached (PPO's first epoch: ratio
-            exactly 1, gradient A), which saves the caller a no-grad scoring pass.
-        advantages: (R,). latent_old / latent_ref: (R, K) old / reference latent log-probs;
-            latent_old None: on-policy likewise, K taken from mu (0 without mu).
+            scored tokens (a scored token must be a real id, never -100). token_old / token_ref:
+            (R, T) old / reference log-probs; token_old None: on-policy, old = the log-probs
+            computed here, detached (PPO's first epoch: ratio exactly 1, gradient A), which saves
+            the caller a no-grad scoring pass.
+        advantages: (R,). latent_old: (R, K) old latent log-probs; None: on-policy likewise, K
+            taken from mu (0 without mu).
         mu, z: (R, K, D) the current policy's latent means (mu_t from position s0 + t - 1) and
             the latents the rollout fed back; None for no latent log-prob (then 0, as
-            policy_forward gives for sigma = 0). latent_sigma: > 0 when mu is given.
-        eps_low, eps_high, dual_clip, latent_coef, kl_beta: as VLPOConfig.
+            policy_states gives for sigma = 0). latent_sigma: > 0 when mu is given. mu_ref:
+            (R, K, D) the reference policy's latent means (the latent KL is exact:
+            ||mu - mu_ref||^2 / (2 sigma^2)), needed when kl_beta > 0 and the latent term is on.
+        eps_low, eps_high, dual_clip, latent_coef, kl_beta: as VLPOConfig; latent_scale: the
+            factor on the latent log-probs (vlpo_loss.latent_scale).
     Returns:
-        (loss, token_logp (R, T), latent_logp (R, K)): the scalar fp32 loss (gradients to hidden,
-        weight, bias and mu), and the detached log-probs (old log-probs for later epochs, stats).
+        (loss, token_logp (R, T), latent_logp (R, K)): the scalar loss, fp32 (fp64 for fp64
+        inputs; gradients to hidden, weight, bias and mu), and the detached log-probs (old
+        log-probs for later epochs, stats).
     """
+    K = _check_vlpo(hidden, tokens, token_mask, token_old, advantages, latent_old, mu, z, token_ref, mu_ref,
+                    kl_beta, latent_coef)
+    R, T, D = hidden.shape
+    if mu is not None:
+        latent_sigma = _checks.positive_float("latent_sigma", latent_sigma)
+    if not (0 <= eps_low < 1 and eps_high >= 0 and (dual_clip == 0 or dual_clip > 1) and latent_coef >= 0
+            and kl_beta >= 0 and latent_scale > 0):
+        raise ValueError(f"expected 0 <= eps_low < 1, eps_high >= 0, dual_clip 0 or > 1, latent_coef >= 0, "
+                         f"kl_beta >= 0, latent_scale > 0; got eps_low={eps_low}, eps_high={eps_high}, "
+                         f"dual_clip={dual_clip}, latent_coef={latent_coef}, kl_beta={kl_beta}, "
+                         f"latent_scale={latent_scale}")
+    temperature = _checks.positive_float("temperature", temperature)
+    keep = token_mask.bool()
+    h, tgt = hidden[keep], tokens[keep]
+    c = _check_linear(h, weight, bias, tgt, -100, "tokens[token_mask]")
+    if _checks.backend("fused_vlpo_loss", hidden.device, has_ext=True, hidden=hidden, weight=weight) == "reference":
+        return fused_vlpo_loss_ref(hidden, weight, tokens, token_mask, token_old, advantages, latent_old=latent_old,
+                                   mu=mu, z=z, latent_sigma=latent_sigma, eps_low=eps_low, eps_high=eps_high,
+                                   dual_clip=dual_clip, latent_coef=latent_coef, kl_beta=kl_beta,
+                                   token_ref=token_ref, mu_ref=mu_ref, latent_scale=latent_scale,
+                                   temperature=temperature, bias=bias)
+
+    # vlpo_loss's divisor: the scored text tokens (latent steps do not count, see vlpo_loss).
+    stat = torch.float64 if c == torch.float64 else torch.float32
+    denominator = keep.to(stat).sum().clamp(min=1)
+    adv = advantages.to(stat)[:, None]
+    clip = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
+    # Only the scored tokens enter the sweep (h = hidden[keep]), so every row counts.
+    objective = sweep.vlpo_head(None if token_old is None else token_old[keep],
+                                None if kl_beta <= 0 else token_ref[keep], adv.expand(R, T)[keep], denominator,
+                                kl_beta=kl_beta, **clip)
+    plan = _plan(h, weight, bias, c, temperature, -100, chunk_size)
+    loss, logp = _FusedLinearLogprobs.apply(h, weight, bias, tgt, plan, objective)
+    token_logp = torch.zeros(R, T, dtype=logp.dtype, device=hidden.device).masked_scatter(keep, logp)
+
+    if mu is not None and K > 0:
+        latent_logp = latent_gaussian_logprob(mu.reshape(-1, D), z.reshape(-1, D), sigma=latent_sigma).view(R, K)
+    else:
+        latent_logp = torch.zeros(R, K, dtype=stat, device=hidden.device)
+    if latent_coef > 0 and R * K > 0:
+        old = latent_logp.detach() if latent_old is None else latent_old
+        lat, _ = ppo_clip_loss(latent_scale * latent_logp, latent_scale * old, adv, **clip)
+        if kl_beta > 0 and mu is not None:
+            lat = lat + kl_beta * latent_scale * gaussian_kl(mu, mu_ref, latent_sigma)
+        loss = loss + latent_coef * lat.sum() / K / denominator
+    return loss, token_logp, latent_logp.detach()
+
+
+def _check_vlpo(hidden, tokens, token_mask, token_old, advantages, latent_old, mu, z, token_ref, mu_ref, kl_beta,
+                latent_coef) -> int:
+    """fused_vlpo_loss's tensor arguments (before any kernel); returns K."""
     for name, t, dims in (("hidden", hidden, 3), ("advantages", advantages, 1)):
         _checks.tensor(name, t, dims=dims, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("tokens", tokens, dims=2, dtypes=_checks.INDEX_DTYPES)
@@ -314,50 +372,25 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
         raise ValueError(f"tokens and token_mask must have shape {(R, T)} (hidden's first two dims), got "
                          f"{tuple(tokens.shape)} and {tuple(token_mask.shape)}")
     _checks.same_device("token_mask", token_mask, "hidden", hidden)
-    if kl_beta > 0:
-        for name, t, shape in (("token_ref", token_ref, (R, T)), ("latent_ref", latent_ref, (R, K))):
-            if t is None:
-                raise ValueError(f"{name}: expected reference log-probs when kl_beta > 0, got None")
-            _check_like(name, t, shape, "hidden", hidden)
     if (mu is None) != (z is None):
         raise ValueError("mu and z must be given together (both (R, K, D)) or both be None")
     if mu is not None:
         _check_like("mu", mu, (R, K, D), "hidden", hidden)
         _check_like("z", z, (R, K, D), "hidden", hidden)
-        latent_sigma = _checks.positive_float("latent_sigma", latent_sigma)
-    if not (0 <= eps_low < 1 and eps_high >= 0 and (dual_clip == 0 or dual_clip > 1) and latent_coef >= 0
-            and kl_beta >= 0):
-        raise ValueError(f"expected 0 <= eps_low < 1, eps_high >= 0, dual_clip 0 or > 1, latent_coef >= 0, "
-                         f"kl_beta >= 0; got eps_low={eps_low}, eps_high={eps_high}, dual_clip={dual_clip}, "
-                         f"latent_coef={latent_coef}, kl_beta={kl_beta}")
-    temperature = _checks.positive_float("temperature", temperature)
-    keep = token_mask.bool()
-    h, tgt = hidden[keep], tokens[keep]
-    c = _check_linear(h, weight, bias, tgt, -100, "tokens[token_mask]")
-    if _checks.backend("fused_vlpo_loss", hidden.device, has_ext=True, hidden=hidden, weight=weight) == "reference":
-        return fused_vlpo_loss_ref(hidden, weight, tokens, token_mask, token_old, advantages, latent_old=latent_old,
-                                   mu=mu, z=z, latent_sigma=latent_sigma, eps_low=eps_low, eps_high=eps_high,
-                                   dual_clip=dual_clip, latent_coef=latent_coef, kl_beta=kl_beta,
-                                   token_ref=token_ref, latent_ref=latent_ref, temperature=temperature, bias=bias)
-
-    # vlpo_loss's normaliser: scored text tokens + latent positions (when they count at all).
-    use_latent = latent_coef > 0 and R * K > 0
-    denominator = (keep.float().sum() + float(R * K if use_latent else 0)).clamp(min=1)
-    adv = advantages.float()[:, None]
-    terms = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, kl_beta=kl_beta)
-    # Only the scored tokens enter the sweep (h = hidden[keep]), so every row counts.
-    objective = sweep.vlpo_head(None if token_old is None else token_old[keep],
-                                None if kl_beta <= 0 else token_ref[keep], adv.expand(R, T)[keep], denominator, **terms)
-    plan = _plan(h, weight, bias, c, temperature, -100, chunk_size)
-    loss, logp = _FusedLinearLogprobs.apply(h, weight, bias, tgt, plan, objective)
-    token_logp = torch.zeros(R, T, dtype=logp.dtype, device=hidden.device).masked_scatter(keep, logp)
-
-    if mu is not None and K > 0:
-        latent_logp = latent_gaussian_logprob(mu.reshape(-1, D), z.reshape(-1, D), sigma=latent_sigma).view(R, K)
-    else:
-        latent_logp = torch.zeros(R, K, dtype=torch.float32, device=hidden.device)
-    if use_latent:
-        old = latent_logp.detach() if latent_old is None else latent_old
-        lat = sweep.vlpo_token_terms(latent_logp, old, latent_ref if kl_beta > 0 else None, adv, **terms)
-        loss = loss + latent_coef * lat.sum() / denominator
-    return loss, token_logp, latent_logp.detach()
+    if kl_beta > 0:
+        if token_ref is None:
+            raise ValueError("token_ref: expected reference log-probs when kl_beta > 0, got None")
+        _check_like("token_ref", token_ref, (R, T), "hidden", hidden)
+        if mu is not None and K > 0 and latent_coef > 0:
+            if mu_ref is None:
+                raise ValueError("mu_ref: expected the reference's latent means (R, K, D) when kl_beta > 0 and "
+                                 "the latent term is on, got None")
+            _check_like("mu_ref", mu_ref, (R, K, D), "hidden", hidden)
+    # A scored position holding the ignore index would get log-prob 0 and no gradient, yet
+    # count in the divisor and add a PPO term: a caller's masking bug, not a value to skip.
+    scored_ignored = token_mask.bool() & (tokens == -100)
+    if bool(scored_ignored.any()):
+        r, t = (int(i) for i in scored_ignored.nonzero()[0])
+        raise ValueError(f"tokens[{r}, {t}] = -100 (the ignore index) at a scored position (token_mask True): "
+                         "expected a token id there, or token_mask False")
+    return K

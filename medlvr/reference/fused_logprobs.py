@@ -8,18 +8,20 @@
 All materialise the (N, V) logits ``hidden @ weight.T (+ bias)`` and hand them to
 gather_logprobs_ref, which makes an fp32 copy: that is what the fast path in
 medlvr/ops/fused_logprobs.py must equal without ever holding either tensor. The VLPO
-objective here is literally medlvr.reference.vlpo_loss.vlpo_loss over those log-probs and the latent
-Gaussian log-probs, i.e. what rollout.policy_forward + vlpo_loss compute.
+objective here is written in closed form from the papers (the clipped surrogate's value and
+gradient stated case by case), sharing no code with medlvr/reference/vlpo_loss.py, which the
+op itself calls: a test of the op against it can fail.
 
 The dtype contract of the op lives here too (:func:`compute_dtype`), because the reference is
 the spec of which precision the lm_head GEMM runs in.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from medlvr.reference.logprobs import gather_logprobs_ref, latent_gaussian_logprob_ref
-from medlvr.reference.vlpo_loss import vlpo_loss  # the one definition of the clip / KL / aggregation
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -82,19 +84,63 @@ def fused_linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, t
     return (loss, logp.detach()) if return_logprobs else loss
 
 
+def _surrogate_closed_form(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, *, eps_low: float,
+                           eps_high: float, dual_clip: float) -> torch.Tensor:
+    """PPO's clipped surrogate per position (Schulman et al. 2017, eq. 7, with separate bounds as
+    in DAPO, Yu et al. 2025, and the dual clip of Ye et al. 2020, eq. 5), value and gradient
+    stated directly (no max / clamp whose tie-breaking would decide the gradient):
+
+        r = exp(min(logp - old, 20))
+        value = -A min(r, 1 + eps_high)                          A >= 0
+                |A| min(max(r, 1 - eps_low), c)                 A < 0  (c = inf without dual clip)
+        d value / d logp = -A r   where the unclipped branch holds (A >= 0: r <= 1 + eps_high;
+                                  A < 0: 1 - eps_low <= r <= c, and log r <= 20), else 0
+
+    so the on-policy position (r = 1) has gradient -A d logp for every eps >= 0."""
+    log_r = logp.detach() - old
+    r = torch.exp(torch.where(log_r > 20.0, torch.full_like(log_r, 20.0), log_r))
+    hi, lo = 1.0 + eps_high, 1.0 - eps_low
+    c = dual_clip if dual_clip > 0 else float("inf")
+    pos = adv >= 0
+    value = torch.where(pos, -adv * torch.where(r < hi, r, torch.full_like(r, hi)),
+                        -adv * torch.where(r > lo, torch.where(r < c, r, torch.full_like(r, c)),
+                                           torch.full_like(r, lo)))
+    flows = torch.where(pos, r <= hi, (r >= lo) & (r <= c)) & (log_r <= 20.0)
+    grad = torch.where(flows, -adv * r, torch.zeros_like(r))
+    return value + grad * (logp - logp.detach())
+
+
+def _k3_closed_form(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """exp(d) - d - 1, d = ref - logp (Schulman 2020's k3), continued above d = 20 by its tangent
+    e^20 (d - 19) - d - 1 (finite, gradient never 0)."""
+    d = ref - logp
+    big = d > 20.0
+    e = torch.exp(torch.where(big, torch.zeros_like(d), d))
+    return torch.where(big, math.exp(20.0) * (d - 19.0), e) - d - 1.0
+
+
 def fused_vlpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
                         token_old: torch.Tensor | None, advantages: torch.Tensor, *, latent_old: torch.Tensor | None,
                         mu: torch.Tensor | None = None, z: torch.Tensor | None = None, latent_sigma: float = 0.0,
                         eps_low: float, eps_high: float, dual_clip: float, latent_coef: float,
                         kl_beta: float = 0.0, token_ref: torch.Tensor | None = None,
-                        latent_ref: torch.Tensor | None = None, temperature: float = 1.0,
+                        mu_ref: torch.Tensor | None = None, latent_scale: float = 1.0, temperature: float = 1.0,
                         bias: torch.Tensor | None = None):
     """The VLPO objective of one batch of rollouts, unfused: (loss, token_logp, latent_logp).
 
-    Shapes as medlvr.reference.vlpo_loss.vlpo_loss takes them: hidden (R T D) are the states that
-    predict the answer tokens (R T); mu / z (R K D) the latent means and fed-back latents
-    (None: no latent term, latent log-probs 0, as policy_forward gives for sigma = 0).
-    token_old / latent_old None: on-policy, the computed log-probs detached (K from mu then).
+    Written from the papers, not from medlvr/reference/vlpo_loss.py (which the op calls), so
+    that it checks the op rather than repeating it:
+
+        l_text   = surrogate(logp, old, A) + kl_beta * k3(logp, ref)
+        l_latent = surrogate(c logp_z, c old_z, A) + kl_beta * c * ||mu - mu_ref||^2 / (2 sigma^2)
+        loss     = (sum over scored tokens of l_text + latent_coef * sum_r mean_k l_latent)
+                   / max(1, #scored tokens)
+
+    with c = latent_scale, logp_z = log N(z; mu, sigma^2 I) (the constant dropped). Shapes:
+    hidden (R T D) are the states that predict the answer tokens (R T); mu / z / mu_ref (R K D)
+    (mu None: no latent term, latent log-probs 0). token_old / latent_old None: on-policy, the
+    computed log-probs detached (K from mu then). Sums run in the log-probs' dtype (fp64 for
+    fp64 inputs, advantages included).
     """
     R, T = tokens.shape
     keep = token_mask.bool()
@@ -105,11 +151,21 @@ def fused_vlpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, tokens: torc
         D = mu.shape[-1]
         latent_logp = latent_gaussian_logprob_ref(mu.reshape(-1, D), z.reshape(-1, D), sigma=latent_sigma).view(R, K)
     else:
-        latent_logp = torch.zeros(R, K, dtype=torch.float32, device=hidden.device)
+        latent_logp = torch.zeros(R, K, dtype=logp.dtype, device=hidden.device)
     token_old = token_logp.detach() if token_old is None else token_old
     latent_old = latent_logp.detach() if latent_old is None else latent_old
-    loss, _ = vlpo_loss(token_logp=token_logp, token_old=token_old, token_mask=token_mask, latent_logp=latent_logp,
-                        latent_old=latent_old, advantages=advantages, eps_low=eps_low, eps_high=eps_high,
-                        dual_clip=dual_clip, latent_coef=latent_coef, kl_beta=kl_beta, token_ref=token_ref,
-                        latent_ref=latent_ref)
-    return loss, token_logp, latent_logp
+    adv = advantages.to(logp.dtype)[:, None]
+    clip = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
+    l_text = _surrogate_closed_form(token_logp, token_old, adv, **clip)
+    if kl_beta > 0:
+        l_text = l_text + kl_beta * _k3_closed_form(token_logp, token_ref)
+    n_text = keep.to(logp.dtype).sum()
+    total = torch.where(keep, l_text, torch.zeros_like(l_text)).sum()
+    if latent_coef > 0 and R * K > 0:
+        c = latent_scale
+        l_lat = _surrogate_closed_form(c * latent_logp, c * latent_old, adv, **clip)
+        if kl_beta > 0 and mu is not None:
+            diff = (mu.to(logp.dtype) - mu_ref.to(logp.dtype)) / latent_sigma
+            l_lat = l_lat + kl_beta * c * 0.5 * (diff * diff).sum(-1)
+        total = total + latent_coef * l_lat.mean(dim=1).sum()
+    return total / torch.clamp(n_text, min=1.0), token_logp, latent_logp

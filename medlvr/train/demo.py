@@ -1,16 +1,22 @@
 """``medlvr demo``: the whole method on the embedded default model, on a CPU, in minutes.
 
-1. synthesise a deterministic medical-VQA-like set (medlvr.train.synth; ROI boxes on part of it);
+1. synthesise a deterministic medical-VQA-like set (medlvr.train.synth; ROI boxes on part of
+   it) with a held-out test split of >= 1,000 records, and a fresh draw of stage-2 prompts;
 2. train (a) plain SFT without a latent segment (K = 0),
          (b) stage 1: recurrent latent segment of K steps + ROI alignment loss,
-         (c) stage 1 + stage 2: VLPO started from (b)'s weights, on fresh prompts (outcome
-             reward only: no ROI, the answer is used only to score rollouts);
-3. evaluate the three on the held-out test split (greedy, the same decoding for all), print
-   the table, save the plot (accuracy.png), predictions and a JSON summary (summary.json).
+   then, from (b)'s weights, on the fresh prompts (no ROI: the answer is used only to score
+   rollouts, or as the SFT target):
+         (c)  stage 2: VLPO with the latent term (sigma > 0),
+         (c0) text-only VLPO (sigma = 0: no latent exploration, no latent term),
+         (s)  supervised fine-tuning on the same prompts for as many optimiser steps;
+3. evaluate all on the test split (greedy, the same decoding for all), with paired differences
+   against (b) and bootstrap 95% CIs per question type (medlvr/train/paired.py), the latent
+   ablation of (b) and (c) (medlvr/train/latent_ablation.py), the accuracy plot with CIs and
+   the VLPO reward curve (smoothed training reward and periodic greedy validation accuracy).
 
 Everything is seeded: the same command prints the same table on the same machine (CPU
-floating point can differ between machines). (a) and (b) get the same data, steps, batch and
-learning rate; (c) gets (b)'s steps plus its VLPO steps, as in the paper's recipe.
+floating point can differ between machines). docs/training.md records how the settings were
+chosen (validation split only) and what the demo measured.
 """
 from __future__ import annotations
 
@@ -25,8 +31,8 @@ import torch
 
 @dataclass(frozen=True)
 class DemoPlan:
-    n_records: int = 1000          # synthesised records
-    splits: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train / val / test fractions
+    n_records: int = 2000          # synthesised records: 700 train / 200 val / 1100 test
+    splits: tuple[float, float, float] = (0.35, 0.1, 0.55)
     difficulty: str = "easy"
     roi_fraction: float = 0.5      # of the records with a lesion; partial annotation on purpose
     k_latent: int = 4
@@ -35,22 +41,145 @@ class DemoPlan:
     batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 10
-    vlpo_records: int = 400        # fresh prompts for stage 2 (another seed, no ROI: outcome reward only)
-    vlpo_steps: int = 60
+    vlpo_records: int = 400        # fresh prompts for stage 2 (another seed, no ROI)
+    vlpo_steps: int = 40
     vlpo_prompts: int = 8
     vlpo_rollouts: int = 8
-    vlpo_lr: float = 3e-5
+    vlpo_lr: float = 3e-4          # chosen on the val split (docs/training.md)
+    vlpo_epochs: int = 2           # > 1: later epochs are off-policy, so the clip acts
     vlpo_sigma: float = 0.1
-    vlpo_kl: float = 0.2           # chosen on the val split among 0.04 / 0.2 (see docs/training.md)
+    vlpo_kl: float = 0.04
+    vlpo_latent_coef: float = 0.1
+    vlpo_w_format: float = 0.0     # the format reward is ~1 for every rollout of (b): no signal
+    sft2_lr: float = 1e-4          # (s): SFT on the stage-2 prompts, constant lr
+    eval_every: int = 10           # VLPO steps between greedy validation accuracies (0: none)
+    curve_records: int = 100       # validation records of the reward curve
+    ablation_records: int = 300    # test records of the latent ablation (0: none)
     eval_records: int | None = None  # None: the whole test split
     max_new_tokens: int = 6
     seed: int = 0
+    stage2_seeds: tuple[int, ...] = (0, 1, 2)
     image_format: str = "png"      # "dicom": the same images as CT-like DICOM (medlvr.train.synth)
 
 
 FULL = DemoPlan()
-QUICK = DemoPlan(n_records=96, sft_steps=6, batch_size=8, warmup_steps=0, vlpo_records=8, vlpo_steps=2, vlpo_prompts=2,
-                 vlpo_rollouts=2, eval_records=16)
+QUICK = DemoPlan(n_records=96, splits=(0.5, 0.15, 0.35), sft_steps=6, batch_size=8, warmup_steps=0, vlpo_records=8,
+                 vlpo_steps=2, vlpo_prompts=2, vlpo_rollouts=2, eval_every=1, curve_records=4, ablation_records=8,
+                 eval_records=16, stage2_seeds=(0,))
+LABELS = {"a_sft": "(a) SFT", "b_stage1": "(b) stage 1", "c_vlpo": "(c) stage 1+2",
+          "c0_text": "(c0) 1+2 σ=0", "s_sft2": "(s) 1+SFT"}
+
+
+def _stage2(plan: DemoPlan, name: str, seed: int, init: Path, rl_prompts, val, out: Path, *, device, accelerator,
+            progress: bool, mixed_precision: str) -> tuple[Path, list[dict]]:
+    """One stage-2 run from (b)'s weights: VLPO (c), text-only VLPO (c0) or SFT (s)."""
+    from medlvr.train.evaluate import evaluate
+    from medlvr.train.loop import LoopConfig
+    from medlvr.train.runs import RunDir, load_trained
+    from medlvr.train.stage1 import train_stage1
+    from medlvr.train.vlpo import VLPOConfig, train_vlpo
+
+    run_dir = out / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lm, processor, meta = load_trained(init, device=device)
+    if name.startswith("s_"):
+        cfg = LoopConfig(out_dir=str(run_dir), max_steps=plan.vlpo_steps * plan.vlpo_epochs,
+                         batch_size=plan.vlpo_prompts, lr=plan.sft2_lr, schedule="constant", seed=seed,
+                         log_every=max(1, plan.vlpo_steps // 10), progress=progress, mixed_precision=mixed_precision)
+        res = train_stage1(lm, processor, rl_prompts, cfg, base="default", desc=f"({name}) SFT on stage-2 prompts",
+                           extra_meta={"init": str(init)})
+        return Path(res["final_dir"]), []
+    sigma = plan.vlpo_sigma if name.startswith("c_") else 0.0
+    vcfg = VLPOConfig(k_latent=plan.k_latent, steps=plan.vlpo_steps, batch_prompts=plan.vlpo_prompts,
+                      n_rollouts=plan.vlpo_rollouts, lr=plan.vlpo_lr, latent_sigma=sigma, kl_beta=plan.vlpo_kl,
+                      latent_coef=plan.vlpo_latent_coef, ppo_epochs=plan.vlpo_epochs, w_format=plan.vlpo_w_format,
+                      max_new_tokens=plan.max_new_tokens, seed=seed)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()
+    curve = list(val[:plan.curve_records])
+
+    def val_acc(step: int, row: dict) -> dict | None:
+        if not plan.eval_every or not curve or ((step + 1) % plan.eval_every and step + 1 != plan.vlpo_steps):
+            return None
+        r = evaluate(lm, processor, curve, max_new_tokens=plan.max_new_tokens, progress=False,
+                     mixed_precision=mixed_precision)
+        return {"val_accuracy": r.overall}
+
+    lm.train()
+    history = train_vlpo(lm.model, processor, rl_prompts, vcfg, progress=progress, log_path=metrics,
+                         projector=lm.projector, accelerator=accelerator, on_step=val_acc)
+    if plan.eval_every and curve:
+        history.insert(0, {"step": -1, "val_accuracy": evaluate(load_trained(init, device=device)[0], processor, curve,
+                                                                max_new_tokens=plan.max_new_tokens, progress=False,
+                                                                mixed_precision=mixed_precision).overall})
+    run = RunDir(run_dir / "final").save(lm, {**meta, "vlpo": asdict(vcfg), "init": str(init)}, accelerator=accelerator)
+    return run.path, history
+
+
+def _seed_mean(runs: list):
+    """One result whose per-record correctness is the mean over the seeds' runs (same records,
+    same order): its accuracy is the seeds' mean accuracy, and paired differences against it
+    carry the seed-to-seed spread into the bootstrap."""
+    from medlvr.train.evaluate import summarize
+
+    preds = [dict(p, correct=sum(r.predictions[i]["correct"] for r in runs) / len(runs), prediction=None)
+             for i, p in enumerate(runs[0].predictions)]
+    return summarize(preds)
+
+
+def _ordering(diffs: dict[str, dict[str, tuple]]) -> str:
+    """Each run against (b), overall: better / worse only when the paired 95% CI excludes 0."""
+    parts = []
+    for pair, d in diffs.items():
+        diff, lo, hi, _ = d["overall"]
+        verdict = "better than" if lo > 0 else "worse than" if hi < 0 else "not separable from"
+        other, base = pair.split(" - ", 1)
+        parts.append(f"{other} {verdict} {base} ({100 * diff:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}])")
+    return "; ".join(parts)
+
+
+def _mean_by_step(hists: list[list[dict]], key: str) -> list[tuple[int, float]]:
+    by: dict[int, list[float]] = {}
+    for hist in hists:
+        for h in hist:
+            if key in h:
+                by.setdefault(h["step"] + 1, []).append(h[key])
+    return [(x, sum(v) / len(v)) for x, v in sorted(by.items())]
+
+
+def save_curve(histories: dict[str, list[list[dict]]], path: Path, *, window: int = 5) -> Path | None:
+    """Stage 2's reward curve per kind of VLPO run, averaged over its seeds: the training
+    reward (moving mean over ``window`` steps) and the periodic greedy validation accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(any(h) for h in histories.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, (name, hists) in enumerate(histories.items()):
+        color, seeds = f"C{i}", f" ({len(hists)} seeds)" if len(hists) > 1 else ""
+        pts = _mean_by_step(hists, "reward")
+        rew = [y for _, y in pts]
+        smooth = [sum(rew[max(0, j - window + 1):j + 1]) / len(rew[max(0, j - window + 1):j + 1])
+                  for j in range(len(rew))]
+        ax.plot([x for x, _ in pts], smooth, color=color, label=f"{name}: train reward{seeds}, {window}-step mean")
+        acc = _mean_by_step(hists, "val_accuracy")
+        if acc:
+            ax.plot(*zip(*acc), "o--", color=color, ms=4, label=f"{name}: greedy val accuracy{seeds}")
+            for j, (x, y) in enumerate(acc):
+                ax.annotate(f"{100 * y:.1f}", (x, y), fontsize=6, textcoords="offset points",
+                            xytext=(0, 5 if i % 2 == 0 else -10), ha="center", color=color)
+    ax.set_xlabel("VLPO step")
+    ax.set_ylabel("reward / accuracy")
+    ax.set_title("stage 2: training reward and held-out accuracy")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = True,
@@ -61,102 +190,102 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     ("auto": bf16 on a GPU, none on the CPU; "bf16" on a CPU runs the GPU's numerics)."""
     from medlvr.models import build_default
     from medlvr.train.data import load_jsonl
-    from medlvr.train.evaluate import evaluate, print_table, write_outputs
+    from medlvr.train.evaluate import compare, evaluate, print_table, save_plot, write_outputs
+    from medlvr.train.latent_ablation import format_ablation, latent_ablation
     from medlvr.train.loop import LoopConfig, make_accelerator, resolve_mixed_precision
-    from medlvr.train.runs import RunDir, load_trained
+    from medlvr.train.paired import format_paired
+    from medlvr.train.runs import load_trained
     from medlvr.train.stage1 import Stage1Config, build_trainable, train_stage1
     from medlvr.train.synth import synthesize
-    from medlvr.train.vlpo import VLPOConfig, train_vlpo
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    t_all = time.perf_counter()
-
-    t = time.perf_counter()
+    t_all = t = time.perf_counter()
     paths = synthesize(out / "data", n=plan.n_records, seed=plan.seed, roi_fraction=plan.roi_fraction,
                        difficulty=plan.difficulty, split_fractions=plan.splits, image_format=plan.image_format)
-    train, _ = load_jsonl(paths["train"])
-    test, _ = load_jsonl(paths["test"])
-    # Stage 2 runs on prompts stage 1 has not fitted (after several SFT epochs nearly every
-    # rollout on the SFT set is right, so GRPO's group advantages are ~0 there): a fresh draw
-    # of the same distribution, without ROI boxes.
+    train, val, test = (load_jsonl(paths[s])[0] for s in ("train", "val", "test"))
+    # Stage 2 runs on prompts stage 1 has not fitted (on the SFT set nearly every rollout is
+    # right and group advantages are ~0): a fresh draw of the same distribution, without ROI.
     rl_paths = synthesize(out / "data_rl", n=plan.vlpo_records, seed=plan.seed + 1, roi_fraction=0.0,
-                          difficulty=plan.difficulty, split_fractions=(1.0, 0.0, 0.0),
-                          image_format=plan.image_format)
+                          difficulty=plan.difficulty, split_fractions=(1.0, 0.0, 0.0), image_format=plan.image_format)
     rl_prompts, _ = load_jsonl(rl_paths["train"])
     if plan.eval_records is not None:
         test = test[:plan.eval_records]
     times["synth"] = time.perf_counter() - t
-    print(f"data: {len(train)} train / {len(test)} test records, "
-          f"{sum(bool(r.rois) for r in train)} train records with an ROI, {len(rl_prompts)} stage-2 prompts "
-          f"({times['synth']:.1f}s)")
+    print(f"data: {len(train)} train / {len(val)} val / {len(test)} test records, {len(rl_prompts)} stage-2 prompts")
 
-    def loop_cfg(name: str) -> LoopConfig:
-        return LoopConfig(out_dir=str(out / name), max_steps=plan.sft_steps, batch_size=plan.batch_size, lr=plan.lr,
-                          warmup_steps=plan.warmup_steps, seed=plan.seed, log_every=max(1, plan.sft_steps // 20),
-                          progress=progress, mixed_precision=mixed_precision)
-
-    runs = {
-        "a_sft": Stage1Config(k_latent=0),
-        "b_stage1": Stage1Config(k_latent=plan.k_latent, mode="recurrent", roi_weight=plan.roi_weight),
-    }
     finals: dict[str, Path] = {}
-    for name, s1 in runs.items():
+    for name, s1 in {"a_sft": Stage1Config(k_latent=0),
+                     "b_stage1": Stage1Config(k_latent=plan.k_latent, mode="recurrent",
+                                              roi_weight=plan.roi_weight)}.items():
         t = time.perf_counter()
         model, processor = build_default(seed=plan.seed)
-        lm = build_trainable(model, processor, s1)
-        res = train_stage1(lm, processor, train, loop_cfg(name), base="default",
-                         desc=f"({name[0]}) {'plain SFT' if s1.k_latent == 0 else f'stage 1, K={s1.k_latent}'}")
+        loop = LoopConfig(out_dir=str(out / name), max_steps=plan.sft_steps, batch_size=plan.batch_size, lr=plan.lr,
+                          warmup_steps=plan.warmup_steps, seed=plan.seed, log_every=max(1, plan.sft_steps // 20),
+                          progress=progress, mixed_precision=mixed_precision)
+        res = train_stage1(build_trainable(model, processor, s1), processor, train, loop, base="default",
+                           desc=f"({name[0]}) {'plain SFT' if s1.k_latent == 0 else f'stage 1, K={s1.k_latent}'}")
         finals[name] = Path(res["final_dir"])
         times[name] = time.perf_counter() - t
 
-    # (c): VLPO from (b)'s final weights, in place, then saved in the same run format.
-    t = time.perf_counter()
     accelerator = make_accelerator(mixed_precision)
     device = accelerator.device
-    lm, processor, meta = load_trained(finals["b_stage1"], device=device)
-    vcfg = VLPOConfig(k_latent=plan.k_latent, steps=plan.vlpo_steps, batch_prompts=plan.vlpo_prompts,
-                      n_rollouts=plan.vlpo_rollouts, lr=plan.vlpo_lr, latent_sigma=plan.vlpo_sigma, kl_beta=plan.vlpo_kl,
-                      max_new_tokens=plan.max_new_tokens, seed=plan.seed)
-    (out / "c_vlpo").mkdir(parents=True, exist_ok=True)
-    metrics = out / "c_vlpo" / "metrics.jsonl"
-    if metrics.exists():
-        metrics.unlink()
-    lm.train()
-    train_vlpo(lm.model, processor, rl_prompts, vcfg, progress=progress, log_path=metrics, projector=lm.projector,
-               accelerator=accelerator)
-    run = RunDir(out / "c_vlpo" / "final").save(lm, {**meta, "vlpo": asdict(vcfg), "init": str(finals["b_stage1"])},
-                                               accelerator=accelerator)
-    finals["c_vlpo"] = run.path
-    times["c_vlpo"] = time.perf_counter() - t
+    histories: dict[str, list[dict]] = {}
+    labels = dict(LABELS)
+    for seed in plan.stage2_seeds:
+        for kind in ("c_vlpo", "c0_text", "s_sft2"):
+            name = kind if len(plan.stage2_seeds) == 1 else f"{kind}_s{seed}"
+            labels.setdefault(name, f"{LABELS[kind]} s{seed}")
+            t = time.perf_counter()
+            finals[name], hist = _stage2(plan, name, seed, finals["b_stage1"], rl_prompts, val, out, device=device,
+                                         accelerator=accelerator, progress=progress, mixed_precision=mixed_precision)
+            if hist:
+                histories.setdefault(LABELS[kind], []).append(hist)
+            times[name] = time.perf_counter() - t
 
-    labels = {"a_sft": "(a) SFT", "b_stage1": "(b) stage 1", "c_vlpo": "(c) stage 1+2"}
-    results = {}
+    results, ablations = {}, {}
     t = time.perf_counter()
     for name, path in finals.items():
         lm, processor, _ = load_trained(path, device=device)
         results[labels[name]] = evaluate(lm, processor, test, max_new_tokens=plan.max_new_tokens, progress=progress,
                                          mixed_precision=mixed_precision)
+        if plan.ablation_records and (name == "b_stage1" or name.startswith("c_vlpo")):
+            ablations[labels[name]] = latent_ablation(lm, processor, test[:plan.ablation_records],
+                                                      sigmas=(plan.vlpo_sigma, 1.0), max_new_tokens=plan.max_new_tokens,
+                                                      seed=plan.seed)
+    if len(plan.stage2_seeds) > 1:
+        for kind in ("c_vlpo", "c0_text", "s_sft2"):
+            runs = [results[labels[f"{kind}_s{s}"]] for s in plan.stage2_seeds]
+            results[f"{LABELS[kind]} mean"] = _seed_mean(runs)
     times["eval"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
 
     title = f"medlvr demo: held-out synthetic test ({len(test)} records)"
     text = print_table(results, title=title)
-    files = write_outputs(results, out, title=title)
-    accs = {n: r.overall for n, r in results.items()}
-    a, b, c = (accs[labels[k]] for k in ("a_sft", "b_stage1", "c_vlpo"))
-    ordering = "c > b > a (the paper's ordering)" if c > b > a else (
-        f"NOT the paper's ordering: a={a:.3f}, b={b:.3f}, c={c:.3f}")
+    base = labels["b_stage1"]
+    order = {base: results[base], **{n: r for n, r in results.items() if n != base}}
+    diffs = compare(order)
+    paired = format_paired(diffs, title="paired accuracy differences vs (b), points [bootstrap 95% CI]")
+    abl = format_ablation(ablations, title=f"latent ablation ({plan.ablation_records} test records)") if ablations \
+        else ""
+    files = write_outputs(results, out, title=title, comparison={"paired": diffs, "ablation": ablations})
+    if len(plan.stage2_seeds) > 1:  # the plot: (a), (b) and the seed means (per-seed bars are in the table)
+        save_plot({n: r for n, r in results.items() if not any(n.endswith(f" s{x}") for x in plan.stage2_seeds)},
+                  files["plot"], title=title)
+    ordering = _ordering(diffs)
+    print(f"ordering (what the paired 95% CIs support): {ordering}")
+    curve = save_curve(histories, out / "vlpo_curve.png")
     summary = {"plan": asdict(plan), "device": str(device), "mixed_precision": resolve_mixed_precision(mixed_precision),
-               "accuracy": accs,
+               "accuracy": {n: r.overall for n, r in results.items()},
                "by_qtype": {n: {q: v[0] for q, v in r.by_qtype.items()} for n, r in results.items()},
-               "ordering": ordering, "seconds": times, "threads": torch.get_num_threads(),
-               "files": {k: str(v) for k, v in files.items()}, "table": text}
+               "paired_vs_b": diffs, "ablation": ablations, "seconds": times, "threads": torch.get_num_threads(),
+               "files": {**{k: str(v) for k, v in files.items()}, "curve": str(curve) if curve else None},
+               "ordering": ordering, "table": text, "paired_table": paired, "ablation_table": abl,
+               "vlpo_history": histories}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"ordering: {ordering}")
-    print(f"wall time {times['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in times.items() if k != 'total')}); "
-          f"plot {files['plot']}, summary {out / 'summary.json'}")
+    print(f"wall time {times['total']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in times.items() if k != 'total')});"
+          f" plot {files['plot']}, curve {curve}, summary {out / 'summary.json'}")
     return summary
 
 
@@ -164,8 +293,10 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     from medlvr.train.loop import MIXED_PRECISION
 
     p.add_argument("--quick", action="store_true", help="a smoke-test sized run (well under a minute)")
-    p.add_argument("--out", default="demo_out", help="output directory (data, runs, plot, summary.json)")
+    p.add_argument("--out", default="demo_out", help="output directory (data, runs, plots, summary.json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stage2-seeds", default=None,
+                   help="comma-separated seeds of the stage-2 runs (default 0,1,2; --quick: 0)")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
                    help="autocast for every phase: auto = bf16 on a GPU, none on the CPU")
     p.add_argument("--no-progress", action="store_true")
@@ -175,5 +306,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def demo_main(args: argparse.Namespace) -> int:
     plan = replace(QUICK if args.quick else FULL, seed=args.seed, image_format=getattr(args, "image_format", "png"))
+    if getattr(args, "stage2_seeds", None):
+        plan = replace(plan, stage2_seeds=tuple(int(s) for s in args.stage2_seeds.split(",")))
     run_demo(args.out, plan, progress=not args.no_progress, mixed_precision=args.mixed_precision)
     return 0

@@ -178,8 +178,11 @@ def print_table(results: dict[str, EvalResult], *, title: str = "accuracy") -> s
 
 
 def save_plot(results: dict[str, EvalResult], path: str | Path, *, title: str = "accuracy") -> Path:
-    """Grouped bars: overall and each question type (x) for each model (bars)."""
+    """Grouped bars: overall and each question type (x) for each model (bars), with bootstrap
+    95% CIs as error bars (medlvr.train.paired.accuracy_cis) and one-decimal labels."""
     import matplotlib
+
+    from medlvr.train.paired import accuracy_cis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -191,12 +194,16 @@ def save_plot(results: dict[str, EvalResult], path: str | Path, *, title: str = 
     for j, name in enumerate(names):
         r = results[name]
         vals = [r.overall] + [r.by_qtype.get(c, (0.0, 0))[0] for c in cats[1:]]
+        ci = accuracy_cis(r)
+        lo = [100 * (v - ci[c][1]) if c in ci else 0.0 for v, c in zip(vals, cats)]
+        hi = [100 * (ci[c][2] - v) if c in ci else 0.0 for v, c in zip(vals, cats)]
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(cats))]
-        bars = ax.bar(xs, [100 * v for v in vals], width, label=name)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        bars = ax.bar(xs, [100 * v for v in vals], width, label=name, yerr=[lo, hi], capsize=2,
+                      error_kw={"elinewidth": 0.8})
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
     ax.set_xticks(range(len(cats)), cats)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 108)
+    ax.set_ylim(0, 112)
     ax.set_title(title)
     # Below the axes: inside, the legend hides the tallest bars.
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(names), frameon=False)
@@ -208,9 +215,14 @@ def save_plot(results: dict[str, EvalResult], path: str | Path, *, title: str = 
     return path
 
 
-def write_outputs(results: dict[str, EvalResult], out_dir: str | Path, *, title: str = "accuracy") -> dict[str, Path]:
+def write_outputs(results: dict[str, EvalResult], out_dir: str | Path, *, title: str = "accuracy",
+                  comparison: dict | None = None) -> dict[str, Path]:
+    """predictions.jsonl, accuracy.json, accuracy.png (and comparison.json: paired differences
+    and latent ablations, when given)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if comparison is not None:
+        (out / "comparison.json").write_text(json.dumps(comparison, indent=2))
     with (out / "predictions.jsonl").open("w") as f:
         for name, r in results.items():
             for p in r.predictions:
@@ -237,17 +249,35 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
                    help="autocast around generation: auto = bf16 on a GPU, none on the CPU")
+    p.add_argument("--bootstrap", type=int, default=2000,
+                   help="bootstrap resamples for the paired 95%% CIs of each run against the first (default 2000)")
+    p.add_argument("--ablation", action="store_true",
+                   help="also report the latent ablation (latents zeroed / shuffled / noised) of runs with K > 0")
+    p.add_argument("--ablation-sigma", default="0.1,1.0",
+                   help="comma-separated noise levels of the latent ablation (default 0.1,1.0)")
+
+
+def compare(results: dict[str, EvalResult], *, n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, tuple]]:
+    """Paired differences of every run against the first one ({"B - A": paired_differences})."""
+    from medlvr.train.paired import paired_differences
+
+    names = list(results)
+    return {f"{n} - {names[0]}": paired_differences(results[names[0]], results[n], n_boot=n_boot, seed=seed)
+            for n in names[1:]}
 
 
 def eval_main(args: argparse.Namespace) -> int:
     from medlvr.train.data import load_jsonl
+    from medlvr.train.latent_ablation import format_ablation, latent_ablation
+    from medlvr.train.paired import format_paired
     from medlvr.train.runs import load_trained
 
     records, report = load_jsonl(args.data, split=args.split or None, skip_bad=getattr(args, "skip_bad", False),
                                  window=getattr(args, "window", None))
     if report.n_bad:
         print(report)
-    results = {}
+    sigmas = [float(x) for x in str(getattr(args, "ablation_sigma", "0.1,1.0")).split(",") if x.strip()]
+    results, ablations = {}, {}
     for spec in args.run:
         name, _, path = spec.rpartition("=")
         name = name or Path(path).parent.name or Path(path).name
@@ -255,7 +285,18 @@ def eval_main(args: argparse.Namespace) -> int:
         results[name] = evaluate(lm, processor, records, k=args.k_latent, batch_size=args.batch_size,
                                  max_new_tokens=args.max_new_tokens, backend=args.backend,
                                  mixed_precision=args.mixed_precision)
+        if getattr(args, "ablation", False):
+            ablations[name] = latent_ablation(lm, processor, records, k=args.k_latent, sigmas=sigmas,
+                                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     print_table(results, title=f"accuracy on {Path(args.data).name} ({len(records)} records)")
-    paths = write_outputs(results, args.out)
+    comparison: dict = {}
+    if len(results) > 1:
+        diffs = compare(results, n_boot=getattr(args, "bootstrap", 2000))
+        format_paired(diffs, title="paired accuracy differences, points [bootstrap 95% CI]")
+        comparison["paired"] = diffs
+    if ablations:
+        format_ablation(ablations)
+        comparison["ablation"] = ablations
+    paths = write_outputs(results, args.out, comparison=comparison or None)
     print(f"wrote {paths['predictions']}, {paths['accuracy']}, {paths['plot']}")
     return 0

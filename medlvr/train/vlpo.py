@@ -21,11 +21,12 @@ One step (GRPO-style, docs/vlpo.md):
 5. Loss (``vlpo_loss.vlpo_loss``, computed by ``medlvr.ops.fused_vlpo_loss`` from the
    answer states: gradients chunk by chunk in its forward, 3 GEMMs): PPO clipped ratio with separate low / high bounds
    (clip-higher, DAPO) and a dual clip for negative advantages, plus
-   beta * KL(policy || reference) by the k3 estimator, per position; latent positions get
-   the same advantage as the text of their rollout and weight ``latent_coef``.
-   Aggregation is the DAPO token-level mean: the sum over every scored position of the
-   step's rollouts divided by their count, so a long answer weighs more than a short one
-   (GRPO's per-sample mean would up-weight the tokens of short answers).
+   beta * KL(policy || reference): k3 per text token, the exact Gaussian KL
+   ||mu - mu_ref||^2 / (2 sigma^2) per latent step. Latent steps get the advantage of their
+   rollout and enter at the scale sigma / sqrt(D) (a text token's; vlpo_loss.latent_scale).
+   Aggregation: the mean over the step's answer tokens (DAPO's token-level mean, so a long
+   answer weighs more than a short one), plus latent_coef times each rollout's mean over its
+   K latent steps (K does not dilute the answer).
 
 Reference policy: the same model with its LoRA adapter disabled while that adapter is
 still at its identity init, else (full fine-tuning, or a LoRA that already holds stage-1
@@ -78,7 +79,7 @@ class VLPOObjective:
     runs through the prepared (DDP / FSDP) module, so gradients are synced."""
 
     def __init__(self, model: torch.nn.Module, processor: Any, records: Sequence[Any], cfg: VLPOConfig, *,
-                 projector: torch.nn.Module | None = None, reference: str = "auto"):
+                 projector: torch.nn.Module | None = None, reference: str = "auto", on_step: Any = None):
         from medlvr.models import latent_token_ids
 
         if reference not in ("auto", "adapter", "copy"):
@@ -95,6 +96,7 @@ class VLPOObjective:
         self.tokens = VLPOTokens(latent_end=self.latent_ids.end, stop=stop, pad=pad)
         self.model, self.projector, self.processor, self.records, self.cfg = model, projector, processor, records, cfg
         self.reference = reference
+        self.on_step = on_step
         self.module = PolicyScorer(model, projector, cfg, self.tokens)
         self.history: list[dict] = []
 
@@ -152,6 +154,8 @@ class VLPOObjective:
                             ref_model=self.ref_model, projector=self.projector, ref_projector=self.ref_projector,
                             rollout_engine=self.engine)
         row = {"step": step, **metrics, "time_s": time.perf_counter() - t0}
+        if self.on_step is not None:
+            row.update(self.on_step(step, row) or {})
         self.history.append(row)
         return row
 
@@ -163,7 +167,7 @@ class VLPOObjective:
 def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], cfg: VLPOConfig, *,
                accelerator: Any = None, progress: bool = True, log_path: str | os.PathLike | None = None,
                projector: torch.nn.Module | None = None, reference: str = "auto",
-               mixed_precision: str = "auto") -> list[dict]:
+               mixed_precision: str = "auto", on_step: Any = None) -> list[dict]:
     """Run ``cfg.steps`` VLPO steps over ``records`` (medlvr.train.data.Record) in place, in
     the shared training loop (AdamW at the constant ``cfg.lr``, clipping to
     ``cfg.max_grad_norm``; ``accelerator`` default: medlvr.train.loop.make_accelerator with
@@ -177,6 +181,8 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
     right for full fine-tuning and for an adapter that already holds stage-1 training), or
     "auto" (adapter when :func:`adapter_is_identity`, else copy). Returns one metrics dict per
     step, also appended as JSON lines to ``log_path`` when given (main process).
+    on_step(step, row) -> dict | None, called after each step: extra metrics for that step's
+    row (the demo's periodic held-out accuracy).
     """
     cfg.validate()
     if not records:
@@ -187,7 +193,8 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
             raise ValueError("projector: given both as an argument and inside the LatentLM model")
         projector = projector if projector is not None else model.projector
         model = model.model
-    objective = VLPOObjective(model, processor, records, cfg, projector=projector, reference=reference)
+    objective = VLPOObjective(model, processor, records, cfg, projector=projector, reference=reference,
+                              on_step=on_step)
     if cfg.steps == 0:
         return []
     loop = LoopConfig(out_dir=str(Path(log_path).parent) if log_path else ".", max_steps=cfg.steps,

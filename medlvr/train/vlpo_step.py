@@ -16,9 +16,9 @@ import torch
 
 from medlvr.models.hf import unwrap
 from medlvr.ops import fusable_lm_head, fused_vlpo_loss
-from medlvr.reference.vlpo_loss import group_advantages, vlpo_loss
+from medlvr.reference.vlpo_loss import gaussian_kl, group_advantages, latent_scale, vlpo_loss
 from medlvr.train.loop import Updater
-from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_forward, policy_states,
+from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_states,
                                   prompt_inputs, sample_rollouts, state_logprobs, vision_frozen)
 
 __all__ = ["VLPOConfig", "VLPOTokens", "LossInputs", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model",
@@ -36,8 +36,9 @@ class VLPOConfig:
     eps_low: float = 0.2          # ratio clipped below at 1 - eps_low
     eps_high: float = 0.28        # ... and above at 1 + eps_high (clip-higher)
     dual_clip: float = 3.0        # c > 1: loss of a negative-advantage position is at most -c * A; 0 = off
-    kl_beta: float = 0.04         # weight of the k3 KL to the reference policy; 0 = no reference pass
-    latent_coef: float = 0.1      # weight of a latent position relative to a text token
+    kl_beta: float = 0.04         # weight of the KL to the reference policy; 0 = no reference pass
+    latent_coef: float = 0.1      # weight of a rollout's whole latent segment, in answer tokens
+    latent_norm: bool = True      # latent log-probs scaled by sigma / sqrt(D) (vlpo_loss.latent_scale)
     lr: float = 1e-6
     steps: int = 100
     batch_prompts: int = 4        # prompts per step (rollouts per step = batch_prompts * n_rollouts)
@@ -66,6 +67,7 @@ class VLPOConfig:
             ("old_logprobs", self.old_logprobs in ("recompute", "rollout"), "'recompute' or 'rollout'"),
             ("rollout_backend", self.rollout_backend in BACKENDS, " or ".join(map(repr, BACKENDS))),
             ("fused_loss", isinstance(self.fused_loss, bool), "True or False"),
+            ("latent_norm", isinstance(self.latent_norm, bool), "True or False"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -123,52 +125,73 @@ def adapter_is_identity(model: torch.nn.Module) -> bool:
     return True
 
 
-def _score(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, projector, vision=None):
+def _reference(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, projector, vision=None):
+    """The reference policy's token log-probs [R, T] and latent means [R, K, D] (None without a
+    latent Gaussian) on the rollouts: what the text k3 KL and the exact latent KL compare with."""
     prompt = prompt_inputs(model, batch, repeat=ro.n, vision=vision)
-    return policy_forward(model, ro, latent_end_id=tokens.latent_end, temperature=cfg.temperature,
-                          latent_sigma=cfg.latent_sigma, prompt=prompt, projector=projector)
+    st = policy_states(model, ro, latent_end_id=tokens.latent_end, latent_sigma=cfg.latent_sigma, prompt=prompt,
+                       projector=projector)
+    tok, _ = state_logprobs(model, ro, st, temperature=cfg.temperature, latent_sigma=cfg.latent_sigma)
+    return tok, st.mu
 
 
 @dataclass
 class LossInputs:
     """What the clipped objective compares the current policy with, fixed for one step:
     advantages [R], old log-probs (None: on-policy, the current ones detached: PPO's first
-    epoch, "recompute") and the KL reference's (None when kl_beta == 0)."""
+    epoch, "recompute") and the KL reference's token log-probs and latent means (None when
+    kl_beta == 0)."""
     advantages: torch.Tensor
     token_old: torch.Tensor | None = None
     latent_old: torch.Tensor | None = None
     token_ref: torch.Tensor | None = None
-    latent_ref: torch.Tensor | None = None
+    mu_ref: torch.Tensor | None = None
+
+
+def _latent_scale(cfg: VLPOConfig, ro: Rollouts) -> float:
+    return latent_scale(cfg.latent_sigma, ro.latents.shape[-1]) if cfg.latent_norm else 1.0
+
+
+def _latent_coef(cfg: VLPOConfig) -> float:
+    """sigma = 0 samples no latent (z_t = mu_t): there is no latent policy to optimise."""
+    return cfg.latent_coef if cfg.latent_sigma > 0 else 0.0
 
 
 def _loss(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, projector, vision, x: LossInputs):
-    """(loss, token_logp [R,T], latent_logp [R,K]) of the policy on the rollouts; the log-probs
-    detached. Fused: the decoder pass, then fused_vlpo_loss on the answer states and the lm_head
-    weight (the (tokens, V) logits never exist). Unfused (cfg.fused_loss False, or an lm_head
-    that is not a plain Linear, e.g. LoRA on it): lm_head_logprobs + vlpo_loss."""
+    """(loss, token_logp [R,T], latent_logp [R,K], latent_kl [R,K] or None) of the policy on the
+    rollouts; all but the loss detached. Fused: the decoder pass, then fused_vlpo_loss on the
+    answer states and the lm_head weight (the (tokens, V) logits never exist). Unfused
+    (cfg.fused_loss False, or an lm_head that is not a plain Linear, e.g. LoRA on it):
+    lm_head_logprobs + vlpo_loss."""
     st = policy_states(model, ro, latent_end_id=tokens.latent_end, latent_sigma=cfg.latent_sigma,
                        prompt=prompt_inputs(model, batch, repeat=ro.n, vision=vision), projector=projector)
-    terms = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, latent_coef=cfg.latent_coef,
-                 kl_beta=cfg.kl_beta, token_ref=x.token_ref, latent_ref=x.latent_ref)
+    scale = _latent_scale(cfg, ro)
+    terms = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, latent_coef=_latent_coef(cfg),
+                 kl_beta=cfg.kl_beta, token_ref=x.token_ref, latent_scale=scale)
+    use_kl = cfg.kl_beta > 0 and st.mu is not None and x.mu_ref is not None
     head = unwrap(model).lm_head
     if cfg.fused_loss and fusable_lm_head(head):
         latent_old = x.latent_old
         if latent_old is None and st.mu is None:  # latent positions without a Gaussian (sigma 0): log-prob 0
             latent_old = torch.zeros(ro.latents.shape[:2], dtype=torch.float32, device=ro.latents.device)
-        return fused_vlpo_loss(st.answer, head.weight, ro.tokens, ro.token_mask, x.token_old, x.advantages,
-                               latent_old=latent_old, mu=st.mu, z=None if st.mu is None else ro.latents,
-                               latent_sigma=cfg.latent_sigma, temperature=cfg.temperature, bias=head.bias, **terms)
+        loss, tok, lat = fused_vlpo_loss(st.answer, head.weight, ro.tokens, ro.token_mask, x.token_old, x.advantages,
+                                         latent_old=latent_old, mu=st.mu, z=None if st.mu is None else ro.latents,
+                                         latent_sigma=cfg.latent_sigma, temperature=cfg.temperature, bias=head.bias,
+                                         mu_ref=x.mu_ref if use_kl else None, **terms)
+        kl = gaussian_kl(st.mu.detach(), x.mu_ref, cfg.latent_sigma) if use_kl else None
+        return loss, tok, lat, kl
     tok, lat = state_logprobs(model, ro, st, temperature=cfg.temperature, latent_sigma=cfg.latent_sigma)
+    kl = gaussian_kl(st.mu, x.mu_ref, cfg.latent_sigma) if use_kl else None
     loss, _ = vlpo_loss(token_logp=tok, token_old=tok.detach() if x.token_old is None else x.token_old,
                         token_mask=ro.token_mask, latent_logp=lat,
                         latent_old=lat.detach() if x.latent_old is None else x.latent_old, advantages=x.advantages,
-                        **terms)
-    return loss, tok.detach(), lat.detach()
+                        latent_kl=kl, **terms)
+    return loss, tok.detach(), lat.detach(), None if kl is None else kl.detach()
 
 
 class PolicyScorer(torch.nn.Module):
     """The policy (+ projector) as one module whose forward is the VLPO loss of a batch of
-    rollouts: ``forward(batch, ro, vision, inputs) -> (loss, token_logp, latent_logp)``.
+    rollouts: ``forward(batch, ro, vision, inputs) -> (loss, token_logp, latent_logp, latent_kl)``.
 
     DDP / FSDP synchronise gradients through the wrapped module's forward; the helpers in
     ``rollout`` call inner HF modules directly, so under accelerate the gradient-carrying
@@ -181,19 +204,19 @@ class PolicyScorer(torch.nn.Module):
         super().__init__()
         self.model, self.projector, self.cfg, self.tokens = model, projector, cfg, tokens
 
-    def forward(self, batch: Any, ro: Rollouts, vision: torch.Tensor | None, inputs: LossInputs
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Any, ro: Rollouts, vision: torch.Tensor | None, inputs: LossInputs):
         return _loss(self.model, batch, ro, self.cfg, self.tokens, self.projector, vision, inputs)
 
 
-def _stats(tok, lat, ro: Rollouts, cfg: VLPOConfig, x: LossInputs) -> dict[str, float]:
+def _stats(tok, lat, kl, ro: Rollouts, cfg: VLPOConfig, x: LossInputs) -> dict[str, float]:
     """vlpo_loss's statistics (clip fractions, ratios, KL, the loss) at the detached log-probs:
     elementwise work on [R, T], the one definition of what each statistic means."""
     with torch.no_grad():
         _, stats = vlpo_loss(token_logp=tok, token_old=x.token_old, token_mask=ro.token_mask, latent_logp=lat,
                              latent_old=x.latent_old, advantages=x.advantages, eps_low=cfg.eps_low,
-                             eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, latent_coef=cfg.latent_coef,
-                             kl_beta=cfg.kl_beta, token_ref=x.token_ref, latent_ref=x.latent_ref)
+                             eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, latent_coef=_latent_coef(cfg),
+                             kl_beta=cfg.kl_beta, token_ref=x.token_ref, latent_kl=kl,
+                             latent_scale=_latent_scale(cfg, ro))
     return stats
 
 
@@ -248,11 +271,11 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
         with torch.no_grad(), amp():
             if ref_model is not None:
                 ref_model.eval()
-                inputs.token_ref, inputs.latent_ref = _score(ref_model, batch, ro, cfg, tokens,
+                inputs.token_ref, inputs.mu_ref = _reference(ref_model, batch, ro, cfg, tokens,
                                                              ref_projector or projector, vision)
             else:
                 with peft_model(model).disable_adapter():
-                    inputs.token_ref, inputs.latent_ref = _score(model, batch, ro, cfg, tokens,
+                    inputs.token_ref, inputs.mu_ref = _reference(model, batch, ro, cfg, tokens,
                                                                  ref_projector or projector, vision)
 
     if cfg.old_logprobs == "rollout":
@@ -263,12 +286,12 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
     for epoch in range(cfg.ppo_epochs):
         # Epoch 0 with "recompute" passes no old log-probs: the policy before any update
         # scores the rollouts in this very pass, and its detached log-probs are the old ones.
-        loss, tok, lat = updater.module(batch, ro, vision, inputs)
+        loss, tok, lat, kl = updater.module(batch, ro, vision, inputs)
         if epoch == 0:
             gap = ((tok - ro.token_logprobs).abs() * ro.token_mask).sum() / ro.token_mask.sum().clamp(min=1)
             if inputs.token_old is None:
                 inputs.token_old, inputs.latent_old = tok, lat
-        stats = _stats(tok, lat, ro, cfg, inputs)
+        stats = _stats(tok, lat, kl, ro, cfg, inputs)
         updater.backward(loss)
         norm = updater.update()
         if norm is not None:

@@ -225,11 +225,16 @@ def _vlpo_inputs(dtype, device, *, R=3, T=7, K=2, D=16, V=1001, seed=1, bias=Fal
     h, w, b, _ = _linear(R * T, V, D, dtype, device, bias=bias, seed=seed)
     mask = torch.rand(R, T, generator=g) > 0.3
     mask[0, :] = True
-    x = dict(hidden=h.view(R, T, D), weight=w, tokens=torch.randint(0, V, (R, T), generator=g),
-             token_mask=mask, token_old=-7 + f(R, T).float(), advantages=f(R).float())
+    tokens = torch.randint(0, V, (R, T), generator=g)
+    # Old and reference log-probs near the current ones (log-ratios ~ N(0, 0.3^2) and N(0, 0.5^2)),
+    # as in training: some ratios clipped, none astronomically far (k3's e^d would overflow fp16).
+    lp = fused_linear_logprobs_ref(h.double().cpu(), w.double().cpu(), tokens.flatten(), temperature=0.8,
+                                   bias=None if b is None else b.double().cpu()).view(R, T).float()
+    x = dict(hidden=h.view(R, T, D), weight=w, tokens=tokens,
+             token_mask=mask, token_old=lp + 0.3 * f(R, T).float(), advantages=f(R).float())
     kw = dict(latent_old=f(R, K).float() - 0.5, mu=f(R, K, D).to(dtype), latent_sigma=0.7, eps_low=0.2,
-              eps_high=0.28, dual_clip=3.0, latent_coef=0.3, kl_beta=0.05, token_ref=-7 + f(R, T).float(),
-              latent_ref=f(R, K).float() - 0.5, temperature=0.8, bias=b)
+              eps_high=0.28, dual_clip=3.0, latent_coef=0.3, kl_beta=0.05, token_ref=lp + 0.5 * f(R, T).float(),
+              mu_ref=f(R, K, D).to(dtype), latent_scale=0.6, temperature=0.8, bias=b)
     kw["z"] = (kw["mu"].double() + 0.2 * f(R, K, D)).to(dtype)
     x = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
     kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
@@ -243,7 +248,7 @@ def _vlpo_run(fn, x, kw, *, fp64=False, **extra):
               if v is not None}
     x = {**x, "hidden": leaves["hidden"], "weight": leaves["weight"]}
     kw = {**kw, "mu": leaves.get("mu"), "z": None if kw["z"] is None else cast(kw["z"]), "bias": leaves.get("bias"),
-          **extra}
+          "mu_ref": None if kw.get("mu_ref") is None else cast(kw["mu_ref"]), **extra}
     loss, tok, lat = fn(*x.values(), **kw)
     loss.backward()
     return {"loss": loss.detach(), "token_logp": tok, "latent_logp": lat,
@@ -269,7 +274,7 @@ def test_vlpo_clip_boundaries_and_dual_clip_take_vlpo_loss_branches():
     """Ratios exactly at 1 + eps_high and 1 - eps_low, and dual-clipped rows with negative
     advantages: the fused gradient equals the one vlpo_loss gives at the same log-probs."""
     x, kw = _vlpo_inputs(torch.float32, "cpu", R=4, T=5, V=613)
-    kw.update(mu=None, z=None, kl_beta=0.0, token_ref=None, latent_ref=None, latent_coef=0.0)
+    kw.update(mu=None, z=None, kl_beta=0.0, token_ref=None, mu_ref=None, latent_coef=0.0)
     x["token_mask"][:] = True
     x["advantages"] = torch.tensor([1.0, 1.0, -1.5, -0.5])
     # The fused op's own log-probs (same chunks, same GEMMs, bit-exact) place the ratios.
@@ -318,14 +323,14 @@ def test_old_none_is_on_policy(impl):
         torch.testing.assert_close(on_policy[k], passed[k], rtol=1e-6, atol=1e-7, msg=k)
     # K comes from mu; without mu there is no latent position at all
     none = _vlpo_run(impl, {**x, "token_old": None}, {**kw, "latent_old": None, "mu": None, "z": None,
-                                                      "latent_ref": None, "kl_beta": 0.0}, **extra)
+                                                      "mu_ref": None, "kl_beta": 0.0}, **extra)
     assert none["latent_logp"].shape == (3, 0)
 
 
 def test_kl_term_is_zero_at_the_reference():
     x, kw = _vlpo_inputs(torch.float32, "cpu")
     base = _vlpo_run(fused_vlpo_loss, x, {**kw, "kl_beta": 0.0})
-    kw.update(kl_beta=0.5, token_ref=base["token_logp"], latent_ref=base["latent_logp"])
+    kw.update(kl_beta=0.5, token_ref=base["token_logp"], mu_ref=kw["mu"].detach().clone())
     at_ref = _vlpo_run(fused_vlpo_loss, x, kw)
     for k in base:
         torch.testing.assert_close(at_ref[k], base[k], rtol=1e-6, atol=1e-7, msg=k)
@@ -390,11 +395,13 @@ VLPO_BAD = [
     ("z", lambda x, k: k.update(z=None), ValueError, "mu and z must be given together"),
     ("latent_sigma", lambda x, k: k.update(latent_sigma=0.0), ValueError, "latent_sigma must be a finite number"),
     ("tokens", lambda x, k: x["tokens"].__setitem__((0, 0), 5000), ValueError, r"tokens\[token_mask\]\[0\] = 5000"),
+    ("tokens", lambda x, k: x["tokens"].__setitem__((0, 0), -100), ValueError, r"tokens\[0, 0\] = -100 \(the ignore"),
+    ("mu_ref", lambda x, k: k.update(mu_ref=None), ValueError, "mu_ref: expected the reference's latent means"),
     ("eps_low", lambda x, k: k.update(eps_low=1.5), ValueError, "0 <= eps_low < 1"),
 ]
 
 
-@pytest.mark.parametrize("arg,mutate,exc,msg", VLPO_BAD, ids=[c[0] for c in VLPO_BAD])
+@pytest.mark.parametrize("arg,mutate,exc,msg", VLPO_BAD, ids=[f"{c[0]}-{i}" for i, c in enumerate(VLPO_BAD)])
 def test_bad_vlpo_input_names_the_argument_before_any_kernel(no_kernels, arg, mutate, exc, msg):
     x, kw = _vlpo_inputs(torch.float32, "cpu")
     mutate(x, kw)

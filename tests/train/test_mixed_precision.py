@@ -92,4 +92,4 @@ def test_demo_quick_under_bf16_autocast(tmp_path, capsys):
     assert "(c) stage 1+2" in capsys.readouterr().out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["mixed_precision"] == "bf16"
-    assert set(summary["accuracy"]) == {"(a) SFT", "(b) stage 1", "(c) stage 1+2"}
+    assert {"(a) SFT", "(b) stage 1", "(c) stage 1+2"} <= set(summary["accuracy"])

@@ -125,10 +125,10 @@ def test_vlpo_loss_token_mean_with_latent_weight():
                             latent_old=torch.zeros(2, 2), advantages=adv, eps_low=0.2, eps_high=0.28,
                             dual_clip=3.0, latent_coef=0.5)
     text = -(1.1 + 1.0 + 1.0) + 2 * 0.5       # sum of -A r over the 5 text tokens
-    latent = 0.5 * (-(1.0 + 1.0) + 2 * 0.5)   # latent_coef * sum over the 4 latent positions
-    assert loss.item() == pytest.approx((text + latent) / (5 + 4))
+    latent = 0.5 * (-1.0 + 0.5)               # latent_coef * each rollout's mean over its K = 2 steps
+    assert loss.item() == pytest.approx((text + latent) / 5)  # divided by the text tokens only
     assert stats["clip_frac_text"] == 0.0
-    # latent_coef = 0 drops the latent positions from the count too
+    # latent_coef = 0 drops the latent term
     loss0, _ = vlpo_loss(token_logp=tok, token_old=tok_old, token_mask=mask, latent_logp=lat,
                          latent_old=torch.zeros(2, 2), advantages=adv, eps_low=0.2, eps_high=0.28,
                          dual_clip=3.0, latent_coef=0.0)
@@ -305,8 +305,7 @@ def test_on_policy_ratio_is_exactly_one_and_gradient_is_policy_gradient(model):
 
     def plain_pg(tok, lat):  # REINFORCE with the same token-mean and latent weight
         m = ro.token_mask.float()
-        n = m.sum() + lat.numel()
-        return -((adv[:, None] * tok * m).sum() + 0.25 * (adv[:, None] * lat).sum()) / n
+        return -((adv[:, None] * tok * m).sum() + 0.25 * (adv[:, None] * lat).mean(1).sum()) / m.sum()
 
     g1, g2 = grads(clipped), grads(plain_pg)
     assert any(g.abs().max() > 0 for g in g1)
@@ -702,7 +701,9 @@ def test_vlpo_main_from_a_stage1_lora_run_uses_it_as_reference(tmp_path):
         "--data", str(data), "--init", str(init), "--out", str(tmp_path / "run"), "--n-rollouts", "2",
         "--batch-prompts", "2", "--steps", "1", "--max-new-tokens", "3", "--kl-beta", "0.1", "--no-progress"])
     last = vlpo_main(args)
-    assert last["kl_text"] == 0.0 and last["kl_latent"] == 0.0
+    # the exact latent KL sees the fp32 rounding between the gradient pass and the no-grad
+    # reference pass (|mu - mu_ref| ~ 1e-7 per dimension); a policy that had moved reads >> 1e-6
+    assert last["kl_text"] == 0.0 and last["kl_latent"] < 1e-9
     assert json.loads((tmp_path / "run" / "vlpo.json").read_text())["k_latent"] == 3  # K from the run
     # the saved result carries the projector and the adapter
     saved = json.loads((tmp_path / "run" / "final" / "run.json").read_text())
