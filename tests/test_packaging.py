@@ -31,7 +31,7 @@ def _root_names() -> set[str]:
 def test_no_root_name_shadows_an_installed_distribution():
     # transformers >= 5.25 imports Hugging Face's `kernels`; a root package of that name hid it.
     owners = md.packages_distributions()
-    clashes = {n: owners[n] for n in _root_names() if n in owners and owners[n] != ["medlvr"]}
+    clashes = {n: owners[n] for n in _root_names() if n in owners and set(owners[n]) != {"medlvr"}}
     assert not clashes, f"repo-root names that hide installed packages: {clashes}"
     assert "kernels" not in _root_names()
 

@@ -85,7 +85,8 @@ def _stage2(plan: DemoPlan, name: str, seed: int, init: Path, rl_prompts, val, o
     if name.startswith("s_"):
         cfg = LoopConfig(out_dir=str(run_dir), max_steps=plan.vlpo_steps * plan.vlpo_epochs,
                          batch_size=plan.vlpo_prompts, lr=plan.sft2_lr, schedule="constant", seed=seed,
-                         log_every=max(1, plan.vlpo_steps // 10), progress=progress, mixed_precision=mixed_precision)
+                         log_every=max(1, plan.vlpo_steps // 10), progress=progress, mixed_precision=mixed_precision,
+                         device=device.type)
         res = train_stage1(lm, processor, rl_prompts, cfg, base="default", desc=f"({name}) SFT on stage-2 prompts",
                            extra_meta={"init": str(init)})
         return Path(res["final_dir"]), []
@@ -183,11 +184,12 @@ def save_curve(histories: dict[str, list[list[dict]]], path: Path, *, window: in
 
 
 def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = True,
-             mixed_precision: str = "auto") -> dict:
+             mixed_precision: str = "auto", device: str = "auto") -> dict:
     """Run the demo into ``out_dir``; returns the summary dict (also written to summary.json).
 
-    Every phase runs on the GPU when there is one, under ``mixed_precision`` autocast
-    ("auto": bf16 on a GPU, none on the CPU; "bf16" on a CPU runs the GPU's numerics)."""
+    Every phase runs on ``device`` ("auto": the GPU when there is one), under
+    ``mixed_precision`` autocast ("auto": bf16 on a GPU, none on the CPU; "bf16" on a CPU
+    runs the GPU's numerics)."""
     from medlvr.models import build_default
     from medlvr.train.data import load_jsonl
     from medlvr.train.evaluate import compare, evaluate, print_table, save_plot, write_outputs
@@ -223,14 +225,13 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
         model, processor = build_default(seed=plan.seed)
         loop = LoopConfig(out_dir=str(out / name), max_steps=plan.sft_steps, batch_size=plan.batch_size, lr=plan.lr,
                           warmup_steps=plan.warmup_steps, seed=plan.seed, log_every=max(1, plan.sft_steps // 20),
-                          progress=progress, mixed_precision=mixed_precision)
+                          progress=progress, mixed_precision=mixed_precision, device=device)
         res = train_stage1(build_trainable(model, processor, s1), processor, train, loop, base="default",
                            desc=f"({name[0]}) {'plain SFT' if s1.k_latent == 0 else f'stage 1, K={s1.k_latent}'}")
         finals[name] = Path(res["final_dir"])
         times[name] = time.perf_counter() - t
 
-    accelerator = make_accelerator(mixed_precision)
-    device = accelerator.device
+    accelerator = make_accelerator(mixed_precision, device=device)
     histories: dict[str, list[dict]] = {}
     labels = dict(LABELS)
     for seed in plan.stage2_seeds:
@@ -238,7 +239,8 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
             name = kind if len(plan.stage2_seeds) == 1 else f"{kind}_s{seed}"
             labels.setdefault(name, f"{LABELS[kind]} s{seed}")
             t = time.perf_counter()
-            finals[name], hist = _stage2(plan, name, seed, finals["b_stage1"], rl_prompts, val, out, device=device,
+            finals[name], hist = _stage2(plan, name, seed, finals["b_stage1"], rl_prompts, val, out,
+                                         device=accelerator.device,
                                          accelerator=accelerator, progress=progress, mixed_precision=mixed_precision)
             if hist:
                 histories.setdefault(LABELS[kind], []).append(hist)
@@ -247,7 +249,7 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     results, ablations = {}, {}
     t = time.perf_counter()
     for name, path in finals.items():
-        lm, processor, _ = load_trained(path, device=device)
+        lm, processor, _ = load_trained(path, device=accelerator.device)
         results[labels[name]] = evaluate(lm, processor, test, max_new_tokens=plan.max_new_tokens, progress=progress,
                                          mixed_precision=mixed_precision)
         if plan.ablation_records and (name == "b_stage1" or name.startswith("c_vlpo")):
@@ -276,7 +278,8 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     ordering = _ordering(diffs)
     print(f"ordering (what the paired 95% CIs support): {ordering}")
     curve = save_curve(histories, out / "vlpo_curve.png")
-    summary = {"plan": asdict(plan), "device": str(device), "mixed_precision": resolve_mixed_precision(mixed_precision),
+    summary = {"plan": asdict(plan), "device": str(accelerator.device),
+               "mixed_precision": resolve_mixed_precision(mixed_precision, device),
                "accuracy": {n: r.overall for n, r in results.items()},
                "by_qtype": {n: {q: v[0] for q, v in r.by_qtype.items()} for n, r in results.items()},
                "paired_vs_b": diffs, "ablation": ablations, "seconds": times, "threads": torch.get_num_threads(),
@@ -290,16 +293,19 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from medlvr.train.loop import MIXED_PRECISION
+    from medlvr.train.loop import DEVICES, MIXED_PRECISION
 
     p.add_argument("--quick", action="store_true", help="a smoke-test sized run (well under a minute)")
     p.add_argument("--out", default="demo_out", help="output directory (data, runs, plots, summary.json)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic data, the model init and stage 1 (default 0)")
     p.add_argument("--stage2-seeds", default=None,
                    help="comma-separated seeds of the stage-2 runs (default 0,1,2; --quick: 0)")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
                    help="autocast for every phase: auto = bf16 on a GPU, none on the CPU")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto = the GPU when there is one, else the CPU (default auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--format", choices=("png", "dicom"), default="png", dest="image_format",
                    help="synthetic images as PNG (default) or CT-like DICOM (the same pixels after windowing)")
 
@@ -308,5 +314,6 @@ def demo_main(args: argparse.Namespace) -> int:
     plan = replace(QUICK if args.quick else FULL, seed=args.seed, image_format=getattr(args, "image_format", "png"))
     if getattr(args, "stage2_seeds", None):
         plan = replace(plan, stage2_seeds=tuple(int(s) for s in args.stage2_seeds.split(",")))
-    run_demo(args.out, plan, progress=not args.no_progress, mixed_precision=args.mixed_precision)
+    run_demo(args.out, plan, progress=not args.no_progress, mixed_precision=args.mixed_precision,
+             device=args.device)
     return 0

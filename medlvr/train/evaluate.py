@@ -236,17 +236,22 @@ def write_outputs(results: dict[str, EvalResult], out_dir: str | Path, *, title:
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    from medlvr.train.loop import DEVICES
+
     p.add_argument("--run", action="append", required=True, metavar="[NAME=]DIR",
                    help="a trained run directory (run.json + model.safetensors, e.g. runs/sft/final); repeat to compare")
     p.add_argument("--data", required=True, help="JSONL to evaluate")
     p.add_argument("--split", default=None, help="only records of this split (default: all)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and report) bad records instead of failing")
     p.add_argument("--k-latent", type=int, default=None, help="override the run's K")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--backend", choices=("auto", "engine", "hf"), default="auto")
+    p.add_argument("--batch-size", type=int, default=32, help="records generated together (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer tokens generated at most (default 8)")
+    p.add_argument("--backend", choices=("auto", "engine", "hf"), default="auto",
+                   help="engine = the latent-step engine; hf = the plain HF KV-cached loop; auto = the engine "
+                        "where it supports the model (default auto)")
     p.add_argument("--out", default="runs/eval", help="predictions.jsonl, accuracy.json, accuracy.png go here")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto = the GPU when there is one, else the CPU (default auto)")
     p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
                    help="autocast around generation: auto = bf16 on a GPU, none on the CPU")
     p.add_argument("--bootstrap", type=int, default=2000,
@@ -270,8 +275,10 @@ def eval_main(args: argparse.Namespace) -> int:
     from medlvr.train.data import load_jsonl
     from medlvr.train.latent_ablation import format_ablation, latent_ablation
     from medlvr.train.paired import format_paired
+    from medlvr.train.loop import trains_on_gpu
     from medlvr.train.runs import load_trained
 
+    device = torch.device("cuda" if trains_on_gpu(args.device) else "cpu")
     records, report = load_jsonl(args.data, split=args.split or None, skip_bad=getattr(args, "skip_bad", False),
                                  window=getattr(args, "window", None))
     if report.n_bad:
@@ -281,7 +288,7 @@ def eval_main(args: argparse.Namespace) -> int:
     for spec in args.run:
         name, _, path = spec.rpartition("=")
         name = name or Path(path).parent.name or Path(path).name
-        lm, processor, _meta = load_trained(path, device=args.device)
+        lm, processor, _meta = load_trained(path, device=device)
         results[name] = evaluate(lm, processor, records, k=args.k_latent, batch_size=args.batch_size,
                                  max_new_tokens=args.max_new_tokens, backend=args.backend,
                                  mixed_precision=args.mixed_precision)

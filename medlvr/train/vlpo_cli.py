@@ -14,7 +14,7 @@ __all__ = ["add_vlpo_arguments", "vlpo_main"]
 
 def add_vlpo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``medlvr vlpo`` (one per VLPOConfig field, plus model / data / output)."""
-    from medlvr.train.loop import MIXED_PRECISION
+    from medlvr.train.loop import DEVICES, MIXED_PRECISION
 
     d = VLPOConfig()
     p.add_argument("--data", required=True, help="training JSONL (medlvr format)")
@@ -26,16 +26,17 @@ def add_vlpo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a stage-1 run directory (run.json + model.safetensors, e.g. runs/sft/final): "
                         "its base model, LoRA, projector and K are restored and trained further")
     p.add_argument("--lora", action="store_true", help="without --init: LoRA (q/k/v/o) instead of full fine-tuning")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank, with --lora (default 16)")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (scale alpha/r), with --lora (default 32)")
     p.add_argument("--out", default="runs/vlpo", help="output dir: metrics.jsonl, vlpo.json, final/")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto = the GPU when there is one, else the CPU (default auto)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
                    help="autocast of the training passes: auto = bf16 on a GPU, none on the CPU (rollouts "
                         "run in the weights' dtype)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("VLPO")
     g.add_argument("--k-latent", type=int, default=None,
                    help=f"latent steps K (default: the --init run's K, else {d.k_latent})")
@@ -43,10 +44,11 @@ def add_vlpo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if f.name == "k_latent":
             continue
         flag = "--" + f.name.replace("_", "-")
+        help_ = f"{f.metadata['help']} (default {f.default})"
         if isinstance(f.default, bool):  # --fused-loss / --no-fused-loss (type=bool would take "False" as True)
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
             continue
-        g.add_argument(flag, type=type(f.default), default=f.default, help=f"default {f.default}")
+        g.add_argument(flag, type=type(f.default), default=f.default, choices=f.metadata["choices"], help=help_)
     return p
 
 
@@ -62,11 +64,11 @@ def vlpo_main(args: argparse.Namespace) -> dict:
 
     from medlvr.models import load
     from medlvr.train.data import load_split
-    from medlvr.train.loop import make_accelerator
+    from medlvr.train.loop import make_accelerator, trains_on_gpu
     from medlvr.train.runs import RunDir, load_trained, run_meta
     from medlvr.train.stage1 import Stage1Config, build_trainable
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device("cuda" if trains_on_gpu(args.device) else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     records = load_split(args.data, args.split, skip_bad=args.skip_bad, window=getattr(args, "window", None))
 
@@ -93,7 +95,7 @@ def vlpo_main(args: argparse.Namespace) -> dict:
         metrics_path.unlink()  # one run per directory: metrics of an older run are not mixed in
     # "auto": a stage-1 LoRA already holds the SFT policy (disabling it would give the base
     # model), so the KL reference is then a frozen copy; a fresh adapter is simply disabled.
-    accelerator = make_accelerator(args.mixed_precision)
+    accelerator = make_accelerator(args.mixed_precision, device=device.type)
     history = train_vlpo(lm, processor, records, cfg, progress=not args.no_progress, log_path=metrics_path,
                          reference="auto", accelerator=accelerator)
     stage1 = {**stage1, "k_latent": cfg.k_latent}

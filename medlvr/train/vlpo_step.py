@@ -9,7 +9,7 @@ math in plain torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -25,33 +25,41 @@ __all__ = ["VLPOConfig", "VLPOTokens", "LossInputs", "PolicyScorer", "adapter_is
            "vlpo_step"]
 
 
+def _opt(default, help: str, choices: tuple | None = None):
+    """A VLPOConfig field with its flag's help text (and fixed values) as metadata."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class VLPOConfig:
-    """Hyper-parameters of stage 2. Defaults follow GRPO / DAPO practice."""
-    n_rollouts: int = 4           # samples per prompt (the group)
-    temperature: float = 1.0      # text sampling temperature (also used in the log-probs)
-    top_p: float = 1.0            # nucleus for text sampling
-    latent_sigma: float = 0.1     # std of the latent exploration noise (0: no latent term)
-    k_latent: int = 8             # latent steps per rollout (fixed exit during VLPO)
-    eps_low: float = 0.2          # ratio clipped below at 1 - eps_low
-    eps_high: float = 0.28        # ... and above at 1 + eps_high (clip-higher)
-    dual_clip: float = 3.0        # c > 1: loss of a negative-advantage position is at most -c * A; 0 = off
-    kl_beta: float = 0.04         # weight of the KL to the reference policy; 0 = no reference pass
-    latent_coef: float = 0.1      # weight of a rollout's whole latent segment, in answer tokens
-    latent_norm: bool = True      # latent log-probs scaled by sigma / sqrt(D) (vlpo_loss.latent_scale)
-    lr: float = 1e-6
-    steps: int = 100
-    batch_prompts: int = 4        # prompts per step (rollouts per step = batch_prompts * n_rollouts)
-    max_new_tokens: int = 32
-    w_accuracy: float = 1.0
-    w_format: float = 0.1
-    seed: int = 0
-    ppo_epochs: int = 1           # optimiser steps per batch of rollouts
-    adv_eps: float = 1e-6         # A = (r - mean) / (std + adv_eps)
-    max_grad_norm: float = 1.0    # 0 = no clipping
-    old_logprobs: str = "recompute"  # "recompute" (teacher-forced, exact on-policy) | "rollout"
-    rollout_backend: str = "engine"  # "engine" (LatentEngine) | "hf" (plain HF KV-cached loop, the fallback)
-    fused_loss: bool = True       # the loss from hidden states (fused_vlpo_loss); False: logits + vlpo_loss
+    """Hyper-parameters of stage 2. Defaults follow GRPO / DAPO practice. Each field's
+    metadata holds its help text and choices: ``medlvr vlpo`` makes its flags from them."""
+    n_rollouts: int = _opt(4, "samples per prompt (the group)")
+    temperature: float = _opt(1.0, "text sampling temperature (also used in the log-probs)")
+    top_p: float = _opt(1.0, "nucleus for text sampling")
+    latent_sigma: float = _opt(0.1, "std of the latent exploration noise (0: no latent term)")
+    k_latent: int = _opt(8, "latent steps per rollout (fixed exit during VLPO)")
+    eps_low: float = _opt(0.2, "ratio clipped below at 1 - eps_low")
+    eps_high: float = _opt(0.28, "ratio clipped above at 1 + eps_high (clip-higher)")
+    dual_clip: float = _opt(3.0, "c > 1: the loss of a negative-advantage position is at most -c * A; 0 = off")
+    kl_beta: float = _opt(0.04, "weight of the KL to the reference policy; 0 = no reference pass")
+    latent_coef: float = _opt(0.1, "weight of a rollout's whole latent segment, in answer tokens")
+    latent_norm: bool = _opt(True, "latent log-probs scaled by sigma / sqrt(D) (vlpo_loss.latent_scale)")
+    lr: float = _opt(1e-6, "peak AdamW learning rate")
+    steps: int = _opt(100, "VLPO steps (each: rollouts, then ppo_epochs updates)")
+    batch_prompts: int = _opt(4, "prompts per step (rollouts per step = batch_prompts * n_rollouts)")
+    max_new_tokens: int = _opt(32, "answer tokens sampled per rollout at most")
+    w_accuracy: float = _opt(1.0, "reward weight of a correct answer")
+    w_format: float = _opt(0.1, "reward weight of a well-formed answer")
+    seed: int = _opt(0, "seed of the data order, sampling and latent noise")
+    ppo_epochs: int = _opt(1, "optimiser steps per batch of rollouts")
+    adv_eps: float = _opt(1e-6, "A = (r - mean) / (std + adv_eps)")
+    max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    old_logprobs: str = _opt("recompute", "recompute = teacher-forced, exact on-policy; rollout = the sampler's",
+                             ("recompute", "rollout"))
+    rollout_backend: str = _opt("engine", "engine = LatentEngine (grouped rows); engine_rows = every rollout its "
+                                          "own row; hf = the plain HF KV-cached loop", BACKENDS)
+    fused_loss: bool = _opt(True, "the loss from hidden states (fused_vlpo_loss); off: logits + vlpo_loss")
 
     def validate(self) -> None:
         checks = [
