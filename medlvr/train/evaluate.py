@@ -75,6 +75,22 @@ def decode_answers(tokenizer, tokens: torch.Tensor, stop_id: int) -> list[str]:
     return out
 
 
+def generation_parts(lm: Any, processor: Any, k: int | None = None) -> tuple:
+    """What greedy answer generation reads from a trained unit (a LatentLM or a bare HF model):
+    (model, projector, K, device, tokenizer, latent token ids, stop id, pad id). K is ``k``
+    when given, else the unit's own (0 for a bare model)."""
+    from medlvr.models import latent_token_ids
+
+    cfg = getattr(lm, "cfg", None)
+    k = (cfg.k_latent if cfg is not None else 0) if k is None else k
+    model = getattr(lm, "model", lm)
+    tok = processor.tokenizer
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stop
+    return (model, getattr(lm, "projector", None), k, next(model.parameters()).device, tok,
+            latent_token_ids(processor), stop, pad)
+
+
 def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, batch_size: int = 32,
              max_new_tokens: int = 8, backend: str = "auto", progress: bool = True,
              mixed_precision: str = "no") -> EvalResult:
@@ -85,27 +101,16 @@ def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, bat
     mixed_precision: autocast around generation ("no", "bf16", "fp16", "auto" = bf16 on a
     GPU). The engine runs in the weights' dtype whatever the autocast (its kernels take one
     dtype); the HF loop runs under it."""
-    from medlvr.train.loop import resolve_mixed_precision
-
     from medlvr.progress import progress
-
-    from medlvr.models import latent_token_ids
     from medlvr.train.collate import collate
+    from medlvr.train.loop import resolve_mixed_precision
     from medlvr.train.qa import score
 
     if backend not in ("auto", "engine", "hf"):
         raise ValueError(f"backend: expected 'auto', 'engine' or 'hf', got {backend!r}")
     if not records:
         raise ValueError("records: expected at least one record to evaluate, got none")
-    cfg = getattr(lm, "cfg", None)
-    k = (cfg.k_latent if cfg is not None else 0) if k is None else k
-    projector = getattr(lm, "projector", None)
-    model = getattr(lm, "model", lm)
-    device = next(model.parameters()).device
-    tok = processor.tokenizer
-    ids = latent_token_ids(processor)
-    stop = tok.convert_tokens_to_ids("<|im_end|>")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stop
+    model, projector, k, device, tok, ids, stop, pad = generation_parts(lm, processor, k)
     mode = resolve_mixed_precision(mixed_precision)
     amp = torch.autocast(device.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16, enabled=mode != "no")
     was_training = model.training

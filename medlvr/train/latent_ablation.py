@@ -59,22 +59,13 @@ def latent_ablation(lm, processor, records: Sequence[Any], *, k: int | None = No
     "delta_accuracy"}}} for ``lm`` (a stage-1 LatentLM or run loaded by runs.load_trained) on
     ``records``; None when the model has no latent segment (K = 0). Batches of one sample
     cannot be shuffled: their shuffle rows are skipped."""
-    from medlvr.models import latent_token_ids
     from medlvr.train.collate import collate
-    from medlvr.train.evaluate import decode_answers
+    from medlvr.train.evaluate import decode_answers, generation_parts
     from medlvr.train.qa import score
 
-    cfg = getattr(lm, "cfg", None)
-    k = (cfg.k_latent if cfg is not None else 0) if k is None else k
+    model, projector, k, device, tok, ids, stop, pad = generation_parts(lm, processor, k)
     if k <= 0:
         return None
-    projector = getattr(lm, "projector", None)
-    model = getattr(lm, "model", lm)
-    device = next(model.parameters()).device
-    tok = processor.tokenizer
-    ids = latent_token_ids(processor)
-    stop = tok.convert_tokens_to_ids("<|im_end|>")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stop
     g = torch.Generator().manual_seed(seed)
     sums: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}

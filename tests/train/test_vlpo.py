@@ -25,15 +25,18 @@ TOKENS = VLPOTokens(latent_end=L_END, stop=IM_END, pad=PAD)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def tiny_model(seed: int = 0):
+def tiny_model(seed: int = 0, hidden: int = 32):
+    """A random 2-layer Qwen2.5-VL of width ``hidden`` (4 heads: mRoPE sections of head_dim / 2)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    half = hidden // 8  # head_dim / 2 frequencies, split 2:1:1 over (t, h, w)
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        text_config=dict(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4},
+                         rope_parameters={"rope_type": "default", "mrope_section": [half // 2, half // 4, half // 4],
+                                          "rope_theta": 1e4},
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=IM_END, pad_token_id=PAD),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                            fullatt_block_indexes=[0], in_channels=3),
         image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END,

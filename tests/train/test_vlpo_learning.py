@@ -25,21 +25,9 @@ MARGIN = 0.6  # mean reward of steps 3..7 minus the first step's
 
 
 def _model(seed: int = 3):
-    from test_vlpo import IM_END, IMAGE, PAD, V_END, V_START, VIDEO
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from test_vlpo import tiny_model
 
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         rope_parameters={"rope_type": "default", "mrope_section": [8, 4, 4], "rope_theta": 1e4},
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=IM_END, pad_token_id=PAD),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[0], in_channels=3),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END,
-        bos_token_id=1, eos_token_id=IM_END, pad_token_id=PAD)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model = tiny_model(seed, hidden=128)
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)  # random logits have std ~0.1; a trained model's ~2
     return model
