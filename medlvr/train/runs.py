@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medlvr.train.fsdp import full_optimizer_state, gather_trainable, is_sharded, load_full, load_full_optimizer_state
+
 CKPT_DIR = "checkpoints"
 META = "run.json"
 WEIGHTS = "model.safetensors"
@@ -74,7 +76,10 @@ class RunDir:
         if accelerator is not None:
             accelerator.wait_for_everyone()
         module = accelerator.unwrap_model(lm) if accelerator is not None else lm
-        state = module.trainable_state_dict()
+        if is_sharded(module):  # FSDP: gathered to full tensors, the same file as unsharded runs write
+            state = gather_trainable(module, {n for n, p in module.named_parameters() if p.requires_grad})
+        else:
+            state = module.trainable_state_dict()
         if main:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -96,7 +101,13 @@ class RunDir:
         from safetensors.torch import load_file
 
         weights = load_file(str(self.path / WEIGHTS))
-        _, unexpected = module.load_state_dict(weights, strict=False)
+        names = set(module.state_dict())
+        unexpected = sorted(set(weights) - names)
+        if not unexpected:
+            if is_sharded(module):  # full tensors in, each process keeps its shard
+                load_full(module, weights)
+            else:
+                module.load_state_dict(weights, strict=False)
         missing = {n for n, p in module.named_parameters() if p.requires_grad} - set(weights) if strict_trainable else set()
         if unexpected or missing:
             raise ValueError(f"{self.path / WEIGHTS}: weights do not match the model (missing {sorted(missing)[:5]}, "
@@ -169,8 +180,15 @@ def save_checkpoint(accelerator, lm, optimizer, scheduler, *, out_dir: Path, ste
         rngs.rmdir()
 
     state = {"step": step, **position, "seed": seed, "num_processes": accelerator.num_processes}
+    module = accelerator.unwrap_model(lm)
+    sharded = is_sharded(module)
+    if sharded:  # one full state keyed by parameter name (collective: every rank gathers)
+        state["optimizer"] = "full"
+        opt_state = full_optimizer_state(module, optimizer)
+    else:
+        opt_state = optimizer.state_dict()
     ckpt.save(lm, meta, accelerator=accelerator, extra_files={
-        "optimizer.pt": lambda p: torch.save(optimizer.state_dict(), p),
+        "optimizer.pt": lambda p: torch.save(opt_state, p),
         "scheduler.pt": lambda p: torch.save(scheduler.state_dict(), p),
         "state.json": lambda p: p.write_text(json.dumps(state)),
         "rng": _moved_rngs,
@@ -204,8 +222,16 @@ def load_checkpoint(accelerator, lm, optimizer, scheduler, ckpt: Path) -> dict:
         # Weights and optimizer are process-count independent; only the RNG streams are per process.
         accelerator.print(f"resume: checkpoint written by {state['num_processes']} processes, running "
                           f"{accelerator.num_processes}: RNG streams are not restored exactly")
-    RunDir(Path(ckpt)).load_weights(accelerator.unwrap_model(lm), strict_trainable=True)
-    optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False))
+    module = accelerator.unwrap_model(lm)
+    RunDir(Path(ckpt)).load_weights(module, strict_trainable=True)
+    opt_state = torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False)
+    if (state.get("optimizer") == "full") != is_sharded(module):
+        raise ValueError(f"resume: {ckpt} was written by a {'sharded' if state.get('optimizer') else 'unsharded'} "
+                         "run; resume it with the same --fsdp setting")
+    if is_sharded(module):
+        load_full_optimizer_state(module, optimizer, opt_state)
+    else:
+        optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(torch.load(Path(ckpt) / "scheduler.pt", weights_only=False))
     rng = Path(ckpt) / f"rng-{accelerator.process_index}.pt"
     if rng.is_file():
