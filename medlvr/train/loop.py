@@ -335,7 +335,7 @@ def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None
         bar.close()
     last = dict(last)
     if meta is not None:
-        last["final_dir"] = str(RunDir(out / "final").save(module, meta, accelerator=accelerator).path)
+        last["final_dir"] = str(RunDir(out / "final").save(module, meta, accelerator=accelerator, export_hf=True).path)
     if cfg.report_to:
         accelerator.end_training()
     return last

@@ -7,6 +7,8 @@ A run folder (a finished run's ``final/`` or a checkpoint ``checkpoints/step-XXX
                         {"base": model name or dir, "stage1": Stage1Config fields, ...}
                         plus what the stage adds ("loop": LoopConfig, "vlpo": VLPOConfig, "init")
     model.safetensors   the trainable parameters of the stage-1 LatentLM (LoRA or all)
+    hf/                 (a finished run's final/) the same weights for transformers / peft:
+                        a peft adapter folder (LoRA) or a transformers model folder (full)
 
 A checkpoint adds what resuming needs:
 
@@ -36,6 +38,7 @@ from medlvr.train.fsdp import full_optimizer_state, gather_trainable, is_sharded
 CKPT_DIR = "checkpoints"
 META = "run.json"
 WEIGHTS = "model.safetensors"
+HF_DIR = "hf"
 
 
 def run_meta(*, base: str, stage1: Any, **extra: Any) -> dict:
@@ -65,10 +68,11 @@ class RunDir:
         return json.loads(p.read_text())
 
     def save(self, lm: torch.nn.Module, meta: dict, *, accelerator: Any = None,
-             extra_files: dict[str, Any] | None = None) -> "RunDir":
+             extra_files: dict[str, Any] | None = None, export_hf: bool = False) -> "RunDir":
         """Write ``lm``'s trainable weights and ``meta`` atomically (all processes call this under
         accelerate: the weights are gathered on every rank, the main process writes).
-        extra_files: name -> callable(path) that writes one more file into the folder (checkpoints)."""
+        extra_files: name -> callable(path) that writes one more file into the folder (checkpoints).
+        export_hf: also write ``hf/`` for tools outside medlvr (:func:`write_hf`)."""
         from safetensors.torch import save_file
 
         main = accelerator is None or accelerator.is_main_process
@@ -86,6 +90,8 @@ class RunDir:
             tmp.mkdir(parents=True)
             save_file(state, str(tmp / WEIGHTS))
             (tmp / META).write_text(json.dumps(meta, indent=2))
+            if export_hf:
+                write_hf(module, state, tmp / HF_DIR)
             for name, write in (extra_files or {}).items():
                 write(tmp / name)
             if self.path.exists():  # a re-run (or a re-run of a step after a resume): replace it
@@ -120,12 +126,41 @@ class RunDir:
         from medlvr.train.stage1 import Stage1Config, build_trainable
 
         meta = self.meta()
-        model, processor = load(meta["base"], dtype=dtype, device=device)
+        # The embedded base is built from a seed: the run's (stage 1 builds it from --seed). A
+        # LoRA run's weights are deltas on that base, so another seed is another model.
+        seed = int(meta.get("base_seed", meta.get("loop", {}).get("seed", 0)))
+        model, processor = load(meta["base"], dtype=dtype, device=device, seed=seed)
         lm = build_trainable(model, processor, Stage1Config(**meta["stage1"]))
         self.load_weights(lm)
         lm.to(device)
         lm.eval()
         return lm, processor, meta
+
+
+def write_hf(lm: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """The run's weights in the formats of transformers and peft, in ``path`` (``hf/`` of a
+    final run folder), from the full tensors ``state`` (what model.safetensors holds, so a
+    sharded run writes the same files):
+
+    - LoRA: a peft adapter folder (adapter_config.json, adapter_model.safetensors, with the
+      trainable latent-token rows): ``PeftModel.from_pretrained(base, path)``;
+    - full fine-tuning: a transformers model folder: ``AutoModelForImageTextToText.from_pretrained(path)``
+      (Qwen2_5_VLForConditionalGeneration).
+
+    The latent projector is medlvr's own module: it stays in model.safetensors only."""
+    from safetensors.torch import save_file
+
+    inner = lm.model
+    sd = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    path.mkdir(parents=True)
+    if hasattr(inner, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        inner.peft_config["default"].save_pretrained(str(path))
+        save_file(get_peft_model_state_dict(inner, state_dict=sd, save_embedding_layers=False),
+                  str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    else:
+        inner.save_pretrained(str(path), state_dict=sd)
 
 
 def load_trained(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
