@@ -283,6 +283,9 @@ def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None
     if cfg.fsdp:  # shard before the optimizer is built: it must hold the shards (medlvr/train/fsdp.py)
         if not getattr(objective, "supports_fsdp", False):
             raise ValueError(f"fsdp: {type(objective).__name__} does not run sharded; drop --fsdp")
+        if accelerator.distributed_type == "FSDP":  # accelerate's own FSDP (a config with fsdp_config)
+            raise ValueError("fsdp: --fsdp shards the model itself; launch with a plain multi-GPU accelerate config "
+                             "(no fsdp_config section, docs/distributed.md), or drop --fsdp to use accelerate's")
         from medlvr.train.fsdp import shard
 
         shard(objective.module, device=accelerator.device, mixed_precision=accelerator.mixed_precision)

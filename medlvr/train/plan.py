@@ -15,8 +15,11 @@ time, the way the run allocates it:
 - activations (bf16 autocast, no recomputation) are the tensors autograd keeps per token
   and decoder layer, counted for Qwen2's layer (see :func:`activation_bytes`); the fused
   lm_head loss adds one (C, V) logits chunk of 256 MiB (medlvr/ops/fused_logprobs.py);
-- VLPO adds the reference policy (LoRA: the same weights with the adapter off, 0 bytes; full
-  fine-tuning: a frozen bf16 copy, sharded like the weights), the rollout engine's KV cache
+- VLPO adds the reference policy (``--reference``: "copy", a frozen fp32 copy of the model,
+  sharded like the weights under FSDP, which is what medlvr/train/vlpo.py makes for full
+  fine-tuning and for a LoRA that already holds stage-1 training; "adapter", that stage-1
+  adapter kept as a second frozen adapter on the same base weights: the LoRA modes' choice
+  at scale, adapter bytes only; "none": kl_beta = 0), the rollout engine's KV cache
   (bf16, n rollouts x groups per rank, prompt + K + answer tokens) and, under FSDP, the
   full bf16 weights gathered once per rollout phase (verl's FSDP rollout does the same).
 
@@ -178,6 +181,10 @@ class PlanArgs:
     max_new: int = 256
     lora_r: int = 16
     projector: bool = False
+    reference: str = "copy"
+
+
+REFERENCES = ("copy", "adapter", "none")
 
 
 def plan(cfg: dict, a: PlanArgs) -> list[dict]:
@@ -201,7 +208,12 @@ def plan(cfg: dict, a: PlanArgs) -> list[dict]:
         sft = {**st, "reference": 0, "gathered": gathered, "activations": act, "kv_cache": 0}
         rows.append({"stage": "sft", "mode": mode, **sft, "total": sum(sft.values())})
         n_shard = a.gpus if mode.startswith("fsdp") else 1
-        ref = 0 if mode.endswith("lora") else sum(2 * p.shard_numel(n_shard) for p in params)
+        if a.reference == "copy" or (a.reference == "adapter" and not mode.endswith("lora")):
+            ref = sum(4 * p.shard_numel(n_shard) for p in params)  # a frozen fp32 copy, sharded like the policy
+        elif a.reference == "adapter":
+            ref = sum(4 * p.shard_numel(n_shard) for p in params if p.lora)  # a 2nd, frozen adapter
+        else:
+            ref = 0
         kv = kv_cache_bytes(cfg, a.rollouts * a.groups, a.seq_len + a.k_latent + a.max_new)
         full_bf16 = sum(2 * p.numel for p in params) if mode.startswith("fsdp") else 0
         # Rollout phase (no gradients, full weights gathered) and update phase: the larger.
@@ -238,6 +250,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new", type=int, default=256, help="VLPO answer tokens per rollout (default 256)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the LoRA modes (default 16)")
     p.add_argument("--projector", action="store_true", help="count the latent projector (--projector of sft)")
+    p.add_argument("--reference", choices=REFERENCES, default="copy",
+                   help="VLPO's reference policy: copy = a frozen copy of the model (what medlvr vlpo makes today), "
+                        "adapter = the stage-1 LoRA kept as a frozen second adapter (LoRA modes), none = kl_beta 0")
     p.add_argument("--json", action="store_true", help="print the rows as JSON (bytes) instead of a table (GiB)")
 
 
@@ -252,7 +267,7 @@ def plan_main(args: argparse.Namespace) -> int:
         raise ValueError(f"--gpu-mem: expected GiB > 0, got {args.gpu_mem}")
     a = PlanArgs(gpus=args.gpus, gpu_mem=args.gpu_mem, seq_len=args.seq_len, image_tokens=args.image_tokens,
                  k_latent=args.k_latent, micro_batch=args.micro_batch, rollouts=args.rollouts, groups=args.groups,
-                 max_new=args.max_new, lora_r=args.lora_r, projector=args.projector)
+                 max_new=args.max_new, lora_r=args.lora_r, projector=args.projector, reference=args.reference)
     rows = plan(load_config(args.model), a)
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -264,4 +279,4 @@ def plan_main(args: argparse.Namespace) -> int:
 
 
 __all__ = ["MODES", "PRESETS", "Param", "PlanArgs", "load_config", "parameters", "state_bytes", "activation_bytes",
-           "kv_cache_bytes", "plan", "format_table", "add_plan_arguments", "plan_main"]
+           "kv_cache_bytes", "plan", "REFERENCES", "format_table", "add_plan_arguments", "plan_main"]

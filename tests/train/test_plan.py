@@ -37,8 +37,9 @@ def test_7b_size_and_sharding():
     rows = {(r["stage"], r["mode"]): r for r in plan(cfg, PlanArgs(gpus=8))}
     assert {m for _, m in rows} == set(MODES)
     assert rows["sft", "fsdp-full"]["total"] < rows["sft", "ddp-lora"]["total"]  # fp32 base whole vs 1/8
-    assert rows["vlpo", "fsdp-full"]["reference"] == sum(2 * p.shard_numel(8) for p in parameters(cfg, lora=False))
-    assert rows["vlpo", "fsdp-lora"]["reference"] == 0  # the adapter switched off, the same weights
+    assert rows["vlpo", "fsdp-full"]["reference"] == full8["weights"]  # a frozen fp32 copy, sharded alike
+    lora8 = plan(cfg, PlanArgs(gpus=8, reference="adapter"))[5]
+    assert lora8["mode"] == "fsdp-lora" and 0 < lora8["reference"] < 2**23  # a second adapter: ~5 MiB a GPU
 
 
 def _cli(*args):
