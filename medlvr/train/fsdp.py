@@ -9,9 +9,9 @@ the module itself, here, and the loop (medlvr/train/loop.py) hands only the opti
 scheduler and data to accelerate. Accelerate's gloo / NCCL process group, split batches,
 autocast and its DTensor-aware ``clip_grad_norm_`` are kept.
 
-Units (each one all-gather in forward, one reduce-scatter in backward; torchtitan's
-per-block recipe, pytorch/torchtitan torchtitan/models/llama3/infra/parallelize.py
-``apply_fsdp``):
+Units (each one all-gather in forward, one reduce-scatter in backward; the per-block recipe
+of pytorch/torchtitan, torchtitan/models/llama3/infra/parallelize.py ``apply_fsdp`` at
+018740b: embedding, each block, the output head, then the root):
 
 - every vision block (``model.visual.blocks[i]``),
 - every decoder layer (``language_model.layers[i]``; peft's LoRA A/B live inside them),

@@ -385,5 +385,5 @@ def loop_config_from_args(a: argparse.Namespace) -> LoopConfig:
                       weight_decay=a.weight_decay, adam_eps=a.adam_eps, warmup_steps=a.warmup_steps, schedule=a.schedule,
                       max_grad_norm=a.max_grad_norm, seed=a.seed, log_every=a.log_every, save_every=a.save_every,
                       keep_checkpoints=a.keep_checkpoints, resume=a.resume, stop_after=a.stop_after,
-                      mixed_precision=a.mixed_precision, device=a.device, fsdp=a.fsdp, metrics=a.metrics, report_to=a.report_to,
-                      progress=not a.no_progress)
+                      mixed_precision=a.mixed_precision, device=a.device, fsdp=a.fsdp, metrics=a.metrics,
+                      report_to=a.report_to, progress=not a.no_progress)

@@ -95,7 +95,8 @@ def parameters(cfg: dict, *, lora: bool, lora_r: int = 16, projector: bool = Fal
     dv, iv, m2 = v["hidden_size"], v["intermediate_size"], v["spatial_merge_size"] ** 2
     out: list[Param] = []
     add = lambda name, shape, unit, **kw: out.append(Param(name, tuple(shape), unit, **kw))  # noqa: E731
-    add("visual.patch_embed", (dv, v["in_channels"], v["temporal_patch_size"], v["patch_size"], v["patch_size"]), "root")
+    patch = (dv, v["in_channels"], v["temporal_patch_size"], v["patch_size"], v["patch_size"])
+    add("visual.patch_embed", patch, "root")
     for b in range(v["depth"]):
         u = f"visual.blocks.{b}"
         for name, shape in (("norm1", (dv,)), ("norm2", (dv,)), ("qkv.w", (3 * dv, dv)), ("qkv.b", (3 * dv,)),
@@ -272,7 +273,8 @@ def plan_main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(f"per-GPU memory (GiB) of {args.model} on {a.gpus} GPUs of {a.gpu_mem:g} GiB; micro-batch {a.micro_batch} "
+        print(f"per-GPU memory (GiB) of {args.model} on {a.gpus} GPUs of {a.gpu_mem:g} GiB; "
+              f"micro-batch {a.micro_batch} "
               f"x {a.seq_len} tokens, K={a.k_latent}; VLPO {a.groups} groups x {a.rollouts} rollouts per GPU")
         print(format_table(rows, a.gpu_mem))
     return 0
