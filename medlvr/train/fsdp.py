@@ -29,8 +29,9 @@ reduce-scatters the (V, D) gradient the op hands out, as for any forward.
 """
 from __future__ import annotations
 
+import contextlib
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ from torch import nn
 
 from medlvr.models.hf import decoder, unwrap
 
-__all__ = ["shard", "is_sharded", "fusable_head", "with_head_weight", "ensure_process_group",
+__all__ = ["shard", "is_sharded", "gathered", "fusable_head", "with_head_weight", "ensure_process_group",
            "gather_trainable", "load_full", "full_optimizer_state", "load_full_optimizer_state"]
 
 _HEAD_METHOD = "_medlvr_with_weight"
@@ -52,10 +53,46 @@ def ensure_process_group(device: torch.device) -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def is_sharded(module: nn.Module) -> bool:
+def _units_in(module: nn.Module) -> list[nn.Module]:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(module, FSDPModule)
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` is or holds FSDP units (a LatentLM whose model sits in a sharded
+    VLPO scorer holds DTensor shards without being a unit itself)."""
+    return bool(_units_in(module))
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """Every FSDP unit in ``module`` unsharded for the duration (nothing without units).
+
+    For code that reads the weights outside a unit's forward: the rollout engine and the
+    scoring helpers call submodules (q_proj, the merger, the final norm) directly, so FSDP's
+    hooks would leave them as shards. The units stay gathered through their own forwards too
+    (no reshard after forward inside); a backward reshards them as usual. The cost is the
+    whole model in the all-gather dtype on every rank while inside: verl's FSDP rollout
+    gathers the same once per rollout phase (docs/distributed.md)."""
+    units = _units_in(module)
+    inner = units[1:]  # modules() is pre-order: units[0] is the root, which keeps its setting
+    if units:
+        # FSDP2 makes the first unit whose forward runs the root (FSDPState._lazy_init) and
+        # fails when that is not the outermost one: here a vision block would run before the
+        # scorer's forward ever did. torch has no public call for this choice.
+        units[0]._get_fsdp_state()._lazy_init()
+    for u in inner:
+        u.set_reshard_after_forward(False, recurse=False)
+    try:
+        for u in units:
+            u.unshard()
+        yield
+    finally:
+        for u in inner:
+            u.set_reshard_after_forward(True, recurse=False)
+        for u in units:
+            u.reshard()
 
 
 def _units(lm: nn.Module) -> list[nn.Module | list[nn.Module]]:
@@ -78,7 +115,8 @@ def _units(lm: nn.Module) -> list[nn.Module | list[nn.Module]]:
 
 
 def shard(lm: nn.Module, *, device: torch.device, mixed_precision: str = "no") -> nn.Module:
-    """Shard ``lm`` (a stage-1 LatentLM) in place over all processes; returns it.
+    """Shard ``lm`` (a stage-1 LatentLM or VLPO's PolicyScorer: a module whose ``.model`` is
+    the HF model, maybe peft-wrapped) in place over all processes; returns it.
 
     mixed_precision "bf16" / "fp16": the all-gathers run in that dtype (half the traffic and
     the unsharded memory) and gradients are reduced in fp32; the sharded (master) weights and

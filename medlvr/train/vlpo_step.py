@@ -16,6 +16,7 @@ import torch
 
 from medlvr.models.hf import unwrap
 from medlvr.ops import fusable_lm_head, fused_vlpo_loss
+from medlvr.train.fsdp import fusable_head, with_head_weight
 from medlvr.reference.vlpo_loss import group_advantages, vlpo_loss
 from medlvr.train.loop import Updater
 from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_forward, policy_states,
@@ -151,13 +152,15 @@ def _loss(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, proje
     terms = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, latent_coef=cfg.latent_coef,
                  kl_beta=cfg.kl_beta, token_ref=x.token_ref, latent_ref=x.latent_ref)
     head = unwrap(model).lm_head
-    if cfg.fused_loss and fusable_lm_head(head):
+    if cfg.fused_loss and (fusable_lm_head(head) or fusable_head(head)):
         latent_old = x.latent_old
         if latent_old is None and st.mu is None:  # latent positions without a Gaussian (sigma 0): log-prob 0
             latent_old = torch.zeros(ro.latents.shape[:2], dtype=torch.float32, device=ro.latents.device)
-        return fused_vlpo_loss(st.answer, head.weight, ro.tokens, ro.token_mask, x.token_old, x.advantages,
-                               latent_old=latent_old, mu=st.mu, z=None if st.mu is None else ro.latents,
-                               latent_sigma=cfg.latent_sigma, temperature=cfg.temperature, bias=head.bias, **terms)
+        # An FSDP-sharded head is gathered by FSDP around the op (medlvr/train/fsdp.py).
+        return with_head_weight(head, lambda weight, bias, h: fused_vlpo_loss(
+            h, weight, ro.tokens, ro.token_mask, x.token_old, x.advantages, latent_old=latent_old, mu=st.mu,
+            z=None if st.mu is None else ro.latents, latent_sigma=cfg.latent_sigma, temperature=cfg.temperature,
+            bias=bias, **terms), st.answer)
     tok, lat = state_logprobs(model, ro, st, temperature=cfg.temperature, latent_sigma=cfg.latent_sigma)
     loss, _ = vlpo_loss(token_logp=tok, token_old=tok.detach() if x.token_old is None else x.token_old,
                         token_mask=ro.token_mask, latent_logp=lat,

@@ -1,11 +1,17 @@
-"""One rank of ``medlvr sft`` (tests/train/test_fsdp.py launches it with torchrun, or alone),
-with a spy on the fused lm_head loss.
+"""One rank of ``medlvr sft`` / ``medlvr vlpo`` (tests/train/test_fsdp.py launches it with
+torchrun, or alone), with a spy on the fused lm_head losses.
 
-Usage: python _fsdp_worker.py SPY_JSON sft ARGS...
+Usage: python _fsdp_worker.py SPY_JSON {sft|vlpo} ARGS...
 
-The spy records, for every call of the stage-1 fused cross-entropy: whether the lm_head was
-FSDP-sharded, the shape of its parameter's local shard outside the call, and what the op
-received as the weight (a plain tensor of the full (V, D) shape, or a DTensor shard)."""
+The spy records, for every call of the stage-1 fused cross-entropy and of the fused VLPO
+loss: whether the lm_head was FSDP-sharded, the shape of its parameter's local shard outside
+the call, and what the op received as the weight (a plain tensor of the full (V, D) shape,
+or a DTensor shard).
+
+vlpo: the outcome reward is replaced by one that varies with the sampled text (the character
+codes mod 5), so that a random model's groups have non-zero advantages and the update is not
+empty; it depends on the rollouts only, so runs that sample the same rollouts get the same
+rewards."""
 import json
 import sys
 
@@ -13,27 +19,47 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import medlvr.train.latent as latent
+import medlvr.train.vlpo as vlpo
+import medlvr.train.vlpo_step as vlpo_step
 from medlvr.cli import main
 from medlvr.train.fsdp import is_sharded
 
 calls = []
-_with_head_weight, _fused = latent.with_head_weight, latent.fused_linear_cross_entropy
 
 
-def spy_with_head_weight(head, fn, *args, **kwargs):
-    w = head.weight
-    calls.append({"head_sharded": is_sharded(head), "param_is_dtensor": isinstance(w, DTensor),
-                  "param_local_shape": list((w.to_local() if isinstance(w, DTensor) else w).shape)})
-    return _with_head_weight(head, fn, *args, **kwargs)
+def spy_head(module, name):
+    inner = getattr(module, name)
+
+    def spy(head, fn, *args, **kwargs):
+        w = head.weight
+        calls.append({"op": module.__name__, "head_sharded": is_sharded(head), "param_is_dtensor": isinstance(w, DTensor),
+                      "param_local_shape": list((w.to_local() if isinstance(w, DTensor) else w).shape)})
+        return inner(head, fn, *args, **kwargs)
+
+    setattr(module, name, spy)
 
 
-def spy_fused(hidden, weight, targets, **kwargs):
-    calls[-1].update(op_weight_is_dtensor=isinstance(weight, DTensor), op_weight_shape=list(weight.shape),
-                     op_weight_requires_grad=weight.requires_grad)
-    return _fused(hidden, weight, targets, **kwargs)
+def spy_op(module, name, weight_pos):
+    inner = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        w = args[weight_pos]
+        calls[-1].update(op_weight_is_dtensor=isinstance(w, DTensor), op_weight_shape=list(w.shape))
+        return inner(*args, **kwargs)
+
+    setattr(module, name, spy)
 
 
-latent.with_head_weight, latent.fused_linear_cross_entropy = spy_with_head_weight, spy_fused
+def varied_rewards(texts, stopped, records, **_):
+    r = [float(sum(map(ord, t)) % 5) for t in texts]
+    return {"reward": r, "accuracy": [0.0] * len(texts), "format": [0.0] * len(texts)}
+
+
+spy_head(latent, "with_head_weight")
+spy_head(vlpo_step, "with_head_weight")
+spy_op(latent, "fused_linear_cross_entropy", 1)
+spy_op(vlpo_step, "fused_vlpo_loss", 1)
+vlpo.outcome_rewards = varied_rewards
 
 if __name__ == "__main__":
     spy_path, argv = sys.argv[1], sys.argv[2:]

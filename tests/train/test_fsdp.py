@@ -1,11 +1,14 @@
-"""``medlvr sft --fsdp`` (FSDP2, medlvr/train/fsdp.py) on 2 CPU processes (gloo) against one
-unsharded process on the same global batch, full fine-tuning and LoRA (+ latent-token rows
-and the projector).
+"""``medlvr sft --fsdp`` and ``medlvr vlpo --fsdp`` (FSDP2, medlvr/train/fsdp.py) on 2 CPU
+processes (gloo), full fine-tuning and LoRA (+ latent-token rows and the projector).
+
+Stage 1 is compared with one unsharded process on the same global batch; VLPO with the same
+2 processes under DDP (each rank draws its own prompts and noise, so one process would
+train on other data).
 
 What must hold:
 - the weights after 3 steps equal the 1-process run's (fp32; only the reduction order of the
   gradient mean differs);
-- the fused cross-entropy ran on the sharded lm_head (a spy in tests/train/_fsdp_worker.py:
+- the fused loss ran on the sharded lm_head (a spy in tests/train/_fsdp_worker.py:
   the head's parameter is a DTensor holding V/2 rows, the op got the full (V, D) weight that
   FSDP gathered, as a plain tensor);
 - a sharded checkpoint resumes to the same final weights, bit for bit;
@@ -139,3 +142,57 @@ def test_fsdp_refused_by_an_objective_that_cannot_shard(tmp_path):
     with pytest.raises(ValueError, match="fsdp: Plain does not run sharded"):
         train_loop(Plain(), LoopConfig(out_dir=str(tmp_path), max_steps=1, fsdp=True, progress=False),
                    metrics_path=None)
+
+
+def _vlpo_args(data: Path, out: Path, lora: bool) -> list[str]:
+    # 2 steps of 2 PPO epochs: the second epoch scores with the weights the first one updated.
+    # LoRA: a fresh adapter, the KL reference is that adapter switched off; full: no KL.
+    return ["vlpo", "--data", str(data), "--out", str(out), "--n-rollouts", "2", "--k-latent", "2",
+            "--batch-prompts", "2", "--steps", "2", "--max-new-tokens", "3", "--ppo-epochs", "2", "--seed", "3",
+            "--no-progress", "--mixed-precision", "no",
+            *(["--lora", "--lr", "1e-2"] if lora else ["--kl-beta", "0", "--lr", "1e-3"])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_vlpo_fsdp_matches_ddp(tmp_path, lora):
+    """Rollouts on the gathered weights, the reference pass, the fused VLPO loss on the
+    sharded head: the same update as DDP on the same ranks. The worker's reward varies with
+    the sampled text, so the random model's groups have advantages."""
+    from medlvr.train.synth import synthesize
+
+    data = synthesize(tmp_path / "data", n=8, seed=2, image_size=56, split_fractions=(1.0, 0.0, 0.0))["train"]
+    for name, extra, port in (("ddp", [], 29561), ("fsdp", ["--fsdp"], 29562)):
+        _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(port + 2 * lora), str(WORKER), str(tmp_path / f"spy-{name}"),
+              *_vlpo_args(data, tmp_path / name, lora), *extra], tmp_path)
+    a = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 5e-6, f"FSDP VLPO differs from DDP VLPO by {worst:.2e} (max abs)"
+    key = next(k for k in a if ("lora_B" if lora else "lm_head") in k)
+    if lora:  # lora_B starts at 0: it moved
+        assert float(a[key].abs().max()) > 1e-3
+    V, D = 1024, 128
+    for rank in (0, 1):
+        calls = json.loads(Path(f"{tmp_path / 'spy-fsdp'}.{rank}").read_text())
+        assert len(calls) == 4 and all(c["op"] == "medlvr.train.vlpo_step" for c in calls), calls  # 2 steps x 2
+        assert all(c["head_sharded"] and not c["op_weight_is_dtensor"] and c["op_weight_shape"] == [V, D]
+                   for c in calls), calls
+        # the first epoch of a step runs inside the rollout gather; the second on the shard,
+        # which FSDP gathered around the op
+        assert [c["param_is_dtensor"] for c in calls] == [False, True, False, True], calls
+        assert all(c["param_local_shape"] == [V // 2, D] for c in calls if c["param_is_dtensor"]), calls
+
+
+def test_vlpo_fsdp_refuses_a_copied_reference(tmp_path):
+    """Full fine-tuning with a KL term needs a frozen copy of the policy, which is not sharded."""
+    from medlvr.train.synth import synthesize
+
+    data = synthesize(tmp_path / "data", n=2, seed=2, image_size=56, split_fractions=(1.0, 0.0, 0.0))["train"]
+    r = subprocess.run([sys.executable, "-m", "medlvr.cli", "vlpo", "--data", str(data), "--out", str(tmp_path / "o"),
+                        "--n-rollouts", "2", "--k-latent", "2", "--batch-prompts", "1", "--steps", "1",
+                        "--max-new-tokens", "2", "--no-progress", "--fsdp"],
+                       env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "frozen-copy reference is not sharded" in r.stderr, r.stderr[-2000:]
