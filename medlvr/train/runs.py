@@ -258,11 +258,11 @@ def load_checkpoint(accelerator, lm, optimizer, scheduler, ckpt: Path) -> dict:
         accelerator.print(f"resume: checkpoint written by {state['num_processes']} processes, running "
                           f"{accelerator.num_processes}: RNG streams are not restored exactly")
     module = accelerator.unwrap_model(lm)
-    RunDir(Path(ckpt)).load_weights(module, strict_trainable=True)
-    opt_state = torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False)
     if (state.get("optimizer") == "full") != is_sharded(module):
         raise ValueError(f"resume: {ckpt} was written by a {'sharded' if state.get('optimizer') else 'unsharded'} "
                          "run; resume it with the same --fsdp setting")
+    RunDir(Path(ckpt)).load_weights(module, strict_trainable=True)
+    opt_state = torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False)
     if is_sharded(module):
         load_full_optimizer_state(module, optimizer, opt_state)
     else:

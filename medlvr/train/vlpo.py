@@ -77,6 +77,7 @@ class VLPOObjective:
     The gradient-carrying module is the :class:`PolicyScorer` (policy + projector):
     rollouts and the no-grad passes use the bare model, only the scoring pass with gradients
     runs through the prepared (DDP / FSDP) module, so gradients are synced."""
+    supports_fsdp = True  # --fsdp: the reference must then be the adapter (or no KL); a copy is not sharded
 
     def __init__(self, model: torch.nn.Module, processor: Any, records: Sequence[Any], cfg: VLPOConfig, *,
                  projector: torch.nn.Module | None = None, reference: str = "auto"):
@@ -98,8 +99,6 @@ class VLPOObjective:
         self.reference = reference
         self.module = PolicyScorer(model, projector, cfg, self.tokens)
         self.history: list[dict] = []
-
-    supports_fsdp = True  # the reference must then be the adapter (or no KL): a copy is not sharded
 
     def start(self, updater: Updater) -> None:
         acc, cfg, model = updater.accelerator, self.cfg, self.model

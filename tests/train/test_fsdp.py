@@ -107,6 +107,10 @@ def _check_resume(data: Path, tmp_path: Path, lora: bool) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k}: a resumed sharded run differs from the uninterrupted one"
+    # its optimizer state is keyed by name, not by index: an unsharded run must not read it
+    r = subprocess.run([sys.executable, "-m", "medlvr.cli", *_args(data, tmp_path / "unsharded", lora), "--resume",
+                        str(ckpt)], env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 2 and "resume it with the same --fsdp setting" in r.stderr, r.stderr[-2000:]
 
 
 def _check_loads(final: Path, lora: bool) -> None:
