@@ -146,6 +146,13 @@ def state_bytes(params: list[Param], mode: str, gpus: int) -> dict[str, int]:
     return {"weights": w, "grads": g, "adam": adam}
 
 
+def gathered_bytes(params: list[Param], gpus: int, elt: int = 2) -> int:
+    """The whole model unsharded on one GPU (VLPO's rollout phase under FSDP): every
+    parameter gathered in the all-gather dtype (``elt`` bytes: bf16), with fully_shard's
+    dim-0 padding (gpus x ceil(rows / gpus) rows)."""
+    return sum(elt * p.shard_numel(gpus) * gpus for p in params)
+
+
 def activation_bytes(cfg: dict, tokens: int, image_tokens: int) -> int:
     """Tensors autograd keeps for one micro-batch (bf16 autocast, no recomputation), per token:
 
@@ -216,7 +223,7 @@ def plan(cfg: dict, a: PlanArgs) -> list[dict]:
         else:
             ref = 0
         kv = kv_cache_bytes(cfg, a.rollouts * a.groups, a.seq_len + a.k_latent + a.max_new)
-        full_bf16 = sum(2 * p.numel for p in params) if mode.startswith("fsdp") else 0
+        full_bf16 = gathered_bytes(params, a.gpus) if mode.startswith("fsdp") else 0
         # Rollout phase (no gradients, full weights gathered) and update phase: the larger.
         rollout = st["weights"] + st["adam"] + ref + full_bf16 + kv
         update = st["weights"] + st["grads"] + st["adam"] + ref + gathered + act
@@ -280,5 +287,6 @@ def plan_main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["MODES", "PRESETS", "Param", "PlanArgs", "load_config", "parameters", "state_bytes", "activation_bytes",
-           "kv_cache_bytes", "plan", "REFERENCES", "format_table", "add_plan_arguments", "plan_main"]
+__all__ = ["MODES", "PRESETS", "REFERENCES", "Param", "PlanArgs", "load_config", "parameters", "state_bytes",
+           "gathered_bytes", "activation_bytes", "kv_cache_bytes", "plan", "format_table", "add_plan_arguments",
+           "plan_main"]

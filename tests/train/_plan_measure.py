@@ -42,6 +42,7 @@ def main(out: str, mode: str, vocab: int, data: str) -> None:
 
     from medlvr.models.default import build_processor
     from medlvr.train.data import load_split
+    from medlvr.train.fsdp import gathered, is_sharded
     from medlvr.train.loop import LoopConfig, Updater, train_loop
     from medlvr.train.stage1 import SFTObjective, Stage1Config, build_trainable
 
@@ -58,6 +59,9 @@ def main(out: str, mode: str, vocab: int, data: str) -> None:
         seen["weights"] = storage_bytes(self.module.parameters())
         seen["adam"] = storage_bytes(t for st in self.optimizer.state.values() for t in st.values()
                                      if torch.is_tensor(t))
+        if is_sharded(self.module):  # what VLPO's rollout phase adds: the whole model gathered
+            with gathered(self.module):
+                seen["gathered"] = storage_bytes(self.module.parameters())
         return norm
 
     Updater.update = measuring_update

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medlvr.train.plan import MODES, PlanArgs, load_config, parameters, plan, state_bytes
+from medlvr.train.plan import MODES, PlanArgs, gathered_bytes, load_config, parameters, plan, state_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,5 +77,8 @@ def test_state_bytes_equal_a_real_step(tmp_path, mode):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads((tmp_path / "m.0").read_text())
-    want = state_bytes(parameters(got["config"], lora=mode.endswith("lora")), mode, 2 if mode.startswith("fsdp") else 1)
+    params = parameters(got["config"], lora=mode.endswith("lora"))
+    want = state_bytes(params, mode, 2 if mode.startswith("fsdp") else 1)
     assert {k: got[k] for k in want} == want
+    if mode.startswith("fsdp"):  # the rollout-phase gather, here in fp32 (no mixed precision on the CPU)
+        assert got["gathered"] == gathered_bytes(params, 2, elt=4)
