@@ -45,13 +45,22 @@ def _args(data: Path, out: Path, lora: bool) -> list[str]:
             *(["--lora"] if lora else [])]
 
 
+def _port() -> int:
+    """A free TCP port for torchrun's rendezvous (fixed ports collide with other test runs)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(cmd: list[str], cwd: Path) -> None:
     r = subprocess.run(cmd, env=_env(), cwd=cwd, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
-def _two(args: list[str], spy: Path, cwd: Path, port: int) -> None:
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+def _two(args: list[str], spy: Path, cwd: Path) -> None:
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
           str(WORKER), str(spy), *args, "--fsdp"], cwd)
 
 
@@ -62,7 +71,7 @@ def test_fsdp_two_processes_match_one(tmp_path, lora):
 
     data = synthesize(tmp_path / "data", n=16, seed=2, image_size=56, split_fractions=(1.0, 0.0, 0.0))["train"]
     _run([sys.executable, "-m", "medlvr.cli", *_args(data, tmp_path / "one", lora)], tmp_path)
-    _two(_args(data, tmp_path / "two", lora), tmp_path / "spy", tmp_path, 29541 + lora)
+    _two(_args(data, tmp_path / "two", lora), tmp_path / "spy", tmp_path)
 
     a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
@@ -100,8 +109,7 @@ def _check_resume(data: Path, tmp_path: Path, lora: bool) -> None:
     ckpt = tmp_path / "two" / "checkpoints" / "step-0000002"
     state = json.loads((ckpt / "state.json").read_text())
     assert state["num_processes"] == 2 and state["optimizer"] == "full"
-    _two([*_args(data, tmp_path / "resumed", lora), "--resume", str(ckpt)], tmp_path / "spy-resumed", tmp_path,
-         29551 + lora)
+    _two([*_args(data, tmp_path / "resumed", lora), "--resume", str(ckpt)], tmp_path / "spy-resumed", tmp_path)
     a = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -166,9 +174,9 @@ def test_vlpo_fsdp_matches_ddp(tmp_path, lora):
     from medlvr.train.synth import synthesize
 
     data = synthesize(tmp_path / "data", n=8, seed=2, image_size=56, split_fractions=(1.0, 0.0, 0.0))["train"]
-    for name, extra, port in (("ddp", [], 29561), ("fsdp", ["--fsdp"], 29562)):
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
         _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(port + 2 * lora), str(WORKER), str(tmp_path / f"spy-{name}"),
+              str(_port()), str(WORKER), str(tmp_path / f"spy-{name}"),
               *_vlpo_args(data, tmp_path / name, lora), *extra], tmp_path)
     a = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
