@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     from medlvr.train.converters import add_convert_arguments, convert_main
     from medlvr.train.demo import add_demo_arguments, demo_main
     from medlvr.train.evaluate import add_eval_arguments, eval_main
+    from medlvr.train.plan import add_plan_arguments, plan_main
     from medlvr.train.stage1 import add_stage1_arguments
     from medlvr.train.synth import add_synth_arguments, synth_main
     from medlvr.train.vlpo_cli import add_vlpo_arguments
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("vlpo", "stage 2: visual-latent policy optimisation from a stage-1 run", add_vlpo_arguments, _vlpo, True),
         ("eval", "accuracy by benchmark and question type of trained runs; table + plot", add_eval_arguments,
          eval_main, True),
+        ("plan", "per-GPU memory of both stages: DDP+LoRA, FSDP2 full fine-tuning, FSDP2+LoRA", add_plan_arguments,
+         plan_main, False),
         ("demo", "synthesise data, train plain SFT / stage 1 / stage 1 + VLPO, evaluate the three",
          add_demo_arguments, demo_main, "threads"),
     ]

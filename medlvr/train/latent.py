@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from medlvr.models.hf import embed_inputs, new_cache, positions, run_decoder, unwrap, vision_tokens
 from medlvr.ops.fused_logprobs import fusable_lm_head, fused_linear_cross_entropy, lm_head_logprobs
+from medlvr.train.fsdp import fusable_head, with_head_weight
 
 __all__ = [
     "LatentOutput",
@@ -137,13 +138,17 @@ def answer_ce(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, m
     head = unwrap(model).lm_head
     h, t = hidden[:, :-1][valid], tgt[valid]
     tok = torch.zeros(tgt.shape, dtype=torch.float32, device=hidden.device)
-    if mean and fusable_lm_head(head):
+    if mean and (fusable_lm_head(head) or fusable_head(head)):
         row_n = n[:, None].expand_as(tgt)[valid].float()
-        ce_mean, logp = fused_linear_cross_entropy(h, head.weight, t, bias=head.bias, reduction="sum",
-                                                   weights=1.0 / (tgt.shape[0] * row_n), return_logprobs=True)
+        # An FSDP-sharded head is gathered by FSDP around the op (medlvr/train/fsdp.py).
+        ce_mean, logp = with_head_weight(head, _fused_ce, h, t, weights=1.0 / (tgt.shape[0] * row_n))
         return tok.masked_scatter(valid, -logp).sum(dim=1) / n.clamp(min=1), n, ce_mean
     ce = tok.masked_scatter(valid, -lm_head_logprobs(head, h, t)).sum(dim=1) / n.clamp(min=1)
     return ce, n, (ce.mean() if mean else None)
+
+
+def _fused_ce(weight, bias, h, t, *, weights):
+    return fused_linear_cross_entropy(h, weight, t, bias=bias, reduction="sum", weights=weights, return_logprobs=True)
 
 
 def forward_with_latents(model: nn.Module, batch: Mapping[str, Any], latents: torch.Tensor | None, *,

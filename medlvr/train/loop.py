@@ -53,6 +53,7 @@ class LoopConfig:
     stop_after: int | None = None
     mixed_precision: str = "auto"
     device: str = "auto"
+    fsdp: bool = False
     metrics: str = "metrics.jsonl"
     report_to: str | None = None
     progress: bool = True
@@ -279,6 +280,15 @@ def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None
     if accelerator.is_main_process and (meta is not None or cfg.save_every):
         out.mkdir(parents=True, exist_ok=True)
 
+    if cfg.fsdp:  # shard before the optimizer is built: it must hold the shards (medlvr/train/fsdp.py)
+        if not getattr(objective, "supports_fsdp", False):
+            raise ValueError(f"fsdp: {type(objective).__name__} does not run sharded; drop --fsdp")
+        if accelerator.distributed_type == "FSDP":  # accelerate's own FSDP (a config with fsdp_config)
+            raise ValueError("fsdp: --fsdp shards the model itself; launch with a plain multi-GPU accelerate config "
+                             "(no fsdp_config section, docs/distributed.md), or drop --fsdp to use accelerate's")
+        from medlvr.train.fsdp import shard
+
+        shard(objective.module, device=accelerator.device, mixed_precision=accelerator.mixed_precision)
     params = [p for p in objective.module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model: expected trainable parameters (requires_grad), found none")
@@ -287,7 +297,11 @@ def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, eps=cfg.adam_eps)
     scheduler = make_scheduler(optimizer, cfg)
-    module, optimizer, scheduler = accelerator.prepare(objective.module, optimizer, scheduler)
+    if cfg.fsdp:  # sharded already: accelerate must not wrap it in DDP as well
+        module = objective.module
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        module, optimizer, scheduler = accelerator.prepare(objective.module, optimizer, scheduler)
     updater = Updater(module, optimizer, accelerator=accelerator, scheduler=scheduler, max_grad_norm=cfg.max_grad_norm)
     objective.start(updater)
     if (cfg.save_every or cfg.resume) and objective.position() is None:
@@ -324,7 +338,7 @@ def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None
         bar.close()
     last = dict(last)
     if meta is not None:
-        last["final_dir"] = str(RunDir(out / "final").save(module, meta, accelerator=accelerator).path)
+        last["final_dir"] = str(RunDir(out / "final").save(module, meta, accelerator=accelerator, export_hf=True).path)
     if cfg.report_to:
         accelerator.end_training()
     return last
@@ -358,6 +372,9 @@ def add_loop_arguments(p: argparse.ArgumentParser) -> None:
                    help="autocast: auto = bf16 on a GPU, none on the CPU")
     g.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto = one GPU per process when there are enough, else the CPU (default auto)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimizer state over the processes (FSDP2, one unit per "
+                        "decoder layer and vision block; see docs/distributed.md)")
     g.add_argument("--metrics", default="metrics.jsonl", help="metrics file name in --out (.jsonl or .csv)")
     g.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -368,5 +385,5 @@ def loop_config_from_args(a: argparse.Namespace) -> LoopConfig:
                       weight_decay=a.weight_decay, adam_eps=a.adam_eps, warmup_steps=a.warmup_steps, schedule=a.schedule,
                       max_grad_norm=a.max_grad_norm, seed=a.seed, log_every=a.log_every, save_every=a.save_every,
                       keep_checkpoints=a.keep_checkpoints, resume=a.resume, stop_after=a.stop_after,
-                      mixed_precision=a.mixed_precision, device=a.device, metrics=a.metrics, report_to=a.report_to,
-                      progress=not a.no_progress)
+                      mixed_precision=a.mixed_precision, device=a.device, fsdp=a.fsdp, metrics=a.metrics,
+                      report_to=a.report_to, progress=not a.no_progress)

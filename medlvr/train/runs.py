@@ -7,6 +7,8 @@ A run folder (a finished run's ``final/`` or a checkpoint ``checkpoints/step-XXX
                         {"base": model name or dir, "stage1": Stage1Config fields, ...}
                         plus what the stage adds ("loop": LoopConfig, "vlpo": VLPOConfig, "init")
     model.safetensors   the trainable parameters of the stage-1 LatentLM (LoRA or all)
+    hf/                 (a finished run's final/) the same weights for transformers / peft:
+                        a peft adapter folder (LoRA) or a transformers model folder (full)
 
 A checkpoint adds what resuming needs:
 
@@ -31,9 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from medlvr.train.fsdp import full_optimizer_state, gather_trainable, is_sharded, load_full, load_full_optimizer_state
+
 CKPT_DIR = "checkpoints"
 META = "run.json"
 WEIGHTS = "model.safetensors"
+HF_DIR = "hf"
 
 
 def run_meta(*, base: str, stage1: Any, **extra: Any) -> dict:
@@ -63,10 +68,11 @@ class RunDir:
         return json.loads(p.read_text())
 
     def save(self, lm: torch.nn.Module, meta: dict, *, accelerator: Any = None,
-             extra_files: dict[str, Any] | None = None) -> "RunDir":
+             extra_files: dict[str, Any] | None = None, export_hf: bool = False) -> "RunDir":
         """Write ``lm``'s trainable weights and ``meta`` atomically (all processes call this under
         accelerate: the weights are gathered on every rank, the main process writes).
-        extra_files: name -> callable(path) that writes one more file into the folder (checkpoints)."""
+        extra_files: name -> callable(path) that writes one more file into the folder (checkpoints).
+        export_hf: also write ``hf/`` for tools outside medlvr (:func:`write_hf`)."""
         from safetensors.torch import save_file
 
         main = accelerator is None or accelerator.is_main_process
@@ -74,13 +80,18 @@ class RunDir:
         if accelerator is not None:
             accelerator.wait_for_everyone()
         module = accelerator.unwrap_model(lm) if accelerator is not None else lm
-        state = module.trainable_state_dict()
+        if is_sharded(module):  # FSDP: gathered to full tensors, the same file as unsharded runs write
+            state = gather_trainable(module, {n for n, p in module.named_parameters() if p.requires_grad})
+        else:
+            state = module.trainable_state_dict()
         if main:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             save_file(state, str(tmp / WEIGHTS))
             (tmp / META).write_text(json.dumps(meta, indent=2))
+            if export_hf:
+                write_hf(module, state, tmp / HF_DIR)
             for name, write in (extra_files or {}).items():
                 write(tmp / name)
             if self.path.exists():  # a re-run (or a re-run of a step after a resume): replace it
@@ -96,7 +107,13 @@ class RunDir:
         from safetensors.torch import load_file
 
         weights = load_file(str(self.path / WEIGHTS))
-        _, unexpected = module.load_state_dict(weights, strict=False)
+        names = set(module.state_dict())
+        unexpected = sorted(set(weights) - names)
+        if not unexpected:
+            if is_sharded(module):  # full tensors in, each process keeps its shard
+                load_full(module, weights)
+            else:
+                module.load_state_dict(weights, strict=False)
         missing = {n for n, p in module.named_parameters() if p.requires_grad} - set(weights) if strict_trainable else set()
         if unexpected or missing:
             raise ValueError(f"{self.path / WEIGHTS}: weights do not match the model (missing {sorted(missing)[:5]}, "
@@ -109,12 +126,41 @@ class RunDir:
         from medlvr.train.stage1 import Stage1Config, build_trainable
 
         meta = self.meta()
-        model, processor = load(meta["base"], dtype=dtype, device=device)
+        # The embedded base is built from a seed: the run's (stage 1 builds it from --seed). A
+        # LoRA run's weights are deltas on that base, so another seed is another model.
+        seed = int(meta.get("base_seed", meta.get("loop", {}).get("seed", 0)))
+        model, processor = load(meta["base"], dtype=dtype, device=device, seed=seed)
         lm = build_trainable(model, processor, Stage1Config(**meta["stage1"]))
         self.load_weights(lm)
         lm.to(device)
         lm.eval()
         return lm, processor, meta
+
+
+def write_hf(lm: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """The run's weights in the formats of transformers and peft, in ``path`` (``hf/`` of a
+    final run folder), from the full tensors ``state`` (what model.safetensors holds, so a
+    sharded run writes the same files):
+
+    - LoRA: a peft adapter folder (adapter_config.json, adapter_model.safetensors, with the
+      trainable latent-token rows): ``PeftModel.from_pretrained(base, path)``;
+    - full fine-tuning: a transformers model folder: ``AutoModelForImageTextToText.from_pretrained(path)``
+      (Qwen2_5_VLForConditionalGeneration).
+
+    The latent projector is medlvr's own module: it stays in model.safetensors only."""
+    from safetensors.torch import save_file
+
+    inner = lm.model
+    sd = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    path.mkdir(parents=True)
+    if hasattr(inner, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        inner.peft_config["default"].save_pretrained(str(path))
+        save_file(get_peft_model_state_dict(inner, state_dict=sd, save_embedding_layers=False),
+                  str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    else:
+        inner.save_pretrained(str(path), state_dict=sd)
 
 
 def load_trained(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -169,8 +215,15 @@ def save_checkpoint(accelerator, lm, optimizer, scheduler, *, out_dir: Path, ste
         rngs.rmdir()
 
     state = {"step": step, **position, "seed": seed, "num_processes": accelerator.num_processes}
+    module = accelerator.unwrap_model(lm)
+    sharded = is_sharded(module)
+    if sharded:  # one full state keyed by parameter name (collective: every rank gathers)
+        state["optimizer"] = "full"
+        opt_state = full_optimizer_state(module, optimizer)
+    else:
+        opt_state = optimizer.state_dict()
     ckpt.save(lm, meta, accelerator=accelerator, extra_files={
-        "optimizer.pt": lambda p: torch.save(optimizer.state_dict(), p),
+        "optimizer.pt": lambda p: torch.save(opt_state, p),
         "scheduler.pt": lambda p: torch.save(scheduler.state_dict(), p),
         "state.json": lambda p: p.write_text(json.dumps(state)),
         "rng": _moved_rngs,
@@ -204,8 +257,16 @@ def load_checkpoint(accelerator, lm, optimizer, scheduler, ckpt: Path) -> dict:
         # Weights and optimizer are process-count independent; only the RNG streams are per process.
         accelerator.print(f"resume: checkpoint written by {state['num_processes']} processes, running "
                           f"{accelerator.num_processes}: RNG streams are not restored exactly")
-    RunDir(Path(ckpt)).load_weights(accelerator.unwrap_model(lm), strict_trainable=True)
-    optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False))
+    module = accelerator.unwrap_model(lm)
+    if (state.get("optimizer") == "full") != is_sharded(module):
+        raise ValueError(f"resume: {ckpt} was written by a {'sharded' if state.get('optimizer') else 'unsharded'} "
+                         "run; resume it with the same --fsdp setting")
+    RunDir(Path(ckpt)).load_weights(module, strict_trainable=True)
+    opt_state = torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False)
+    if is_sharded(module):
+        load_full_optimizer_state(module, optimizer, opt_state)
+    else:
+        optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(torch.load(Path(ckpt) / "scheduler.pt", weights_only=False))
     rng = Path(ckpt) / f"rng-{accelerator.process_index}.pt"
     if rng.is_file():

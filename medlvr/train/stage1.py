@@ -182,7 +182,11 @@ class SFTObjective:
 
     Data order: epoch e is a permutation of the records drawn from (seed, e) alone; the data
     position is (epoch, micro-batch index in the epoch). A partial last micro-batch is
-    dropped, so every update sees the same number of samples."""
+    dropped, so every update sees the same number of samples.
+
+    Runs sharded (``--fsdp``, medlvr/train/fsdp.py): the loss is a per-sample mean over the
+    global batch whatever holds the weights."""
+    supports_fsdp = True
 
     def __init__(self, lm: LatentLM, processor: Any, records: Sequence[Any], cfg: Any):
         if len(records) < cfg.batch_size:
@@ -303,7 +307,11 @@ def stage1_main(args: argparse.Namespace) -> dict:
                        lora_alpha=args.lora_alpha)
     lcfg = loop_config_from_args(args)
     model, processor = load(args.model, dtype=torch.float32, seed=lcfg.seed)
-    lm = build_trainable(model, processor, cfg)
+    # The new weights (LoRA A, the projector) from --seed too: a rerun, and every process of a
+    # sharded run (medlvr/train/fsdp.py checks they agree), starts from the same init.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(lcfg.seed)
+        lm = build_trainable(model, processor, cfg)
     return train_stage1(lm, processor, records, lcfg, base=args.model, desc=f"sft K={cfg.k_latent} {cfg.mode}")
 
 

@@ -52,6 +52,7 @@ from typing import Any, Sequence
 
 import torch
 
+from medlvr.train.fsdp import gathered, is_sharded
 from medlvr.train.loop import LoopConfig, Updater, train_loop
 from medlvr.train.rewards import outcome_rewards
 from medlvr.train.rollout import RolloutEngine, Rollouts
@@ -77,6 +78,7 @@ class VLPOObjective:
     The gradient-carrying module is the :class:`PolicyScorer` (policy + projector):
     rollouts and the no-grad passes use the bare model, only the scoring pass with gradients
     runs through the prepared (DDP / FSDP) module, so gradients are synced."""
+    supports_fsdp = True  # --fsdp: the reference must then be the adapter (or no KL); a copy is not sharded
 
     def __init__(self, model: torch.nn.Module, processor: Any, records: Sequence[Any], cfg: VLPOConfig, *,
                  projector: torch.nn.Module | None = None, reference: str = "auto", on_step: Any = None):
@@ -105,6 +107,10 @@ class VLPOObjective:
         rank = acc.process_index if acc is not None else 0
         self.device = next(model.parameters()).device
         self.ref_model = self.ref_projector = None
+        self.sharded = is_sharded(updater.module)
+        if self.sharded and cfg.kl_beta > 0 and self.reference == "copy":
+            raise ValueError("fsdp: VLPO's frozen-copy reference is not sharded; use a fresh LoRA (the reference "
+                             "is then the adapter switched off) or --kl-beta 0")
         if cfg.kl_beta > 0:
             if self.reference == "copy":
                 self.ref_model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
@@ -117,7 +123,10 @@ class VLPOObjective:
         # One engine for the whole run (static cache sized at the first step, grown only if a
         # later prompt is longer); it reads the policy's modules by reference, so it rolls out
         # the weights each optimizer step leaves.
-        self.engine = RolloutEngine(model, projector=self.projector) if cfg.rollout_backend == "engine" else None
+        # Sharded: the engine runs on weights FSDP gathers anew each step (new storage), which a
+        # captured CUDA graph would not see.
+        self.engine = (RolloutEngine(model, projector=self.projector, use_cuda_graphs=False if self.sharded else "auto")
+                       if cfg.rollout_backend == "engine" else None)
         self.rng = random.Random(cfg.seed + rank)
         self.order: list[int] = []
 
@@ -150,9 +159,11 @@ class VLPOObjective:
         batch = collate(current, self.processor, k_latent=cfg.k_latent, with_answer=False,
                         latent_token_ids=self.latent_ids, padding_side="left").to(self.device)
         t0 = time.perf_counter()
-        metrics = vlpo_step(self.model, batch, reward_fn, updater, cfg, tokens=self.tokens, generator=self.generator,
-                            ref_model=self.ref_model, projector=self.projector, ref_projector=self.ref_projector,
-                            rollout_engine=self.engine)
+        # Sharded: rollouts and no-grad scoring read the weights outside the units' forwards.
+        with gathered(updater.module):
+            metrics = vlpo_step(self.model, batch, reward_fn, updater, cfg, tokens=self.tokens,
+                                generator=self.generator, ref_model=self.ref_model, projector=self.projector,
+                                ref_projector=self.ref_projector, rollout_engine=self.engine)
         row = {"step": step, **metrics, "time_s": time.perf_counter() - t0}
         if self.on_step is not None:
             row.update(self.on_step(step, row) or {})
@@ -167,7 +178,7 @@ class VLPOObjective:
 def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], cfg: VLPOConfig, *,
                accelerator: Any = None, progress: bool = True, log_path: str | os.PathLike | None = None,
                projector: torch.nn.Module | None = None, reference: str = "auto",
-               mixed_precision: str = "auto", on_step: Any = None) -> list[dict]:
+               mixed_precision: str = "auto", on_step: Any = None, fsdp: bool = False) -> list[dict]:
     """Run ``cfg.steps`` VLPO steps over ``records`` (medlvr.train.data.Record) in place, in
     the shared training loop (AdamW at the constant ``cfg.lr``, clipping to
     ``cfg.max_grad_norm``; ``accelerator`` default: medlvr.train.loop.make_accelerator with
@@ -199,6 +210,6 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
         return []
     loop = LoopConfig(out_dir=str(Path(log_path).parent) if log_path else ".", max_steps=cfg.steps,
                       batch_size=cfg.batch_prompts, lr=cfg.lr, schedule="constant", max_grad_norm=cfg.max_grad_norm,
-                      seed=cfg.seed, progress=progress, mixed_precision=mixed_precision)
+                      seed=cfg.seed, progress=progress, mixed_precision=mixed_precision, fsdp=fsdp)
     train_loop(objective, loop, accelerator=accelerator, desc="vlpo", metrics_path=log_path, append_metrics=True)
     return objective.history

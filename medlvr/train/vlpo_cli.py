@@ -37,6 +37,8 @@ def add_vlpo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="autocast of the training passes: auto = bf16 on a GPU, none on the CPU (rollouts "
                         "run in the weights' dtype)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the policy over the processes (FSDP2, docs/distributed.md)")
     g = p.add_argument_group("VLPO")
     g.add_argument("--k-latent", type=int, default=None,
                    help=f"latent steps K (default: the --init run's K, else {d.k_latent})")
@@ -81,7 +83,9 @@ def vlpo_main(args: argparse.Namespace) -> dict:
         model, processor = load(args.model, dtype=dtype, device=device, seed=args.seed)
         k_default = VLPOConfig().k_latent if args.k_latent is None else args.k_latent
         s1 = Stage1Config(k_latent=k_default, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha)
-        lm = build_trainable(model, processor, s1).to(device)
+        with torch.random.fork_rng(devices=[]):  # the new LoRA weights from --seed: reruns agree
+            torch.manual_seed(args.seed)
+            lm = build_trainable(model, processor, s1).to(device)
         base, stage1 = args.model, dataclasses.asdict(s1)
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(VLPOConfig) if f.name != "k_latent"}
     cfg = VLPOConfig(k_latent=k_default if args.k_latent is None else args.k_latent, **fields)
@@ -97,7 +101,7 @@ def vlpo_main(args: argparse.Namespace) -> dict:
     # model), so the KL reference is then a frozen copy; a fresh adapter is simply disabled.
     accelerator = make_accelerator(args.mixed_precision, device=device.type)
     history = train_vlpo(lm, processor, records, cfg, progress=not args.no_progress, log_path=metrics_path,
-                         reference="auto", accelerator=accelerator)
+                         reference="auto", accelerator=accelerator, fsdp=args.fsdp)
     stage1 = {**stage1, "k_latent": cfg.k_latent}
     RunDir(out / "final").save(lm, run_meta(base=base, stage1=stage1, vlpo=dataclasses.asdict(cfg), init=args.init),
                              accelerator=accelerator)

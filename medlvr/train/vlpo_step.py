@@ -17,6 +17,7 @@ import torch
 from medlvr.models.hf import unwrap
 from medlvr.ops import fusable_lm_head, fused_vlpo_loss
 from medlvr.reference.vlpo_loss import gaussian_kl, group_advantages, latent_scale, vlpo_loss
+from medlvr.train.fsdp import fusable_head, with_head_weight
 from medlvr.train.loop import Updater
 from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_states,
                                   prompt_inputs, sample_rollouts, state_logprobs, vision_frozen)
@@ -178,14 +179,15 @@ def _loss(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, proje
                  kl_beta=cfg.kl_beta, token_ref=x.token_ref, latent_scale=scale)
     use_kl = cfg.kl_beta > 0 and st.mu is not None and x.mu_ref is not None
     head = unwrap(model).lm_head
-    if cfg.fused_loss and fusable_lm_head(head):
+    if cfg.fused_loss and (fusable_lm_head(head) or fusable_head(head)):
         latent_old = x.latent_old
         if latent_old is None and st.mu is None:  # latent positions without a Gaussian (sigma 0): log-prob 0
             latent_old = torch.zeros(ro.latents.shape[:2], dtype=torch.float32, device=ro.latents.device)
-        loss, tok, lat = fused_vlpo_loss(st.answer, head.weight, ro.tokens, ro.token_mask, x.token_old, x.advantages,
-                                         latent_old=latent_old, mu=st.mu, z=None if st.mu is None else ro.latents,
-                                         latent_sigma=cfg.latent_sigma, temperature=cfg.temperature, bias=head.bias,
-                                         mu_ref=x.mu_ref if use_kl else None, **terms)
+        # An FSDP-sharded head is gathered by FSDP around the op (medlvr/train/fsdp.py).
+        loss, tok, lat = with_head_weight(head, lambda weight, bias, h: fused_vlpo_loss(
+            h, weight, ro.tokens, ro.token_mask, x.token_old, x.advantages, latent_old=latent_old, mu=st.mu,
+            z=None if st.mu is None else ro.latents, latent_sigma=cfg.latent_sigma, temperature=cfg.temperature,
+            bias=bias, mu_ref=x.mu_ref if use_kl else None, **terms), st.answer)
         kl = gaussian_kl(st.mu.detach(), x.mu_ref, cfg.latent_sigma) if use_kl else None
         return loss, tok, lat, kl
     tok, lat = state_logprobs(model, ro, st, temperature=cfg.temperature, latent_sigma=cfg.latent_sigma)
