@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from medlvr.engine.holder import EngineHolder
 from medlvr.models import hf as hfm
 from medlvr.ops import latent_gaussian_logprob, lm_head_logprobs
 from medlvr.reference.latent_loop import latent_loop
@@ -128,48 +129,9 @@ class Rollouts:
     latent_mu: torch.Tensor | None = None
 
 
-class RolloutEngine:
-    """A ``LatentEngine`` for one policy, built on first use and reused by every later
-    rollout (one per ``train_vlpo`` call).
-
-    The engine reads the model's modules by reference (medlvr/engine/engine.py), so the
-    weights an optimizer step updates in place, LoRA adapters included, are what the next
-    rollout runs. Capacity: ``max_batch`` = the rollout rows (prompts x n) and ``max_len`` =
-    longest prompt + K + max_new_tokens, rounded up to ``len_multiple``; a later batch that
-    needs more (a longer prompt) rebuilds it once at the larger size, never smaller.
-    """
-
-    def __init__(self, model: torch.nn.Module, *, projector: torch.nn.Module | None = None,
-                 use_cuda_graphs: bool | str = "auto", len_multiple: int = 64):
-        if len_multiple < 1:
-            raise ValueError(f"len_multiple must be >= 1, got {len_multiple}")
-        self.model = hfm.unwrap(model)
-        self.projector = projector
-        self.use_cuda_graphs = use_cuda_graphs
-        self.len_multiple = len_multiple
-        self.engine = None
-        self.builds = 0
-
-    def get(self, *, rows: int, max_len: int, prompts: int = 0, prompt_len: int = 0):
-        """The engine, (re)built when ``rows`` / ``max_len`` (or, for grouped rollouts, the
-        shared prompt cache's ``prompts`` / ``prompt_len``) exceed its capacity."""
-        from medlvr.engine import LatentEngine
-
-        e = self.engine
-        m = self.len_multiple
-        up = lambda n: -(-n // m) * m  # noqa: E731
-        if (e is None or rows > e.max_batch or max_len > e.max_len or prompts > e.max_prompts
-                or (prompts > 0 and prompt_len > e.max_prompt_len)):
-            max_batch = max(rows, e.max_batch if e is not None else 0)
-            max_len = max(up(max_len), e.max_len if e is not None else 0)
-            max_prompts = max(prompts, e.max_prompts if e is not None else 0)
-            max_prompt_len = max(up(max(prompt_len, 1)), e.max_prompt_len if e is not None and e.max_prompts else 0)
-            self.engine = None  # drop the old static cache before allocating the new one
-            self.engine = LatentEngine(self.model, max_batch=max_batch, max_len=max_len, projector=self.projector,
-                                       use_cuda_graphs=self.use_cuda_graphs, max_prompts=max_prompts,
-                                       max_prompt_len=max_prompt_len if max_prompts else None)
-            self.builds += 1
-        return self.engine
+# The VLPO trainer's name for the engine holder (medlvr/engine/holder.py): one per
+# ``train_vlpo`` call, reused by every rollout of it.
+RolloutEngine = EngineHolder
 
 
 def _repeat_rows(model: torch.nn.Module, batch: Any, n: int) -> dict[str, torch.Tensor]:
@@ -273,7 +235,7 @@ def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, to
     P = mask.shape[0]
     prompt_max = int(mask.long().sum(-1).max())
     if engine is None:
-        engine = RolloutEngine(model, projector=projector, len_multiple=1)
+        engine = EngineHolder(model, projector=projector, len_multiple=1)
     elif engine.projector is not projector:
         raise ValueError("engine: its projector differs from the rollout's projector argument")
     # The engine's exact need: (prompt +) K latents + <|latent_end|> + every token but the last.
