@@ -22,11 +22,12 @@ def as_mapping(batch) -> Mapping[str, torch.Tensor]:
     raise TypeError(f"batch must be a dict of tensors (or a collate Batch), got {type(batch).__name__}")
 
 
-def checked_batch(batch, engine, group_size: int | None = None) -> dict[str, torch.Tensor]:
-    """The batch as a dict on the engine's device, checked by the model's adapter and
-    against the engine's capacity (max_batch, max_len; with ``group_size``, grouped
-    generation: prompts x group_size rows <= max_batch, prompts <= max_prompts, the
-    prompt in max_prompt_len)."""
+def checked_batch(batch, engine, group_size: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """(the batch as a dict on the engine's device, its longest unpadded prompt), checked by
+    the model's adapter and against the engine's capacity (max_batch, max_len; with
+    ``group_size``, grouped generation: prompts x group_size rows <= max_batch, prompts <=
+    max_prompts, the prompt in max_prompt_len). The longest prompt is the call's one read
+    of the prompt lengths from the device (a host sync); the phases take it from here."""
     max_batch, device = engine.max_batch, engine.device
     max_len = engine.max_len if group_size is None else engine.max_prompt_len
     batch = as_mapping(batch)
@@ -46,7 +47,7 @@ def checked_batch(batch, engine, group_size: int | None = None) -> dict[str, tor
     if n_max > max_len or batch["input_ids"].shape[1] > max_len:
         raise ValueError(f"prompt of {batch['input_ids'].shape[1]} tokens ({n_max} unpadded) does not fit "
                          f"{'max_len' if group_size is None else 'max_prompt_len'} {max_len}")
-    return batch
+    return batch, n_max
 
 
 def positive_int(name: str, value) -> int:
