@@ -19,12 +19,10 @@ Two rollout backends give the same rollouts (``sample_rollouts(backend=...)``,
 
 - "engine" (default): ``medlvr.engine.LatentEngine.generate`` with ``latent_noise_std``
   and ``group_size=n``: each prompt prefilled once, its K/V shared by its n rows
-  (medlvr/engine/group.py); static KV cache, decode kernels, CUDA graphs on GPU.
-- "engine_rows": the same engine with every prompt repeated n times as independent rows
-  (n prefills, n prompt caches); the same rollouts, kept for comparison
-  (tests/train/test_rollout_group.py, benchmarks/bench_group_rollouts.py). :class:`RolloutEngine` builds the
-  engine once and reuses it across VLPO steps; it holds references to the model's
-  modules, so optimizer steps (LoRA included) are seen by the next rollout.
+  (medlvr/engine/group.py); static KV cache, decode kernels, CUDA graphs on GPU. The
+  engine comes from an :class:`medlvr.engine.EngineHolder` (``RolloutEngine``), built once
+  and reused across VLPO steps; it holds references to the model's modules, so optimizer
+  steps (LoRA included) are seen by the next rollout.
 - "hf": the plain-HF KV-cached loop of medlvr/reference/latent_loop.py, the engine's
   outside reference, kept as a fallback (models the engine has no adapter for) and as the
   test reference.
@@ -56,7 +54,7 @@ from medlvr.reference.latent_loop import latent_loop
 __all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "PolicyStates", "image_features", "vision_frozen", "prompt_inputs",
            "sample_rollouts", "policy_states", "state_logprobs", "policy_forward"]
 
-BACKENDS = ("engine", "engine_rows", "hf")
+BACKENDS = ("engine", "hf")
 
 
 def _field(batch: Any, name: str):
@@ -134,42 +132,6 @@ class Rollouts:
 RolloutEngine = EngineHolder
 
 
-def _repeat_rows(model: torch.nn.Module, batch: Any, n: int) -> dict[str, torch.Tensor]:
-    """The engine's input batch with every prompt repeated n times (row i*n + j), images
-    included: each sample's images (consecutive grids in packing order, as the adapter
-    checks) are repeated with it."""
-    hf = hfm.unwrap(model)
-    ids, mask = _field(batch, "input_ids"), _field(batch, "attention_mask")
-    pv, grid, mm = _field(batch, "pixel_values"), _field(batch, "image_grid_thw"), _field(batch, "mm_token_type_ids")
-    out = {"input_ids": ids.repeat_interleave(n, 0), "attention_mask": mask.repeat_interleave(n, 0)}
-    if mm is not None:
-        out["mm_token_type_ids"] = mm.repeat_interleave(n, 0)
-    if pv is None:
-        return out
-    merge = int(hf.config.vision_config.spatial_merge_size)
-    patches = grid.prod(-1).tolist()
-    tokens_per_image = [p // merge ** 2 for p in patches]
-    starts = [0]
-    for p in patches:
-        starts.append(starts[-1] + p)
-    per_sample = (ids.eq(hf.config.image_token_id) & mask.bool()).sum(-1).tolist()
-    pv_rows, grid_rows, i = [], [], 0
-    for b, want in enumerate(per_sample):
-        first, got = i, 0
-        while got < want and i < len(patches):
-            got += tokens_per_image[i]
-            i += 1
-        if got != want:
-            raise ValueError(f"batch sample {b} holds {want} image tokens, which do not match its images' grids "
-                             f"in image_grid_thw {grid.tolist()}")
-        if i > first:
-            pv_rows.append(pv[starts[first]:starts[i]].repeat(n, 1))
-            grid_rows.append(grid[first:i].repeat(n, 1))
-    out["pixel_values"] = torch.cat(pv_rows)
-    out["image_grid_thw"] = torch.cat(grid_rows)
-    return out
-
-
 def _field_dict(batch: Any) -> dict[str, torch.Tensor]:
     """The engine's input fields of a prompt batch (a dict or a collate Batch)."""
     names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
@@ -211,11 +173,11 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
     images itself).
     """
     _check_rollout_args(n, k_latent, latent_sigma, temperature, top_p, max_new_tokens, backend)
-    if backend in ("engine", "engine_rows"):
+    if backend == "engine":
         return _engine_rollouts(model, batch, n=n, k_latent=k_latent, latent_sigma=latent_sigma,
                                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 latent_end_id=latent_end_id, stop_id=stop_id, pad_id=pad_id, generator=generator,
-                                projector=projector, vision=vision, engine=engine, grouped=backend == "engine")
+                                projector=projector, vision=vision, engine=engine)
     prompt = prompt_inputs(model, batch, repeat=n, vision=vision)
     out = latent_loop(model, prompt, k=k_latent, max_new_tokens=max_new_tokens, first_token=latent_end_id,
                       projector=projector, latent_noise_std=float(latent_sigma), temperature=float(temperature),
@@ -225,12 +187,10 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
 
 
 def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, top_p, max_new_tokens,
-                     latent_end_id, stop_id, pad_id, generator, projector, vision, engine,
-                     grouped: bool = True) -> Rollouts:
+                     latent_end_id, stop_id, pad_id, generator, projector, vision, engine) -> Rollouts:
     """sample_rollouts through LatentEngine: prefill -> K fixed latent steps with noise ->
-    <|latent_end|> -> answer (the same sequence policy_forward scores). grouped: the n
-    rows of a prompt share its prefill and K/V (group_size=n); else the prompts are
-    repeated n times as independent rows."""
+    <|latent_end|> -> answer (the same sequence policy_forward scores). The n rows of a
+    prompt share its prefill and K/V (group_size=n)."""
     mask = _field(batch, "attention_mask")
     P = mask.shape[0]
     prompt_max = int(mask.long().sum(-1).max())
@@ -238,13 +198,10 @@ def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, to
         engine = EngineHolder(model, projector=projector, len_multiple=1)
     elif engine.projector is not projector:
         raise ValueError("engine: its projector differs from the rollout's projector argument")
-    # The engine's exact need: (prompt +) K latents + <|latent_end|> + every token but the last.
-    if grouped:
-        rows, group = _field_dict(batch), dict(group_size=n)
-        eng = engine.get(rows=P * n, max_len=k_latent + max_new_tokens, prompts=P, prompt_len=prompt_max)
-    else:
-        rows, group = _repeat_rows(model, batch, n), {}
-        eng = engine.get(rows=P * n, max_len=prompt_max + k_latent + max_new_tokens)
+    # The engine's exact need: the prompt in the shared prompt cache; in each row's own cache
+    # K latents + <|latent_end|> + every answer token but the last.
+    rows, group = _field_dict(batch), dict(group_size=n)
+    eng = engine.get(rows=P * n, max_len=k_latent + max_new_tokens, prompts=P, prompt_len=prompt_max)
     kw = dict(temperature=float(temperature), top_p=float(top_p), stop_ids=[stop_id], pad_id=pad_id,
               generator=generator)
     if k_latent > 0:
