@@ -44,7 +44,7 @@ from medlvr.engine.cache import StaticKVCache
 from medlvr.engine.fused import FusedProjections
 from medlvr.engine.graphs import GraphRunner
 from medlvr.engine.request import (FROM_SEGMENT, GenerateOutput, LatentSegment, SegmentParams, TextOutput, TextParams,
-                                   as_mapping, check_generator, checked_batch, count, positive_int)
+                                   as_mapping, check_generator, checked_batch, non_negative_int, positive_int)
 from medlvr.engine.state import DecodeState
 from medlvr.engine.step import DecodeStep
 
@@ -86,7 +86,7 @@ class LatentEngine:
                  projector_logits: bool = False):
         positive_int("max_batch", max_batch)
         positive_int("max_len", max_len)
-        count("max_prompts", max_prompts)
+        non_negative_int("max_prompts", max_prompts)
         self.max_prompts = max_prompts
         self.max_prompt_len = max_len if max_prompt_len is None else positive_int("max_prompt_len", max_prompt_len)
         self.model = model

@@ -52,7 +52,7 @@ def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor, batch: Mapping
         per_row = per_row.reshape(per_row.shape[0], -1).mean(dim=1)
     # Per-sample sums as a masked (B, R) sum over rows, not index_add: on CUDA index_add of
     # floats uses atomics, whose order (hence the fp32 rounding) varies from run to run, so
-    # the stage-1 term was not deterministic although roi_align_loss is. A reduction over a
+    # the stage-1 term would not be deterministic although roi_align_loss is. A reduction over a
     # fixed axis is. R (boxes per batch) is small, so the (B, R) mask costs nothing.
     member = (sample[None, :] == torch.arange(B, device=sample.device)[:, None]).to(torch.float32)
     counts = member.sum(1)

@@ -31,7 +31,7 @@ Both draw their randomness from the caller's generator in the engine's order: th
 noise as one (R, K, D) normal tensor in the model dtype (only when sigma > 0 and K > 0),
 then one (R, V) tensor of Exp(1) variates per answer token, from which the token is the
 "exponential race" sample argmax_i p_i / E_i over the top-p nucleus (an exact sample of
-the nucleus distribution, see medlvr/engine/sampling.py). With the same seed the two
+the nucleus distribution, see medlvr/reference/sampling.py). With the same seed the two
 backends therefore give the same rollouts up to floating-point differences of the
 kernels (tests/train/test_vlpo.py checks z, mu, tokens and log-probs).
 

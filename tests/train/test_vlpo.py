@@ -259,7 +259,7 @@ def test_rollouts_shapes_masks_and_seeded_determinism(model):
 
 def test_top_p_filter_keeps_the_smallest_nucleus():
     # VLPO's rollouts use the engine's one top-p filter (on probabilities).
-    from medlvr.engine.sampling import top_p_filter
+    from medlvr.reference.sampling import top_p_filter
 
     probs = torch.tensor([[0.2, 0.5, 0.3], [0.7, 0.2, 0.1]])
     out = top_p_filter(probs, torch.tensor(0.7))
