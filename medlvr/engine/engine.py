@@ -171,26 +171,21 @@ class LatentEngine:
                                   stop_first=stop_first)
         check_generator(generator, self.device)
         batch, prompt_max = checked_batch(batch, self, group_size)
-        # Grouped rows keep the prompt in the shared prompt cache, not in their own.
-        own_prompt = prompt_max if group_size is None else 0
+        own_prompt = prompt_max if group_size is None else 0  # grouped: the prompt is in the shared prompt cache
         need = own_prompt + k_max + text.feeds
         if need > self.max_len:
             raise ValueError(f"sequence too long for the cache: prompt {own_prompt} + k_max {k_max} + "
                              f"{text.feeds} fed text tokens = {need} > max_len {self.max_len}")
         prompt_lengths = self._prefill(batch, prompt_max, group_size)
-        latents = self._segment(seg, generator)
-        answer = self._decode(text, generator)
-        return GenerateOutput(latents=latents.latents, latent_hidden=latents.latent_hidden,
-                              num_latent=latents.num_latent, tokens=answer.tokens,
-                              token_logprobs=answer.token_logprobs, text_lengths=answer.text_lengths,
-                              prompt_lengths=prompt_lengths, logits=answer.logits)
+        lat, answer = self._segment(seg, generator), self._decode(text, generator)
+        return GenerateOutput(latents=lat.latents, latent_hidden=lat.latent_hidden, num_latent=lat.num_latent,
+                              tokens=answer.tokens, token_logprobs=answer.token_logprobs,
+                              text_lengths=answer.text_lengths, prompt_lengths=prompt_lengths, logits=answer.logits)
 
     def prefill(self, batch: Mapping[str, torch.Tensor], *, group_size: int | None = None) -> torch.Tensor:
-        """Run the HF model over the left-padded prompts, fill the static cache, set
-        each sample's next position and first latent input. Returns prompt lengths (B).
-        group_size=G: grouped generation (see generate); returns (P * G) lengths."""
-        batch, prompt_max = checked_batch(batch, self, group_size)
-        return self._prefill(batch, prompt_max, group_size)
+        """Run the HF model over the left-padded prompts, fill the static cache, set each sample's next
+        position and first latent input. Returns prompt lengths: (B), or (P * G) with group_size=G."""
+        return self._prefill(*checked_batch(batch, self, group_size), group_size)
 
     def latent_segment(self, k_max: int, *, exit: str = "fixed", exit_threshold: float | None = None,
                        latent_end_id: int | None = None, latent_noise_std: float = 0.0,
@@ -263,8 +258,7 @@ class LatentEngine:
 
     # ================================================================ the three phases (arguments checked)
     def _prefill(self, batch: Mapping[str, torch.Tensor], host_len: int, group_size: int | None = None) -> torch.Tensor:
-        """host_len: the longest unpadded prompt (checked_batch's read), the cache positions
-        the host knows are filled."""
+        """host_len: the longest unpadded prompt, as checked_batch read it (no second read)."""
         with self._inference():
             pre = self.adapter.prefill(batch)
             project = self.projector is not None and self.project_first
