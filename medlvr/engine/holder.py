@@ -31,8 +31,6 @@ from medlvr.engine.adapters import adapter_for
 from medlvr.engine.engine import LatentEngine
 from medlvr.models import hf
 
-import medlvr.engine as _package
-
 __all__ = ["EngineHolder", "holder_for", "release"]
 
 
@@ -82,9 +80,7 @@ class EngineHolder:
         max_prompt_len = max(self._round(max(prompt_len, 1)),
                              e.max_prompt_len if e is not None and e.max_prompts else 0)
         self.engine = None  # free the old static cache before allocating the new one
-        # The class is read from the package at build time: an instrumented subclass set
-        # there (the tests count builds that way) is what every holder builds.
-        self.engine = _package.LatentEngine(self.model, max_batch=max_batch, max_len=max_len, projector=self.projector,
+        self.engine = LatentEngine(self.model, max_batch=max_batch, max_len=max_len, projector=self.projector,
                                    use_cuda_graphs=self.use_cuda_graphs, max_prompts=max_prompts,
                                    max_prompt_len=max_prompt_len if max_prompts else None,
                                    project_first=self.project_first, projector_logits=self.projector_logits)

@@ -174,16 +174,16 @@ def test_eval_main_pairs_runs_and_ablates(tmp_path, capsys):
 
 
 def _count_engines(monkeypatch) -> list:
-    import medlvr.engine
+    import medlvr.engine.holder
 
     built = []
 
-    class Counted(medlvr.engine.LatentEngine):
+    class Counted(medlvr.engine.holder.LatentEngine):
         def __init__(self, *a, **kw):
             built.append(1)
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(medlvr.engine, "LatentEngine", Counted)
+    monkeypatch.setattr(medlvr.engine.holder, "LatentEngine", Counted)
     return built
 
 

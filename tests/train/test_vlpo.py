@@ -568,18 +568,18 @@ def test_train_vlpo_with_accelerator_full_finetune(tmp_path, monkeypatch):
 
     from accelerate import Accelerator
 
-    import medlvr.engine
+    import medlvr.engine.holder
     from medlvr.models import build_default
     from medlvr.train.vlpo import train_vlpo
 
     built = []
 
-    class CountingEngine(medlvr.engine.LatentEngine):
+    class CountingEngine(medlvr.engine.holder.LatentEngine):
         def __init__(self, *a, **kw):
             built.append((kw["max_batch"], kw["max_len"]))
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(medlvr.engine, "LatentEngine", CountingEngine)
+    monkeypatch.setattr(medlvr.engine.holder, "LatentEngine", CountingEngine)  # where every engine is built
 
     _, records = _synth_records(tmp_path, 3)
     model, processor = build_default(seed=0)
