@@ -15,15 +15,15 @@ Providers (each in a dtype it supports: the "dtype" column says which):
                    full copy) + the loss. Bilinear pooling, so it is a peer of
                    pooling="bilinear", the closest library op to either pooling. It has no
                    bf16 CUDA kernel: it then runs on fp32 copies made outside the timing.
-  medlvr           medlvr.ops.roi_align_loss, boxes per call (the old argument form: the
-                   op checks and lays out the boxes every call), with a geometry prepared
+  medlvr           medlvr.ops.roi_align_loss, boxes per call (prepare_roi_geometry in the
+                   call: the boxes checked and laid out every call), with a geometry prepared
                    once per batch (geometry=), and (CUDA) that call captured in a CUDA
                    graph. On CUDA the Triton kernels; on CPU the reference path (Triton
                    needs a GPU): the table says "reference path".
   stage-1 term     medlvr.train.roi.roi_alignment as stage 1 calls it: gather each
                    box's sample from the latent states (B K D), the loss per box, the mean
                    per sample, and the backward into the latent states; with the batch's
-                   geometry from collate, and without (the op then prepares it).
+                   geometry from collate, and with one prepared in the call.
 Columns: forward and forward+backward (latents' gradient; vision tokens' too with
 --grad-vision) median ms, peak extra memory of forward+backward, and the memory floor
 (roi_align_loss_memory_floor in the provider's dtype: latents + the vision tokens some
@@ -147,16 +147,23 @@ class Case:
             x.grad = None
 
     def op_old(self):
-        return roi_align_loss(self.latents, self.tokens, self.grid_thw, self.boxes, self.box_image, bins=self.bins,
+        """The geometry prepared in the call from the boxes (on their device), then the op."""
+        from medlvr.ops.roi_align_loss import prepare_roi_geometry
+
+        geometry = prepare_roi_geometry(self.grid_thw, self.boxes, self.box_image, bins=self.bins)
+        return roi_align_loss(self.latents, self.tokens, geometry=geometry.to(self.latents.device),
                               detach_target=not self.grad_vision)
 
     def op_geometry(self):
         return roi_align_loss(self.latents, self.tokens, geometry=self.geometry, detach_target=not self.grad_vision)
 
     def stage1(self, with_geometry: bool):
+        from medlvr.ops.roi_align_loss import prepare_roi_geometry
         from medlvr.train.roi import roi_alignment
 
-        batch = {**self.batch, "roi_geometry": self.geometry} if with_geometry else self.batch
+        geometry = self.geometry if with_geometry else prepare_roi_geometry(
+            self.batch["image_grid_thw"], self.batch["roi_boxes"], self.batch["roi_image"], bins=self.bins)
+        batch = {**self.batch, "roi_geometry": geometry}
         # stage 1 adds the per-sample term to the per-sample CE and takes the batch mean
         return roi_alignment(self.hidden, self.tokens, batch).mean()
 

@@ -1,6 +1,6 @@
 // Schemas of every medlvr op (torch.ops.medlvr.*) and the Python module medlvr._C.
 // Kernels register per backend in their own files (TORCH_LIBRARY_IMPL); the fake/meta
-// kernels that let torch.compile trace these ops live in medlvr/ops/_fake.py.
+// kernels that let torch.compile trace these ops live in medlvr/ops/logprobs.py (_register_fakes).
 #include <torch/extension.h>
 #include <torch/library.h>
 

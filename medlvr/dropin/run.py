@@ -11,7 +11,6 @@ engine feeds the latents in their place. Every check runs before the engine does
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -19,12 +18,8 @@ import torch
 from torch import nn
 
 from medlvr.dropin.spec import LatentSpec, ResolvedTokens
-from medlvr.engine import LatentEngine
-from medlvr.engine.adapters import adapter_for
+from medlvr.engine import adapter_for, holder_for
 from medlvr.models import hf
-
-# model -> its engine, rebuilt when a request outgrows it (weak: dies with the model)
-_ENGINES: "weakref.WeakKeyDictionary[nn.Module, LatentEngine]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -106,22 +101,6 @@ def engine_prompts(inputs: Mapping[str, Any], spec: LatentSpec, tok: ResolvedTok
     return batch, (counts if spec.placement == "placeholders" else None)
 
 
-def _engine(model: nn.Module, batch: int, length: int, projector, spec: LatentSpec) -> LatentEngine:
-    eng = _ENGINES.get(model)
-    flags = dict(project_first=spec.project_first, projector_logits=spec.projector_logits)
-    if eng is None or eng.max_batch < batch or eng.max_len < length or eng.projector is not projector \
-            or (eng.project_first, eng.projector_logits) != tuple(flags.values()):
-        cap = 64
-        while cap < length:
-            cap *= 2
-        limit = adapter_for(model).max_positions
-        cap = min(cap, limit) if limit is not None else cap
-        size = max(batch, eng.max_batch if eng is not None else 1)
-        eng = LatentEngine(model, max_batch=size, max_len=max(cap, length), projector=projector, **flags)
-        _ENGINES[model] = eng
-    return eng
-
-
 def _stop_ids(model, tokenizer, stop_ids):
     if stop_ids is not None:
         return list(stop_ids)
@@ -139,7 +118,7 @@ def generate(model: nn.Module, inputs: Mapping[str, Any], spec: LatentSpec | str
     end token -> answer. ``inputs``: the tokenizer's / processor's output (input_ids,
     attention_mask, and pixel_values / image_grid_thw for VLMs). ``tokenizer`` resolves
     token names and gives the eos id (stop_ids default). The engine is built on first use
-    and cached per model."""
+    and kept per model (medlvr.engine.holder_for; medlvr.engine.holder.release frees it)."""
     spec = _spec(spec)
     model = hf.unwrap(model)
     adapter = adapter_for(model)  # unsupported model types fail here, listing the supported ones
@@ -161,7 +140,8 @@ def generate(model: nn.Module, inputs: Mapping[str, Any], spec: LatentSpec | str
         end_emb = getattr(model, end_emb)
     projector = spec.projector if spec.projector is not None else getattr(model, "latent_projector", None)
     need = int(batch["attention_mask"].sum(-1).max()) + k + max_new_tokens
-    eng = _engine(model, batch["input_ids"].shape[0], need, projector, spec)
+    eng = holder_for(model, projector=projector, project_first=spec.project_first,
+                     projector_logits=spec.projector_logits).get(rows=batch["input_ids"].shape[0], max_len=need)
     out = eng.generate(batch, k_max=k, exit=spec.exit, exit_threshold=spec.exit_threshold,
                        exit_scope=spec.exit_scope, exit_distance=spec.exit_distance,
                        exit_distance_on=spec.exit_distance_on, exit_check_start=spec.exit_check_start,

@@ -44,7 +44,7 @@ from medlvr.engine.cache import StaticKVCache
 from medlvr.engine.fused import FusedProjections
 from medlvr.engine.graphs import GraphRunner
 from medlvr.engine.request import (FROM_SEGMENT, GenerateOutput, LatentSegment, SegmentParams, TextOutput, TextParams,
-                                   as_mapping, check_generator, checked_batch, count, positive_int)
+                                   as_mapping, check_generator, checked_batch, non_negative_int, positive_int)
 from medlvr.engine.state import DecodeState
 from medlvr.engine.step import DecodeStep
 
@@ -86,7 +86,7 @@ class LatentEngine:
                  projector_logits: bool = False):
         positive_int("max_batch", max_batch)
         positive_int("max_len", max_len)
-        count("max_prompts", max_prompts)
+        non_negative_int("max_prompts", max_prompts)
         self.max_prompts = max_prompts
         self.max_prompt_len = max_len if max_prompt_len is None else positive_int("max_prompt_len", max_prompt_len)
         self.model = model
@@ -170,27 +170,22 @@ class LatentEngine:
                                   stop_ids=stop_ids, pad_id=pad_id, return_logits=return_logits, vocab=V,
                                   stop_first=stop_first)
         check_generator(generator, self.device)
-        batch = checked_batch(batch, self, group_size)
-        prompt_max = int(batch["attention_mask"].long().sum(-1).max())
-        # Grouped rows keep the prompt in the shared prompt cache, not in their own.
-        own_prompt = prompt_max if group_size is None else 0
+        batch, prompt_max = checked_batch(batch, self, group_size)
+        own_prompt = prompt_max if group_size is None else 0  # grouped: the prompt is in the shared prompt cache
         need = own_prompt + k_max + text.feeds
         if need > self.max_len:
             raise ValueError(f"sequence too long for the cache: prompt {own_prompt} + k_max {k_max} + "
                              f"{text.feeds} fed text tokens = {need} > max_len {self.max_len}")
-        prompt_lengths = self._prefill(batch, group_size)
-        latents = self._segment(seg, generator)
-        answer = self._decode(text, generator)
-        return GenerateOutput(latents=latents.latents, latent_hidden=latents.latent_hidden,
-                              num_latent=latents.num_latent, tokens=answer.tokens,
-                              token_logprobs=answer.token_logprobs, text_lengths=answer.text_lengths,
-                              prompt_lengths=prompt_lengths, logits=answer.logits)
+        prompt_lengths = self._prefill(batch, prompt_max, group_size)
+        lat, answer = self._segment(seg, generator), self._decode(text, generator)
+        return GenerateOutput(latents=lat.latents, latent_hidden=lat.latent_hidden, num_latent=lat.num_latent,
+                              tokens=answer.tokens, token_logprobs=answer.token_logprobs,
+                              text_lengths=answer.text_lengths, prompt_lengths=prompt_lengths, logits=answer.logits)
 
     def prefill(self, batch: Mapping[str, torch.Tensor], *, group_size: int | None = None) -> torch.Tensor:
-        """Run the HF model over the left-padded prompts, fill the static cache, set
-        each sample's next position and first latent input. Returns prompt lengths (B).
-        group_size=G: grouped generation (see generate); returns (P * G) lengths."""
-        return self._prefill(checked_batch(batch, self, group_size), group_size)
+        """Run the HF model over the left-padded prompts, fill the static cache, set each sample's next
+        position and first latent input. Returns prompt lengths: (B), or (P * G) with group_size=G."""
+        return self._prefill(*checked_batch(batch, self, group_size), group_size)
 
     def latent_segment(self, k_max: int, *, exit: str = "fixed", exit_threshold: float | None = None,
                        latent_end_id: int | None = None, latent_noise_std: float = 0.0,
@@ -262,8 +257,8 @@ class LatentEngine:
         self._graphs.reset()
 
     # ================================================================ the three phases (arguments checked)
-    def _prefill(self, batch: Mapping[str, torch.Tensor], group_size: int | None = None) -> torch.Tensor:
-        host_len = int(batch["attention_mask"].long().sum(-1).max())
+    def _prefill(self, batch: Mapping[str, torch.Tensor], host_len: int, group_size: int | None = None) -> torch.Tensor:
+        """host_len: the longest unpadded prompt, as checked_batch read it (no second read)."""
         with self._inference():
             pre = self.adapter.prefill(batch)
             project = self.projector is not None and self.project_first

@@ -22,11 +22,12 @@ def as_mapping(batch) -> Mapping[str, torch.Tensor]:
     raise TypeError(f"batch must be a dict of tensors (or a collate Batch), got {type(batch).__name__}")
 
 
-def checked_batch(batch, engine, group_size: int | None = None) -> dict[str, torch.Tensor]:
-    """The batch as a dict on the engine's device, checked by the model's adapter and
-    against the engine's capacity (max_batch, max_len; with ``group_size``, grouped
-    generation: prompts x group_size rows <= max_batch, prompts <= max_prompts, the
-    prompt in max_prompt_len)."""
+def checked_batch(batch, engine, group_size: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """(the batch as a dict on the engine's device, its longest unpadded prompt), checked by
+    the model's adapter and against the engine's capacity (max_batch, max_len; with
+    ``group_size``, grouped generation: prompts x group_size rows <= max_batch, prompts <=
+    max_prompts, the prompt in max_prompt_len). The longest prompt is the call's one read
+    of the prompt lengths from the device (a host sync); the phases take it from here."""
     max_batch, device = engine.max_batch, engine.device
     max_len = engine.max_len if group_size is None else engine.max_prompt_len
     batch = as_mapping(batch)
@@ -46,16 +47,18 @@ def checked_batch(batch, engine, group_size: int | None = None) -> dict[str, tor
     if n_max > max_len or batch["input_ids"].shape[1] > max_len:
         raise ValueError(f"prompt of {batch['input_ids'].shape[1]} tokens ({n_max} unpadded) does not fit "
                          f"{'max_len' if group_size is None else 'max_prompt_len'} {max_len}")
-    return batch
+    return batch, n_max
 
 
 def positive_int(name: str, value) -> int:
+    """``value``, checked to be an int >= 1 (ValueError naming ``name`` otherwise)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
-def count(name: str, value) -> int:
+def non_negative_int(name: str, value) -> int:
+    """``value``, checked to be an int >= 0 (ValueError naming ``name`` otherwise)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     return value
@@ -110,7 +113,7 @@ class SegmentParams:
         """exit_kw: the exit rule's arguments (exit_rules.checked: exit, exit_threshold,
         exit_scope, exit_distance, exit_distance_on, exit_check_start, after_exit,
         latent_pad_id, end_embedding, latent_counts)."""
-        count("k_max", k_max)
+        non_negative_int("k_max", k_max)
         rule = exit_rules.checked(k_max, latent_end_id=latent_end_id, batch=batch, hidden_size=hidden_size,
                                   vocab=vocab, has_stop_head=has_stop_head, **exit_kw)
         std = latent_noise_std
@@ -150,7 +153,7 @@ class TextParams:
     @classmethod
     def checked(cls, max_new_tokens, *, first_token, temperature, top_p, stop_ids: Sequence[int], pad_id,
                 return_logits: bool, vocab: int, stop_first: bool = True) -> "TextParams":
-        count("max_new_tokens", max_new_tokens)
+        non_negative_int("max_new_tokens", max_new_tokens)
         if first_token is not None and first_token != FROM_SEGMENT:
             token_id("first_token", first_token, vocab)
         if not isinstance(stop_first, bool):

@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 
-from medlvr.engine import sampling
 from medlvr.engine.adapters.base import ModelAdapter
 from medlvr.engine.cache import StaticKVCache
 from medlvr.engine.fused import FusedProjections
@@ -22,7 +21,7 @@ from medlvr.engine.group import cascade_attention
 from medlvr.engine.request import TextParams
 from medlvr.engine.state import DecodeState
 from medlvr.ops.decode import decode_attention, rotary_append
-from medlvr.reference import exit_rules
+from medlvr.reference import exit_rules, sampling
 from medlvr.reference.exit_rules import ExitRule
 
 

@@ -8,7 +8,7 @@ question/answer phrasing of medical VQA, common English, digits and punctuation.
 means every string is encodable (real datasets converted with `medlvr convert` included);
 the corpus only decides which words get short encodings. The build is deterministic: the
 corpus is a constant and the BPE trainer breaks ties by pair order, so a fresh build equals
-the shipped file byte for byte (tests/models/test_tokenizer.py checks it).
+the shipped file byte for byte (tests/models/test_models.py checks it).
 """
 from __future__ import annotations
 

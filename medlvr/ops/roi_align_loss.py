@@ -37,18 +37,12 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 # ----------------------------------------------------------------------------- checks
 
-def _geometry_of(grid_thw, boxes, box_image, bins, geometry, merge, patch) -> RoiGeometry:
-    """The call's geometry: the one given, or one prepared from the boxes (the old form)."""
+def _checked_geometry(geometry, bins, merge, patch) -> RoiGeometry:
+    """The call's geometry, and the optional bins / merge / patch checked against it."""
     if geometry is None:
-        if grid_thw is None or boxes is None or box_image is None or bins is None:
-            raise TypeError("roi_align_loss needs geometry=prepare_roi_geometry(...) or all of grid_thw, boxes, "
-                            "box_image and bins")
-        return prepare_roi_geometry(grid_thw, boxes, box_image, bins=bins, merge=2 if merge is None else merge,
-                                    patch=14 if patch is None else patch)
+        raise TypeError("roi_align_loss needs geometry=prepare_roi_geometry(grid_thw, boxes, box_image, bins=...)")
     if not isinstance(geometry, RoiGeometry):
         raise TypeError(f"geometry must be a RoiGeometry (prepare_roi_geometry), got {type(geometry).__name__}")
-    if grid_thw is not None or boxes is not None or box_image is not None:
-        raise TypeError("pass either geometry= or grid_thw, boxes and box_image, not both")
     if bins is not None and check_bins(bins) != geometry.bins:
         raise ValueError(f"bins = {tuple(bins)} differs from the geometry's bins {geometry.bins}")
     for name, value, have in (("merge", merge, geometry.merge), ("patch", patch, geometry.patch)):
@@ -135,9 +129,8 @@ class _RoiAlignLoss(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- public
 
-def roi_align_loss(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_thw: torch.Tensor | None = None,
-                   boxes: torch.Tensor | None = None, box_image: torch.Tensor | None = None, *,
-                   bins: tuple[int, int] | None = None, geometry: RoiGeometry | None = None,
+def roi_align_loss(latents: torch.Tensor, vision_tokens: torch.Tensor, *, geometry: RoiGeometry | None = None,
+                   bins: tuple[int, int] | None = None,
                    pooling: str = "area", loss: str = "cosine", reduction: str = "mean",
                    detach_target: bool = True, merge: int | None = None, patch: int | None = None,
                    sampling_ratio: int = 2) -> torch.Tensor:
@@ -151,15 +144,11 @@ def roi_align_loss(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_thw:
     computes boxes, bin weights, targets and loss in fp64 and returns an fp64 loss;
     forcing the fp32 Triton backend on it is a TypeError naming the argument.
 
-    The boxes come in one of two forms:
-      geometry=prepare_roi_geometry(grid_thw, boxes, box_image, bins=..., merge=, patch=)
-          prepared once per batch (the data path does it on the CPU and moves it with
-          ``.to(device)``). The call then reads nothing from the device and copies
-          nothing to it: no sync, and it can be captured in a CUDA graph (backward too).
-      grid_thw (I 3) int, images only (t = 1), in patches; boxes (R 4) pixel (x0, y0,
-          x1, y1) of the resized image; box_image (R) int; bins; merge (2), patch (14).
-          The op prepares the geometry itself, on the boxes' device, each call: one sync
-          when the boxes live on a GPU, one host-to-device copy when on the CPU.
+    geometry=prepare_roi_geometry(grid_thw, boxes, box_image, bins=..., merge=, patch=): the
+    boxes (pixels of the resized image) checked and laid out once per batch (the data path
+    does it on the CPU and moves it with ``.to(device)``). The call then reads nothing from
+    the device and copies nothing to it: no sync, and it can be captured in a CUDA graph
+    (backward too). bins / merge / patch, when given, must equal the geometry's.
     bins = (gh, gw) with gh·gw = K, bins row-major over the box (k = p·gw + q).
     pooling: "area" (overlap-weighted mean of token cells) or "bilinear" (RoIAlign,
     aligned=True, ``sampling_ratio`` samples per bin and axis, -1 = adaptive).
@@ -169,7 +158,7 @@ def roi_align_loss(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_thw:
     reversed box, or an image index out of range raises ValueError naming the row (when
     the geometry is prepared).
     """
-    geometry = _geometry_of(grid_thw, boxes, box_image, bins, geometry, merge, patch)
+    geometry = _checked_geometry(geometry, bins, merge, patch)
     _check_call(latents, vision_tokens, geometry, pooling, loss, reduction, sampling_ratio)
     backend = _checks.backend("roi_align_loss", latents.device, has_triton=True, latents=latents,
                               vision_tokens=vision_tokens)
@@ -179,10 +168,8 @@ def roi_align_loss(latents: torch.Tensor, vision_tokens: torch.Tensor, grid_thw:
                                   detach_target=detach_target, merge=geometry.merge, patch=geometry.patch,
                                   sampling_ratio=sampling_ratio)
     if geometry.device != latents.device:
-        if grid_thw is None:
-            raise ValueError(f"geometry is on {geometry.device}, the latents on {latents.device}: move it once per "
-                             "batch with geometry.to(device)")
-        geometry = geometry.to(latents.device)  # the old form with boxes on the CPU: one copy
+        raise ValueError(f"geometry is on {geometry.device}, the latents on {latents.device}: move it once per "
+                         "batch with geometry.to(device)")
     v = vision_tokens.detach() if detach_target else vision_tokens
     return _RoiAlignLoss.apply(latents.contiguous(), v.contiguous(), geometry, pooling, loss, reduction,
                                sampling_ratio)

@@ -286,9 +286,5 @@ def write_jsonl(path, records: list[Record]) -> None:
         for r in records:
             f.write(json.dumps(r.to_json(relative_to=path.parent), ensure_ascii=False) + "\n")
 
-
-# The collate API lives in collate.py; re-exported so `from medlvr.train.data import collate` works.
-from medlvr.train.collate import Batch, collate  # noqa: E402
-
 __all__ = ["ROI", "Record", "BadReport", "DataError", "load_jsonl", "write_jsonl", "parse_record",
-           "image_size", "Batch", "collate", "SPLITS"]
+           "image_size", "SPLITS"]

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
+from medlvr.engine import EngineHolder, supports
 from medlvr.models.hf import unwrap
 from medlvr.reference.latent_loop import latent_loop
 
@@ -49,18 +50,13 @@ def hf_greedy(model, batch: dict, *, k: int, max_new_tokens: int, stop_id: int, 
 
 
 def _engine_generate(model, batch: dict, *, k: int, max_new_tokens: int, stop_id: int, latent_end_id: int,
-                     pad_id: int, projector, max_batch: int):
-    """The engine's greedy tokens, or None when the engine cannot run this model."""
-    try:
-        from medlvr.engine import LatentEngine
-    except ImportError:
-        return None
-    hf = unwrap(model)
-    max_len = int(batch["attention_mask"].sum(-1).max()) + k + max_new_tokens + 2
-    try:
-        eng = LatentEngine(hf, max_batch=max_batch, max_len=max_len, use_cuda_graphs="auto", projector=projector)
-    except (TypeError, ValueError, NotImplementedError):
-        return None
+                     pad_id: int, projector, max_batch: int, holder: EngineHolder | None = None) -> torch.Tensor:
+    """The engine's [B, T] greedy answer tokens (pad after the stop token), from ``holder``'s
+    engine (default: a holder for this call). Positions the engine caches: the longest
+    prompt, K latents, <|latent_end|> and every answer token but the last."""
+    holder = EngineHolder(model, projector=projector) if holder is None else holder
+    max_len = int(batch["attention_mask"].sum(-1).max()) + k + max_new_tokens
+    eng = holder.get(rows=max_batch, max_len=max_len)
     out = eng.generate(batch, k_max=k, exit="fixed", max_new_tokens=max_new_tokens, temperature=0.0,
                        stop_ids=[stop_id], latent_end_id=latent_end_id if k > 0 else None, pad_id=pad_id)
     return out.tokens
@@ -83,7 +79,8 @@ def generation_parts(lm: Any, processor: Any, k: int | None = None) -> tuple:
 
     cfg = getattr(lm, "cfg", None)
     k = (cfg.k_latent if cfg is not None else 0) if k is None else k
-    model = getattr(lm, "model", lm)
+    # A bare HF model has a .model too (its decoder): only a LatentLM (it has .cfg) is unwrapped.
+    model = lm.model if cfg is not None else lm
     tok = processor.tokenizer
     stop = tok.convert_tokens_to_ids("<|im_end|>")
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop
@@ -113,6 +110,10 @@ def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, bat
     model, projector, k, device, tok, ids, stop, pad = generation_parts(lm, processor, k)
     mode = resolve_mixed_precision(mixed_precision)
     amp = torch.autocast(device.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16, enabled=mode != "no")
+    # The engine for every model type it has an adapter for (backend="engine" on another
+    # type is refused by EngineHolder, naming the supported types); one engine for all batches.
+    use_engine = backend == "engine" or (backend == "auto" and supports(unwrap(model)))
+    holder = EngineHolder(model, projector=projector) if use_engine else None
     was_training = model.training
     model.eval()
     preds: list[dict] = []
@@ -124,14 +125,11 @@ def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, bat
                         images_cache=cache)
             batch = {kk: v.to(device) for kk, v in b.model_inputs().items()}
             with amp:
-                tokens = None
-                if backend in ("auto", "engine"):
+                if holder is not None:
                     tokens = _engine_generate(model, batch, k=k, max_new_tokens=max_new_tokens, stop_id=stop,
                                               latent_end_id=ids.end, pad_id=pad, projector=projector,
-                                              max_batch=len(recs))
-                    if tokens is None and backend == "engine":
-                        raise RuntimeError("backend='engine': medlvr.engine.LatentEngine cannot run this model")
-                if tokens is None:
+                                              max_batch=min(batch_size, len(records)), holder=holder)
+                else:
                     tokens = hf_greedy(model, batch, k=k, max_new_tokens=max_new_tokens, stop_id=stop,
                                        latent_end_id=ids.end, pad_id=pad, projector=projector)
             for r, text in zip(recs, decode_answers(tok, tokens.cpu(), stop)):

@@ -68,10 +68,6 @@ def option_from_prediction(pred: str, options: list[str]) -> str | None:
     return None
 
 
-# Older name, imported by medlvr/train/rewards.py.
-_option_from_prediction = option_from_prediction
-
-
 def score(pred: str, record) -> bool:
     """True when `pred` answers `record` correctly.
 

@@ -34,7 +34,8 @@ def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor, batch: Mapping
     """Per-sample alignment term [B]: mean over the sample's ROI rows, 0 without an ROI.
 
     latent_hidden [B,K,D] (the h fed back); row r of the ROI table uses sample roi_sample[r]'s
-    latents against image roi_image[r]'s vision tokens, box roi_boxes[r] (resized pixels)."""
+    latents against image roi_image[r]'s vision tokens, box roi_boxes[r] (resized pixels), as
+    laid out in the batch's roi_geometry."""
     B, K, _ = latent_hidden.shape
     out = latent_hidden.new_zeros(B, dtype=torch.float32)
     boxes = batch.get("roi_boxes")
@@ -42,18 +43,16 @@ def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor, batch: Mapping
         return out
     sample = batch["roi_sample"].to(latent_hidden.device).long()
     geometry = batch.get("roi_geometry")  # from collate: boxes checked once, no device sync in the loss
-    if geometry is not None:
-        per_row = roi_align_loss(latent_hidden[sample], vis, geometry=geometry.to(vis.device), bins=roi_bins(K),
-                            pooling=pooling, loss=loss, reduction="none")
-    else:
-        per_row = roi_align_loss(latent_hidden[sample], vis, batch["image_grid_thw"], boxes.to(vis.device).float(),
-                            batch["roi_image"].to(vis.device).long(), bins=roi_bins(K), pooling=pooling, loss=loss,
-                            reduction="none")
+    if geometry is None:
+        raise ValueError("batch: roi_boxes need their roi_geometry (collate prepares it with "
+                         "medlvr.ops.prepare_roi_geometry)")
+    per_row = roi_align_loss(latent_hidden[sample], vis, geometry=geometry.to(vis.device), bins=roi_bins(K),
+                             pooling=pooling, loss=loss, reduction="none")
     if per_row.dim() > 1:
         per_row = per_row.reshape(per_row.shape[0], -1).mean(dim=1)
     # Per-sample sums as a masked (B, R) sum over rows, not index_add: on CUDA index_add of
     # floats uses atomics, whose order (hence the fp32 rounding) varies from run to run, so
-    # the stage-1 term was not deterministic although roi_align_loss is. A reduction over a
+    # the stage-1 term would not be deterministic although roi_align_loss is. A reduction over a
     # fixed axis is. R (boxes per batch) is small, so the (B, R) mask costs nothing.
     member = (sample[None, :] == torch.arange(B, device=sample.device)[:, None]).to(torch.float32)
     counts = member.sum(1)

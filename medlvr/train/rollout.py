@@ -19,12 +19,10 @@ Two rollout backends give the same rollouts (``sample_rollouts(backend=...)``,
 
 - "engine" (default): ``medlvr.engine.LatentEngine.generate`` with ``latent_noise_std``
   and ``group_size=n``: each prompt prefilled once, its K/V shared by its n rows
-  (medlvr/engine/group.py); static KV cache, decode kernels, CUDA graphs on GPU.
-- "engine_rows": the same engine with every prompt repeated n times as independent rows
-  (n prefills, n prompt caches); the same rollouts, kept for comparison
-  (tests/train/test_rollout_group.py, benchmarks/bench_group_rollouts.py). :class:`RolloutEngine` builds the
-  engine once and reuses it across VLPO steps; it holds references to the model's
-  modules, so optimizer steps (LoRA included) are seen by the next rollout.
+  (medlvr/engine/group.py); static KV cache, decode kernels, CUDA graphs on GPU. The
+  engine comes from an :class:`medlvr.engine.EngineHolder` (``RolloutEngine``), built once
+  and reused across VLPO steps; it holds references to the model's modules, so optimizer
+  steps (LoRA included) are seen by the next rollout.
 - "hf": the plain-HF KV-cached loop of medlvr/reference/latent_loop.py, the engine's
   outside reference, kept as a fallback (models the engine has no adapter for) and as the
   test reference.
@@ -33,7 +31,7 @@ Both draw their randomness from the caller's generator in the engine's order: th
 noise as one (R, K, D) normal tensor in the model dtype (only when sigma > 0 and K > 0),
 then one (R, V) tensor of Exp(1) variates per answer token, from which the token is the
 "exponential race" sample argmax_i p_i / E_i over the top-p nucleus (an exact sample of
-the nucleus distribution, see medlvr/engine/sampling.py). With the same seed the two
+the nucleus distribution, see medlvr/reference/sampling.py). With the same seed the two
 backends therefore give the same rollouts up to floating-point differences of the
 kernels (tests/train/test_vlpo.py checks z, mu, tokens and log-probs).
 
@@ -48,6 +46,7 @@ from typing import Any
 
 import torch
 
+from medlvr.engine.holder import EngineHolder
 from medlvr.models import hf as hfm
 from medlvr.ops import latent_gaussian_logprob, lm_head_logprobs
 from medlvr.reference.latent_loop import latent_loop
@@ -55,7 +54,7 @@ from medlvr.reference.latent_loop import latent_loop
 __all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "PolicyStates", "image_features", "vision_frozen", "prompt_inputs",
            "sample_rollouts", "policy_states", "state_logprobs", "policy_forward"]
 
-BACKENDS = ("engine", "engine_rows", "hf")
+BACKENDS = ("engine", "hf")
 
 
 def _field(batch: Any, name: str):
@@ -128,84 +127,9 @@ class Rollouts:
     latent_mu: torch.Tensor | None = None
 
 
-class RolloutEngine:
-    """A ``LatentEngine`` for one policy, built on first use and reused by every later
-    rollout (one per ``train_vlpo`` call).
-
-    The engine reads the model's modules by reference (medlvr/engine/engine.py), so the
-    weights an optimizer step updates in place, LoRA adapters included, are what the next
-    rollout runs. Capacity: ``max_batch`` = the rollout rows (prompts x n) and ``max_len`` =
-    longest prompt + K + max_new_tokens, rounded up to ``len_multiple``; a later batch that
-    needs more (a longer prompt) rebuilds it once at the larger size, never smaller.
-    """
-
-    def __init__(self, model: torch.nn.Module, *, projector: torch.nn.Module | None = None,
-                 use_cuda_graphs: bool | str = "auto", len_multiple: int = 64):
-        if len_multiple < 1:
-            raise ValueError(f"len_multiple must be >= 1, got {len_multiple}")
-        self.model = hfm.unwrap(model)
-        self.projector = projector
-        self.use_cuda_graphs = use_cuda_graphs
-        self.len_multiple = len_multiple
-        self.engine = None
-        self.builds = 0
-
-    def get(self, *, rows: int, max_len: int, prompts: int = 0, prompt_len: int = 0):
-        """The engine, (re)built when ``rows`` / ``max_len`` (or, for grouped rollouts, the
-        shared prompt cache's ``prompts`` / ``prompt_len``) exceed its capacity."""
-        from medlvr.engine import LatentEngine
-
-        e = self.engine
-        m = self.len_multiple
-        up = lambda n: -(-n // m) * m  # noqa: E731
-        if (e is None or rows > e.max_batch or max_len > e.max_len or prompts > e.max_prompts
-                or (prompts > 0 and prompt_len > e.max_prompt_len)):
-            max_batch = max(rows, e.max_batch if e is not None else 0)
-            max_len = max(up(max_len), e.max_len if e is not None else 0)
-            max_prompts = max(prompts, e.max_prompts if e is not None else 0)
-            max_prompt_len = max(up(max(prompt_len, 1)), e.max_prompt_len if e is not None and e.max_prompts else 0)
-            self.engine = None  # drop the old static cache before allocating the new one
-            self.engine = LatentEngine(self.model, max_batch=max_batch, max_len=max_len, projector=self.projector,
-                                       use_cuda_graphs=self.use_cuda_graphs, max_prompts=max_prompts,
-                                       max_prompt_len=max_prompt_len if max_prompts else None)
-            self.builds += 1
-        return self.engine
-
-
-def _repeat_rows(model: torch.nn.Module, batch: Any, n: int) -> dict[str, torch.Tensor]:
-    """The engine's input batch with every prompt repeated n times (row i*n + j), images
-    included: each sample's images (consecutive grids in packing order, as the adapter
-    checks) are repeated with it."""
-    hf = hfm.unwrap(model)
-    ids, mask = _field(batch, "input_ids"), _field(batch, "attention_mask")
-    pv, grid, mm = _field(batch, "pixel_values"), _field(batch, "image_grid_thw"), _field(batch, "mm_token_type_ids")
-    out = {"input_ids": ids.repeat_interleave(n, 0), "attention_mask": mask.repeat_interleave(n, 0)}
-    if mm is not None:
-        out["mm_token_type_ids"] = mm.repeat_interleave(n, 0)
-    if pv is None:
-        return out
-    merge = int(hf.config.vision_config.spatial_merge_size)
-    patches = grid.prod(-1).tolist()
-    tokens_per_image = [p // merge ** 2 for p in patches]
-    starts = [0]
-    for p in patches:
-        starts.append(starts[-1] + p)
-    per_sample = (ids.eq(hf.config.image_token_id) & mask.bool()).sum(-1).tolist()
-    pv_rows, grid_rows, i = [], [], 0
-    for b, want in enumerate(per_sample):
-        first, got = i, 0
-        while got < want and i < len(patches):
-            got += tokens_per_image[i]
-            i += 1
-        if got != want:
-            raise ValueError(f"batch sample {b} holds {want} image tokens, which do not match its images' grids "
-                             f"in image_grid_thw {grid.tolist()}")
-        if i > first:
-            pv_rows.append(pv[starts[first]:starts[i]].repeat(n, 1))
-            grid_rows.append(grid[first:i].repeat(n, 1))
-    out["pixel_values"] = torch.cat(pv_rows)
-    out["image_grid_thw"] = torch.cat(grid_rows)
-    return out
+# The VLPO trainer's name for the engine holder (medlvr/engine/holder.py): one per
+# ``train_vlpo`` call, reused by every rollout of it.
+RolloutEngine = EngineHolder
 
 
 def _field_dict(batch: Any) -> dict[str, torch.Tensor]:
@@ -249,11 +173,11 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
     images itself).
     """
     _check_rollout_args(n, k_latent, latent_sigma, temperature, top_p, max_new_tokens, backend)
-    if backend in ("engine", "engine_rows"):
+    if backend == "engine":
         return _engine_rollouts(model, batch, n=n, k_latent=k_latent, latent_sigma=latent_sigma,
                                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 latent_end_id=latent_end_id, stop_id=stop_id, pad_id=pad_id, generator=generator,
-                                projector=projector, vision=vision, engine=engine, grouped=backend == "engine")
+                                projector=projector, vision=vision, engine=engine)
     prompt = prompt_inputs(model, batch, repeat=n, vision=vision)
     out = latent_loop(model, prompt, k=k_latent, max_new_tokens=max_new_tokens, first_token=latent_end_id,
                       projector=projector, latent_noise_std=float(latent_sigma), temperature=float(temperature),
@@ -263,26 +187,21 @@ def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int
 
 
 def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, top_p, max_new_tokens,
-                     latent_end_id, stop_id, pad_id, generator, projector, vision, engine,
-                     grouped: bool = True) -> Rollouts:
+                     latent_end_id, stop_id, pad_id, generator, projector, vision, engine) -> Rollouts:
     """sample_rollouts through LatentEngine: prefill -> K fixed latent steps with noise ->
-    <|latent_end|> -> answer (the same sequence policy_forward scores). grouped: the n
-    rows of a prompt share its prefill and K/V (group_size=n); else the prompts are
-    repeated n times as independent rows."""
+    <|latent_end|> -> answer (the same sequence policy_forward scores). The n rows of a
+    prompt share its prefill and K/V (group_size=n)."""
     mask = _field(batch, "attention_mask")
     P = mask.shape[0]
     prompt_max = int(mask.long().sum(-1).max())
     if engine is None:
-        engine = RolloutEngine(model, projector=projector, len_multiple=1)
+        engine = EngineHolder(model, projector=projector, len_multiple=1)
     elif engine.projector is not projector:
         raise ValueError("engine: its projector differs from the rollout's projector argument")
-    # The engine's exact need: (prompt +) K latents + <|latent_end|> + every token but the last.
-    if grouped:
-        rows, group = _field_dict(batch), dict(group_size=n)
-        eng = engine.get(rows=P * n, max_len=k_latent + max_new_tokens, prompts=P, prompt_len=prompt_max)
-    else:
-        rows, group = _repeat_rows(model, batch, n), {}
-        eng = engine.get(rows=P * n, max_len=prompt_max + k_latent + max_new_tokens)
+    # The engine's exact need: the prompt in the shared prompt cache; in each row's own cache
+    # K latents + <|latent_end|> + every answer token but the last.
+    rows, group = _field_dict(batch), dict(group_size=n)
+    eng = engine.get(rows=P * n, max_len=k_latent + max_new_tokens, prompts=P, prompt_len=prompt_max)
     kw = dict(temperature=float(temperature), top_p=float(top_p), stop_ids=[stop_id], pad_id=pad_id,
               generator=generator)
     if k_latent > 0:

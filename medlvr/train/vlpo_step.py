@@ -58,8 +58,8 @@ class VLPOConfig:
     max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
     old_logprobs: str = _opt("recompute", "recompute = teacher-forced, exact on-policy; rollout = the sampler's",
                              ("recompute", "rollout"))
-    rollout_backend: str = _opt("engine", "engine = LatentEngine (grouped rows); engine_rows = every rollout its "
-                                          "own row; hf = the plain HF KV-cached loop", BACKENDS)
+    rollout_backend: str = _opt("engine", "engine = LatentEngine (grouped rows); hf = the plain HF KV-cached loop",
+                                BACKENDS)
     fused_loss: bool = _opt(True, "the loss from hidden states (fused_vlpo_loss); off: logits + vlpo_loss")
 
     def validate(self) -> None:

@@ -97,10 +97,12 @@ def test_bad_spec():
 
 def test_engine_is_cached_per_model(gpt2):
     a = medlvr.generate(gpt2, _prompt(), spec=SPEC, max_new_tokens=2)
-    from medlvr.dropin.run import _ENGINES
-    eng = _ENGINES[gpt2]
+    from medlvr.engine import holder_for
+    held = lambda: holder_for(gpt2, project_first=SPEC.project_first,  # noqa: E731
+                              projector_logits=SPEC.projector_logits).engine
+    eng = held()
     b = medlvr.generate(gpt2, _prompt(), spec=SPEC, max_new_tokens=2)
-    assert _ENGINES[gpt2] is eng and torch.equal(a.tokens, b.tokens)
+    assert eng is not None and held() is eng and torch.equal(a.tokens, b.tokens)
 
 
 def test_patch_routes_latent_prompts_only(gpt2):

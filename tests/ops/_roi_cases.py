@@ -13,3 +13,12 @@ BOXES = torch.tensor([[30.0, 31.0, 45.5, 40.0],
 BOX_IMAGE = torch.tensor([0, 0, 1, 0])
 BINS = (2, 3)
 T = 66  # merged tokens of GRID
+
+
+def roi_loss(latents, vision_tokens, grid_thw, boxes, box_image, *, bins, merge=2, patch=14, **kw):
+    """medlvr.ops.roi_align_loss on boxes in resized pixels: their geometry prepared on the
+    boxes' device (prepare_roi_geometry), moved to the latents' device, then the op."""
+    from medlvr.ops.roi_align_loss import prepare_roi_geometry, roi_align_loss
+
+    geometry = prepare_roi_geometry(grid_thw, boxes, box_image, bins=bins, merge=merge, patch=patch)
+    return roi_align_loss(latents, vision_tokens, geometry=geometry.to(latents.device), **kw)

@@ -164,8 +164,8 @@ def test_roi_align_loss_fp64(device, pooling, fp64_arg):
         z = z.float()
     z.requires_grad_(True)
     v.requires_grad_(True)
-    got = roi_align_loss(z, v, _ROI_GRID, _ROI_BOXES, _ROI_IMAGE, bins=_ROI_BINS, pooling=pooling,
-                         detach_target=False)
+    geometry = prepare_roi_geometry(_ROI_GRID, _ROI_BOXES, _ROI_IMAGE, bins=_ROI_BINS).to(device)
+    got = roi_align_loss(z, v, geometry=geometry, pooling=pooling, detach_target=False)
     assert got.dtype == F64
     w = torch.autograd.grad(got, (z, v))
     z64, v64 = z.detach().double().requires_grad_(True), v.detach().double().requires_grad_(True)

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 import medlvr
 from devices import backend_devices, kernel_devices, triton_devices
-from medlvr.ops.roi_align_loss import roi_align_loss, roi_align_loss_memory_floor
+from medlvr.ops.roi_align_loss import roi_align_loss_memory_floor
 from medlvr.reference.roi_align import clip_boxes, roi_align_loss_ref, roi_pool_targets_ref
 
-from _roi_cases import BINS, BOX_IMAGE, BOXES, CELL, GRID  # noqa: E402
+from _roi_cases import BINS, BOX_IMAGE, BOXES, CELL, GRID, roi_loss  # noqa: E402
 
 
 def n_tokens(grid):
@@ -33,7 +33,7 @@ def inputs(D, dtype, grid=GRID, boxes=BOXES, bins=BINS, requires_grad=True, devi
 def run_both(z, v, grid, boxes, box_image, **kw):
     """(loss, dz, dv) from the Triton path and from autograd through the reference."""
     with medlvr.force_backend("triton"):
-        out = roi_align_loss(z, v, grid, boxes, box_image, **kw)
+        out = roi_loss(z, v, grid, boxes, box_image, **kw)
     ref = roi_align_loss_ref(z, v, grid, boxes, box_image, **kw)
     assert out.dtype == ref.dtype == torch.float32 and out.shape == ref.shape
     g = torch.randn_like(ref)
@@ -158,8 +158,8 @@ def test_adaptive_sampling_matches_torchvision_on_whole_bin_extents(backend, dev
     torch.testing.assert_close(got, want.flatten(1)[:, None, :], rtol=1e-5, atol=1e-6)
     z = torch.randn(2, 1, 3)
     with medlvr.force_backend(backend):
-        loss = roi_align_loss(z.to(device), v.to(device), grid, boxes, box_image, bins=(1, 1), pooling="bilinear",
-                              loss="mse", reduction="none", sampling_ratio=-1)
+        loss = roi_loss(z.to(device), v.to(device), grid, boxes, box_image, bins=(1, 1), pooling="bilinear",
+                        loss="mse", reduction="none", sampling_ratio=-1)
     torch.testing.assert_close(loss.cpu(), ((z - want.flatten(1)[:, None, :]) ** 2).mean(-1), rtol=1e-5, atol=1e-6)
 
 
@@ -200,8 +200,8 @@ def test_bins_are_row_major_over_the_box(device):
 def test_no_boxes_gives_zero_not_nan(backend, reduction, device):
     z, v = inputs(8, torch.float32, boxes=torch.zeros(0, 4), device=device)
     with medlvr.force_backend(backend):
-        out = roi_align_loss(z, v, GRID, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), bins=BINS,
-                             reduction=reduction, detach_target=False)
+        out = roi_loss(z, v, GRID, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), bins=BINS,
+                       reduction=reduction, detach_target=False)
     assert out.shape == ((0, 6) if reduction == "none" else ())
     if reduction != "none":
         assert out.item() == 0.0
@@ -216,14 +216,14 @@ def test_forward_and_backward_are_deterministic(device):
     runs = []
     for _ in range(2):
         with medlvr.force_backend("triton"):
-            out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, pooling="area", detach_target=False)
+            out = roi_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, pooling="area", detach_target=False)
         runs.append((out.detach(), *torch.autograd.grad(out, (z, v))))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_cpu_default_backend_is_the_reference():
     z, v = inputs(8, torch.float32, device="cpu")
-    out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, loss="mse")
+    out = roi_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, loss="mse")
     ref = roi_align_loss_ref(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, loss="mse")
     assert torch.equal(out, ref)
 
@@ -245,7 +245,7 @@ def _call(**over):
     args = dict(latents=z, vision_tokens=v, grid_thw=GRID, boxes=BOXES.clone(), box_image=BOX_IMAGE.clone(), bins=BINS)
     args.update(over)
     with medlvr.force_backend("triton"):
-        return roi_align_loss(**args)
+        return roi_loss(**args)
 
 
 def _box(row, value):
@@ -363,7 +363,7 @@ def test_cuda_issue_shape_bf16(pooling):
     z = torch.randn(64, 8, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(16 * 1024, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     kw = dict(bins=(2, 4), pooling=pooling, detach_target=False)
-    out = roi_align_loss(z, v, grid, boxes, box_image, **kw)
+    out = roi_loss(z, v, grid, boxes, box_image, **kw)
     dz, dv = torch.autograd.grad(out, (z, v))
     ref = roi_align_loss_ref(z, v, grid, boxes, box_image, **kw)
     rz, rv = torch.autograd.grad(ref, (z, v))

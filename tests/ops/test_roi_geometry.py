@@ -1,6 +1,7 @@
-"""roi_align_loss with a geometry prepared once per batch: the same result as the old
-argument form, no host read or host-made tensor in the call (and on a GPU: no sync, CUDA
-graph capture), mixed float dtypes and bf16 autocast, the stage-1 hand-off, bad input.
+"""roi_align_loss with a geometry prepared once per batch: one geometry serves every pooling
+and repeated calls (checked against the reference, medlvr/reference/roi_align.py), no host
+read or host-made tensor in the call (and on a GPU: no sync, CUDA graph capture), mixed
+float dtypes and bf16 autocast, the stage-1 hand-off, bad input.
 
 Devices (tests/devices.py): Triton cases on CPU tensors under the interpreter and on CUDA
 tensors natively, reference cases on CPU and CUDA, with the same tolerances."""
@@ -14,7 +15,7 @@ from medlvr.engine.graphs import capture_graph
 from medlvr.ops.roi_align_loss import RoiGeometry, prepare_roi_geometry, roi_align_loss
 from medlvr.reference.roi_align import roi_align_loss_ref
 
-from _roi_cases import BINS, BOX_IMAGE, BOXES, GRID, T  # noqa: E402
+from _roi_cases import BINS, BOX_IMAGE, BOXES, GRID, T, roi_loss  # noqa: E402
 
 
 def _zv(D=16, z_dtype=torch.float32, v_dtype=torch.float32, device="cpu"):
@@ -25,19 +26,24 @@ def _zv(D=16, z_dtype=torch.float32, v_dtype=torch.float32, device="cpu"):
 
 @pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("pooling, sampling_ratio", [("area", 2), ("bilinear", 2), ("bilinear", -1)])
-def test_one_geometry_serves_every_pooling_like_the_old_form(pooling, sampling_ratio, device):
-    # prepared once (pooling-free), used for several calls: bit-equal to the old form
+def test_one_geometry_serves_every_pooling_and_call(pooling, sampling_ratio, device):
+    # prepared once (pooling-free), used for several calls: each equals the reference on the
+    # raw boxes, and the calls are bit-equal to each other
     geometry = prepare_roi_geometry(GRID.to(device), BOXES.to(device), BOX_IMAGE.to(device), bins=BINS)
     z, v = _zv(device=device)
     kw = dict(pooling=pooling, sampling_ratio=sampling_ratio, reduction="none", detach_target=False)
     g = torch.randn(4, 6, device=device)
+    ref = roi_align_loss_ref(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, **kw)
+    ref_grads = torch.autograd.grad(ref, (z, v), g)
     with medlvr.force_backend("triton"):
-        old = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, **kw)
-        old_grads = torch.autograd.grad(old, (z, v), g)
-        for _ in range(2):
-            new = roi_align_loss(z, v, geometry=geometry, **kw)
-            assert torch.equal(new, old)
-            assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(new, (z, v), g), old_grads))
+        first = roi_align_loss(z, v, geometry=geometry, **kw)
+        first_grads = torch.autograd.grad(first, (z, v), g)
+        torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-6)
+        for a, b in zip(first_grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        new = roi_align_loss(z, v, geometry=geometry, **kw)
+        assert torch.equal(new, first)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(new, (z, v), g), first_grads))
     # the forward's arrival counters are back at zero for the next call / graph replay
     assert torch.count_nonzero(geometry.tables["counters"]) == 0
 
@@ -70,9 +76,9 @@ def test_call_with_geometry_reads_nothing_from_the_device(backward, device):
             if backward:
                 out.backward()
         assert seen.seen == []
-        # the detector is not blind: the old form reads the boxes' verdict from the host
+        # the detector is not blind: preparing the geometry reads the boxes' verdict on the host
         with _HostTraffic() as seen:
-            roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS)
+            prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=BINS)
         assert "tolist" in seen.seen
 
 
@@ -108,7 +114,7 @@ def test_mixed_float_dtypes(backend, z_dtype, v_dtype, device):
     # fp32, each gradient in its input's dtype (one ulp of it against the fp32 reference)
     z, v = _zv(z_dtype=z_dtype, v_dtype=v_dtype, device=device)
     with medlvr.force_backend(backend):
-        out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, detach_target=False)
+        out = roi_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, detach_target=False)
     zr, vr = z.detach().float().requires_grad_(), v.detach().float().requires_grad_()
     ref = roi_align_loss_ref(zr, vr, GRID, BOXES, BOX_IMAGE, bins=BINS, detach_target=False)
     assert out.dtype == torch.float32
@@ -122,13 +128,13 @@ def test_mixed_float_dtypes(backend, z_dtype, v_dtype, device):
 
 @pytest.mark.parametrize("backend, device", backend_devices())
 def test_under_bf16_autocast(backend, device):
-    # issue 10: under autocast the vision tokens arrive bf16 while the latents stay fp32.
+    # under autocast the vision tokens arrive bf16 while the latents stay fp32.
     # The loss is the fp32 loss of those inputs (autocast must not lower the pooling).
     z, v = _zv(z_dtype=torch.float32, v_dtype=torch.bfloat16, device=device)
     with medlvr.force_backend(backend), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-        out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, pooling="bilinear", detach_target=False)
+        out = roi_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, pooling="bilinear", detach_target=False)
     with medlvr.force_backend(backend):
-        plain = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, pooling="bilinear", detach_target=False)
+        plain = roi_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, pooling="bilinear", detach_target=False)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, plain, rtol=1e-6, atol=1e-7)
     dz, dv = torch.autograd.grad(out, (z, v))
@@ -137,19 +143,24 @@ def test_under_bf16_autocast(backend, device):
 
 @pytest.mark.parametrize("device", kernel_devices())
 def test_stage1_alignment_term_with_the_collated_geometry(device):
-    # medlvr.train.roi.roi_alignment takes the batch's geometry (made by collate) and
-    # gives the same per-sample term and gradients as from the raw boxes (on CPU tensors the
-    # reference, on CUDA the kernels: what stage 1 runs there)
+    # medlvr.train.roi.roi_alignment takes the batch's geometry (made by collate): per sample,
+    # the mean over its boxes of the reference loss on the raw boxes (on CPU tensors the
+    # reference path, on CUDA the kernels: what stage 1 runs there); a batch with boxes but
+    # no geometry is refused
     from medlvr.train.roi import roi_alignment
 
-    batch = {"image_grid_thw": GRID, "roi_boxes": BOXES, "roi_image": BOX_IMAGE,
-             "roi_sample": torch.tensor([0, 2, 2, 1])}
+    sample = torch.tensor([0, 2, 2, 1])
+    batch = {"image_grid_thw": GRID, "roi_boxes": BOXES, "roi_image": BOX_IMAGE, "roi_sample": sample}
     h = torch.randn(3, 6, 16).to(device).requires_grad_(True)
     v = torch.randn(T, 16).to(device).requires_grad_(True)
-    old = roi_alignment(h, v, batch)
-    new = roi_alignment(h, v, {**batch, "roi_geometry": prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=(2, 3))})
-    torch.testing.assert_close(new, old, rtol=0, atol=0)
-    torch.testing.assert_close(torch.autograd.grad(new.sum(), h), torch.autograd.grad(old.sum(), h), rtol=0, atol=0)
+    got = roi_alignment(h, v, {**batch, "roi_geometry": prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=(2, 3))})
+    rows = roi_align_loss_ref(h[sample.to(device)], v, GRID, BOXES, BOX_IMAGE, bins=(2, 3), reduction="none").mean(1)
+    want = torch.stack([rows[0], rows[3], rows[1:3].mean()])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), h)[0], torch.autograd.grad(want.sum(), h)[0],
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="roi_geometry"):
+        roi_alignment(h, v, batch)
 
 
 class _Calls(TorchFunctionMode):
@@ -166,10 +177,10 @@ class _Calls(TorchFunctionMode):
 
 @pytest.mark.parametrize("device", kernel_devices())
 def test_stage1_per_sample_sum_is_deterministic_and_equals_index_add(device):
-    # roi_alignment once summed rows per sample with index_add, which on CUDA accumulates
-    # floats with atomics in a varying order. Its per-sample mean must keep the old values
-    # (rows in any order, several per sample, a sample with none) without any
-    # accumulate-by-index op; the CPU cannot show atomics, so it checks that none is used.
+    # index_add of floats on CUDA accumulates with atomics in a varying order. roi_alignment's
+    # per-sample mean must equal the index_add sum (rows in any order, several per sample, a
+    # sample with none) without any accumulate-by-index op; the CPU cannot show atomics, so
+    # it checks that none is used.
     from medlvr.train.roi import roi_alignment
 
     sample = torch.tensor([3, 0, 3, 3])  # unsorted; samples 1 and 2 have no box
@@ -224,7 +235,7 @@ def _row(r, value):
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda z, v, g: roi_align_loss(z, v), TypeError, r"needs geometry=prepare_roi_geometry"),
-    (lambda z, v, g: roi_align_loss(z, v, GRID, geometry=g), TypeError, r"either geometry= or grid_thw"),
+    (lambda z, v, g: roi_align_loss(z, v, GRID, geometry=g), TypeError, r"positional argument"),
     (lambda z, v, g: roi_align_loss(z, v, geometry=BOXES), TypeError, r"geometry must be a RoiGeometry"),
     (lambda z, v, g: roi_align_loss(z, v, geometry=g, bins=(3, 2)), ValueError, r"bins = \(3, 2\) differs"),
     (lambda z, v, g: roi_align_loss(z, v, geometry=g, merge=1), ValueError, r"merge = 1 differs"),
@@ -259,8 +270,8 @@ def test_in_place_on_the_loss_keeps_the_backward(reduction, device):
     # the returned loss is no view of the Function's buffers: scaling it in place is fine
     z, v = _zv(device=device)
     with medlvr.force_backend("triton"):
-        out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, reduction=reduction)
+        out = roi_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, reduction=reduction)
         want = torch.autograd.grad(out.sum() * 3.0, z)[0]
-        out = roi_align_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, reduction=reduction)
+        out = roi_loss(z, v, GRID, BOXES, BOX_IMAGE, bins=BINS, reduction=reduction)
         out.mul_(3.0)
         torch.testing.assert_close(torch.autograd.grad(out.sum(), z)[0], want, rtol=0, atol=0)

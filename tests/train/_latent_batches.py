@@ -6,6 +6,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medlvr.ops import prepare_roi_geometry
+from medlvr.train.roi import roi_bins
+
 
 def make_batch(processor, *, k: int, questions=("what is it?", "is the lesion on the left side?", "organ?"),
                answers=("yes", "no it is not", "liver"), sizes=((100, 100), (60, 90), (120, 80)),
@@ -39,4 +42,7 @@ def make_batch(processor, *, k: int, questions=("what is it?", "is the lesion on
     batch["roi_boxes"] = torch.tensor([r[1] for r in rois], dtype=torch.float32).view(-1, 4)
     batch["roi_sample"] = torch.tensor([r[0] for r in rois], dtype=torch.long)
     batch["roi_image"] = torch.tensor([r[0] for r in rois], dtype=torch.long)  # one image per sample
+    if k:  # the boxes laid out for the stage-1 alignment loss, as collate does
+        batch["roi_geometry"] = prepare_roi_geometry(batch["image_grid_thw"], batch["roi_boxes"], batch["roi_image"],
+                                                     bins=roi_bins(k))
     return batch

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from medlvr.models import build_default, latent_token_ids
-from medlvr.train.collate import IGNORE_INDEX
-from medlvr.train.data import ROI, DataError, Record, collate, load_jsonl, write_jsonl
+from medlvr.train.collate import IGNORE_INDEX, collate
+from medlvr.train.data import ROI, DataError, Record, load_jsonl, write_jsonl
 from medlvr.train.qa import format_question, normalize_answer, score
 
 

@@ -171,3 +171,37 @@ def test_eval_main_pairs_runs_and_ablates(tmp_path, capsys):
     assert set(comp["paired"]["b - a"]) >= {"overall"} and comp["paired"]["b - a"]["overall"][3] == 6
     assert comp["ablation"]["a"] is None and set(comp["ablation"]["b"]["ablations"]) == {"zero", "shuffle",
                                                                                           "noise@0.5"}
+
+
+def _count_engines(monkeypatch) -> list:
+    import medlvr.engine.holder
+
+    built = []
+
+    class Counted(medlvr.engine.holder.LatentEngine):
+        def __init__(self, *a, **kw):
+            built.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(medlvr.engine.holder, "LatentEngine", Counted)
+    return built
+
+
+def test_evaluate_builds_one_engine_for_all_batches(setup, monkeypatch):
+    model, processor, records = setup
+    built = _count_engines(monkeypatch)
+    res = evaluate(model, processor, records, k=2, batch_size=2, max_new_tokens=3, backend="engine", progress=False)
+    assert res.n == len(records) > 2 and len(built) == 1
+
+
+def test_evaluate_chooses_hf_from_the_model_type(setup, monkeypatch):
+    # A model type the engine has no adapter for: "auto" takes the HF loop without trying an
+    # engine, "engine" is refused naming the supported types.
+    model, processor, records = setup
+    hf_res = evaluate(model, processor, records, k=2, batch_size=3, max_new_tokens=3, backend="hf", progress=False)
+    built = _count_engines(monkeypatch)
+    monkeypatch.setattr(model.config, "model_type", "not_an_engine_model")
+    auto = evaluate(model, processor, records, k=2, batch_size=3, max_new_tokens=3, backend="auto", progress=False)
+    assert not built and auto.predictions == hf_res.predictions
+    with pytest.raises(ValueError, match="model_type must be one of"):
+        evaluate(model, processor, records, k=2, batch_size=3, max_new_tokens=3, backend="engine", progress=False)

@@ -1,7 +1,7 @@
 """VLPO's grouped rollouts (backend "engine": the n rows of a prompt share its prefill
-and K/V, medlvr/engine/group.py) equal the same prompts repeated n times as independent
-rows (backend "engine_rows") with the same generator: latents, means, tokens, masks and
-log-probs (fp32, CPU)."""
+and K/V, medlvr/engine/group.py) equal the plain-HF reference loop's (backend "hf",
+medlvr/reference/latent_loop.py: the prompts repeated n times as independent rows) with the
+same generator: latents, means, tokens, masks and log-probs (fp32, CPU)."""
 from __future__ import annotations
 
 import pytest
@@ -26,8 +26,8 @@ def _rollouts(model, backend, *, n, k, sigma, top_p, engine=None):
 
 
 @pytest.mark.parametrize("n,k,sigma,top_p", [(4, 3, 0.5, 1.0), (3, 2, 0.0, 0.8), (2, 0, 0.3, 1.0)])
-def test_grouped_rollouts_equal_independent_rows(peaked, n, k, sigma, top_p):
-    a = _rollouts(peaked, "engine_rows", n=n, k=k, sigma=sigma, top_p=top_p)
+def test_grouped_rollouts_equal_the_reference_loop(peaked, n, k, sigma, top_p):
+    a = _rollouts(peaked, "hf", n=n, k=k, sigma=sigma, top_p=top_p)
     b = _rollouts(peaked, "engine", n=n, k=k, sigma=sigma, top_p=top_p)
     torch.testing.assert_close(b.latents, a.latents, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b.latent_mu, a.latent_mu, atol=1e-5, rtol=1e-5)
@@ -50,5 +50,7 @@ def test_grouped_rollout_engine_holds_each_prompt_once(peaked):
     assert e.prefix.max_batch == P and e.max_prompt_len >= int(prompt_batch()["attention_mask"].sum(-1).max())
     _rollouts(peaked, "engine", n=4, k=2, sigma=0.2, top_p=1.0, engine=re)
     assert re.builds == 1
-    _rollouts(peaked, "engine_rows", n=4, k=2, sigma=0.2, top_p=1.0, engine=re)  # needs the prompt in max_len
-    assert re.builds == 2 and re.engine.max_prompts == P  # grown, never shrunk
+    _rollouts(peaked, "engine", n=6, k=2, sigma=0.2, top_p=1.0, engine=re)  # more rows than it holds
+    assert re.builds == 2 and re.engine.max_prompts == P and re.engine.max_batch == 6 * P  # grown
+    _rollouts(peaked, "engine", n=2, k=2, sigma=0.2, top_p=1.0, engine=re)
+    assert re.builds == 2 and re.engine.max_batch == 6 * P  # never shrunk

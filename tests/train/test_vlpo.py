@@ -259,7 +259,7 @@ def test_rollouts_shapes_masks_and_seeded_determinism(model):
 
 def test_top_p_filter_keeps_the_smallest_nucleus():
     # VLPO's rollouts use the engine's one top-p filter (on probabilities).
-    from medlvr.engine.sampling import top_p_filter
+    from medlvr.reference.sampling import top_p_filter
 
     probs = torch.tensor([[0.2, 0.5, 0.3], [0.7, 0.2, 0.1]])
     out = top_p_filter(probs, torch.tensor(0.7))
@@ -568,18 +568,18 @@ def test_train_vlpo_with_accelerator_full_finetune(tmp_path, monkeypatch):
 
     from accelerate import Accelerator
 
-    import medlvr.engine
+    import medlvr.engine.holder
     from medlvr.models import build_default
     from medlvr.train.vlpo import train_vlpo
 
     built = []
 
-    class CountingEngine(medlvr.engine.LatentEngine):
+    class CountingEngine(medlvr.engine.holder.LatentEngine):
         def __init__(self, *a, **kw):
             built.append((kw["max_batch"], kw["max_len"]))
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(medlvr.engine, "LatentEngine", CountingEngine)
+    monkeypatch.setattr(medlvr.engine.holder, "LatentEngine", CountingEngine)  # where every engine is built
 
     _, records = _synth_records(tmp_path, 3)
     model, processor = build_default(seed=0)

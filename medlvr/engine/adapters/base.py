@@ -36,6 +36,12 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def supports(model: nn.Module) -> bool:
+    """Whether an adapter is registered for ``model.config.model_type`` (what callers with a
+    fallback, such as evaluation's plain-HF loop, test before choosing the engine)."""
+    return getattr(getattr(model, "config", None), "model_type", None) in _REGISTRY
+
+
 def adapter_for(model: nn.Module) -> "ModelAdapter":
     """The adapter registered for ``model.config.model_type``."""
     config = getattr(model, "config", None)
