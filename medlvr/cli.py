@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     # would need a two-pass parse; the imports below are light (no torch model is built).
     from medlvr.train.converters import add_convert_arguments, convert_main
     from medlvr.train.demo import add_demo_arguments, demo_main
-    from medlvr.train.evaluate import add_eval_arguments, eval_main
+    from medlvr.train.eval_cli import add_eval_arguments, eval_main
     from medlvr.train.plan import add_plan_arguments, plan_main
     from medlvr.train.stage1 import add_stage1_arguments
     from medlvr.train.synth import add_synth_arguments, synth_main

@@ -75,8 +75,8 @@ def _stage2(plan: DemoPlan, name: str, seed: int, init: Path, rl_prompts, val, o
     """One stage-2 run from (b)'s weights: VLPO (c), text-only VLPO (c0) or SFT (s)."""
     from medlvr.train.evaluate import evaluate
     from medlvr.train.loop import LoopConfig
-    from medlvr.train.runs import RunDir, load_trained
-    from medlvr.train.stage1 import train_stage1
+    from medlvr.train.runs import RunDir
+    from medlvr.train.stage1 import load_trained, train_stage1
     from medlvr.train.vlpo import VLPOConfig, train_vlpo
 
     run_dir = out / name
@@ -196,8 +196,7 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     from medlvr.train.latent_ablation import format_ablation, latent_ablation
     from medlvr.train.loop import LoopConfig, make_accelerator, resolve_mixed_precision
     from medlvr.train.paired import format_paired
-    from medlvr.train.runs import load_trained
-    from medlvr.train.stage1 import Stage1Config, build_trainable, train_stage1
+    from medlvr.train.stage1 import Stage1Config, build_trainable, load_trained, train_stage1
     from medlvr.train.synth import synthesize
 
     out = Path(out_dir)

@@ -11,7 +11,6 @@ otherwise normalised exact match). Outputs: a rich table on stdout, ``prediction
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -235,36 +234,6 @@ def write_outputs(results: dict[str, EvalResult], out_dir: str | Path, *, title:
             "plot": save_plot(results, out / "accuracy.png", title=title)}
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    from medlvr.train.loop import DEVICES
-
-    p.add_argument("--run", action="append", required=True, metavar="[NAME=]DIR",
-                   help="a trained run directory (run.json + model.safetensors, e.g. runs/sft/final); repeat to compare")
-    p.add_argument("--data", required=True, help="JSONL to evaluate")
-    p.add_argument("--split", default=None, help="only records of this split (default: all)")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and report) bad records instead of failing")
-    p.add_argument("--k-latent", type=int, default=None, help="override the run's K")
-    p.add_argument("--batch-size", type=int, default=32, help="records generated together (default 32)")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="answer tokens generated at most (default 8)")
-    p.add_argument("--backend", choices=("auto", "engine", "hf"), default="auto",
-                   help="engine = the latent-step engine; hf = the plain HF KV-cached loop; auto = the engine "
-                        "where it supports the model (default auto)")
-    p.add_argument("--out", default="runs/eval", help="predictions.jsonl, accuracy.json, accuracy.png go here")
-    p.add_argument("--device", choices=DEVICES, default="auto",
-                   help="auto = the GPU when there is one, else the CPU (default auto)")
-    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
-                   help="autocast around generation: auto = bf16 on a GPU, none on the CPU")
-    p.add_argument("--bootstrap", type=int, default=2000,
-                   help="bootstrap resamples for the paired 95%% CIs of each run against the first (default 2000)")
-    p.add_argument("--ablation", action="store_true",
-                   help="also report the latent ablation (latents zeroed / shuffled / noised) of runs with K > 0")
-    p.add_argument("--ablation-sigma", default="0.1,1.0",
-                   help="comma-separated noise levels of the latent ablation (default 0.1,1.0)")
-
-
 def compare(results: dict[str, EvalResult], *, n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, tuple]]:
     """Paired differences of every run against the first one ({"B - A": paired_differences})."""
     from medlvr.train.paired import paired_differences
@@ -272,41 +241,3 @@ def compare(results: dict[str, EvalResult], *, n_boot: int = 2000, seed: int = 0
     names = list(results)
     return {f"{n} - {names[0]}": paired_differences(results[names[0]], results[n], n_boot=n_boot, seed=seed)
             for n in names[1:]}
-
-
-def eval_main(args: argparse.Namespace) -> int:
-    from medlvr.train.data import load_jsonl
-    from medlvr.train.latent_ablation import format_ablation, latent_ablation
-    from medlvr.train.paired import format_paired
-    from medlvr.train.loop import trains_on_gpu
-    from medlvr.train.runs import load_trained
-
-    device = torch.device("cuda" if trains_on_gpu(args.device) else "cpu")
-    records, report = load_jsonl(args.data, split=args.split or None, skip_bad=getattr(args, "skip_bad", False),
-                                 window=getattr(args, "window", None))
-    if report.n_bad:
-        print(report)
-    sigmas = [float(x) for x in str(getattr(args, "ablation_sigma", "0.1,1.0")).split(",") if x.strip()]
-    results, ablations = {}, {}
-    for spec in args.run:
-        name, _, path = spec.rpartition("=")
-        name = name or Path(path).parent.name or Path(path).name
-        lm, processor, _meta = load_trained(path, device=device)
-        results[name] = evaluate(lm, processor, records, k=args.k_latent, batch_size=args.batch_size,
-                                 max_new_tokens=args.max_new_tokens, backend=args.backend,
-                                 mixed_precision=args.mixed_precision)
-        if getattr(args, "ablation", False):
-            ablations[name] = latent_ablation(lm, processor, records, k=args.k_latent, sigmas=sigmas,
-                                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    print_table(results, title=f"accuracy on {Path(args.data).name} ({len(records)} records)")
-    comparison: dict = {}
-    if len(results) > 1:
-        diffs = compare(results, n_boot=getattr(args, "bootstrap", 2000))
-        format_paired(diffs, title="paired accuracy differences, points [bootstrap 95% CI]")
-        comparison["paired"] = diffs
-    if ablations:
-        format_ablation(ablations)
-        comparison["ablation"] = ablations
-    paths = write_outputs(results, args.out, comparison=comparison or None)
-    print(f"wrote {paths['predictions']}, {paths['accuracy']}, {paths['plot']}")
-    return 0

@@ -56,7 +56,7 @@ def _ablations(z: torch.Tensor, sigmas: Sequence[float], g: torch.Generator) -> 
 def latent_ablation(lm, processor, records: Sequence[Any], *, k: int | None = None, sigmas: Sequence[float] = (0.1, 1.0),
                     batch_size: int = 32, max_new_tokens: int = 8, seed: int = 0) -> dict | None:
     """{"n", "accuracy" (clean), "ablations": {name: {"shift_nats", "changed", "accuracy",
-    "delta_accuracy"}}} for ``lm`` (a stage-1 LatentLM or run loaded by runs.load_trained) on
+    "delta_accuracy"}}} for ``lm`` (a stage-1 LatentLM or run loaded by stage1.load_trained) on
     ``records``; None when the model has no latent segment (K = 0). Batches of one sample
     cannot be shuffled: their shuffle rows are skipped."""
     from medlvr.train.collate import collate

@@ -119,23 +119,6 @@ class RunDir:
             raise ValueError(f"{self.path / WEIGHTS}: weights do not match the model (missing {sorted(missing)[:5]}, "
                              f"unexpected {unexpected[:5]})")
 
-    def load(self, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        """(LatentLM, processor, meta): the base model rebuilt from run.json, LoRA / projector as
-        the stage-1 config says, then the saved weights; in eval mode on ``device``."""
-        from medlvr.models import load
-        from medlvr.train.stage1 import Stage1Config, build_trainable
-
-        meta = self.meta()
-        # The embedded base is built from a seed: the run's (stage 1 builds it from --seed). A
-        # LoRA run's weights are deltas on that base, so another seed is another model.
-        seed = int(meta.get("base_seed", meta.get("loop", {}).get("seed", 0)))
-        model, processor = load(meta["base"], dtype=dtype, device=device, seed=seed)
-        lm = build_trainable(model, processor, Stage1Config(**meta["stage1"]))
-        self.load_weights(lm)
-        lm.to(device)
-        lm.eval()
-        return lm, processor, meta
-
 
 def write_hf(lm: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """The run's weights in the formats of transformers and peft, in ``path`` (``hf/`` of a
@@ -161,12 +144,6 @@ def write_hf(lm: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) ->
                   str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     else:
         inner.save_pretrained(str(path), state_dict=sd)
-
-
-def load_trained(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(LatentLM, processor, run_config) from a run folder (a finished run's ``final/`` or any
-    checkpoint): ``RunDir(run_dir).load(...)``."""
-    return RunDir(Path(run_dir)).load(device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- resume

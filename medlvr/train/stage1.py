@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -37,7 +38,7 @@ from medlvr.models.hf import unwrap, vision_tokens
 from medlvr.train import latent as L
 from medlvr.train import roi as R
 from medlvr.train.collate import Batch, collate
-from medlvr.train.runs import run_meta
+from medlvr.train.runs import RunDir, run_meta
 
 MODES = ("recurrent", "teacher-forced")
 
@@ -269,6 +270,26 @@ def train_stage1(lm: LatentLM, processor: Any, records: Sequence[Any], cfg: Any,
     return train_loop(SFTObjective(lm, processor, records, cfg), cfg, accelerator=accelerator, desc=desc, meta=meta)
 
 
+def load_trained(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(LatentLM, processor, meta) from a run folder (a finished run's ``final/`` or any
+    checkpoint, medlvr/train/runs.py): the base model rebuilt from run.json, LoRA / projector
+    as its stage-1 config says, then the saved weights; in eval mode on ``device``. Here and
+    not in runs.py, because building the trainable unit is stage 1's (runs.py stays below it)."""
+    from medlvr.models import load
+
+    run = RunDir(Path(run_dir))
+    meta = run.meta()
+    # The embedded base is built from a seed: the run's (stage 1 builds it from --seed). A
+    # LoRA run's weights are deltas on that base, so another seed is another model.
+    seed = int(meta.get("base_seed", meta.get("loop", {}).get("seed", 0)))
+    model, processor = load(meta["base"], dtype=dtype, device=device, seed=seed)
+    lm = build_trainable(model, processor, Stage1Config(**meta["stage1"]))
+    run.load_weights(lm)
+    lm.to(device)
+    lm.eval()
+    return lm, processor, meta
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -315,5 +336,5 @@ def stage1_main(args: argparse.Namespace) -> dict:
     return train_stage1(lm, processor, records, lcfg, base=args.model, desc=f"sft K={cfg.k_latent} {cfg.mode}")
 
 
-__all__ = ["Stage1Config", "LatentLM", "build_trainable", "SFTObjective", "train_stage1", "add_stage1_arguments",
-           "stage1_main", "MODES"]
+__all__ = ["Stage1Config", "LatentLM", "build_trainable", "load_trained", "SFTObjective", "train_stage1",
+           "add_stage1_arguments", "stage1_main", "MODES"]

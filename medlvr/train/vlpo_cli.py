@@ -58,7 +58,7 @@ def vlpo_main(args: argparse.Namespace) -> dict:
     """``medlvr vlpo``: load (model from --model or the stage-1 run --init), data, train, save.
 
     Output (<out>): metrics.jsonl (one line per step), vlpo.json (the config), final/
-    (a run folder, medlvr/train/runs.py, so ``runs.load_trained`` and the
+    (a run folder, medlvr/train/runs.py, so ``stage1.load_trained`` and the
     evaluation read a VLPO result like a stage-1 one). Returns the last step's metrics plus
     ``final_dir``.
     """
@@ -67,8 +67,8 @@ def vlpo_main(args: argparse.Namespace) -> dict:
     from medlvr.models import load
     from medlvr.train.data import load_split
     from medlvr.train.loop import make_accelerator, trains_on_gpu
-    from medlvr.train.runs import RunDir, load_trained, run_meta
-    from medlvr.train.stage1 import Stage1Config, build_trainable
+    from medlvr.train.runs import RunDir, run_meta
+    from medlvr.train.stage1 import Stage1Config, build_trainable, load_trained
 
     device = torch.device("cuda" if trains_on_gpu(args.device) else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -11,7 +11,7 @@ from _threads import one_thread  # noqa: F401  (autouse fixture)
 from medlvr.models import build_default
 from medlvr.train.data import load_jsonl
 from medlvr.train.loop import LoopConfig, StopTraining
-from medlvr.train.runs import load_trained
+from medlvr.train.stage1 import load_trained
 from medlvr.train.stage1 import Stage1Config, build_trainable, train_stage1
 from medlvr.train.synth import synthesize
 

@@ -602,12 +602,12 @@ def test_train_vlpo_with_accelerator_full_finetune(tmp_path, monkeypatch):
     assert moved == any(h["adv_abs"] > 0 for h in hist)
 def test_vlpo_main_trains_saves_and_reloads(tmp_path, monkeypatch):
     """``medlvr vlpo`` path: synthetic JSONL -> embedded model with LoRA -> 2 steps -> final/
-    readable by runs.load_trained, metrics.jsonl with one line per step."""
+    readable by stage1.load_trained, metrics.jsonl with one line per step."""
     import argparse
     import json
 
     import medlvr.train.vlpo as vlpo_mod
-    from medlvr.train.runs import load_trained
+    from medlvr.train.stage1 import load_trained
     from medlvr.train.vlpo_cli import add_vlpo_arguments, vlpo_main
 
     # A random model answers nothing right (all rewards 0 -> zero advantages -> no update);
