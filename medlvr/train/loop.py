@@ -28,42 +28,50 @@ from typing import Any, Protocol
 
 import torch
 
+from medlvr.train.flags import add_config_arguments, opt
 from medlvr.train.runs import RunDir, find_checkpoint, load_checkpoint, save_checkpoint
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class LoopConfig:
-    out_dir: str = "runs/sft"
-    max_steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-8
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    log_every: int = 1
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: str | None = None
-    stop_after: int | None = None
-    mixed_precision: str = "auto"
-    device: str = "auto"
-    fsdp: bool = False
-    metrics: str = "metrics.jsonl"
-    report_to: str | None = None
-    progress: bool = True
+    """Settings of the shared loop; each field's metadata makes its flag (medlvr/train/flags.py)."""
+    out_dir: str = opt("runs/sft", "output directory (checkpoints, metrics, final weights)", flag="--out")
+    max_steps: int = opt(100, "optimizer steps (default 100)", flag="--steps")
+    batch_size: int = opt(8, "GLOBAL micro-batch, split over processes (default 8)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (default 1)")
+    lr: float = opt(5e-4, "peak AdamW learning rate (default 5e-4)")
+    weight_decay: float = opt(0.0, "AdamW weight decay of the matrices; biases and norms get none (default 0)")
+    adam_eps: float = opt(1e-8, "AdamW epsilon (larger damps the normalised update of near-zero gradients)")
+    warmup_steps: int = opt(0, "linear warm-up steps before the schedule (default 0)")
+    schedule: str = opt("cosine", "learning-rate decay after warm-up (default cosine, to 0 at --steps)",
+                        choices=SCHEDULES)
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0: no clipping; default 1.0)")
+    seed: int = opt(0, "seed of the model init (default model), data order and sampling")
+    log_every: int = opt(1, "write a metrics row every N steps (default 1)")
+    save_every: int = opt(0, "checkpoint every N steps (0: only the final weights)")
+    keep_checkpoints: int = opt(2, "checkpoints kept in --out, newest first (default 2)")
+    resume: str | None = opt(None, "'auto' (latest in --out) or a checkpoint directory")
+    # stops the run as a crash would, so tests can check that --resume continues exactly
+    stop_after: int | None = opt(None, "stop after N steps without the final weights", debug=True)
+    mixed_precision: str = opt("auto", "autocast: auto = bf16 on a GPU, none on the CPU", choices=MIXED_PRECISION)
+    device: str = opt("auto", "auto = one GPU per process when there are enough, else the CPU (default auto)",
+                      choices=DEVICES)
+    fsdp: bool = opt(False, "shard weights, gradients and optimizer state over the processes (FSDP2, one unit per "
+                            "decoder layer and vision block; see docs/distributed.md)")
+    metrics: str = opt("metrics.jsonl", "metrics file name in --out (.jsonl or .csv)")
+    report_to: str | None = opt(None, "accelerate tracker, e.g. tensorboard")
+    progress: bool = opt(True, "no progress bar", flag="--no-progress")
 
     def __post_init__(self):
         if self.max_steps < 1:
             raise ValueError(f"max_steps: expected >= 1, got {self.max_steps}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"batch_size / grad_accum: expected >= 1, got {self.batch_size} / {self.grad_accum}")
-        if self.schedule not in ("cosine", "linear", "constant"):
+        if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: expected 'cosine', 'linear' or 'constant', got {self.schedule!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision: expected one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
@@ -95,9 +103,6 @@ def make_scheduler(optimizer, cfg: LoopConfig):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def check_device(device: str) -> str:
@@ -347,43 +352,4 @@ def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None
 
 
 def add_loop_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training loop")
-    g.add_argument("--out", default="runs/sft", help="output directory (checkpoints, metrics, final weights)")
-    g.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    g.add_argument("--batch-size", type=int, default=8, help="GLOBAL micro-batch, split over processes (default 8)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
-    g.add_argument("--weight-decay", type=float, default=0.0,
-                   help="AdamW weight decay of the matrices; biases and norms get none (default 0)")
-    g.add_argument("--adam-eps", type=float, default=1e-8,
-                   help="AdamW epsilon (larger damps the normalised update of near-zero gradients)")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before the schedule (default 0)")
-    g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
-                   help="learning-rate decay after warm-up (default cosine, to 0 at --steps)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0,
-                   help="clip the global gradient norm to this (0: no clipping; default 1.0)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the model init (default model), data order and sampling")
-    g.add_argument("--log-every", type=int, default=1, help="write a metrics row every N steps (default 1)")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only the final weights)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept in --out, newest first (default 2)")
-    g.add_argument("--resume", default=None, help="'auto' (latest in --out) or a checkpoint directory")
-    g.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # debug: simulate a crash
-    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
-                   help="autocast: auto = bf16 on a GPU, none on the CPU")
-    g.add_argument("--device", choices=DEVICES, default="auto",
-                   help="auto = one GPU per process when there are enough, else the CPU (default auto)")
-    g.add_argument("--fsdp", action="store_true",
-                   help="shard weights, gradients and optimizer state over the processes (FSDP2, one unit per "
-                        "decoder layer and vision block; see docs/distributed.md)")
-    g.add_argument("--metrics", default="metrics.jsonl", help="metrics file name in --out (.jsonl or .csv)")
-    g.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def loop_config_from_args(a: argparse.Namespace) -> LoopConfig:
-    return LoopConfig(out_dir=a.out, max_steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
-                      weight_decay=a.weight_decay, adam_eps=a.adam_eps, warmup_steps=a.warmup_steps, schedule=a.schedule,
-                      max_grad_norm=a.max_grad_norm, seed=a.seed, log_every=a.log_every, save_every=a.save_every,
-                      keep_checkpoints=a.keep_checkpoints, resume=a.resume, stop_after=a.stop_after,
-                      mixed_precision=a.mixed_precision, device=a.device, fsdp=a.fsdp, metrics=a.metrics,
-                      report_to=a.report_to, progress=not a.no_progress)
+    add_config_arguments(p.add_argument_group("training loop"), LoopConfig)

@@ -38,32 +38,41 @@ from medlvr.models.hf import unwrap, vision_tokens
 from medlvr.train import latent as L
 from medlvr.train import roi as R
 from medlvr.train.collate import Batch, collate
+from medlvr.train.flags import add_config_arguments, config_from_args, opt
 from medlvr.train.runs import RunDir, run_meta
 
 MODES = ("recurrent", "teacher-forced")
+ROI_LOSSES = ("cosine", "mse")
+ROI_POOLINGS = ("area", "bilinear")
 
 
 @dataclass
 class Stage1Config:
-    k_latent: int = 4
-    mode: str = "recurrent"
-    roi_weight: float = 1.0
-    roi_loss: str = "cosine"
-    roi_pooling: str = "area"
-    projector: bool = False
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    """The stage-1 method; each field's metadata makes its ``medlvr sft`` flag (medlvr/train/flags.py)."""
+    k_latent: int = opt(4, "latent steps K (0 = plain SFT)")
+    mode: str = opt("recurrent", "recurrent = the exact latent recurrence, hidden state fed back (default); "
+                                 "teacher-forced = one forward with the pooled ROI targets as latent inputs (LVR-style)",
+                    choices=MODES)
+    roi_weight: float = opt(1.0, "lambda of the ROI alignment term")
+    roi_loss: str = opt("cosine", "ROI alignment distance between latent k and its pooled target (default cosine: "
+                                  "1 - cos)", choices=ROI_LOSSES)
+    roi_pooling: str = opt("area", "pooling of the vision tokens inside the ROI into K targets: area = "
+                                   "overlap-weighted mean per bin, bilinear = RoIAlign (default area)",
+                           choices=ROI_POOLINGS)
+    projector: bool = opt(False, "learned latent feedback projector (identity at init)")
+    lora: bool = opt(False, "LoRA on q/k/v/o of the language model (else full fine-tuning)")
+    lora_r: int = opt(16, "LoRA rank, with --lora (default 16)")
+    lora_alpha: int = opt(32, "LoRA alpha (scale alpha/r), with --lora (default 32)")
+    lora_dropout: float = opt(0.0, None)  # no flag: the command line trains LoRA without dropout
 
     def __post_init__(self):
         if not isinstance(self.k_latent, int) or self.k_latent < 0:
             raise ValueError(f"k_latent: expected an int >= 0, got {self.k_latent!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
-        if self.roi_loss not in ("cosine", "mse"):
+        if self.roi_loss not in ROI_LOSSES:
             raise ValueError(f"roi_loss: expected 'cosine' or 'mse', got {self.roi_loss!r}")
-        if self.roi_pooling not in ("area", "bilinear"):
+        if self.roi_pooling not in ROI_POOLINGS:
             raise ValueError(f"roi_pooling: expected 'area' or 'bilinear', got {self.roi_pooling!r}")
         if self.roi_weight < 0:
             raise ValueError(f"roi_weight: expected >= 0, got {self.roi_weight}")
@@ -298,20 +307,7 @@ def add_stage1_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--data", required=True, help="training JSONL (medlvr format)")
     p.add_argument("--model", default="default", help="'default' (embedded small Qwen2.5-VL) or a local checkpoint dir")
-    p.add_argument("--k-latent", type=int, default=4, help="latent steps K (0 = plain SFT)")
-    p.add_argument("--mode", choices=MODES, default="recurrent",
-                   help="recurrent = the exact latent recurrence, hidden state fed back (default); teacher-forced "
-                        "= one forward with the pooled ROI targets as latent inputs (LVR-style)")
-    p.add_argument("--roi-weight", type=float, default=1.0, help="lambda of the ROI alignment term")
-    p.add_argument("--roi-loss", choices=("cosine", "mse"), default="cosine",
-                   help="ROI alignment distance between latent k and its pooled target (default cosine: 1 - cos)")
-    p.add_argument("--roi-pooling", choices=("area", "bilinear"), default="area",
-                   help="pooling of the vision tokens inside the ROI into K targets: area = overlap-weighted "
-                        "mean per bin, bilinear = RoIAlign (default area)")
-    p.add_argument("--projector", action="store_true", help="learned latent feedback projector (identity at init)")
-    p.add_argument("--lora", action="store_true", help="LoRA on q/k/v/o of the language model (else full fine-tuning)")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank, with --lora (default 16)")
-    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (scale alpha/r), with --lora (default 32)")
+    add_config_arguments(p, Stage1Config)
     p.add_argument("--skip-bad", action="store_true", help="skip (and report) bad records instead of failing")
     p.add_argument("--split", default="train", help="records of this split are used (others ignored)")
     add_loop_arguments(p)
@@ -320,13 +316,11 @@ def add_stage1_arguments(p: argparse.ArgumentParser) -> None:
 def stage1_main(args: argparse.Namespace) -> dict:
     from medlvr.models import load
     from medlvr.train.data import load_split
-    from medlvr.train.loop import loop_config_from_args
+    from medlvr.train.loop import LoopConfig
 
     records = load_split(args.data, args.split, skip_bad=args.skip_bad, window=getattr(args, "window", None))
-    cfg = Stage1Config(k_latent=args.k_latent, mode=args.mode, roi_weight=args.roi_weight, roi_loss=args.roi_loss,
-                       roi_pooling=args.roi_pooling, projector=args.projector, lora=args.lora, lora_r=args.lora_r,
-                       lora_alpha=args.lora_alpha)
-    lcfg = loop_config_from_args(args)
+    cfg = config_from_args(Stage1Config, args)
+    lcfg = config_from_args(LoopConfig, args)
     model, processor = load(args.model, dtype=torch.float32, seed=lcfg.seed)
     # The new weights (LoRA A, the projector) from --seed too: a rerun, and every process of a
     # sharded run (medlvr/train/fsdp.py checks they agree), starts from the same init.

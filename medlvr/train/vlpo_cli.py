@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from medlvr.train.flags import add_config_arguments, config_from_args
 from medlvr.train.vlpo import VLPOConfig, train_vlpo
 
 __all__ = ["add_vlpo_arguments", "vlpo_main"]
@@ -42,15 +43,7 @@ def add_vlpo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("VLPO")
     g.add_argument("--k-latent", type=int, default=None,
                    help=f"latent steps K (default: the --init run's K, else {d.k_latent})")
-    for f in dataclasses.fields(VLPOConfig):
-        if f.name == "k_latent":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata['help']} (default {f.default})"
-        if isinstance(f.default, bool):  # --fused-loss / --no-fused-loss (type=bool would take "False" as True)
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-            continue
-        g.add_argument(flag, type=type(f.default), default=f.default, choices=f.metadata["choices"], help=help_)
+    add_config_arguments(g, VLPOConfig, skip=("k_latent",), show_default=True)
     return p
 
 
@@ -87,8 +80,7 @@ def vlpo_main(args: argparse.Namespace) -> dict:
             torch.manual_seed(args.seed)
             lm = build_trainable(model, processor, s1).to(device)
         base, stage1 = args.model, dataclasses.asdict(s1)
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(VLPOConfig) if f.name != "k_latent"}
-    cfg = VLPOConfig(k_latent=k_default if args.k_latent is None else args.k_latent, **fields)
+    cfg = config_from_args(VLPOConfig, args, k_latent=k_default if args.k_latent is None else args.k_latent)
     cfg.validate()
 
     out = Path(args.out)

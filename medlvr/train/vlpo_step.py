@@ -9,7 +9,7 @@ math in plain torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -17,6 +17,7 @@ import torch
 from medlvr.models.hf import unwrap
 from medlvr.ops import fusable_lm_head, fused_vlpo_loss
 from medlvr.reference.vlpo_loss import gaussian_kl, group_advantages, latent_scale, vlpo_loss
+from medlvr.train.flags import opt
 from medlvr.train.fsdp import fusable_head, with_head_weight
 from medlvr.train.loop import Updater
 from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_states,
@@ -26,41 +27,36 @@ __all__ = ["VLPOConfig", "VLPOTokens", "LossInputs", "PolicyScorer", "adapter_is
            "vlpo_step"]
 
 
-def _opt(default, help: str, choices: tuple | None = None):
-    """A VLPOConfig field with its flag's help text (and fixed values) as metadata."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
 @dataclass
 class VLPOConfig:
     """Hyper-parameters of stage 2. Defaults follow GRPO / DAPO practice. Each field's
     metadata holds its help text and choices: ``medlvr vlpo`` makes its flags from them."""
-    n_rollouts: int = _opt(4, "samples per prompt (the group)")
-    temperature: float = _opt(1.0, "text sampling temperature (also used in the log-probs)")
-    top_p: float = _opt(1.0, "nucleus for text sampling")
-    latent_sigma: float = _opt(0.1, "std of the latent exploration noise (0: no latent term)")
-    k_latent: int = _opt(8, "latent steps per rollout (fixed exit during VLPO)")
-    eps_low: float = _opt(0.2, "ratio clipped below at 1 - eps_low")
-    eps_high: float = _opt(0.28, "ratio clipped above at 1 + eps_high (clip-higher)")
-    dual_clip: float = _opt(3.0, "c > 1: the loss of a negative-advantage position is at most -c * A; 0 = off")
-    kl_beta: float = _opt(0.04, "weight of the KL to the reference policy; 0 = no reference pass")
-    latent_coef: float = _opt(0.1, "weight of a rollout's whole latent segment, in answer tokens")
-    latent_norm: bool = _opt(True, "latent log-probs scaled by sigma / sqrt(D) (vlpo_loss.latent_scale)")
-    lr: float = _opt(1e-6, "peak AdamW learning rate")
-    steps: int = _opt(100, "VLPO steps (each: rollouts, then ppo_epochs updates)")
-    batch_prompts: int = _opt(4, "prompts per step (rollouts per step = batch_prompts * n_rollouts)")
-    max_new_tokens: int = _opt(32, "answer tokens sampled per rollout at most")
-    w_accuracy: float = _opt(1.0, "reward weight of a correct answer")
-    w_format: float = _opt(0.1, "reward weight of a well-formed answer")
-    seed: int = _opt(0, "seed of the data order, sampling and latent noise")
-    ppo_epochs: int = _opt(1, "optimiser steps per batch of rollouts")
-    adv_eps: float = _opt(1e-6, "A = (r - mean) / (std + adv_eps)")
-    max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
-    old_logprobs: str = _opt("recompute", "recompute = teacher-forced, exact on-policy; rollout = the sampler's",
-                             ("recompute", "rollout"))
-    rollout_backend: str = _opt("engine", "engine = LatentEngine (grouped rows); hf = the plain HF KV-cached loop",
-                                BACKENDS)
-    fused_loss: bool = _opt(True, "the loss from hidden states (fused_vlpo_loss); off: logits + vlpo_loss")
+    n_rollouts: int = opt(4, "samples per prompt (the group)")
+    temperature: float = opt(1.0, "text sampling temperature (also used in the log-probs)")
+    top_p: float = opt(1.0, "nucleus for text sampling")
+    latent_sigma: float = opt(0.1, "std of the latent exploration noise (0: no latent term)")
+    k_latent: int = opt(8, "latent steps per rollout (fixed exit during VLPO)")
+    eps_low: float = opt(0.2, "ratio clipped below at 1 - eps_low")
+    eps_high: float = opt(0.28, "ratio clipped above at 1 + eps_high (clip-higher)")
+    dual_clip: float = opt(3.0, "c > 1: the loss of a negative-advantage position is at most -c * A; 0 = off")
+    kl_beta: float = opt(0.04, "weight of the KL to the reference policy; 0 = no reference pass")
+    latent_coef: float = opt(0.1, "weight of a rollout's whole latent segment, in answer tokens")
+    latent_norm: bool = opt(True, "latent log-probs scaled by sigma / sqrt(D) (vlpo_loss.latent_scale)")
+    lr: float = opt(1e-6, "peak AdamW learning rate")
+    steps: int = opt(100, "VLPO steps (each: rollouts, then ppo_epochs updates)")
+    batch_prompts: int = opt(4, "prompts per step (rollouts per step = batch_prompts * n_rollouts)")
+    max_new_tokens: int = opt(32, "answer tokens sampled per rollout at most")
+    w_accuracy: float = opt(1.0, "reward weight of a correct answer")
+    w_format: float = opt(0.1, "reward weight of a well-formed answer")
+    seed: int = opt(0, "seed of the data order, sampling and latent noise")
+    ppo_epochs: int = opt(1, "optimiser steps per batch of rollouts")
+    adv_eps: float = opt(1e-6, "A = (r - mean) / (std + adv_eps)")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    old_logprobs: str = opt("recompute", "recompute = teacher-forced, exact on-policy; rollout = the sampler's",
+                            choices=("recompute", "rollout"))
+    rollout_backend: str = opt("engine", "engine = LatentEngine (grouped rows); hf = the plain HF KV-cached loop",
+                               choices=BACKENDS)
+    fused_loss: bool = opt(True, "the loss from hidden states (fused_vlpo_loss); off: logits + vlpo_loss")
 
     def validate(self) -> None:
         checks = [
