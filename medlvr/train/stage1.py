@@ -35,10 +35,10 @@ import torch
 import torch.nn as nn
 
 from medlvr.models.hf import unwrap, vision_tokens
-from medlvr.train import latent as L
-from medlvr.train import roi as R
 from medlvr.train.collate import Batch, collate
 from medlvr.train.flags import add_config_arguments, config_from_args, opt
+from medlvr.train.latent import LatentProjector, forward_with_latents, recurrent_forward
+from medlvr.train.roi import pooled_roi_targets, roi_alignment
 from medlvr.train.runs import RunDir, run_meta
 
 MODES = ("recurrent", "teacher-forced")
@@ -89,7 +89,7 @@ class LatentLM(nn.Module):
         self.model = model
         self.cfg = cfg
         hidden = unwrap(model).config.text_config.hidden_size
-        self.projector = L.LatentProjector(hidden) if cfg.projector else None
+        self.projector = LatentProjector(hidden) if cfg.projector else None
 
     @property
     def hf(self) -> nn.Module:
@@ -99,15 +99,15 @@ class LatentLM(nn.Module):
         cfg = self.cfg
         k = cfg.k_latent
         if k == 0:
-            out = L.forward_with_latents(self.model, batch, None, k=0, ce_mean=True)
+            out = forward_with_latents(self.model, batch, None, k=0, ce_mean=True)
             roi = torch.zeros_like(out.ce)
         elif cfg.mode == "recurrent":
-            out = L.recurrent_forward(self.model, batch, k=k, projector=self.projector, ce_mean=True)
+            out = recurrent_forward(self.model, batch, k=k, projector=self.projector, ce_mean=True)
             roi = self._roi(out.latent_hidden, out.vision_tokens, batch)
         else:
             vis = vision_tokens(self.model, batch.get("pixel_values"), batch.get("image_grid_thw"))
-            targets = R.pooled_roi_targets(vis, batch, k=k, merge=self.hf.config.vision_config.spatial_merge_size)
-            out = L.forward_with_latents(self.model, batch, targets, k=k, vis=vis, ce_mean=True)
+            targets = pooled_roi_targets(vis, batch, k=k, merge=self.hf.config.vision_config.spatial_merge_size)
+            out = forward_with_latents(self.model, batch, targets, k=k, vis=vis, ce_mean=True)
             roi = self._roi(out.latent_hidden, vis, batch)
         has_roi = torch.zeros_like(out.ce)
         if batch.get("roi_sample") is not None and batch["roi_sample"].numel():
@@ -121,7 +121,7 @@ class LatentLM(nn.Module):
     def _roi(self, latent_hidden, vis, batch) -> torch.Tensor:
         if self.cfg.roi_weight == 0 or vis is None:
             return latent_hidden.new_zeros(latent_hidden.shape[0], dtype=torch.float32)
-        return R.roi_alignment(latent_hidden, vis, batch, loss=self.cfg.roi_loss, pooling=self.cfg.roi_pooling)
+        return roi_alignment(latent_hidden, vis, batch, loss=self.cfg.roi_loss, pooling=self.cfg.roi_pooling)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.named_parameters() if p.requires_grad}

@@ -11,7 +11,7 @@ import torch
 import medlvr
 from medlvr.models import build_default
 from medlvr.models.hf import unwrap
-from medlvr.train import latent as L
+from medlvr.train import latent
 from medlvr.train.rollout import policy_forward
 from medlvr.train.vlpo_step import VLPOConfig
 
@@ -30,9 +30,9 @@ def test_stage1_answer_ce_equals_the_logits_cross_entropy(autocast):
     model = model.float().eval()
     batch = make_batch(processor, k=2)
     with _amp(autocast):
-        out = L.forward_with_latents(model, batch, None, k=0, return_hidden=True)
-        ref, n_ref = L.per_sample_ce(unwrap(model).lm_head(out.hidden), batch["labels"])
-        rec = L.recurrent_forward(model, batch, k=2)
+        out = latent.forward_with_latents(model, batch, None, k=0, return_hidden=True)
+        ref, n_ref = latent.per_sample_ce(unwrap(model).lm_head(out.hidden), batch["labels"])
+        rec = latent.recurrent_forward(model, batch, k=2)
     tol = 2e-2 if autocast else 1e-5
     torch.testing.assert_close(out.ce, ref, rtol=tol, atol=tol)
     assert torch.equal(out.n_tokens, n_ref) and out.logits is None
@@ -49,8 +49,8 @@ def test_stage1_loss_through_the_fused_cross_entropy_equals_the_unfused_loss(mod
     from medlvr.train.stage1 import LatentLM, Stage1Config
 
     calls = []
-    fused = L.fused_linear_cross_entropy
-    monkeypatch.setattr(L, "fused_linear_cross_entropy", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    fused = latent.fused_linear_cross_entropy
+    monkeypatch.setattr(latent, "fused_linear_cross_entropy", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
 
     model, processor = build_default(seed=0)
     lm = LatentLM(model.float().eval(), Stage1Config(k_latent=k, mode=mode, roi_weight=0.5, projector=k > 0))

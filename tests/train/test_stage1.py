@@ -7,8 +7,8 @@ import torch
 from medlvr.models import build_default
 from medlvr.models.hf import vision_tokens
 from medlvr.reference.roi_align import roi_align_loss_ref
-from medlvr.train import latent as L
-from medlvr.train import roi as R
+from medlvr.train import latent
+from medlvr.train import roi
 from medlvr.train.stage1 import LatentLM, Stage1Config, build_trainable
 
 from _latent_batches import make_batch
@@ -29,8 +29,8 @@ def mp():
 def test_recurrent_equals_coconut_full_passes(mp, k):
     model, processor = mp
     batch = make_batch(processor, k=k)
-    rec = L.recurrent_forward(model, batch, k=k, return_logits=True)
-    ref = L.coconut_reference(model, batch, k=k)
+    rec = latent.recurrent_forward(model, batch, k=k, return_logits=True)
+    ref = latent.coconut_reference(model, batch, k=k)
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(rec.logits[valid], ref.logits[valid], rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(rec.latent_hidden, ref.latent_hidden, rtol=1e-5, atol=2e-5)
@@ -43,9 +43,9 @@ def test_recurrent_gradients_equal_coconut(mp):
     params = [model.model.language_model.layers[0].self_attn.q_proj.weight, model.lm_head.weight,
               model.model.visual.merger.mlp[0].weight]
     grads = []
-    for fn in (L.recurrent_forward, L.coconut_reference):
+    for fn in (latent.recurrent_forward, latent.coconut_reference):
         out = fn(model, batch, k=3)
-        loss = out.ce.mean() + R.roi_alignment(out.latent_hidden, out.vision_tokens, batch).mean()
+        loss = out.ce.mean() + roi.roi_alignment(out.latent_hidden, out.vision_tokens, batch).mean()
         grads.append(torch.autograd.grad(loss, params))
     for g_rec, g_ref in zip(*grads):
         torch.testing.assert_close(g_rec, g_ref, rtol=1e-4, atol=1e-6)
@@ -57,11 +57,11 @@ def test_batch_equals_per_sample(mp):
     batch = make_batch(processor, k=k)
     lens = batch["attention_mask"].sum(1)
     assert len(set(batch["latent_start_index"].tolist())) == 3 and len(set(lens.tolist())) > 1  # ragged
-    full = L.recurrent_forward(model, batch, k=k)
+    full = latent.recurrent_forward(model, batch, k=k)
     for i in range(3):
         one = make_batch(processor, k=k, questions=[QUESTIONS[i]], answers=[ANSWERS[i]], sizes=[SIZES[i]], rois=(),
                          image_seeds=[i])
-        o = L.recurrent_forward(model, one, k=k)
+        o = latent.recurrent_forward(model, one, k=k)
         torch.testing.assert_close(o.ce[0], full.ce[i], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(o.latent_hidden[0], full.latent_hidden[i], rtol=1e-5, atol=2e-5)
 
@@ -72,11 +72,11 @@ def test_one_pass_with_fed_latents_reproduces_recurrence(mp):
     model, processor = mp
     k = 4
     batch = make_batch(processor, k=k)
-    rec = L.recurrent_forward(model, batch, k=k, return_logits=True)
-    one = L.forward_with_latents(model, batch, rec.latent_inputs, k=k, return_logits=True, return_hidden=True)
+    rec = latent.recurrent_forward(model, batch, k=k, return_logits=True)
+    one = latent.forward_with_latents(model, batch, rec.latent_inputs, k=k, return_logits=True, return_hidden=True)
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(one.logits[valid], rec.logits[valid], rtol=1e-5, atol=2e-5)
-    torch.testing.assert_close(L.latent_mu(one.hidden, batch["latent_start_index"], k), rec.latent_hidden,
+    torch.testing.assert_close(latent.latent_mu(one.hidden, batch["latent_start_index"], k), rec.latent_hidden,
                                rtol=1e-5, atol=2e-5)
     # z_0 is the hidden state at <|latent_start|>, the position just before the first latent.
     s0 = batch["latent_start_index"]
@@ -90,8 +90,8 @@ def test_roi_alignment_per_sample(mp):
     model, processor = mp
     k = 4
     batch = make_batch(processor, k=k)  # sample 0: one ROI, sample 1: none, sample 2: two ROIs
-    out = L.recurrent_forward(model, batch, k=k)
-    per = R.roi_alignment(out.latent_hidden, out.vision_tokens, batch)
+    out = latent.recurrent_forward(model, batch, k=k)
+    per = roi.roi_alignment(out.latent_hidden, out.vision_tokens, batch)
     assert per.shape == (3,) and per[1] == 0 and per[0] > 0 and per[2] > 0
     rows = roi_align_loss_ref(out.latent_hidden[batch["roi_sample"]], out.vision_tokens, batch["image_grid_thw"],
                               batch["roi_boxes"], batch["roi_image"], bins=(2, 2), reduction="none")
@@ -104,7 +104,7 @@ def test_teacher_forced_feeds_pooled_targets(mp):
     k = 4
     batch = make_batch(processor, k=k)
     vis = vision_tokens(model, batch["pixel_values"], batch["image_grid_thw"])
-    tg = R.pooled_roi_targets(vis, batch, k=k)
+    tg = roi.pooled_roi_targets(vis, batch, k=k)
     from medlvr.reference.roi_align import roi_pool_targets_ref
 
     ref = roi_pool_targets_ref(vis, batch["image_grid_thw"], batch["roi_boxes"], batch["roi_image"], bins=(2, 2))
@@ -153,9 +153,9 @@ def test_lora_trains_only_adapters_and_latent_rows():
 
 
 def test_roi_bins_and_bad_config():
-    assert R.roi_bins(1) == (1, 1) and R.roi_bins(4) == (2, 2) and R.roi_bins(8) == (2, 4) and R.roi_bins(6) == (2, 3)
+    assert roi.roi_bins(1) == (1, 1) and roi.roi_bins(4) == (2, 2) and roi.roi_bins(8) == (2, 4) and roi.roi_bins(6) == (2, 3)
     with pytest.raises(ValueError, match="k"):
-        R.roi_bins(0)
+        roi.roi_bins(0)
     with pytest.raises(ValueError, match="mode"):
         Stage1Config(mode="coconut")
     with pytest.raises(ValueError, match="k_latent"):
@@ -167,4 +167,4 @@ def test_recurrent_rejects_left_padding(mp):
     batch = make_batch(processor, k=2)
     am = batch["attention_mask"].flip(1)
     with pytest.raises(ValueError, match="right-padded"):
-        L.recurrent_forward(model, {**batch, "attention_mask": am}, k=2)
+        latent.recurrent_forward(model, {**batch, "attention_mask": am}, k=2)

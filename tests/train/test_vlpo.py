@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medlvr.reference.logprobs import latent_gaussian_logprob_ref
-from medlvr.train import rewards as R
+from medlvr.train import rewards
 from medlvr.train.rollout import policy_forward, prompt_inputs, sample_rollouts
 from medlvr.reference.vlpo_loss import group_advantages, kl_k3, ppo_clip_loss, vlpo_loss
 from medlvr.train.vlpo_step import VLPOConfig, VLPOTokens, vlpo_step
@@ -152,17 +152,17 @@ def test_config_validation_names_the_field():
 def test_rewards_format_and_accuracy():
     mc = SimpleNamespace(answer="pneumonia", options=["effusion", "pneumonia", "normal"])
     free = SimpleNamespace(answer="left lung", options=None)
-    out = R.outcome_rewards(["B", "pneumonia", "C", "", "The left lung.", "left lung"],
-                            [True, True, True, True, True, False], [mc, mc, mc, mc, free, free],
-                            w_accuracy=1.0, w_format=0.5)
+    out = rewards.outcome_rewards(["B", "pneumonia", "C", "", "The left lung.", "left lung"],
+                                  [True, True, True, True, True, False], [mc, mc, mc, mc, free, free],
+                                  w_accuracy=1.0, w_format=0.5)
     assert out["accuracy"] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
     assert out["format"] == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]  # empty / truncated answers fail format
     assert out["reward"] == [1.5, 1.5, 0.5, 0.0, 1.5, 1.0]
-    assert R.format_reward("maybe", stopped=True, options=["yes", "no"]) == 0.0  # names no option
-    assert R.match_option("Atelectasis", ["Atelectasis", "b"]) == 0  # by text, not as letter "A"
-    assert R.match_option("(b)", ["x", "y"]) == 1
+    assert rewards.format_reward("maybe", stopped=True, options=["yes", "no"]) == 0.0  # names no option
+    assert rewards.match_option("Atelectasis", ["Atelectasis", "b"]) == 0  # by text, not as letter "A"
+    assert rewards.match_option("(b)", ["x", "y"]) == 1
     with pytest.raises(ValueError, match="same length"):
-        R.outcome_rewards(["a"], [True, True], [mc])
+        rewards.outcome_rewards(["a"], [True, True], [mc])
 
 
 # --------------------------------------------------------------- model-level tests ---
