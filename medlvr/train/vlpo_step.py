@@ -1,8 +1,9 @@
 """One VLPO step (stage 2, medlvr/train/vlpo.py): rollouts, rewards, group advantages, the
 KL reference's log-probs, then ``ppo_epochs`` optimizer updates of the clipped objective
 (medlvr/reference/vlpo_loss.py, computed from the answer hidden states by the fused lm_head
-op medlvr.ops.fused_vlpo_loss: no logits tensor, gradients in its forward, 3 GEMMs; the
-unfused path, ``VLPOConfig.fused_loss=False``, is kept as the reference). The step reaches
+op medlvr.ops.fused_vlpo_loss: no logits tensor, gradients in its forward, 3 GEMMs; logits
++ vlpo_loss serve an lm_head the fused op cannot take, e.g. LoRA on it, and
+``VLPOConfig.fused_loss=False``). The step reaches
 the weights only through the training loop's :class:`medlvr.train.loop.Updater` (accelerate's
 backward, clipping and autocast); called on its own with a plain optimizer it runs the same
 math in plain torch.
