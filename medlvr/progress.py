@@ -7,6 +7,7 @@ own and asks for a frame at most every ``log_every`` seconds (plus the first and
 """
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, Iterable, TextIO
 
@@ -15,14 +16,19 @@ from tqdm.auto import tqdm
 __all__ = ["progress"]
 
 
+# Terminal control sequences (tqdm moves the cursor up to redraw nested bars: ESC [ A).
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class _Lines:
-    """A file for tqdm: its ``\\r``-prefixed frames become whole lines; blank writes vanish."""
+    """A file for tqdm: its ``\\r``-prefixed frames become whole lines; cursor moves and blank
+    writes vanish."""
 
     def __init__(self, stream: TextIO):
         self.stream = stream
 
     def write(self, s: str) -> None:
-        s = s.replace("\r", "").rstrip()
+        s = _ANSI.sub("", s.replace("\r", "")).rstrip()
         if s:
             self.stream.write(s + "\n")
 
