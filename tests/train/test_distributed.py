@@ -46,8 +46,9 @@ def test_two_processes_match_one(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     # torchrun starts the two ranks; the Accelerator inside forms the gloo group from its
     # environment. (`accelerate launch --cpu` would start ONE process unless MPI is set up.)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", "-m", "medlvr.cli",
+    from _torchrun import torchrun
+
+    two = subprocess.run([*torchrun(), "-m", "medlvr.cli",
                           *_sft_args(paths["train"], tmp_path / "two")],
                          env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _torchrun import torchrun
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,23 +46,13 @@ def _args(data: Path, out: Path, lora: bool) -> list[str]:
             *(["--lora"] if lora else [])]
 
 
-def _port() -> int:
-    """A free TCP port for torchrun's rendezvous (fixed ports collide with other test runs)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], cwd: Path) -> None:
     r = subprocess.run(cmd, env=_env(), cwd=cwd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
 def _two(args: list[str], spy: Path, cwd: Path) -> None:
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-          str(WORKER), str(spy), *args, "--fsdp"], cwd)
+    _run([*torchrun(), str(WORKER), str(spy), *args, "--fsdp"], cwd)
 
 
 @pytest.mark.slow
@@ -175,8 +166,7 @@ def test_vlpo_fsdp_matches_ddp(tmp_path, lora):
 
     data = synthesize(tmp_path / "data", n=8, seed=2, image_size=56, split_fractions=(1.0, 0.0, 0.0))["train"]
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
-        _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(_port()), str(WORKER), str(tmp_path / f"spy-{name}"),
+        _run([*torchrun(), str(WORKER), str(tmp_path / f"spy-{name}"),
               *_vlpo_args(data, tmp_path / name, lora), *extra], tmp_path)
     a = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))

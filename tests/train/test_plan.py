@@ -70,13 +70,9 @@ def test_state_bytes_equal_a_real_step(tmp_path, mode):
 
     data = synthesize(tmp_path / "data", n=4, seed=1, image_size=56, split_fractions=(1.0, 0.0, 0.0))["train"]
     worker = Path(__file__).resolve().parent / "_plan_measure.py"
-    import socket
+    from _torchrun import torchrun
 
-    with socket.socket() as sock:  # a free port for torchrun's rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-              if mode.startswith("fsdp") else [sys.executable])
+    launch = torchrun() if mode.startswith("fsdp") else [sys.executable]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run([*launch, str(worker), str(tmp_path / "m"), mode, "8192", str(data)], env=env,
                        capture_output=True, text=True, timeout=900)

@@ -754,15 +754,15 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     goes through the DDP-prepared scorer, so after the update both hold the same weights."""
     import json
     import subprocess
-    import sys
 
     data, _ = _synth_records(tmp_path, 4)
     worker = tmp_path / "worker.py"
     worker.write_text(_DDP_WORKER)
     out = tmp_path / "out.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", str(worker), str(data), str(out)],
+    from _torchrun import torchrun
+
+    proc = subprocess.run([*torchrun(), str(worker), str(data), str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
