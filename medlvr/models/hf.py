@@ -28,7 +28,8 @@ from torch import nn
 
 __all__ = ["unwrap", "decoder", "is_multimodal", "vision_tokens", "embed_inputs", "rope_positions",
            "mm_token_type_ids", "positions", "prompt_inputs", "cache_keyword", "new_cache", "new_static_cache",
-           "rewind_static_cache", "output_cache", "cache_layer_kv", "decoder_kwargs", "run_decoder"]
+           "rewind_static_cache", "output_cache", "cache_layer_kv", "decoder_kwargs", "run_decoder",
+           "save_pretrained"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -289,3 +290,17 @@ def run_decoder(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor | Non
     versions whose decoder takes it (newer ones track it inside the cache)."""
     kw = decoder_kwargs(model, embeds, mask, pos, cache, cache_position=cache_position)
     return decoder(model)(**kw).last_hidden_state
+
+
+def save_pretrained(model: nn.Module, path: str, **kwargs: Any) -> None:
+    """``model.save_pretrained(path, **kwargs)`` without transformers' own progress bar: it
+    writes carriage-return frames into a redirected log, where medlvr.progress prints lines."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path, **kwargs)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

@@ -143,7 +143,9 @@ def write_hf(lm: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) ->
         save_file(get_peft_model_state_dict(inner, state_dict=sd, save_embedding_layers=False),
                   str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     else:
-        inner.save_pretrained(str(path), state_dict=sd)
+        from medlvr.models.hf import save_pretrained
+
+        save_pretrained(inner, str(path), state_dict=sd)
 
 
 # ----------------------------------------------------------------------------- resume
