@@ -62,8 +62,8 @@ def _vlpo(args: argparse.Namespace) -> int:
 def default_threads() -> int | None:
     """The thread rule of every command that runs a model: None (leave torch's choice) when
     OMP_NUM_THREADS is set, else one thread per two cores. On a small shared CPU torch's
-    default (every core, spinning OpenMP workers) is several times slower than fewer threads
-    under contention (``sft --steps 5``: 25 s with 2 threads, 8 s with 1, on a 2-core machine)."""
+    default (every core, spinning OpenMP workers) is much slower than fewer threads when
+    another process competes for the cores: the OpenMP barriers wait on descheduled workers."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     return max(1, (os.cpu_count() or 2) // 2)
@@ -113,30 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
     from medlvr.train.synth import add_synth_arguments, synth_main
     from medlvr.train.vlpo_cli import add_vlpo_arguments
 
-    # (name, help, add its arguments, run it, runs a model: --threads and --window;
-    #  the demo makes its own images, so it takes --threads only)
+    # (name, help, add its arguments, run it, the shared flags it takes: --threads for every
+    #  command that runs a model, --window for those that read the user's images)
     commands = [
         ("synth", "write the deterministic synthetic medical VQA set (JSONL + PNG)", add_synth_arguments, synth_main,
-         False),
+         ()),
         ("convert", "convert a published dataset layout (OmniMedVQA, VQA-RAD, SLAKE, PathVQA) to JSONL",
-         add_convert_arguments, convert_main, False),
-        ("sft", "stage 1: ROI-supervised latent fine-tuning (accelerate; resumable)", add_stage1_arguments, _sft, True),
-        ("vlpo", "stage 2: visual-latent policy optimisation from a stage-1 run", add_vlpo_arguments, _vlpo, True),
-        ("eval", "accuracy by benchmark and question type of trained runs; table + plot", add_eval_arguments,
-         eval_main, True),
+         add_convert_arguments, convert_main, ()),
+        ("sft", "stage 1: ROI-supervised latent fine-tuning (accelerate; resumable)", add_stage1_arguments, _sft,
+         ("threads", "window")),
+        ("vlpo", "stage 2: visual-latent policy optimisation from a stage-1 run", add_vlpo_arguments, _vlpo,
+         ("threads", "window")),
+        ("eval", "accuracy by benchmark and question type of trained runs; paired CIs, latent ablation; table + plot",
+         add_eval_arguments, eval_main, ("threads", "window")),
         ("plan", "per-GPU memory of both stages: DDP+LoRA, FSDP2 full fine-tuning, FSDP2+LoRA", add_plan_arguments,
-         plan_main, False),
-        ("demo", "synthesise data, train plain SFT / stage 1 / stage 1 + VLPO, evaluate the three",
-         add_demo_arguments, demo_main, "threads"),
+         plan_main, ()),
+        ("demo", "synthesise data; train SFT, stage 1, and from it VLPO, text-only VLPO and SFT; evaluate all with "
+                 "paired CIs", add_demo_arguments, demo_main, ("threads",)),
     ]
-    for name, help_, add_arguments, run, model_flags in commands:
+    for name, help_, add_arguments, run, shared in commands:
         p = sub.add_parser(name, help=help_, description=help_)
         add_arguments(p)
-        if model_flags:
+        if "threads" in shared:
             p.add_argument("--threads", type=_threads_arg, default=None,
                            help="torch CPU threads (default: OMP_NUM_THREADS when set, else 1 per 2 cores: "
                                 "on a small shared CPU all cores under contention are slower than half)")
-        if model_flags is True:
+        if "window" in shared:
             _window(p)
         p.add_argument("--debug", action="store_true", default=None,
                        help="show the Python traceback of an error (also MEDLVR_DEBUG=1)")
