@@ -1,7 +1,7 @@
 """Progress bars for long work: tqdm on a terminal, sparse whole lines in a log.
 
 tqdm redraws its bar with carriage returns several times a second; redirected to a file
-that is one "line" of hundreds of kilobytes (200 KB for the demo). When the stream is not
+that is one "line" that grows by every frame of every bar. When the stream is not
 a terminal, :func:`progress` gives tqdm a stream that turns each frame into a line of its
 own and asks for a frame at most every ``log_every`` seconds (plus the first and the last).
 """
@@ -41,6 +41,7 @@ def progress(iterable: Iterable | None = None, *, log_every: float = 30.0, file:
     """``tqdm(iterable, **kwargs)`` on a terminal; on anything else a line every ``log_every``
     seconds. Set postfixes with ``refresh=False`` so that they do not force a frame."""
     stream = file if file is not None else sys.stderr
+    kwargs["file"] = stream
     if not getattr(stream, "isatty", lambda: False)():
         # No bar in a log: counts, rate and the postfix read better than a squeezed bar.
         kwargs.update(file=_Lines(stream), mininterval=log_every, dynamic_ncols=False,

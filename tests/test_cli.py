@@ -146,3 +146,17 @@ def test_demo_quick(tmp_path, capsys):
     assert (tmp_path / "accuracy.png").is_file()
     for run in ("a_sft", "b_stage1", "c_vlpo"):
         assert (tmp_path / run / "final" / "model.safetensors").is_file()
+
+
+def test_progress_on_a_terminal_draws_on_the_given_stream():
+    import io
+
+    from medlvr.progress import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    list(progress(range(3), desc="t", file=term))
+    assert "\r" in term.getvalue() and "t: 100%" in term.getvalue()  # tqdm's own redraws, on that stream
