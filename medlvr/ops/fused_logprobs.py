@@ -302,18 +302,11 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
         inputs; gradients to hidden, weight, bias and mu), and the detached log-probs (old
         log-probs for later epochs, stats).
     """
-    K = _check_vlpo(hidden, tokens, token_mask, token_old, advantages, latent_old, mu, z, token_ref, mu_ref,
-                    kl_beta, latent_coef)
+    clip = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
+    K, latent_sigma, temperature = _check_vlpo(
+        hidden, tokens, token_mask, token_old, advantages, latent_old, mu, z, token_ref, mu_ref, latent_sigma=latent_sigma,
+        temperature=temperature, latent_coef=latent_coef, kl_beta=kl_beta, latent_scale=latent_scale, **clip)
     R, T, D = hidden.shape
-    if mu is not None:
-        latent_sigma = _checks.positive_float("latent_sigma", latent_sigma)
-    if not (0 <= eps_low < 1 and eps_high >= 0 and (dual_clip == 0 or dual_clip > 1) and latent_coef >= 0
-            and kl_beta >= 0 and latent_scale > 0):
-        raise ValueError(f"expected 0 <= eps_low < 1, eps_high >= 0, dual_clip 0 or > 1, latent_coef >= 0, "
-                         f"kl_beta >= 0, latent_scale > 0; got eps_low={eps_low}, eps_high={eps_high}, "
-                         f"dual_clip={dual_clip}, latent_coef={latent_coef}, kl_beta={kl_beta}, "
-                         f"latent_scale={latent_scale}")
-    temperature = _checks.positive_float("temperature", temperature)
     keep = token_mask.bool()
     h, tgt = hidden[keep], tokens[keep]
     c = _check_linear(h, weight, bias, tgt, -100, "tokens[token_mask]")
@@ -328,7 +321,6 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
     stat = torch.float64 if c == torch.float64 else torch.float32
     denominator = keep.to(stat).sum().clamp(min=1)
     adv = advantages.to(stat)[:, None]
-    clip = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
     # Only the scored tokens enter the sweep (h = hidden[keep]), so every row counts.
     objective = sweep.vlpo_head(None if token_old is None else token_old[keep],
                                 None if kl_beta <= 0 else token_ref[keep], adv.expand(R, T)[keep], denominator,
@@ -350,9 +342,10 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
     return loss, token_logp, latent_logp.detach()
 
 
-def _check_vlpo(hidden, tokens, token_mask, token_old, advantages, latent_old, mu, z, token_ref, mu_ref, kl_beta,
-                latent_coef) -> int:
-    """fused_vlpo_loss's tensor arguments (before any kernel); returns K."""
+def _check_vlpo(hidden, tokens, token_mask, token_old, advantages, latent_old, mu, z, token_ref, mu_ref, *,
+                latent_sigma, temperature, eps_low, eps_high, dual_clip, latent_coef, kl_beta,
+                latent_scale) -> tuple[int, float, float]:
+    """fused_vlpo_loss's arguments, checked before any kernel; returns (K, latent_sigma, temperature)."""
     for name, t, dims in (("hidden", hidden, 3), ("advantages", advantages, 1)):
         _checks.tensor(name, t, dims=dims, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor("tokens", tokens, dims=2, dtypes=_checks.INDEX_DTYPES)
@@ -393,4 +386,12 @@ def _check_vlpo(hidden, tokens, token_mask, token_old, advantages, latent_old, m
         r, t = (int(i) for i in scored_ignored.nonzero()[0])
         raise ValueError(f"tokens[{r}, {t}] = -100 (the ignore index) at a scored position (token_mask True): "
                          "expected a token id there, or token_mask False")
-    return K
+    if mu is not None:
+        latent_sigma = _checks.positive_float("latent_sigma", latent_sigma)
+    if not (0 <= eps_low < 1 and eps_high >= 0 and (dual_clip == 0 or dual_clip > 1) and latent_coef >= 0
+            and kl_beta >= 0 and latent_scale > 0):
+        raise ValueError(f"expected 0 <= eps_low < 1, eps_high >= 0, dual_clip 0 or > 1, latent_coef >= 0, "
+                         f"kl_beta >= 0, latent_scale > 0; got eps_low={eps_low}, eps_high={eps_high}, "
+                         f"dual_clip={dual_clip}, latent_coef={latent_coef}, kl_beta={kl_beta}, "
+                         f"latent_scale={latent_scale}")
+    return K, latent_sigma, _checks.positive_float("temperature", temperature)

@@ -77,7 +77,7 @@ def _stage2(plan: DemoPlan, name: str, seed: int, init: Path, rl_prompts, val, o
     from medlvr.train.loop import LoopConfig
     from medlvr.train.runs import RunDir
     from medlvr.train.stage1 import load_trained, train_stage1
-    from medlvr.train.vlpo import VLPOConfig, train_vlpo
+    from medlvr.train.vlpo import VLPOConfig, train_vlpo, vlpo_loop
 
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,10 +91,10 @@ def _stage2(plan: DemoPlan, name: str, seed: int, init: Path, rl_prompts, val, o
                            extra_meta={"init": str(init)})
         return Path(res["final_dir"]), []
     sigma = plan.vlpo_sigma if name.startswith("c_") else 0.0
-    vcfg = VLPOConfig(k_latent=plan.k_latent, steps=plan.vlpo_steps, batch_prompts=plan.vlpo_prompts,
-                      n_rollouts=plan.vlpo_rollouts, lr=plan.vlpo_lr, latent_sigma=sigma, kl_beta=plan.vlpo_kl,
-                      latent_coef=plan.vlpo_latent_coef, ppo_epochs=plan.vlpo_epochs, w_format=plan.vlpo_w_format,
-                      max_new_tokens=plan.max_new_tokens, seed=seed)
+    vcfg = VLPOConfig(k_latent=plan.k_latent, batch_prompts=plan.vlpo_prompts, n_rollouts=plan.vlpo_rollouts,
+                      latent_sigma=sigma, kl_beta=plan.vlpo_kl, latent_coef=plan.vlpo_latent_coef,
+                      ppo_epochs=plan.vlpo_epochs, w_format=plan.vlpo_w_format, max_new_tokens=plan.max_new_tokens,
+                      loop=vlpo_loop(max_steps=plan.vlpo_steps, lr=plan.vlpo_lr, seed=seed))
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()

@@ -6,6 +6,11 @@ dataclass is then the one place a setting is named, defaulted and described: a n
 ``opt(...)`` is a new flag, and :func:`config_from_args` reads it back without a hand-written
 mapping that could drift from it.
 
+A config that contains another one (VLPOConfig holds the training loop's LoopConfig) declares
+that field with :func:`nested`: the outer command gets the flags of the inner fields it names,
+each with the inner field's own name, help and choices and the default of the outer config's
+inner instance; the inner dataclass keeps its own checks.
+
 The parsed namespace keeps argparse's own attribute names (``--out`` lands in ``args.out``),
 so code that reads the namespace directly sees the same names as with hand-written flags.
 """
@@ -15,9 +20,9 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-__all__ = ["opt", "flag_name", "add_config_arguments", "config_from_args"]
+__all__ = ["opt", "nested", "flag_name", "add_config_arguments", "config_from_args"]
 
 
 def opt(default: Any, help: str | None, *, choices: tuple | None = None, flag: str | None = None,
@@ -34,6 +39,13 @@ def opt(default: Any, help: str | None, *, choices: tuple | None = None, flag: s
                              metadata={"help": help, "choices": choices, "flag": flag, "debug": debug})
 
 
+def nested(factory: Callable[[], Any], flags: Iterable[str]) -> Any:
+    """A config field holding another config dataclass, ``factory()`` by default (the outer
+    config's defaults for it). flags: the inner fields the outer command exposes, in this
+    order; the others keep the value ``factory()`` gives them."""
+    return dataclasses.field(default_factory=factory, metadata={"nested": tuple(flags)})
+
+
 def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
@@ -43,8 +55,8 @@ def _dest(f: dataclasses.Field) -> str:
     return flag_name(f)[2:].replace("-", "_")
 
 
-def _negated(f: dataclasses.Field) -> bool:
-    return f.default is True and flag_name(f).startswith("--no-")
+def _negated(f: dataclasses.Field, default: Any) -> bool:
+    return default is True and flag_name(f).startswith("--no-")
 
 
 def _value_type(cls: type, f: dataclasses.Field) -> type:
@@ -58,35 +70,71 @@ def _value_type(cls: type, f: dataclasses.Field) -> type:
     return hint
 
 
-def _flag_fields(cls: type, skip: Iterable[str]) -> list[dataclasses.Field]:
-    skip = set(skip)
-    return [f for f in dataclasses.fields(cls) if f.name not in skip and f.metadata.get("help") is not None]
+@dataclasses.dataclass(frozen=True)
+class _Flag:
+    field: dataclasses.Field  # the field that declares the flag (an inner one for a nested config)
+    kind: type                # its value type
+    default: Any              # the default the command shows and uses
+    outer: str | None = None  # the nested field it belongs to (None: a field of the config itself)
+
+
+def _flags(cls: type, skip: Iterable[str]) -> list[_Flag]:
+    """The flags of ``cls``'s fields in declaration order, a nested config's where it is declared."""
+    skip, out = set(skip), []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        inner_names = f.metadata.get("nested")
+        if inner_names is not None:
+            inner = f.default_factory()
+            by_name = {g.name: g for g in dataclasses.fields(inner)}
+            missing = [n for n in inner_names if n not in by_name or by_name[n].metadata.get("help") is None]
+            if missing:
+                raise TypeError(f"{cls.__name__}.{f.name}: {type(inner).__name__} has no flag field {missing}")
+            out += [_Flag(by_name[n], _value_type(type(inner), by_name[n]), getattr(inner, n), f.name)
+                    for n in inner_names]
+        elif f.metadata.get("help") is not None:
+            out.append(_Flag(f, _value_type(cls, f), f.default))
+    return out
 
 
 def add_config_arguments(p: argparse.ArgumentParser | Any, cls: type, *, skip: Iterable[str] = (),
                          show_default: bool = False) -> None:
-    """Add one flag per field of the dataclass ``cls`` declared with :func:`opt` (``skip``:
-    field names the caller adds itself). show_default: append "(default X)" to each help."""
-    for f in _flag_fields(cls, skip):
-        help_ = f.metadata["help"] + (f" (default {f.default})" if show_default else "")
+    """Add one flag per field of the dataclass ``cls`` declared with :func:`opt` (and per named
+    inner field of one declared with :func:`nested`; ``skip``: field names the caller adds
+    itself). show_default: append "(default X)" to each help that has a value to show (not a
+    switch, not None)."""
+    for fl in _flags(cls, skip):
+        f, kind, default = fl.field, fl.kind, fl.default
+        help_ = f.metadata["help"]
         if f.metadata.get("debug"):
             help_ = argparse.SUPPRESS
-        flag, kind = flag_name(f), _value_type(cls, f)
+        elif show_default and default is not None and not (kind is bool and (_negated(f, default) or default is False)):
+            help_ += f" (default {default})"
         if kind is bool:
-            if _negated(f) or f.default is False:
+            if _negated(f, default) or default is False:
                 # a switch: --x sets True, --no-x sets False (read back inverted)
-                p.add_argument(flag, action="store_true", help=help_)
+                p.add_argument(flag_name(f), action="store_true", help=help_)
             else:  # --x / --no-x (type=bool would read "False" as True)
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+                p.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, default=default, help=help_)
             continue
-        p.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_)
+        p.add_argument(flag_name(f), type=kind, default=default, choices=f.metadata.get("choices"), help=help_)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, *, skip: Iterable[str] = (), **overrides: Any) -> Any:
     """The dataclass ``cls`` from the namespace :func:`add_config_arguments` filled; fields in
-    ``overrides`` (and those without a flag) take the given value (or their default)."""
-    values = {}
-    for f in _flag_fields(cls, set(skip) | set(overrides)):
-        v = getattr(args, _dest(f))
-        values[f.name] = (not v) if _negated(f) else v
+    ``overrides`` (and those without a flag) take the given value (or their default). A nested
+    config is its default instance with the flagged inner fields replaced."""
+    values: dict[str, Any] = {}
+    inner: dict[str, dict[str, Any]] = {}
+    for fl in _flags(cls, set(skip) | set(overrides)):
+        v = getattr(args, _dest(fl.field))
+        v = (not v) if _negated(fl.field, fl.default) else v
+        if fl.outer is None:
+            values[fl.field.name] = v
+        else:
+            inner.setdefault(fl.outer, {})[fl.field.name] = v
+    for f in dataclasses.fields(cls):
+        if f.name in inner:
+            values[f.name] = dataclasses.replace(f.default_factory(), **inner[f.name])
     return cls(**values, **overrides)

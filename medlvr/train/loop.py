@@ -38,27 +38,30 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class LoopConfig:
-    """Settings of the shared loop; each field's metadata makes its flag (medlvr/train/flags.py)."""
+    """Settings of the shared loop; each field's metadata makes its flag (medlvr/train/flags.py,
+    which appends each default to the help). Stage 2 holds one (``VLPOConfig.loop``, with its
+    own defaults) and exposes a few of these flags."""
     out_dir: str = opt("runs/sft", "output directory (checkpoints, metrics, final weights)", flag="--out")
-    max_steps: int = opt(100, "optimizer steps (default 100)", flag="--steps")
-    batch_size: int = opt(8, "GLOBAL micro-batch, split over processes (default 8)")
-    grad_accum: int = opt(1, "micro-batches per optimizer step (default 1)")
-    lr: float = opt(5e-4, "peak AdamW learning rate (default 5e-4)")
-    weight_decay: float = opt(0.0, "AdamW weight decay of the matrices; biases and norms get none (default 0)")
+    max_steps: int = opt(100, "training steps (stage 1: an optimizer update each; VLPO: rollouts, then --ppo-epochs "
+                                  "updates)", flag="--steps")
+    batch_size: int = opt(8, "GLOBAL micro-batch, split over processes")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(5e-4, "peak AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay of the matrices; biases and norms get none")
     adam_eps: float = opt(1e-8, "AdamW epsilon (larger damps the normalised update of near-zero gradients)")
-    warmup_steps: int = opt(0, "linear warm-up steps before the schedule (default 0)")
-    schedule: str = opt("cosine", "learning-rate decay after warm-up (default cosine, to 0 at --steps)",
+    warmup_steps: int = opt(0, "linear warm-up steps before the schedule")
+    schedule: str = opt("cosine", "learning-rate decay after warm-up (cosine and linear reach 0 at --steps)",
                         choices=SCHEDULES)
-    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0: no clipping; default 1.0)")
-    seed: int = opt(0, "seed of the model init (default model), data order and sampling")
-    log_every: int = opt(1, "write a metrics row every N steps (default 1)")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0: no clipping)")
+    seed: int = opt(0, "seed of the model init (default model, new LoRA), data order, sampling and latent noise")
+    log_every: int = opt(1, "write a metrics row every N steps")
     save_every: int = opt(0, "checkpoint every N steps (0: only the final weights)")
-    keep_checkpoints: int = opt(2, "checkpoints kept in --out, newest first (default 2)")
+    keep_checkpoints: int = opt(2, "checkpoints kept in --out, newest first")
     resume: str | None = opt(None, "'auto' (latest in --out) or a checkpoint directory")
     # stops the run as a crash would, so tests can check that --resume continues exactly
     stop_after: int | None = opt(None, "stop after N steps without the final weights", debug=True)
     mixed_precision: str = opt("auto", "autocast: auto = bf16 on a GPU, none on the CPU", choices=MIXED_PRECISION)
-    device: str = opt("auto", "auto = one GPU per process when there are enough, else the CPU (default auto)",
+    device: str = opt("auto", "auto = one GPU per process when there are enough, else the CPU",
                       choices=DEVICES)
     fsdp: bool = opt(False, "shard weights, gradients and optimizer state over the processes (FSDP2, one unit per "
                             "decoder layer and vision block; see docs/distributed.md)")
@@ -69,6 +72,8 @@ class LoopConfig:
     def __post_init__(self):
         if self.max_steps < 1:
             raise ValueError(f"max_steps: expected >= 1, got {self.max_steps}")
+        if not self.lr > 0 or self.max_grad_norm < 0:
+            raise ValueError(f"lr / max_grad_norm: expected > 0 / >= 0, got {self.lr} / {self.max_grad_norm}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"batch_size / grad_accum: expected >= 1, got {self.batch_size} / {self.grad_accum}")
         if self.schedule not in SCHEDULES:
@@ -352,4 +357,4 @@ def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None
 
 
 def add_loop_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p.add_argument_group("training loop"), LoopConfig)
+    add_config_arguments(p.add_argument_group("training loop"), LoopConfig, show_default=True)

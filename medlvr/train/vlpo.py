@@ -44,6 +44,7 @@ medlvr/train/vlpo_cli.py (``medlvr vlpo``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import random
 import time
@@ -53,13 +54,13 @@ from typing import Any, Sequence
 import torch
 
 from medlvr.train.fsdp import gathered, is_sharded
-from medlvr.train.loop import LoopConfig, Updater, train_loop
+from medlvr.train.loop import Updater, train_loop
 from medlvr.train.rewards import outcome_rewards
 from medlvr.train.rollout import RolloutEngine, Rollouts
 from medlvr.train.vlpo_step import (PolicyScorer, VLPOConfig, VLPOTokens, adapter_is_identity, is_peft,
-                                    vlpo_step)
+                                    vlpo_loop, vlpo_step)
 
-__all__ = ["VLPOConfig", "VLPOObjective", "train_vlpo"]
+__all__ = ["VLPOConfig", "VLPOObjective", "train_vlpo", "vlpo_loop"]
 
 
 def _decode(tokenizer, ro: Rollouts, stop_id: int) -> list[str]:
@@ -119,7 +120,7 @@ class VLPOObjective:
         # Each process draws its own prompts and noise (seed + rank); every process's loss is its
         # own token mean and DDP averages the gradients, which is the global token mean when the
         # processes score equal token counts (and close to it otherwise).
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + rank)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.loop.seed + rank)
         # One engine for the whole run (static cache sized at the first step, grown only if a
         # later prompt is longer); it reads the policy's modules by reference, so it rolls out
         # the weights each optimizer step leaves.
@@ -127,7 +128,7 @@ class VLPOObjective:
         # captured CUDA graph would not see.
         self.engine = (RolloutEngine(model, projector=self.projector, use_cuda_graphs=False if self.sharded else "auto")
                        if cfg.rollout_backend == "engine" else None)
-        self.rng = random.Random(cfg.seed + rank)
+        self.rng = random.Random(cfg.loop.seed + rank)
         self.order: list[int] = []
 
     def position(self) -> None:
@@ -179,10 +180,12 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
                accelerator: Any = None, progress: bool = True, log_path: str | os.PathLike | None = None,
                projector: torch.nn.Module | None = None, reference: str = "auto",
                mixed_precision: str = "auto", on_step: Any = None, fsdp: bool = False) -> list[dict]:
-    """Run ``cfg.steps`` VLPO steps over ``records`` (medlvr.train.data.Record) in place, in
-    the shared training loop (AdamW at the constant ``cfg.lr``, clipping to
-    ``cfg.max_grad_norm``; ``accelerator`` default: medlvr.train.loop.make_accelerator with
-    ``mixed_precision``).
+    """Run ``cfg.loop.max_steps`` VLPO steps over ``records`` (medlvr.train.data.Record) in
+    place, in the shared training loop with the settings ``cfg.loop`` (vlpo_step.vlpo_loop's
+    defaults: AdamW at the constant lr 1e-6, clipping to max_grad_norm), except those taken
+    from here: the batch size is ``cfg.batch_prompts``, the output directory that of
+    ``log_path``, and ``progress``, ``mixed_precision`` and ``fsdp`` are the arguments
+    (``accelerator`` default: medlvr.train.loop.make_accelerator with ``mixed_precision``).
 
     model: a Qwen2(.5)-VL policy, peft-wrapped (LoRA) or not (full fine-tuning), or a
     stage-1 ``LatentLM`` (its projector is then used and trained). Only parameters with
@@ -206,10 +209,8 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
         model = model.model
     objective = VLPOObjective(model, processor, records, cfg, projector=projector, reference=reference,
                               on_step=on_step)
-    if cfg.steps == 0:
-        return []
-    loop = LoopConfig(out_dir=str(Path(log_path).parent) if log_path else ".", max_steps=cfg.steps,
-                      batch_size=cfg.batch_prompts, lr=cfg.lr, schedule="constant", max_grad_norm=cfg.max_grad_norm,
-                      seed=cfg.seed, progress=progress, mixed_precision=mixed_precision, fsdp=fsdp)
+    loop = dataclasses.replace(cfg.loop, out_dir=str(Path(log_path).parent) if log_path else ".",
+                               batch_size=cfg.batch_prompts, progress=progress, mixed_precision=mixed_precision,
+                               fsdp=fsdp)
     train_loop(objective, loop, accelerator=accelerator, desc="vlpo", metrics_path=log_path, append_metrics=True)
     return objective.history

@@ -14,9 +14,8 @@ __all__ = ["add_vlpo_arguments", "vlpo_main"]
 
 
 def add_vlpo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``medlvr vlpo`` (one per VLPOConfig field, plus model / data / output)."""
-    from medlvr.train.loop import DEVICES, MIXED_PRECISION
-
+    """Arguments of ``medlvr vlpo``: one per VLPOConfig field and per loop setting it exposes
+    (vlpo_step.VLPO_LOOP_FLAGS: --out, --steps, --lr, --seed, --device, ...), plus model and data."""
     d = VLPOConfig()
     p.add_argument("--data", required=True, help="training JSONL (medlvr format)")
     p.add_argument("--split", default="train", help="records of this split are used (others ignored)")
@@ -29,28 +28,22 @@ def add_vlpo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="without --init: LoRA (q/k/v/o) instead of full fine-tuning")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank, with --lora (default 16)")
     p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (scale alpha/r), with --lora (default 32)")
-    p.add_argument("--out", default="runs/vlpo", help="output dir: metrics.jsonl, vlpo.json, final/")
-    p.add_argument("--device", choices=DEVICES, default="auto",
-                   help="auto = the GPU when there is one, else the CPU (default auto)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
-                   help="autocast of the training passes: auto = bf16 on a GPU, none on the CPU (rollouts "
-                        "run in the weights' dtype)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--fsdp", action="store_true",
-                   help="shard the policy over the processes (FSDP2, docs/distributed.md)")
     g = p.add_argument_group("VLPO")
     g.add_argument("--k-latent", type=int, default=None,
                    help=f"latent steps K (default: the --init run's K, else {d.k_latent})")
-    add_config_arguments(g, VLPOConfig, skip=("k_latent",), show_default=True)
+    add_config_arguments(g, VLPOConfig, skip=("k_latent", "loop"), show_default=True)
+    own = [f.name for f in dataclasses.fields(VLPOConfig) if f.name != "loop"]
+    add_config_arguments(p.add_argument_group("training loop"), VLPOConfig, skip=own, show_default=True)
     return p
 
 
 def vlpo_main(args: argparse.Namespace) -> dict:
     """``medlvr vlpo``: load (model from --model or the stage-1 run --init), data, train, save.
 
-    Output (<out>): metrics.jsonl (one line per step), vlpo.json (the config), final/
+    Output (<out>): metrics.jsonl (one line per step), vlpo.json (the config: VLPOConfig's
+    fields, the loop's settings nested under "loop"), final/
     (a run folder, medlvr/train/runs.py, so ``stage1.load_trained`` and the
     evaluation read a VLPO result like a stage-1 one). Returns the last step's metrics plus
     ``final_dir``.
@@ -63,7 +56,9 @@ def vlpo_main(args: argparse.Namespace) -> dict:
     from medlvr.train.runs import RunDir, run_meta
     from medlvr.train.stage1 import Stage1Config, build_trainable, load_trained
 
-    device = torch.device("cuda" if trains_on_gpu(args.device) else "cpu")
+    cfg = config_from_args(VLPOConfig, args, k_latent=VLPOConfig().k_latent)  # K is set below
+    cfg.validate()
+    device = torch.device("cuda" if trains_on_gpu(cfg.loop.device) else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     records = load_split(args.data, args.split, skip_bad=args.skip_bad, window=getattr(args, "window", None))
 
@@ -73,17 +68,17 @@ def vlpo_main(args: argparse.Namespace) -> dict:
         k_default = int(meta["stage1"]["k_latent"])
         stage1 = meta["stage1"]
     else:
-        model, processor = load(args.model, dtype=dtype, device=device, seed=args.seed)
+        model, processor = load(args.model, dtype=dtype, device=device, seed=cfg.loop.seed)
         k_default = VLPOConfig().k_latent if args.k_latent is None else args.k_latent
         s1 = Stage1Config(k_latent=k_default, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha)
         with torch.random.fork_rng(devices=[]):  # the new LoRA weights from --seed: reruns agree
-            torch.manual_seed(args.seed)
+            torch.manual_seed(cfg.loop.seed)
             lm = build_trainable(model, processor, s1).to(device)
         base, stage1 = args.model, dataclasses.asdict(s1)
-    cfg = config_from_args(VLPOConfig, args, k_latent=k_default if args.k_latent is None else args.k_latent)
+    cfg = dataclasses.replace(cfg, k_latent=k_default if args.k_latent is None else args.k_latent)
     cfg.validate()
 
-    out = Path(args.out)
+    out = Path(cfg.loop.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vlpo.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     metrics_path = out / "metrics.jsonl"
@@ -91,9 +86,10 @@ def vlpo_main(args: argparse.Namespace) -> dict:
         metrics_path.unlink()  # one run per directory: metrics of an older run are not mixed in
     # "auto": a stage-1 LoRA already holds the SFT policy (disabling it would give the base
     # model), so the KL reference is then a frozen copy; a fresh adapter is simply disabled.
-    accelerator = make_accelerator(args.mixed_precision, device=device.type)
-    history = train_vlpo(lm, processor, records, cfg, progress=not args.no_progress, log_path=metrics_path,
-                         reference="auto", accelerator=accelerator, fsdp=args.fsdp)
+    accelerator = make_accelerator(cfg.loop.mixed_precision, device=device.type)
+    history = train_vlpo(lm, processor, records, cfg, progress=cfg.loop.progress, log_path=metrics_path,
+                         reference="auto", accelerator=accelerator, mixed_precision=cfg.loop.mixed_precision,
+                         fsdp=cfg.loop.fsdp)
     stage1 = {**stage1, "k_latent": cfg.k_latent}
     RunDir(out / "final").save(lm, run_meta(base=base, stage1=stage1, vlpo=dataclasses.asdict(cfg), init=args.init),
                              accelerator=accelerator)

@@ -1,9 +1,10 @@
 """One VLPO step (stage 2, medlvr/train/vlpo.py): rollouts, rewards, group advantages, the
 KL reference's log-probs, then ``ppo_epochs`` optimizer updates of the clipped objective
-(medlvr/reference/vlpo_loss.py, computed from the answer hidden states by the fused lm_head
-op medlvr.ops.fused_vlpo_loss: no logits tensor, gradients in its forward, 3 GEMMs; logits
-+ vlpo_loss serve an lm_head the fused op cannot take, e.g. LoRA on it, and
-``VLPOConfig.fused_loss=False``). The step reaches
+(medlvr/reference/vlpo_loss.py), computed from the answer hidden states by the fused lm_head
+op medlvr.ops.fused_vlpo_loss (no logits tensor, gradients in its forward, 3 GEMMs). An
+lm_head the fused op cannot compute from its weight (LoRA or a quantised wrapper on it, a
+replaced forward) scores through its own forward instead: medlvr.ops.lm_head_logprobs, then
+the same objective from those log-probs (:func:`_loss`). The step reaches
 the weights only through the training loop's :class:`medlvr.train.loop.Updater` (accelerate's
 backward, clipping and autocast); called on its own with a plain optimizer it runs the same
 math in plain torch.
@@ -18,20 +19,35 @@ import torch
 from medlvr.models.hf import unwrap
 from medlvr.ops import fusable_lm_head, fused_vlpo_loss
 from medlvr.reference.vlpo_loss import gaussian_kl, group_advantages, latent_scale, vlpo_loss
-from medlvr.train.flags import opt
+from medlvr.train.flags import nested, opt
 from medlvr.train.fsdp import fusable_head, with_head_weight
-from medlvr.train.loop import Updater
+from medlvr.train.loop import LoopConfig, Updater
 from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_states,
                                   prompt_inputs, sample_rollouts, state_logprobs, vision_frozen)
 
 __all__ = ["VLPOConfig", "VLPOTokens", "LossInputs", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model",
-           "vlpo_step"]
+           "vlpo_loop", "vlpo_step"]
+
+
+def vlpo_loop(**settings: Any) -> LoopConfig:
+    """Stage 2's training-loop settings: a LoopConfig with VLPO's defaults (lr 1e-6, held
+    constant, output runs/vlpo; GRPO / DAPO practice) and ``settings`` over them."""
+    return LoopConfig(**{"out_dir": "runs/vlpo", "lr": 1e-6, "schedule": "constant", **settings})
+
+
+# The loop settings ``medlvr vlpo`` takes as flags; the others keep vlpo_loop's value, and
+# train_vlpo sets the loop's batch size from batch_prompts. LoopConfig checks them all, so
+# --steps is >= 1: a VLPO run makes at least one step.
+VLPO_LOOP_FLAGS = ("out_dir", "max_steps", "lr", "seed", "max_grad_norm", "mixed_precision", "device", "fsdp",
+                   "progress")
 
 
 @dataclass
 class VLPOConfig:
     """Hyper-parameters of stage 2. Defaults follow GRPO / DAPO practice. Each field's
-    metadata holds its help text and choices: ``medlvr vlpo`` makes its flags from them."""
+    metadata holds its help text and choices: ``medlvr vlpo`` makes its flags from them.
+    ``loop`` holds the shared loop's settings (steps, lr, seed, clipping, device, ...: one
+    definition, medlvr/train/loop.py); vlpo.json and run.json show it as a nested object."""
     n_rollouts: int = opt(4, "samples per prompt (the group)")
     temperature: float = opt(1.0, "text sampling temperature (also used in the log-probs)")
     top_p: float = opt(1.0, "nucleus for text sampling")
@@ -43,21 +59,17 @@ class VLPOConfig:
     kl_beta: float = opt(0.04, "weight of the KL to the reference policy; 0 = no reference pass")
     latent_coef: float = opt(0.1, "weight of a rollout's whole latent segment, in answer tokens")
     latent_norm: bool = opt(True, "latent log-probs scaled by sigma / sqrt(D) (vlpo_loss.latent_scale)")
-    lr: float = opt(1e-6, "peak AdamW learning rate")
-    steps: int = opt(100, "VLPO steps (each: rollouts, then ppo_epochs updates)")
     batch_prompts: int = opt(4, "prompts per step (rollouts per step = batch_prompts * n_rollouts)")
     max_new_tokens: int = opt(32, "answer tokens sampled per rollout at most")
     w_accuracy: float = opt(1.0, "reward weight of a correct answer")
     w_format: float = opt(0.1, "reward weight of a well-formed answer")
-    seed: int = opt(0, "seed of the data order, sampling and latent noise")
     ppo_epochs: int = opt(1, "optimiser steps per batch of rollouts")
     adv_eps: float = opt(1e-6, "A = (r - mean) / (std + adv_eps)")
-    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
     old_logprobs: str = opt("recompute", "recompute = teacher-forced, exact on-policy; rollout = the sampler's",
                             choices=("recompute", "rollout"))
     rollout_backend: str = opt("engine", "engine = LatentEngine (grouped rows); hf = the plain HF KV-cached loop",
                                choices=BACKENDS)
-    fused_loss: bool = opt(True, "the loss from hidden states (fused_vlpo_loss); off: logits + vlpo_loss")
+    loop: LoopConfig = nested(vlpo_loop, VLPO_LOOP_FLAGS)
 
     def validate(self) -> None:
         checks = [
@@ -67,12 +79,11 @@ class VLPOConfig:
             ("eps_high", self.eps_high >= 0, ">= 0"),
             ("dual_clip", self.dual_clip == 0 or self.dual_clip > 1, "0 (off) or > 1"),
             ("kl_beta", self.kl_beta >= 0, ">= 0"), ("latent_coef", self.latent_coef >= 0, ">= 0"),
-            ("lr", self.lr > 0, "> 0"), ("steps", self.steps >= 0, ">= 0"),
             ("batch_prompts", self.batch_prompts >= 1, ">= 1"), ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
             ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"), ("adv_eps", self.adv_eps >= 0, ">= 0"),
             ("old_logprobs", self.old_logprobs in ("recompute", "rollout"), "'recompute' or 'rollout'"),
             ("rollout_backend", self.rollout_backend in BACKENDS, " or ".join(map(repr, BACKENDS))),
-            ("fused_loss", isinstance(self.fused_loss, bool), "True or False"),
+            ("loop", isinstance(self.loop, LoopConfig), "a LoopConfig (vlpo_loop(...))"),
             ("latent_norm", isinstance(self.latent_norm, bool), "True or False"),
         ]
         for name, ok, want in checks:
@@ -165,18 +176,22 @@ def _latent_coef(cfg: VLPOConfig) -> float:
 
 def _loss(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, projector, vision, x: LossInputs):
     """(loss, token_logp [R,T], latent_logp [R,K], latent_kl [R,K] or None) of the policy on the
-    rollouts; all but the loss detached. Fused: the decoder pass, then fused_vlpo_loss on the
-    answer states and the lm_head weight (the (tokens, V) logits never exist). Unfused
-    (cfg.fused_loss False, or an lm_head that is not a plain Linear, e.g. LoRA on it):
-    lm_head_logprobs + vlpo_loss."""
+    rollouts; all but the loss detached: the decoder pass, then the clipped objective on its
+    answer states and latent means.
+
+    One objective, computed one way per lm_head. A head that is exactly h @ W^T + b (a plain
+    Linear, also FSDP-sharded) goes through fused_vlpo_loss on its weight: the (tokens, V)
+    logits never exist. Any other head (LoRA or a quantised wrapper on it, a replaced forward)
+    is only defined by its forward, which the fused op cannot run: its log-probs come from
+    lm_head_logprobs (head(h), then log-softmax, under autograd) and the objective from
+    vlpo_loss, the definition the fused op computes (medlvr/reference/vlpo_loss.py)."""
     st = policy_states(model, ro, latent_end_id=tokens.latent_end, latent_sigma=cfg.latent_sigma,
                        prompt=prompt_inputs(model, batch, repeat=ro.n, vision=vision), projector=projector)
-    scale = _latent_scale(cfg, ro)
     terms = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, latent_coef=_latent_coef(cfg),
-                 kl_beta=cfg.kl_beta, token_ref=x.token_ref, latent_scale=scale)
+                 kl_beta=cfg.kl_beta, token_ref=x.token_ref, latent_scale=_latent_scale(cfg, ro))
     use_kl = cfg.kl_beta > 0 and st.mu is not None and x.mu_ref is not None
     head = unwrap(model).lm_head
-    if cfg.fused_loss and (fusable_lm_head(head) or fusable_head(head)):
+    if fusable_lm_head(head) or fusable_head(head):
         latent_old = x.latent_old
         if latent_old is None and st.mu is None:  # latent positions without a Gaussian (sigma 0): log-prob 0
             latent_old = torch.zeros(ro.latents.shape[:2], dtype=torch.float32, device=ro.latents.device)
@@ -241,7 +256,7 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
     prepared :class:`PolicyScorer` that carries the gradient; its autocast is entered around
     the rollouts and the no-grad scoring passes, so that they run in the precision of the
     prepared forward, else the first ratio would not be 1 under mixed precision), or a plain
-    torch optimizer (plain backward, clipping to ``cfg.max_grad_norm``, no autocast).
+    torch optimizer (plain backward, clipping to ``cfg.loop.max_grad_norm``, no autocast).
     ref_model: the frozen reference for full fine-tuning; None with a peft model means
     "adapter disabled". ref_projector: the reference's latent projector (a frozen copy of the
     initial one when the projector trains); default: ``projector``.
@@ -253,7 +268,8 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
     vision tower runs once per step; its features serve every pass.
     """
     if not isinstance(optimizer, Updater):
-        optimizer = Updater(PolicyScorer(model, projector, cfg, tokens), optimizer, max_grad_norm=cfg.max_grad_norm)
+        optimizer = Updater(PolicyScorer(model, projector, cfg, tokens), optimizer,
+                            max_grad_norm=cfg.loop.max_grad_norm)
     updater = optimizer
     if cfg.kl_beta > 0 and ref_model is None and not is_peft(model):
         raise ValueError("ref_model: expected a frozen reference model for a non-peft policy when kl_beta > 0, "
@@ -261,32 +277,54 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
     amp = updater.autocast
     was_training = model.training
     model.eval()
-    n = cfg.n_rollouts
     with torch.no_grad(), amp():
         vision = image_features(model, batch) if vision_frozen(model) else None
-        ro = sample_rollouts(model, batch, n=n, k_latent=cfg.k_latent, latent_sigma=cfg.latent_sigma,
+        ro = sample_rollouts(model, batch, n=cfg.n_rollouts, k_latent=cfg.k_latent, latent_sigma=cfg.latent_sigma,
                              temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                              latent_end_id=tokens.latent_end, stop_id=tokens.stop, pad_id=tokens.pad,
                              generator=generator, projector=projector, vision=vision,
                              backend=cfg.rollout_backend, engine=rollout_engine)
     rew = reward_fn(ro)
     rewards = torch.as_tensor(rew["reward"], dtype=torch.float32, device=ro.tokens.device)
-    adv = group_advantages(rewards, n, eps=cfg.adv_eps)
-
-    inputs = LossInputs(advantages=adv)
+    inputs = LossInputs(advantages=group_advantages(rewards, cfg.n_rollouts, eps=cfg.adv_eps))
     if cfg.kl_beta > 0:
         with torch.no_grad(), amp():
-            if ref_model is not None:
-                ref_model.eval()
-                inputs.token_ref, inputs.mu_ref = _reference(ref_model, batch, ro, cfg, tokens,
-                                                             ref_projector or projector, vision)
-            else:
-                with peft_model(model).disable_adapter():
-                    inputs.token_ref, inputs.mu_ref = _reference(model, batch, ro, cfg, tokens,
-                                                                 ref_projector or projector, vision)
-
+            _reference_inputs(inputs, model, ref_model, batch, ro, cfg, tokens, ref_projector or projector, vision)
     if cfg.old_logprobs == "rollout":
         inputs.token_old, inputs.latent_old = ro.token_logprobs, ro.latent_logprobs
+    stats, gap = _ppo_updates(updater, batch, ro, vision, inputs, cfg)
+    model.train(was_training)
+
+    out = {k: float(torch.as_tensor(v, dtype=torch.float32).mean()) for k, v in rew.items()}
+    out.update(stats)
+    groups = rewards.view(-1, cfg.n_rollouts)
+    out.update({
+        "adv_abs": float(inputs.advantages.abs().mean()),
+        "zero_std_groups": float(((groups.amax(1) - groups.amin(1)) == 0).float().mean()),
+        "answer_len": float(ro.token_mask.float().sum(1).mean()),
+        "stopped": float(ro.stopped.float().mean()),
+        "behaviour_gap": gap,
+    })
+    return out
+
+
+def _reference_inputs(inputs: LossInputs, model, ref_model, batch, ro: Rollouts, cfg: VLPOConfig,
+                      tokens: VLPOTokens, projector, vision) -> None:
+    """The KL reference's token log-probs and latent means into ``inputs``: a frozen
+    ``ref_model``, or (None) the peft policy with its adapter switched off."""
+    if ref_model is not None:
+        ref_model.eval()
+        inputs.token_ref, inputs.mu_ref = _reference(ref_model, batch, ro, cfg, tokens, projector, vision)
+    else:
+        with peft_model(model).disable_adapter():
+            inputs.token_ref, inputs.mu_ref = _reference(model, batch, ro, cfg, tokens, projector, vision)
+
+
+def _ppo_updates(updater: Updater, batch, ro: Rollouts, vision, inputs: LossInputs,
+                 cfg: VLPOConfig) -> tuple[dict[str, float], float]:
+    """``cfg.ppo_epochs`` optimizer updates of the clipped objective through the updater's
+    module (the PolicyScorer): the last epoch's statistics and the behaviour gap (mean
+    |sampler - training| text log-prob, first epoch)."""
     stats: dict[str, float] = {}
     gap = torch.zeros(())
     updater.optimizer.zero_grad(set_to_none=True)
@@ -303,18 +341,4 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
         norm = updater.update()
         if norm is not None:
             stats["grad_norm"] = norm
-    model.train(was_training)
-
-    out = {k: float(torch.as_tensor(v, dtype=torch.float32).mean()) for k, v in rew.items()}
-    out.update(stats)
-    groups = rewards.view(-1, n)
-    out.update({
-        "adv_abs": float(adv.abs().mean()),
-        "zero_std_groups": float(((groups.amax(1) - groups.amin(1)) == 0).float().mean()),
-        "answer_len": float(ro.token_mask.float().sum(1).mean()),
-        "stopped": float(ro.stopped.float().mean()),
-        "behaviour_gap": float(gap),
-    })
-    return out
-
-
+    return stats, float(gap)

@@ -3,8 +3,10 @@ every field it names, and what it does not name keeps the dataclass default."""
 import argparse
 import dataclasses
 
+import pytest
+
 from medlvr.cli import build_parser
-from medlvr.train.flags import add_config_arguments, config_from_args, opt
+from medlvr.train.flags import add_config_arguments, config_from_args, nested, opt
 from medlvr.train.loop import LoopConfig
 from medlvr.train.stage1 import Stage1Config
 from medlvr.train.vlpo import VLPOConfig
@@ -33,13 +35,57 @@ def test_sft_command_line_builds_both_configs():
 
 def test_vlpo_command_line_builds_its_config():
     d = VLPOConfig()
-    args = build_parser().parse_args(["vlpo", "--data", "x.jsonl", "--no-fused-loss", "--no-latent-norm", "--lr", "0.01",
+    args = build_parser().parse_args(["vlpo", "--data", "x.jsonl", "--no-latent-norm", "--lr", "0.01",
                                       "--old-logprobs", "rollout", "--n-rollouts", "3"])
     cfg = config_from_args(VLPOConfig, args, k_latent=5)
-    assert cfg == dataclasses.replace(d, k_latent=5, fused_loss=False, latent_norm=False, lr=0.01,
+    assert cfg == dataclasses.replace(d, k_latent=5, latent_norm=False, loop=dataclasses.replace(d.loop, lr=0.01),
                                       old_logprobs="rollout", n_rollouts=3)
     plain = build_parser().parse_args(["vlpo", "--data", "x.jsonl"])
     assert config_from_args(VLPOConfig, plain, k_latent=d.k_latent) == d
+
+
+def test_vlpo_config_holds_the_loop_config_and_keeps_its_flags():
+    """VLPOConfig's loop settings are LoopConfig's fields (declared once), and ``medlvr vlpo``
+    keeps their flag names and its own defaults for them."""
+    from medlvr.train.vlpo import vlpo_loop
+
+    own = {f.name for f in dataclasses.fields(VLPOConfig)}
+    assert not own & {"lr", "steps", "seed", "max_grad_norm"} and isinstance(VLPOConfig().loop, LoopConfig)
+    argv = ["vlpo", "--data", "x.jsonl", "--out", "o", "--steps", "7", "--lr", "0.01", "--seed", "9",
+            "--max-grad-norm", "0.5", "--mixed-precision", "no", "--device", "cpu", "--fsdp", "--no-progress"]
+    cfg = config_from_args(VLPOConfig, build_parser().parse_args(argv), k_latent=8)
+    assert cfg.loop == vlpo_loop(out_dir="o", max_steps=7, lr=0.01, seed=9, max_grad_norm=0.5, mixed_precision="no",
+                                 device="cpu", fsdp=True, progress=False)
+    plain = vars(build_parser().parse_args(["vlpo", "--data", "x.jsonl"]))
+    assert {k: plain[k] for k in ("out", "steps", "lr", "seed", "max_grad_norm", "mixed_precision", "device", "fsdp",
+                                  "no_progress")} == dict(out="runs/vlpo", steps=100, lr=1e-6, seed=0, max_grad_norm=1.0,
+                                                          mixed_precision="auto", device="auto", fsdp=False,
+                                                          no_progress=False)
+    assert VLPOConfig().loop.schedule == "constant"
+    with pytest.raises(ValueError, match="max_steps: expected >= 1, got 0"):
+        config_from_args(VLPOConfig, build_parser().parse_args(["vlpo", "--data", "x", "--steps", "0"]), k_latent=8)
+
+
+def test_nested_config_flags():
+    @dataclasses.dataclass
+    class Inner:
+        rate: float = opt(0.5, "a rate")
+        quiet: bool = opt(True, "no output", flag="--no-out")
+        hidden: int = opt(3, "not exposed")
+
+    @dataclasses.dataclass
+    class Outer:
+        k: int = opt(1, "k")
+        inner: Inner = nested(lambda: Inner(rate=0.25), ("rate", "quiet"))
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, Outer, show_default=True)
+    actions = {a.dest: a for a in p._actions}
+    assert "hidden" not in actions and actions["rate"].default == 0.25 and actions["rate"].help == "a rate (default 0.25)"
+    assert config_from_args(Outer, p.parse_args([])) == Outer(inner=Inner(rate=0.25))
+    got = config_from_args(Outer, p.parse_args(["--rate", "2", "--no-out", "--k", "4"]))
+    assert got == Outer(k=4, inner=Inner(rate=2.0, quiet=False))
+    assert config_from_args(Outer, p.parse_args([]), inner=Inner()).inner == Inner()  # an override wins
 
 
 def test_field_metadata_kinds():

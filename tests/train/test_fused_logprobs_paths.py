@@ -1,7 +1,8 @@
 """The training call sites of the fused lm_head ops: stage 1's answer cross-entropy (per sample,
-and the loss through fused_linear_cross_entropy), VLPO's teacher-forced token log-probs and its
-step through fused_vlpo_loss equal the unfused path
-(lm_head -> logits -> log-softmax, selected with force_backend("reference")), in fp32 and
+and the loss through fused_linear_cross_entropy) and VLPO's teacher-forced token log-probs equal
+the unfused path (lm_head -> logits -> log-softmax, selected with force_backend("reference")),
+and VLPO's step equals the same step with its loss from medlvr/reference/fused_logprobs.py
+(fused_vlpo_loss_ref), with a plain head and with one the fused op cannot take; in fp32 and
 under CPU bf16 autocast with fp32 weights, and gradients reach the lm_head in its own dtype."""
 import contextlib
 
@@ -13,7 +14,8 @@ from medlvr.models import build_default
 from medlvr.models.hf import unwrap
 from medlvr.train import latent
 from medlvr.train.rollout import policy_forward
-from medlvr.train.vlpo_step import VLPOConfig
+from medlvr.reference.fused_logprobs import fused_vlpo_loss_ref
+from medlvr.train.vlpo_step import VLPOConfig, vlpo_loop
 
 from _latent_batches import make_batch
 from _threads import one_thread  # noqa: F401  (autouse fixture)
@@ -93,8 +95,8 @@ def test_vlpo_token_logprobs_equal_the_unfused_path(autocast):
 
 def test_vlpo_step_runs_under_bf16_autocast_with_fp32_weights():
     policy = lora(tiny_model(1).float())
-    cfg = VLPOConfig(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=4, kl_beta=0.1, lr=1e-2,
-                     rollout_backend="hf")
+    cfg = VLPOConfig(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=4, kl_beta=0.1,
+                     rollout_backend="hf", loop=vlpo_loop(lr=1e-2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m = _step(policy, cfg, _random_reward)
     assert m["ratio_text"] == 1.0 and m["kl_text"] == 0.0
@@ -103,7 +105,7 @@ def test_vlpo_step_runs_under_bf16_autocast_with_fp32_weights():
 
 def _sgd_step(policy, cfg, *, ref=None, projector=None, autocast=False):
     """One vlpo_step with plain SGD (lr from cfg, no clipping): the parameter change is
-    lr * gradient, so fused and unfused paths can be compared parameter by parameter."""
+    lr * gradient, so two ways of computing the loss can be compared parameter by parameter."""
     from test_vlpo import TOKENS, prompt_batch
 
     from medlvr.train.vlpo_step import vlpo_step
@@ -113,52 +115,106 @@ def _sgd_step(policy, cfg, *, ref=None, projector=None, autocast=False):
         params += list(projector.parameters())
     before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
     with _amp(autocast):
-        m = vlpo_step(policy, prompt_batch(), _random_reward, torch.optim.SGD(params, lr=cfg.lr), cfg, tokens=TOKENS,
-                      generator=torch.Generator().manual_seed(0), ref_model=ref, projector=projector)
+        m = vlpo_step(policy, prompt_batch(), _random_reward, torch.optim.SGD(params, lr=cfg.loop.lr), cfg,
+                      tokens=TOKENS, generator=torch.Generator().manual_seed(0), ref_model=ref, projector=projector)
     return m, {n: (before[n] - p.detach()) for n, p in policy.named_parameters() if n in before}
 
 
-@pytest.mark.parametrize("case", ["lora-kl-2epochs", "full-ref-projector", "sigma0-rollout-old", "bf16-autocast"])
-def test_vlpo_step_through_fused_vlpo_loss_equals_the_unfused_step(case, monkeypatch):
-    """VLPOConfig.fused_loss (default) scores through fused_vlpo_loss; the update and every
-    statistic equal the unfused path (lm_head log-probs + vlpo_loss)."""
+def _case(case: str, kw: dict):
+    """(policy, cfg, extra _sgd_step arguments) of one comparison case, built afresh from fixed seeds."""
     import copy
 
-    from medlvr.train import vlpo_step as step_module
     from medlvr.train.latent import LatentProjector
 
-    calls = []
-    fused = step_module.fused_vlpo_loss
-    monkeypatch.setattr(step_module, "fused_vlpo_loss", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
-    kw = dict(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=4, kl_beta=0.1, lr=0.1, max_grad_norm=0.0)
-    runs = []
-    for fused_loss in (True, False):
-        torch.manual_seed(0)
-        if case == "lora-kl-2epochs":
-            policy = lora(tiny_model(1).float())
-            cfg, extra = VLPOConfig(**kw, ppo_epochs=2, fused_loss=fused_loss), {}
-        elif case == "full-ref-projector":
-            policy = tiny_model(2).float()
-            proj = LatentProjector(32)
-            torch.nn.init.normal_(proj.down.weight, std=0.1)
-            cfg, extra = VLPOConfig(**kw, fused_loss=fused_loss), dict(ref=copy.deepcopy(policy).requires_grad_(False),
-                                                                        projector=proj)
-        elif case == "sigma0-rollout-old":
-            policy = tiny_model(3).float()
-            cfg = VLPOConfig(**{**kw, "latent_sigma": 0.0, "kl_beta": 0.0}, old_logprobs="rollout", ppo_epochs=2,
-                             fused_loss=fused_loss)
-            extra = {}
-        else:
-            policy = lora(tiny_model(4).float())
-            cfg, extra = VLPOConfig(**kw, fused_loss=fused_loss), dict(autocast=True)
-        runs.append(_sgd_step(policy, cfg, **extra))
-    (m_f, d_f), (m_u, d_u) = runs
-    assert len(calls) == (2 if "2epochs" in case or "rollout-old" in case else 1), "the fused step must be used"
-    tol = 2e-2 if case == "bf16-autocast" else 1e-5
+    torch.manual_seed(0)
+    if case == "lora-kl-2epochs":
+        return lora(tiny_model(1).float()), VLPOConfig(**kw, ppo_epochs=2), {}
+    if case == "full-ref-projector":
+        policy = tiny_model(2).float()
+        proj = LatentProjector(32)
+        torch.nn.init.normal_(proj.down.weight, std=0.1)
+        return policy, VLPOConfig(**kw), dict(ref=copy.deepcopy(policy).requires_grad_(False), projector=proj)
+    if case == "sigma0-rollout-old":
+        cfg = VLPOConfig(**{**kw, "latent_sigma": 0.0, "kl_beta": 0.0}, old_logprobs="rollout", ppo_epochs=2)
+        return tiny_model(3).float(), cfg, {}
+    return lora(tiny_model(4).float()), VLPOConfig(**kw), dict(autocast=True)
+
+
+def _assert_same_step(got, want, tol: float, grad_tol: float):
+    (m_f, d_f), (m_u, d_u) = got, want
     assert set(m_f) == set(m_u)
     for k in m_u:
         assert abs(m_f[k] - m_u[k]) <= tol * max(1.0, abs(m_u[k])), (k, m_f[k], m_u[k])
     assert set(d_f) == set(d_u) and any(d.abs().max() > 0 for d in d_u.values())
     for n in d_u:
         scale = max(d_u[n].abs().max().item(), 1e-6)
-        assert (d_f[n] - d_u[n]).abs().max().item() <= (5e-2 if case == "bf16-autocast" else 1e-4) * scale + 1e-7, n
+        assert (d_f[n] - d_u[n]).abs().max().item() <= grad_tol * scale + 1e-7, n
+
+
+_KW = dict(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=4, kl_beta=0.1,
+           loop=vlpo_loop(lr=0.1, max_grad_norm=0.0))
+
+
+def _reference_loss(monkeypatch):
+    """The step's loss computed by medlvr/reference/fused_logprobs.py's fused_vlpo_loss_ref (the
+    objective written from the papers, logits materialised) instead of the fused op."""
+    from medlvr.train import vlpo_step as step_module
+
+    def reference(*args, **kwargs):
+        kwargs.pop("chunk_size", None)
+        loss, token_logp, latent_logp = fused_vlpo_loss_ref(*args, **kwargs)
+        return loss, token_logp.detach(), latent_logp.detach()  # as the op returns them
+
+    monkeypatch.setattr(step_module, "fused_vlpo_loss", reference)
+
+
+@pytest.mark.parametrize("case", ["lora-kl-2epochs", "full-ref-projector", "sigma0-rollout-old", "bf16-autocast"])
+def test_vlpo_step_through_fused_vlpo_loss_equals_the_reference_step(case, monkeypatch):
+    """The step scores through fused_vlpo_loss; the update and every statistic equal the same
+    step with the loss from the reference objective (fused_vlpo_loss_ref)."""
+    from medlvr.train import vlpo_step as step_module
+
+    calls = []
+    fused = step_module.fused_vlpo_loss
+    with monkeypatch.context() as m:
+        m.setattr(step_module, "fused_vlpo_loss", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+        policy, cfg, extra = _case(case, _KW)
+        got = _sgd_step(policy, cfg, **extra)
+    assert len(calls) == (2 if "2epochs" in case or "rollout-old" in case else 1), "the fused step must be used"
+    with monkeypatch.context() as m:
+        _reference_loss(m)
+        policy, cfg, extra = _case(case, _KW)
+        want = _sgd_step(policy, cfg, **extra)
+    bf16 = case == "bf16-autocast"
+    _assert_same_step(got, want, 2e-2 if bf16 else 1e-5, 5e-2 if bf16 else 1e-4)
+
+
+def _own_forward(model):
+    """The lm_head with its forward set on the instance: the same h @ W^T + b, but a head the
+    fused op may not compute from its weight (fusable_lm_head / fusable_head say no), as a
+    LoRA or quantised wrapper on it would be."""
+    import types
+
+    from medlvr.ops import fusable_lm_head
+
+    head = unwrap(model).lm_head
+    head.forward = types.MethodType(torch.nn.Linear.forward, head)
+    assert not fusable_lm_head(head)
+    return model
+
+
+@pytest.mark.parametrize("case", ["lora-kl-2epochs", "full-ref-projector", "sigma0-rollout-old"])
+def test_vlpo_step_with_a_head_the_fused_op_cannot_take_equals_the_reference_step(case, monkeypatch):
+    """A head run through its own forward (lm_head_logprobs, then vlpo_loss) gives the update and
+    statistics of the reference objective on a plain head; the fused op is not called."""
+    from medlvr.train import vlpo_step as step_module
+
+    with monkeypatch.context() as m:
+        m.setattr(step_module, "fused_vlpo_loss", lambda *a, **kw: pytest.fail("fused op on a non-fusable head"))
+        policy, cfg, extra = _case(case, _KW)
+        got = _sgd_step(_own_forward(policy), cfg, **extra)
+    with monkeypatch.context() as m:
+        _reference_loss(m)
+        policy, cfg, extra = _case(case, _KW)
+        want = _sgd_step(policy, cfg, **extra)
+    _assert_same_step(got, want, 1e-5, 1e-4)

@@ -14,7 +14,7 @@ from medlvr.reference.logprobs import latent_gaussian_logprob_ref
 from medlvr.train import rewards
 from medlvr.train.rollout import policy_forward, prompt_inputs, sample_rollouts
 from medlvr.reference.vlpo_loss import group_advantages, kl_k3, ppo_clip_loss, vlpo_loss
-from medlvr.train.vlpo_step import VLPOConfig, VLPOTokens, vlpo_step
+from medlvr.train.vlpo_step import VLPOConfig, VLPOTokens, vlpo_loop, vlpo_step
 
 # Tiny vocabulary of the test model (ids chosen by hand; the real ids come from the tokenizer).
 PAD, IM_END, VIDEO, V_START, V_END, IMAGE, L_START, L_END, L_PAD = 0, 57, 56, 58, 59, 60, 61, 62, 63
@@ -317,7 +317,7 @@ def test_on_policy_ratio_is_exactly_one_and_gradient_is_policy_gradient(model):
 
 
 def _step(policy, cfg, reward_fn, *, ref_model=None, seed=0):
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.loop.lr)
     return vlpo_step(policy, prompt_batch(), reward_fn, opt, cfg, tokens=TOKENS,
                      generator=torch.Generator().manual_seed(seed), ref_model=ref_model)
 
@@ -330,7 +330,7 @@ def test_kl_is_zero_when_policy_equals_reference_and_only_lora_trains():
     policy = lora(tiny_model(1))  # fresh LoRA: B = 0, so policy == reference (adapter off)
     base = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" not in n}
     lora_before = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
-    cfg = VLPOConfig(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=4, kl_beta=0.1, lr=1e-2)
+    cfg = VLPOConfig(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=4, kl_beta=0.1, loop=vlpo_loop(lr=1e-2))
     m = _step(policy, cfg, _random_reward)
     assert m["kl_text"] == 0.0 and m["kl_latent"] == 0.0
     assert m["ratio_text"] == 1.0 and m["clip_frac_text"] == 0.0
@@ -366,8 +366,8 @@ def test_later_ppo_epochs_are_off_policy_and_clip():
     policy = lora(tiny_model(6))
     with torch.no_grad():
         policy.get_base_model().lm_head.weight.mul_(20.0)
-    cfg = VLPOConfig(n_rollouts=4, k_latent=2, latent_sigma=0.3, max_new_tokens=4, kl_beta=0.0, lr=1e-2,
-                     ppo_epochs=3)
+    cfg = VLPOConfig(n_rollouts=4, k_latent=2, latent_sigma=0.3, max_new_tokens=4, kl_beta=0.0, ppo_epochs=3,
+                     loop=vlpo_loop(lr=1e-2))
     m = _step(policy, cfg, _random_reward)
     assert m["ratio_text"] != 1.0 and m["clip_frac_text"] > 0.1 and m["clip_frac_latent"] > 0.0
 
@@ -375,10 +375,10 @@ def test_later_ppo_epochs_are_off_policy_and_clip():
 def test_bf16_policy_step_runs_and_stays_on_policy():
     # the GPU dtype: latents and hidden states in bf16, log-probs in fp32
     policy = lora(tiny_model(5).to(torch.bfloat16))
-    cfg = VLPOConfig(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=3, kl_beta=0.1, lr=1e-2)
+    cfg = VLPOConfig(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=3, kl_beta=0.1, loop=vlpo_loop(lr=1e-2))
     batch = prompt_batch()
     batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.loop.lr)
     m = vlpo_step(policy, batch, _random_reward, opt, cfg, tokens=TOKENS, generator=torch.Generator().manual_seed(0))
     assert m["ratio_text"] == 1.0 and m["kl_text"] == 0.0
     assert all(math.isfinite(v) for v in m.values())
@@ -389,7 +389,7 @@ def test_full_finetune_needs_and_uses_a_frozen_reference():
     import copy
 
     policy = tiny_model(2)
-    cfg = VLPOConfig(n_rollouts=2, k_latent=2, max_new_tokens=3, kl_beta=0.1, lr=1e-3)
+    cfg = VLPOConfig(n_rollouts=2, k_latent=2, max_new_tokens=3, kl_beta=0.1, loop=vlpo_loop(lr=1e-3))
     with pytest.raises(ValueError, match="ref_model"):
         _step(policy, cfg, _random_reward)
     ref = copy.deepcopy(policy).requires_grad_(False)
@@ -409,9 +409,9 @@ def _toy_run(seed: int, steps: int):
         # to trained-model-like logit spread (std ~2).
         base.lm_head.weight.mul_(20.0)
     policy = lora(base, r=8)
-    cfg = VLPOConfig(n_rollouts=8, k_latent=2, latent_sigma=0.1, max_new_tokens=4, kl_beta=0.0, lr=3e-2,
-                     eps_low=0.2, eps_high=0.28, latent_coef=0.1)
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    cfg = VLPOConfig(n_rollouts=8, k_latent=2, latent_sigma=0.1, max_new_tokens=4, kl_beta=0.0, eps_low=0.2,
+                     eps_high=0.28, latent_coef=0.1, loop=vlpo_loop(lr=3e-2))
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.loop.lr)
     gen = torch.Generator().manual_seed(seed)
 
     def reward_fn(ro):
@@ -521,8 +521,8 @@ def test_reused_engine_rolls_out_the_lora_weights_after_an_optimizer_step():
     engine = RolloutEngine(policy)
     before_hf, before = _both_backends(policy, k=2, sigma=0.2, engine=engine)
     _assert_same_rollouts(before_hf, before)
-    cfg = VLPOConfig(n_rollouts=4, k_latent=2, latent_sigma=0.2, max_new_tokens=4, kl_beta=0.0, lr=5e-2)
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    cfg = VLPOConfig(n_rollouts=4, k_latent=2, latent_sigma=0.2, max_new_tokens=4, kl_beta=0.0, loop=vlpo_loop(lr=5e-2))
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.loop.lr)
     lora_b = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_B" in n}
     m = vlpo_step(policy, prompt_batch(), _random_reward, opt, cfg, tokens=TOKENS,
                   generator=torch.Generator().manual_seed(0), rollout_engine=engine)
@@ -584,8 +584,8 @@ def test_train_vlpo_with_accelerator_full_finetune(tmp_path, monkeypatch):
     _, records = _synth_records(tmp_path, 3)
     model, processor = build_default(seed=0)
     before = model.lm_head.weight.detach().clone()
-    cfg = VLPOConfig(n_rollouts=2, k_latent=2, batch_prompts=2, steps=2, max_new_tokens=3, lr=1e-3,
-                     kl_beta=0.05, latent_sigma=0.2, w_format=1.0)
+    cfg = VLPOConfig(n_rollouts=2, k_latent=2, batch_prompts=2, max_new_tokens=3, kl_beta=0.05, latent_sigma=0.2,
+                     w_format=1.0, loop=vlpo_loop(max_steps=2, lr=1e-3))
     hist = train_vlpo(model, processor, records, cfg, accelerator=Accelerator(cpu=True), progress=True,
                       log_path=tmp_path / "m.jsonl")
     assert len(hist) == 2 and [json.loads(x)["step"] for x in open(tmp_path / "m.jsonl")] == [0, 1]
@@ -646,10 +646,10 @@ def test_vlpo_cli_boolean_fields_are_switches():
     from medlvr.train.vlpo_cli import add_vlpo_arguments
 
     parse = add_vlpo_arguments(argparse.ArgumentParser()).parse_args
-    assert parse(["--data", "x"]).fused_loss is True
-    assert parse(["--data", "x", "--no-fused-loss"]).fused_loss is False
+    assert parse(["--data", "x"]).latent_norm is True
+    assert parse(["--data", "x", "--no-latent-norm"]).latent_norm is False
     with pytest.raises(SystemExit):
-        parse(["--data", "x", "--fused-loss", "False"])
+        parse(["--data", "x", "--latent-norm", "False"])
 
 
 def test_adapter_is_identity_detects_trained_adapters():
@@ -736,7 +736,8 @@ V.outcome_rewards = rewards
 records = load_jsonl(sys.argv[1])[0]
 model, processor = build_default(seed=0)
 model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-cfg = V.VLPOConfig(n_rollouts=2, k_latent=2, batch_prompts=1, steps=1, max_new_tokens=3, lr=1e-2, kl_beta=0.0)
+cfg = V.VLPOConfig(n_rollouts=2, k_latent=2, batch_prompts=1, max_new_tokens=3, kl_beta=0.0,
+                   loop=V.vlpo_loop(max_steps=1, lr=1e-2))
 hist = V.train_vlpo(model, processor, records, cfg, accelerator=acc, progress=False)
 w = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_B" in n])
 allw = acc.gather(w[None])

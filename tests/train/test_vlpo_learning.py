@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medlvr.train.vlpo_step import VLPOConfig, vlpo_step
+from medlvr.train.vlpo_step import VLPOConfig, vlpo_loop, vlpo_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,8 +45,8 @@ def test_vlpo_mean_reward_rises_with_the_latent_term_on(seed):
     torch.manual_seed(0)
     policy = lora(_model(), r=8)
     cfg = VLPOConfig(n_rollouts=8, k_latent=4, latent_sigma=0.02, latent_coef=0.1, kl_beta=0.04, max_new_tokens=4,
-                     lr=3e-3)
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+                     loop=vlpo_loop(lr=3e-3))
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.loop.lr)
     gen = torch.Generator().manual_seed(seed)
     hist = [vlpo_step(policy, prompt_batch(), _reward, opt, cfg, tokens=TOKENS, generator=gen) for _ in range(STEPS)]
     rewards = [h["reward"] for h in hist]

@@ -199,15 +199,15 @@ def test_step_reports_the_exact_latent_kl_of_a_drifted_policy():
     summed log-ratio clamped at 19."""
     from test_vlpo import TOKENS, prompt_batch, tiny_model
 
-    from medlvr.train.vlpo_step import VLPOConfig, vlpo_step
+    from medlvr.train.vlpo_step import VLPOConfig, vlpo_loop, vlpo_step
 
     policy = tiny_model(7)
     ref = copy.deepcopy(policy).requires_grad_(False)
     with torch.no_grad():
         policy.model.language_model.norm.weight.mul_(3.0)
-    cfg = VLPOConfig(n_rollouts=2, k_latent=2, latent_sigma=0.1, max_new_tokens=3, kl_beta=0.1, lr=1e-4,
-                     latent_coef=0.5)
-    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    cfg = VLPOConfig(n_rollouts=2, k_latent=2, latent_sigma=0.1, max_new_tokens=3, kl_beta=0.1, latent_coef=0.5,
+                     loop=vlpo_loop(lr=1e-4))
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=cfg.loop.lr)
     m = vlpo_step(policy, prompt_batch(), lambda ro: {"reward": [float(i % 2) for i in range(ro.tokens.shape[0])]},
                   opt, cfg, tokens=TOKENS, generator=torch.Generator().manual_seed(0), ref_model=ref)
     assert m["kl_latent"] > 100 and math.isfinite(m["kl_latent"])
