@@ -5,7 +5,8 @@ A run folder (a finished run's ``final/`` or a checkpoint ``checkpoints/step-XXX
 
     run.json            what to rebuild before loading the weights:
                         {"base": model name or dir, "stage1": Stage1Config fields, ...}
-                        plus what the stage adds ("loop": LoopConfig, "vlpo": VLPOConfig, "init")
+                        plus what the stage adds ("loop": LoopConfig, "vlpo": VLPOConfig with
+                        its LoopConfig under "loop", "init")
     model.safetensors   the trainable parameters of the stage-1 LatentLM (LoRA or all)
     hf/                 (a finished run's final/) the same weights for transformers / peft:
                         a peft adapter folder (LoRA) or a transformers model folder (full)
