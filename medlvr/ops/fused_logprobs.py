@@ -304,8 +304,9 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
     """
     clip = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
     K, latent_sigma, temperature = _check_vlpo(
-        hidden, tokens, token_mask, token_old, advantages, latent_old, mu, z, token_ref, mu_ref, latent_sigma=latent_sigma,
-        temperature=temperature, latent_coef=latent_coef, kl_beta=kl_beta, latent_scale=latent_scale, **clip)
+        hidden, tokens, token_mask, token_old, advantages, latent_old, mu, z, token_ref, mu_ref,
+        latent_sigma=latent_sigma, temperature=temperature, latent_coef=latent_coef, kl_beta=kl_beta,
+        latent_scale=latent_scale, **clip)
     R, T, D = hidden.shape
     keep = token_mask.bool()
     h, tgt = hidden[keep], tokens[keep]

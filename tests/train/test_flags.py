@@ -57,10 +57,9 @@ def test_vlpo_config_holds_the_loop_config_and_keeps_its_flags():
     assert cfg.loop == vlpo_loop(out_dir="o", max_steps=7, lr=0.01, seed=9, max_grad_norm=0.5, mixed_precision="no",
                                  device="cpu", fsdp=True, progress=False)
     plain = vars(build_parser().parse_args(["vlpo", "--data", "x.jsonl"]))
-    assert {k: plain[k] for k in ("out", "steps", "lr", "seed", "max_grad_norm", "mixed_precision", "device", "fsdp",
-                                  "no_progress")} == dict(out="runs/vlpo", steps=100, lr=1e-6, seed=0, max_grad_norm=1.0,
-                                                          mixed_precision="auto", device="auto", fsdp=False,
-                                                          no_progress=False)
+    want = dict(out="runs/vlpo", steps=100, lr=1e-6, seed=0, max_grad_norm=1.0, mixed_precision="auto",
+                device="auto", fsdp=False, no_progress=False)
+    assert {k: plain[k] for k in want} == want
     assert VLPOConfig().loop.schedule == "constant"
     with pytest.raises(ValueError, match="max_steps: expected >= 1, got 0"):
         config_from_args(VLPOConfig, build_parser().parse_args(["vlpo", "--data", "x", "--steps", "0"]), k_latent=8)
@@ -81,7 +80,8 @@ def test_nested_config_flags():
     p = argparse.ArgumentParser()
     add_config_arguments(p, Outer, show_default=True)
     actions = {a.dest: a for a in p._actions}
-    assert "hidden" not in actions and actions["rate"].default == 0.25 and actions["rate"].help == "a rate (default 0.25)"
+    assert "hidden" not in actions and actions["rate"].default == 0.25
+    assert actions["rate"].help == "a rate (default 0.25)"
     assert config_from_args(Outer, p.parse_args([])) == Outer(inner=Inner(rate=0.25))
     got = config_from_args(Outer, p.parse_args(["--rate", "2", "--no-out", "--k", "4"]))
     assert got == Outer(k=4, inner=Inner(rate=2.0, quiet=False))
