@@ -71,7 +71,7 @@ class LoopConfig:
 
     def __post_init__(self):
         if self.max_steps < 1:
-            raise ValueError(f"max_steps: expected >= 1, got {self.max_steps}")
+            raise ValueError(f"max_steps (--steps): expected >= 1, got {self.max_steps}")
         if not self.lr > 0 or self.max_grad_norm < 0:
             raise ValueError(f"lr / max_grad_norm: expected > 0 / >= 0, got {self.lr} / {self.max_grad_norm}")
         if self.batch_size < 1 or self.grad_accum < 1:

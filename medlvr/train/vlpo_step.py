@@ -35,9 +35,9 @@ def vlpo_loop(**settings: Any) -> LoopConfig:
     return LoopConfig(**{"out_dir": "runs/vlpo", "lr": 1e-6, "schedule": "constant", **settings})
 
 
-# The loop settings ``medlvr vlpo`` takes as flags; the others keep vlpo_loop's value, and
-# train_vlpo sets the loop's batch size from batch_prompts. LoopConfig checks them all, so
-# --steps is >= 1: a VLPO run makes at least one step.
+# The loop settings ``medlvr vlpo`` takes as flags; the others keep vlpo_loop's value
+# (batch_size among them: VLPO's batch is batch_prompts per process, which train_vlpo hands
+# the loop). LoopConfig checks them all, so --steps is >= 1: a VLPO run makes at least one step.
 VLPO_LOOP_FLAGS = ("out_dir", "max_steps", "lr", "seed", "max_grad_norm", "mixed_precision", "device", "fsdp",
                    "progress")
 

@@ -61,7 +61,9 @@ def test_vlpo_config_holds_the_loop_config_and_keeps_its_flags():
                 device="auto", fsdp=False, no_progress=False)
     assert {k: plain[k] for k in want} == want
     assert VLPOConfig().loop.schedule == "constant"
-    with pytest.raises(ValueError, match="max_steps: expected >= 1, got 0"):
+    with pytest.raises(ValueError, match="lr / max_grad_norm: expected > 0 / >= 0, got 0 / 1.0"):
+        vlpo_loop(lr=0)  # the loop's check, for both stages
+    with pytest.raises(ValueError, match=r"max_steps \(--steps\): expected >= 1, got 0"):
         config_from_args(VLPOConfig, build_parser().parse_args(["vlpo", "--data", "x", "--steps", "0"]), k_latent=8)
 
 
