@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from medlvr.kernels._cast import _cast
+from medlvr.kernels._common import _cast, _lanes
 from medlvr.kernels._device import on_device
 
 
@@ -73,10 +73,8 @@ def _decode_attn_stage1(
     hk = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2).to(tl.int64)
 
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    gm = g < GROUP
-    dm = d < HEAD_DIM
+    g, gm = _lanes(0, BLOCK_G, GROUP)
+    d, dm = _lanes(0, BLOCK_D, HEAD_DIM)
     h = hk * GROUP + g  # query heads sharing kv head hk (HF repeat_kv: h // GROUP == hk)
 
     q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + d[None, :] * sq_d,
@@ -103,8 +101,7 @@ def _decode_attn_stage1(
     # The loop only visits [lo, hi): every visited tile holds at least one valid key,
     # so m_i is finite after the first tile and exp2(m_i - m_new) never sees -inf - -inf.
     for start in range(lo, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        nm = n < hi
+        n, nm = _lanes(start, BLOCK_N, hi)
         kv_mask = nm[:, None] & dm[None, :]
         k = tl.load(k_base + n[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
         # DOT_PREC is "ieee" for fp32 caches: they must not silently drop to tf32 (the
@@ -156,10 +153,8 @@ def _decode_attn_stage2(
     # standard logsumexp merge of normalised partial outputs.
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    sp = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    sm = sp < SPLITS
-    dm = d < HEAD_DIM
+    sp, sm = _lanes(0, BLOCK_S, SPLITS)
+    d, dm = _lanes(0, BLOCK_D, HEAD_DIM)
     lse = tl.load(lse_ptr + b * sl_b + h * sl_h + sp * sl_s, mask=sm, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)  # length 0: all weights 0, output 0

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from medlvr.kernels._cast import _cast
+from medlvr.kernels._common import _cast, _lanes
 from medlvr.kernels._device import on_device
 
 
@@ -38,8 +38,7 @@ def _rmsnorm_feedback_kernel(
     # One program per row: D <= a few thousand (3584 for Qwen2.5-VL-7B), so the whole
     # row lives in registers and is read from HBM exactly once.
     b = tl.program_id(0).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
+    d, dm = _lanes(0, BLOCK_D, D)
     x = tl.load(h_ptr + b * sh_b + d * sh_d, mask=dm, other=0.0)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / D
@@ -89,8 +88,7 @@ def _add_rmsnorm_kernel(
     # of the residual is read once, the new residual and the normed row written once
     # (unfused: the add reads 2 rows and writes 1, the norm reads that row again).
     b = tl.program_id(0).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
+    d, dm = _lanes(0, BLOCK_D, D)
     x = tl.load(x_ptr + b * sx_b + d * sx_d, mask=dm, other=0.0)
     r = tl.load(r_ptr + b * sr_b + d * sr_d, mask=dm, other=0.0)
     # torch adds two half-precision tensors in fp32 and rounds once to the promoted dtype

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from medlvr.kernels._cast import _cast
+from medlvr.kernels._common import _cast
 from medlvr.kernels._device import on_device
 from triton.language.extra import libdevice
 

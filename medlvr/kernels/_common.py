@@ -14,3 +14,11 @@ def _cast(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
             bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
             x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _lanes(start, BLOCK: tl.constexpr, n):
+    """The BLOCK indices start, start + 1, ... of a tile and which of them are below n (the
+    tile's in-bounds mask: lanes past the end load ``other`` and store nothing)."""
+    idx = start + tl.arange(0, BLOCK)
+    return idx, idx < n
