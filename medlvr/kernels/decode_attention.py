@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from medlvr.kernels._common import _cast, _lanes
+from medlvr.kernels._common import cast_rne, lanes
 from medlvr.kernels._device import on_device
 
 
@@ -73,8 +73,8 @@ def _decode_attn_stage1(
     hk = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2).to(tl.int64)
 
-    g, gm = _lanes(0, BLOCK_G, GROUP)
-    d, dm = _lanes(0, BLOCK_D, HEAD_DIM)
+    g, gm = lanes(0, BLOCK_G, GROUP)
+    d, dm = lanes(0, BLOCK_D, HEAD_DIM)
     h = hk * GROUP + g  # query heads sharing kv head hk (HF repeat_kv: h // GROUP == hk)
 
     q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + d[None, :] * sq_d,
@@ -101,7 +101,7 @@ def _decode_attn_stage1(
     # The loop only visits [lo, hi): every visited tile holds at least one valid key,
     # so m_i is finite after the first tile and exp2(m_i - m_new) never sees -inf - -inf.
     for start in range(lo, hi, BLOCK_N):
-        n, nm = _lanes(start, BLOCK_N, hi)
+        n, nm = lanes(start, BLOCK_N, hi)
         kv_mask = nm[:, None] & dm[None, :]
         k = tl.load(k_base + n[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
         # DOT_PREC is "ieee" for fp32 caches: they must not silently drop to tf32 (the
@@ -116,7 +116,7 @@ def _decode_attn_stage1(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + n[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
         # p in the value dtype for the tensor-core dot (flash-attention practice; p <= 1).
-        pv = _cast(p, v.dtype, UPCAST_DOT)
+        pv = cast_rne(p, v.dtype, UPCAST_DOT)
         if UPCAST_DOT:  # same rounding of p as on the GPU, then an exact fp32 product
             pv = pv.to(tl.float32)
             v = v.to(tl.float32)
@@ -130,7 +130,7 @@ def _decode_attn_stage1(
     if SINGLE:
         # One split covers the sequence: this is already the answer, skip stage 2.
         tl.store(o_ptr + b * so_b + h[:, None] * so_h + d[None, :] * so_d,
-                 _cast(o, o_ptr.dtype.element_ty, EMU), mask=gm[:, None] & dm[None, :])
+                 cast_rne(o, o_ptr.dtype.element_ty, EMU), mask=gm[:, None] & dm[None, :])
         if WRITE_LSE:  # natural log: log2 units * ln 2
             lse1 = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
                             float("-inf"))
@@ -153,8 +153,8 @@ def _decode_attn_stage2(
     # standard logsumexp merge of normalised partial outputs.
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    sp, sm = _lanes(0, BLOCK_S, SPLITS)
-    d, dm = _lanes(0, BLOCK_D, HEAD_DIM)
+    sp, sm = lanes(0, BLOCK_S, SPLITS)
+    d, dm = lanes(0, BLOCK_D, HEAD_DIM)
     lse = tl.load(lse_ptr + b * sl_b + h * sl_h + sp * sl_s, mask=sm, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)  # length 0: all weights 0, output 0
@@ -163,7 +163,7 @@ def _decode_attn_stage2(
     part = tl.load(part_ptr + b * sp_b + h * sp_h + sp[:, None] * sp_s + d[None, :] * sp_d,
                    mask=sm[:, None] & dm[None, :], other=0.0)
     o = tl.sum(part * w[:, None], axis=0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(o_ptr + b * so_b + h * so_h + d * so_d, _cast(o, o_ptr.dtype.element_ty, EMU), mask=dm)
+    tl.store(o_ptr + b * so_b + h * so_h + d * so_d, cast_rne(o, o_ptr.dtype.element_ty, EMU), mask=dm)
     if WRITE_LSE:  # log-sum-exp over all splits, natural log
         tot = tl.where(den > 0.0, (mx + tl.log2(tl.where(den > 0.0, den, 1.0))) * 0.6931471805599453,
                        float("-inf"))

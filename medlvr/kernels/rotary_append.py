@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from medlvr.kernels._common import _cast
+from medlvr.kernels._common import cast_rne
 from medlvr.kernels._device import on_device
 from triton.language.extra import libdevice
 
@@ -71,8 +71,8 @@ def _rotary_append_kernel(
         x2 = tl.load(src + (j + HALF) * sq_d, mask=jm, other=0.0).to(tl.float32)
         dst = out_ptr + b * so_b + h * so_h
         ety = out_ptr.dtype.element_ty
-        tl.store(dst + j * so_d, _cast(x1 * c - x2 * s, ety, EMU), mask=jm)
-        tl.store(dst + (j + HALF) * so_d, _cast(x2 * c + x1 * s, ety, EMU), mask=jm)
+        tl.store(dst + j * so_d, cast_rne(x1 * c - x2 * s, ety, EMU), mask=jm)
+        tl.store(dst + (j + HALF) * so_d, cast_rne(x2 * c + x1 * s, ety, EMU), mask=jm)
         if BLOCK_PASS > 0:
             t = ROT_DIM + tl.arange(0, BLOCK_PASS)
             tm = t < HEAD_DIM
@@ -91,23 +91,23 @@ def _rotary_append_kernel(
         x2 = tl.load(src + (j + HALF) * sk_d, mask=jm, other=0.0).to(tl.float32)
         dst = kc_ptr + b * skc_b + hk * skc_h + slot * skc_l
         kty = kc_ptr.dtype.element_ty
-        tl.store(dst + j * skc_d, _cast(x1 * c - x2 * s, kty, EMU), mask=wm)
-        tl.store(dst + (j + HALF) * skc_d, _cast(x2 * c + x1 * s, kty, EMU), mask=wm)
+        tl.store(dst + j * skc_d, cast_rne(x1 * c - x2 * s, kty, EMU), mask=wm)
+        tl.store(dst + (j + HALF) * skc_d, cast_rne(x2 * c + x1 * s, kty, EMU), mask=wm)
         if BLOCK_PASS > 0:
             t = ROT_DIM + tl.arange(0, BLOCK_PASS)
             tm = (t < HEAD_DIM) & live
-            tl.store(dst + t * skc_d, _cast(tl.load(src + t * sk_d, mask=tm), kty, EMU), mask=tm)
+            tl.store(dst + t * skc_d, cast_rne(tl.load(src + t * sk_d, mask=tm), kty, EMU), mask=tm)
         # v is copied whole (no rotation): one vector of HEAD_DIM, split in the same
         # two halves plus the pass-through tail so no extra arange size is compiled.
         vsrc = v_ptr + b * sv_b + hk * sv_h
         vdst = vc_ptr + b * svc_b + hk * svc_h + slot * svc_l
         vty = vc_ptr.dtype.element_ty
-        tl.store(vdst + j * svc_d, _cast(tl.load(vsrc + j * sv_d, mask=wm), vty, EMU), mask=wm)
-        tl.store(vdst + (j + HALF) * svc_d, _cast(tl.load(vsrc + (j + HALF) * sv_d, mask=wm), vty, EMU), mask=wm)
+        tl.store(vdst + j * svc_d, cast_rne(tl.load(vsrc + j * sv_d, mask=wm), vty, EMU), mask=wm)
+        tl.store(vdst + (j + HALF) * svc_d, cast_rne(tl.load(vsrc + (j + HALF) * sv_d, mask=wm), vty, EMU), mask=wm)
         if BLOCK_PASS > 0:
             t = ROT_DIM + tl.arange(0, BLOCK_PASS)
             tm = (t < HEAD_DIM) & live
-            tl.store(vdst + t * svc_d, _cast(tl.load(vsrc + t * sv_d, mask=tm), vty, EMU), mask=tm)
+            tl.store(vdst + t * svc_d, cast_rne(tl.load(vsrc + t * sv_d, mask=tm), vty, EMU), mask=tm)
 
 
 def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, positions: torch.Tensor,
