@@ -20,31 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from medlvr.kernels._common import cast_rne
+from medlvr.kernels._common import cast_rne, lanes
 from medlvr.kernels._device import on_device
 from triton.language.extra import libdevice
 
 
 @triton.jit
-def _rotary_append_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, inv_freq_ptr, slots_ptr, kc_ptr, vc_ptr,
-    sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, so_b, so_h, so_d,
-    spos_r, spos_b,
-    skc_b, skc_h, skc_l, skc_d, svc_b, svc_h, svc_l, svc_d,
-    seq_cap,
-    HQ: tl.constexpr, HALF: tl.constexpr, ROT_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
-    SEC0: tl.constexpr, SEC01: tl.constexpr, MROPE: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, PRECISE_TRIG: tl.constexpr, EMU: tl.constexpr,
-):
-    # Grid (B, Hq + Hkv): programs h < Hq rotate a query head, the others rotate one key
-    # head and copy its value head. One head per program gives B*(Hq+Hkv) small
-    # programs (1024 for Qwen2.5-VL-7B at B=32), enough to spread over all SMs; the
-    # cos/sin recomputation per head is ~Dh/2 transcendental ops, free next to latency.
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    j = tl.arange(0, BLOCK_HALF)
-    jm = j < HALF
-
+def _cos_sin(pos_ptr, inv_freq_ptr, b, spos_r, spos_b, j, jm, SEC0: tl.constexpr, SEC01: tl.constexpr,
+             MROPE: tl.constexpr, PRECISE_TRIG: tl.constexpr):
+    """cos and sin of the rotary angle of dims j of sample b."""
     # Angle of dim j: position * inv_freq[j] in fp32, exactly HF's
     # position_ids.float() * inv_freq (one correctly rounded product).
     inv = tl.load(inv_freq_ptr + j, mask=jm, other=0.0).to(tl.float32)
@@ -64,6 +48,29 @@ def _rotary_append_kernel(
     else:  # the CPU interpreter has no libdevice; numpy's cos/sin are accurate anyway
         c = tl.cos(ang)
         s = tl.sin(ang)
+    return c, s
+
+
+@triton.jit
+def _rotary_append_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, inv_freq_ptr, slots_ptr, kc_ptr, vc_ptr,
+    sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, so_b, so_h, so_d,
+    spos_r, spos_b,
+    skc_b, skc_h, skc_l, skc_d, svc_b, svc_h, svc_l, svc_d,
+    seq_cap,
+    HQ: tl.constexpr, HALF: tl.constexpr, ROT_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SEC0: tl.constexpr, SEC01: tl.constexpr, MROPE: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, PRECISE_TRIG: tl.constexpr, EMU: tl.constexpr,
+):
+    # Grid (B, Hq + Hkv): programs h < Hq rotate a query head, the others rotate one key
+    # head and copy its value head. One head per program gives B*(Hq+Hkv) small
+    # programs (1024 for Qwen2.5-VL-7B at B=32), enough to spread over all SMs; the
+    # cos/sin recomputation per head is ~Dh/2 transcendental ops, free next to latency.
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    j, jm = lanes(0, BLOCK_HALF, HALF)
+
+    c, s = _cos_sin(pos_ptr, inv_freq_ptr, b, spos_r, spos_b, j, jm, SEC0, SEC01, MROPE, PRECISE_TRIG)
 
     if h < HQ:
         src = q_ptr + b * sq_b + h * sq_h
