@@ -58,6 +58,42 @@ FP32_BLOCK_N, FP32_WARPS = 32, 8
 
 
 @triton.jit
+def _attend(q, k_base, v_base, lo, hi, d, dm, sk_l, sk_d, sv_l, sv_d, qk_scale,
+            BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+            UPCAST_DOT: tl.constexpr):
+    """Online softmax of the query rows q over keys [lo, hi) of one cache row: (acc, m_i,
+    l_i), the unnormalised output, the running max (log2 units) and the softmax sum."""
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    # The loop only visits [lo, hi): every visited tile holds at least one valid key,
+    # so m_i is finite after the first tile and exp2(m_i - m_new) never sees -inf - -inf.
+    for start in range(lo, hi, BLOCK_N):
+        n, nm = lanes(start, BLOCK_N, hi)
+        kv_mask = nm[:, None] & dm[None, :]
+        k = tl.load(k_base + n[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
+        # DOT_PREC is "ieee" for fp32 caches: they must not silently drop to tf32 (the
+        # fp32 path is the exact one); it has no effect on bf16/fp16 tensor-core dots.
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+        qk = tl.where(nm[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + n[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
+        # p in the value dtype for the tensor-core dot (flash-attention practice; p <= 1).
+        pv = cast_rne(p, v.dtype, UPCAST_DOT)
+        if UPCAST_DOT:  # same rounding of p as on the GPU, then an exact fp32 product
+            pv = pv.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _decode_attn_stage1(
     q_ptr, kc_ptr, vc_ptr, len_ptr, o_ptr, lse_ptr, part_ptr, map_ptr, lo_ptr,
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
@@ -87,9 +123,6 @@ def _decode_attn_stage1(
     # not turn into reads past the sample's rows.
     hi = tl.minimum(tl.minimum(lo + split_len, length), seq_cap)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     if HAS_MAP:
         # The cache row this query row reads; clamped to the cache (row_cap = B_max) so an
         # unchecked bad map never reads outside it (checked on CPU / with check=True).
@@ -98,30 +131,8 @@ def _decode_attn_stage1(
         row = b
     k_base = kc_ptr + row * sk_b + hk * sk_h
     v_base = vc_ptr + row * sv_b + hk * sv_h
-    # The loop only visits [lo, hi): every visited tile holds at least one valid key,
-    # so m_i is finite after the first tile and exp2(m_i - m_new) never sees -inf - -inf.
-    for start in range(lo, hi, BLOCK_N):
-        n, nm = lanes(start, BLOCK_N, hi)
-        kv_mask = nm[:, None] & dm[None, :]
-        k = tl.load(k_base + n[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
-        # DOT_PREC is "ieee" for fp32 caches: they must not silently drop to tf32 (the
-        # fp32 path is the exact one); it has no effect on bf16/fp16 tensor-core dots.
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
-        qk = tl.where(nm[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + n[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
-        # p in the value dtype for the tensor-core dot (flash-attention practice; p <= 1).
-        pv = cast_rne(p, v.dtype, UPCAST_DOT)
-        if UPCAST_DOT:  # same rounding of p as on the GPU, then an exact fp32 product
-            pv = pv.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PREC)
-        m_i = m_new
+    acc, m_i, l_i = _attend(q, k_base, v_base, lo, hi, d, dm, sk_l, sk_d, sv_l, sv_d, qk_scale,
+                            BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, UPCAST_DOT)
 
     # An empty split (or a length-0 sample) leaves l_i = 0: write 0 and lse = -inf so the
     # merge gives it weight 0; never 0/0.
