@@ -132,7 +132,7 @@ class Case:
         self.grid_hw = [(side, side)] * n_img
         try:
             from medlvr.ops.roi_align_loss import prepare_roi_geometry
-        except ImportError:  # the code before issue 13 (for the breakdown's "before" figures)
+        except ImportError:  # an op without prepared geometry (the breakdown's "before" tree, main at dab2162)
             self.geometry = None
         else:
             self.geometry = prepare_roi_geometry(self.grid_thw, self.boxes, self.box_image, bins=bins).to(device)
@@ -265,7 +265,7 @@ def breakdown(case: Case, *, args):
              "op, boxes per call: forward+backward": lambda: torch.autograd.grad(case.op_old(), wrt),
              "stage-1 term, boxes per call: forward+backward":
                  lambda: torch.autograd.grad(case.stage1(False), wrt_stage1)}
-    prepare_roi_geometry = getattr(op, "prepare_roi_geometry", None)  # absent before issue 13
+    prepare_roi_geometry = getattr(op, "prepare_roi_geometry", None)  # None on the "before" tree (dab2162)
     if prepare_roi_geometry is not None:
         calls.update({
             "op, prepared geometry: forward": case.op_geometry,
