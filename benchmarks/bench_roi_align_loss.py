@@ -33,8 +33,8 @@ on an H200 (16 images × 32×32 tokens, D = 3584, 4 boxes per image, K = 8, bf16
 forward+backward <= 3x the floor. All images in a case have the same size so that
 torchvision can take one 4-D map.
 
---breakdown: per call, host time, launches and host reads (syncs on a GPU) of the old
-argument form, the prepared-geometry form, the preparation itself and the stage-1 term
+--breakdown: per call, host time, launches and host reads (syncs on a GPU) of the op
+with the geometry prepared in the call (boxes per call), with a prepared geometry, the preparation itself and the stage-1 term
 (benchmarks/_launches.py says how each is counted on CPU and on CUDA).
 """
 from __future__ import annotations
@@ -132,7 +132,7 @@ class Case:
         self.grid_hw = [(side, side)] * n_img
         try:
             from medlvr.ops.roi_align_loss import prepare_roi_geometry
-        except ImportError:  # the code before issue 13 (for the breakdown's "before" figures)
+        except ImportError:  # an op without prepared geometry (the breakdown's "before" tree, main at dab2162)
             self.geometry = None
         else:
             self.geometry = prepare_roi_geometry(self.grid_thw, self.boxes, self.box_image, bins=bins).to(device)
@@ -146,7 +146,7 @@ class Case:
         for x in (self.latents, self.hidden, self.tokens):
             x.grad = None
 
-    def op_old(self):
+    def op_boxes_per_call(self):
         """The geometry prepared in the call from the boxes (on their device), then the op."""
         from medlvr.ops.roi_align_loss import prepare_roi_geometry
 
@@ -205,7 +205,7 @@ def bench_case(case: Case, *, args, bw):
         "torchvision roi_align + loss": lambda: (lambda z, v: torchvision_loss(z, v, case.grid_hw,
                                                                              case.batch["roi_boxes"],
                                                                              case.batch["roi_image"], case.bins)),
-        f"medlvr ({path}), boxes per call": lambda: case.op_old,
+        f"medlvr ({path}), boxes per call": lambda: case.op_boxes_per_call,
         f"medlvr ({path}), prepared geometry": lambda: case.op_geometry,
         f"stage-1 term ({path}), boxes per call": lambda: (lambda: case.stage1(False)),
         f"stage-1 term ({path}), geometry from collate": lambda: (lambda: case.stage1(True)),
@@ -248,7 +248,7 @@ def bench_case(case: Case, *, args, bw):
 
 
 def breakdown(case: Case, *, args):
-    """Host time, launches and host reads per call: old form, prepared geometry, the preparation, stage 1."""
+    """Host time, launches and host reads per call: boxes per call, prepared geometry, the preparation, stage 1."""
     from benchmarks._launches import cpu_accounting, cuda_accounting
 
     import importlib
@@ -261,11 +261,11 @@ def breakdown(case: Case, *, args):
     account = cuda_accounting if on_cuda else cpu_accounting
     dv = [case.tokens] if case.grad_vision else []
     wrt, wrt_stage1 = [case.latents] + dv, [case.hidden]  # stage 1 detaches the targets
-    calls = {"op, boxes per call: forward": case.op_old,
-             "op, boxes per call: forward+backward": lambda: torch.autograd.grad(case.op_old(), wrt),
+    calls = {"op, boxes per call: forward": case.op_boxes_per_call,
+             "op, boxes per call: forward+backward": lambda: torch.autograd.grad(case.op_boxes_per_call(), wrt),
              "stage-1 term, boxes per call: forward+backward":
                  lambda: torch.autograd.grad(case.stage1(False), wrt_stage1)}
-    prepare_roi_geometry = getattr(op, "prepare_roi_geometry", None)  # absent before issue 13
+    prepare_roi_geometry = getattr(op, "prepare_roi_geometry", None)  # None on the "before" tree (dab2162)
     if prepare_roi_geometry is not None:
         calls.update({
             "op, prepared geometry: forward": case.op_geometry,
@@ -331,7 +331,7 @@ def main(argv=None):
                  "device sync each when the tensor lives on a GPU, as the stage-1 batch does (accelerate moves it); "
                  "the op rows' boxes are on the CPU. host-made tensors = tensors made from host data, each a "
                  "host-to-device copy (a sync from pageable memory) when the latents are on a GPU. A CPU run cannot "
-                 "see the one copy that moves a CPU-prepared geometry to a GPU (old form, boxes on the CPU)."]
+                 "see the one copy that moves a CPU-prepared geometry to a GPU (boxes per call, boxes on the CPU)."]
         report("roi_align_loss-breakdown" + suffix, rows, device=device, out=args.out, x="call", y="host ms",
                group="case", title="ROI alignment loss: where a call's time goes", notes=notes)
         return

@@ -139,10 +139,9 @@ def generate(model: nn.Module, inputs: Mapping[str, Any], spec: LatentSpec | str
             raise ValueError(f"spec {spec.name!r}: end_embedding names model.{end_emb}, which is not a tensor")
         end_emb = getattr(model, end_emb)
     projector = spec.projector if spec.projector is not None else getattr(model, "latent_projector", None)
-    need = int(batch["attention_mask"].sum(-1).max()) + k + max_new_tokens
-    eng = holder_for(model, projector=projector, project_first=spec.project_first,
-                     projector_logits=spec.projector_logits).get(rows=batch["input_ids"].shape[0], max_len=need)
-    out = eng.generate(batch, k_max=k, exit=spec.exit, exit_threshold=spec.exit_threshold,
+    holder = holder_for(model, projector=projector, project_first=spec.project_first,
+                        projector_logits=spec.projector_logits)
+    out = holder.generate(batch, k_max=k, exit=spec.exit, exit_threshold=spec.exit_threshold,
                        exit_scope=spec.exit_scope, exit_distance=spec.exit_distance,
                        exit_distance_on=spec.exit_distance_on, exit_check_start=spec.exit_check_start,
                        after_exit=spec.after_exit, latent_pad_id=tok.latent_pad, end_embedding=end_emb,

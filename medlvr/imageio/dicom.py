@@ -1,6 +1,6 @@
 """DICOM: one file (single- or multi-frame) or a series folder -> modality values of one slice.
 
-The pixel pipeline (issue 16), in this order:
+The pixel pipeline, in the order of DICOM's grayscale pipeline (modality LUT, VOI LUT, presentation):
 
 1. Modality LUT: ModalityLUTSequence, else RescaleSlope / RescaleIntercept (stored values ->
    Hounsfield units for CT). Enhanced multi-frame objects keep them in the per-frame or shared

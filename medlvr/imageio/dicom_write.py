@@ -46,16 +46,8 @@ def write_dicom(path, stored: np.ndarray, *, modality: str = "CT", photometric: 
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    arr = np.asarray(stored)
-    if arr.dtype not in (np.uint8, np.uint16, np.int16):
-        raise TypeError(f"stored: expected uint8, uint16 or int16 pixels, got {arr.dtype}")
-    if arr.ndim not in (2, 3) or min(arr.shape) < 1:
-        raise ValueError(f"stored: expected (H, W) or (frames, H, W), got shape {arr.shape}")
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ValueError(f"photometric: expected MONOCHROME1 or MONOCHROME2, got {photometric!r}")
+    arr = _checked_pixels(stored, photometric, modality)
     multiframe = arr.ndim == 3
-    if not multiframe and modality not in _SOP_CLASSES:
-        raise ValueError(f"modality: expected one of {tuple(_SOP_CLASSES)} for a single frame, got {modality!r}")
     bits = arr.dtype.itemsize * 8
 
     def uid(*tag) -> str:
@@ -72,30 +64,9 @@ def write_dicom(path, stored: np.ndarray, *, modality: str = "CT", photometric: 
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_instance
     ds.SpecificCharacterSet = "ISO_IR 100"
-    # Patient / General Study / General Series / Frame of Reference / General Equipment.
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "SYNTHETIC^MEDLVR", "medlvr-synthetic", "", "O"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = uid("study"), uid("series")
-    ds.StudyDate = ds.StudyTime = ds.ReferringPhysicianName = ds.AccessionNumber = ""
-    ds.StudyID, ds.SeriesNumber = "1", 1
-    ds.Modality = modality
-    ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = uid("frame-of-reference"), ""
-    ds.Manufacturer = "medlvr"
-    # General Image / Image Plane.
-    ds.InstanceNumber = int(instance_number)
-    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"] if modality == "CT" else ["DERIVED", "SECONDARY"]
-    ds.PatientOrientation = ""
-    ds.PixelSpacing = [float(v) for v in pixel_spacing]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.ImagePositionPatient = [0.0, 0.0, float(slice_position)]
-    ds.SliceThickness = 1.0
-    if modality == "CT":
-        ds.KVP, ds.AcquisitionNumber = "", ""
-    elif modality == "MR":
-        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "SE", "NONE", "", "2D"
-        ds.RepetitionTime = ds.EchoTime = ""
-        ds.EchoTrainLength = ""
-    if multiframe:
-        ds.ConversionType = "WSD"
+    _study_modules(ds, uid, modality)
+    _image_modules(ds, modality, multiframe=multiframe, instance_number=instance_number,
+                   pixel_spacing=pixel_spacing, slice_position=slice_position)
     # Image Pixel: Rows, Columns, BitsAllocated/Stored, HighBit, PixelRepresentation,
     # NumberOfFrames and PixelData, consistent by construction.
     ds.set_pixel_data(arr, photometric, bits_stored or bits, generate_instance_uid=False)
@@ -114,3 +85,48 @@ def write_dicom(path, stored: np.ndarray, *, modality: str = "CT", photometric: 
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def _checked_pixels(stored, photometric: str, modality: str) -> np.ndarray:
+    """``stored`` as an array, checked to be pixels write_dicom can store."""
+    arr = np.asarray(stored)
+    if arr.dtype not in (np.uint8, np.uint16, np.int16):
+        raise TypeError(f"stored: expected uint8, uint16 or int16 pixels, got {arr.dtype}")
+    if arr.ndim not in (2, 3) or min(arr.shape) < 1:
+        raise ValueError(f"stored: expected (H, W) or (frames, H, W), got shape {arr.shape}")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"photometric: expected MONOCHROME1 or MONOCHROME2, got {photometric!r}")
+    if arr.ndim == 2 and modality not in _SOP_CLASSES:
+        raise ValueError(f"modality: expected one of {tuple(_SOP_CLASSES)} for a single frame, got {modality!r}")
+    return arr
+
+
+def _study_modules(ds, uid, modality: str) -> None:
+    """Patient / General Study / General Series / Frame of Reference / General Equipment."""
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "SYNTHETIC^MEDLVR", "medlvr-synthetic", "", "O"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = uid("study"), uid("series")
+    ds.StudyDate = ds.StudyTime = ds.ReferringPhysicianName = ds.AccessionNumber = ""
+    ds.StudyID, ds.SeriesNumber = "1", 1
+    ds.Modality = modality
+    ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = uid("frame-of-reference"), ""
+    ds.Manufacturer = "medlvr"
+
+
+def _image_modules(ds, modality: str, *, multiframe: bool, instance_number: int,
+                   pixel_spacing: tuple[float, float], slice_position: float) -> None:
+    """General Image / Image Plane and the modality's image module (its type 2 attributes empty)."""
+    ds.InstanceNumber = int(instance_number)
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"] if modality == "CT" else ["DERIVED", "SECONDARY"]
+    ds.PatientOrientation = ""
+    ds.PixelSpacing = [float(v) for v in pixel_spacing]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [0.0, 0.0, float(slice_position)]
+    ds.SliceThickness = 1.0
+    if modality == "CT":
+        ds.KVP, ds.AcquisitionNumber = "", ""
+    elif modality == "MR":
+        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "SE", "NONE", "", "2D"
+        ds.RepetitionTime = ds.EchoTime = ""
+        ds.EchoTrainLength = ""
+    if multiframe:
+        ds.ConversionType = "WSD"

@@ -163,7 +163,7 @@ def load_image(path, *, index: int | None = None, window: str | Window | None = 
     display-ready."""
     p = Path(path)
     if kind_of(p) == "pil" and not index:
-        # 8-bit images: exactly what `Image.open(p).convert("RGB")` gave before this module.
+        # 8-bit images are display-ready: their pixels are `Image.open(p).convert("RGB")`'s, untouched.
         with _pil_open(p) as im:
             if im.mode not in _DEEP_MODES and _pil_pages(im) == 1:
                 try:

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from medlvr.kernels._cast import _cast
+from medlvr.kernels._common import cast_rne, lanes
 from medlvr.kernels._device import on_device
 
 
@@ -58,6 +58,42 @@ FP32_BLOCK_N, FP32_WARPS = 32, 8
 
 
 @triton.jit
+def _attend(q, k_base, v_base, lo, hi, d, dm, sk_l, sk_d, sv_l, sv_d, qk_scale,
+            BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+            UPCAST_DOT: tl.constexpr):
+    """Online softmax of the query rows q over keys [lo, hi) of one cache row: (acc, m_i,
+    l_i), the unnormalised output, the running max (log2 units) and the softmax sum."""
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    # The loop only visits [lo, hi): every visited tile holds at least one valid key,
+    # so m_i is finite after the first tile and exp2(m_i - m_new) never sees -inf - -inf.
+    for start in range(lo, hi, BLOCK_N):
+        n, nm = lanes(start, BLOCK_N, hi)
+        kv_mask = nm[:, None] & dm[None, :]
+        k = tl.load(k_base + n[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
+        # DOT_PREC is "ieee" for fp32 caches: they must not silently drop to tf32 (the
+        # fp32 path is the exact one); it has no effect on bf16/fp16 tensor-core dots.
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+        qk = tl.where(nm[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + n[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
+        # p in the value dtype for the tensor-core dot (flash-attention practice; p <= 1).
+        pv = cast_rne(p, v.dtype, UPCAST_DOT)
+        if UPCAST_DOT:  # same rounding of p as on the GPU, then an exact fp32 product
+            pv = pv.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _decode_attn_stage1(
     q_ptr, kc_ptr, vc_ptr, len_ptr, o_ptr, lse_ptr, part_ptr, map_ptr, lo_ptr,
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
@@ -73,10 +109,8 @@ def _decode_attn_stage1(
     hk = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2).to(tl.int64)
 
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    gm = g < GROUP
-    dm = d < HEAD_DIM
+    g, gm = lanes(0, BLOCK_G, GROUP)
+    d, dm = lanes(0, BLOCK_D, HEAD_DIM)
     h = hk * GROUP + g  # query heads sharing kv head hk (HF repeat_kv: h // GROUP == hk)
 
     q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + d[None, :] * sq_d,
@@ -89,9 +123,6 @@ def _decode_attn_stage1(
     # not turn into reads past the sample's rows.
     hi = tl.minimum(tl.minimum(lo + split_len, length), seq_cap)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     if HAS_MAP:
         # The cache row this query row reads; clamped to the cache (row_cap = B_max) so an
         # unchecked bad map never reads outside it (checked on CPU / with check=True).
@@ -100,31 +131,8 @@ def _decode_attn_stage1(
         row = b
     k_base = kc_ptr + row * sk_b + hk * sk_h
     v_base = vc_ptr + row * sv_b + hk * sv_h
-    # The loop only visits [lo, hi): every visited tile holds at least one valid key,
-    # so m_i is finite after the first tile and exp2(m_i - m_new) never sees -inf - -inf.
-    for start in range(lo, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        nm = n < hi
-        kv_mask = nm[:, None] & dm[None, :]
-        k = tl.load(k_base + n[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
-        # DOT_PREC is "ieee" for fp32 caches: they must not silently drop to tf32 (the
-        # fp32 path is the exact one); it has no effect on bf16/fp16 tensor-core dots.
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
-        qk = tl.where(nm[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + n[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
-        # p in the value dtype for the tensor-core dot (flash-attention practice; p <= 1).
-        pv = _cast(p, v.dtype, UPCAST_DOT)
-        if UPCAST_DOT:  # same rounding of p as on the GPU, then an exact fp32 product
-            pv = pv.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PREC)
-        m_i = m_new
+    acc, m_i, l_i = _attend(q, k_base, v_base, lo, hi, d, dm, sk_l, sk_d, sv_l, sv_d, qk_scale,
+                            BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, UPCAST_DOT)
 
     # An empty split (or a length-0 sample) leaves l_i = 0: write 0 and lse = -inf so the
     # merge gives it weight 0; never 0/0.
@@ -133,7 +141,7 @@ def _decode_attn_stage1(
     if SINGLE:
         # One split covers the sequence: this is already the answer, skip stage 2.
         tl.store(o_ptr + b * so_b + h[:, None] * so_h + d[None, :] * so_d,
-                 _cast(o, o_ptr.dtype.element_ty, EMU), mask=gm[:, None] & dm[None, :])
+                 cast_rne(o, o_ptr.dtype.element_ty, EMU), mask=gm[:, None] & dm[None, :])
         if WRITE_LSE:  # natural log: log2 units * ln 2
             lse1 = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
                             float("-inf"))
@@ -156,10 +164,8 @@ def _decode_attn_stage2(
     # standard logsumexp merge of normalised partial outputs.
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    sp = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    sm = sp < SPLITS
-    dm = d < HEAD_DIM
+    sp, sm = lanes(0, BLOCK_S, SPLITS)
+    d, dm = lanes(0, BLOCK_D, HEAD_DIM)
     lse = tl.load(lse_ptr + b * sl_b + h * sl_h + sp * sl_s, mask=sm, other=float("-inf"))
     mx = tl.max(lse, axis=0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)  # length 0: all weights 0, output 0
@@ -168,7 +174,7 @@ def _decode_attn_stage2(
     part = tl.load(part_ptr + b * sp_b + h * sp_h + sp[:, None] * sp_s + d[None, :] * sp_d,
                    mask=sm[:, None] & dm[None, :], other=0.0)
     o = tl.sum(part * w[:, None], axis=0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(o_ptr + b * so_b + h * so_h + d * so_d, _cast(o, o_ptr.dtype.element_ty, EMU), mask=dm)
+    tl.store(o_ptr + b * so_b + h * so_h + d * so_d, cast_rne(o, o_ptr.dtype.element_ty, EMU), mask=dm)
     if WRITE_LSE:  # log-sum-exp over all splits, natural log
         tot = tl.where(den > 0.0, (mx + tl.log2(tl.where(den > 0.0, den, 1.0))) * 0.6931471805599453,
                        float("-inf"))

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from medlvr.kernels._cast import _cast
+from medlvr.kernels._common import cast_rne, lanes
 from medlvr.kernels._device import on_device
 
 
@@ -38,23 +38,22 @@ def _rmsnorm_feedback_kernel(
     # One program per row: D <= a few thousand (3584 for Qwen2.5-VL-7B), so the whole
     # row lives in registers and is read from HBM exactly once.
     b = tl.program_id(0).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
+    d, dm = lanes(0, BLOCK_D, D)
     x = tl.load(h_ptr + b * sh_b + d * sh_d, mask=dm, other=0.0)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / D
     # sqrt_rn + div_rn: IEEE-rounded like torch.rsqrt on CPU, not the approximate rsqrt
     # instruction; one scalar per row, so the precise version costs nothing.
     r = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
-    n = _cast(xf * r, x.dtype, EMU)
+    n = cast_rne(xf * r, x.dtype, EMU)
     w = tl.load(w_ptr + d, mask=dm, other=0.0)
-    y = _cast(w.to(tl.float32) * n.to(tl.float32), RES, EMU)
+    y = cast_rne(w.to(tl.float32) * n.to(tl.float32), RES, EMU)
     mask = dm
     if HAS_ACTIVE:
         # Finished samples keep whatever the buffer holds (their last latent): a masked
         # store, no branch on the host.
         mask = mask & (tl.load(active_ptr + b) != 0)
-    tl.store(out_ptr + b * so_b + d * so_d, _cast(y, out_ptr.dtype.element_ty, EMU), mask=mask)
+    tl.store(out_ptr + b * so_b + d * so_d, cast_rne(y, out_ptr.dtype.element_ty, EMU), mask=mask)
 
 
 def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, out: torch.Tensor,
@@ -89,21 +88,20 @@ def _add_rmsnorm_kernel(
     # of the residual is read once, the new residual and the normed row written once
     # (unfused: the add reads 2 rows and writes 1, the norm reads that row again).
     b = tl.program_id(0).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
+    d, dm = lanes(0, BLOCK_D, D)
     x = tl.load(x_ptr + b * sx_b + d * sx_d, mask=dm, other=0.0)
     r = tl.load(r_ptr + b * sr_b + d * sr_d, mask=dm, other=0.0)
     # torch adds two half-precision tensors in fp32 and rounds once to the promoted dtype
     # (SUM): the same here, so the new residual equals `residual + x` bit for bit.
-    s = _cast(r.to(tl.float32) + x.to(tl.float32), SUM, EMU)
+    s = cast_rne(r.to(tl.float32) + x.to(tl.float32), SUM, EMU)
     tl.store(res_out_ptr + b * sn_b + d * sn_d, s, mask=dm)
     # Then rmsnorm_feedback's math on the rounded sum (see the module docstring).
     sf = s.to(tl.float32)
     var = tl.sum(sf * sf, axis=0) / D
     rinv = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
-    n = _cast(sf * rinv, SUM, EMU)
+    n = cast_rne(sf * rinv, SUM, EMU)
     w = tl.load(w_ptr + d, mask=dm, other=0.0)
-    y = _cast(w.to(tl.float32) * n.to(tl.float32), RES, EMU)
+    y = cast_rne(w.to(tl.float32) * n.to(tl.float32), RES, EMU)
     tl.store(out_ptr + b * so_b + d * so_d, y, mask=dm)
 
 

@@ -1,15 +1,9 @@
 """Triton kernels of the ROI-pooled latent alignment loss (medlvr.ops.roi_align_loss).
 
 The pooled targets are never written to memory. Every pass that needs a target
-recomputes it, one (row, bin, D-slice) at a time, in registers:
-
-    t[r, k, d] = Σ_ij wy(i) · wx(j) · v[off_r + i·W_r + j, d]
-
-The bin weights are separable (see medlvr/reference/roi_align.py), so wy and wx are
-computed from four scalars of the box and never stored either. Each inner step loads a
-tile of up to 16 of the bin's tokens × BLOCK_D, every token row contiguous along D
-(coalesced), and reduces it with the weights. Latents and vision tokens may have
-different float dtypes: both are read as fp32.
+recomputes it, one (row, bin, D-slice) at a time, in registers (medlvr/kernels/roi_pooling.py:
+the bin weights and the pooling). Latents and vision tokens may have different float
+dtypes: both are read as fp32.
 
 Launches (grid axis 1 splits D into BLOCK_D slices, for parallelism at small R·K):
   forward      ONE kernel. Per (row·bin, slice): partial z·t, z·z, t·t (cosine) or
@@ -30,12 +24,6 @@ Launches (grid axis 1 splits D into BLOCK_D slices, for parallelism at small R·
                gather, not a scatter: each program owns its output rows and sums in a
                fixed order (boxes by index), so the backward is deterministic without
                atomics; tokens outside every box get zeros.
-
-Geometry: the tables of medlvr.ops.roi_geometry.RoiGeometry (one int32 buffer prepared
-once per batch; meaning of each table there); the few values derived from them (bin
-origins, the rows a box may touch) are recomputed here. All coordinates are in token units; the
-tables hold the clipped box, and the −½ pixel-centre shift of bilinear pooling is
-applied here (one fp32 subtraction, the same rounding as the reference's).
 """
 from __future__ import annotations
 
@@ -43,110 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from medlvr.kernels._common import lanes
 from medlvr.kernels._device import on_device
-
-
-@triton.jit
-def _axis_weight(idx, lo, size_bin, n_samples, extent, AREA: tl.constexpr):
-    """Weight of token row/col ``idx`` in the bin [lo, lo + size_bin) along one axis.
-
-    ``idx`` and ``lo`` may be scalars or vectors (they broadcast). ``extent`` is the
-    image's token count along the axis. The bilinear branch follows torchvision's
-    bilinear_interpolate (aligned=True) sample by sample, divided by the sample count.
-    """
-    f = idx * 1.0  # int → fp32; also accepts the interpreter's plain-int loop indices
-    if AREA:
-        # |[f, f+1) ∩ [lo, hi)| / (hi − lo): dividing by the rounded width hi − lo, not
-        # by s, makes a bin inside one cell weigh exactly 1 even when s is far below
-        # the fp32 spacing of lo (a sub-pixel box far from the origin)
-        hi = lo + size_bin
-        ov = tl.minimum(f + 1.0, hi) - tl.maximum(f, lo)
-        return tl.maximum(ov, 0.0) / (hi - lo)
-    else:
-        ext_f = extent.to(tl.float32)
-        last = extent - 1
-        step = size_bin / n_samples
-        w = (f + lo) * 0.0
-        for s in range(n_samples):
-            y = lo + (s + 0.5) * step
-            # a sample outside [-1, extent] reads nothing (torchvision returns 0 for it)
-            keep = tl.where(y >= -1.0, 1.0, 0.0) * tl.where(y <= ext_f, 1.0, 0.0)
-            y = tl.maximum(y, 0.0)
-            low = y.to(tl.int32)  # y >= 0: truncation is floor
-            at_edge = low >= last
-            low = tl.where(at_edge, last, low)
-            high = tl.where(at_edge, last, low + 1)
-            frac = tl.where(at_edge, 0.0, y - low.to(tl.float32))
-            w += tl.where(idx == low, keep * (1.0 - frac), 0.0)
-            w += tl.where(idx == high, keep * frac, 0.0)
-        return w / n_samples
-
-
-@triton.jit
-def _box_params(geom_f_ptr, geom_i_ptr, r, sampling_ratio, AREA: tl.constexpr):
-    """Bin origin (x, y), bin size (w, h) and bilinear samples (y, x) of box row ``r``.
-
-    The tables hold the clipped box; bilinear pooling (aligned=True) puts pixel centres
-    at half-integers of the token grid, hence the −½. A positive ``sampling_ratio`` is
-    the samples per bin and axis; otherwise the table's adaptive counts are used.
-    """
-    x_lo = tl.load(geom_f_ptr + r * 4 + 0)
-    y_lo = tl.load(geom_f_ptr + r * 4 + 1)
-    bin_w = tl.load(geom_f_ptr + r * 4 + 2)
-    bin_h = tl.load(geom_f_ptr + r * 4 + 3)
-    if AREA:
-        ny = 1
-        nx = 1
-    else:
-        x_lo = x_lo - 0.5
-        y_lo = y_lo - 0.5
-        ny = tl.where(sampling_ratio > 0, sampling_ratio, tl.load(geom_i_ptr + r * 5 + 3))
-        nx = tl.where(sampling_ratio > 0, sampling_ratio, tl.load(geom_i_ptr + r * 5 + 4))
-    return x_lo, y_lo, bin_w, bin_h, ny, nx
-
-
-@triton.jit
-def _pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, p, q, d, d_mask, D, sampling_ratio,
-                   BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                   AREA: tl.constexpr):
-    """Target slice t[r, bin (p, q), d] in fp32, accumulated in registers.
-
-    The bin's tokens are visited in tiles of BLOCK_I rows × BLOCK_J columns, flattened
-    to BLOCK_I·BLOCK_J token rows of ``v`` (each contiguous along D), so one masked
-    load brings up to 16 tokens' slices in flight at once.
-    """
-    x_lo, y_lo, bin_w, bin_h, ny, nx = _box_params(geom_f_ptr, geom_i_ptr, r, sampling_ratio, AREA)
-    off = tl.load(geom_i_ptr + r * 5 + 0).to(tl.int64)
-    H = tl.load(geom_i_ptr + r * 5 + 1)
-    W = tl.load(geom_i_ptr + r * 5 + 2).to(tl.int64)
-    ylo = y_lo + p * bin_h
-    xlo = x_lo + q * bin_w
-    if AREA:
-        # cells overlapping [lo, lo + s); lo >= 0 after clipping
-        i0 = tl.floor(ylo).to(tl.int32)
-        i1 = tl.minimum(tl.ceil(ylo + bin_h).to(tl.int32), H.to(tl.int32))
-        j0 = tl.floor(xlo).to(tl.int32)
-        j1 = tl.minimum(tl.ceil(xlo + bin_w).to(tl.int32), W.to(tl.int32))
-    else:
-        # samples lie in [lo, lo + s]; each reads floor(y) and floor(y) + 1
-        i0 = tl.floor(tl.maximum(ylo, 0.0)).to(tl.int32)
-        i1 = tl.minimum(tl.floor(tl.maximum(ylo + bin_h, 0.0)).to(tl.int32) + 2, H.to(tl.int32))
-        j0 = tl.floor(tl.maximum(xlo, 0.0)).to(tl.int32)
-        j1 = tl.minimum(tl.floor(tl.maximum(xlo + bin_w, 0.0)).to(tl.int32) + 2, W.to(tl.int32))
-    m = tl.arange(0, BLOCK_I * BLOCK_J)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for i_start in range(i0, i1, BLOCK_I):
-        ii = i_start + m // BLOCK_J
-        wy = _axis_weight(ii, ylo, bin_h, ny, H, AREA)
-        for j_start in range(j0, j1, BLOCK_J):
-            jj = j_start + m % BLOCK_J
-            tok_mask = (ii < i1) & (jj < j1)
-            w = tl.where(tok_mask, wy * _axis_weight(jj, xlo, bin_w, nx, W, AREA), 0.0)
-            tok = off + ii * W + jj  # W is int64: offsets are widened before * D
-            tile = tl.load(v_ptr + tok[:, None] * D + d[None, :],
-                           mask=tok_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w[:, None] * tile, axis=0)
-    return acc
+from medlvr.kernels.roi_pooling import axis_weight, box_params, pooled_target
 
 
 @triton.jit
@@ -168,9 +55,8 @@ def _roi_loss_fwd_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, part_ptr, count_p
     n_slices = tl.num_programs(1)
     r = rk // K
     k = rk % K
-    d = sid * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    t = _pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, k // GW, k % GW, d, d_mask, D, sampling_ratio,
+    d, d_mask = lanes(sid * BLOCK_D, BLOCK_D, D)
+    t = pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, k // GW, k % GW, d, d_mask, D, sampling_ratio,
                        BLOCK_D, BLOCK_I, BLOCK_J, AREA)
     z = tl.load(z_ptr + rk * D + d, mask=d_mask, other=0.0).to(tl.float32)
     out = part_ptr + (rk * n_slices + sid) * 3
@@ -188,8 +74,7 @@ def _roi_loss_fwd_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, part_ptr, count_p
     arrived = tl.atomic_add(count_ptr + rk, 1, sem="acq_rel")
     if arrived == n_slices - 1:
         tl.store(count_ptr + rk, 0)
-        sl = tl.arange(0, BLOCK_S)
-        s_mask = sl < n_slices
+        sl, s_mask = lanes(0, BLOCK_S, n_slices)
         base = part_ptr + (rk * n_slices + sl) * 3
         s0 = tl.sum(tl.load(base + 0, mask=s_mask, other=0.0, cache_modifier=".cg"), axis=0)
         s1 = tl.sum(tl.load(base + 1, mask=s_mask, other=0.0, cache_modifier=".cg"), axis=0)
@@ -218,8 +103,7 @@ def _roi_loss_bwd_latent_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, sums_ptr, 
     sid = tl.program_id(1)
     r = rk // K
     k = rk % K
-    d = sid * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
+    d, d_mask = lanes(sid * BLOCK_D, BLOCK_D, D)
     # dL/dloss[r, k] through its strides: both 0 broadcast the scalar grad of "mean"/"sum"
     g = tl.load(g_ptr + r * g_stride_r + k * g_stride_k).to(tl.float32) * g_scale
     s0 = tl.load(sums_ptr + rk * 3 + 0)
@@ -239,7 +123,7 @@ def _roi_loss_bwd_latent_kernel(z_ptr, v_ptr, geom_f_ptr, geom_i_ptr, sums_ptr, 
         a = -b
         c = -b
         e = b
-    t = _pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, k // GW, k % GW, d, d_mask, D, sampling_ratio,
+    t = pooled_target(v_ptr, geom_f_ptr, geom_i_ptr, r, k // GW, k % GW, d, d_mask, D, sampling_ratio,
                        BLOCK_D, BLOCK_I, BLOCK_J, AREA)
     z = tl.load(z_ptr + rk * D + d, mask=d_mask, other=0.0).to(tl.float32)
     if WRITE_DZ:
@@ -261,17 +145,14 @@ def _roi_loss_bwd_vision_kernel(dt_ptr, dv_ptr, geom_f_ptr, geom_i_ptr, image_me
     H = tl.load(image_meta_ptr + b * 3 + 1).to(tl.int64)
     W = tl.load(image_meta_ptr + b * 3 + 2).to(tl.int64)
     if start < H * W:
-        local = start + tl.arange(0, BLOCK_T)
-        t_mask = local < H * W
+        local, t_mask = lanes(start, BLOCK_T, H * W)
         i = (local // W).to(tl.int32)
         j = (local % W).to(tl.int32)
         row_first = start // W
         row_last = tl.minimum(start + BLOCK_T - 1, H * W - 1) // W
-        d = sid * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = d < D
+        d, d_mask = lanes(sid * BLOCK_D, BLOCK_D, D)
         # all K bins of a box at once: bin k = p·GW + q (padded to BLOCK_K >= 16 for tl.dot)
-        k = tl.arange(0, BLOCK_K)
-        k_mask = k < K
+        k, k_mask = lanes(0, BLOCK_K, K)
         p = k // GW
         q = k % GW
         acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
@@ -286,10 +167,10 @@ def _roi_loss_bwd_vision_kernel(dt_ptr, dv_ptr, geom_f_ptr, geom_i_ptr, image_me
             i_lo = tl.floor(y0).to(tl.int64) - 1
             i_hi = tl.floor(y_end).to(tl.int64) + 2
             if (row_last >= i_lo) & (row_first < i_hi):
-                x_lo, y_lo, bin_w, bin_h, ny, nx = _box_params(geom_f_ptr, geom_i_ptr, r, sampling_ratio, AREA)
+                x_lo, y_lo, bin_w, bin_h, ny, nx = box_params(geom_f_ptr, geom_i_ptr, r, sampling_ratio, AREA)
                 # w[token, bin]: the same weights the forward used, recomputed
-                wy = _axis_weight(i[:, None], (y_lo + p * bin_h)[None, :], bin_h, ny, H, AREA)
-                wx = _axis_weight(j[:, None], (x_lo + q * bin_w)[None, :], bin_w, nx, W, AREA)
+                wy = axis_weight(i[:, None], (y_lo + p * bin_h)[None, :], bin_h, ny, H, AREA)
+                wx = axis_weight(j[:, None], (x_lo + q * bin_w)[None, :], bin_w, nx, W, AREA)
                 w = tl.where(t_mask[:, None] & k_mask[None, :], wy * wx, 0.0)
                 rows = r.to(tl.int64) * K + k
                 dt = tl.load(dt_ptr + rows[:, None] * D + d[None, :],

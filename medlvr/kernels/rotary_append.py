@@ -20,31 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from medlvr.kernels._cast import _cast
+from medlvr.kernels._common import cast_rne, lanes
 from medlvr.kernels._device import on_device
 from triton.language.extra import libdevice
 
 
 @triton.jit
-def _rotary_append_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, inv_freq_ptr, slots_ptr, kc_ptr, vc_ptr,
-    sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, so_b, so_h, so_d,
-    spos_r, spos_b,
-    skc_b, skc_h, skc_l, skc_d, svc_b, svc_h, svc_l, svc_d,
-    seq_cap,
-    HQ: tl.constexpr, HALF: tl.constexpr, ROT_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
-    SEC0: tl.constexpr, SEC01: tl.constexpr, MROPE: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, PRECISE_TRIG: tl.constexpr, EMU: tl.constexpr,
-):
-    # Grid (B, Hq + Hkv): programs h < Hq rotate a query head, the others rotate one key
-    # head and copy its value head. One head per program gives B*(Hq+Hkv) small
-    # programs (1024 for Qwen2.5-VL-7B at B=32), enough to spread over all SMs; the
-    # cos/sin recomputation per head is ~Dh/2 transcendental ops, free next to latency.
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    j = tl.arange(0, BLOCK_HALF)
-    jm = j < HALF
-
+def _cos_sin(pos_ptr, inv_freq_ptr, b, spos_r, spos_b, j, jm, SEC0: tl.constexpr, SEC01: tl.constexpr,
+             MROPE: tl.constexpr, PRECISE_TRIG: tl.constexpr):
+    """cos and sin of the rotary angle of dims j of sample b."""
     # Angle of dim j: position * inv_freq[j] in fp32, exactly HF's
     # position_ids.float() * inv_freq (one correctly rounded product).
     inv = tl.load(inv_freq_ptr + j, mask=jm, other=0.0).to(tl.float32)
@@ -64,6 +48,29 @@ def _rotary_append_kernel(
     else:  # the CPU interpreter has no libdevice; numpy's cos/sin are accurate anyway
         c = tl.cos(ang)
         s = tl.sin(ang)
+    return c, s
+
+
+@triton.jit
+def _rotary_append_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, inv_freq_ptr, slots_ptr, kc_ptr, vc_ptr,
+    sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d, so_b, so_h, so_d,
+    spos_r, spos_b,
+    skc_b, skc_h, skc_l, skc_d, svc_b, svc_h, svc_l, svc_d,
+    seq_cap,
+    HQ: tl.constexpr, HALF: tl.constexpr, ROT_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SEC0: tl.constexpr, SEC01: tl.constexpr, MROPE: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, PRECISE_TRIG: tl.constexpr, EMU: tl.constexpr,
+):
+    # Grid (B, Hq + Hkv): programs h < Hq rotate a query head, the others rotate one key
+    # head and copy its value head. One head per program gives B*(Hq+Hkv) small
+    # programs (1024 for Qwen2.5-VL-7B at B=32), enough to spread over all SMs; the
+    # cos/sin recomputation per head is ~Dh/2 transcendental ops, free next to latency.
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    j, jm = lanes(0, BLOCK_HALF, HALF)
+
+    c, s = _cos_sin(pos_ptr, inv_freq_ptr, b, spos_r, spos_b, j, jm, SEC0, SEC01, MROPE, PRECISE_TRIG)
 
     if h < HQ:
         src = q_ptr + b * sq_b + h * sq_h
@@ -71,8 +78,8 @@ def _rotary_append_kernel(
         x2 = tl.load(src + (j + HALF) * sq_d, mask=jm, other=0.0).to(tl.float32)
         dst = out_ptr + b * so_b + h * so_h
         ety = out_ptr.dtype.element_ty
-        tl.store(dst + j * so_d, _cast(x1 * c - x2 * s, ety, EMU), mask=jm)
-        tl.store(dst + (j + HALF) * so_d, _cast(x2 * c + x1 * s, ety, EMU), mask=jm)
+        tl.store(dst + j * so_d, cast_rne(x1 * c - x2 * s, ety, EMU), mask=jm)
+        tl.store(dst + (j + HALF) * so_d, cast_rne(x2 * c + x1 * s, ety, EMU), mask=jm)
         if BLOCK_PASS > 0:
             t = ROT_DIM + tl.arange(0, BLOCK_PASS)
             tm = t < HEAD_DIM
@@ -91,23 +98,23 @@ def _rotary_append_kernel(
         x2 = tl.load(src + (j + HALF) * sk_d, mask=jm, other=0.0).to(tl.float32)
         dst = kc_ptr + b * skc_b + hk * skc_h + slot * skc_l
         kty = kc_ptr.dtype.element_ty
-        tl.store(dst + j * skc_d, _cast(x1 * c - x2 * s, kty, EMU), mask=wm)
-        tl.store(dst + (j + HALF) * skc_d, _cast(x2 * c + x1 * s, kty, EMU), mask=wm)
+        tl.store(dst + j * skc_d, cast_rne(x1 * c - x2 * s, kty, EMU), mask=wm)
+        tl.store(dst + (j + HALF) * skc_d, cast_rne(x2 * c + x1 * s, kty, EMU), mask=wm)
         if BLOCK_PASS > 0:
             t = ROT_DIM + tl.arange(0, BLOCK_PASS)
             tm = (t < HEAD_DIM) & live
-            tl.store(dst + t * skc_d, _cast(tl.load(src + t * sk_d, mask=tm), kty, EMU), mask=tm)
+            tl.store(dst + t * skc_d, cast_rne(tl.load(src + t * sk_d, mask=tm), kty, EMU), mask=tm)
         # v is copied whole (no rotation): one vector of HEAD_DIM, split in the same
         # two halves plus the pass-through tail so no extra arange size is compiled.
         vsrc = v_ptr + b * sv_b + hk * sv_h
         vdst = vc_ptr + b * svc_b + hk * svc_h + slot * svc_l
         vty = vc_ptr.dtype.element_ty
-        tl.store(vdst + j * svc_d, _cast(tl.load(vsrc + j * sv_d, mask=wm), vty, EMU), mask=wm)
-        tl.store(vdst + (j + HALF) * svc_d, _cast(tl.load(vsrc + (j + HALF) * sv_d, mask=wm), vty, EMU), mask=wm)
+        tl.store(vdst + j * svc_d, cast_rne(tl.load(vsrc + j * sv_d, mask=wm), vty, EMU), mask=wm)
+        tl.store(vdst + (j + HALF) * svc_d, cast_rne(tl.load(vsrc + (j + HALF) * sv_d, mask=wm), vty, EMU), mask=wm)
         if BLOCK_PASS > 0:
             t = ROT_DIM + tl.arange(0, BLOCK_PASS)
             tm = (t < HEAD_DIM) & live
-            tl.store(vdst + t * svc_d, _cast(tl.load(vsrc + t * sv_d, mask=tm), vty, EMU), mask=tm)
+            tl.store(vdst + t * svc_d, cast_rne(tl.load(vsrc + t * sv_d, mask=tm), vty, EMU), mask=tm)
 
 
 def rotary_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, positions: torch.Tensor,

@@ -126,6 +126,21 @@ def _lvr_end_switch(strategy, *, next_tokens, lphs, end_id, end_emb, threshold, 
     return d.mean(dim=-1) < threshold
 
 
+def _lvr_mode(strategy: str, mode, start, end, counter, remaining, steps):
+    """(mode after this iteration, counter, remaining): the per-strategy update of lvr's
+    docstring (end_token / distance / steps)."""
+    if strategy == "steps":
+        new = mode | start
+        remaining = torch.where(~mode & new, torch.full_like(remaining, steps), remaining)
+        remaining = remaining - mode.long()
+        return new & (remaining > 0), counter, remaining
+    if strategy == "distance":
+        counter = counter + mode.long()
+        counter = torch.where(start, torch.zeros_like(counter), counter)
+        return (mode | start) & ~end & ~(counter >= steps), counter, remaining
+    return (mode | start) & ~end, counter, remaining
+
+
 @torch.no_grad()
 def lvr(model, batch: dict, *, strategy: str, start_id: int, end_id: int, eos: int, max_new_tokens: int,
         steps: int | None = None, end_embedding: torch.Tensor | None = None, threshold: float = 0.02,
@@ -186,17 +201,7 @@ def lvr(model, batch: dict, *, strategy: str, start_id: int, end_id: int, eos: i
         entered |= start
         end = _lvr_end_switch(strategy, next_tokens=nxt, lphs=lphs, end_id=end_id, end_emb=end_embedding,
                               threshold=threshold, criterion=criterion)
-        if strategy == "steps":
-            new = mode | start
-            remaining = torch.where(~mode & new, torch.full_like(remaining, steps), remaining)
-            remaining = remaining - mode.long()
-            new_mode = new & (remaining > 0)
-        elif strategy == "distance":
-            counter = counter + mode.long()
-            counter = torch.where(start, torch.zeros_like(counter), counter)
-            new_mode = (mode | start) & ~end & ~(counter >= steps)
-        else:
-            new_mode = (mode | start) & ~end
+        new_mode, counter, remaining = _lvr_mode(strategy, mode, start, end, counter, remaining, steps)
         lphs = dec.h
         for b in range(B):
             if bool(entered[b]) and not bool(new_mode[b]) and bool(unfinished[b]):

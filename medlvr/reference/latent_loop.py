@@ -83,30 +83,66 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
     model = hf.unwrap(model)
-    p = prompt if "embeds" in prompt else hf.prompt_inputs(model, prompt)
-    emb, pos, mask = p["embeds"], p["position_ids"], p["attention_mask"]
-    B, _, D = emb.shape
-    dev, dt = emb.device, emb.dtype
+    dec = _Decoder(model, prompt if "embeds" in prompt else hf.prompt_inputs(model, prompt))
     embed, head = model.get_input_embeddings(), model.lm_head
     rule = exit_rules.checked(k, exit=exit, exit_threshold=exit_threshold, exit_scope=exit_scope,
                               exit_distance=exit_distance, exit_distance_on=exit_distance_on,
                               exit_check_start=exit_check_start, after_exit=after_exit, latent_end_id=latent_end_id,
                               latent_pad_id=latent_pad_id, end_embedding=end_embedding, latent_counts=latent_counts,
-                              batch=B, vocab=head.out_features)
+                              batch=dec.batch, vocab=head.out_features)
     feedback = projector if projector is not None else (lambda x: x)
-    cache = hf.new_cache(model)
-    h = hf.run_decoder(model, emb, mask, pos, cache)[:, -1]
-    nxt = pos[..., -1:] + 1  # [3,B,1] (mRoPE) or [B,1]: text-like from here on
+    seg = _latent_segment(dec, rule, k=k, feedback=feedback, lm_head=head, latent_end_id=latent_end_id,
+                          sigma=float(latent_noise_std), eps=latent_eps, generator=generator)
+    # ---------------------------------------------------------------- answer
+    h, live = seg.h, torch.ones(dec.batch, dtype=torch.bool, device=dec.device)
+    if rule.after == "mirage" and max_new_tokens > 0:
+        h = dec.step(embed(seg.after), live)
+    elif first_token is not None and max_new_tokens > 0:
+        h = dec.step(embed(torch.full((dec.batch,), first_token, dtype=torch.long, device=dec.device)), live)
+    return _answer(dec, seg, h, embed=embed, lm_head=head, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_p=top_p, stop_ids=stop_ids, pad_id=pad_id, generator=generator, return_logits=return_logits,
+                   stop_first=stop_first)
 
-    def step(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+
+class _Decoder:
+    """The HF decoder over a DynamicCache after the prompt's prefill: ``h`` the post-norm
+    hidden state of each row's last prompt position; ``step`` feeds one column."""
+
+    def __init__(self, model: torch.nn.Module, p: Mapping[str, Any]):
+        emb, pos, self.mask = p["embeds"], p["position_ids"], p["attention_mask"]
+        self.model, self.cache = model, hf.new_cache(model)
+        self.batch, _, self.hidden_size = emb.shape
+        self.device, self.dtype = emb.device, emb.dtype
+        self.h = hf.run_decoder(model, emb, self.mask, pos, self.cache)[:, -1]
+        self.next_pos = pos[..., -1:] + 1  # [3,B,1] (mRoPE) or [B,1]: text-like from here on
+
+    def step(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Feed x [B,D] at each active row's next position; inactive rows add a masked column."""
-        nonlocal mask, nxt
-        mask = torch.cat([mask, active[:, None].to(mask.dtype)], dim=1)
-        out = hf.run_decoder(model, x[:, None].to(dt), mask, nxt, cache)[:, -1]
-        nxt = nxt + active[:, None].long()
+        self.mask = torch.cat([self.mask, active[:, None].to(self.mask.dtype)], dim=1)
+        out = hf.run_decoder(self.model, x[:, None].to(self.dtype), self.mask, self.next_pos, self.cache)[:, -1]
+        self.next_pos = self.next_pos + active[:, None].long()
         return out
 
-    # ---------------------------------------------------------------- latent segment
+
+@dataclass
+class _Segment:
+    """The latent segment's columns (LoopOutput's latents, latent_mu, latent_hidden,
+    step_hidden, num_latent), the hidden state the answer starts from and the per-row
+    tokens after_exit "mirage" feeds."""
+
+    latents: torch.Tensor
+    mus: torch.Tensor
+    hidden: torch.Tensor
+    outs: torch.Tensor
+    num_latent: torch.Tensor
+    h: torch.Tensor
+    after: torch.Tensor
+
+
+def _latent_segment(dec: _Decoder, rule: exit_rules.ExitRule, *, k: int, feedback, lm_head, latent_end_id,
+                    sigma: float, eps: torch.Tensor | None, generator: torch.Generator | None) -> _Segment:
+    """Up to k latent steps from the prompt's last hidden state; a row stops feeding at its exit."""
+    B, D, dev, dt = dec.batch, dec.hidden_size, dec.device, dec.dtype
     zeros = torch.zeros(B, k, D, dtype=dt, device=dev)
     latents, mus, hidden, outs = zeros, zeros.clone(), zeros.clone(), zeros.clone()
     num_latent = torch.zeros(B, dtype=torch.long, device=dev)
@@ -115,7 +151,7 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
     if rule.counts is not None:
         counts = torch.tensor(rule.counts, dtype=torch.long, device=dev)
         active = counts > 0
-    buffers = dict(threshold=torch.tensor(rule.threshold, device=dev), lm_head=head, counts=counts,
+    buffers = dict(threshold=torch.tensor(rule.threshold, device=dev), lm_head=lm_head, counts=counts,
                    end_id=None if latent_end_id is None else torch.tensor([latent_end_id], device=dev),
                    end_embedding=rule.end_embedding)
     fired = torch.zeros((), dtype=torch.long, device=dev)
@@ -136,11 +172,10 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
         else:
             active = active & ~stop
 
-    sigma = float(latent_noise_std)
     noisy = sigma > 0 and k > 0
-    eps = latent_eps
     if noisy and eps is None:
         eps = torch.empty(B, k, D, dtype=dt, device=dev).normal_(generator=generator)
+    h = dec.h
     mu = feedback(h)
     if rule.check_start:
         exit_test(fed=None, mu=None, mu_next=None, h=h)
@@ -149,19 +184,20 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
         keep = active[:, None]
         latents[:, t], mus[:, t], hidden[:, t] = (torch.where(keep, v.to(dt), 0) for v in (z, mu, h))
         num_latent += active.long()
-        h = torch.where(keep, step(z, active), h)
+        h = torch.where(keep, dec.step(z, active), h)
         outs[:, t] = torch.where(keep, h, 0)
         mu_next = feedback(h)
         exit_test(fed=latents[:, t], mu=mu, mu_next=mu_next, h=h)
         mu = torch.where(keep, mu_next, mu)
+    return _Segment(latents, mus, hidden, outs, num_latent, h, after)
 
-    # ---------------------------------------------------------------- answer
-    T = max_new_tokens
+
+def _answer(dec: _Decoder, seg: _Segment, h: torch.Tensor, *, embed, lm_head, max_new_tokens: int,
+            temperature: float, top_p: float, stop_ids: Sequence[int], pad_id: int,
+            generator: torch.Generator | None, return_logits: bool, stop_first: bool) -> LoopOutput:
+    """Up to max_new_tokens answer tokens from ``h``; a row stops after a stop id."""
+    B, T, dev = dec.batch, max_new_tokens, dec.device
     live = torch.ones(B, dtype=torch.bool, device=dev)
-    if rule.after == "mirage" and T > 0:
-        h = step(embed(after), live)
-    elif first_token is not None and T > 0:
-        h = step(embed(torch.full((B,), first_token, dtype=torch.long, device=dev)), live)
     greedy = temperature == 0
     temp = torch.tensor(float(temperature) if not greedy else 1.0, device=dev)
     nucleus = torch.tensor(float(top_p), device=dev) if not greedy and top_p < 1 else None
@@ -170,9 +206,9 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
     logps = torch.zeros(B, T, dtype=torch.float32, device=dev)
     lengths = torch.zeros(B, dtype=torch.long, device=dev)
     stopped = torch.zeros(B, dtype=torch.bool, device=dev)
-    logits_out = torch.zeros(B, T, head.out_features, dtype=torch.float32, device=dev) if return_logits else None
+    logits_out = torch.zeros(B, T, lm_head.out_features, dtype=torch.float32, device=dev) if return_logits else None
     for j in range(T):
-        logits = head(h).float()
+        logits = lm_head(h).float()
         noise = None if greedy else torch.empty_like(logits).exponential_(generator=generator)
         tok, lp = sampling.sample(logits, greedy=greedy, temperature=temp, top_p=nucleus, noise=noise)
         tokens[:, j] = torch.where(live, tok, pad_id)
@@ -185,6 +221,7 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
         live = live & ~hit
         if not bool(live.any()) or j == T - 1:
             break
-        h = step(embed(tokens[:, j]), live)
-    return LoopOutput(latents=latents, latent_mu=mus, latent_hidden=hidden, step_hidden=outs, num_latent=num_latent,
-                      tokens=tokens, token_logprobs=logps, text_lengths=lengths, stopped=stopped, logits=logits_out)
+        h = dec.step(embed(tokens[:, j]), live)
+    return LoopOutput(latents=seg.latents, latent_mu=seg.mus, latent_hidden=seg.hidden, step_hidden=seg.outs,
+                      num_latent=seg.num_latent, tokens=tokens, token_logprobs=logps, text_lengths=lengths,
+                      stopped=stopped, logits=logits_out)

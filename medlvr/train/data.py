@@ -136,8 +136,30 @@ def parse_record(obj, *, base_dir: Path, default_source: str, default_id: str, c
     answer = _str_field(obj, "answer", required=True)
     if not answer.strip():
         raise _Bad("answer", "empty")
+    names, slices = _image_entries(obj.get("images"))
+    paths = [str(p if Path(p).is_absolute() else (base_dir / p)) for p in names]
+    window = obj.get("window")
+    try:
+        parse_window(window)
+    except ValueError as e:
+        raise _Bad("window", str(e).removeprefix("window: ")) from None
+    sizes = _image_sizes(paths, slices) if check_images else [None] * len(paths)
+    options = _options(obj.get("options"), answer)
+    rois = _rois(obj.get("rois") or [], sizes)
+    split = _str_field(obj, "split", required=False, default="train")
+    if split not in SPLITS:
+        raise _Bad("split", f"expected one of {SPLITS}, got {split!r}")
+    return Record(
+        id=rid, images=paths, question=question, options=list(options) if options is not None else None,
+        answer=answer, rois=rois, split=split,
+        source=_str_field(obj, "source", required=False, default=default_source),
+        qtype=_str_field(obj, "qtype", required=False, default=""),
+        slices=slices if any(k is not None for k in slices) else [], window=window or None,
+    )
 
-    images = obj.get("images")
+
+def _image_entries(images) -> tuple[list[str], list[int | None]]:
+    """The "images" field: (paths as written, slice index or None of each)."""
     if images is None:
         raise _Bad("images", "missing")
     if not isinstance(images, list) or not images:
@@ -155,35 +177,41 @@ def parse_record(obj, *, base_dir: Path, default_source: str, default_id: str, c
             raise _Bad(f"images[{i}]", f"expected a path or {{\"path\": ..., \"slice\": k}}, got {entry!r}")
         names.append(name)
         slices.append(k)
-    paths = [str(p if Path(p).is_absolute() else (base_dir / p)) for p in names]
-    window = obj.get("window")
-    try:
-        parse_window(window)
-    except ValueError as e:
-        raise _Bad("window", str(e).removeprefix("window: ")) from None
-    sizes: list[tuple[int, int] | None] = [None] * len(paths)
-    if check_images:
-        for i, p in enumerate(paths):
-            if not Path(p).exists():
-                raise _Bad(f"images[{i}]", f"file not found: {p}")
-            try:
-                sizes[i] = image_size(p, slices[i])
-            except ImageReadError as e:
-                where = f"images[{i}].slice" if e.field == "slice" else f"images[{i}]"
-                raise _Bad(where, str(e)) from None
+    return names, slices
 
-    options = obj.get("options")
-    if options is not None:
-        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
-            raise _Bad("options", f"expected null or a list of >= 2 non-empty strings, got {options!r}")
-        if len(options) > 26:
-            raise _Bad("options", f"expected at most 26 options, got {len(options)}")
-        from medlvr.train.qa import normalize_answer
 
-        if normalize_answer(answer) not in [normalize_answer(o) for o in options]:
-            raise _Bad("answer", f"{answer!r} is not one of the options {options!r}")
+def _image_sizes(paths: list[str], slices: list[int | None]) -> list[tuple[int, int] | None]:
+    """(width, height) of each image (slice), read from its header; a missing or unreadable
+    file is a bad record."""
+    sizes: list[tuple[int, int] | None] = []
+    for i, p in enumerate(paths):
+        if not Path(p).exists():
+            raise _Bad(f"images[{i}]", f"file not found: {p}")
+        try:
+            sizes.append(image_size(p, slices[i]))
+        except ImageReadError as e:
+            where = f"images[{i}].slice" if e.field == "slice" else f"images[{i}]"
+            raise _Bad(where, str(e)) from None
+    return sizes
 
-    rois_raw = obj.get("rois") or []
+
+def _options(options, answer: str) -> list[str] | None:
+    """The "options" field: None, or 2 to 26 non-empty strings of which the answer is one."""
+    if options is None:
+        return None
+    if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
+        raise _Bad("options", f"expected null or a list of >= 2 non-empty strings, got {options!r}")
+    if len(options) > 26:
+        raise _Bad("options", f"expected at most 26 options, got {len(options)}")
+    from medlvr.train.qa import normalize_answer
+
+    if normalize_answer(answer) not in [normalize_answer(o) for o in options]:
+        raise _Bad("answer", f"{answer!r} is not one of the options {options!r}")
+    return options
+
+
+def _rois(rois_raw, sizes: list[tuple[int, int] | None]) -> list[ROI]:
+    """The "rois" field: boxes in pixels of the image they name, inside it when its size is known."""
     if not isinstance(rois_raw, list):
         raise _Bad("rois", f"expected a list, got {type(rois_raw).__name__}")
     rois: list[ROI] = []
@@ -192,8 +220,8 @@ def parse_record(obj, *, base_dir: Path, default_source: str, default_id: str, c
         if not isinstance(r, dict) or "box" not in r:
             raise _Bad(where, f"expected {{'image': int, 'box': [x0, y0, x1, y1]}}, got {r!r}")
         img = r.get("image", 0)
-        if not isinstance(img, int) or isinstance(img, bool) or not 0 <= img < len(paths):
-            raise _Bad(f"{where}.image", f"expected an image index in [0, {len(paths)}), got {img!r}")
+        if not isinstance(img, int) or isinstance(img, bool) or not 0 <= img < len(sizes):
+            raise _Bad(f"{where}.image", f"expected an image index in [0, {len(sizes)}), got {img!r}")
         box = r["box"]
         if (not isinstance(box, (list, tuple)) or len(box) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
@@ -208,17 +236,7 @@ def parse_record(obj, *, base_dir: Path, default_source: str, default_id: str, c
             if x1 > w or y1 > h:
                 raise _Bad(f"{where}.box", f"{box!r} outside image {img} of size {w}x{h} (width x height)")
         rois.append(ROI(image=img, box=(x0, y0, x1, y1)))
-
-    split = _str_field(obj, "split", required=False, default="train")
-    if split not in SPLITS:
-        raise _Bad("split", f"expected one of {SPLITS}, got {split!r}")
-    return Record(
-        id=rid, images=paths, question=question, options=list(options) if options is not None else None,
-        answer=answer, rois=rois, split=split,
-        source=_str_field(obj, "source", required=False, default=default_source),
-        qtype=_str_field(obj, "qtype", required=False, default=""),
-        slices=slices if any(k is not None for k in slices) else [], window=window or None,
-    )
+    return rois
 
 
 def load_jsonl(path, *, skip_bad: bool = False, split: str | None = None, check_images: bool = True,

@@ -190,19 +190,33 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     Every phase runs on ``device`` ("auto": the GPU when there is one), under
     ``mixed_precision`` autocast ("auto": bf16 on a GPU, none on the CPU; "bf16" on a CPU
     runs the GPU's numerics)."""
-    from medlvr.models import build_default
-    from medlvr.train.data import load_jsonl
-    from medlvr.train.evaluate import compare, evaluate, print_table, save_plot, write_outputs
-    from medlvr.train.latent_ablation import format_ablation, latent_ablation
-    from medlvr.train.loop import LoopConfig, make_accelerator, resolve_mixed_precision
-    from medlvr.train.paired import format_paired
-    from medlvr.train.stage1 import Stage1Config, build_trainable, load_trained, train_stage1
-    from medlvr.train.synth import synthesize
+    from medlvr.train.loop import make_accelerator, resolve_mixed_precision
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    t_all = t = time.perf_counter()
+    t_all = time.perf_counter()
+    train, val, test, rl_prompts = _demo_data(plan, out, times)
+    run = dict(progress=progress, mixed_precision=mixed_precision)
+    finals = _stage1_runs(plan, train, out, times, device=device, **run)
+    accelerator = make_accelerator(mixed_precision, device=device)
+    labels = dict(LABELS)
+    histories = _stage2_runs(plan, finals, labels, rl_prompts, val, out, times, accelerator=accelerator, **run)
+    t = time.perf_counter()
+    results, ablations = _evaluate_runs(plan, finals, labels, test, device=accelerator.device, **run)
+    times["eval"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t_all
+    return _report(plan, out, results, ablations, labels=labels, histories=histories, times=times,
+                   n_test=len(test), device=accelerator.device,
+                   precision=resolve_mixed_precision(mixed_precision, device))
+
+
+def _demo_data(plan: DemoPlan, out: Path, times: dict) -> tuple[list, list, list, list]:
+    """(train, val, test, stage-2 prompts): the synthetic records, written under ``out``."""
+    from medlvr.train.data import load_jsonl
+    from medlvr.train.synth import synthesize
+
+    t = time.perf_counter()
     paths = synthesize(out / "data", n=plan.n_records, seed=plan.seed, roi_fraction=plan.roi_fraction,
                        difficulty=plan.difficulty, split_fractions=plan.splits, image_format=plan.image_format)
     train, val, test = (load_jsonl(paths[s])[0] for s in ("train", "val", "test"))
@@ -215,6 +229,15 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
         test = test[:plan.eval_records]
     times["synth"] = time.perf_counter() - t
     print(f"data: {len(train)} train / {len(val)} val / {len(test)} test records, {len(rl_prompts)} stage-2 prompts")
+    return train, val, test, rl_prompts
+
+
+def _stage1_runs(plan: DemoPlan, train: list, out: Path, times: dict, *, progress: bool, mixed_precision: str,
+                 device: str) -> dict[str, Path]:
+    """Runs (a) plain SFT and (b) stage 1 from the same initial model; their final folders."""
+    from medlvr.models import build_default
+    from medlvr.train.loop import LoopConfig
+    from medlvr.train.stage1 import Stage1Config, build_trainable, train_stage1
 
     finals: dict[str, Path] = {}
     for name, s1 in {"a_sft": Stage1Config(k_latent=0),
@@ -229,10 +252,14 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
                            desc=f"({name[0]}) {'plain SFT' if s1.k_latent == 0 else f'stage 1, K={s1.k_latent}'}")
         finals[name] = Path(res["final_dir"])
         times[name] = time.perf_counter() - t
+    return finals
 
-    accelerator = make_accelerator(mixed_precision, device=device)
-    histories: dict[str, list[dict]] = {}
-    labels = dict(LABELS)
+
+def _stage2_runs(plan: DemoPlan, finals: dict[str, Path], labels: dict[str, str], rl_prompts, val, out: Path,
+                 times: dict, *, accelerator, progress: bool, mixed_precision: str) -> dict[str, list]:
+    """The stage-2 runs of every seed from (b), added to ``finals`` and ``labels``; their
+    training histories by kind of run."""
+    histories: dict[str, list] = {}
     for seed in plan.stage2_seeds:
         for kind in ("c_vlpo", "c0_text", "s_sft2"):
             name = kind if len(plan.stage2_seeds) == 1 else f"{kind}_s{seed}"
@@ -244,11 +271,20 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
             if hist:
                 histories.setdefault(LABELS[kind], []).append(hist)
             times[name] = time.perf_counter() - t
+    return histories
+
+
+def _evaluate_runs(plan: DemoPlan, finals: dict[str, Path], labels: dict[str, str], test: list, *, device,
+                   progress: bool, mixed_precision: str) -> tuple[dict, dict]:
+    """(results by label, latent ablations by label) on the test records; with several
+    stage-2 seeds, each kind's mean over them as well."""
+    from medlvr.train.evaluate import evaluate
+    from medlvr.train.latent_ablation import latent_ablation
+    from medlvr.train.stage1 import load_trained
 
     results, ablations = {}, {}
-    t = time.perf_counter()
     for name, path in finals.items():
-        lm, processor, _ = load_trained(path, device=accelerator.device)
+        lm, processor, _ = load_trained(path, device=device)
         results[labels[name]] = evaluate(lm, processor, test, max_new_tokens=plan.max_new_tokens, progress=progress,
                                          mixed_precision=mixed_precision)
         if plan.ablation_records and (name == "b_stage1" or name.startswith("c_vlpo")):
@@ -259,10 +295,17 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
         for kind in ("c_vlpo", "c0_text", "s_sft2"):
             runs = [results[labels[f"{kind}_s{s}"]] for s in plan.stage2_seeds]
             results[f"{LABELS[kind]} mean"] = _seed_mean(runs)
-    times["eval"] = time.perf_counter() - t
-    times["total"] = time.perf_counter() - t_all
+    return results, ablations
 
-    title = f"medlvr demo: held-out synthetic test ({len(test)} records)"
+
+def _report(plan: DemoPlan, out: Path, results: dict, ablations: dict, *, labels: dict[str, str], histories: dict,
+            times: dict, n_test: int, device, precision: str) -> dict:
+    """Print and write the tables, the plots and summary.json; the summary."""
+    from medlvr.train.evaluate import compare, print_table, save_plot, write_outputs
+    from medlvr.train.latent_ablation import format_ablation
+    from medlvr.train.paired import format_paired
+
+    title = f"medlvr demo: held-out synthetic test ({n_test} records)"
     text = print_table(results, title=title)
     base = labels["b_stage1"]
     order = {base: results[base], **{n: r for n, r in results.items() if n != base}}
@@ -277,8 +320,7 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     ordering = _ordering(diffs)
     print(f"ordering (what the paired 95% CIs support): {ordering}")
     curve = save_curve(histories, out / "vlpo_curve.png")
-    summary = {"plan": asdict(plan), "device": str(accelerator.device),
-               "mixed_precision": resolve_mixed_precision(mixed_precision, device),
+    summary = {"plan": asdict(plan), "device": str(device), "mixed_precision": precision,
                "accuracy": {n: r.overall for n, r in results.items()},
                "by_qtype": {n: {q: v[0] for q, v in r.by_qtype.items()} for n, r in results.items()},
                "paired_vs_b": diffs, "ablation": ablations, "seconds": times, "threads": torch.get_num_threads(),

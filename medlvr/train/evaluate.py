@@ -54,8 +54,7 @@ def _engine_generate(model, batch: dict, *, k: int, max_new_tokens: int, stop_id
     engine (default: a holder for this call). Positions the engine caches: the longest
     prompt, K latents, <|latent_end|> and every answer token but the last."""
     holder = EngineHolder(model, projector=projector) if holder is None else holder
-    max_len = int(batch["attention_mask"].sum(-1).max()) + k + max_new_tokens
-    eng = holder.get(rows=max_batch, max_len=max_len)
+    eng = holder.for_batch(batch, k_max=k, max_new_tokens=max_new_tokens, rows=max_batch)
     out = eng.generate(batch, k_max=k, exit="fixed", max_new_tokens=max_new_tokens, temperature=0.0,
                        stop_ids=[stop_id], latent_end_id=latent_end_id if k > 0 else None, pad_id=pad_id)
     return out.tokens

@@ -191,9 +191,6 @@ def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, to
     """sample_rollouts through LatentEngine: prefill -> K fixed latent steps with noise ->
     <|latent_end|> -> answer (the same sequence policy_forward scores). The n rows of a
     prompt share its prefill and K/V (group_size=n)."""
-    mask = _field(batch, "attention_mask")
-    P = mask.shape[0]
-    prompt_max = int(mask.long().sum(-1).max())
     if engine is None:
         engine = EngineHolder(model, projector=projector, len_multiple=1)
     elif engine.projector is not projector:
@@ -201,7 +198,7 @@ def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, to
     # The engine's exact need: the prompt in the shared prompt cache; in each row's own cache
     # K latents + <|latent_end|> + every answer token but the last.
     rows, group = _field_dict(batch), dict(group_size=n)
-    eng = engine.get(rows=P * n, max_len=k_latent + max_new_tokens, prompts=P, prompt_len=prompt_max)
+    eng = engine.for_batch(rows, k_max=k_latent, max_new_tokens=max_new_tokens, group_size=n)
     kw = dict(temperature=float(temperature), top_p=float(top_p), stop_ids=[stop_id], pad_id=pad_id,
               generator=generator)
     if k_latent > 0:

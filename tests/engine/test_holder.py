@@ -1,7 +1,11 @@
 """The engine holder (medlvr/engine/holder.py): one engine per model, reused while a call
 fits its capacity, rebuilt larger (never smaller) when one does not; another model or
-another projector gets its own; a model type without an adapter is refused by name."""
+another projector gets its own; a model type without an adapter is refused by name; the
+per-model cache does not keep a model (or its engine) alive."""
 from __future__ import annotations
+
+import gc
+import weakref
 
 import pytest
 import torch
@@ -83,3 +87,50 @@ def test_unsupported_model_type_refused_by_name():
 def test_len_multiple_checked(llama):
     with pytest.raises(ValueError, match="len_multiple"):
         EngineHolder(llama, len_multiple=0)
+
+
+def _batch(widths):
+    """Left-padded prompts of the given unpadded lengths (tokens 10, 11, ...)."""
+    S = max(widths)
+    ids = torch.zeros(len(widths), S, dtype=torch.long)
+    mask = torch.zeros(len(widths), S, dtype=torch.long)
+    for i, n in enumerate(widths):
+        ids[i, S - n:] = torch.arange(10, 10 + n)
+        mask[i, S - n:] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_sized_from_the_batch_shape(llama):
+    h = EngineHolder(llama, len_multiple=1)
+    e = h.for_batch(_batch([3, 5]), k_max=2, max_new_tokens=4)
+    assert (e.max_batch, e.max_len, e.max_prompts) == (2, 5 + 2 + 4, 0)
+    g = h.for_batch(_batch([3, 6]), k_max=2, max_new_tokens=4, group_size=3)  # prompt in the shared cache
+    assert (g.max_batch, g.max_len, g.max_prompts, g.max_prompt_len) == (6, 11, 2, 6)
+    assert h.for_batch(_batch([2]), k_max=1, max_new_tokens=1, rows=5).max_batch == 6  # never smaller
+    with pytest.raises(ValueError, match="group_size"):
+        h.for_batch(_batch([2]), k_max=1, max_new_tokens=1, group_size=0)
+    with pytest.raises(ValueError, match="rows"):
+        h.for_batch(_batch([2]), k_max=1, max_new_tokens=1, rows=0)
+
+
+def test_holder_generate_equals_the_engine_generate(llama):
+    batch = _batch([3, 4])
+    kw = dict(k_max=2, max_new_tokens=3, latent_end_id=tm.LATENT_END, stop_ids=[2])
+    fresh = LatentEngine(llama, max_batch=2, max_len=16).generate(batch, **kw)
+    held = EngineHolder(llama).generate(batch, **kw)
+    assert torch.equal(fresh.tokens, held.tokens)
+    torch.testing.assert_close(held.latents, fresh.latents)
+
+
+def test_kept_holder_does_not_keep_the_model_alive():
+    model = tm.llama(2)
+    h = holder_for(model)
+    small = h.generate(_batch([2]), k_max=1, max_new_tokens=1, latent_end_id=tm.LATENT_END)
+    e1 = h.engine
+    h.generate(_batch([3, 70]), k_max=2, max_new_tokens=3, latent_end_id=tm.LATENT_END)  # needs more: grows
+    assert h.engine is not e1 and h.builds == 2 and holder_for(model) is h
+    assert h.model is model
+    refs = [weakref.ref(x) for x in (model, h, h.engine)]
+    del model, h, e1, small
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
