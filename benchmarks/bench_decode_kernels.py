@@ -215,7 +215,7 @@ def bench_case(B, L, *, Hq, Hkv, Dh, D, dtype, device, args, bw, use_triton, use
         rows.append(_row("decode_attention", shape, "medlvr reference (CPU fallback, fp32)",
                          _time(lambda: ops.decode_attention(q, k_cache, v_cache, lengths, out=out), device, args),
                          nbytes, bw))
-    del k_cache, v_cache
+    k_cache = v_cache = None  # the caches are freed before the next phase allocates
 
     # ---- final norm + feedback into the input buffer
     hidden, weight = rnd(B, D), rnd(D)

@@ -65,7 +65,8 @@ class Record:
 
     def to_json(self, *, relative_to: Path | None = None) -> dict:
         d = asdict(self)
-        slices, window = d.pop("slices"), d.pop("window")
+        del d["slices"]  # written into the image entries below
+        window = d.pop("window")
         paths = [_relpath(p, relative_to) for p in self.images] if relative_to is not None else list(self.images)
         d["images"] = [p if self.slice_of(i) is None else {"path": p, "slice": self.slice_of(i)}
                        for i, p in enumerate(paths)]

@@ -94,7 +94,8 @@ def _stage2(plan: DemoPlan, name: str, seed: int, init: Path, rl_prompts, val, o
     vcfg = VLPOConfig(k_latent=plan.k_latent, batch_prompts=plan.vlpo_prompts, n_rollouts=plan.vlpo_rollouts,
                       latent_sigma=sigma, kl_beta=plan.vlpo_kl, latent_coef=plan.vlpo_latent_coef,
                       ppo_epochs=plan.vlpo_epochs, w_format=plan.vlpo_w_format, max_new_tokens=plan.max_new_tokens,
-                      loop=vlpo_loop(max_steps=plan.vlpo_steps, lr=plan.vlpo_lr, seed=seed))
+                      loop=vlpo_loop(out_dir=str(run_dir), max_steps=plan.vlpo_steps, lr=plan.vlpo_lr, seed=seed,
+                                     progress=progress, mixed_precision=mixed_precision, device=device.type))
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
@@ -108,7 +109,7 @@ def _stage2(plan: DemoPlan, name: str, seed: int, init: Path, rl_prompts, val, o
         return {"val_accuracy": r.overall}
 
     lm.train()
-    history = train_vlpo(lm.model, processor, rl_prompts, vcfg, progress=progress, log_path=metrics,
+    history = train_vlpo(lm.model, processor, rl_prompts, vcfg, log_path=metrics,
                          projector=lm.projector, accelerator=accelerator, on_step=val_acc)
     if plan.eval_every and curve:
         history.insert(0, {"step": -1, "val_accuracy": evaluate(load_trained(init, device=device)[0], processor, curve,

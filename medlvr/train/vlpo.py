@@ -48,7 +48,6 @@ import dataclasses
 import os
 import random
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -177,15 +176,13 @@ class VLPOObjective:
 
 
 def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], cfg: VLPOConfig, *,
-               accelerator: Any = None, progress: bool = True, log_path: str | os.PathLike | None = None,
-               projector: torch.nn.Module | None = None, reference: str = "auto",
-               mixed_precision: str = "auto", on_step: Any = None, fsdp: bool = False) -> list[dict]:
+               accelerator: Any = None, log_path: str | os.PathLike | None = None,
+               projector: torch.nn.Module | None = None, reference: str = "auto", on_step: Any = None) -> list[dict]:
     """Run ``cfg.loop.max_steps`` VLPO steps over ``records`` (medlvr.train.data.Record) in
     place, in the shared training loop with the settings ``cfg.loop`` (vlpo_step.vlpo_loop's
-    defaults: AdamW at the constant lr 1e-6, clipping to max_grad_norm), except those taken
-    from here: the batch size is ``cfg.batch_prompts``, the output directory that of
-    ``log_path``, and ``progress``, ``mixed_precision`` and ``fsdp`` are the arguments
-    (``accelerator`` default: medlvr.train.loop.make_accelerator with ``mixed_precision``).
+    defaults: AdamW at the constant lr 1e-6, clipping to max_grad_norm; its progress bar,
+    autocast, device and FSDP switches), except the batch size, which is ``cfg.batch_prompts``
+    (``accelerator`` default: medlvr.train.loop.make_accelerator from ``cfg.loop``).
 
     model: a Qwen2(.5)-VL policy, peft-wrapped (LoRA) or not (full fine-tuning), or a
     stage-1 ``LatentLM`` (its projector is then used and trained). Only parameters with
@@ -209,8 +206,6 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
         model = model.model
     objective = VLPOObjective(model, processor, records, cfg, projector=projector, reference=reference,
                               on_step=on_step)
-    loop = dataclasses.replace(cfg.loop, out_dir=str(Path(log_path).parent) if log_path else ".",
-                               batch_size=cfg.batch_prompts, progress=progress, mixed_precision=mixed_precision,
-                               fsdp=fsdp)
+    loop = dataclasses.replace(cfg.loop, batch_size=cfg.batch_prompts)
     train_loop(objective, loop, accelerator=accelerator, desc="vlpo", metrics_path=log_path, append_metrics=True)
     return objective.history

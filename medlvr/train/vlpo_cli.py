@@ -87,9 +87,8 @@ def vlpo_main(args: argparse.Namespace) -> dict:
     # "auto": a stage-1 LoRA already holds the SFT policy (disabling it would give the base
     # model), so the KL reference is then a frozen copy; a fresh adapter is simply disabled.
     accelerator = make_accelerator(cfg.loop.mixed_precision, device=device.type)
-    history = train_vlpo(lm, processor, records, cfg, progress=cfg.loop.progress, log_path=metrics_path,
-                         reference="auto", accelerator=accelerator, mixed_precision=cfg.loop.mixed_precision,
-                         fsdp=cfg.loop.fsdp)
+    history = train_vlpo(lm, processor, records, cfg, log_path=metrics_path, reference="auto",
+                         accelerator=accelerator)
     stage1 = {**stage1, "k_latent": cfg.k_latent}
     RunDir(out / "final").save(lm, run_meta(base=base, stage1=stage1, vlpo=dataclasses.asdict(cfg), init=args.init),
                              accelerator=accelerator)

@@ -585,8 +585,8 @@ def test_train_vlpo_with_accelerator_full_finetune(tmp_path, monkeypatch):
     model, processor = build_default(seed=0)
     before = model.lm_head.weight.detach().clone()
     cfg = VLPOConfig(n_rollouts=2, k_latent=2, batch_prompts=2, max_new_tokens=3, kl_beta=0.05, latent_sigma=0.2,
-                     w_format=1.0, loop=vlpo_loop(max_steps=2, lr=1e-3))
-    hist = train_vlpo(model, processor, records, cfg, accelerator=Accelerator(cpu=True), progress=True,
+                     w_format=1.0, loop=vlpo_loop(max_steps=2, lr=1e-3, out_dir=str(tmp_path)))
+    hist = train_vlpo(model, processor, records, cfg, accelerator=Accelerator(cpu=True),
                       log_path=tmp_path / "m.jsonl")
     assert len(hist) == 2 and [json.loads(x)["step"] for x in open(tmp_path / "m.jsonl")] == [0, 1]
     # rollouts ran through one engine for both steps, sized for prompts x n rows
@@ -737,8 +737,8 @@ records = load_jsonl(sys.argv[1])[0]
 model, processor = build_default(seed=0)
 model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 cfg = V.VLPOConfig(n_rollouts=2, k_latent=2, batch_prompts=1, max_new_tokens=3, kl_beta=0.0,
-                   loop=V.vlpo_loop(max_steps=1, lr=1e-2))
-hist = V.train_vlpo(model, processor, records, cfg, accelerator=acc, progress=False)
+                   loop=V.vlpo_loop(max_steps=1, lr=1e-2, progress=False))
+hist = V.train_vlpo(model, processor, records, cfg, accelerator=acc)
 w = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_B" in n])
 allw = acc.gather(w[None])
 if rank == 0:
