@@ -270,26 +270,10 @@ class Objective(Protocol):
     def seek(self, state: dict) -> None: ...
 
 
-def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None, desc: str = "train",
-               meta: dict | None = None, metrics_path: str | Path | None = "", append_metrics: bool = False) -> dict:
-    """Run ``cfg.max_steps`` steps of ``objective``; returns the last step's metrics row, plus
-    ``final_dir`` when ``meta`` is given (the run folder <out>/final: meta as run.json and the
-    module's trainable weights). metrics_path: the metrics file ("" = <out>/<cfg.metrics>;
-    None = none); append_metrics keeps an existing file's rows (a resume always does)."""
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-
-    from medlvr.progress import progress
-
-    out = Path(cfg.out_dir)
-    if accelerator is None:
-        accelerator = make_accelerator(cfg.mixed_precision, device=cfg.device, log_with=cfg.report_to, project_dir=str(out),
-                                       dataloader_config=DataLoaderConfiguration(split_batches=True))
-    set_seed(cfg.seed)
-    if metrics_path == "":
-        metrics_path = out / cfg.metrics
-    if accelerator.is_main_process and (meta is not None or cfg.save_every):
-        out.mkdir(parents=True, exist_ok=True)
-
+def _prepare(objective: Objective, cfg: LoopConfig, accelerator: Any):
+    """The objective's module (sharded first with ``cfg.fsdp``), AdamW over its trainable
+    parameters (no weight decay on vectors: norms, biases), the schedule and the Updater,
+    all through ``accelerator.prepare``."""
     if cfg.fsdp:  # shard before the optimizer is built: it must hold the shards (medlvr/train/fsdp.py)
         if not getattr(objective, "supports_fsdp", False):
             raise ValueError(f"fsdp: {type(objective).__name__} does not run sharded; drop --fsdp")
@@ -313,6 +297,30 @@ def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None
     else:
         module, optimizer, scheduler = accelerator.prepare(objective.module, optimizer, scheduler)
     updater = Updater(module, optimizer, accelerator=accelerator, scheduler=scheduler, max_grad_norm=cfg.max_grad_norm)
+    return module, optimizer, scheduler, updater
+
+
+def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None, desc: str = "train",
+               meta: dict | None = None, metrics_path: str | Path | None = "", append_metrics: bool = False) -> dict:
+    """Run ``cfg.max_steps`` steps of ``objective``; returns the last step's metrics row, plus
+    ``final_dir`` when ``meta`` is given (the run folder <out>/final: meta as run.json and the
+    module's trainable weights). metrics_path: the metrics file ("" = <out>/<cfg.metrics>;
+    None = none); append_metrics keeps an existing file's rows (a resume always does)."""
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    from medlvr.progress import progress
+
+    out = Path(cfg.out_dir)
+    if accelerator is None:
+        accelerator = make_accelerator(cfg.mixed_precision, device=cfg.device, log_with=cfg.report_to, project_dir=str(out),
+                                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+    set_seed(cfg.seed)
+    if metrics_path == "":
+        metrics_path = out / cfg.metrics
+    if accelerator.is_main_process and (meta is not None or cfg.save_every):
+        out.mkdir(parents=True, exist_ok=True)
+
+    module, optimizer, scheduler, updater = _prepare(objective, cfg, accelerator)
     objective.start(updater)
     if (cfg.save_every or cfg.resume) and objective.position() is None:
         raise ValueError(f"save_every / resume: {type(objective).__name__} cannot checkpoint its data position")
