@@ -59,6 +59,20 @@ def _cast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], c: torch.dtype
     return hidden.to(c), weight.to(c), None if bias is None else bias.to(c)
 
 
+def _accumulate_dw(dw: Tensor, x: Tensor, hc: Tensor, tmp: Optional[Tensor], *, first: bool) -> None:
+    """d W (+)= x^T hc for one chunk (x: its d logits). The first chunk writes d W (beta = 0)."""
+    if tmp is None:  # d W in the compute dtype: one GEMM straight into it
+        torch.mm(x.t(), hc, out=dw) if first else dw.addmm_(x.t(), hc)
+        return
+    # bf16/fp16 GEMM into an fp32 gradient: the product goes through one small buffer, a
+    # slice of V at a time, never a (V, D) temporary.
+    V = dw.shape[0]
+    for v0 in range(0, V, tmp.shape[0]):
+        vs = slice(v0, min(V, v0 + tmp.shape[0]))
+        prod = torch.mm(x[:, vs].t(), hc, out=tmp[:vs.stop - v0])
+        dw[vs].copy_(prod) if first else dw[vs].add_(prod)
+
+
 def _sweep(h: Tensor, w: Tensor, b: Optional[Tensor], targets: Tensor, *, inv_t: float, ignore_index: int,
            chunk: int, with_entropy: bool = False, stats: Optional[Tuple[Tensor, Tensor]] = None,
            grad_logp: Optional[Tensor] = None, grad_entropy: Optional[Tensor] = None, head: Optional[Head] = None,
@@ -127,16 +141,7 @@ def _sweep(h: Tensor, w: Tensor, b: Optional[Tensor], targets: Tensor, *, inv_t:
             if need_h:
                 torch.mm(x, w, out=dh[rows])
             if need_w:
-                first = r0 == 0
-                if dw.dtype == c:
-                    torch.mm(x.t(), hc, out=dw) if first else dw.addmm_(x.t(), hc)
-                else:
-                    # bf16/fp16 GEMM into an fp32 gradient: the product goes through one small
-                    # buffer, a slice of V at a time, never a (V, D) temporary.
-                    for v0 in range(0, V, tmp.shape[0]):
-                        vs = slice(v0, min(V, v0 + tmp.shape[0]))
-                        prod = torch.mm(x[:, vs].t(), hc, out=tmp[:vs.stop - v0])
-                        dw[vs].copy_(prod) if first else dw[vs].add_(prod)
+                _accumulate_dw(dw, x, hc, tmp, first=r0 == 0)
             if need_b:
                 db += x.sum(0, dtype=stat)
     return logp, lse, ent, loss, dh, dw, db
