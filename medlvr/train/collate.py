@@ -8,6 +8,16 @@ Sequence of one sample (Qwen chat layout; images expanded by the processor):
 with_answer=False (generation prompt) stops right after <|latent_start|> (K > 0) or after
 "assistant\n" (K == 0). Prompt ids and answer ids are tokenised separately and concatenated, so
 the training sequence is exactly "generation prompt + what the model should generate".
+
+Batch layout (one for training and for prompts): the processor left-pads the prompts once, so
+every prompt ends in column P - 1; the answer block (K latent pads, <|latent_end|>, answer,
+<|im_end|>) starts in column P for every row and is right-padded::
+
+    [pad .. pad  prompt_b]  [<|latent_pad|>xK <|latent_end|> answer_b <|im_end|>  pad .. pad]
+     columns 0 .. P-1         columns P .. S-1 (with_answer=True only)
+
+The latent forward (medlvr/train/latent.py) slices columns [:P], [P:P+K] and [P+K:] directly,
+and a prompt batch is the training batch's first P columns.
 """
 from __future__ import annotations
 
@@ -31,7 +41,7 @@ class Batch:
     image_grid_thw: torch.Tensor       # (I, 3) long, images in packing order (sample, then image)
     mm_token_type_ids: torch.Tensor    # (B, S) int, 1 at <|image_pad|> tokens
     labels: torch.Tensor               # (B, S) long, IGNORE_INDEX except answer tokens + <|im_end|>
-    latent_start_index: torch.Tensor   # (B,) long, index of the first <|latent_pad|>; -1 when K == 0
+    latent_start: int                  # column P of every row's first <|latent_pad|> (prompts end at P - 1); -1 when K == 0
     roi_boxes: torch.Tensor            # (R, 4) float, x0 y0 x1 y1 in pixels of the RESIZED image
     roi_image: torch.Tensor            # (R,) long, index into image_grid_thw
     roi_sample: torch.Tensor           # (R,) long, sample owning the box
@@ -40,7 +50,6 @@ class Batch:
     image_sizes: torch.Tensor | None = None    # (I, 2) original (width, height)
     resized_sizes: torch.Tensor | None = None  # (I, 2) resized (width, height) fed to the vision tower
     k_latent: int = 0
-    padding_side: str = "right"
     roi_geometry: RoiGeometry | None = None  # the boxes checked and laid out for roi_align_loss (training, K > 0)
 
     def model_inputs(self) -> dict:
@@ -88,7 +97,7 @@ def prompt_text(record, *, k_latent: int, image_token: str = "<|image_pad|>") ->
 
 
 def collate(records, processor, *, k_latent: int, with_answer: bool, latent_token_ids,
-            padding_side: str | None = None, images_cache: dict | None = None) -> Batch:
+            images_cache: dict | None = None) -> Batch:
     """Build a Batch from Records (see the module docstring for the sequence layout).
 
     Args:
@@ -98,20 +107,17 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
         with_answer: append <|latent_pad|>xK<|latent_end|>{answer}<|im_end|> and set labels
             (training); False gives the generation prompt.
         latent_token_ids: medlvr.models.latent_token_ids(processor).
-        padding_side: "right" (default when with_answer) or "left" (default for prompts).
         images_cache: optional dict (path, slice, window) -> PIL image, to avoid re-decoding
             across epochs.
     Returns:
-        Batch. For prompts (with_answer=False, K > 0) latent_start_index is the index where the
-        first latent goes, i.e. the sequence length S (the prompt ends with <|latent_start|>).
+        Batch in the module docstring's layout. latent_start is the prompt width P when K > 0
+        (for prompts, with_answer=False, that is the sequence length S: the prompt ends with
+        <|latent_start|>), -1 when K == 0.
     """
     if not records:
         raise ValueError("records: expected a non-empty list, got 0 records")
     if not isinstance(k_latent, int) or k_latent < 0:
         raise ValueError(f"k_latent: expected an int >= 0, got {k_latent!r}")
-    padding_side = padding_side or ("right" if with_answer else "left")
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
     tok = processor.tokenizer
     image_token = getattr(processor, "image_token", "<|image_pad|>")
     image_token_id = int(tok.convert_tokens_to_ids(image_token))
@@ -135,42 +141,21 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
             owners.append(b)
 
     prompts = [prompt_text(r, k_latent=k_latent, image_token=image_token) for r in records]
-    enc = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="right")
+    enc = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
     grid = enc["image_grid_thw"].long()
     pixel_values = enc["pixel_values"]
-
-    seqs, labs, starts = [], [], []
-    for b, r in enumerate(records):
-        ids = enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist()
-        lab = [IGNORE_INDEX] * len(ids)
-        start = -1
-        if with_answer:
-            if k_latent > 0:
-                start = len(ids)
-                ids = ids + [lat.pad] * k_latent + [lat.end]
-                lab = lab + [IGNORE_INDEX] * (k_latent + 1)
-            ans = tok(r.answer, add_special_tokens=False)["input_ids"] + [im_end_id]
-            ids = ids + ans
-            lab = lab + ans
-        elif k_latent > 0:
-            start = len(ids)
-        seqs.append(ids)
-        labs.append(lab)
-        starts.append(start)
-
-    S = max(len(s) for s in seqs)
-    B = len(records)
-    input_ids = torch.full((B, S), int(pad_id), dtype=torch.long)
-    labels = torch.full((B, S), IGNORE_INDEX, dtype=torch.long)
-    attn = torch.zeros((B, S), dtype=torch.long)
-    lsi = torch.full((B,), -1, dtype=torch.long)
-    for b, (ids, lab, st) in enumerate(zip(seqs, labs, starts)):
-        off = S - len(ids) if padding_side == "left" else 0
-        input_ids[b, off:off + len(ids)] = torch.tensor(ids, dtype=torch.long)
-        labels[b, off:off + len(ids)] = torch.tensor(lab, dtype=torch.long)
-        attn[b, off:off + len(ids)] = 1
-        if st >= 0:
-            lsi[b] = st + off
+    prompt_ids, prompt_mask = enc["input_ids"].long(), enc["attention_mask"].long()
+    P = prompt_ids.shape[1]
+    if with_answer:
+        head = [lat.pad] * k_latent + [lat.end] if k_latent > 0 else []
+        answers = [tok(r.answer, add_special_tokens=False)["input_ids"] + [im_end_id] for r in records]
+        suffix_ids, suffix_mask, suffix_labels = _right_padded(
+            [head + a for a in answers], [[IGNORE_INDEX] * len(head) + a for a in answers], pad_id)
+        input_ids = torch.cat([prompt_ids, suffix_ids], dim=1)
+        attn = torch.cat([prompt_mask, suffix_mask], dim=1)
+        labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), suffix_labels], dim=1)
+    else:
+        input_ids, attn, labels = prompt_ids, prompt_mask, torch.full_like(prompt_ids, IGNORE_INDEX)
     mm = (input_ids == image_token_id).to(torch.int32) * attn.to(torch.int32)
 
     # ROI boxes: original-image pixels -> pixels of the image the vision tower saw. The
@@ -203,9 +188,23 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
                                         merge=int(getattr(processor.image_processor, "merge_size", 2)))
     return Batch(
         input_ids=input_ids, attention_mask=attn, pixel_values=pixel_values, image_grid_thw=grid,
-        mm_token_type_ids=mm, labels=labels, latent_start_index=lsi,
+        mm_token_type_ids=mm, labels=labels, latent_start=P if k_latent > 0 else -1,
         roi_boxes=roi_boxes, roi_image=roi_image, roi_sample=torch.tensor(rsamp, dtype=torch.long),
         answers=[r.answer for r in records], records=list(records),
         image_sizes=torch.tensor(orig_sizes, dtype=torch.long).reshape(-1, 2), resized_sizes=resized,
-        k_latent=k_latent, padding_side=padding_side, roi_geometry=geometry,
+        k_latent=k_latent, roi_geometry=geometry,
     )
+
+
+def _right_padded(seqs: list[list[int]], labels: list[list[int]], pad_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, labels) [B, max len] of the answer blocks, each starting in column 0."""
+    n = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), n), int(pad_id), dtype=torch.long)
+    lab = torch.full((len(seqs), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for b, (x, y) in enumerate(zip(seqs, labels)):
+        ids[b, :len(x)] = torch.tensor(x, dtype=torch.long)
+        lab[b, :len(y)] = torch.tensor(y, dtype=torch.long)
+        mask[b, :len(x)] = 1
+    return ids, mask, lab

@@ -120,7 +120,7 @@ def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, bat
     try:
         for i in progress(range(0, len(records), batch_size), desc="eval", unit="batch", disable=not progress):
             recs = list(records[i:i + batch_size])
-            b = collate(recs, processor, k_latent=k, with_answer=False, latent_token_ids=ids, padding_side="left",
+            b = collate(recs, processor, k_latent=k, with_answer=False, latent_token_ids=ids,
                         images_cache=cache)
             batch = {kk: v.to(device) for kk, v in b.model_inputs().items()}
             with amp:
