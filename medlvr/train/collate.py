@@ -53,21 +53,10 @@ class Batch:
     roi_geometry: RoiGeometry | None = None  # the boxes checked and laid out for roi_align_loss (training, K > 0)
 
     def model_inputs(self) -> dict:
-        """The keyword arguments of a Qwen2(.5)-VL forward / the engine's generate."""
+        """The keyword arguments of a Qwen2(.5)-VL forward / the engine's generate: the one
+        bridge from a Batch (read by attribute in medlvr/train) to the mapping that
+        medlvr/models and medlvr/engine take."""
         return {k: getattr(self, k) for k in MODEL_INPUTS}
-
-    # Mapping access by field name: the training code (medlvr/train/latent.py, rollout.py) and
-    # the engine read a Batch and a plain dict of model inputs (tests, benchmarks) alike.
-    def __getitem__(self, name: str):
-        if name not in _FIELDS:
-            raise KeyError(name)
-        return getattr(self, name)
-
-    def get(self, name: str, default=None):
-        return getattr(self, name) if name in _FIELDS else default
-
-    def keys(self) -> tuple[str, ...]:
-        return _FIELDS
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """Every tensor (and the ROI geometry) on ``device``; records and answers ride along.
@@ -83,7 +72,6 @@ class Batch:
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-_FIELDS = tuple(f.name for f in fields(Batch))
 
 
 def prompt_text(record, *, k_latent: int, image_token: str = "<|image_pad|>") -> str:

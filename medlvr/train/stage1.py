@@ -121,7 +121,8 @@ class LatentLM(nn.Module):
     def _roi(self, latent_hidden, vis, batch) -> torch.Tensor:
         if self.cfg.roi_weight == 0 or vis is None:
             return latent_hidden.new_zeros(latent_hidden.shape[0], dtype=torch.float32)
-        return roi_alignment(latent_hidden, vis, batch, loss=self.cfg.roi_loss, pooling=self.cfg.roi_pooling)
+        return roi_alignment(latent_hidden, vis, batch.roi_sample, batch.roi_geometry, loss=self.cfg.roi_loss,
+                             pooling=self.cfg.roi_pooling)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.named_parameters() if p.requires_grad}

@@ -47,7 +47,7 @@ def test_recurrent_gradients_equal_coconut(mp):
     grads = []
     for fn in (latent.recurrent_forward, latent.coconut_reference):
         out = fn(model, batch, k=3)
-        loss = out.ce.mean() + roi.roi_alignment(out.latent_hidden, out.vision_tokens, batch).mean()
+        loss = out.ce.mean() + roi.roi_alignment(out.latent_hidden, out.vision_tokens, batch.roi_sample, batch.roi_geometry).mean()
         grads.append(torch.autograd.grad(loss, params))
     for g_rec, g_ref in zip(*grads):
         torch.testing.assert_close(g_rec, g_ref, rtol=1e-4, atol=1e-6)
@@ -94,7 +94,7 @@ def test_roi_alignment_per_sample(mp):
     k = 4
     batch = make_batch(processor, k=k)  # sample 0: one ROI, sample 1: none, sample 2: two ROIs
     out = latent.recurrent_forward(model, batch, k=k)
-    per = roi.roi_alignment(out.latent_hidden, out.vision_tokens, batch)
+    per = roi.roi_alignment(out.latent_hidden, out.vision_tokens, batch.roi_sample, batch.roi_geometry)
     assert per.shape == (3,) and per[1] == 0 and per[0] > 0 and per[2] > 0
     rows = roi_align_loss_ref(out.latent_hidden[batch.roi_sample], out.vision_tokens, batch.image_grid_thw,
                               batch.roi_boxes, batch.roi_image, bins=(2, 2), reduction="none")
@@ -216,7 +216,7 @@ def test_recurrent_equals_coconut_on_a_collated_ragged_batch(mp, tmp_path):
     for dtype in (None, torch.bfloat16):
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             outs = [fn(model, batch, k=k) for fn in (latent.recurrent_forward, latent.coconut_reference)]
-            losses = [o.ce.mean() + roi.roi_alignment(o.latent_hidden, o.vision_tokens, batch).mean() for o in outs]
+            losses = [o.ce.mean() + roi.roi_alignment(o.latent_hidden, o.vision_tokens, batch.roi_sample, batch.roi_geometry).mean() for o in outs]
         for loss in losses:
             assert torch.isfinite(loss)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
