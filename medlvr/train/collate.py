@@ -26,6 +26,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from medlvr.imageio import load_image
+from medlvr.models import qwen_vl
+from medlvr.models import LATENT_START
 from medlvr.ops.roi_geometry import RoiGeometry, prepare_roi_geometry
 from medlvr.train.qa import format_question
 from medlvr.train.roi import roi_bins
@@ -74,14 +76,11 @@ class Batch:
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
-def prompt_text(record, *, k_latent: int, image_token: str = "<|image_pad|>") -> str:
-    """The generation prompt of `record` as text (one <|image_pad|> per image before expansion)."""
-    vision = "".join(f"<|vision_start|>{image_token}<|vision_end|>" for _ in record.images)
-    text = (f"<|im_start|>user\n{vision}{format_question(record.question, record.options)}<|im_end|>\n"
-            f"<|im_start|>assistant\n")
-    if k_latent > 0:
-        text += "<|latent_start|>"
-    return text
+def prompt_text(record, *, k_latent: int, image_token: str = qwen_vl.IMAGE_TOKEN) -> str:
+    """The generation prompt of `record` as text (one image placeholder per image before the
+    processor expands it; the chat layout is the model family's, medlvr/models/qwen_vl.py)."""
+    return qwen_vl.prompt_text(format_question(record.question, record.options), n_images=len(record.images),
+                               latent_start=LATENT_START if k_latent > 0 else None, image_token=image_token)
 
 
 def collate(records, processor, *, k_latent: int, with_answer: bool, latent_token_ids,
@@ -107,10 +106,10 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
     if not isinstance(k_latent, int) or k_latent < 0:
         raise ValueError(f"k_latent: expected an int >= 0, got {k_latent!r}")
     tok = processor.tokenizer
-    image_token = getattr(processor, "image_token", "<|image_pad|>")
+    image_token = qwen_vl.image_token(processor)
     image_token_id = int(tok.convert_tokens_to_ids(image_token))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
-    im_end_id = int(tok.convert_tokens_to_ids("<|im_end|>"))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids(qwen_vl.PAD_FALLBACK)
+    im_end_id = int(tok.convert_tokens_to_ids(qwen_vl.ANSWER_END))
     lat = latent_token_ids
 
     images, orig_sizes, owners = [], [], []
@@ -146,11 +145,10 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
         input_ids, attn, labels = prompt_ids, prompt_mask, torch.full_like(prompt_ids, IGNORE_INDEX)
     mm = (input_ids == image_token_id).to(torch.int32) * attn.to(torch.int32)
 
-    # ROI boxes: original-image pixels -> pixels of the image the vision tower saw. The
-    # processor resizes each image to grid_h*patch x grid_w*patch (smart_resize), independently
-    # per axis, so scale x and y separately.
-    patch = int(getattr(processor.image_processor, "patch_size", 14))
-    resized = torch.stack([grid[:, 2] * patch, grid[:, 1] * patch], dim=1)  # (I, 2) width, height
+    # ROI boxes: original-image pixels -> pixels of the image the vision tower saw, which the
+    # processor resized independently per axis (medlvr/models/qwen_vl.py), so x and y scale apart.
+    vision = qwen_vl.vision_geometry(processor)
+    resized = qwen_vl.resized_sizes(grid, vision.patch)  # (I, 2) width, height
     first_image = []
     n = 0
     for r in records:
@@ -172,8 +170,8 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
     if with_answer and k_latent > 0:
         # The stage-1 alignment loss's box checks and kernel tables, once per batch here on
         # the CPU (the loader), so the loss call on the GPU neither syncs nor recomputes them.
-        geometry = prepare_roi_geometry(grid, roi_boxes, roi_image, bins=roi_bins(k_latent), patch=patch,
-                                        merge=int(getattr(processor.image_processor, "merge_size", 2)))
+        geometry = prepare_roi_geometry(grid, roi_boxes, roi_image, bins=roi_bins(k_latent), patch=vision.patch,
+                                        merge=vision.merge)
     return Batch(
         input_ids=input_ids, attention_mask=attn, pixel_values=pixel_values, image_grid_thw=grid,
         mm_token_type_ids=mm, labels=labels, latent_start=P if k_latent > 0 else -1,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from medlvr.models import qwen_vl
 from medlvr.ops.roi_align_loss import roi_align_loss
 from medlvr.reference.roi_align import roi_pool_targets_ref  # the executable spec of the pooling
 
@@ -76,7 +77,7 @@ def pooled_roi_targets(vis: torch.Tensor, batch, *, k: int, merge: int = 2) -> t
     """
     B = batch.input_ids.shape[0]
     grid = batch.image_grid_thw
-    counts = (grid.prod(-1) // (merge * merge)).tolist()
+    counts = qwen_vl.tokens_per_image(grid, merge).tolist()
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)

@@ -64,7 +64,8 @@ def image_features(model: torch.nn.Module, batch: Batch) -> torch.Tensor | None:
 def vision_frozen(model: torch.nn.Module) -> bool:
     """No trainable parameter in the vision tower: its features are the same for the policy,
     the old policy and the reference, so one computation per step serves all passes."""
-    return not any(p.requires_grad for p in hfm.unwrap(model).model.visual.parameters())
+    tower = hfm.vision_tower(model)
+    return tower is None or not any(p.requires_grad for p in tower.parameters())
 
 
 def prompt_inputs(model: torch.nn.Module, batch: Batch, *, repeat: int = 1,
