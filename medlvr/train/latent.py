@@ -174,7 +174,8 @@ def forward_with_latents(model: nn.Module, batch: Batch, latents: torch.Tensor |
     B = ids.shape[0]
     p = latent_start(batch, k) if k > 0 else 0
     if k > 0 and (latents is None or latents.shape[:2] != (B, k)):
-        raise ValueError(f"latents: expected shape [{B}, {k}, D], got {None if latents is None else tuple(latents.shape)}")
+        got = None if latents is None else tuple(latents.shape)
+        raise ValueError(f"latents: expected shape [{B}, {k}, D], got {got}")
     if vis is None:
         vis = vision_tokens(hf, batch.pixel_values, batch.image_grid_thw)
     emb = embed_inputs(hf, ids, vis)
@@ -190,9 +191,10 @@ def forward_with_latents(model: nn.Module, batch: Batch, latents: torch.Tensor |
                         vision_tokens=vis, logits=logits, hidden=h if return_hidden else None, ce_mean=mean)
 
 
-def latent_mu(hidden: torch.Tensor, latent_start: int, k: int) -> torch.Tensor:
-    """hidden [B,S,D] -> [B,K,D] with row t = hidden[:, P + t - 1] (the state that produced z_t)."""
-    return hidden[:, latent_start - 1:latent_start - 1 + k]
+def latent_mu(hidden: torch.Tensor, start: int, k: int) -> torch.Tensor:
+    """hidden [B,S,D] -> [B,K,D] with row t = hidden[:, P + t - 1], P = ``start`` (the batch's
+    latent_start): the state that produced z_t."""
+    return hidden[:, start - 1:start - 1 + k]
 
 
 def latent_start(batch: Batch, k: int) -> int:

@@ -1,5 +1,6 @@
 """Hand-built training batches for the latent tests: built from the processor, not by
-medlvr.train.collate, so that the latent math is tested on its own (ragged prefixes, ROI rows, samples without ROI)."""
+medlvr.train.collate, so that the latent math is tested on its own (ragged prefixes, ROI rows,
+samples without ROI)."""
 from __future__ import annotations
 
 import numpy as np
@@ -43,7 +44,8 @@ def make_batch(processor, *, k: int, questions=("what is it?", "is the lesion on
     roi_boxes = torch.tensor([r[1] for r in rois], dtype=torch.float32).view(-1, 4)
     roi_image = torch.tensor([r[0] for r in rois], dtype=torch.long)  # one image per sample
     return Batch(
-        input_ids=torch.cat([out["input_ids"], suffix], 1), attention_mask=torch.cat([out["attention_mask"], suffix_mask], 1),
+        input_ids=torch.cat([out["input_ids"], suffix], 1),
+        attention_mask=torch.cat([out["attention_mask"], suffix_mask], 1),
         pixel_values=out["pixel_values"], image_grid_thw=grid,
         mm_token_type_ids=torch.cat([out["mm_token_type_ids"], torch.zeros_like(suffix)], 1).int(),
         labels=torch.cat([torch.full_like(out["input_ids"], -100), suffix_labels], 1),

@@ -187,6 +187,23 @@ def test_training_batch_starts_with_the_prompt_batch(default, data_dir, k):
     assert (t.labels[:, :P] == IGNORE_INDEX).all()
 
 
+def test_a_batch_reaches_the_engine_only_through_model_inputs(default, data_dir):
+    # One way to read a batch: medlvr/train reads a Batch by attribute; the engine and models/
+    # take the mapping model_inputs() gives, and refuse the Batch itself.
+    from collections.abc import Mapping
+
+    from medlvr.engine.request import as_mapping
+
+    _, proc = default
+    b = collate(_records(data_dir), proc, k_latent=2, with_answer=False, latent_token_ids=latent_token_ids(proc))
+    assert not isinstance(b, Mapping) and not hasattr(b, "keys") and not hasattr(b, "__getitem__")
+    inputs = b.model_inputs()
+    assert as_mapping(inputs) is inputs and set(inputs) == {"input_ids", "attention_mask", "pixel_values",
+                                                             "image_grid_thw", "mm_token_type_ids"}
+    with pytest.raises(TypeError, match="model_inputs"):
+        as_mapping(b)
+
+
 def test_collate_rejects_bad_arguments(default, data_dir):
     _, proc = default
     lt = latent_token_ids(proc)

@@ -3,14 +3,19 @@ Coconut-style K+1 full passes, a ragged batch equals its samples one by one, one
 the recurrence's latents reproduces it (the VLPO re-scoring path), and the loss terms."""
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from medlvr.models import build_default
+from medlvr.models import build_default, latent_token_ids
 from medlvr.models.hf import vision_tokens
 from medlvr.reference.roi_align import roi_align_loss_ref
 from medlvr.train import latent
 from medlvr.train import roi
+from medlvr.train.collate import collate
+from medlvr.train.data import ROI, Record
+from medlvr.train.rollout import Rollouts, policy_states, prompt_inputs
 from medlvr.train.stage1 import LatentLM, Stage1Config, build_trainable
 
 from _latent_batches import make_batch
@@ -47,7 +52,8 @@ def test_recurrent_gradients_equal_coconut(mp):
     grads = []
     for fn in (latent.recurrent_forward, latent.coconut_reference):
         out = fn(model, batch, k=3)
-        loss = out.ce.mean() + roi.roi_alignment(out.latent_hidden, out.vision_tokens, batch.roi_sample, batch.roi_geometry).mean()
+        align = roi.roi_alignment(out.latent_hidden, out.vision_tokens, batch.roi_sample, batch.roi_geometry)
+        loss = out.ce.mean() + align.mean()
         grads.append(torch.autograd.grad(loss, params))
     for g_rec, g_ref in zip(*grads):
         torch.testing.assert_close(g_rec, g_ref, rtol=1e-4, atol=1e-6)
@@ -175,8 +181,25 @@ def test_recurrent_rejects_a_batch_off_the_layout(mp):
         am[1, col] = 0  # row 1 has the longest answer: a hole in its prefix end, latents or suffix
         with pytest.raises(ValueError, match=f"attention_mask.*{what}"):
             latent.recurrent_forward(model, replace(batch, attention_mask=am), k=2)
+    am = batch.attention_mask.clone()
+    am[int(am[:, :P].sum(1).argmax()), P - 3] = 0  # a hole inside the longest prompt
+    with pytest.raises(ValueError, match="attention_mask.*prefix that is not left-padded"):
+        latent.forward_with_latents(model, replace(batch, attention_mask=am), torch.zeros(3, 2, 8), k=2)
     with pytest.raises(ValueError, match="latent_start"):
         latent.recurrent_forward(model, replace(batch, latent_start=batch.input_ids.shape[1]), k=2)
+
+
+def _ragged_records(tmp_path):
+    """Three records whose prompts (one with two images) and answers all differ in length."""
+    for name, (w, h) in (("a.png", (112, 84)), ("b.png", (56, 140))):
+        Image.fromarray((np.random.default_rng(w).random((h, w, 3)) * 255).astype("uint8")).save(tmp_path / name)
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    return [Record(id="0", images=[a], question="Is there a lesion?", options=None, answer="yes",
+                   rois=[ROI(0, (10.0, 10.0, 60.0, 50.0))]),
+            Record(id="1", images=[b, a], question="Where is the lesion, and how large is it compared to the liver?",
+                   options=["upper left", "lower right"], answer="lower right, and about a third of it", rois=[]),
+            Record(id="2", images=[b], question="Which organ is shown here?", options=None, answer="the spleen",
+                   rois=[ROI(0, (0.0, 20.0, 40.0, 100.0))])]
 
 
 def test_recurrent_equals_coconut_on_a_collated_ragged_batch(mp, tmp_path):
@@ -184,23 +207,8 @@ def test_recurrent_equals_coconut_on_a_collated_ragged_batch(mp, tmp_path):
     # images; answers of different lengths) through the recurrence and through K+1 full passes,
     # in fp32 and in bf16 autocast; the left-pad query rows (they see no key) put no NaN into
     # the loss or the gradients.
-    import numpy as np
-    from PIL import Image
-
-    from medlvr.models import latent_token_ids
-    from medlvr.train.collate import collate
-    from medlvr.train.data import ROI, Record
-
     model, processor = mp
-    for name, (w, h) in (("a.png", (112, 84)), ("b.png", (56, 140))):
-        Image.fromarray((np.random.default_rng(w).random((h, w, 3)) * 255).astype("uint8")).save(tmp_path / name)
-    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
-    recs = [Record(id="0", images=[a], question="Is there a lesion?", options=None, answer="yes",
-                   rois=[ROI(0, (10.0, 10.0, 60.0, 50.0))]),
-            Record(id="1", images=[b, a], question="Where is the lesion, and how large is it compared to the liver?",
-                   options=["upper left", "lower right"], answer="lower right, and about a third of it", rois=[]),
-            Record(id="2", images=[b], question="Which organ is shown here?", options=None, answer="the spleen",
-                   rois=[ROI(0, (0.0, 20.0, 40.0, 100.0))])]
+    recs = _ragged_records(tmp_path)
     k = 3
     batch = collate(recs, processor, k_latent=k, with_answer=True, latent_token_ids=latent_token_ids(processor))
     P = batch.latent_start
@@ -216,8 +224,33 @@ def test_recurrent_equals_coconut_on_a_collated_ragged_batch(mp, tmp_path):
     for dtype in (None, torch.bfloat16):
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             outs = [fn(model, batch, k=k) for fn in (latent.recurrent_forward, latent.coconut_reference)]
-            losses = [o.ce.mean() + roi.roi_alignment(o.latent_hidden, o.vision_tokens, batch.roi_sample, batch.roi_geometry).mean() for o in outs]
+            losses = [o.ce.mean() + roi.roi_alignment(o.latent_hidden, o.vision_tokens, batch.roi_sample,
+                                                      batch.roi_geometry).mean() for o in outs]
         for loss in losses:
             assert torch.isfinite(loss)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             assert all(torch.isfinite(g).all() for g in grads if g is not None)
+
+
+def test_vlpo_scoring_pass_reads_the_training_layout(mp, tmp_path):
+    # VLPO scores a rollout as [collated prompt | z | <|latent_end|> | answer] (rollout.policy_states).
+    # Fed the training batch's own answers and the same z, that pass is the training batch's full
+    # forward column for column: the same answer-predicting states and the same mu.
+    model, processor = mp
+    recs = _ragged_records(tmp_path)
+    ids = latent_token_ids(processor)
+    k = 3
+    train = collate(recs, processor, k_latent=k, with_answer=True, latent_token_ids=ids)
+    prompts = collate(recs, processor, k_latent=k, with_answer=False, latent_token_ids=ids)
+    P = prompts.input_ids.shape[1]
+    a0 = P + k + 1  # first answer column
+    tokens, keep = train.input_ids[:, a0:], train.attention_mask[:, a0:].bool()
+    assert keep[:, 0].all()  # every row's answer starts in column P + K + 1: all three rows are compared
+    z = torch.randn(3, k, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    zeros = torch.zeros(3, tokens.shape[1])
+    ro = Rollouts(prompt=prompt_inputs(model, prompts), latents=z, latent_logprobs=torch.zeros(3, k), tokens=tokens,
+                  token_logprobs=zeros, token_mask=keep, stopped=keep.any(1), n=1)
+    states = policy_states(model, ro, latent_end_id=ids.end, latent_sigma=0.5)
+    full = latent.forward_with_latents(model, train, z, k=k, return_hidden=True)
+    torch.testing.assert_close(states.answer[keep], full.hidden[:, a0 - 1:-1][keep], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(states.mu, full.latent_hidden, rtol=1e-5, atol=2e-5)
