@@ -112,20 +112,8 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
     im_end_id = int(tok.convert_tokens_to_ids(qwen_vl.ANSWER_END))
     lat = latent_token_ids
 
-    images, orig_sizes, owners = [], [], []
-    for b, r in enumerate(records):
-        for j, p in enumerate(r.images):
-            # Every format (DICOM, NIfTI, 16-bit PNG/TIFF, 8-bit images) becomes 8-bit RGB of its
-            # original pixel grid here (medlvr/imageio/reader.py), so the ROI scaling below holds.
-            key = (p, r.slice_of(j), r.window)
-            im = images_cache.get(key) if images_cache is not None else None
-            if im is None:
-                im = load_image(p, index=r.slice_of(j), window=r.window)
-                if images_cache is not None:
-                    images_cache[key] = im
-            images.append(im)
-            orig_sizes.append(im.size)
-            owners.append(b)
+    images = _load_images(records, images_cache)
+    orig_sizes = [im.size for im in images]
 
     prompts = [prompt_text(r, k_latent=k_latent, image_token=image_token) for r in records]
     enc = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
@@ -149,21 +137,7 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
     # processor resized independently per axis (medlvr/models/qwen_vl.py), so x and y scale apart.
     vision = qwen_vl.vision_geometry(processor)
     resized = qwen_vl.resized_sizes(grid, vision.patch)  # (I, 2) width, height
-    first_image = []
-    n = 0
-    for r in records:
-        first_image.append(n)
-        n += len(r.images)
-    boxes, rimg, rsamp = [], [], []
-    for b, r in enumerate(records):
-        for roi in r.rois:
-            i = first_image[b] + roi.image
-            ow, oh = orig_sizes[i]
-            sx, sy = float(resized[i, 0]) / ow, float(resized[i, 1]) / oh
-            x0, y0, x1, y1 = roi.box
-            boxes.append([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
-            rimg.append(i)
-            rsamp.append(b)
+    boxes, rimg, rsamp = _roi_rows(records, orig_sizes, resized)
     roi_boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     roi_image = torch.tensor(rimg, dtype=torch.long)
     geometry = None
@@ -180,6 +154,41 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
         image_sizes=torch.tensor(orig_sizes, dtype=torch.long).reshape(-1, 2), resized_sizes=resized,
         k_latent=k_latent, roi_geometry=geometry,
     )
+
+
+def _load_images(records, images_cache: dict | None) -> list:
+    """Every image of the batch in packing order (sample, then image), as 8-bit RGB: DICOM,
+    NIfTI, 16-bit PNG/TIFF and 8-bit images alike keep their original pixel grid
+    (medlvr/imageio/reader.py), so the ROI scaling of :func:`_roi_rows` holds."""
+    images = []
+    for r in records:
+        for j, p in enumerate(r.images):
+            key = (p, r.slice_of(j), r.window)
+            im = images_cache.get(key) if images_cache is not None else None
+            if im is None:
+                im = load_image(p, index=r.slice_of(j), window=r.window)
+                if images_cache is not None:
+                    images_cache[key] = im
+            images.append(im)
+    return images
+
+
+def _roi_rows(records, orig_sizes: list[tuple[int, int]], resized: torch.Tensor
+              ) -> tuple[list[list[float]], list[int], list[int]]:
+    """(boxes in resized pixels, image index, sample index) of every ROI, in record order."""
+    boxes, rimg, rsamp = [], [], []
+    first = 0  # the record's first image in packing order
+    for b, r in enumerate(records):
+        for roi in r.rois:
+            i = first + roi.image
+            ow, oh = orig_sizes[i]
+            sx, sy = float(resized[i, 0]) / ow, float(resized[i, 1]) / oh
+            x0, y0, x1, y1 = roi.box
+            boxes.append([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
+            rimg.append(i)
+            rsamp.append(b)
+        first += len(r.images)
+    return boxes, rimg, rsamp
 
 
 def _right_padded(seqs: list[list[int]], labels: list[list[int]], pad_id: int
