@@ -163,9 +163,8 @@ class Case:
 
         geometry = self.geometry if with_geometry else prepare_roi_geometry(
             self.batch["image_grid_thw"], self.batch["roi_boxes"], self.batch["roi_image"], bins=self.bins)
-        batch = {**self.batch, "roi_geometry": geometry}
         # stage 1 adds the per-sample term to the per-sample CE and takes the batch mean
-        return roi_alignment(self.hidden, self.tokens, batch).mean()
+        return roi_alignment(self.hidden, self.tokens, self.batch["roi_sample"], geometry).mean()
 
 
 def _graphed(fn, case: Case):

@@ -14,12 +14,12 @@ from medlvr.engine.state import MAX_STOP_IDS
 from medlvr.reference import exit_rules
 
 def as_mapping(batch) -> Mapping[str, torch.Tensor]:
-    """A dict of model inputs; a medlvr.train collate ``Batch`` is accepted as well."""
+    """``batch``, checked to be a mapping of model inputs (a medlvr.train collate ``Batch``
+    gives one by ``batch.model_inputs()``)."""
     if isinstance(batch, Mapping):
         return batch
-    if callable(getattr(batch, "model_inputs", None)):
-        return batch.model_inputs()
-    raise TypeError(f"batch must be a dict of tensors (or a collate Batch), got {type(batch).__name__}")
+    raise TypeError(f"batch must be a mapping of model inputs (input_ids, attention_mask, ...; "
+                    f"a collate Batch: batch.model_inputs()), got {type(batch).__name__}")
 
 
 def checked_batch(batch, engine, group_size: int | None = None) -> tuple[dict[str, torch.Tensor], int]:

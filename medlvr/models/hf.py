@@ -8,12 +8,13 @@ through the functions here, so a change in transformers is made once, in this fi
   FSDP and torch.compile wrappers;
 - :func:`decoder`: its decoder stack (``model.model.language_model`` for the VL models,
   ``model.model`` for text-only ones);
-- :func:`vision_tokens` / :func:`embed_inputs`: merged vision tokens and prompt embeddings;
+- :func:`vision_tower`: the vision encoder; :func:`vision_tokens` / :func:`embed_inputs`:
+  merged vision tokens and prompt embeddings;
 - :func:`rope_positions` / :func:`positions`: mRoPE positions, the only call of HF's
   ``get_rope_index`` in medlvr; :func:`prompt_inputs`: all three for a prompt batch;
 - :func:`cache_keyword`, :func:`new_cache`, :func:`new_static_cache`, :func:`rewind_static_cache`,
   :func:`output_cache`, :func:`cache_layer_kv`: the KV-cache object and its keyword (transformers 5.2x renamed
-  ``past_key_values`` to ``cache``; the GPU machine runs 5.17);
+  ``past_key_values`` to ``cache``; older versions take the other name);
 - :func:`run_decoder`: one decoder-stack call returning the post-final-norm hidden states
   (:func:`decoder_kwargs`: its arguments, for callers that compile the decoder).
 """
@@ -26,7 +27,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-__all__ = ["unwrap", "decoder", "is_multimodal", "vision_tokens", "embed_inputs", "rope_positions",
+__all__ = ["unwrap", "decoder", "is_multimodal", "vision_tower", "vision_tokens", "embed_inputs", "rope_positions",
            "mm_token_type_ids", "positions", "prompt_inputs", "cache_keyword", "new_cache", "new_static_cache",
            "rewind_static_cache", "output_cache", "cache_layer_kv", "decoder_kwargs", "run_decoder",
            "save_pretrained"]
@@ -71,6 +72,11 @@ def decoder(model: nn.Module) -> nn.Module:
     ``transformer``: wte, wpe, h, ln_f)."""
     inner = _inner(unwrap(model))
     return inner.language_model if hasattr(inner, "language_model") else inner
+
+
+def vision_tower(model: nn.Module) -> nn.Module | None:
+    """The vision encoder of a VL model (Qwen-VL: ``model.visual``), None for a text-only one."""
+    return getattr(_inner(unwrap(model)), "visual", None)
 
 
 def vision_tokens(model: nn.Module, pixel_values: torch.Tensor | None,

@@ -8,6 +8,16 @@ Sequence of one sample (Qwen chat layout; images expanded by the processor):
 with_answer=False (generation prompt) stops right after <|latent_start|> (K > 0) or after
 "assistant\n" (K == 0). Prompt ids and answer ids are tokenised separately and concatenated, so
 the training sequence is exactly "generation prompt + what the model should generate".
+
+Batch layout (one for training and for prompts): the processor left-pads the prompts once, so
+every prompt ends in column P - 1; the answer block (K latent pads, <|latent_end|>, answer,
+<|im_end|>) starts in column P for every row and is right-padded::
+
+    [pad .. pad  prompt_b]  [<|latent_pad|>xK <|latent_end|> answer_b <|im_end|>  pad .. pad]
+     columns 0 .. P-1         columns P .. S-1 (with_answer=True only)
+
+The latent forward (medlvr/train/latent.py) slices columns [:P], [P:P+K] and [P+K:] directly,
+and a prompt batch is the training batch's first P columns.
 """
 from __future__ import annotations
 
@@ -16,6 +26,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from medlvr.imageio import load_image
+from medlvr.models import qwen_vl
+from medlvr.models import LATENT_START
 from medlvr.ops.roi_geometry import RoiGeometry, prepare_roi_geometry
 from medlvr.train.qa import format_question
 from medlvr.train.roi import roi_bins
@@ -31,7 +43,7 @@ class Batch:
     image_grid_thw: torch.Tensor       # (I, 3) long, images in packing order (sample, then image)
     mm_token_type_ids: torch.Tensor    # (B, S) int, 1 at <|image_pad|> tokens
     labels: torch.Tensor               # (B, S) long, IGNORE_INDEX except answer tokens + <|im_end|>
-    latent_start_index: torch.Tensor   # (B,) long, index of the first <|latent_pad|>; -1 when K == 0
+    latent_start: int                  # column P of every row's first <|latent_pad|> (prompts end at P - 1); -1 when K == 0
     roi_boxes: torch.Tensor            # (R, 4) float, x0 y0 x1 y1 in pixels of the RESIZED image
     roi_image: torch.Tensor            # (R,) long, index into image_grid_thw
     roi_sample: torch.Tensor           # (R,) long, sample owning the box
@@ -40,25 +52,13 @@ class Batch:
     image_sizes: torch.Tensor | None = None    # (I, 2) original (width, height)
     resized_sizes: torch.Tensor | None = None  # (I, 2) resized (width, height) fed to the vision tower
     k_latent: int = 0
-    padding_side: str = "right"
     roi_geometry: RoiGeometry | None = None  # the boxes checked and laid out for roi_align_loss (training, K > 0)
 
     def model_inputs(self) -> dict:
-        """The keyword arguments of a Qwen2(.5)-VL forward / the engine's generate."""
+        """The keyword arguments of a Qwen2(.5)-VL forward / the engine's generate: the one
+        bridge from a Batch (read by attribute in medlvr/train) to the mapping that
+        medlvr/models and medlvr/engine take."""
         return {k: getattr(self, k) for k in MODEL_INPUTS}
-
-    # Mapping access by field name: the training code (medlvr/train/latent.py, rollout.py) and
-    # the engine read a Batch and a plain dict of model inputs (tests, benchmarks) alike.
-    def __getitem__(self, name: str):
-        if name not in _FIELDS:
-            raise KeyError(name)
-        return getattr(self, name)
-
-    def get(self, name: str, default=None):
-        return getattr(self, name) if name in _FIELDS else default
-
-    def keys(self) -> tuple[str, ...]:
-        return _FIELDS
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """Every tensor (and the ROI geometry) on ``device``; records and answers ride along.
@@ -74,21 +74,17 @@ class Batch:
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-_FIELDS = tuple(f.name for f in fields(Batch))
 
 
-def prompt_text(record, *, k_latent: int, image_token: str = "<|image_pad|>") -> str:
-    """The generation prompt of `record` as text (one <|image_pad|> per image before expansion)."""
-    vision = "".join(f"<|vision_start|>{image_token}<|vision_end|>" for _ in record.images)
-    text = (f"<|im_start|>user\n{vision}{format_question(record.question, record.options)}<|im_end|>\n"
-            f"<|im_start|>assistant\n")
-    if k_latent > 0:
-        text += "<|latent_start|>"
-    return text
+def prompt_text(record, *, k_latent: int, image_token: str = qwen_vl.IMAGE_TOKEN) -> str:
+    """The generation prompt of `record` as text (one image placeholder per image before the
+    processor expands it; the chat layout is the model family's, medlvr/models/qwen_vl.py)."""
+    return qwen_vl.prompt_text(format_question(record.question, record.options), n_images=len(record.images),
+                               latent_start=LATENT_START if k_latent > 0 else None, image_token=image_token)
 
 
 def collate(records, processor, *, k_latent: int, with_answer: bool, latent_token_ids,
-            padding_side: str | None = None, images_cache: dict | None = None) -> Batch:
+            images_cache: dict | None = None) -> Batch:
     """Build a Batch from Records (see the module docstring for the sequence layout).
 
     Args:
@@ -98,32 +94,75 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
         with_answer: append <|latent_pad|>xK<|latent_end|>{answer}<|im_end|> and set labels
             (training); False gives the generation prompt.
         latent_token_ids: medlvr.models.latent_token_ids(processor).
-        padding_side: "right" (default when with_answer) or "left" (default for prompts).
         images_cache: optional dict (path, slice, window) -> PIL image, to avoid re-decoding
             across epochs.
     Returns:
-        Batch. For prompts (with_answer=False, K > 0) latent_start_index is the index where the
-        first latent goes, i.e. the sequence length S (the prompt ends with <|latent_start|>).
+        Batch in the module docstring's layout. latent_start is the prompt width P when K > 0
+        (for prompts, with_answer=False, that is the sequence length S: the prompt ends with
+        <|latent_start|>), -1 when K == 0.
     """
     if not records:
         raise ValueError("records: expected a non-empty list, got 0 records")
     if not isinstance(k_latent, int) or k_latent < 0:
         raise ValueError(f"k_latent: expected an int >= 0, got {k_latent!r}")
-    padding_side = padding_side or ("right" if with_answer else "left")
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
     tok = processor.tokenizer
-    image_token = getattr(processor, "image_token", "<|image_pad|>")
+    image_token = qwen_vl.image_token(processor)
     image_token_id = int(tok.convert_tokens_to_ids(image_token))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
-    im_end_id = int(tok.convert_tokens_to_ids("<|im_end|>"))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids(qwen_vl.PAD_FALLBACK)
+    im_end_id = int(tok.convert_tokens_to_ids(qwen_vl.ANSWER_END))
     lat = latent_token_ids
 
-    images, orig_sizes, owners = [], [], []
-    for b, r in enumerate(records):
+    images = _load_images(records, images_cache)
+    orig_sizes = [im.size for im in images]
+
+    prompts = [prompt_text(r, k_latent=k_latent, image_token=image_token) for r in records]
+    enc = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
+    grid = enc["image_grid_thw"].long()
+    pixel_values = enc["pixel_values"]
+    prompt_ids, prompt_mask = enc["input_ids"].long(), enc["attention_mask"].long()
+    P = prompt_ids.shape[1]
+    if with_answer:
+        head = [lat.pad] * k_latent + [lat.end] if k_latent > 0 else []
+        answers = [tok(r.answer, add_special_tokens=False)["input_ids"] + [im_end_id] for r in records]
+        suffix_ids, suffix_mask, suffix_labels = _right_padded(
+            [head + a for a in answers], [[IGNORE_INDEX] * len(head) + a for a in answers], pad_id)
+        input_ids = torch.cat([prompt_ids, suffix_ids], dim=1)
+        attn = torch.cat([prompt_mask, suffix_mask], dim=1)
+        labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), suffix_labels], dim=1)
+    else:
+        input_ids, attn, labels = prompt_ids, prompt_mask, torch.full_like(prompt_ids, IGNORE_INDEX)
+    mm = (input_ids == image_token_id).to(torch.int32) * attn.to(torch.int32)
+
+    # ROI boxes: original-image pixels -> pixels of the image the vision tower saw, which the
+    # processor resized independently per axis (medlvr/models/qwen_vl.py), so x and y scale apart.
+    vision = qwen_vl.vision_geometry(processor)
+    resized = qwen_vl.resized_sizes(grid, vision.patch)  # (I, 2) width, height
+    boxes, rimg, rsamp = _roi_rows(records, orig_sizes, resized)
+    roi_boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    roi_image = torch.tensor(rimg, dtype=torch.long)
+    geometry = None
+    if with_answer and k_latent > 0:
+        # The stage-1 alignment loss's box checks and kernel tables, once per batch here on
+        # the CPU (the loader), so the loss call on the GPU neither syncs nor recomputes them.
+        geometry = prepare_roi_geometry(grid, roi_boxes, roi_image, bins=roi_bins(k_latent), patch=vision.patch,
+                                        merge=vision.merge)
+    return Batch(
+        input_ids=input_ids, attention_mask=attn, pixel_values=pixel_values, image_grid_thw=grid,
+        mm_token_type_ids=mm, labels=labels, latent_start=P if k_latent > 0 else -1,
+        roi_boxes=roi_boxes, roi_image=roi_image, roi_sample=torch.tensor(rsamp, dtype=torch.long),
+        answers=[r.answer for r in records], records=list(records),
+        image_sizes=torch.tensor(orig_sizes, dtype=torch.long).reshape(-1, 2), resized_sizes=resized,
+        k_latent=k_latent, roi_geometry=geometry,
+    )
+
+
+def _load_images(records, images_cache: dict | None) -> list:
+    """Every image of the batch in packing order (sample, then image), as 8-bit RGB: DICOM,
+    NIfTI, 16-bit PNG/TIFF and 8-bit images alike keep their original pixel grid
+    (medlvr/imageio/reader.py), so the ROI scaling of :func:`_roi_rows` holds."""
+    images = []
+    for r in records:
         for j, p in enumerate(r.images):
-            # Every format (DICOM, NIfTI, 16-bit PNG/TIFF, 8-bit images) becomes 8-bit RGB of its
-            # original pixel grid here (medlvr/imageio/reader.py), so the ROI scaling below holds.
             key = (p, r.slice_of(j), r.window)
             im = images_cache.get(key) if images_cache is not None else None
             if im is None:
@@ -131,81 +170,36 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
                 if images_cache is not None:
                     images_cache[key] = im
             images.append(im)
-            orig_sizes.append(im.size)
-            owners.append(b)
+    return images
 
-    prompts = [prompt_text(r, k_latent=k_latent, image_token=image_token) for r in records]
-    enc = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="right")
-    grid = enc["image_grid_thw"].long()
-    pixel_values = enc["pixel_values"]
 
-    seqs, labs, starts = [], [], []
-    for b, r in enumerate(records):
-        ids = enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist()
-        lab = [IGNORE_INDEX] * len(ids)
-        start = -1
-        if with_answer:
-            if k_latent > 0:
-                start = len(ids)
-                ids = ids + [lat.pad] * k_latent + [lat.end]
-                lab = lab + [IGNORE_INDEX] * (k_latent + 1)
-            ans = tok(r.answer, add_special_tokens=False)["input_ids"] + [im_end_id]
-            ids = ids + ans
-            lab = lab + ans
-        elif k_latent > 0:
-            start = len(ids)
-        seqs.append(ids)
-        labs.append(lab)
-        starts.append(start)
-
-    S = max(len(s) for s in seqs)
-    B = len(records)
-    input_ids = torch.full((B, S), int(pad_id), dtype=torch.long)
-    labels = torch.full((B, S), IGNORE_INDEX, dtype=torch.long)
-    attn = torch.zeros((B, S), dtype=torch.long)
-    lsi = torch.full((B,), -1, dtype=torch.long)
-    for b, (ids, lab, st) in enumerate(zip(seqs, labs, starts)):
-        off = S - len(ids) if padding_side == "left" else 0
-        input_ids[b, off:off + len(ids)] = torch.tensor(ids, dtype=torch.long)
-        labels[b, off:off + len(ids)] = torch.tensor(lab, dtype=torch.long)
-        attn[b, off:off + len(ids)] = 1
-        if st >= 0:
-            lsi[b] = st + off
-    mm = (input_ids == image_token_id).to(torch.int32) * attn.to(torch.int32)
-
-    # ROI boxes: original-image pixels -> pixels of the image the vision tower saw. The
-    # processor resizes each image to grid_h*patch x grid_w*patch (smart_resize), independently
-    # per axis, so scale x and y separately.
-    patch = int(getattr(processor.image_processor, "patch_size", 14))
-    resized = torch.stack([grid[:, 2] * patch, grid[:, 1] * patch], dim=1)  # (I, 2) width, height
-    first_image = []
-    n = 0
-    for r in records:
-        first_image.append(n)
-        n += len(r.images)
+def _roi_rows(records, orig_sizes: list[tuple[int, int]], resized: torch.Tensor
+              ) -> tuple[list[list[float]], list[int], list[int]]:
+    """(boxes in resized pixels, image index, sample index) of every ROI, in record order."""
     boxes, rimg, rsamp = [], [], []
+    first = 0  # the record's first image in packing order
     for b, r in enumerate(records):
         for roi in r.rois:
-            i = first_image[b] + roi.image
+            i = first + roi.image
             ow, oh = orig_sizes[i]
             sx, sy = float(resized[i, 0]) / ow, float(resized[i, 1]) / oh
             x0, y0, x1, y1 = roi.box
             boxes.append([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
             rimg.append(i)
             rsamp.append(b)
-    roi_boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    roi_image = torch.tensor(rimg, dtype=torch.long)
-    geometry = None
-    if with_answer and k_latent > 0:
-        # The stage-1 alignment loss's box checks and kernel tables, once per batch here on
-        # the CPU (the loader), so the loss call on the GPU neither syncs nor recomputes them.
-        geometry = prepare_roi_geometry(grid, roi_boxes, roi_image, bins=roi_bins(k_latent), patch=patch,
-                                        merge=int(getattr(processor.image_processor, "merge_size", 2)))
-    return Batch(
-        input_ids=input_ids, attention_mask=attn, pixel_values=pixel_values, image_grid_thw=grid,
-        mm_token_type_ids=mm, labels=labels, latent_start_index=lsi,
-        roi_boxes=roi_boxes, roi_image=roi_image, roi_sample=torch.tensor(rsamp, dtype=torch.long),
-        answers=[r.answer for r in records], records=list(records),
-        image_sizes=torch.tensor(orig_sizes, dtype=torch.long).reshape(-1, 2), resized_sizes=resized,
-        k_latent=k_latent, padding_side=padding_side, roi_geometry=geometry,
-    )
+        first += len(r.images)
+    return boxes, rimg, rsamp
+
+
+def _right_padded(seqs: list[list[int]], labels: list[list[int]], pad_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, labels) [B, max len] of the answer blocks, each starting in column 0."""
+    n = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), n), int(pad_id), dtype=torch.long)
+    lab = torch.full((len(seqs), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for b, (x, y) in enumerate(zip(seqs, labels)):
+        ids[b, :len(x)] = torch.tensor(x, dtype=torch.long)
+        lab[b, :len(y)] = torch.tensor(y, dtype=torch.long)
+        mask[b, :len(x)] = 1
+    return ids, mask, lab

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from medlvr.engine import EngineHolder, supports
+from medlvr.models import qwen_vl
 from medlvr.models.hf import unwrap
 from medlvr.reference.latent_loop import latent_loop
 
@@ -80,7 +81,7 @@ def generation_parts(lm: Any, processor: Any, k: int | None = None) -> tuple:
     # A bare HF model has a .model too (its decoder): only a LatentLM (it has .cfg) is unwrapped.
     model = lm.model if cfg is not None else lm
     tok = processor.tokenizer
-    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    stop = tok.convert_tokens_to_ids(qwen_vl.ANSWER_END)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop
     return (model, getattr(lm, "projector", None), k, next(model.parameters()).device, tok,
             latent_token_ids(processor), stop, pad)
@@ -119,7 +120,7 @@ def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, bat
     try:
         for i in progress(range(0, len(records), batch_size), desc="eval", unit="batch", disable=not progress):
             recs = list(records[i:i + batch_size])
-            b = collate(recs, processor, k_latent=k, with_answer=False, latent_token_ids=ids, padding_side="left",
+            b = collate(recs, processor, k_latent=k, with_answer=False, latent_token_ids=ids,
                         images_cache=cache)
             batch = {kk: v.to(device) for kk, v in b.model_inputs().items()}
             with amp:

@@ -1,20 +1,25 @@
 """Latent-segment forward passes of a Qwen2.5-VL model: the training-side math of MedLVR.
 
 Shared by stage 1 (``medlvr.train.stage1``) and stage 2 (``medlvr.train.vlpo``). Everything
-here works on one collated batch (``medlvr.train.collate``, right-padded for training) and
-an HF ``Qwen2_5_VLForConditionalGeneration`` (possibly wrapped by peft / DDP / FSDP).
+here works on one collated batch (``medlvr.train.collate.Batch``) and an HF
+``Qwen2_5_VLForConditionalGeneration`` (possibly wrapped by peft / DDP / FSDP).
 
-Sequence of sample b (``s0 = latent_start_index[b]``, the first <|latent_pad|>)::
+Columns of every sample (``P = batch.latent_start``, the first <|latent_pad|>; collate's layout)::
 
-    [0, s0)            prefix: chat header, image tokens, question, ends with <|latent_start|>
-    [s0, s0 + K)       K latent positions (input_ids hold <|latent_pad|> so that get_rope_index
+    [0, P)             prefix, left-padded: chat header, image tokens, question, ends with
+                       <|latent_start|> in column P - 1
+    [P, P + K)         K latent positions (input_ids hold <|latent_pad|> so that get_rope_index
                        gives them text positions +1 per step; their EMBEDDINGS are replaced)
-    [s0 + K, L_b)      suffix: <|latent_end|> answer <|im_end|>
+    [P + K, S)         suffix, right-padded: <|latent_end|> answer <|im_end|>
 
-The shift (binding, also for VLPO): the input fed at latent position s0 + t is
-``z_t = feedback(h[s0 + t - 1])`` where h is the post-final-norm last hidden state, so
+get_rope_index numbers each row's real (mask 1) tokens in order and gives pads position 0, so
+the positions of a row's real tokens do not depend on where its padding is. Left-pad query
+rows see no key; their outputs are never read (labels -100), and they carry no gradient.
+
+The shift (binding, also for VLPO): the input fed at latent column P + t is
+``z_t = feedback(h[P + t - 1])`` where h is the post-final-norm last hidden state, so
 ``z_0 = feedback(h at <|latent_start|>)``. ``mu_t`` (VLPO) is the current policy's h at the same
-position s0 + t - 1: :func:`latent_mu` gathers it from a full forward.
+column P + t - 1: :func:`latent_mu` takes it from a full forward.
 
 Public functions (shapes: B samples, S sequence, K latent steps, D hidden, T vision tokens):
 
@@ -23,7 +28,8 @@ Public functions (shapes: B samples, S sequence, K latent steps, D hidden, T vis
   per-sample CE and the latent states. Equal (fp32) to :func:`coconut_reference`, K+1 full passes.
 - :func:`forward_with_latents` — ONE full forward with the K latent inputs given (teacher
   forcing with pooled ROI targets; VLPO re-scoring of rollouts with their fed-back z).
-- :func:`latent_mu` — h at s0 + t - 1 for t < K from a full forward's hidden states.
+- :func:`latent_mu` — h at P + t - 1 for t < K from a full forward's hidden states;
+  :func:`latent_start` — P, with the layout checked.
 - the pieces (vision tokens, embeddings, positions, the decoder call) come from medlvr/models/hf.py.
 - :func:`per_sample_ce` — CE averaged over each sample's answer tokens ([B]), from logits (the
   reference); :func:`answer_ce` — the same from hidden states via the fused lm_head log-prob op.
@@ -32,7 +38,6 @@ Public functions (shapes: B samples, S sequence, K latent steps, D hidden, T vis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -40,6 +45,7 @@ import torch.nn.functional as F
 
 from medlvr.models.hf import embed_inputs, new_cache, positions, run_decoder, unwrap, vision_tokens
 from medlvr.ops.fused_logprobs import fusable_lm_head, fused_linear_cross_entropy, lm_head_logprobs
+from medlvr.train.collate import Batch
 from medlvr.train.fsdp import fusable_head, with_head_weight
 
 __all__ = [
@@ -49,6 +55,7 @@ __all__ = [
     "recurrent_forward",
     "coconut_reference",
     "latent_mu",
+    "latent_start",
     "per_sample_ce",
     "answer_ce",
 ]
@@ -151,95 +158,86 @@ def _fused_ce(weight, bias, h, t, *, weights):
     return fused_linear_cross_entropy(h, weight, t, bias=bias, reduction="sum", weights=weights, return_logprobs=True)
 
 
-def forward_with_latents(model: nn.Module, batch: Mapping[str, Any], latents: torch.Tensor | None, *,
+def forward_with_latents(model: nn.Module, batch: Batch, latents: torch.Tensor | None, *,
                          k: int, vis: torch.Tensor | None = None, return_logits: bool = False,
                          return_hidden: bool = False, ce_mean: bool = False) -> LatentOutput:
     """One full forward with the K latent inputs given.
 
-    latents: [B, K, D] placed at positions s0..s0+K-1 of each sample (K == 0: a plain forward).
-    Used for teacher forcing (pooled ROI targets) and by VLPO to re-score rollouts with the z
-    they fed back (then ``latent_mu(out.hidden, ...)`` is the current policy's mu).
+    latents: [B, K, D] placed in columns P..P+K-1 (P = batch.latent_start; K == 0: a plain
+    forward). Used for teacher forcing (pooled ROI targets) and by VLPO to re-score rollouts
+    with the z they fed back (then ``latent_mu(out.hidden, P, K)`` is the current policy's mu).
     ce_mean: the training loss form (:func:`answer_ce` with mean=True: out.ce_mean carries the
     gradient, out.ce is detached).
     """
     hf = unwrap(model)
-    ids = batch["input_ids"]
-    if vis is None:
-        vis = vision_tokens(hf, batch.get("pixel_values"), batch.get("image_grid_thw"))
-    emb = embed_inputs(hf, ids, vis)
+    ids = batch.input_ids
     B = ids.shape[0]
+    p = latent_start(batch, k) if k > 0 else 0
+    if k > 0 and (latents is None or latents.shape[:2] != (B, k)):
+        got = None if latents is None else tuple(latents.shape)
+        raise ValueError(f"latents: expected shape [{B}, {k}, D], got {got}")
+    if vis is None:
+        vis = vision_tokens(hf, batch.pixel_values, batch.image_grid_thw)
+    emb = embed_inputs(hf, ids, vis)
     if k > 0:
-        if latents is None or latents.shape[:2] != (B, k):
-            raise ValueError(f"latents: expected shape [{B}, {k}, D], got {None if latents is None else tuple(latents.shape)}")
-        s0 = batch["latent_start_index"].to(ids.device)
-        cols = s0[:, None] + torch.arange(k, device=ids.device)[None, :]  # [B, K]
-        rows = torch.arange(B, device=ids.device)[:, None].expand(B, k)
-        emb = emb.index_put((rows, cols), latents.to(emb.dtype))
-    pos = positions(hf, batch)
-    h = run_decoder(hf, emb, batch["attention_mask"], pos)
+        emb = torch.cat([emb[:, :p], latents.to(emb.dtype), emb[:, p + k:]], dim=1)
+    pos = positions(hf, batch.model_inputs())
+    h = run_decoder(hf, emb, batch.attention_mask, pos)
     logits = _lm_head(hf, h) if return_logits else None
-    ce, n, mean = (answer_ce(hf, h, batch["labels"], mean=ce_mean) if batch.get("labels") is not None
+    ce, n, mean = (answer_ce(hf, h, batch.labels, mean=ce_mean) if batch.labels is not None
                    else (None, None, None))
-    lh = latent_mu(h, batch["latent_start_index"], k) if k > 0 else None
+    lh = latent_mu(h, p, k) if k > 0 else None
     return LatentOutput(ce=ce, n_tokens=n, latent_inputs=latents if k > 0 else None, latent_hidden=lh,
                         vision_tokens=vis, logits=logits, hidden=h if return_hidden else None, ce_mean=mean)
 
 
-def latent_mu(hidden: torch.Tensor, latent_start_index: torch.Tensor, k: int) -> torch.Tensor:
-    """hidden [B,S,D] -> [B,K,D] with row t = hidden[b, s0_b + t - 1] (the state that produced z_t)."""
-    B = hidden.shape[0]
-    s0 = latent_start_index.to(hidden.device)
-    cols = s0[:, None] - 1 + torch.arange(k, device=hidden.device)[None, :]
-    rows = torch.arange(B, device=hidden.device)[:, None].expand(B, k)
-    return hidden[rows, cols]
+def latent_mu(hidden: torch.Tensor, start: int, k: int) -> torch.Tensor:
+    """hidden [B,S,D] -> [B,K,D] with row t = hidden[:, P + t - 1], P = ``start`` (the batch's
+    latent_start): the state that produced z_t."""
+    return hidden[:, start - 1:start - 1 + k]
 
 
-@dataclass
-class _Layout:
-    """Gather map from the right-padded batch to [left-padded prefix | K latents | right-padded suffix].
-
-    After it every prefix ends in the same column, so the K latent steps are one column each for
-    the whole batch and a single DynamicCache serves all samples."""
-
-    index: torch.Tensor  # [B, N] column in the original layout (clamped)
-    valid: torch.Tensor  # [B, N] bool
-    p: int  # max prefix length (columns before the first latent)
-
-
-def _layout(attention_mask: torch.Tensor, s0: torch.Tensor, k: int) -> _Layout:
-    dev = attention_mask.device
-    lengths = attention_mask.long().sum(dim=1)
-    if bool((attention_mask.long().cumsum(1) != torch.arange(1, attention_mask.shape[1] + 1, device=dev).clamp(max=lengths[:, None])).any()):
-        raise ValueError("attention_mask: recurrent mode expects a right-padded batch (collate(..., padding_side='right'))")
-    if bool((s0 < 1).any()) or bool((s0 + k > lengths).any()):
-        raise ValueError(f"latent_start_index: expected 1 <= s0 and s0 + K <= length, got s0={s0.tolist()} K={k} lengths={lengths.tolist()}")
-    p = int(s0.max())
-    s = int((lengths - s0 - k).max())
-    j = torch.arange(p + k + s, device=dev)[None, :]
-    orig = torch.where(j < p, j - (p - s0[:, None]), s0[:, None] + (j - p))
-    valid = (orig >= 0) & (orig < lengths[:, None])
-    return _Layout(index=orig.clamp(min=0, max=attention_mask.shape[1] - 1), valid=valid, p=p)
-
-
-def _gather_cols(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    shape = [1] * x.dim()
-    shape[dim] = index.shape[1]
-    shape[dim - 1] = index.shape[0]
-    idx = index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1:])
-    return torch.gather(x, dim, idx)
+def latent_start(batch: Batch, k: int) -> int:
+    """The latent start column P of a batch in collate's layout (medlvr/train/collate.py),
+    checked before any model work: every prefix ends in column P - 1 (left-padded, so its
+    last column is real), the K latent columns are real in every row, and the suffix after
+    them is right-padded. One host read of the mask for all checks."""
+    p = batch.latent_start
+    am = batch.attention_mask
+    if isinstance(p, bool) or not isinstance(p, int):
+        raise ValueError(f"batch.latent_start: expected an int (collate's latent start column), got {p!r}")
+    if k < 1 or p < 1 or p + k > am.shape[1]:
+        raise ValueError(f"batch.latent_start: expected 1 <= latent_start and latent_start + K <= "
+                         f"{am.shape[1]} columns with K >= 1, got latent_start={p} K={k}")
+    m = am.bool()
+    prefix, latents, suffix = m[:, :p], m[:, p:p + k], m[:, p + k:]
+    ok = torch.stack([
+        prefix[:, -1].all(),                                                  # every prefix ends at P - 1
+        (prefix[:, 1:] >= prefix[:, :-1]).all() if p > 1 else m.new_ones(()),  # left-padded prefix
+        latents.all(),                                                        # K real latent columns
+        (suffix[:, 1:] <= suffix[:, :-1]).all() if suffix.shape[1] > 1 else m.new_ones(()),  # right-padded
+    ]).tolist()
+    if not all(ok):
+        what = ("a prefix that does not end in column latent_start - 1", "a prefix that is not left-padded",
+                "a padded latent column", "a suffix that is not right-padded")[ok.index(False)]
+        raise ValueError(f"batch.attention_mask: expected collate's layout [left-padded prefix | K latents | "
+                         f"right-padded suffix] with latent_start={p}, got {what}")
+    return p
 
 
-def recurrent_forward(model: nn.Module, batch: Mapping[str, Any], *, k: int,
+def recurrent_forward(model: nn.Module, batch: Batch, *, k: int,
                       projector: nn.Module | None = None, return_logits: bool = False,
                       ce_mean: bool = False) -> LatentOutput:
     """Exact latent recurrence with gradients through the whole chain.
 
-    1. prefix forward (up to and including <|latent_start|>) into a DynamicCache;
-       z_0 = feedback(h at <|latent_start|>);
+    1. prefix forward (columns [:P], up to and including <|latent_start|>) into a
+       DynamicCache; z_0 = feedback(h at <|latent_start|>);
     2. for t = 0..K-2 one single-token step feeding z_t at its own mRoPE position, giving h and
        z_{t+1} = feedback(h);
     3. one pass over [z_{K-1}; <|latent_end|> answer] through the cache (the last latent step
        is folded into the suffix pass: same math, one decoder call fewer).
+    collate's layout puts every prefix's end in the same column P, so each latent step is one
+    column for the whole batch and one DynamicCache serves all samples.
     Cost: about one prefix + K-1 decode steps + one suffix pass, instead of K+1 full passes.
     Positions come from get_rope_index over the whole sequence incl. the <|latent_pad|>
     placeholders, so they equal a single full forward's. ce_mean: as forward_with_latents.
@@ -247,21 +245,14 @@ def recurrent_forward(model: nn.Module, batch: Mapping[str, Any], *, k: int,
     hf = unwrap(model)
     if k == 0:
         return forward_with_latents(hf, batch, None, k=0, return_logits=return_logits, ce_mean=ce_mean)
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    s0 = batch["latent_start_index"].to(ids.device)
-    lay = _layout(am, s0, k)  # validates the padding before any model work
-    vis = vision_tokens(hf, batch.get("pixel_values"), batch.get("image_grid_thw"))
-    emb = embed_inputs(hf, ids, vis)
-    pos = positions(hf, batch)
-    emb = _gather_cols(emb, lay.index, 1) * lay.valid[..., None].to(emb.dtype)
-    pos = _gather_cols(pos, lay.index, 2)
-    # Pad columns get position 1 (HF's convention for masked slots); they are masked out anyway.
-    pos = torch.where(lay.valid[None], pos, torch.ones_like(pos))
-    mask = lay.valid.long()
-    p = lay.p
+    p = latent_start(batch, k)  # validates the layout before any model work
+    mask = batch.attention_mask
+    vis = vision_tokens(hf, batch.pixel_values, batch.image_grid_thw)
+    emb = embed_inputs(hf, batch.input_ids, vis)
+    pos = positions(hf, batch.model_inputs())
 
     cache = new_cache(hf)
-    h_prefix = run_decoder(hf, emb[:, :p], mask[:, :p], pos[:, :, :p], cache)
+    h_prefix = run_decoder(hf, emb[:, :p], mask[:, :p], pos[..., :p], cache)
     h = h_prefix[:, -1]
     hs, zs = [], []
     for t in range(k):
@@ -271,51 +262,40 @@ def recurrent_forward(model: nn.Module, batch: Mapping[str, Any], *, k: int,
         if t == k - 1:
             break
         c = p + t
-        h = run_decoder(hf, z[:, None], mask[:, :c + 1], pos[:, :, c:c + 1], cache)[:, -1]
+        h = run_decoder(hf, z[:, None], mask[:, :c + 1], pos[..., c:c + 1], cache)[:, -1]
     c = p + k - 1
     tail = torch.cat([zs[-1][:, None].to(emb.dtype), emb[:, c + 1:]], dim=1)
-    h_tail = run_decoder(hf, tail, mask, pos[:, :, c:], cache)
-    labels = torch.where(lay.valid, _gather_cols(batch["labels"], lay.index, 1), torch.full_like(lay.index, -100))
+    h_tail = run_decoder(hf, tail, mask, pos[..., c:], cache)
     # Labels before the suffix are -100 (answer + <|im_end|> only), so the tail's states suffice.
-    ce, n, mean = answer_ce(hf, h_tail, labels[:, c:], mean=ce_mean)
+    ce, n, mean = answer_ce(hf, h_tail, batch.labels[:, c:], mean=ce_mean)
     logits = None
     if return_logits:
         # hs[0] is the prefix's last column; hs[1:] are the outputs of the K-1 single steps.
         h_all = torch.cat([h_prefix, *[x[:, None] for x in hs[1:]], h_tail], dim=1)
-        logits = _scatter_back(_lm_head(hf, h_all), lay, ids.shape[1])
+        logits = _lm_head(hf, h_all)
     return LatentOutput(ce=ce, n_tokens=n, latent_inputs=torch.stack(zs, 1), latent_hidden=torch.stack(hs, 1),
                         vision_tokens=vis, logits=logits, ce_mean=mean)
 
 
-def _scatter_back(x: torch.Tensor, lay: _Layout, s: int) -> torch.Tensor:
-    """Inverse of the layout gather for [B, N, V] -> [B, S, V] (pads in the original layout: 0)."""
-    out = x.new_zeros(x.shape[0], s, x.shape[-1])
-    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(lay.index)
-    out[rows[lay.valid], lay.index[lay.valid]] = x[lay.valid]
-    return out
-
-
-def coconut_reference(model: nn.Module, batch: Mapping[str, Any], *, k: int,
+def coconut_reference(model: nn.Module, batch: Batch, *, k: int,
                       projector: nn.Module | None = None) -> LatentOutput:
-    """Coconut-style K+1 full passes: pass t recomputes the whole sequence to read h[s0 + t - 1].
+    """Coconut-style K+1 full passes: pass t recomputes the whole sequence to read h[P + t - 1].
 
     The executable spec of :func:`recurrent_forward` (tests compare logits and latents)."""
     hf = unwrap(model)
-    ids = batch["input_ids"]
-    B = ids.shape[0]
-    vis = vision_tokens(hf, batch.get("pixel_values"), batch.get("image_grid_thw"))
+    ids = batch.input_ids
+    vis = vision_tokens(hf, batch.pixel_values, batch.image_grid_thw)
     emb = embed_inputs(hf, ids, vis)
-    pos = positions(hf, batch)
-    s0 = batch["latent_start_index"].to(ids.device)
-    rows = torch.arange(B, device=ids.device)
+    pos = positions(hf, batch.model_inputs())
+    p = batch.latent_start
     hs, zs = [], []
     for t in range(k):
-        h = run_decoder(hf, emb, batch["attention_mask"], pos)[rows, s0 + t - 1]
+        h = run_decoder(hf, emb, batch.attention_mask, pos)[:, p + t - 1]
         z = _feedback(projector, h)
         hs.append(h)
         zs.append(z)
-        emb = emb.index_put((rows, s0 + t), z.to(emb.dtype))
-    logits = _lm_head(hf, run_decoder(hf, emb, batch["attention_mask"], pos))
-    ce, n = per_sample_ce(logits, batch["labels"])
+        emb = torch.cat([emb[:, :p + t], z[:, None].to(emb.dtype), emb[:, p + t + 1:]], dim=1)
+    logits = _lm_head(hf, run_decoder(hf, emb, batch.attention_mask, pos))
+    ce, n = per_sample_ce(logits, batch.labels)
     return LatentOutput(ce=ce, n_tokens=n, latent_inputs=torch.stack(zs, 1) if k else None,
                         latent_hidden=torch.stack(hs, 1) if k else None, vision_tokens=vis, logits=logits)

@@ -9,12 +9,16 @@ The op is medlvr.ops.roi_align_loss (reference: medlvr/reference/roi_align.py); 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
+from medlvr.models import qwen_vl
 from medlvr.ops.roi_align_loss import roi_align_loss
 from medlvr.reference.roi_align import roi_pool_targets_ref  # the executable spec of the pooling
+
+if TYPE_CHECKING:
+    from medlvr.ops.roi_geometry import RoiGeometry
 
 __all__ = ["roi_bins", "roi_alignment", "pooled_roi_targets"]
 
@@ -29,23 +33,22 @@ def roi_bins(k: int) -> tuple[int, int]:
     return gh, k // gh
 
 
-def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor, batch: Mapping[str, Any], *,
-                  loss: str = "cosine", pooling: str = "area") -> torch.Tensor:
+def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor | None, roi_sample: torch.Tensor,
+                  geometry: "RoiGeometry | None", *, loss: str = "cosine", pooling: str = "area") -> torch.Tensor:
     """Per-sample alignment term [B]: mean over the sample's ROI rows, 0 without an ROI.
 
-    latent_hidden [B,K,D] (the h fed back); row r of the ROI table uses sample roi_sample[r]'s
-    latents against image roi_image[r]'s vision tokens, box roi_boxes[r] (resized pixels), as
-    laid out in the batch's roi_geometry."""
+    latent_hidden [B,K,D] (the h fed back); roi_sample [R] (a Batch's ``roi_sample``): row r of
+    the ROI table uses sample roi_sample[r]'s latents against the vision tokens and box that
+    ``geometry`` (a Batch's ``roi_geometry``, prepared by collate: boxes checked once, no
+    device sync in the loss) lays out for row r."""
     B, K, _ = latent_hidden.shape
     out = latent_hidden.new_zeros(B, dtype=torch.float32)
-    boxes = batch.get("roi_boxes")
-    if boxes is None or boxes.shape[0] == 0 or vis is None:
+    if roi_sample.shape[0] == 0 or vis is None:
         return out
-    sample = batch["roi_sample"].to(latent_hidden.device).long()
-    geometry = batch.get("roi_geometry")  # from collate: boxes checked once, no device sync in the loss
+    sample = roi_sample.to(latent_hidden.device).long()
     if geometry is None:
-        raise ValueError("batch: roi_boxes need their roi_geometry (collate prepares it with "
-                         "medlvr.ops.prepare_roi_geometry)")
+        raise ValueError("geometry: ROI rows need their roi_geometry (collate prepares it with "
+                         "medlvr.ops.prepare_roi_geometry), got None")
     per_row = roi_align_loss(latent_hidden[sample], vis, geometry=geometry.to(vis.device), bins=roi_bins(K),
                              pooling=pooling, loss=loss, reduction="none")
     if per_row.dim() > 1:
@@ -60,8 +63,11 @@ def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor, batch: Mapping
     return out / counts.clamp(min=1)
 
 
-def pooled_roi_targets(vis: torch.Tensor, batch: Mapping[str, Any], *, k: int, merge: int = 2) -> torch.Tensor:
+def pooled_roi_targets(vis: torch.Tensor, batch, *, k: int, merge: int = 2) -> torch.Tensor:
     """[B, K, D] teacher-forcing inputs: the K area-pooled bins of each sample's FIRST ROI box.
+
+    batch: a medlvr.train.collate.Batch (not imported here: collate takes roi_bins from this
+    module), read by attribute.
 
     A sample without an ROI gets the mean vision token of its first image in every slot (the
     least informative target that is still on the visual manifold; chosen over skipping the
@@ -69,27 +75,27 @@ def pooled_roi_targets(vis: torch.Tensor, batch: Mapping[str, Any], *, k: int, m
     sample without an image gets zeros. Targets are detached: they are inputs, not a path for
     gradients into the vision tower.
     """
-    B = batch["input_ids"].shape[0]
-    grid = batch["image_grid_thw"]
-    counts = (grid.prod(-1) // (merge * merge)).tolist()
+    B = batch.input_ids.shape[0]
+    grid = batch.image_grid_thw
+    counts = qwen_vl.tokens_per_image(grid, merge).tolist()
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
     v = vis.detach()
     out = v.new_zeros(B, k, v.shape[-1])
-    for b, i in enumerate(_first_image_per_sample(batch["mm_token_type_ids"], len(counts))):
+    for b, i in enumerate(_first_image_per_sample(batch.mm_token_type_ids, len(counts))):
         if i >= 0:
             out[b] = v[starts[i]:starts[i + 1]].mean(0)
-    boxes = batch.get("roi_boxes")
-    if boxes is not None and boxes.shape[0] > 0:
+    boxes = batch.roi_boxes
+    if boxes.shape[0] > 0:
         first_row: dict[int, int] = {}
-        for r, b in enumerate(batch["roi_sample"].tolist()):
+        for r, b in enumerate(batch.roi_sample.tolist()):
             first_row.setdefault(b, r)
         rows = torch.tensor(sorted(first_row.values()), dtype=torch.long)
-        tg = roi_pool_targets_ref(v, grid, boxes[rows].float(), batch["roi_image"][rows].long(),
+        tg = roi_pool_targets_ref(v, grid, boxes[rows].float(), batch.roi_image[rows].long(),
                                   bins=roi_bins(k), pooling="area", merge=merge)
         for j, r in enumerate(rows.tolist()):
-            out[batch["roi_sample"][r]] = tg[j].to(out.dtype)
+            out[batch.roi_sample[r]] = tg[j].to(out.dtype)
     return out
 
 

@@ -42,14 +42,13 @@ by one from the last prompt position (docs/engine.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 
 from medlvr.engine.holder import EngineHolder
 from medlvr.models import hf as hfm
 from medlvr.ops import latent_gaussian_logprob, lm_head_logprobs
 from medlvr.reference.latent_loop import latent_loop
+from medlvr.train.collate import Batch
 
 __all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "PolicyStates", "image_features", "vision_frozen", "prompt_inputs",
            "sample_rollouts", "policy_states", "state_logprobs", "policy_forward"]
@@ -57,45 +56,34 @@ __all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "PolicyStates", "image_featu
 BACKENDS = ("engine", "hf")
 
 
-def _field(batch: Any, name: str):
-    return batch.get(name)  # a collate Batch or a dict of its model inputs: the same mapping access
-
-
-def image_features(model: torch.nn.Module, batch: Any) -> torch.Tensor | None:
+def image_features(model: torch.nn.Module, batch: Batch) -> torch.Tensor | None:
     """Merged vision tokens [T, D] of the batch's images (packing order), None without images."""
-    return hfm.vision_tokens(model, _field(batch, "pixel_values"), _field(batch, "image_grid_thw"))
+    return hfm.vision_tokens(model, batch.pixel_values, batch.image_grid_thw)
 
 
 def vision_frozen(model: torch.nn.Module) -> bool:
     """No trainable parameter in the vision tower: its features are the same for the policy,
     the old policy and the reference, so one computation per step serves all passes."""
-    return not any(p.requires_grad for p in hfm.unwrap(model).model.visual.parameters())
+    tower = hfm.vision_tower(model)
+    return tower is None or not any(p.requires_grad for p in tower.parameters())
 
 
-def prompt_inputs(model: torch.nn.Module, batch: Any, *, repeat: int = 1,
+def prompt_inputs(model: torch.nn.Module, batch: Batch, *, repeat: int = 1,
                   vision: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Embeddings, positions and mask of a left-padded prompt batch, each row repeated
     ``repeat`` times (row i*repeat + j is rollout j of prompt i).
 
     The vision tower runs once per prompt, not once per rollout: the image features are
     scattered into the prompt embeddings and the embeddings are repeated.
-    batch: input_ids, attention_mask (left-padded), pixel_values, image_grid_thw,
-    mm_token_type_ids (a collate Batch or a dict). vision: precomputed
+    batch: a collate prompt Batch (with_answer=False: left-padded, medlvr/train/collate.py).
+    vision: precomputed
     :func:`image_features` of the batch (skips the vision tower). Returns embeds [B*n,P,D],
     position_ids [3,B*n,P], attention_mask [B*n,P], input_ids [B*n,P].
     """
-    input_ids = _field(batch, "input_ids")
-    mask = _field(batch, "attention_mask")
-    pixel_values = _field(batch, "pixel_values")
-    if mask is None:
-        raise ValueError("batch.attention_mask is required (left-padded prompts)")
-    if bool((mask[:, -1] == 0).any()):
-        raise ValueError("prompts must be left-padded (attention_mask[:, -1] must be all 1), got a row "
-                         "ending in padding")
-    fields = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values,
-              "image_grid_thw": _field(batch, "image_grid_thw"),
-              "mm_token_type_ids": _field(batch, "mm_token_type_ids")}
-    out = hfm.prompt_inputs(model, fields, vision)
+    if bool((batch.attention_mask[:, -1] == 0).any()):
+        raise ValueError("batch.attention_mask: prompts must be left-padded (attention_mask[:, -1] must be all 1), "
+                         "got a row ending in padding")
+    out = hfm.prompt_inputs(model, batch.model_inputs(), vision)
     if out["position_ids"].dim() == 2:  # text-only decoder: the three sections of a text position
         out["position_ids"] = out["position_ids"][None].expand(3, -1, -1)
     if repeat > 1:
@@ -132,12 +120,6 @@ class Rollouts:
 RolloutEngine = EngineHolder
 
 
-def _field_dict(batch: Any) -> dict[str, torch.Tensor]:
-    """The engine's input fields of a prompt batch (a dict or a collate Batch)."""
-    names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-    return {k: v for k in names if (v := _field(batch, k)) is not None}
-
-
 def _check_rollout_args(n, k_latent, latent_sigma, temperature, top_p, max_new_tokens, backend):
     if n < 1 or k_latent < 0 or max_new_tokens < 1:
         raise ValueError(f"need n >= 1, k_latent >= 0, max_new_tokens >= 1; got n={n}, "
@@ -153,7 +135,7 @@ def _check_rollout_args(n, k_latent, latent_sigma, temperature, top_p, max_new_t
 
 
 @torch.no_grad()
-def sample_rollouts(model: torch.nn.Module, batch: Any, *, n: int, k_latent: int, latent_sigma: float,
+def sample_rollouts(model: torch.nn.Module, batch: Batch, *, n: int, k_latent: int, latent_sigma: float,
                     temperature: float, top_p: float, max_new_tokens: int, latent_end_id: int,
                     stop_id: int, pad_id: int, generator: torch.Generator | None = None,
                     projector: torch.nn.Module | None = None, vision: torch.Tensor | None = None,
@@ -197,7 +179,7 @@ def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, to
         raise ValueError("engine: its projector differs from the rollout's projector argument")
     # The engine's exact need: the prompt in the shared prompt cache; in each row's own cache
     # K latents + <|latent_end|> + every answer token but the last.
-    rows, group = _field_dict(batch), dict(group_size=n)
+    rows, group = batch.model_inputs(), dict(group_size=n)
     eng = engine.for_batch(rows, k_max=k_latent, max_new_tokens=max_new_tokens, group_size=n)
     kw = dict(temperature=float(temperature), top_p=float(top_p), stop_ids=[stop_id], pad_id=pad_id,
               generator=generator)

@@ -105,13 +105,13 @@ class LatentLM(nn.Module):
             out = recurrent_forward(self.model, batch, k=k, projector=self.projector, ce_mean=True)
             roi = self._roi(out.latent_hidden, out.vision_tokens, batch)
         else:
-            vis = vision_tokens(self.model, batch.get("pixel_values"), batch.get("image_grid_thw"))
+            vis = vision_tokens(self.model, batch.pixel_values, batch.image_grid_thw)
             targets = pooled_roi_targets(vis, batch, k=k, merge=self.hf.config.vision_config.spatial_merge_size)
             out = forward_with_latents(self.model, batch, targets, k=k, vis=vis, ce_mean=True)
             roi = self._roi(out.latent_hidden, vis, batch)
         has_roi = torch.zeros_like(out.ce)
-        if batch.get("roi_sample") is not None and batch["roi_sample"].numel():
-            has_roi[batch["roi_sample"].to(has_roi.device)] = 1.0
+        if batch.roi_sample.numel():
+            has_roi[batch.roi_sample.to(has_roi.device)] = 1.0
         # = (ce + roi_weight * roi).mean(); the CE mean is one fused op whose gradients are
         # computed in its forward (medlvr.ops.fused_linear_cross_entropy).
         loss = out.ce_mean + cfg.roi_weight * roi.mean()
@@ -121,7 +121,8 @@ class LatentLM(nn.Module):
     def _roi(self, latent_hidden, vis, batch) -> torch.Tensor:
         if self.cfg.roi_weight == 0 or vis is None:
             return latent_hidden.new_zeros(latent_hidden.shape[0], dtype=torch.float32)
-        return roi_alignment(latent_hidden, vis, batch, loss=self.cfg.roi_loss, pooling=self.cfg.roi_pooling)
+        return roi_alignment(latent_hidden, vis, batch.roi_sample, batch.roi_geometry, loss=self.cfg.roi_loss,
+                             pooling=self.cfg.roi_pooling)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -181,7 +182,7 @@ class _Collator:
 
     def __call__(self, records) -> Batch:
         return collate(records, self.processor, k_latent=self.k, with_answer=True, latent_token_ids=self.ids,
-                       padding_side="right", images_cache=self.cache)
+                       images_cache=self.cache)
 
 
 class SFTObjective:

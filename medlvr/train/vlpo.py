@@ -157,7 +157,7 @@ class VLPOObjective:
             return outcome_rewards(texts, ro.stopped.tolist(), recs, w_accuracy=cfg.w_accuracy, w_format=cfg.w_format)
 
         batch = collate(current, self.processor, k_latent=cfg.k_latent, with_answer=False,
-                        latent_token_ids=self.latent_ids, padding_side="left").to(self.device)
+                        latent_token_ids=self.latent_ids).to(self.device)
         t0 = time.perf_counter()
         # Sharded: rollouts and no-grad scoring read the weights outside the units' forwards.
         with gathered(updater.module):

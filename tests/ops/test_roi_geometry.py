@@ -150,17 +150,16 @@ def test_stage1_alignment_term_with_the_collated_geometry(device):
     from medlvr.train.roi import roi_alignment
 
     sample = torch.tensor([0, 2, 2, 1])
-    batch = {"image_grid_thw": GRID, "roi_boxes": BOXES, "roi_image": BOX_IMAGE, "roi_sample": sample}
     h = torch.randn(3, 6, 16).to(device).requires_grad_(True)
     v = torch.randn(T, 16).to(device).requires_grad_(True)
-    got = roi_alignment(h, v, {**batch, "roi_geometry": prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=(2, 3))})
+    got = roi_alignment(h, v, sample, prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=(2, 3)))
     rows = roi_align_loss_ref(h[sample.to(device)], v, GRID, BOXES, BOX_IMAGE, bins=(2, 3), reduction="none").mean(1)
     want = torch.stack([rows[0], rows[3], rows[1:3].mean()])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.autograd.grad(got.sum(), h)[0], torch.autograd.grad(want.sum(), h)[0],
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="roi_geometry"):
-        roi_alignment(h, v, batch)
+        roi_alignment(h, v, sample, None)
 
 
 class _Calls(TorchFunctionMode):
@@ -184,18 +183,17 @@ def test_stage1_per_sample_sum_is_deterministic_and_equals_index_add(device):
     from medlvr.train.roi import roi_alignment
 
     sample = torch.tensor([3, 0, 3, 3])  # unsorted; samples 1 and 2 have no box
-    batch = {"image_grid_thw": GRID, "roi_boxes": BOXES, "roi_image": BOX_IMAGE, "roi_sample": sample,
-             "roi_geometry": prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=BINS)}
+    geometry = prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=BINS)
     h = torch.randn(4, 6, 16).to(device).requires_grad_(True)
     v = torch.randn(T, 16).to(device)
     with _Calls() as calls:
-        got = roi_alignment(h, v, batch)
+        got = roi_alignment(h, v, sample, geometry)
     assert not calls.names & {"index_add", "index_add_", "scatter_add", "scatter_add_", "index_put_", "put_"}
     g = torch.linspace(1, 2, 4, device=device)
     dh = torch.autograd.grad(got, h, g)[0]
 
     h0 = h.detach().clone().requires_grad_(True)
-    per_row = roi_align_loss(h0[sample.to(device)], v, geometry=batch["roi_geometry"].to(device), reduction="none")
+    per_row = roi_align_loss(h0[sample.to(device)], v, geometry=geometry.to(device), reduction="none")
     per_row = per_row.mean(1)
     s = sample.to(device)
     counts = torch.zeros(4, device=device).index_add_(0, s, torch.ones_like(per_row))
@@ -203,7 +201,7 @@ def test_stage1_per_sample_sum_is_deterministic_and_equals_index_add(device):
     torch.testing.assert_close(got, old, rtol=1e-6, atol=1e-7)
     assert got[1] == 0 and got[2] == 0
     torch.testing.assert_close(dh, torch.autograd.grad(old, h0, g)[0], rtol=1e-6, atol=1e-7)
-    assert torch.equal(roi_alignment(h, v, batch), got.detach())  # run to run: bit-equal
+    assert torch.equal(roi_alignment(h, v, sample, geometry), got.detach())  # run to run: bit-equal
 
 
 def test_geometry_moves_once_and_is_pooling_free():

@@ -115,16 +115,18 @@ def test_collate_training_layout_labels_and_rois(default, data_dir):
     recs = _records(data_dir)
     b = collate(recs, proc, k_latent=3, with_answer=True, latent_token_ids=lt)
     B, S = b.input_ids.shape
-    assert B == 3 and b.padding_side == "right"
+    P = b.latent_start
+    assert B == 3 and 0 < P < S
     assert b.image_grid_thw.tolist() == [[1, 8, 8], [1, 4, 10], [1, 8, 8], [1, 8, 8]]
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
     assert torch.equal(b.mm_token_type_ids.bool(), b.input_ids == image_id)
     assert b.mm_token_type_ids.sum().item() == (16 + 10 + 16 + 16)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     for i, r in enumerate(recs):
-        n = int(b.attention_mask[i].sum())
-        assert b.attention_mask[i, :n].all() and not b.attention_mask[i, n:].any()  # right padded
-        s0 = int(b.latent_start_index[i])
+        m = b.attention_mask[i]
+        lo, n = P - int(m[:P].sum()), P + int(m[P:].sum())  # the row's real tokens: columns [lo, n)
+        assert m[lo:n].all() and not m[:lo].any() and not m[n:].any()  # prompt left-, answer right-padded
+        s0 = P
         ids = b.input_ids[i].tolist()
         assert ids[s0 - 1] == lt.start and ids[s0:s0 + 3] == [lt.pad] * 3 and ids[s0 + 3] == lt.end
         ans = tok(r.answer, add_special_tokens=False)["input_ids"] + [im_end]
@@ -132,7 +134,8 @@ def test_collate_training_layout_labels_and_rois(default, data_dir):
         lab = b.labels[i]
         assert lab[s0 + 4:n].tolist() == ans
         assert (lab[:s0 + 4] == IGNORE_INDEX).all() and (lab[n:] == IGNORE_INDEX).all()
-        assert tok.decode(ids[:s0 - 1]).startswith("<|im_start|>user\n<|vision_start|>")
+        assert tok.decode(ids[lo:s0 - 1]).startswith("<|im_start|>user\n<|vision_start|>")
+    assert len({P - int(b.attention_mask[i, :P].sum()) for i in range(B)}) > 1  # ragged prompts
     # ROI boxes rescaled per axis to the resized image: a.png 224->112 (x0.5), b.png 300x150 -> 140x56.
     assert b.roi_sample.tolist() == [0, 1, 1] and b.roi_image.tolist() == [0, 1, 2]
     torch.testing.assert_close(b.roi_boxes, torch.tensor([
@@ -156,19 +159,49 @@ def test_collate_generation_prompt_is_left_padded(default, data_dir):
     b = collate(recs, proc, k_latent=4, with_answer=False, latent_token_ids=lt)
     assert b.roi_geometry is None  # generation prompts never reach the ROI loss
     S = b.input_ids.shape[1]
-    assert b.padding_side == "left" and (b.input_ids[:, -1] == lt.start).all()
+    assert (b.input_ids[:, -1] == lt.start).all()
     assert b.attention_mask[:, -1].all() and (b.attention_mask[:, 0] == 0).any()
-    assert (b.latent_start_index == S).all() and (b.labels == IGNORE_INDEX).all()
-    # Same prompt tokens as the training sequence up to <|latent_start|>.
-    t = collate(recs, proc, k_latent=4, with_answer=True, latent_token_ids=lt)
-    for i in range(len(recs)):
-        n = int(b.attention_mask[i].sum())
-        assert b.input_ids[i, S - n:].tolist() == t.input_ids[i, :n].tolist()
+    assert b.latent_start == S and (b.labels == IGNORE_INDEX).all()
     b0 = collate(recs, proc, k_latent=0, with_answer=False, latent_token_ids=lt)
-    assert (b0.latent_start_index == -1).all() and not (b0.input_ids == lt.start).any()
+    assert b0.latent_start == -1 and not (b0.input_ids == lt.start).any()
     assert proc.tokenizer.decode(b0.input_ids[0, -3:]) == "<|im_start|>assistant\n"
     t0 = collate(recs, proc, k_latent=0, with_answer=True, latent_token_ids=lt)
     assert not torch.isin(t0.input_ids, torch.tensor(list(lt))).any()
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_training_batch_starts_with_the_prompt_batch(default, data_dir, k):
+    # One layout: the training batch's first P columns are the prompt batch of the same records,
+    # column for column (ids, mask, image token types), and its answer block starts in column P.
+    _, proc = default
+    lt = latent_token_ids(proc)
+    recs = _records(data_dir)
+    b = collate(recs, proc, k_latent=k, with_answer=False, latent_token_ids=lt)
+    t = collate(recs, proc, k_latent=k, with_answer=True, latent_token_ids=lt)
+    P = b.input_ids.shape[1]
+    assert t.latent_start == b.latent_start == (P if k else -1)
+    for name in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        assert torch.equal(getattr(t, name)[:, :P], getattr(b, name)), name
+    assert torch.equal(t.pixel_values, b.pixel_values) and torch.equal(t.image_grid_thw, b.image_grid_thw)
+    assert t.attention_mask[:, P].all()  # every answer block starts in column P
+    assert (t.labels[:, :P] == IGNORE_INDEX).all()
+
+
+def test_a_batch_reaches_the_engine_only_through_model_inputs(default, data_dir):
+    # One way to read a batch: medlvr/train reads a Batch by attribute; the engine and models/
+    # take the mapping model_inputs() gives, and refuse the Batch itself.
+    from collections.abc import Mapping
+
+    from medlvr.engine.request import as_mapping
+
+    _, proc = default
+    b = collate(_records(data_dir), proc, k_latent=2, with_answer=False, latent_token_ids=latent_token_ids(proc))
+    assert not isinstance(b, Mapping) and not hasattr(b, "keys") and not hasattr(b, "__getitem__")
+    inputs = b.model_inputs()
+    assert as_mapping(inputs) is inputs and set(inputs) == {"input_ids", "attention_mask", "pixel_values",
+                                                             "image_grid_thw", "mm_token_type_ids"}
+    with pytest.raises(TypeError, match="model_inputs"):
+        as_mapping(b)
 
 
 def test_collate_rejects_bad_arguments(default, data_dir):
@@ -178,8 +211,6 @@ def test_collate_rejects_bad_arguments(default, data_dir):
         collate([], proc, k_latent=1, with_answer=True, latent_token_ids=lt)
     with pytest.raises(ValueError, match="k_latent"):
         collate(_records(data_dir), proc, k_latent=-1, with_answer=True, latent_token_ids=lt)
-    with pytest.raises(ValueError, match="padding_side"):
-        collate(_records(data_dir), proc, k_latent=1, with_answer=True, latent_token_ids=lt, padding_side="mid")
 
 
 def _rec(answer, options=None):

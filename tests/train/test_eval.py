@@ -29,7 +29,7 @@ def test_engine_and_hf_loop_agree(setup, k):
     ids = latent_token_ids(processor)
     tok = processor.tokenizer
     stop = tok.convert_tokens_to_ids("<|im_end|>")
-    b = collate(records, processor, k_latent=k, with_answer=False, latent_token_ids=ids, padding_side="left")
+    b = collate(records, processor, k_latent=k, with_answer=False, latent_token_ids=ids)
     batch = b.model_inputs()
     assert int((batch["attention_mask"] == 0).sum()) > 0  # ragged prompts: left padding is exercised
     kw = dict(k=k, max_new_tokens=5, stop_id=stop, latent_end_id=ids.end, pad_id=tok.pad_token_id)
@@ -39,7 +39,7 @@ def test_engine_and_hf_loop_agree(setup, k):
     n = min(ours.shape[1], eng.shape[1])
     assert torch.equal(ours[:, :n], eng[:, :n])
     # One sample alone decodes the same tokens as inside the padded batch.
-    one = collate(records[1:2], processor, k_latent=k, with_answer=False, latent_token_ids=ids, padding_side="left")
+    one = collate(records[1:2], processor, k_latent=k, with_answer=False, latent_token_ids=ids)
     assert torch.equal(hf_greedy(model, one.model_inputs(), **kw)[0], ours[1])
 
 

@@ -33,7 +33,7 @@ def test_stage1_answer_ce_equals_the_logits_cross_entropy(autocast):
     batch = make_batch(processor, k=2)
     with _amp(autocast):
         out = latent.forward_with_latents(model, batch, None, k=0, return_hidden=True)
-        ref, n_ref = latent.per_sample_ce(unwrap(model).lm_head(out.hidden), batch["labels"])
+        ref, n_ref = latent.per_sample_ce(unwrap(model).lm_head(out.hidden), batch.labels)
         rec = latent.recurrent_forward(model, batch, k=2)
     tol = 2e-2 if autocast else 1e-5
     torch.testing.assert_close(out.ce, ref, rtol=tol, atol=tol)

@@ -44,10 +44,10 @@ def test_grouped_rollout_engine_holds_each_prompt_once(peaked):
     re = RolloutEngine(peaked, len_multiple=8)
     _rollouts(peaked, "engine", n=4, k=2, sigma=0.2, top_p=1.0, engine=re)
     e = re.engine
-    P = prompt_batch()["input_ids"].shape[0]
+    P = prompt_batch().input_ids.shape[0]
     # rows' own cache: K + answer only; the prompts: P rows of the shared prompt cache
     assert (e.max_batch, e.max_len, e.max_prompts) == (4 * P, 8, P)
-    assert e.prefix.max_batch == P and e.max_prompt_len >= int(prompt_batch()["attention_mask"].sum(-1).max())
+    assert e.prefix.max_batch == P and e.max_prompt_len >= int(prompt_batch().attention_mask.sum(-1).max())
     _rollouts(peaked, "engine", n=4, k=2, sigma=0.2, top_p=1.0, engine=re)
     assert re.builds == 1
     _rollouts(peaked, "engine", n=6, k=2, sigma=0.2, top_p=1.0, engine=re)  # more rows than it holds

@@ -12,6 +12,7 @@ import torch
 
 from medlvr.reference.logprobs import latent_gaussian_logprob_ref
 from medlvr.train import rewards
+from medlvr.train.collate import Batch
 from medlvr.train.rollout import policy_forward, prompt_inputs, sample_rollouts
 from medlvr.reference.vlpo_loss import group_advantages, kl_k3, ppo_clip_loss, vlpo_loss
 from medlvr.train.vlpo_step import VLPOConfig, VLPOTokens, vlpo_loop, vlpo_step
@@ -57,10 +58,11 @@ def prompt_batch(seed: int = 0):
     for i, r in enumerate(rows):
         ids[i, S - len(r):] = torch.tensor(r)
         mask[i, S - len(r):] = 1
-    return {"input_ids": ids, "attention_mask": mask,
-            "pixel_values": torch.randn(32, 3 * 2 * 14 * 14, generator=g),
-            "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]),
-            "mm_token_type_ids": (ids == IMAGE).int()}
+    empty = torch.zeros(0, dtype=torch.long)
+    return Batch(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(32, 3 * 2 * 14 * 14, generator=g),
+                 image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]), mm_token_type_ids=(ids == IMAGE).int(),
+                 labels=torch.full_like(ids, -100), latent_start=S, roi_boxes=torch.zeros(0, 4), roi_image=empty,
+                 roi_sample=empty, answers=["", ""])
 
 
 def lora(model, r: int = 4):
@@ -281,7 +283,7 @@ def test_sample_rollouts_rejects_bad_arguments(model):
 
 def test_prompt_inputs_rejects_right_padding(model):
     b = prompt_batch()
-    b["attention_mask"] = b["attention_mask"].flip(1)
+    b.attention_mask = b.attention_mask.flip(1)
     with pytest.raises(ValueError, match="left-padded"):
         prompt_inputs(model, b)
 
@@ -377,7 +379,7 @@ def test_bf16_policy_step_runs_and_stays_on_policy():
     policy = lora(tiny_model(5).to(torch.bfloat16))
     cfg = VLPOConfig(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=3, kl_beta=0.1, loop=vlpo_loop(lr=1e-2))
     batch = prompt_batch()
-    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    batch.pixel_values = batch.pixel_values.to(torch.bfloat16)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.loop.lr)
     m = vlpo_step(policy, batch, _random_reward, opt, cfg, tokens=TOKENS, generator=torch.Generator().manual_seed(0))
     assert m["ratio_text"] == 1.0 and m["kl_text"] == 0.0

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from medlvr.engine.adapters.base import ModelAdapter, Prefill, register
-from medlvr.models import hf
+from medlvr.models import hf, qwen_vl
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -69,18 +69,13 @@ class QwenVLAdapter(ModelAdapter):
             # Images are consumed in order across the batch: each sample's image tokens
             # must be covered by a whole number of consecutive grids, or HF would
             # silently give one sample another's image features.
-            per_image = (grid.prod(-1) // self.merge ** 2).tolist()
+            per_image = qwen_vl.tokens_per_image(grid, self.merge).tolist()
             per_sample = (ids.eq(self.image_token_id) & mask).sum(-1).tolist()
-            i = 0
-            for b, n in enumerate(per_sample):
-                got = 0
-                while got < n and i < len(per_image):
-                    got += per_image[i]
-                    i += 1
-                if got != n:
-                    raise ValueError(f"batch['input_ids'] sample {b} holds {n} image tokens, which do not match "
-                                     f"its images' grids in image_grid_thw {grid.tolist()} (tokens per image "
-                                     f"{per_image})")
+            b = qwen_vl.uncovered_sample(per_sample, per_image)
+            if b is not None:
+                raise ValueError(f"batch['input_ids'] sample {b} holds {per_sample[b]} image tokens, which do not "
+                                 f"match its images' grids in image_grid_thw {grid.tolist()} (tokens per image "
+                                 f"{per_image})")
         mm = batch.get("mm_token_type_ids")
         if mm is not None and tuple(mm.shape) != tuple(ids.shape):
             raise ValueError(f"batch['mm_token_type_ids'] must have input_ids' shape {tuple(ids.shape)}, "

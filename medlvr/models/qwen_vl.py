@@ -1,0 +1,86 @@
+"""The Qwen2(.5)-VL family's batch and position facts, in one place.
+
+What medlvr/train needs to know about a Qwen-VL model to build and read its batches, so that
+the training layer names no Qwen token, chat marker or vision-tower size itself (a GPT-2 or
+Llama-family latent model adds its own module like this one, and an engine adapter):
+
+- the chat layout of a prompt (:func:`prompt_text`), its image placeholder and the token that
+  ends an answer (:data:`IMAGE_TOKEN`, :data:`ANSWER_END`);
+- the vision tower's geometry from the processor (:func:`vision_geometry`: patch and merge
+  size) and what an image's ``image_grid_thw`` row (t, h, w in patches) means: the merged
+  tokens it puts in the sequence (:func:`tokens_per_image`) and the size the image was resized
+  to (:func:`resized_sizes`), as the processor's ``smart_resize`` makes it (the image becomes
+  ``w * patch`` x ``h * patch`` pixels, scaled independently per axis);
+- which samples own which images (:func:`uncovered_sample`): images are packed in sample
+  order, and a sample's image tokens are covered by a whole number of consecutive grids.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+IMAGE_TOKEN = "<|image_pad|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+ANSWER_END = "<|im_end|>"  # closes the assistant turn: the answer's last label and the stop token
+PAD_FALLBACK = "<|endoftext|>"  # the pad token when a tokenizer names none
+
+__all__ = ["IMAGE_TOKEN", "VISION_START", "VISION_END", "ANSWER_END", "PAD_FALLBACK", "VisionGeometry",
+           "prompt_text", "vision_geometry", "image_token", "tokens_per_image", "resized_sizes",
+           "uncovered_sample"]
+
+
+def prompt_text(question: str, *, n_images: int, latent_start: str | None = None,
+                image_token: str = IMAGE_TOKEN) -> str:
+    """The generation prompt in Qwen's chat layout, one ``image_token`` per image before the
+    processor expands it:
+
+        <|im_start|>user\\n (<|vision_start|><|image_pad|><|vision_end|>) x n_images {question}<|im_end|>\\n
+        <|im_start|>assistant\\n [latent_start]
+    """
+    vision = "".join(f"{VISION_START}{image_token}{VISION_END}" for _ in range(n_images))
+    return (f"<|im_start|>user\n{vision}{question}{ANSWER_END}\n<|im_start|>assistant\n"
+            + (latent_start or ""))
+
+
+def image_token(processor) -> str:
+    """The processor's image placeholder (the Qwen processors name it; default <|image_pad|>)."""
+    return getattr(processor, "image_token", IMAGE_TOKEN)
+
+
+class VisionGeometry(NamedTuple):
+    patch: int  # pixels per patch side
+    merge: int  # patches per merged-token side
+
+
+def vision_geometry(processor) -> VisionGeometry:
+    """Patch and spatial-merge size of the processor's image processor (Qwen-VL defaults 14, 2)."""
+    ip = processor.image_processor
+    return VisionGeometry(patch=int(getattr(ip, "patch_size", 14)), merge=int(getattr(ip, "merge_size", 2)))
+
+
+def tokens_per_image(image_grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(I,) merged vision tokens each image puts in the sequence: t * h * w / merge^2."""
+    return image_grid_thw.long().prod(-1) // (merge * merge)
+
+
+def resized_sizes(image_grid_thw: torch.Tensor, patch: int) -> torch.Tensor:
+    """(I, 2) (width, height) in pixels of each image as the vision tower saw it."""
+    grid = image_grid_thw.long()
+    return torch.stack([grid[:, 2] * patch, grid[:, 1] * patch], dim=1)
+
+
+def uncovered_sample(image_tokens: Sequence[int], per_image: Sequence[int]) -> int | None:
+    """The first sample whose image tokens are not covered by a whole number of consecutive
+    images, walking the packed images in order (None: every sample is). ``image_tokens[b]`` is
+    sample b's count of image tokens, ``per_image`` the tokens each image puts in the sequence
+    (:func:`tokens_per_image`). An uncovered sample would get another sample's image features."""
+    i = 0
+    for b, n in enumerate(image_tokens):
+        got = 0
+        while got < n and i < len(per_image):
+            got += int(per_image[i])
+            i += 1
+        if got != n:
+            return b
+    return None
