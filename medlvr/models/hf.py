@@ -14,7 +14,7 @@ through the functions here, so a change in transformers is made once, in this fi
   ``get_rope_index`` in medlvr; :func:`prompt_inputs`: all three for a prompt batch;
 - :func:`cache_keyword`, :func:`new_cache`, :func:`new_static_cache`, :func:`rewind_static_cache`,
   :func:`output_cache`, :func:`cache_layer_kv`: the KV-cache object and its keyword (transformers 5.2x renamed
-  ``past_key_values`` to ``cache``; older versions take the other name);
+  ``past_key_values`` to ``cache``);
 - :func:`run_decoder`: one decoder-stack call returning the post-final-norm hidden states
   (:func:`decoder_kwargs`: its arguments, for callers that compile the decoder).
 """

@@ -60,6 +60,22 @@ class Batch:
         medlvr/models and medlvr/engine take."""
         return {k: getattr(self, k) for k in MODEL_INPUTS}
 
+    @classmethod
+    def prompts(cls, inputs, *, k_latent: int = 0) -> "Batch":
+        """A prompt batch (no answers, no ROIs) from model inputs that already have the layout:
+        left-padded prompts ending in the last column, e.g. a processor's output with
+        padding_side="left". K > 0: the first latent goes in column S (latent_start)."""
+        missing = [k for k in ("input_ids", "attention_mask", "mm_token_type_ids") if inputs.get(k) is None]
+        if missing:
+            raise ValueError(f"inputs: expected the model inputs {MODEL_INPUTS}, missing {missing}")
+        ids = inputs["input_ids"]
+        empty = torch.zeros(0, dtype=torch.long, device=ids.device)
+        return cls(input_ids=ids, attention_mask=inputs["attention_mask"], pixel_values=inputs.get("pixel_values"),
+                   image_grid_thw=inputs.get("image_grid_thw"), mm_token_type_ids=inputs["mm_token_type_ids"],
+                   labels=torch.full_like(ids, IGNORE_INDEX), latent_start=ids.shape[1] if k_latent > 0 else -1,
+                   roi_boxes=torch.zeros(0, 4, device=ids.device), roi_image=empty, roi_sample=empty,
+                   answers=[""] * ids.shape[0], k_latent=k_latent)
+
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """Every tensor (and the ROI geometry) on ``device``; records and answers ride along.
         accelerate's DataLoader calls this for each batch it yields."""

@@ -16,6 +16,7 @@ import engine_models as tm
 import medlvr
 from medlvr.engine import EngineHolder, LatentEngine
 from medlvr.dropin import LatentSpec
+from medlvr.train.collate import Batch
 from medlvr.train.rollout import sample_rollouts
 
 # The engine and the callers that generate through it. Not medlvr/ops: its CPU references
@@ -97,7 +98,7 @@ def test_dropin_generate_reads_once(model):
 @pytest.mark.parametrize("k_latent", [0, 2])
 def test_rollouts_read_once(model, k_latent):
     with MaxReads() as m:
-        sample_rollouts(model, _ragged_batch(), n=2, k_latent=k_latent, latent_sigma=0.1, temperature=1.0,
+        sample_rollouts(model, Batch.prompts(_ragged_batch(), k_latent=k_latent), n=2, k_latent=k_latent, latent_sigma=0.1, temperature=1.0,
                         top_p=1.0, max_new_tokens=2, latent_end_id=tm.LATENT_END, stop_id=2, pad_id=0,
                         generator=torch.Generator().manual_seed(0))
     assert len(m.reads) == 1, m.reads
