@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-__all__ = ["unwrap", "decoder", "is_multimodal", "vision_tower", "vision_tokens", "embed_inputs", "rope_positions",
+__all__ = ["unwrap", "decoder", "hidden_size", "is_multimodal", "vision_tower", "vision_tokens", "embed_inputs", "rope_positions",
            "mm_token_type_ids", "positions", "prompt_inputs", "cache_keyword", "new_cache", "new_static_cache",
            "rewind_static_cache", "output_cache", "cache_layer_kv", "decoder_kwargs", "run_decoder",
            "save_pretrained"]
@@ -77,6 +77,11 @@ def decoder(model: nn.Module) -> nn.Module:
 def vision_tower(model: nn.Module) -> nn.Module | None:
     """The vision encoder of a VL model (Qwen-VL: ``model.visual``), None for a text-only one."""
     return getattr(_inner(unwrap(model)), "visual", None)
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width D of the decoder's hidden states (the latent size)."""
+    return int(decoder(model).config.hidden_size)
 
 
 def vision_tokens(model: nn.Module, pixel_values: torch.Tensor | None,

@@ -24,9 +24,12 @@ IMAGE_TOKEN = "<|image_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 ANSWER_END = "<|im_end|>"  # closes the assistant turn: the answer's last label and the stop token
 PAD_FALLBACK = "<|endoftext|>"  # the pad token when a tokenizer names none
+# LoRA on the language model's attention projections only: the vision tower stays frozen (its
+# tokens are stage 1's ROI targets) and so does the merger between them.
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
 __all__ = ["IMAGE_TOKEN", "VISION_START", "VISION_END", "ANSWER_END", "PAD_FALLBACK", "VisionGeometry",
-           "prompt_text", "vision_geometry", "image_token", "tokens_per_image", "resized_sizes",
+           "LORA_TARGETS", "prompt_text", "vision_geometry", "model_merge", "image_token", "tokens_per_image", "resized_sizes",
            "uncovered_sample"]
 
 
@@ -57,6 +60,11 @@ def vision_geometry(processor) -> VisionGeometry:
     """Patch and spatial-merge size of the processor's image processor (Qwen-VL defaults 14, 2)."""
     ip = processor.image_processor
     return VisionGeometry(patch=int(getattr(ip, "patch_size", 14)), merge=int(getattr(ip, "merge_size", 2)))
+
+
+def model_merge(model_config) -> int:
+    """Patches per merged-token side of a Qwen-VL model (its vision config's spatial merge)."""
+    return int(model_config.vision_config.spatial_merge_size)
 
 
 def tokens_per_image(image_grid_thw: torch.Tensor, merge: int) -> torch.Tensor:

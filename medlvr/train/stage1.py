@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from medlvr.models.hf import unwrap, vision_tokens
+from medlvr.models import qwen_vl
+from medlvr.models.hf import hidden_size, unwrap, vision_tokens
 from medlvr.train.collate import Batch, collate
 from medlvr.train.flags import add_config_arguments, config_from_args, opt
 from medlvr.train.latent import LatentProjector, forward_with_latents, recurrent_forward
@@ -88,8 +89,7 @@ class LatentLM(nn.Module):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        hidden = unwrap(model).config.text_config.hidden_size
-        self.projector = LatentProjector(hidden) if cfg.projector else None
+        self.projector = LatentProjector(hidden_size(model)) if cfg.projector else None
 
     @property
     def hf(self) -> nn.Module:
@@ -106,7 +106,7 @@ class LatentLM(nn.Module):
             roi = self._roi(out.latent_hidden, out.vision_tokens, batch)
         else:
             vis = vision_tokens(self.model, batch.pixel_values, batch.image_grid_thw)
-            targets = pooled_roi_targets(vis, batch, k=k, merge=self.hf.config.vision_config.spatial_merge_size)
+            targets = pooled_roi_targets(vis, batch, k=k, merge=qwen_vl.model_merge(self.hf.config))
             out = forward_with_latents(self.model, batch, targets, k=k, vis=vis, ce_mean=True)
             roi = self._roi(out.latent_hidden, vis, batch)
         has_roi = torch.zeros_like(out.ce)
@@ -139,9 +139,7 @@ def build_trainable(model: nn.Module, processor: Any, cfg: Stage1Config) -> Late
         ids = latent_token_ids(processor)
         lcfg = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            # The language model's attention projections only: the vision tower stays frozen
-            # (its tokens are the ROI targets).
-            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+            target_modules=qwen_vl.LORA_TARGETS,
             # New special tokens start from random rows; train those rows (and only those).
             trainable_token_indices={"embed_tokens": [ids.start, ids.end, ids.pad]},
         )

@@ -52,6 +52,7 @@ from typing import Any, Sequence
 
 import torch
 
+from medlvr.models import qwen_vl
 from medlvr.train.fsdp import gathered, is_sharded
 from medlvr.train.loop import Updater, train_loop
 from medlvr.train.rewards import outcome_rewards
@@ -93,7 +94,7 @@ class VLPOObjective:
                              f"{type(model).__name__}")
         tok = processor.tokenizer
         self.latent_ids = latent_token_ids(processor)
-        stop = tok.convert_tokens_to_ids("<|im_end|>")
+        stop = tok.convert_tokens_to_ids(qwen_vl.ANSWER_END)
         pad = tok.pad_token_id if tok.pad_token_id is not None else stop
         self.tokens = VLPOTokens(latent_end=self.latent_ids.end, stop=stop, pad=pad)
         self.model, self.projector, self.processor, self.records, self.cfg = model, projector, processor, records, cfg
