@@ -204,6 +204,22 @@ def test_a_batch_reaches_the_engine_only_through_model_inputs(default, data_dir)
         as_mapping(b)
 
 
+@pytest.mark.parametrize("k", [0, 3])
+def test_prompt_batch_from_model_inputs_equals_collate(default, data_dir, k):
+    # Batch.prompts rebuilds the prompt batch a caller holding only the model inputs (a
+    # processor's left-padded output) needs: the same latent column and empty answers and ROIs.
+    from medlvr.train.collate import Batch
+
+    _, proc = default
+    b = collate(_records(data_dir), proc, k_latent=k, with_answer=False, latent_token_ids=latent_token_ids(proc))
+    p = Batch.prompts(b.model_inputs(), k_latent=k)
+    assert p.latent_start == b.latent_start and p.k_latent == b.k_latent == k
+    assert all(torch.equal(v, b.model_inputs()[n]) for n, v in p.model_inputs().items())
+    assert torch.equal(p.labels, b.labels) and p.roi_boxes.shape == (0, 4) and len(p) == len(b)
+    with pytest.raises(ValueError, match="inputs: .*mm_token_type_ids"):
+        Batch.prompts({"input_ids": b.input_ids, "attention_mask": b.attention_mask})
+
+
 def test_collate_rejects_bad_arguments(default, data_dir):
     _, proc = default
     lt = latent_token_ids(proc)
