@@ -75,6 +75,28 @@ def test_batch_equals_per_sample(mp):
         torch.testing.assert_close(o.latent_hidden[0], full.latent_hidden[i], rtol=1e-5, atol=2e-5)
 
 
+def test_plain_sft_batch_equals_per_sample(mp):
+    # K = 0 (plain SFT): each row's CE and the gradient of the batch mean do not depend on the
+    # pads around it (left before the prompt, right after the answer), against each record run
+    # alone with no pad at all.
+    model, processor = mp
+    w = model.model.language_model.layers[0].mlp.down_proj.weight
+    batch = make_batch(processor, k=0)
+    m = batch.attention_mask
+    assert (m[:, 0] == 0).sum() == 2 and (m[:, -1] == 0).sum() == 2  # left pads and right pads
+    full = latent.forward_with_latents(model, batch, None, k=0)
+    g_full = torch.autograd.grad(full.ce.mean(), w)[0]
+    g_sum = torch.zeros_like(w)
+    for i in range(3):
+        one = make_batch(processor, k=0, questions=[QUESTIONS[i]], answers=[ANSWERS[i]], sizes=[SIZES[i]], rois=(),
+                         image_seeds=[i])
+        assert one.attention_mask.all()
+        o = latent.forward_with_latents(model, one, None, k=0)
+        torch.testing.assert_close(o.ce[0], full.ce[i], rtol=1e-5, atol=1e-5)
+        g_sum += torch.autograd.grad(o.ce[0], w)[0] / 3
+    torch.testing.assert_close(g_full, g_sum, rtol=1e-4, atol=1e-6)
+
+
 def test_one_pass_with_fed_latents_reproduces_recurrence(mp):
     """VLPO's re-scoring: a full forward with the rollout's z gives the same logits, and
     latent_mu (h at s0 + t - 1) equals the h that produced each z."""
