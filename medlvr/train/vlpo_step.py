@@ -25,7 +25,7 @@ from medlvr.train.loop import LoopConfig, Updater
 from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_states,
                                   prompt_inputs, sample_rollouts, state_logprobs, vision_frozen)
 
-__all__ = ["VLPOConfig", "VLPOTokens", "LossInputs", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model",
+__all__ = ["VLPOConfig", "VLPOTokens", "LossInputs", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model", "policy_updater",
            "vlpo_loop", "vlpo_step"]
 
 
@@ -242,21 +242,29 @@ def _stats(tok, lat, kl, ro: Rollouts, cfg: VLPOConfig, x: LossInputs) -> dict[s
     return stats
 
 
+def policy_updater(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: VLPOConfig, *,
+                   tokens: VLPOTokens, projector: torch.nn.Module | None = None) -> Updater:
+    """The Updater for :func:`vlpo_step` called outside the training loop: ``optimizer`` over
+    the :class:`PolicyScorer` of ``model`` (and ``projector``), plain backward, clipping to
+    ``cfg.loop.max_grad_norm``, no autocast."""
+    return Updater(PolicyScorer(model, projector, cfg, tokens), optimizer, max_grad_norm=cfg.loop.max_grad_norm)
+
+
 def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts], dict[str, Any]],
-              optimizer: torch.optim.Optimizer | Updater, cfg: VLPOConfig, *, tokens: VLPOTokens,
+              updater: Updater, cfg: VLPOConfig, *, tokens: VLPOTokens,
               generator: torch.Generator | None = None, ref_model: torch.nn.Module | None = None,
               projector: torch.nn.Module | None = None, ref_projector: torch.nn.Module | None = None,
               rollout_engine: RolloutEngine | None = None) -> dict[str, float]:
     """Rollouts, rewards, advantages and ``cfg.ppo_epochs`` optimiser updates on one prompt batch.
 
-    batch: left-padded prompts ending with <|latent_start|> (a collate Batch with
-    with_answer=False, or a dict of its model inputs), on the model's device.
+    batch: prompts ending with <|latent_start|> (a collate Batch with with_answer=False), on
+    the model's device.
     reward_fn(rollouts) -> {"reward": [R] list/tensor, other per-rollout metrics...}; rollout
-    i*n + j answers prompt i. optimizer: the training loop's Updater (its module is the
+    i*n + j answers prompt i. updater: the training loop's Updater (its module is the
     prepared :class:`PolicyScorer` that carries the gradient; its autocast is entered around
     the rollouts and the no-grad scoring passes, so that they run in the precision of the
-    prepared forward, else the first ratio would not be 1 under mixed precision), or a plain
-    torch optimizer (plain backward, clipping to ``cfg.loop.max_grad_norm``, no autocast).
+    prepared forward, else the first ratio would not be 1 under mixed precision), or for a
+    call outside the loop :func:`policy_updater` (plain backward, clipping, no autocast).
     ref_model: the frozen reference for full fine-tuning; None with a peft model means
     "adapter disabled". ref_projector: the reference's latent projector (a frozen copy of the
     initial one when the projector trains); default: ``projector``.
@@ -267,10 +275,9 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
     detached: the ratio of that epoch is exactly 1 without a separate no-grad pass. A frozen
     vision tower runs once per step; its features serve every pass.
     """
-    if not isinstance(optimizer, Updater):
-        optimizer = Updater(PolicyScorer(model, projector, cfg, tokens), optimizer,
-                            max_grad_norm=cfg.loop.max_grad_norm)
-    updater = optimizer
+    if not isinstance(updater, Updater):
+        raise TypeError(f"updater: expected a medlvr.train.loop.Updater (policy_updater(model, optimizer, cfg, "
+                        f"tokens=...) outside the training loop), got {type(updater).__name__}")
     if cfg.kl_beta > 0 and ref_model is None and not is_peft(model):
         raise ValueError("ref_model: expected a frozen reference model for a non-peft policy when kl_beta > 0, "
                          "got None")

@@ -15,7 +15,7 @@ from medlvr.models.hf import unwrap
 from medlvr.train import latent
 from medlvr.train.rollout import policy_forward
 from medlvr.reference.fused_logprobs import fused_vlpo_loss_ref
-from medlvr.train.vlpo_step import VLPOConfig, vlpo_loop
+from medlvr.train.vlpo_step import VLPOConfig, policy_updater, vlpo_loop
 
 from _latent_batches import make_batch
 from _threads import one_thread  # noqa: F401  (autouse fixture)
@@ -115,7 +115,8 @@ def _sgd_step(policy, cfg, *, ref=None, projector=None, autocast=False):
         params += list(projector.parameters())
     before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
     with _amp(autocast):
-        m = vlpo_step(policy, prompt_batch(), _random_reward, torch.optim.SGD(params, lr=cfg.loop.lr), cfg,
+        updater = policy_updater(policy, torch.optim.SGD(params, lr=cfg.loop.lr), cfg, tokens=TOKENS, projector=projector)
+        m = vlpo_step(policy, prompt_batch(), _random_reward, updater, cfg,
                       tokens=TOKENS, generator=torch.Generator().manual_seed(0), ref_model=ref, projector=projector)
     return m, {n: (before[n] - p.detach()) for n, p in policy.named_parameters() if n in before}
 

@@ -15,7 +15,7 @@ from medlvr.train import rewards
 from medlvr.train.collate import Batch
 from medlvr.train.rollout import policy_forward, prompt_inputs, sample_rollouts
 from medlvr.reference.vlpo_loss import group_advantages, kl_k3, ppo_clip_loss, vlpo_loss
-from medlvr.train.vlpo_step import VLPOConfig, VLPOTokens, vlpo_loop, vlpo_step
+from medlvr.train.vlpo_step import VLPOConfig, VLPOTokens, policy_updater, vlpo_loop, vlpo_step
 
 # Tiny vocabulary of the test model (ids chosen by hand; the real ids come from the tokenizer).
 PAD, IM_END, VIDEO, V_START, V_END, IMAGE, L_START, L_END, L_PAD = 0, 57, 56, 58, 59, 60, 61, 62, 63
@@ -320,7 +320,7 @@ def test_on_policy_ratio_is_exactly_one_and_gradient_is_policy_gradient(model):
 
 def _step(policy, cfg, reward_fn, *, ref_model=None, seed=0):
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.loop.lr)
-    return vlpo_step(policy, prompt_batch(), reward_fn, opt, cfg, tokens=TOKENS,
+    return vlpo_step(policy, prompt_batch(), reward_fn, policy_updater(policy, opt, cfg, tokens=TOKENS), cfg, tokens=TOKENS,
                      generator=torch.Generator().manual_seed(seed), ref_model=ref_model)
 
 
@@ -374,6 +374,14 @@ def test_later_ppo_epochs_are_off_policy_and_clip():
     assert m["ratio_text"] != 1.0 and m["clip_frac_text"] > 0.1 and m["clip_frac_latent"] > 0.0
 
 
+def test_vlpo_step_names_a_plain_optimizer_passed_as_updater():
+    policy = lora(tiny_model(5))
+    cfg = VLPOConfig(n_rollouts=2, k_latent=2, max_new_tokens=3, kl_beta=0.0)
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(TypeError, match="updater: .*policy_updater"):
+        vlpo_step(policy, prompt_batch(), _random_reward, opt, cfg, tokens=TOKENS)
+
+
 def test_bf16_policy_step_runs_and_stays_on_policy():
     # the GPU dtype: latents and hidden states in bf16, log-probs in fp32
     policy = lora(tiny_model(5).to(torch.bfloat16))
@@ -381,7 +389,8 @@ def test_bf16_policy_step_runs_and_stays_on_policy():
     batch = prompt_batch()
     batch.pixel_values = batch.pixel_values.to(torch.bfloat16)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.loop.lr)
-    m = vlpo_step(policy, batch, _random_reward, opt, cfg, tokens=TOKENS, generator=torch.Generator().manual_seed(0))
+    m = vlpo_step(policy, batch, _random_reward, policy_updater(policy, opt, cfg, tokens=TOKENS), cfg, tokens=TOKENS,
+                  generator=torch.Generator().manual_seed(0))
     assert m["ratio_text"] == 1.0 and m["kl_text"] == 0.0
     assert all(math.isfinite(v) for v in m.values())
     assert m["behaviour_gap"] < 0.1  # KV-cached bf16 sampler vs one bf16 pass
@@ -420,7 +429,8 @@ def _toy_run(seed: int, steps: int):
         hits = ((ro.tokens < 32) & ro.token_mask).float().sum(1)
         return {"reward": (hits / ro.tokens.shape[1]).tolist()}
 
-    hist = [vlpo_step(policy, prompt_batch(), reward_fn, opt, cfg, tokens=TOKENS, generator=gen)
+    updater = policy_updater(policy, opt, cfg, tokens=TOKENS)
+    hist = [vlpo_step(policy, prompt_batch(), reward_fn, updater, cfg, tokens=TOKENS, generator=gen)
             for _ in range(steps)]
     lora_w = next(p for n, p in policy.named_parameters() if "lora_B" in n).detach().clone()
     return [h["reward"] for h in hist], lora_w
@@ -526,8 +536,8 @@ def test_reused_engine_rolls_out_the_lora_weights_after_an_optimizer_step():
     cfg = VLPOConfig(n_rollouts=4, k_latent=2, latent_sigma=0.2, max_new_tokens=4, kl_beta=0.0, loop=vlpo_loop(lr=5e-2))
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.loop.lr)
     lora_b = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_B" in n}
-    m = vlpo_step(policy, prompt_batch(), _random_reward, opt, cfg, tokens=TOKENS,
-                  generator=torch.Generator().manual_seed(0), rollout_engine=engine)
+    m = vlpo_step(policy, prompt_batch(), _random_reward, policy_updater(policy, opt, cfg, tokens=TOKENS), cfg,
+                  tokens=TOKENS, generator=torch.Generator().manual_seed(0), rollout_engine=engine)
     assert m["behaviour_gap"] < 1e-4
     assert any(not torch.equal(p, lora_b[n]) for n, p in policy.named_parameters() if "lora_B" in n)
     after_hf, after = _both_backends(policy, k=2, sigma=0.2, engine=engine)

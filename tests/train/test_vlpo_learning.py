@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medlvr.train.vlpo_step import VLPOConfig, vlpo_loop, vlpo_step
+from medlvr.train.vlpo_step import VLPOConfig, policy_updater, vlpo_loop, vlpo_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,7 +48,8 @@ def test_vlpo_mean_reward_rises_with_the_latent_term_on(seed):
                      loop=vlpo_loop(lr=3e-3))
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.loop.lr)
     gen = torch.Generator().manual_seed(seed)
-    hist = [vlpo_step(policy, prompt_batch(), _reward, opt, cfg, tokens=TOKENS, generator=gen) for _ in range(STEPS)]
+    updater = policy_updater(policy, opt, cfg, tokens=TOKENS)
+    hist = [vlpo_step(policy, prompt_batch(), _reward, updater, cfg, tokens=TOKENS, generator=gen) for _ in range(STEPS)]
     rewards = [h["reward"] for h in hist]
     assert all("clip_frac_latent" in h for h in hist), "the latent term must be on"
     late = sum(rewards[3:]) / len(rewards[3:])

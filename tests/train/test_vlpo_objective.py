@@ -199,7 +199,7 @@ def test_step_reports_the_exact_latent_kl_of_a_drifted_policy():
     summed log-ratio clamped at 19."""
     from test_vlpo import TOKENS, prompt_batch, tiny_model
 
-    from medlvr.train.vlpo_step import VLPOConfig, vlpo_loop, vlpo_step
+    from medlvr.train.vlpo_step import VLPOConfig, policy_updater, vlpo_loop, vlpo_step
 
     policy = tiny_model(7)
     ref = copy.deepcopy(policy).requires_grad_(False)
@@ -209,6 +209,7 @@ def test_step_reports_the_exact_latent_kl_of_a_drifted_policy():
                      loop=vlpo_loop(lr=1e-4))
     opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=cfg.loop.lr)
     m = vlpo_step(policy, prompt_batch(), lambda ro: {"reward": [float(i % 2) for i in range(ro.tokens.shape[0])]},
-                  opt, cfg, tokens=TOKENS, generator=torch.Generator().manual_seed(0), ref_model=ref)
+                  policy_updater(policy, opt, cfg, tokens=TOKENS), cfg, tokens=TOKENS,
+                  generator=torch.Generator().manual_seed(0), ref_model=ref)
     assert m["kl_latent"] > 100 and math.isfinite(m["kl_latent"])
     assert math.isfinite(m["loss"]) and m["grad_norm"] > 0
