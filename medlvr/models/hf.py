@@ -97,10 +97,10 @@ def vision_tokens(model: nn.Module, pixel_values: torch.Tensor | None,
 
 def embed_inputs(model: nn.Module, input_ids: torch.Tensor, vis: torch.Tensor | None) -> torch.Tensor:
     """Token embeddings with the image placeholders replaced by the vision tokens."""
-    hf = unwrap(model)
-    emb = hf.get_input_embeddings()(input_ids)
+    base = unwrap(model)
+    emb = base.get_input_embeddings()(input_ids)
     if vis is not None:
-        mask = (input_ids == hf.config.image_token_id).unsqueeze(-1)
+        mask = (input_ids == base.config.image_token_id).unsqueeze(-1)
         n = int(mask.sum())
         if n != vis.shape[0]:
             raise ValueError(f"input_ids: expected {vis.shape[0]} image tokens (one per merged vision token), got {n}")

@@ -98,16 +98,16 @@ def gathered(module: nn.Module) -> Iterator[None]:
 def _units(lm: nn.Module) -> list[nn.Module | list[nn.Module]]:
     """The FSDP units below the root, in forward order (bottom-up is what fully_shard needs:
     a unit takes the parameters that no unit inside it took)."""
-    hf = unwrap(lm.model)
+    base = unwrap(lm.model)
     units: list[Any] = []
-    visual = getattr(getattr(hf, "model", None), "visual", None)
+    visual = getattr(getattr(base, "model", None), "visual", None)
     if visual is not None:
         units.extend(visual.blocks)
-    lm_dec = decoder(hf)
-    embed = lm_dec.embed_tokens if hasattr(lm_dec, "embed_tokens") else hf.get_input_embeddings()
+    lm_dec = decoder(base)
+    embed = lm_dec.embed_tokens if hasattr(lm_dec, "embed_tokens") else base.get_input_embeddings()
     units.extend(lm_dec.layers)
-    head = hf.lm_head
-    if head.weight is getattr(hf.get_input_embeddings(), "weight", None):
+    head = base.lm_head
+    if head.weight is getattr(base.get_input_embeddings(), "weight", None):
         units.append([embed, head])  # tied: one parameter, one unit
     else:
         units.extend([embed, head])

@@ -169,7 +169,7 @@ def forward_with_latents(model: nn.Module, batch: Batch, latents: torch.Tensor |
     ce_mean: the training loss form (:func:`answer_ce` with mean=True: out.ce_mean carries the
     gradient, out.ce is detached).
     """
-    hf = unwrap(model)
+    base = unwrap(model)
     ids = batch.input_ids
     B = ids.shape[0]
     p = latent_start(batch, k) if k > 0 else 0
@@ -177,14 +177,14 @@ def forward_with_latents(model: nn.Module, batch: Batch, latents: torch.Tensor |
         got = None if latents is None else tuple(latents.shape)
         raise ValueError(f"latents: expected shape [{B}, {k}, D], got {got}")
     if vis is None:
-        vis = vision_tokens(hf, batch.pixel_values, batch.image_grid_thw)
-    emb = embed_inputs(hf, ids, vis)
+        vis = vision_tokens(base, batch.pixel_values, batch.image_grid_thw)
+    emb = embed_inputs(base, ids, vis)
     if k > 0:
         emb = torch.cat([emb[:, :p], latents.to(emb.dtype), emb[:, p + k:]], dim=1)
-    pos = positions(hf, batch.model_inputs())
-    h = run_decoder(hf, emb, batch.attention_mask, pos)
-    logits = _lm_head(hf, h) if return_logits else None
-    ce, n, mean = (answer_ce(hf, h, batch.labels, mean=ce_mean) if batch.labels is not None
+    pos = positions(base, batch.model_inputs())
+    h = run_decoder(base, emb, batch.attention_mask, pos)
+    logits = _lm_head(base, h) if return_logits else None
+    ce, n, mean = (answer_ce(base, h, batch.labels, mean=ce_mean) if batch.labels is not None
                    else (None, None, None))
     lh = latent_mu(h, p, k) if k > 0 else None
     return LatentOutput(ce=ce, n_tokens=n, latent_inputs=latents if k > 0 else None, latent_hidden=lh,
@@ -242,17 +242,17 @@ def recurrent_forward(model: nn.Module, batch: Batch, *, k: int,
     Positions come from get_rope_index over the whole sequence incl. the <|latent_pad|>
     placeholders, so they equal a single full forward's. ce_mean: as forward_with_latents.
     """
-    hf = unwrap(model)
+    base = unwrap(model)
     if k == 0:
-        return forward_with_latents(hf, batch, None, k=0, return_logits=return_logits, ce_mean=ce_mean)
+        return forward_with_latents(base, batch, None, k=0, return_logits=return_logits, ce_mean=ce_mean)
     p = latent_start(batch, k)  # validates the layout before any model work
     mask = batch.attention_mask
-    vis = vision_tokens(hf, batch.pixel_values, batch.image_grid_thw)
-    emb = embed_inputs(hf, batch.input_ids, vis)
-    pos = positions(hf, batch.model_inputs())
+    vis = vision_tokens(base, batch.pixel_values, batch.image_grid_thw)
+    emb = embed_inputs(base, batch.input_ids, vis)
+    pos = positions(base, batch.model_inputs())
 
-    cache = new_cache(hf)
-    h_prefix = run_decoder(hf, emb[:, :p], mask[:, :p], pos[..., :p], cache)
+    cache = new_cache(base)
+    h_prefix = run_decoder(base, emb[:, :p], mask[:, :p], pos[..., :p], cache)
     h = h_prefix[:, -1]
     hs, zs = [], []
     for t in range(k):
@@ -262,17 +262,17 @@ def recurrent_forward(model: nn.Module, batch: Batch, *, k: int,
         if t == k - 1:
             break
         c = p + t
-        h = run_decoder(hf, z[:, None], mask[:, :c + 1], pos[..., c:c + 1], cache)[:, -1]
+        h = run_decoder(base, z[:, None], mask[:, :c + 1], pos[..., c:c + 1], cache)[:, -1]
     c = p + k - 1
     tail = torch.cat([zs[-1][:, None].to(emb.dtype), emb[:, c + 1:]], dim=1)
-    h_tail = run_decoder(hf, tail, mask, pos[..., c:], cache)
+    h_tail = run_decoder(base, tail, mask, pos[..., c:], cache)
     # Labels before the suffix are -100 (answer + <|im_end|> only), so the tail's states suffice.
-    ce, n, mean = answer_ce(hf, h_tail, batch.labels[:, c:], mean=ce_mean)
+    ce, n, mean = answer_ce(base, h_tail, batch.labels[:, c:], mean=ce_mean)
     logits = None
     if return_logits:
         # hs[0] is the prefix's last column; hs[1:] are the outputs of the K-1 single steps.
         h_all = torch.cat([h_prefix, *[x[:, None] for x in hs[1:]], h_tail], dim=1)
-        logits = _lm_head(hf, h_all)
+        logits = _lm_head(base, h_all)
     return LatentOutput(ce=ce, n_tokens=n, latent_inputs=torch.stack(zs, 1), latent_hidden=torch.stack(hs, 1),
                         vision_tokens=vis, logits=logits, ce_mean=mean)
 
@@ -282,20 +282,20 @@ def coconut_reference(model: nn.Module, batch: Batch, *, k: int,
     """Coconut-style K+1 full passes: pass t recomputes the whole sequence to read h[P + t - 1].
 
     The executable spec of :func:`recurrent_forward` (tests compare logits and latents)."""
-    hf = unwrap(model)
+    base = unwrap(model)
     ids = batch.input_ids
-    vis = vision_tokens(hf, batch.pixel_values, batch.image_grid_thw)
-    emb = embed_inputs(hf, ids, vis)
-    pos = positions(hf, batch.model_inputs())
+    vis = vision_tokens(base, batch.pixel_values, batch.image_grid_thw)
+    emb = embed_inputs(base, ids, vis)
+    pos = positions(base, batch.model_inputs())
     p = batch.latent_start
     hs, zs = [], []
     for t in range(k):
-        h = run_decoder(hf, emb, batch.attention_mask, pos)[:, p + t - 1]
+        h = run_decoder(base, emb, batch.attention_mask, pos)[:, p + t - 1]
         z = _feedback(projector, h)
         hs.append(h)
         zs.append(z)
         emb = torch.cat([emb[:, :p + t], z[:, None].to(emb.dtype), emb[:, p + t + 1:]], dim=1)
-    logits = _lm_head(hf, run_decoder(hf, emb, batch.attention_mask, pos))
+    logits = _lm_head(base, run_decoder(base, emb, batch.attention_mask, pos))
     ce, n = per_sample_ce(logits, batch.labels)
     return LatentOutput(ce=ce, n_tokens=n, latent_inputs=torch.stack(zs, 1) if k else None,
                         latent_hidden=torch.stack(hs, 1) if k else None, vision_tokens=vis, logits=logits)

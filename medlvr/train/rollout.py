@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from medlvr.engine.holder import EngineHolder
-from medlvr.models import hf as hfm
+from medlvr.models import hf
 from medlvr.ops import latent_gaussian_logprob, lm_head_logprobs
 from medlvr.reference.latent_loop import latent_loop
 from medlvr.train.collate import Batch
@@ -58,13 +58,13 @@ BACKENDS = ("engine", "hf")
 
 def image_features(model: torch.nn.Module, batch: Batch) -> torch.Tensor | None:
     """Merged vision tokens [T, D] of the batch's images (packing order), None without images."""
-    return hfm.vision_tokens(model, batch.pixel_values, batch.image_grid_thw)
+    return hf.vision_tokens(model, batch.pixel_values, batch.image_grid_thw)
 
 
 def vision_frozen(model: torch.nn.Module) -> bool:
     """No trainable parameter in the vision tower: its features are the same for the policy,
     the old policy and the reference, so one computation per step serves all passes."""
-    tower = hfm.vision_tower(model)
+    tower = hf.vision_tower(model)
     return tower is None or not any(p.requires_grad for p in tower.parameters())
 
 
@@ -83,7 +83,7 @@ def prompt_inputs(model: torch.nn.Module, batch: Batch, *, repeat: int = 1,
     if bool((batch.attention_mask[:, -1] == 0).any()):
         raise ValueError("batch.attention_mask: prompts must be left-padded (attention_mask[:, -1] must be all 1), "
                          "got a row ending in padding")
-    out = hfm.prompt_inputs(model, batch.model_inputs(), vision)
+    out = hf.prompt_inputs(model, batch.model_inputs(), vision)
     if out["position_ids"].dim() == 2:  # text-only decoder: the three sections of a text position
         out["position_ids"] = out["position_ids"][None].expand(3, -1, -1)
     if repeat > 1:
@@ -239,19 +239,19 @@ def policy_states(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, l
     ``prompt`` (prompt_inputs of the same rows) lets a caller recompute the prompt
     embeddings under this model, e.g. with the adapter disabled; default: the rollout's.
     """
-    hf = hfm.unwrap(model)
+    base = hf.unwrap(model)
     p = ro.prompt if prompt is None else prompt
     R, P, D = p["embeds"].shape
     K, T = ro.latents.shape[1], ro.tokens.shape[1]
     dev = p["embeds"].device
-    embed = hf.get_input_embeddings()
+    embed = base.get_input_embeddings()
     end = embed(torch.full((R, 1), latent_end_id, dtype=torch.long, device=dev))
     embeds = torch.cat([p["embeds"], ro.latents.to(p["embeds"].dtype), end, embed(ro.tokens)], dim=1)
     steps = torch.arange(1, K + 2 + T, device=dev)
     pos = torch.cat([p["position_ids"], p["position_ids"][:, :, -1:] + steps], dim=2)
     mask = torch.cat([p["attention_mask"], torch.ones(R, K + 1, dtype=p["attention_mask"].dtype, device=dev),
                       ro.token_mask.to(p["attention_mask"].dtype)], dim=1)
-    hidden = hfm.run_decoder(hf, embeds, mask, pos)
+    hidden = hf.run_decoder(base, embeds, mask, pos)
 
     s0 = P  # index of the first latent input (prompt ends with <|latent_start|>)
     mu = None
@@ -278,7 +278,7 @@ def state_logprobs(model: torch.nn.Module, ro: Rollouts, states: PolicyStates, *
         lat = torch.zeros(R, K, dtype=torch.float32, device=dev)
     keep = ro.token_mask
     tok = torch.zeros(keep.shape, dtype=torch.float32, device=dev)
-    tok = tok.masked_scatter(keep, lm_head_logprobs(hfm.unwrap(model).lm_head, states.answer[keep], ro.tokens[keep],
+    tok = tok.masked_scatter(keep, lm_head_logprobs(hf.unwrap(model).lm_head, states.answer[keep], ro.tokens[keep],
                                                     temperature=temperature))
     return tok, lat
 

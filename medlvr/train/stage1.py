@@ -92,7 +92,7 @@ class LatentLM(nn.Module):
         self.projector = LatentProjector(hidden_size(model)) if cfg.projector else None
 
     @property
-    def hf(self) -> nn.Module:
+    def base(self) -> nn.Module:
         return unwrap(self.model)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -106,7 +106,7 @@ class LatentLM(nn.Module):
             roi = self._roi(out.latent_hidden, out.vision_tokens, batch)
         else:
             vis = vision_tokens(self.model, batch.pixel_values, batch.image_grid_thw)
-            targets = pooled_roi_targets(vis, batch, k=k, merge=qwen_vl.model_merge(self.hf.config))
+            targets = pooled_roi_targets(vis, batch, k=k, merge=qwen_vl.model_merge(self.base.config))
             out = forward_with_latents(self.model, batch, targets, k=k, vis=vis, ce_mean=True)
             roi = self._roi(out.latent_hidden, vis, batch)
         has_roi = torch.zeros_like(out.ce)
