@@ -28,7 +28,7 @@ Columns: forward and forward+backward (latents' gradient; vision tokens' too wit
 --grad-vision) median ms, peak extra memory of forward+backward, and the memory floor
 (roi_align_loss_memory_floor in the provider's dtype: latents + the vision tokens some
 bin weights, read once per pass, + the gradients written) over the copy bandwidth
-measured in the same run. "x floor" = forward+backward ms / floor ms. Issue 13's target
+measured in the same run. "x floor" = forward+backward ms / floor ms. The target
 on an H200 (16 images × 32×32 tokens, D = 3584, 4 boxes per image, K = 8, bf16):
 forward+backward <= 3x the floor. All images in a case have the same size so that
 torchvision can take one 4-D map.
