@@ -123,7 +123,8 @@ class EngineHolder:
         front builds once); default: the batch's."""
         ids = as_mapping(batch).get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-            raise ValueError(f"batch['input_ids'] must be a (batch, length) tensor, got {getattr(ids, 'shape', type(ids).__name__)}")
+            got = getattr(ids, "shape", type(ids).__name__)
+            raise ValueError(f"batch['input_ids'] must be a (batch, length) tensor, got {got}")
         B, width = ids.shape
         rows = B if rows is None else max(B, positive_int("rows", rows))
         need = non_negative_int("k_max", k_max) + non_negative_int("max_new_tokens", max_new_tokens)

@@ -27,10 +27,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-__all__ = ["unwrap", "decoder", "hidden_size", "is_multimodal", "vision_tower", "vision_tokens", "embed_inputs", "rope_positions",
-           "mm_token_type_ids", "positions", "prompt_inputs", "cache_keyword", "new_cache", "new_static_cache",
-           "rewind_static_cache", "output_cache", "cache_layer_kv", "decoder_kwargs", "run_decoder",
-           "save_pretrained"]
+__all__ = ["unwrap", "decoder", "hidden_size", "is_multimodal", "vision_tower", "vision_tokens", "embed_inputs",
+           "rope_positions", "mm_token_type_ids", "positions", "prompt_inputs", "cache_keyword", "new_cache",
+           "new_static_cache", "rewind_static_cache", "output_cache", "cache_layer_kv", "decoder_kwargs",
+           "run_decoder", "save_pretrained"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -29,7 +29,8 @@ PAD_FALLBACK = "<|endoftext|>"  # the pad token when a tokenizer names none
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
 __all__ = ["IMAGE_TOKEN", "VISION_START", "VISION_END", "ANSWER_END", "PAD_FALLBACK", "VisionGeometry",
-           "LORA_TARGETS", "prompt_text", "vision_geometry", "model_merge", "image_token", "tokens_per_image", "resized_sizes",
+           "LORA_TARGETS", "prompt_text", "vision_geometry", "model_merge", "image_token", "tokens_per_image",
+           "resized_sizes",
            "uncovered_sample"]
 
 

@@ -43,7 +43,8 @@ class Batch:
     image_grid_thw: torch.Tensor       # (I, 3) long, images in packing order (sample, then image)
     mm_token_type_ids: torch.Tensor    # (B, S) int, 1 at <|image_pad|> tokens
     labels: torch.Tensor               # (B, S) long, IGNORE_INDEX except answer tokens + <|im_end|>
-    latent_start: int                  # column P of every row's first <|latent_pad|> (prompts end at P - 1); -1 when K == 0
+    latent_start: int                  # column P of every row's first <|latent_pad|> (prompts end at
+                                       # P - 1); -1 when K == 0
     roi_boxes: torch.Tensor            # (R, 4) float, x0 y0 x1 y1 in pixels of the RESIZED image
     roi_image: torch.Tensor            # (R,) long, index into image_grid_thw
     roi_sample: torch.Tensor           # (R,) long, sample owning the box

@@ -312,7 +312,8 @@ def train_loop(objective: Objective, cfg: LoopConfig, *, accelerator: Any = None
 
     out = Path(cfg.out_dir)
     if accelerator is None:
-        accelerator = make_accelerator(cfg.mixed_precision, device=cfg.device, log_with=cfg.report_to, project_dir=str(out),
+        accelerator = make_accelerator(cfg.mixed_precision, device=cfg.device, log_with=cfg.report_to,
+                                       project_dir=str(out),
                                        dataloader_config=DataLoaderConfiguration(split_batches=True))
     set_seed(cfg.seed)
     if metrics_path == "":

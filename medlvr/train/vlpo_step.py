@@ -25,7 +25,8 @@ from medlvr.train.loop import LoopConfig, Updater
 from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_states,
                                   prompt_inputs, sample_rollouts, state_logprobs, vision_frozen)
 
-__all__ = ["VLPOConfig", "VLPOTokens", "LossInputs", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model", "policy_updater",
+__all__ = ["VLPOConfig", "VLPOTokens", "LossInputs", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model",
+           "policy_updater",
            "vlpo_loop", "vlpo_step"]
 
 
