@@ -5,7 +5,7 @@
   ``torch.compile`` (the gpt-fast recipe: mode "max-autotune-no-cudagraphs", then the
   step captured in a CUDA graph by hand, so the graph holds the compiled kernels) and
   optionally captured in a CUDA graph.
-- ``StaticGenerate``: the whole generate of medlvr/reference/latent_loop.py (prefill, K
+- ``StaticGenerate``: the whole generate of medlvr/engine/hf_loop.py (prefill, K
   latent steps, ``first_token``, T greedy answer tokens) over one StaticCache set up once,
   each decode step replayed from a CUDA graph: a latent graph (embeds -> post-norm hidden,
   written back as the next embeds) and a text graph (token -> embed -> decoder -> lm_head
@@ -13,7 +13,7 @@
 
 Every transformers call goes through medlvr/models/hf.py. Without CUDA the same loops run
 eagerly (no graph), which is what the CPU --quick run exercises; tests/test_bench_hf_peers.py
-checks on CPU that they compute the latent loop of medlvr/reference/latent_loop.py.
+checks on CPU that they compute the latent loop of medlvr/engine/hf_loop.py.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ class StaticGenerate:
     """The latent loop (greedy, fixed K, no stop ids) over an HF StaticCache, decode steps
     replayed from CUDA graphs (``graph=False``: run eagerly, e.g. on CPU).
 
-    Step for step the sequence of medlvr.reference.latent_loop.latent_loop(model, batch,
+    Step for step the sequence of medlvr.engine.hf_loop.latent_loop(model, batch,
     k=k, max_new_tokens=T, first_token=first_token): prefill -> h; k times h = dec(h);
     then T times tok = argmax(lm_head(dec(embed(tok)))) starting from first_token.
     batch: unpadded prompts (attention_mask all ones: with no padding the StaticCache's

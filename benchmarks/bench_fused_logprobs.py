@@ -39,7 +39,7 @@ all 3 GEMMs per chunk and the backward only hands the gradients out (Liger's sch
 
 Agreement: before timing, the gradient to hidden of every medlvr row is compared with its
 unfused spec through full logits in fp64 (naive for the weighted-sum rows, the reference
-fused_vlpo_loss_ref = logits + medlvr.reference.vlpo_loss.vlpo_loss for the VLPO rows) at the
+fused_vlpo_loss_ref = logits + medlvr.ops.vlpo_loss.vlpo_loss for the VLPO rows) at the
 --quick shape (N=64, D=128, V=min(V, 32000)); column dh_err = max |d hidden - spec| / max |spec|.
 Columns: median ms forward (no grad) and forward+backward; x_gemm = fwd+bwd / bare GEMMs;
 floor_frac = (6 N V D flop at the matrix rate of the fastest large square GEMM of this run) /

@@ -4,7 +4,7 @@ One latent step feeds the previous post-norm hidden state back as the next input
 embedding. Providers:
   hf_eager        the decoder (inputs_embeds=h, DynamicCache) per step, as public
                   latent-reasoning code does it (CPU and GPU); the whole generate is
-                  medlvr/reference/latent_loop.py
+                  medlvr/engine/hf_loop.py
   hf_static_graph the same forward over a StaticCache, one step captured as a CUDA graph
                   (GPU; on CPU "hf_static", the same loop without a graph); for the
                   whole generate the loop of benchmarks/_hf_peers.py (StaticGenerate)
@@ -42,7 +42,7 @@ from benchmarks import _hf_peers  # noqa: E402
 from benchmarks._common import cpu_threads, parser, report, time_ms  # noqa: E402
 from medlvr.engine import LatentEngine  # noqa: E402
 from medlvr.models import hf  # noqa: E402
-from medlvr.reference.latent_loop import latent_loop  # noqa: E402
+from medlvr.engine.hf_loop import latent_loop  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "medlvr" / "models" / "assets" / "config.json"
 K_SEGMENT = 8

@@ -20,7 +20,7 @@ Providers (each in a dtype it supports: the "dtype" column says which):
                    once per batch (geometry=), and (CUDA) that call captured in a CUDA
                    graph. On CUDA the Triton kernels; on CPU the reference path (Triton
                    needs a GPU): the table says "reference path".
-  stage-1 term     medlvr.train.roi.roi_alignment as stage 1 calls it: gather each
+  stage-1 term     medlvr.train.sft.roi.roi_alignment as stage 1 calls it: gather each
                    box's sample from the latent states (B K D), the loss per box, the mean
                    per sample, and the backward into the latent states; with the batch's
                    geometry from collate, and with one prepared in the call.
@@ -159,7 +159,7 @@ class Case:
 
     def stage1(self, with_geometry: bool):
         from medlvr.ops.roi_align_loss import prepare_roi_geometry
-        from medlvr.train.roi import roi_alignment
+        from medlvr.train.sft.roi import roi_alignment
 
         geometry = self.geometry if with_geometry else prepare_roi_geometry(
             self.batch["image_grid_thw"], self.batch["roi_boxes"], self.batch["roi_image"], bins=self.bins)

@@ -1,5 +1,5 @@
 """The HF StaticCache peers of benchmarks/bench_latent_step.py compute the latent loop
-they are timed against (medlvr/reference/latent_loop.py), so their times compare like
+they are timed against (medlvr/engine/hf_loop.py), so their times compare like
 with like: same prefill, the same K fed-back latent steps, the same greedy answer.
 
 fp32, tiny random Qwen2.5-VL (tests/engine/engine_models.py). CPU runs the loops eagerly;
@@ -15,7 +15,7 @@ import torch
 
 import _benchmarks
 from devices import kernel_devices
-from medlvr.reference.latent_loop import latent_loop
+from medlvr.engine.hf_loop import latent_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "engine"))

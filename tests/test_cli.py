@@ -48,7 +48,7 @@ def test_synth_sft_eval(tmp_path, capsys):
 def test_sft_bad_data_is_one_line_and_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q?", "answer": "yes", "images": ["missing.png"]}\n')
-    from medlvr.train.data import DataError
+    from medlvr.data.records import DataError
 
     argv = ["sft", "--data", str(bad), "--out", str(tmp_path / "r"), "--steps", "1", "--no-progress"]
     assert main(argv) == 2

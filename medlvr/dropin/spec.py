@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from medlvr.reference import exit_rules
+from medlvr.engine import exit_rules
 
 PLACEMENTS = ("after_start", "placeholders")
 Token = int | str
@@ -34,7 +34,7 @@ class LatentSpec:
         placeholders after start_token (optionally closed by end_token), which the latents
         replace one for one (Coconut).
     exit, exit_threshold, exit_scope, exit_distance, exit_distance_on, exit_check_start,
-        after_exit: the exit rule and what follows it (medlvr/reference/exit_rules.py, where
+        after_exit: the exit rule and what follows it (medlvr/engine/exit_rules.py, where
         each is defined with its default). "count" runs as many steps as the prompt holds
         placeholders. latent_pad_token: the id after_exit="mirage" writes (Mirage's
         <|latent_pad|>).
@@ -150,7 +150,7 @@ class ResolvedTokens:
 
 # The public systems' loops (medlvr/reference/dropin_loops.py cites each; docs/dropin.md).
 PRESETS: dict[str, LatentSpec] = {
-    # medlvr's own: <|latent_start|> <|latent_pad|>xK <|latent_end|> (medlvr/train/collate.py).
+    # medlvr's own: <|latent_start|> <|latent_pad|>xK <|latent_end|> (medlvr/data/collate.py).
     "medlvr": LatentSpec(name="medlvr", start_token="<|latent_start|>", end_token="<|latent_end|>",
                          exit="fixed", max_steps=8),
     # Coconut (GPT-2, coconut.py): "<|start-latent|> <|latent|>xn <|end-latent|>" (run.py adds

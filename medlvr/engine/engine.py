@@ -199,7 +199,7 @@ class LatentEngine:
         Exit rules (exit, exit_threshold, exit_scope, exit_distance, exit_distance_on,
         exit_check_start, end_embedding, latent_counts; after_exit / latent_pad_id say what
         ``generate`` feeds next) are defined, with their defaults, in
-        medlvr/reference/exit_rules.py; docs/engine.md lists them. Per-row exits are masks.
+        medlvr/engine/exit_rules.py; docs/engine.md lists them. Per-row exits are masks.
 
         latent_noise_std: VLPO's latent exploration. The fed latent is
         z_t = mu_t + latent_noise_std * eps_t, eps_t ~ N(0, I) drawn from ``generator``,

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import torch
 
 from medlvr.engine.state import MAX_STOP_IDS
-from medlvr.reference import exit_rules
+from medlvr.engine import exit_rules
 
 def as_mapping(batch) -> Mapping[str, torch.Tensor]:
     """``batch``, checked to be a mapping of model inputs (a medlvr.train collate ``Batch``
@@ -76,7 +76,7 @@ def check_generator(generator: torch.Generator | None, device: torch.device) -> 
 
 
 # first_token value: feed, per row, the token the latent segment left (exit rule
-# after_exit="mirage", medlvr/reference/exit_rules.py).
+# after_exit="mirage", medlvr/engine/exit_rules.py).
 FROM_SEGMENT = "segment"
 
 
@@ -90,7 +90,7 @@ def text_feeds(max_new_tokens: int, first_token: int | str | None) -> int:
 
 @dataclass(frozen=True)
 class SegmentParams:
-    """A checked latent segment: ``rule`` its exit rule (medlvr/reference/exit_rules.py:
+    """A checked latent segment: ``rule`` its exit rule (medlvr/engine/exit_rules.py:
     mode, threshold, scope, what is fed after it, ...), the end token id and the latent
     noise."""
 

@@ -42,7 +42,7 @@ class DecodeState:
         self.text_len = z(max_batch)
         self.logits = z(max_batch, vocab_size, dt=torch.float32)
         self.noise = torch.ones(max_batch, vocab_size, dtype=torch.float32, device=device)
-        # exit_scope="batch" (medlvr/reference/exit_rules.py): the running count of firings,
+        # exit_scope="batch" (medlvr/engine/exit_rules.py): the running count of firings,
         # the batch size it must reach, and the latent pad id of after_exit="mirage"
         self.fired_count = z(())
         self.batch_size = z(())

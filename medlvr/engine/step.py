@@ -21,8 +21,8 @@ from medlvr.engine.group import cascade_attention
 from medlvr.engine.request import TextParams
 from medlvr.engine.state import DecodeState
 from medlvr.ops.decode import decode_attention, rotary_append
-from medlvr.reference import exit_rules, sampling
-from medlvr.reference.exit_rules import ExitRule
+from medlvr.engine import exit_rules, sampling
+from medlvr.engine.exit_rules import ExitRule
 
 
 class DecodeStep:
@@ -123,7 +123,7 @@ class DecodeStep:
 
     def exit_test(self, rule: ExitRule, *, fed: torch.Tensor | None, mu: torch.Tensor | None,
                   mu_next: torch.Tensor | None, h: torch.Tensor) -> None:
-        """Run the rule's stop test (medlvr/reference/exit_rules.py) and take the rows (or,
+        """Run the rule's stop test (medlvr/engine/exit_rules.py) and take the rows (or,
         with scope "batch", the whole batch) it ends out of the segment: masks on the
         device, no host branch. With after_exit "mirage" the exit writes each row's next
         token into state.tok."""

@@ -1,7 +1,7 @@
 """The one image reader: every path that loads an image goes through ``load_image``.
 
 Training and evaluation batches, the engine's prompts (both built by
-``medlvr.train.collate.collate``), record validation (``medlvr.train.data``) and
+``medlvr.data.collate.collate``), record validation (``medlvr.data.records``) and
 ``medlvr convert`` read images here. What a record's image may be, by what the path names:
 
     a folder                    a DICOM series, slices ordered by InstanceNumber (dicom.py)

@@ -23,7 +23,7 @@ so at no time does more than one chunk of logits exist. Three entry points use i
 - ``objective_forward_backward``: a scalar objective whose d loss / d logp_i depends on row i
   alone, so a chunk's g is known as soon as its log-probs are: the forward does all 3 GEMMs
   per chunk (the Liger schedule) and nothing is recomputed. Two heads give that g:
-  ``vlpo_head`` (VLPO's clipped ratio + KL: the functions of medlvr/reference/vlpo_loss.py,
+  ``vlpo_head`` (VLPO's clipped ratio + KL: the functions of medlvr/ops/vlpo_loss.py,
   differentiated by autograd on the (C,) log-prob vector, so the trainer's unfused path and
   this op share one definition of the clip math; the op's test oracle is the closed form of
   medlvr/reference/fused_logprobs.py) and ``weighted_sum_head`` (sum_i w_i logp_i: cross-entropy, per-sample means).
@@ -41,7 +41,7 @@ from torch import Tensor
 # The log-prob kernels of medlvr._C must be registered before these ops run; importing the
 # extension does that (the wrapper only dispatches here when it was built).
 from medlvr import _backend
-from medlvr.reference.vlpo_loss import kl_k3, ppo_clip_loss
+from medlvr.ops.vlpo_loss import kl_k3, ppo_clip_loss
 
 Head = Callable[[slice, Tensor], Tuple[Tensor, Tensor]]
 
@@ -204,7 +204,7 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, inv_
 def vlpo_token_terms(logp: Tensor, old: Tensor, ref: Optional[Tensor], adv: Tensor, *, eps_low: float,
                      eps_high: float, dual_clip: float, kl_beta: float) -> Tensor:
     """Per-position VLPO loss: ppo_clip_loss + kl_beta * kl_k3, the functions of
-    medlvr/reference/vlpo_loss.py, combined as its vlpo_loss combines them."""
+    medlvr/ops/vlpo_loss.py, combined as its vlpo_loss combines them."""
     pg, _ = ppo_clip_loss(logp, old, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
     return pg if kl_beta <= 0 else pg + kl_beta * kl_k3(logp, ref)
 

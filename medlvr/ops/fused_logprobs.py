@@ -44,7 +44,7 @@ from medlvr.ops import _fused_logprobs_sweep as sweep
 from medlvr.ops.logprobs import gather_logprobs, latent_gaussian_logprob
 from medlvr.reference.fused_logprobs import (compute_dtype, fused_linear_cross_entropy_ref, fused_linear_logprobs_ref,
                                              fused_vlpo_loss_ref)
-from medlvr.reference.vlpo_loss import gaussian_kl, ppo_clip_loss
+from medlvr.ops.vlpo_loss import gaussian_kl, ppo_clip_loss
 
 __all__ = [
     "fused_linear_cross_entropy", "fused_linear_logprobs", "fused_vlpo_loss", "fusable_lm_head", "lm_head_logprobs",
@@ -279,7 +279,7 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
                     token_ref: torch.Tensor | None = None, mu_ref: torch.Tensor | None = None,
                     latent_scale: float = 1.0, temperature: float = 1.0, bias: torch.Tensor | None = None,
                     chunk_size: int | None = None):
-    """medlvr.reference.vlpo_loss.vlpo_loss of one batch of R rollouts, straight from hidden states.
+    """medlvr.ops.vlpo_loss.vlpo_loss of one batch of R rollouts, straight from hidden states.
 
     Args (the layout of vlpo_loss and rollout.policy_states):
         hidden: (R, T, D) the states predicting answer token t of rollout r (policy_states' answer).

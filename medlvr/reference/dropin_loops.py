@@ -2,7 +2,7 @@
 calls (medlvr/models/hf.py): the outside oracles of medlvr's drop-in presets
 (tests/dropin/test_presets.py) and the baselines of benchmarks/bench_dropin.py.
 
-They share nothing with medlvr's exit rules (medlvr/reference/exit_rules.py) or its engine:
+They share nothing with medlvr's exit rules (medlvr/engine/exit_rules.py) or its engine:
 each keeps the original's own state variables and host-side control flow. Where the
 original samples, these take the argmax (greedy decoding), which the originals do with
 ``do_sample=False``.

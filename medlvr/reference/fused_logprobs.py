@@ -9,7 +9,7 @@ All materialise the (N, V) logits ``hidden @ weight.T (+ bias)`` and hand them t
 gather_logprobs_ref, which makes an fp32 copy: that is what the fast path in
 medlvr/ops/fused_logprobs.py must equal without ever holding either tensor. The VLPO
 objective here is written in closed form from the papers (the clipped surrogate's value and
-gradient stated case by case), sharing no code with medlvr/reference/vlpo_loss.py, which the
+gradient stated case by case), sharing no code with medlvr/ops/vlpo_loss.py, which the
 op itself calls: a test of the op against it can fail.
 
 The dtype contract of the op lives here too (:func:`compute_dtype`), because the reference is
@@ -128,7 +128,7 @@ def fused_vlpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, tokens: torc
                         bias: torch.Tensor | None = None):
     """The VLPO objective of one batch of rollouts, unfused: (loss, token_logp, latent_logp).
 
-    Written from the papers, not from medlvr/reference/vlpo_loss.py (which the op calls), so
+    Written from the papers, not from medlvr/ops/vlpo_loss.py (which the op calls), so
     that it checks the op rather than repeating it:
 
         l_text   = surrogate(logp, old, A) + kl_beta * k3(logp, ref)

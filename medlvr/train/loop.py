@@ -3,14 +3,14 @@ DDP or FSDP from an accelerate config), AdamW + warmup/cosine schedule, gradient
 autocast, metrics, progress bar, atomic checkpoints, exact resume, the final run folder.
 
 A stage plugs in an :class:`Objective`: the module whose forward carries the gradient and one
-training step. Stage 1 (medlvr/train/stage1.py, ``SFTObjective``) accumulates
-``--grad-accum`` micro-batches per optimizer update; stage 2 (medlvr/train/vlpo.py,
+training step. Stage 1 (medlvr/train/sft/objective.py, ``SFTObjective``) accumulates
+``--grad-accum`` micro-batches per optimizer update; stage 2 (medlvr/train/vlpo/objective.py,
 ``VLPOObjective``) samples rollouts and makes ``ppo_epochs`` updates per step. Both reach the
 weights only through the :class:`Updater` the loop hands them (autocast, backward,
 ``update``: clip, optimizer step, schedule, zero grad), so accelerate's gradient sync, mixed
 precision and clipping are the same for both.
 
-Checkpoints and the final weights are run folders (medlvr/train/runs.py); ``--resume auto``
+Checkpoints and the final weights are run folders (medlvr/policy/run_dir.py); ``--resume auto``
 (or a checkpoint dir) restores weights, optimizer, schedule, RNG and the objective's data
 position and continues exactly.
 """
@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from medlvr.train.flags import add_config_arguments, opt
-from medlvr.train.runs import RunDir, find_checkpoint, load_checkpoint, save_checkpoint
+from medlvr.policy.run_dir import RunDir, find_checkpoint, load_checkpoint, save_checkpoint
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -203,7 +203,7 @@ class Updater:
 
     module: the (prepared) module whose forward carries the gradient; optimizer: its
     optimizer. Under accelerate (``accelerator``) backward, clipping and autocast are
-    accelerate's; without one (a bare :func:`medlvr.train.vlpo_step.vlpo_step` call) they are
+    accelerate's; without one (a bare :func:`medlvr.train.vlpo.step.vlpo_step` call) they are
     plain torch. ``update()`` is one optimizer update: clip to ``max_grad_norm`` (0: off),
     step, advance the schedule, zero the gradients; it returns the pre-clip gradient norm
     (None when clipping is off)."""
@@ -274,13 +274,13 @@ def _prepare(objective: Objective, cfg: LoopConfig, accelerator: Any):
     """The objective's module (sharded first with ``cfg.fsdp``), AdamW over its trainable
     parameters (no weight decay on vectors: norms, biases), the schedule and the Updater,
     all through ``accelerator.prepare``."""
-    if cfg.fsdp:  # shard before the optimizer is built: it must hold the shards (medlvr/train/fsdp.py)
+    if cfg.fsdp:  # shard before the optimizer is built: it must hold the shards (medlvr/policy/fsdp.py)
         if not getattr(objective, "supports_fsdp", False):
             raise ValueError(f"fsdp: {type(objective).__name__} does not run sharded; drop --fsdp")
         if accelerator.distributed_type == "FSDP":  # accelerate's own FSDP (a config with fsdp_config)
             raise ValueError("fsdp: --fsdp shards the model itself; launch with a plain multi-GPU accelerate config "
                              "(no fsdp_config section, docs/distributed.md), or drop --fsdp to use accelerate's")
-        from medlvr.train.fsdp import shard
+        from medlvr.policy.fsdp import shard
 
         shard(objective.module, device=accelerator.device, mixed_precision=accelerator.mixed_precision)
     params = [p for p in objective.module.parameters() if p.requires_grad]

@@ -6,7 +6,7 @@ time, the way the run allocates it:
 - weights are fp32 (``medlvr sft`` loads the model in fp32: the master weights), LoRA's A/B,
   the latent-token rows and the projector too; the optimizer is AdamW: two fp32 states per
   trainable weight (plus a 4-byte step each);
-- FSDP2 (medlvr/train/fsdp.py) keeps on each of N ranks a dim-0 slice of every parameter,
+- FSDP2 (medlvr/policy/fsdp.py) keeps on each of N ranks a dim-0 slice of every parameter,
   padded to ceil(rows / N) rows (fully_shard's layout), its gradient and its Adam states
   likewise; it gathers one unit at a time in bf16 (two in flight: the current and the
   prefetched one), and reduce-scatters that unit's gradient from fp32;
@@ -16,7 +16,7 @@ time, the way the run allocates it:
   and decoder layer, counted for Qwen2's layer (see :func:`activation_bytes`); the fused
   lm_head loss adds one (C, V) logits chunk of 256 MiB (medlvr/ops/fused_logprobs.py);
 - VLPO adds the reference policy (``--reference``: "copy", a frozen fp32 copy of the model,
-  sharded like the weights under FSDP, which is what medlvr/train/vlpo.py makes for full
+  sharded like the weights under FSDP, which is what medlvr/train/vlpo/objective.py makes for full
   fine-tuning and for a LoRA that already holds stage-1 training; "adapter", that stage-1
   adapter kept as a second frozen adapter on the same base weights: the LoRA modes' choice
   at scale, adapter bytes only; "none": kl_beta = 0), the rollout engine's KV cache
@@ -88,7 +88,7 @@ class Param:
 def parameters(cfg: dict, *, lora: bool, lora_r: int = 16, projector: bool = False, latent_rows: int = 3
                ) -> list[Param]:
     """The model's parameters (Qwen2.5-VL), plus LoRA on q/k/v/o and the latent-token rows when
-    ``lora`` and the latent projector when ``projector`` (medlvr/train/stage1.py)."""
+    ``lora`` and the latent projector when ``projector`` (medlvr/train/sft/objective.py)."""
     t, v = cfg["text_config"], cfg["vision_config"]
     D, I, V, L = t["hidden_size"], t["intermediate_size"], t["vocab_size"], t["num_hidden_layers"]
     dkv = t["num_key_value_heads"] * (D // t["num_attention_heads"])

@@ -19,7 +19,7 @@ import medlvr
 from medlvr.dropin import LatentSpec
 from medlvr.reference import dropin_loops as originals
 from medlvr.reference.dropin_loops import drop_last_column
-from medlvr.reference.latent_loop import latent_loop
+from medlvr.engine.hf_loop import latent_loop
 
 T, EOS = 5, 2
 BUDGET = 64  # the originals' token budget (it counts latent placeholders): never the binding limit here

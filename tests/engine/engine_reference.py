@@ -1,4 +1,4 @@
-"""The engine's outside reference, per sample: medlvr/reference/latent_loop.py (the latent
+"""The engine's outside reference, per sample: medlvr/engine/hf_loop.py (the latent
 loop as public latent-reasoning codebases write it: an HF forward per step over a
 DynamicCache, feeding the post-norm last hidden state back as ``inputs_embeds`` with
 explicit position ids), unpacked into per-step lists. The engine must reproduce it."""
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine_models import IMAGE
-from medlvr.reference.latent_loop import latent_loop
+from medlvr.engine.hf_loop import latent_loop
 
 
 @dataclass
@@ -27,7 +27,7 @@ class RefResult:
 @torch.no_grad()
 def hf_latent_loop(model, ids, pv=None, grid=None, *, k_max, exit="fixed", threshold=None, latent_end_id=None,
                    max_new_tokens=0, stop_ids=(), projector=None, noise=None) -> RefResult:
-    """One unpadded sample through medlvr/reference/latent_loop.py, as per-step lists."""
+    """One unpadded sample through medlvr/engine/hf_loop.py, as per-step lists."""
     batch = {"input_ids": ids[None], "attention_mask": torch.ones_like(ids[None]),
              "mm_token_type_ids": (ids == IMAGE).int()[None]}
     if pv is not None:

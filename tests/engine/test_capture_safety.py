@@ -105,7 +105,7 @@ NEW_EXITS = [dict(exit="end_distance", exit_threshold=0.5, end_embedding=torch.z
 
 @pytest.mark.parametrize("kw", NEW_EXITS, ids=["lvr-distance", "l2-next-model", "count", "check-start", "mirage"])
 def test_drop_in_exit_rules_are_capture_safe(vl_model, kw):
-    """The exit rules of the drop-in presets (medlvr/reference/exit_rules.py) run inside
+    """The exit rules of the drop-in presets (medlvr/engine/exit_rules.py) run inside
     the segment graph, and what follows them inside the text graph."""
     engine = LatentEngine(vl_model, max_batch=4, max_len=64)
     with capture_checks():

@@ -1,7 +1,7 @@
-"""The exit rules of the drop-in presets (medlvr/reference/exit_rules.py): LVR's distance
+"""The exit rules of the drop-in presets (medlvr/engine/exit_rules.py): LVR's distance
 to a learned end embedding (MSE of the fed latent, and the L2 / next-latent option),
 Coconut's token count, the end-token test at <start>, and Mirage's batch-global scope. The engine against
-the plain-HF loop (medlvr/reference/latent_loop.py) on a ragged batch, fp32, per sample;
+the plain-HF loop (medlvr/engine/hf_loop.py) on a ragged batch, fp32, per sample;
 and their bad input."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 import engine_models as tm
 from medlvr.engine import LatentEngine
-from medlvr.reference.latent_loop import latent_loop
+from medlvr.engine.hf_loop import latent_loop
 
 K, T = 5, 4
 SAMPLES = [((4, 6), 3, 1), ((2, 2), 6, 2), (None, 4, 3)]

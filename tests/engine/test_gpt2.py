@@ -1,5 +1,5 @@
 """The gpt2 adapter (Coconut's checkpoints) against HF GPT2LMHeadModel, fp32 on CPU:
-the reference latent loop (medlvr/reference/latent_loop.py) on the HF model, and one
+the reference latent loop (medlvr/engine/hf_loop.py) on the HF model, and one
 full HF forward over [prompt; latents; answer] with the latents as inputs_embeds
 (GPT2Model adds the learned positions to them). Tolerance as tests/engine/test_equivalence.py."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 import engine_models as tm
 from medlvr.engine import LatentEngine
-from medlvr.reference.latent_loop import latent_loop
+from medlvr.engine.hf_loop import latent_loop
 
 K, T = 4, 5
 

@@ -16,8 +16,8 @@ import engine_models as tm
 import medlvr
 from medlvr.engine import EngineHolder, LatentEngine
 from medlvr.dropin import LatentSpec
-from medlvr.train.collate import Batch
-from medlvr.train.rollout import sample_rollouts
+from medlvr.data.collate import Batch
+from medlvr.train.vlpo.rollout import sample_rollouts
 
 # The engine and the callers that generate through it. Not medlvr/ops: its CPU references
 # read their own per-step lengths (on CUDA the kernels take them as tensors).

@@ -7,7 +7,7 @@ import torch
 
 import engine_models as tm
 from medlvr.engine import LatentEngine
-from medlvr.reference.sampling import sample, top_p_filter
+from medlvr.engine.sampling import sample, top_p_filter
 
 
 def test_top_p_filter_keeps_the_nucleus():

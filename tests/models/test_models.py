@@ -172,8 +172,8 @@ def test_qwen2_vl_checkpoint_loads_with_latent_tokens_added(tmp_path):
         logits = model(**out).logits
     assert logits.shape[-1] == v + 3 and torch.isfinite(logits).all()
     # collate works with a loaded (non-default) processor too.
-    from medlvr.train.collate import collate
-    from medlvr.train.data import ROI, Record
+    from medlvr.data.collate import collate
+    from medlvr.data.records import ROI, Record
 
     path = tmp_path / "img.png"
     _img(80, 60).save(path)

@@ -18,7 +18,7 @@ from medlvr.ops import fused_linear_logprobs, fused_vlpo_loss, lm_head_logprobs
 from medlvr.ops import _fused_logprobs_sweep as sweep
 from medlvr.ops.logprobs import gather_logprobs
 from medlvr.reference.fused_logprobs import fused_linear_logprobs_ref, fused_vlpo_loss_ref
-from medlvr.reference.vlpo_loss import vlpo_loss
+from medlvr.ops.vlpo_loss import vlpo_loss
 
 requires_ext = pytest.mark.skipif(_backend.extension() is None, reason="medlvr._C was not built")
 pytestmark = [requires_ext, pytest.mark.usefixtures("one_torch_thread")]

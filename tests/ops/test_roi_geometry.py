@@ -143,11 +143,11 @@ def test_under_bf16_autocast(backend, device):
 
 @pytest.mark.parametrize("device", kernel_devices())
 def test_stage1_alignment_term_with_the_collated_geometry(device):
-    # medlvr.train.roi.roi_alignment takes the batch's geometry (made by collate): per sample,
+    # medlvr.train.sft.roi.roi_alignment takes the batch's geometry (made by collate): per sample,
     # the mean over its boxes of the reference loss on the raw boxes (on CPU tensors the
     # reference path, on CUDA the kernels: what stage 1 runs there); a batch with boxes but
     # no geometry is refused
-    from medlvr.train.roi import roi_alignment
+    from medlvr.train.sft.roi import roi_alignment
 
     sample = torch.tensor([0, 2, 2, 1])
     h = torch.randn(3, 6, 16).to(device).requires_grad_(True)
@@ -180,7 +180,7 @@ def test_stage1_per_sample_sum_is_deterministic_and_equals_index_add(device):
     # per-sample mean must equal the index_add sum (rows in any order, several per sample, a
     # sample with none) without any accumulate-by-index op; the CPU cannot show atomics, so
     # it checks that none is used.
-    from medlvr.train.roi import roi_alignment
+    from medlvr.train.sft.roi import roi_alignment
 
     sample = torch.tensor([3, 0, 3, 3])  # unsorted; samples 1 and 2 have no box
     geometry = prepare_roi_geometry(GRID, BOXES, BOX_IMAGE, bins=BINS)

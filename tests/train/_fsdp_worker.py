@@ -18,11 +18,11 @@ import sys
 import torch
 from torch.distributed.tensor import DTensor
 
-import medlvr.train.latent as latent
-import medlvr.train.vlpo as vlpo
-import medlvr.train.vlpo_step as vlpo_step
+import medlvr.policy.latent as latent
+import medlvr.train.vlpo.objective as vlpo
+import medlvr.train.vlpo.step as vlpo_step
 from medlvr.cli import main
-from medlvr.train.fsdp import is_sharded
+from medlvr.policy.fsdp import is_sharded
 
 calls = []
 

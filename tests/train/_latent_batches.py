@@ -1,5 +1,5 @@
 """Hand-built training batches for the latent tests: built from the processor, not by
-medlvr.train.collate, so that the latent math is tested on its own (ragged prefixes, ROI rows,
+medlvr.data.collate, so that the latent math is tested on its own (ragged prefixes, ROI rows,
 samples without ROI)."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from medlvr.ops import prepare_roi_geometry
-from medlvr.train.collate import Batch
-from medlvr.train.roi import roi_bins
+from medlvr.data.collate import Batch
+from medlvr.train.sft.roi import roi_bins
 
 
 def make_batch(processor, *, k: int, questions=("what is it?", "is the lesion on the left side?", "organ?"),

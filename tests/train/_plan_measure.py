@@ -41,10 +41,10 @@ def main(out: str, mode: str, vocab: int, data: str) -> None:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from medlvr.models.default import build_processor
-    from medlvr.train.data import load_split
-    from medlvr.train.fsdp import gathered, is_sharded
+    from medlvr.data.records import load_split
+    from medlvr.policy.fsdp import gathered, is_sharded
     from medlvr.train.loop import LoopConfig, Updater, train_loop
-    from medlvr.train.stage1 import SFTObjective, Stage1Config, build_trainable
+    from medlvr.train.sft.objective import SFTObjective, Stage1Config, build_trainable
 
     cfg = measured_config(vocab)
     torch.manual_seed(0)

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from medlvr.train.converters import add_convert_arguments, convert, convert_main
-from medlvr.train.data import DataError, load_jsonl
+from medlvr.data.converters import add_convert_arguments, convert, convert_main
+from medlvr.data.records import DataError, load_jsonl
 
 FIX = Path(__file__).parent / "fixtures"
 

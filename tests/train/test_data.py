@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from medlvr.models import build_default, latent_token_ids
-from medlvr.train.collate import IGNORE_INDEX, collate
-from medlvr.train.data import ROI, DataError, Record, load_jsonl, write_jsonl
-from medlvr.train.qa import format_question, normalize_answer, score
+from medlvr.data.collate import IGNORE_INDEX, collate
+from medlvr.data.records import ROI, DataError, Record, load_jsonl, write_jsonl
+from medlvr.data.answers import format_question, normalize_answer, score
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_a_batch_reaches_the_engine_only_through_model_inputs(default, data_dir)
 def test_prompt_batch_from_model_inputs_equals_collate(default, data_dir, k):
     # Batch.prompts rebuilds the prompt batch a caller holding only the model inputs (a
     # processor's left-padded output) needs: the same latent column and empty answers and ROIs.
-    from medlvr.train.collate import Batch
+    from medlvr.data.collate import Batch
 
     _, proc = default
     b = collate(_records(data_dir), proc, k_latent=k, with_answer=False, latent_token_ids=latent_token_ids(proc))

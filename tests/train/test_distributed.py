@@ -35,7 +35,7 @@ def _sft_args(data: Path, out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    from medlvr.train.synth import synthesize
+    from medlvr.data.synth import synthesize
 
     paths = synthesize(tmp_path / "data", n=16, seed=2, image_size=56, split_fractions=(1.0, 0.0, 0.0))
     env_one = _env()

@@ -7,12 +7,12 @@ import torch
 
 from _threads import one_thread  # noqa: F401  (autouse fixture)
 from medlvr.models import build_default, latent_token_ids
-from medlvr.train.collate import collate
-from medlvr.train.data import load_jsonl
-from medlvr.train.evaluate import (_engine_generate, evaluate, hf_greedy, print_table, summarize,
+from medlvr.data.collate import collate
+from medlvr.data.records import load_jsonl
+from medlvr.eval.evaluate import (_engine_generate, evaluate, hf_greedy, print_table, summarize,
                                    write_outputs)
-from medlvr.train.stage1 import LatentLM, Stage1Config
-from medlvr.train.synth import synthesize
+from medlvr.train.sft.objective import LatentLM, Stage1Config
+from medlvr.data.synth import synthesize
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_bad_backend(setup):
 
 # ------------------------------------------------- paired differences, latent ablation ---
 def test_bootstrap_ci_hand_cases():
-    from medlvr.train.paired import bootstrap_ci
+    from medlvr.eval.paired import bootstrap_ci
 
     assert bootstrap_ci([0.25] * 50) == (0.25, 0.25, 0.25)  # no spread: a point interval
     # 1000 paired differences in {-1, 0, +1}: the percentile interval is close to the normal
@@ -97,7 +97,7 @@ def test_bootstrap_ci_hand_cases():
 
 
 def test_paired_differences_match_records_and_split_by_qtype():
-    from medlvr.train.paired import format_paired, paired_differences
+    from medlvr.eval.paired import format_paired, paired_differences
 
     def preds(correct):
         return [dict(id=str(i), question="q", source="s", qtype="x" if i < 4 else "y", correct=c)
@@ -118,7 +118,7 @@ def test_paired_differences_match_records_and_split_by_qtype():
 
 
 def test_latent_ablation_reports_every_intervention(setup):
-    from medlvr.train.latent_ablation import format_ablation, latent_ablation
+    from medlvr.eval.ablation import format_ablation, latent_ablation
 
     model, processor, records = setup
     lm = LatentLM(model, Stage1Config(k_latent=2))

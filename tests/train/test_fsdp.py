@@ -1,4 +1,4 @@
-"""``medlvr sft --fsdp`` and ``medlvr vlpo --fsdp`` (FSDP2, medlvr/train/fsdp.py) on 2 CPU
+"""``medlvr sft --fsdp`` and ``medlvr vlpo --fsdp`` (FSDP2, medlvr/policy/fsdp.py) on 2 CPU
 processes (gloo), full fine-tuning and LoRA (+ latent-token rows and the projector).
 
 Stage 1 is compared with one unsharded process on the same global batch; VLPO with the same
@@ -58,7 +58,7 @@ def _two(args: list[str], spy: Path, cwd: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_fsdp_two_processes_match_one(tmp_path, lora):
-    from medlvr.train.synth import synthesize
+    from medlvr.data.synth import synthesize
 
     data = synthesize(tmp_path / "data", n=16, seed=2, image_size=56, split_fractions=(1.0, 0.0, 0.0))["train"]
     _run([sys.executable, "-m", "medlvr.cli", *_args(data, tmp_path / "one", lora)], tmp_path)
@@ -117,7 +117,7 @@ def _check_loads(final: Path, lora: bool) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from medlvr.models import build_default
-    from medlvr.train.stage1 import load_trained
+    from medlvr.train.sft.objective import load_trained
 
     lm, _, _ = load_trained(final)
     ids = torch.tensor([[1, 7, 9, 11, 13, 17, 19]])
@@ -162,7 +162,7 @@ def test_vlpo_fsdp_matches_ddp(tmp_path, lora):
     """Rollouts on the gathered weights, the reference pass, the fused VLPO loss on the
     sharded head: the same update as DDP on the same ranks. The worker's reward varies with
     the sampled text, so the random model's groups have advantages."""
-    from medlvr.train.synth import synthesize
+    from medlvr.data.synth import synthesize
 
     data = synthesize(tmp_path / "data", n=8, seed=2, image_size=56, split_fractions=(1.0, 0.0, 0.0))["train"]
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
@@ -179,7 +179,7 @@ def test_vlpo_fsdp_matches_ddp(tmp_path, lora):
     V, D = 1024, 128
     for rank in (0, 1):
         calls = json.loads(Path(f"{tmp_path / 'spy-fsdp'}.{rank}").read_text())
-        assert len(calls) == 4 and all(c["op"] == "medlvr.train.vlpo_step" for c in calls), calls  # 2 steps x 2
+        assert len(calls) == 4 and all(c["op"] == "medlvr.train.vlpo.step" for c in calls), calls  # 2 steps x 2
         assert all(c["head_sharded"] and not c["op_weight_is_dtensor"] and c["op_weight_shape"] == [V, D]
                    for c in calls), calls
         # the first epoch of a step runs inside the rollout gather; the second on the shard,
@@ -190,7 +190,7 @@ def test_vlpo_fsdp_matches_ddp(tmp_path, lora):
 
 def test_vlpo_fsdp_refuses_a_copied_reference(tmp_path):
     """Full fine-tuning with a KL term needs a frozen copy of the policy, which is not sharded."""
-    from medlvr.train.synth import synthesize
+    from medlvr.data.synth import synthesize
 
     data = synthesize(tmp_path / "data", n=2, seed=2, image_size=56, split_fractions=(1.0, 0.0, 0.0))["train"]
     r = subprocess.run([sys.executable, "-m", "medlvr.cli", "vlpo", "--data", str(data), "--out", str(tmp_path / "o"),

@@ -12,10 +12,10 @@ import torch
 import medlvr
 from medlvr.models import build_default
 from medlvr.models.hf import unwrap
-from medlvr.train import latent
-from medlvr.train.rollout import policy_forward
+from medlvr.policy import latent
+from medlvr.train.vlpo.rollout import policy_forward
 from medlvr.reference.fused_logprobs import fused_vlpo_loss_ref
-from medlvr.train.vlpo_step import VLPOConfig, policy_updater, vlpo_loop
+from medlvr.train.vlpo.step import VLPOConfig, policy_updater, vlpo_loop
 
 from _latent_batches import make_batch
 from _threads import one_thread  # noqa: F401  (autouse fixture)
@@ -48,7 +48,7 @@ def test_stage1_answer_ce_equals_the_logits_cross_entropy(autocast):
 def test_stage1_loss_through_the_fused_cross_entropy_equals_the_unfused_loss(mode, k, autocast, monkeypatch):
     """LatentLM's loss takes the CE mean from fused_linear_cross_entropy (gradients in its
     forward); value and every parameter gradient equal the unfused path's."""
-    from medlvr.train.stage1 import LatentLM, Stage1Config
+    from medlvr.train.sft.objective import LatentLM, Stage1Config
 
     calls = []
     fused = latent.fused_linear_cross_entropy
@@ -108,7 +108,7 @@ def _sgd_step(policy, cfg, *, ref=None, projector=None, autocast=False):
     lr * gradient, so two ways of computing the loss can be compared parameter by parameter."""
     from test_vlpo import TOKENS, prompt_batch
 
-    from medlvr.train.vlpo_step import vlpo_step
+    from medlvr.train.vlpo.step import vlpo_step
 
     params = [p for p in policy.parameters() if p.requires_grad]
     if projector is not None:
@@ -125,7 +125,7 @@ def _case(case: str, kw: dict):
     """(policy, cfg, extra _sgd_step arguments) of one comparison case, built afresh from fixed seeds."""
     import copy
 
-    from medlvr.train.latent import LatentProjector
+    from medlvr.policy.latent import LatentProjector
 
     torch.manual_seed(0)
     if case == "lora-kl-2epochs":
@@ -159,7 +159,7 @@ _KW = dict(n_rollouts=2, k_latent=2, latent_sigma=0.3, max_new_tokens=4, kl_beta
 def _reference_loss(monkeypatch):
     """The step's loss computed by medlvr/reference/fused_logprobs.py's fused_vlpo_loss_ref (the
     objective written from the papers, logits materialised) instead of the fused op."""
-    from medlvr.train import vlpo_step as step_module
+    from medlvr.train.vlpo import step as step_module
 
     def reference(*args, **kwargs):
         kwargs.pop("chunk_size", None)
@@ -173,7 +173,7 @@ def _reference_loss(monkeypatch):
 def test_vlpo_step_through_fused_vlpo_loss_equals_the_reference_step(case, monkeypatch):
     """The step scores through fused_vlpo_loss; the update and every statistic equal the same
     step with the loss from the reference objective (fused_vlpo_loss_ref)."""
-    from medlvr.train import vlpo_step as step_module
+    from medlvr.train.vlpo import step as step_module
 
     calls = []
     fused = step_module.fused_vlpo_loss
@@ -208,7 +208,7 @@ def _own_forward(model):
 def test_vlpo_step_with_a_head_the_fused_op_cannot_take_equals_the_reference_step(case, monkeypatch):
     """A head run through its own forward (lm_head_logprobs, then vlpo_loss) gives the update and
     statistics of the reference objective on a plain head; the fused op is not called."""
-    from medlvr.train import vlpo_step as step_module
+    from medlvr.train.vlpo import step as step_module
 
     with monkeypatch.context() as m:
         m.setattr(step_module, "fused_vlpo_loss", lambda *a, **kw: pytest.fail("fused op on a non-fusable head"))

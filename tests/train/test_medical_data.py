@@ -17,10 +17,10 @@ from medlvr.cli import main  # noqa: E402
 from medlvr.imageio import load_image, read_pixels  # noqa: E402
 from medlvr.imageio.dicom_write import write_dicom  # noqa: E402
 from medlvr.models import build_default, latent_token_ids  # noqa: E402
-from medlvr.train.collate import collate  # noqa: E402
-from medlvr.train.converters import convert  # noqa: E402
-from medlvr.train.data import ROI, DataError, Record, load_jsonl, write_jsonl  # noqa: E402
-from medlvr.train.synth import synthesize  # noqa: E402
+from medlvr.data.collate import collate  # noqa: E402
+from medlvr.data.converters import convert  # noqa: E402
+from medlvr.data.records import ROI, DataError, Record, load_jsonl, write_jsonl  # noqa: E402
+from medlvr.data.synth import synthesize  # noqa: E402
 
 BUNDLED = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")
 

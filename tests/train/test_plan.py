@@ -66,7 +66,7 @@ def test_cli_table_json_and_errors():
 def test_state_bytes_equal_a_real_step(tmp_path, mode):
     """2 decoder layers and 2 vision blocks at the 7B's width (vocabulary 8192 instead of
     152064, to fit this CPU); FSDP on 2 processes. Rank 0 holds the padded (largest) slices."""
-    from medlvr.train.synth import synthesize
+    from medlvr.data.synth import synthesize
 
     data = synthesize(tmp_path / "data", n=4, seed=1, image_size=56, split_fractions=(1.0, 0.0, 0.0))["train"]
     worker = Path(__file__).resolve().parent / "_plan_measure.py"

@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 
 from _threads import one_thread  # noqa: F401  (autouse fixture)
 from medlvr.models import build_default
-from medlvr.train.data import load_jsonl
+from medlvr.data.records import load_jsonl
 from medlvr.train.loop import LoopConfig, StopTraining
-from medlvr.train.stage1 import load_trained
-from medlvr.train.stage1 import Stage1Config, build_trainable, train_stage1
-from medlvr.train.synth import synthesize
+from medlvr.train.sft.objective import load_trained
+from medlvr.train.sft.objective import Stage1Config, build_trainable, train_stage1
+from medlvr.data.synth import synthesize
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
 """VLPO's grouped rollouts (backend "engine": the n rows of a prompt share its prefill
 and K/V, medlvr/engine/group.py) equal the plain-HF reference loop's (backend "hf",
-medlvr/reference/latent_loop.py: the prompts repeated n times as independent rows) with the
+medlvr/engine/hf_loop.py: the prompts repeated n times as independent rows) with the
 same generator: latents, means, tokens, masks and log-probs (fp32, CPU)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from medlvr.train.rollout import RolloutEngine, sample_rollouts
+from medlvr.train.vlpo.rollout import RolloutEngine, sample_rollouts
 from test_vlpo import IM_END, L_END, PAD, prompt_batch, tiny_model
 
 

@@ -11,12 +11,12 @@ from PIL import Image
 from medlvr.models import build_default, latent_token_ids
 from medlvr.models.hf import vision_tokens
 from medlvr.reference.roi_align import roi_align_loss_ref
-from medlvr.train import latent
-from medlvr.train import roi
-from medlvr.train.collate import collate
-from medlvr.train.data import ROI, Record
-from medlvr.train.rollout import Rollouts, policy_states, prompt_inputs
-from medlvr.train.stage1 import LatentLM, Stage1Config, build_trainable
+from medlvr.policy import latent
+from medlvr.train.sft import roi
+from medlvr.data.collate import collate
+from medlvr.data.records import ROI, Record
+from medlvr.train.vlpo.rollout import Rollouts, policy_states, prompt_inputs
+from medlvr.train.sft.objective import LatentLM, Stage1Config, build_trainable
 
 from _latent_batches import make_batch
 from _threads import one_thread  # noqa: F401  (autouse fixture)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medlvr.train.data import load_jsonl
-from medlvr.train.synth import QUADRANTS, add_synth_arguments, synth_main, synthesize
+from medlvr.data.records import load_jsonl
+from medlvr.data.synth import QUADRANTS, add_synth_arguments, synth_main, synthesize
 
 
 def _digest(root):

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from medlvr.reference.logprobs import latent_gaussian_logprob_ref
-from medlvr.train import rewards
-from medlvr.train.collate import Batch
-from medlvr.train.rollout import policy_forward, prompt_inputs, sample_rollouts
-from medlvr.reference.vlpo_loss import group_advantages, kl_k3, ppo_clip_loss, vlpo_loss
-from medlvr.train.vlpo_step import VLPOConfig, VLPOTokens, policy_updater, vlpo_loop, vlpo_step
+from medlvr.train.vlpo import rewards
+from medlvr.data.collate import Batch
+from medlvr.train.vlpo.rollout import policy_forward, prompt_inputs, sample_rollouts
+from medlvr.ops.vlpo_loss import group_advantages, kl_k3, ppo_clip_loss, vlpo_loss
+from medlvr.train.vlpo.step import VLPOConfig, VLPOTokens, policy_updater, vlpo_loop, vlpo_step
 
 # Tiny vocabulary of the test model (ids chosen by hand; the real ids come from the tokenizer).
 PAD, IM_END, VIDEO, V_START, V_END, IMAGE, L_START, L_END, L_PAD = 0, 57, 56, 58, 59, 60, 61, 62, 63
@@ -205,7 +205,7 @@ def test_latent_feedback_comes_from_the_previous_position(model):
 
 def test_projector_maps_the_fed_back_state(model):
     # with the stage-1 projector, z_t = projector(h[s0 + t - 1]) and mu_t is the same map
-    from medlvr.train.latent import LatentProjector
+    from medlvr.policy.latent import LatentProjector
 
     proj = LatentProjector(32)
     torch.nn.init.normal_(proj.down.weight, std=0.2)
@@ -261,7 +261,7 @@ def test_rollouts_shapes_masks_and_seeded_determinism(model):
 
 def test_top_p_filter_keeps_the_smallest_nucleus():
     # VLPO's rollouts use the engine's one top-p filter (on probabilities).
-    from medlvr.reference.sampling import top_p_filter
+    from medlvr.engine.sampling import top_p_filter
 
     probs = torch.tensor([[0.2, 0.5, 0.3], [0.7, 0.2, 0.1]])
     out = top_p_filter(probs, torch.tensor(0.7))
@@ -491,7 +491,7 @@ def test_engine_rollouts_equal_the_hf_loop_with_the_same_draws(peaked_model, sig
 
 
 def test_engine_rollouts_with_a_projector_equal_the_hf_loop(peaked_model):
-    from medlvr.train.latent import LatentProjector
+    from medlvr.policy.latent import LatentProjector
 
     proj = LatentProjector(32)
     torch.nn.init.normal_(proj.down.weight, std=0.2)
@@ -524,7 +524,7 @@ def test_reused_engine_rolls_out_the_lora_weights_after_an_optimizer_step():
     # One RolloutEngine across VLPO steps: it holds the policy's modules by reference, so the
     # rollout after an update equals a fresh HF-loop rollout of the updated policy and
     # differs from the one before; the engine is built once.
-    from medlvr.train.rollout import RolloutEngine
+    from medlvr.train.vlpo.rollout import RolloutEngine
 
     base = tiny_model(8)
     with torch.no_grad():
@@ -547,7 +547,7 @@ def test_reused_engine_rolls_out_the_lora_weights_after_an_optimizer_step():
 
 
 def test_rollout_engine_grows_only_when_needed(model):
-    from medlvr.train.rollout import RolloutEngine
+    from medlvr.train.vlpo.rollout import RolloutEngine
 
     re = RolloutEngine(model, len_multiple=64)
     e1 = re.get(rows=4, max_len=20)
@@ -568,8 +568,8 @@ def test_rollout_backend_is_checked():
 
 # ------------------------------------------------------- end to end (embedded model) ---
 def _synth_records(tmp_path, n):
-    from medlvr.train.data import load_jsonl
-    from medlvr.train.synth import synthesize
+    from medlvr.data.records import load_jsonl
+    from medlvr.data.synth import synthesize
 
     paths = synthesize(tmp_path / "data", n=n, seed=0, split_fractions=(1.0, 0.0, 0.0))
     return paths["train"], load_jsonl(paths["train"])[0]
@@ -582,7 +582,7 @@ def test_train_vlpo_with_accelerator_full_finetune(tmp_path, monkeypatch):
 
     import medlvr.engine.holder
     from medlvr.models import build_default
-    from medlvr.train.vlpo import train_vlpo
+    from medlvr.train.vlpo.objective import train_vlpo
 
     built = []
 
@@ -618,9 +618,9 @@ def test_vlpo_main_trains_saves_and_reloads(tmp_path, monkeypatch):
     import argparse
     import json
 
-    import medlvr.train.vlpo as vlpo_mod
-    from medlvr.train.stage1 import load_trained
-    from medlvr.train.vlpo_cli import add_vlpo_arguments, vlpo_main
+    import medlvr.train.vlpo.objective as vlpo_mod
+    from medlvr.train.sft.objective import load_trained
+    from medlvr.cli.vlpo import add_vlpo_arguments, vlpo_main
 
     # A random model answers nothing right (all rewards 0 -> zero advantages -> no update);
     # the real rewards still run, plus a per-rollout bonus so the save path sees a change.
@@ -655,7 +655,7 @@ def test_vlpo_cli_boolean_fields_are_switches():
     """A bool VLPOConfig field is --name / --no-name (argparse's type=bool took "False" as True)."""
     import argparse
 
-    from medlvr.train.vlpo_cli import add_vlpo_arguments
+    from medlvr.cli.vlpo import add_vlpo_arguments
 
     parse = add_vlpo_arguments(argparse.ArgumentParser()).parse_args
     assert parse(["--data", "x"]).latent_norm is True
@@ -666,8 +666,8 @@ def test_vlpo_cli_boolean_fields_are_switches():
 
 def test_adapter_is_identity_detects_trained_adapters():
     from medlvr.models import build_default
-    from medlvr.train.stage1 import Stage1Config, build_trainable
-    from medlvr.train.vlpo_step import adapter_is_identity
+    from medlvr.train.sft.objective import Stage1Config, build_trainable
+    from medlvr.train.vlpo.step import adapter_is_identity
 
     model, processor = build_default(seed=0)
     assert not adapter_is_identity(model)  # no adapter at all
@@ -696,9 +696,9 @@ def test_vlpo_main_from_a_stage1_lora_run_uses_it_as_reference(tmp_path):
     from safetensors.torch import save_file
 
     from medlvr.models import build_default
-    from medlvr.train.runs import save_run_config
-    from medlvr.train.stage1 import Stage1Config, build_trainable
-    from medlvr.train.vlpo_cli import add_vlpo_arguments, vlpo_main
+    from medlvr.policy.run_dir import save_run_config
+    from medlvr.train.sft.objective import Stage1Config, build_trainable
+    from medlvr.cli.vlpo import add_vlpo_arguments, vlpo_main
 
     data, _ = _synth_records(tmp_path, 3)
     model, processor = build_default(seed=0)
@@ -731,9 +731,9 @@ import torch
 torch.set_num_threads(1)
 from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
-import medlvr.train.vlpo as V
+import medlvr.train.vlpo.objective as V
 from medlvr.models import build_default
-from medlvr.train.data import load_jsonl
+from medlvr.data.records import load_jsonl
 
 acc = Accelerator(cpu=True)
 rank = acc.process_index

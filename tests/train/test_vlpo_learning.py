@@ -5,10 +5,10 @@ The model is a random 2-layer Qwen2.5-VL with hidden size D = 128 (the embedded 
 model's), LoRA on attention and MLP, lm_head scaled to a trained model's logit spread. The
 reward is the fraction of the 4 answer tokens with ids in [8, 16) (8 of 64 ids, about 0.25 at
 the start). Latent exploration sigma = 0.02: a raw latent score is sqrt(D) / sigma ~ 570 times a
-token's, which is what the latent scale (medlvr.reference.vlpo_loss.latent_scale) exists for.
+token's, which is what the latent scale (medlvr.ops.vlpo_loss.latent_scale) exists for.
 Measured on this 2-core CPU (1 thread, about 1 s per seed for the 8 steps), mean reward of
 steps 3..7 for seeds 0 / 1 / 2: 0.99 / 1.00 / 0.99 with the objective of
-medlvr/reference/vlpo_loss.py (step 0: 0.25); 0.71 / 0.38 / 0.37 with the raw latent
+medlvr/ops/vlpo_loss.py (step 0: 0.25); 0.71 / 0.38 / 0.37 with the raw latent
 log-prob, latent steps in the divisor and the clamped k3 latent KL, which fail the margin.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medlvr.train.vlpo_step import VLPOConfig, policy_updater, vlpo_loop, vlpo_step
+from medlvr.train.vlpo.step import VLPOConfig, policy_updater, vlpo_loop, vlpo_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,7 +14,7 @@ import torch
 from medlvr.ops import fused_vlpo_loss
 from medlvr.reference.fused_logprobs import fused_linear_logprobs_ref
 from medlvr.reference.logprobs import latent_gaussian_logprob_ref
-from medlvr.reference.vlpo_loss import gaussian_kl, kl_k3, latent_scale, ppo_clip_loss, vlpo_loss
+from medlvr.ops.vlpo_loss import gaussian_kl, kl_k3, latent_scale, ppo_clip_loss, vlpo_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -199,7 +199,7 @@ def test_step_reports_the_exact_latent_kl_of_a_drifted_policy():
     summed log-ratio clamped at 19."""
     from test_vlpo import TOKENS, prompt_batch, tiny_model
 
-    from medlvr.train.vlpo_step import VLPOConfig, policy_updater, vlpo_loop, vlpo_step
+    from medlvr.train.vlpo.step import VLPOConfig, policy_updater, vlpo_loop, vlpo_step
 
     policy = tiny_model(7)
     ref = copy.deepcopy(policy).requires_grad_(False)

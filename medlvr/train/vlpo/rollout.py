@@ -23,7 +23,7 @@ Two rollout backends give the same rollouts (``sample_rollouts(backend=...)``,
   engine comes from an :class:`medlvr.engine.EngineHolder` (``RolloutEngine``), built once
   and reused across VLPO steps; it holds references to the model's modules, so optimizer
   steps (LoRA included) are seen by the next rollout.
-- "hf": the plain-HF KV-cached loop of medlvr/reference/latent_loop.py, the engine's
+- "hf": the plain-HF KV-cached loop of medlvr/engine/hf_loop.py, the engine's
   outside reference, kept as a fallback (models the engine has no adapter for) and as the
   test reference.
 
@@ -31,7 +31,7 @@ Both draw their randomness from the caller's generator in the engine's order: th
 noise as one (R, K, D) normal tensor in the model dtype (only when sigma > 0 and K > 0),
 then one (R, V) tensor of Exp(1) variates per answer token, from which the token is the
 "exponential race" sample argmax_i p_i / E_i over the top-p nucleus (an exact sample of
-the nucleus distribution, see medlvr/reference/sampling.py). With the same seed the two
+the nucleus distribution, see medlvr/engine/sampling.py). With the same seed the two
 backends therefore give the same rollouts up to floating-point differences of the
 kernels (tests/train/test_vlpo.py checks z, mu, tokens and log-probs).
 
@@ -47,8 +47,8 @@ import torch
 from medlvr.engine.holder import EngineHolder
 from medlvr.models import hf
 from medlvr.ops import latent_gaussian_logprob, lm_head_logprobs
-from medlvr.reference.latent_loop import latent_loop
-from medlvr.train.collate import Batch
+from medlvr.engine.hf_loop import latent_loop
+from medlvr.data.collate import Batch
 
 __all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "PolicyStates", "image_features", "vision_frozen", "prompt_inputs",
            "sample_rollouts", "policy_states", "state_logprobs", "policy_forward"]
@@ -75,7 +75,7 @@ def prompt_inputs(model: torch.nn.Module, batch: Batch, *, repeat: int = 1,
 
     The vision tower runs once per prompt, not once per rollout: the image features are
     scattered into the prompt embeddings and the embeddings are repeated.
-    batch: a collate prompt Batch (with_answer=False: left-padded, medlvr/train/collate.py).
+    batch: a collate prompt Batch (with_answer=False: left-padded, medlvr/data/collate.py).
     vision: precomputed
     :func:`image_features` of the batch (skips the vision tower). Returns embeds [B*n,P,D],
     position_ids [3,B*n,P], attention_mask [B*n,P], input_ids [B*n,P].
@@ -143,7 +143,7 @@ def sample_rollouts(model: torch.nn.Module, batch: Batch, *, n: int, k_latent: i
     """Sample n rollouts per prompt with latent exploration z_t = mu_t + sigma * eps.
 
     batch: left-padded prompts ending with <|latent_start|> (collate with_answer=False).
-    projector: the optional stage-1 feedback map (medlvr.train.latent.LatentProjector);
+    projector: the optional stage-1 feedback map (medlvr.policy.latent.LatentProjector);
     then mu_t = projector(h[s0 + t - 1]).
     Text tokens are sampled from softmax(logits / temperature) restricted to the top-p
     nucleus; the recorded token log-prob is under softmax(logits / temperature) (the
@@ -292,7 +292,7 @@ def policy_forward(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, 
     (log N(z_t; mu_t, sigma^2), mu_t = hidden at index s0 + t - 1; zeros when K == 0 or
     sigma == 0). What VLPO scores its old and reference log-probs with (no gradient); the
     gradient-carrying pass goes through ``medlvr.ops.fused_vlpo_loss`` instead
-    (medlvr/train/vlpo_step.py).
+    (medlvr/train/vlpo/step.py).
     """
     states = policy_states(model, ro, latent_end_id=latent_end_id, latent_sigma=latent_sigma, prompt=prompt,
                            projector=projector)

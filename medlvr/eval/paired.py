@@ -53,7 +53,7 @@ def _by_id(preds: Sequence[dict]) -> dict:
 
 def paired_differences(base: Any, other: Any, *, n_boot: int = 2000, seed: int = 0) -> dict[str, tuple]:
     """{"overall" | qtype: (diff, lo, hi, n)}: accuracy of ``other`` minus ``base`` (EvalResults of
-    medlvr/train/evaluate.py, or lists of their prediction dicts) on the records both answered
+    medlvr/eval/evaluate.py, or lists of their prediction dicts) on the records both answered
     (matched by id and question), with the paired bootstrap 95% CI; fractions, not percent."""
     pa = base.predictions if hasattr(base, "predictions") else base
     pb = other.predictions if hasattr(other, "predictions") else other

@@ -15,14 +15,14 @@ Sequence of one row (left-padded prompt ending with <|latent_start|>)::
   default) and h_{t-1} the post-norm hidden state at sequence position s0 + t - 1, so
   z_0 comes from <|latent_start|>. Every step after the prompt is text-like: all mRoPE
   sections advance by one from the prompt's last position (docs/engine.md).
-- exits: the rules of medlvr/reference/exit_rules.py (their stop tests are shared with
+- exits: the rules of medlvr/engine/exit_rules.py (their stop tests are shared with
   the engine: this loop checks the engine's layout, positions, cache and feedback, not the
   rules' definitions, which tests/dropin/test_presets.py checks against the original
   systems' loops). An exited row feeds nothing more: its later latent columns are masked
   out of the attention and its position does not advance. After the segment the answer
   starts from ``first_token`` (after_exit "end_token"; None: sampled from each row's last
   hidden state, "model") or from the per-row tokens of after_exit "mirage".
-- tokens: greedy (temperature 0) or sampled with ``medlvr.reference.sampling.sample``
+- tokens: greedy (temperature 0) or sampled with ``medlvr.engine.sampling.sample``
   (top-p nucleus, exponential race) from the same random draws as the engine: the latent
   noise as one (B, K, D) normal tensor in the model dtype first (only when sigma > 0 and
   K > 0), then one (B, V) tensor of Exp(1) variates per sampled token.
@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from medlvr.models import hf
-from medlvr.reference import exit_rules, sampling
+from medlvr.engine import exit_rules, sampling
 
 
 @dataclass
@@ -77,7 +77,7 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
     mm_token_type_ids) or precomputed ``medlvr.models.hf.prompt_inputs`` (embeds,
     position_ids, attention_mask). latent_eps: (B, K, D) standard-normal draws to use
     instead of drawing them from ``generator``. The exit arguments are those of
-    medlvr/reference/exit_rules.py; stop_first=False: the first answer token never stops a
+    medlvr/engine/exit_rules.py; stop_first=False: the first answer token never stops a
     row (Coconut).
     """
     if temperature < 0 or not 0 < top_p <= 1:

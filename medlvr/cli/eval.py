@@ -1,5 +1,5 @@
 """``medlvr eval``: accuracy of trained runs, paired differences between them and the latent
-ablation, from the command line (medlvr/train/evaluate.py is the evaluation itself)."""
+ablation, from the command line (medlvr/eval/evaluate.py is the evaluation itself)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from medlvr.train.evaluate import compare, evaluate, print_table, write_outputs
+from medlvr.eval.evaluate import compare, evaluate, print_table, write_outputs
 
 __all__ = ["add_eval_arguments", "eval_main"]
 
@@ -40,11 +40,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def eval_main(args: argparse.Namespace) -> int:
-    from medlvr.train.data import load_jsonl
-    from medlvr.train.latent_ablation import format_ablation, latent_ablation
-    from medlvr.train.paired import format_paired
+    from medlvr.data.records import load_jsonl
+    from medlvr.eval.ablation import format_ablation, latent_ablation
+    from medlvr.eval.paired import format_paired
     from medlvr.train.loop import trains_on_gpu
-    from medlvr.train.stage1 import load_trained
+    from medlvr.train.sft.objective import load_trained
 
     device = torch.device("cuda" if trains_on_gpu(args.device) else "cpu")
     records, report = load_jsonl(args.data, split=args.split or None, skip_bad=getattr(args, "skip_bad", False),

@@ -1,7 +1,7 @@
 """Latent-segment forward passes of a Qwen2.5-VL model: the training-side math of MedLVR.
 
-Shared by stage 1 (``medlvr.train.stage1``) and stage 2 (``medlvr.train.vlpo``). Everything
-here works on one collated batch (``medlvr.train.collate.Batch``) and an HF
+Shared by stage 1 (``medlvr.train.sft.objective``) and stage 2 (``medlvr.train.vlpo.objective``). Everything
+here works on one collated batch (``medlvr.data.collate.Batch``) and an HF
 ``Qwen2_5_VLForConditionalGeneration`` (possibly wrapped by peft / DDP / FSDP).
 
 Columns of every sample (``P = batch.latent_start``, the first <|latent_pad|>; collate's layout)::
@@ -33,7 +33,7 @@ Public functions (shapes: B samples, S sequence, K latent steps, D hidden, T vis
 - the pieces (vision tokens, embeddings, positions, the decoder call) come from medlvr/models/hf.py.
 - :func:`per_sample_ce` — CE averaged over each sample's answer tokens ([B]), from logits (the
   reference); :func:`answer_ce` — the same from hidden states via the fused lm_head log-prob op.
-- stage 1's ROI supervision (alignment term, pooled targets) is medlvr/train/roi.py.
+- stage 1's ROI supervision (alignment term, pooled targets) is medlvr/train/sft/roi.py.
 """
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 from medlvr.models.hf import embed_inputs, new_cache, positions, run_decoder, unwrap, vision_tokens
 from medlvr.ops.fused_logprobs import fusable_lm_head, fused_linear_cross_entropy, lm_head_logprobs
-from medlvr.train.collate import Batch
-from medlvr.train.fsdp import fusable_head, with_head_weight
+from medlvr.data.collate import Batch
+from medlvr.policy.fsdp import fusable_head, with_head_weight
 
 __all__ = [
     "LatentOutput",
@@ -147,7 +147,7 @@ def answer_ce(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, m
     tok = torch.zeros(tgt.shape, dtype=torch.float32, device=hidden.device)
     if mean and (fusable_lm_head(head) or fusable_head(head)):
         row_n = n[:, None].expand_as(tgt)[valid].float()
-        # An FSDP-sharded head is gathered by FSDP around the op (medlvr/train/fsdp.py).
+        # An FSDP-sharded head is gathered by FSDP around the op (medlvr/policy/fsdp.py).
         ce_mean, logp = with_head_weight(head, _fused_ce, h, t, weights=1.0 / (tgt.shape[0] * row_n))
         return tok.masked_scatter(valid, -logp).sum(dim=1) / n.clamp(min=1), n, ce_mean
     ce = tok.masked_scatter(valid, -lm_head_logprobs(head, h, t)).sum(dim=1) / n.clamp(min=1)
@@ -198,7 +198,7 @@ def latent_mu(hidden: torch.Tensor, start: int, k: int) -> torch.Tensor:
 
 
 def latent_start(batch: Batch, k: int) -> int:
-    """The latent start column P of a batch in collate's layout (medlvr/train/collate.py),
+    """The latent start column P of a batch in collate's layout (medlvr/data/collate.py),
     checked before any model work: every prefix ends in column P - 1 (left-padded, so its
     last column is real), the K latent columns are real in every row, and the suffix after
     them is right-padded. One host read of the mask for all checks."""

@@ -1,9 +1,9 @@
 """Stage 2's objective, pure math (no model): group-normalised advantages, the PPO clipped
 surrogate with clip-higher and dual clip, the KL to the reference (k3 for text tokens, the
 closed-form Gaussian KL for latent steps), and their token-level mean over a batch of rollouts
-(medlvr/train/vlpo.py explains the method; docs/vlpo.md the recipe and the choices).
+(medlvr/train/vlpo/objective.py explains the method; docs/vlpo.md the recipe and the choices).
 
-It is the spec of the trainer's unfused objective (medlvr/train/vlpo_step.py) and of the fused
+It is the spec of the trainer's unfused objective (medlvr/train/vlpo/step.py) and of the fused
 lm_head objective (medlvr/ops/fused_logprobs.py), which calls these very functions chunk by
 chunk. The op's test oracle is a separate closed form (medlvr/reference/fused_logprobs.py).
 """

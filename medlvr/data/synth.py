@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from medlvr.imageio.errors import require
-from medlvr.train.data import ROI, Record, write_jsonl
+from medlvr.data.records import ROI, Record, write_jsonl
 
 QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
 SHAPES = ("round", "oval", "irregular", "square")

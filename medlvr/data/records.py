@@ -204,7 +204,7 @@ def _options(options, answer: str) -> list[str] | None:
         raise _Bad("options", f"expected null or a list of >= 2 non-empty strings, got {options!r}")
     if len(options) > 26:
         raise _Bad("options", f"expected at most 26 options, got {len(options)}")
-    from medlvr.train.qa import normalize_answer
+    from medlvr.data.answers import normalize_answer
 
     if normalize_answer(answer) not in [normalize_answer(o) for o in options]:
         raise _Bad("answer", f"{answer!r} is not one of the options {options!r}")

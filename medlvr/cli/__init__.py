@@ -44,7 +44,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _sft(args: argparse.Namespace) -> int:
-    from medlvr.train.stage1 import stage1_main
+    from medlvr.train.sft.objective import stage1_main
 
     res = stage1_main(args)
     print(f"final weights: {res['final_dir']}  (loss {res['loss']:.4f}, ce {res['ce']:.4f}, roi {res['roi']:.4f})")
@@ -52,7 +52,7 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _vlpo(args: argparse.Namespace) -> int:
-    from medlvr.train.vlpo_cli import vlpo_main
+    from medlvr.cli.vlpo import vlpo_main
 
     res = vlpo_main(args)
     print(f"final weights: {res['final_dir']}")
@@ -105,13 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommand arguments are registered lazily-importing modules only for the chosen command
     # would need a two-pass parse; the imports below are light (no torch model is built).
-    from medlvr.train.converters import add_convert_arguments, convert_main
-    from medlvr.train.demo import add_demo_arguments, demo_main
-    from medlvr.train.eval_cli import add_eval_arguments, eval_main
+    from medlvr.data.converters import add_convert_arguments, convert_main
+    from medlvr.cli.demo import add_demo_arguments, demo_main
+    from medlvr.cli.eval import add_eval_arguments, eval_main
     from medlvr.train.plan import add_plan_arguments, plan_main
-    from medlvr.train.stage1 import add_stage1_arguments
-    from medlvr.train.synth import add_synth_arguments, synth_main
-    from medlvr.train.vlpo_cli import add_vlpo_arguments
+    from medlvr.train.sft.objective import add_stage1_arguments
+    from medlvr.data.synth import add_synth_arguments, synth_main
+    from medlvr.cli.vlpo import add_vlpo_arguments
 
     # (name, help, add its arguments, run it, the shared flags it takes: --threads for every
     #  command that runs a model, --window for those that read the user's images)
@@ -168,6 +168,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medlvr {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

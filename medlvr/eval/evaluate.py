@@ -2,10 +2,10 @@
 
 Decoding: medlvr.engine.LatentEngine (static cache; Triton/CUDA kernels on a GPU) when it
 supports the model, else :func:`hf_greedy`, the plain-HF reference loop over a DynamicCache
-(medlvr/reference/latent_loop.py) that follows the same recipe (prefill the left-padded prompt that ends with <|latent_start|>, K latent steps
+(medlvr/engine/hf_loop.py) that follows the same recipe (prefill the left-padded prompt that ends with <|latent_start|>, K latent steps
 feeding back the post-norm hidden state, <|latent_end|>, greedy tokens until <|im_end|>).
 
-Scoring: medlvr.train.qa.score (multiple-choice by option text or letter, yes/no by polarity,
+Scoring: medlvr.data.answers.score (multiple-choice by option text or letter, yes/no by polarity,
 otherwise normalised exact match). Outputs: a rich table on stdout, ``predictions.jsonl``,
 ``accuracy.json`` and ``accuracy.png`` (bars per benchmark and question type).
 """
@@ -22,7 +22,7 @@ import torch
 from medlvr.engine import EngineHolder, supports
 from medlvr.models import qwen_vl
 from medlvr.models.hf import unwrap
-from medlvr.reference.latent_loop import latent_loop
+from medlvr.engine.hf_loop import latent_loop
 
 
 @dataclass
@@ -42,7 +42,7 @@ class EvalResult:
 def hf_greedy(model, batch: dict, *, k: int, max_new_tokens: int, stop_id: int, latent_end_id: int,
               pad_id: int, projector=None) -> torch.Tensor:
     """[B, T] greedy answer tokens (pad after the stop token) for a LEFT-padded prompt batch,
-    from the plain-HF reference loop (medlvr/reference/latent_loop.py): K latent steps, then
+    from the plain-HF reference loop (medlvr/engine/hf_loop.py): K latent steps, then
     <|latent_end|> (k > 0), then tokens. The prompt's last token is <|latent_start|> (k > 0)
     or "assistant\\n" (k == 0)."""
     return latent_loop(model, batch, k=k, max_new_tokens=max_new_tokens, first_token=latent_end_id if k > 0 else None,
@@ -98,9 +98,9 @@ def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, bat
     GPU). The engine runs in the weights' dtype whatever the autocast (its kernels take one
     dtype); the HF loop runs under it."""
     from medlvr.progress import progress
-    from medlvr.train.collate import collate
+    from medlvr.data.collate import collate
     from medlvr.train.loop import resolve_mixed_precision
-    from medlvr.train.qa import score
+    from medlvr.data.answers import score
 
     if backend not in ("auto", "engine", "hf"):
         raise ValueError(f"backend: expected 'auto', 'engine' or 'hf', got {backend!r}")
@@ -181,10 +181,10 @@ def print_table(results: dict[str, EvalResult], *, title: str = "accuracy") -> s
 
 def save_plot(results: dict[str, EvalResult], path: str | Path, *, title: str = "accuracy") -> Path:
     """Grouped bars: overall and each question type (x) for each model (bars), with bootstrap
-    95% CIs as error bars (medlvr.train.paired.accuracy_cis) and one-decimal labels."""
+    95% CIs as error bars (medlvr.eval.paired.accuracy_cis) and one-decimal labels."""
     import matplotlib
 
-    from medlvr.train.paired import accuracy_cis
+    from medlvr.eval.paired import accuracy_cis
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -236,7 +236,7 @@ def write_outputs(results: dict[str, EvalResult], out_dir: str | Path, *, title:
 
 def compare(results: dict[str, EvalResult], *, n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, tuple]]:
     """Paired differences of every run against the first one ({"B - A": paired_differences})."""
-    from medlvr.train.paired import paired_differences
+    from medlvr.eval.paired import paired_differences
 
     names = list(results)
     return {f"{n} - {names[0]}": paired_differences(results[names[0]], results[n], n_boot=n_boot, seed=seed)

@@ -1,4 +1,4 @@
-"""``medlvr vlpo``: stage 2 from the command line (medlvr/train/vlpo.py is the method)."""
+"""``medlvr vlpo``: stage 2 from the command line (medlvr/train/vlpo/objective.py is the method)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import json
 import torch
 
 from medlvr.train.flags import add_config_arguments, config_from_args
-from medlvr.train.vlpo import VLPOConfig, train_vlpo
+from medlvr.train.vlpo.objective import VLPOConfig, train_vlpo
 
 __all__ = ["add_vlpo_arguments", "vlpo_main"]
 
@@ -44,17 +44,17 @@ def vlpo_main(args: argparse.Namespace) -> dict:
 
     Output (<out>): metrics.jsonl (one line per step), vlpo.json (the config: VLPOConfig's
     fields, the loop's settings nested under "loop"), final/
-    (a run folder, medlvr/train/runs.py, so ``stage1.load_trained`` and the
+    (a run folder, medlvr/policy/run_dir.py, so ``stage1.load_trained`` and the
     evaluation read a VLPO result like a stage-1 one). Returns the last step's metrics plus
     ``final_dir``.
     """
     from pathlib import Path
 
     from medlvr.models import load
-    from medlvr.train.data import load_split
+    from medlvr.data.records import load_split
     from medlvr.train.loop import make_accelerator, trains_on_gpu
-    from medlvr.train.runs import RunDir, run_meta
-    from medlvr.train.stage1 import Stage1Config, build_trainable, load_trained
+    from medlvr.policy.run_dir import RunDir, run_meta
+    from medlvr.train.sft.objective import Stage1Config, build_trainable, load_trained
 
     cfg = config_from_args(VLPOConfig, args, k_latent=VLPOConfig().k_latent)  # K is set below
     cfg.validate()

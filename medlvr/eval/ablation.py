@@ -1,6 +1,6 @@
 """Does the model use its latents? Answer with the latent segment intervened on.
 
-For each batch the latent loop (medlvr/reference/latent_loop.py, greedy, fixed K) runs once
+For each batch the latent loop (medlvr/engine/hf_loop.py, greedy, fixed K) runs once
 clean, recording the latents z (B, K, D) it fed, then once per ablation with the K fed inputs
 replaced by a transform of the clean ones (nothing else changes: the same prompt, the same
 <|latent_end|>, greedy answer tokens):
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from medlvr.models import hf
-from medlvr.reference.latent_loop import latent_loop
+from medlvr.engine.hf_loop import latent_loop
 
 __all__ = ["latent_ablation", "format_ablation"]
 
@@ -59,9 +59,9 @@ def latent_ablation(lm, processor, records: Sequence[Any], *, k: int | None = No
     "delta_accuracy"}}} for ``lm`` (a stage-1 LatentLM or run loaded by stage1.load_trained) on
     ``records``; None when the model has no latent segment (K = 0). Batches of one sample
     cannot be shuffled: their shuffle rows are skipped."""
-    from medlvr.train.collate import collate
-    from medlvr.train.evaluate import decode_answers, generation_parts
-    from medlvr.train.qa import score
+    from medlvr.data.collate import collate
+    from medlvr.eval.evaluate import decode_answers, generation_parts
+    from medlvr.data.answers import score
 
     model, projector, k, device, tok, ids, stop, pad = generation_parts(lm, processor, k)
     if k <= 0:

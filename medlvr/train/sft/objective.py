@@ -9,12 +9,12 @@ zeroes a sample's second term):
             (0 for a sample without an ROI)
 
 Modes (``Stage1Config.mode``):
-- ``recurrent``: the exact latent recurrence (medlvr.train.latent.recurrent_forward): prefix
+- ``recurrent``: the exact latent recurrence (medlvr.policy.latent.recurrent_forward): prefix
   forward, K-1 single-token steps through a gradient-carrying KV cache, suffix in one pass.
 - ``teacher-forced``: one forward with the latent inputs replaced by the pooled ROI targets
   (LVR-style); the alignment term is on the hidden states at s0 + t - 1, the positions whose
   output would be fed back at inference. Samples without an ROI get the mean vision token of
-  their first image in every latent slot (medlvr.train.roi.pooled_roi_targets).
+  their first image in every latent slot (medlvr.train.sft.roi.pooled_roi_targets).
 - K = 0: plain SFT (no latent segment; the baseline (a) of the demo).
 
 The trainable model (:func:`build_trainable`): full fine-tuning, or LoRA (peft) on the language
@@ -36,11 +36,11 @@ import torch.nn as nn
 
 from medlvr.models import qwen_vl
 from medlvr.models.hf import hidden_size, unwrap, vision_tokens
-from medlvr.train.collate import Batch, collate
+from medlvr.data.collate import Batch, collate
 from medlvr.train.flags import add_config_arguments, config_from_args, opt
-from medlvr.train.latent import LatentProjector, forward_with_latents, recurrent_forward
-from medlvr.train.roi import pooled_roi_targets, roi_alignment
-from medlvr.train.runs import RunDir, run_meta
+from medlvr.policy.latent import LatentProjector, forward_with_latents, recurrent_forward
+from medlvr.train.sft.roi import pooled_roi_targets, roi_alignment
+from medlvr.policy.run_dir import RunDir, run_meta
 
 MODES = ("recurrent", "teacher-forced")
 ROI_LOSSES = ("cosine", "mse")
@@ -193,7 +193,7 @@ class SFTObjective:
     position is (epoch, micro-batch index in the epoch). A partial last micro-batch is
     dropped, so every update sees the same number of samples.
 
-    Runs sharded (``--fsdp``, medlvr/train/fsdp.py): the loss is a per-sample mean over the
+    Runs sharded (``--fsdp``, medlvr/policy/fsdp.py): the loss is a per-sample mean over the
     global batch whatever holds the weights."""
     supports_fsdp = True
 
@@ -271,7 +271,7 @@ class SFTObjective:
 def train_stage1(lm: LatentLM, processor: Any, records: Sequence[Any], cfg: Any, *, base: str = "default",
                  desc: str = "train", accelerator: Any = None, extra_meta: dict | None = None) -> dict:
     """Train ``lm`` on ``records`` with the shared loop (cfg: a loop.LoopConfig); returns the
-    last logged metrics plus ``final_dir`` (<out>/final, a run folder: medlvr/train/runs.py)."""
+    last logged metrics plus ``final_dir`` (<out>/final, a run folder: medlvr/policy/run_dir.py)."""
     from medlvr.train.loop import train_loop
 
     meta = run_meta(base=base, stage1=lm.cfg, loop=asdict(cfg), **(extra_meta or {}))
@@ -280,7 +280,7 @@ def train_stage1(lm: LatentLM, processor: Any, records: Sequence[Any], cfg: Any,
 
 def load_trained(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(LatentLM, processor, meta) from a run folder (a finished run's ``final/`` or any
-    checkpoint, medlvr/train/runs.py): the base model rebuilt from run.json, LoRA / projector
+    checkpoint, medlvr/policy/run_dir.py): the base model rebuilt from run.json, LoRA / projector
     as its stage-1 config says, then the saved weights; in eval mode on ``device``. Here and
     not in runs.py, because building the trainable unit is stage 1's (runs.py stays below it)."""
     from medlvr.models import load
@@ -314,7 +314,7 @@ def add_stage1_arguments(p: argparse.ArgumentParser) -> None:
 
 def stage1_main(args: argparse.Namespace) -> dict:
     from medlvr.models import load
-    from medlvr.train.data import load_split
+    from medlvr.data.records import load_split
     from medlvr.train.loop import LoopConfig
 
     records = load_split(args.data, args.split, skip_bad=args.skip_bad, window=getattr(args, "window", None))
@@ -322,7 +322,7 @@ def stage1_main(args: argparse.Namespace) -> dict:
     lcfg = config_from_args(LoopConfig, args)
     model, processor = load(args.model, dtype=torch.float32, seed=lcfg.seed)
     # The new weights (LoRA A, the projector) from --seed too: a rerun, and every process of a
-    # sharded run (medlvr/train/fsdp.py checks they agree), starts from the same init.
+    # sharded run (medlvr/policy/fsdp.py checks they agree), starts from the same init.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(lcfg.seed)
         lm = build_trainable(model, processor, cfg)

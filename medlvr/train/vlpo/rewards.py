@@ -1,7 +1,7 @@
 """Outcome rewards for VLPO (stage 2): answer accuracy and answer format.
 
 A rollout's reward is ``w_acc * accuracy + w_fmt * format`` where both terms are in
-[0, 1]. Accuracy comes from ``medlvr.train.qa.score`` (the same scorer the evaluation
+[0, 1]. Accuracy comes from ``medlvr.data.answers.score`` (the same scorer the evaluation
 uses, so the training signal and the reported accuracy cannot drift apart); format
 checks the things a grader needs to read the answer at all: the sample stopped on
 ``<|im_end|>`` (it was not truncated), the text is not empty, and for a multiple-choice
@@ -13,7 +13,7 @@ import re
 import string
 from typing import Any, Sequence
 
-from medlvr.train.qa import score
+from medlvr.data.answers import score
 
 __all__ = ["format_reward", "accuracy_reward", "outcome_rewards", "match_option"]
 
@@ -59,7 +59,7 @@ def format_reward(text: str, *, stopped: bool, options: Sequence[str] | None) ->
 
 
 def accuracy_reward(text: str, record: Any) -> float:
-    """Correctness of ``text`` for ``record`` in [0, 1], via medlvr.train.qa.score."""
+    """Correctness of ``text`` for ``record`` in [0, 1], via medlvr.data.answers.score."""
     return float(score(text, record))
 
 

@@ -1,4 +1,4 @@
-"""`medlvr convert`: published annotation layouts -> the medlvr JSONL format (medlvr/train/data.py).
+"""`medlvr convert`: published annotation layouts -> the medlvr JSONL format (medlvr/data/records.py).
 
 Layouts read (paths relative to --root; see docs/data.md for the sources and open questions):
 
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Iterator
 
 from medlvr.imageio import ImageReadError, parse_window, window_arg
-from medlvr.train.data import _Bad, DataError, Record, image_size, parse_record, write_jsonl
+from medlvr.data.records import _Bad, DataError, Record, image_size, parse_record, write_jsonl
 
 DATASETS = ("omnimedvqa", "vqa-rad", "slake", "pathvqa")
 

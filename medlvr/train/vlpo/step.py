@@ -1,6 +1,6 @@
-"""One VLPO step (stage 2, medlvr/train/vlpo.py): rollouts, rewards, group advantages, the
+"""One VLPO step (stage 2, medlvr/train/vlpo/objective.py): rollouts, rewards, group advantages, the
 KL reference's log-probs, then ``ppo_epochs`` optimizer updates of the clipped objective
-(medlvr/reference/vlpo_loss.py), computed from the answer hidden states by the fused lm_head
+(medlvr/ops/vlpo_loss.py), computed from the answer hidden states by the fused lm_head
 op medlvr.ops.fused_vlpo_loss (no logits tensor, gradients in its forward, 3 GEMMs). An
 lm_head the fused op cannot compute from its weight (LoRA or a quantised wrapper on it, a
 replaced forward) scores through its own forward instead: medlvr.ops.lm_head_logprobs, then
@@ -18,11 +18,11 @@ import torch
 
 from medlvr.models.hf import unwrap
 from medlvr.ops import fusable_lm_head, fused_vlpo_loss
-from medlvr.reference.vlpo_loss import gaussian_kl, group_advantages, latent_scale, vlpo_loss
+from medlvr.ops.vlpo_loss import gaussian_kl, group_advantages, latent_scale, vlpo_loss
 from medlvr.train.flags import nested, opt
-from medlvr.train.fsdp import fusable_head, with_head_weight
+from medlvr.policy.fsdp import fusable_head, with_head_weight
 from medlvr.train.loop import LoopConfig, Updater
-from medlvr.train.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_states,
+from medlvr.train.vlpo.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_states,
                                   prompt_inputs, sample_rollouts, state_logprobs, vision_frozen)
 
 __all__ = ["VLPOConfig", "VLPOTokens", "LossInputs", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model",
@@ -185,7 +185,7 @@ def _loss(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, proje
     logits never exist. Any other head (LoRA or a quantised wrapper on it, a replaced forward)
     is only defined by its forward, which the fused op cannot run: its log-probs come from
     lm_head_logprobs (head(h), then log-softmax, under autograd) and the objective from
-    vlpo_loss, the definition the fused op computes (medlvr/reference/vlpo_loss.py)."""
+    vlpo_loss, the definition the fused op computes (medlvr/ops/vlpo_loss.py)."""
     st = policy_states(model, ro, latent_end_id=tokens.latent_end, latent_sigma=cfg.latent_sigma,
                        prompt=prompt_inputs(model, batch, repeat=ro.n, vision=vision), projector=projector)
     terms = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, latent_coef=_latent_coef(cfg),
@@ -196,7 +196,7 @@ def _loss(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, proje
         latent_old = x.latent_old
         if latent_old is None and st.mu is None:  # latent positions without a Gaussian (sigma 0): log-prob 0
             latent_old = torch.zeros(ro.latents.shape[:2], dtype=torch.float32, device=ro.latents.device)
-        # An FSDP-sharded head is gathered by FSDP around the op (medlvr/train/fsdp.py).
+        # An FSDP-sharded head is gathered by FSDP around the op (medlvr/policy/fsdp.py).
         loss, tok, lat = with_head_weight(head, lambda weight, bias, h: fused_vlpo_loss(
             h, weight, ro.tokens, ro.token_mask, x.token_old, x.advantages, latent_old=latent_old, mu=st.mu,
             z=None if st.mu is None else ro.latents, latent_sigma=cfg.latent_sigma, temperature=cfg.temperature,

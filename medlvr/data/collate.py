@@ -16,7 +16,7 @@ every prompt ends in column P - 1; the answer block (K latent pads, <|latent_end
     [pad .. pad  prompt_b]  [<|latent_pad|>xK <|latent_end|> answer_b <|im_end|>  pad .. pad]
      columns 0 .. P-1         columns P .. S-1 (with_answer=True only)
 
-The latent forward (medlvr/train/latent.py) slices columns [:P], [P:P+K] and [P+K:] directly,
+The latent forward (medlvr/policy/latent.py) slices columns [:P], [P:P+K] and [P+K:] directly,
 and a prompt batch is the training batch's first P columns.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from medlvr.imageio import load_image
 from medlvr.models import qwen_vl
 from medlvr.models import LATENT_START
 from medlvr.ops.roi_geometry import RoiGeometry, prepare_roi_geometry
-from medlvr.train.qa import format_question
-from medlvr.train.roi import roi_bins
+from medlvr.data.answers import format_question
+from medlvr.train.sft.roi import roi_bins
 
 IGNORE_INDEX = -100
 
@@ -105,7 +105,7 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
     """Build a Batch from Records (see the module docstring for the sequence layout).
 
     Args:
-        records: non-empty list of medlvr.train.data.Record.
+        records: non-empty list of medlvr.data.records.Record.
         processor: a Qwen2(.5)-VL processor (medlvr.models.build_default / load).
         k_latent: number of <|latent_pad|> positions (0: no latent segment at all).
         with_answer: append <|latent_pad|>xK<|latent_end|>{answer}<|im_end|> and set labels

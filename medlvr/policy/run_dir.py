@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medlvr.train.fsdp import full_optimizer_state, gather_trainable, is_sharded, load_full, load_full_optimizer_state
+from medlvr.policy.fsdp import full_optimizer_state, gather_trainable, is_sharded, load_full, load_full_optimizer_state
 
 CKPT_DIR = "checkpoints"
 META = "run.json"

@@ -3,7 +3,7 @@ image evidence inside each annotated box, and the pooled box targets that teache
 feeds at the latent positions.
 
 The op is medlvr.ops.roi_align_loss (reference: medlvr/reference/roi_align.py); collate
-(medlvr/train/collate.py) prepares each batch's box geometry once on the CPU with
+(medlvr/data/collate.py) prepares each batch's box geometry once on the CPU with
 :func:`roi_bins`, so the loss call on the GPU neither syncs nor recomputes it.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor | None, roi_sam
 def pooled_roi_targets(vis: torch.Tensor, batch, *, k: int, merge: int = 2) -> torch.Tensor:
     """[B, K, D] teacher-forcing inputs: the K area-pooled bins of each sample's FIRST ROI box.
 
-    batch: a medlvr.train.collate.Batch (not imported here: collate takes roi_bins from this
+    batch: a medlvr.data.collate.Batch (not imported here: collate takes roi_bins from this
     module), read by attribute.
 
     A sample without an ROI gets the mean vision token of its first image in every slot (the

@@ -4,7 +4,7 @@ One step (GRPO-style, docs/vlpo.md):
 
 1. Rollouts: n samples per prompt (``rollout.sample_rollouts``) through the latent engine
    (``medlvr.engine.LatentEngine``, built once per ``train_vlpo``; ``rollout_backend="hf"``
-   selects the plain-HF loop of medlvr/reference/latent_loop.py instead, same random draws). The latent segment is
+   selects the plain-HF loop of medlvr/engine/hf_loop.py instead, same random draws). The latent segment is
    explored by Gaussian noise on every fed-back hidden state, z_t = mu_t + sigma * eps,
    then the answer is sampled with temperature / top-p.
 2. Rewards: ``w_acc * accuracy + w_fmt * format`` (``rewards.outcome_rewards``).
@@ -36,10 +36,10 @@ clipped loss's gradient is the plain policy gradient; the behaviour log-probs re
 sampling time (engine or KV-cached loop: different kernels) are kept for the
 ``behaviour_gap`` metric, or used directly with ``old_logprobs="rollout"``.
 
-The parts: medlvr/reference/vlpo_loss.py (the pure math of 3 and 5), medlvr/train/vlpo_step.py
+The parts: medlvr/ops/vlpo_loss.py (the pure math of 3 and 5), medlvr/train/vlpo/step.py
 (the config and one step: 1 to 5 and the PPO updates), this module (the objective stage 2
 plugs into the shared training loop of medlvr/train/loop.py, and ``train_vlpo``), and
-medlvr/train/vlpo_cli.py (``medlvr vlpo``).
+medlvr/cli/vlpo.py (``medlvr vlpo``).
 """
 from __future__ import annotations
 
@@ -53,11 +53,11 @@ from typing import Any, Sequence
 import torch
 
 from medlvr.models import qwen_vl
-from medlvr.train.fsdp import gathered, is_sharded
+from medlvr.policy.fsdp import gathered, is_sharded
 from medlvr.train.loop import Updater, train_loop
-from medlvr.train.rewards import outcome_rewards
-from medlvr.train.rollout import RolloutEngine, Rollouts
-from medlvr.train.vlpo_step import (PolicyScorer, VLPOConfig, VLPOTokens, adapter_is_identity, is_peft,
+from medlvr.train.vlpo.rewards import outcome_rewards
+from medlvr.train.vlpo.rollout import RolloutEngine, Rollouts
+from medlvr.train.vlpo.step import (PolicyScorer, VLPOConfig, VLPOTokens, adapter_is_identity, is_peft,
                                     vlpo_loop, vlpo_step)
 
 __all__ = ["VLPOConfig", "VLPOObjective", "train_vlpo", "vlpo_loop"]
@@ -147,7 +147,7 @@ class VLPOObjective:
         return current
 
     def step(self, updater: Updater, step: int) -> dict:
-        from medlvr.train.collate import collate
+        from medlvr.data.collate import collate
 
         cfg, tok = self.cfg, self.processor.tokenizer
         current = self._draw()
@@ -179,7 +179,7 @@ class VLPOObjective:
 def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], cfg: VLPOConfig, *,
                accelerator: Any = None, log_path: str | os.PathLike | None = None,
                projector: torch.nn.Module | None = None, reference: str = "auto", on_step: Any = None) -> list[dict]:
-    """Run ``cfg.loop.max_steps`` VLPO steps over ``records`` (medlvr.train.data.Record) in
+    """Run ``cfg.loop.max_steps`` VLPO steps over ``records`` (medlvr.data.records.Record) in
     place, in the shared training loop with the settings ``cfg.loop`` (vlpo_step.vlpo_loop's
     defaults: AdamW at the constant lr 1e-6, clipping to max_grad_norm; its progress bar,
     autocast, device and FSDP switches), except the batch size, which is ``cfg.batch_prompts``

@@ -1,6 +1,6 @@
 """The latent segment's exit rules, each defined once: its name, its parameters with their
 checks and defaults, and the stop test that both the engine's captured step
-(medlvr/engine/step.py) and the plain-HF loop (medlvr/reference/latent_loop.py) call.
+(medlvr/engine/step.py) and the plain-HF loop (medlvr/engine/hf_loop.py) call.
 
 This module sits in the bottom layer (reference/) because the plain-HF loop is the lowest
 consumer and the engine builds on it; it imports nothing from medlvr. Adding a rule means

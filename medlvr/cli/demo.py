@@ -1,6 +1,6 @@
 """``medlvr demo``: the whole method on the embedded default model, on a CPU, in minutes.
 
-1. synthesise a deterministic medical-VQA-like set (medlvr.train.synth; ROI boxes on part of
+1. synthesise a deterministic medical-VQA-like set (medlvr.data.synth; ROI boxes on part of
    it) with a held-out test split of >= 1,000 records, and a fresh draw of stage-2 prompts;
 2. train (a) plain SFT without a latent segment (K = 0),
          (b) stage 1: recurrent latent segment of K steps + ROI alignment loss,
@@ -10,8 +10,8 @@
          (c0) text-only VLPO (sigma = 0: no latent exploration, no latent term),
          (s)  supervised fine-tuning on the same prompts for as many optimiser steps;
 3. evaluate all on the test split (greedy, the same decoding for all), with paired differences
-   against (b) and bootstrap 95% CIs per question type (medlvr/train/paired.py), the latent
-   ablation of (b) and (c) (medlvr/train/latent_ablation.py), the accuracy plot with CIs and
+   against (b) and bootstrap 95% CIs per question type (medlvr/eval/paired.py), the latent
+   ablation of (b) and (c) (medlvr/eval/ablation.py), the accuracy plot with CIs and
    the VLPO reward curve (smoothed training reward and periodic greedy validation accuracy).
 
 Everything is seeded: the same command prints the same table on the same machine (CPU
@@ -59,7 +59,7 @@ class DemoPlan:
     max_new_tokens: int = 6
     seed: int = 0
     stage2_seeds: tuple[int, ...] = (0, 1, 2)
-    image_format: str = "png"      # "dicom": the same images as CT-like DICOM (medlvr.train.synth)
+    image_format: str = "png"      # "dicom": the same images as CT-like DICOM (medlvr.data.synth)
 
 
 FULL = DemoPlan()
@@ -73,11 +73,11 @@ LABELS = {"a_sft": "(a) SFT", "b_stage1": "(b) stage 1", "c_vlpo": "(c) stage 1+
 def _stage2(plan: DemoPlan, name: str, seed: int, init: Path, rl_prompts, val, out: Path, *, device, accelerator,
             progress: bool, mixed_precision: str) -> tuple[Path, list[dict]]:
     """One stage-2 run from (b)'s weights: VLPO (c), text-only VLPO (c0) or SFT (s)."""
-    from medlvr.train.evaluate import evaluate
+    from medlvr.eval.evaluate import evaluate
     from medlvr.train.loop import LoopConfig
-    from medlvr.train.runs import RunDir
-    from medlvr.train.stage1 import load_trained, train_stage1
-    from medlvr.train.vlpo import VLPOConfig, train_vlpo, vlpo_loop
+    from medlvr.policy.run_dir import RunDir
+    from medlvr.train.sft.objective import load_trained, train_stage1
+    from medlvr.train.vlpo.objective import VLPOConfig, train_vlpo, vlpo_loop
 
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def _seed_mean(runs: list):
     """One result whose per-record correctness is the mean over the seeds' runs (same records,
     same order): its accuracy is the seeds' mean accuracy, and paired differences against it
     carry the seed-to-seed spread into the bootstrap."""
-    from medlvr.train.evaluate import summarize
+    from medlvr.eval.evaluate import summarize
 
     preds = [dict(p, correct=sum(r.predictions[i]["correct"] for r in runs) / len(runs), prediction=None)
              for i, p in enumerate(runs[0].predictions)]
@@ -214,8 +214,8 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
 
 def _demo_data(plan: DemoPlan, out: Path, times: dict) -> tuple[list, list, list, list]:
     """(train, val, test, stage-2 prompts): the synthetic records, written under ``out``."""
-    from medlvr.train.data import load_jsonl
-    from medlvr.train.synth import synthesize
+    from medlvr.data.records import load_jsonl
+    from medlvr.data.synth import synthesize
 
     t = time.perf_counter()
     paths = synthesize(out / "data", n=plan.n_records, seed=plan.seed, roi_fraction=plan.roi_fraction,
@@ -238,7 +238,7 @@ def _stage1_runs(plan: DemoPlan, train: list, out: Path, times: dict, *, progres
     """Runs (a) plain SFT and (b) stage 1 from the same initial model; their final folders."""
     from medlvr.models import build_default
     from medlvr.train.loop import LoopConfig
-    from medlvr.train.stage1 import Stage1Config, build_trainable, train_stage1
+    from medlvr.train.sft.objective import Stage1Config, build_trainable, train_stage1
 
     finals: dict[str, Path] = {}
     for name, s1 in {"a_sft": Stage1Config(k_latent=0),
@@ -279,9 +279,9 @@ def _evaluate_runs(plan: DemoPlan, finals: dict[str, Path], labels: dict[str, st
                    progress: bool, mixed_precision: str) -> tuple[dict, dict]:
     """(results by label, latent ablations by label) on the test records; with several
     stage-2 seeds, each kind's mean over them as well."""
-    from medlvr.train.evaluate import evaluate
-    from medlvr.train.latent_ablation import latent_ablation
-    from medlvr.train.stage1 import load_trained
+    from medlvr.eval.evaluate import evaluate
+    from medlvr.eval.ablation import latent_ablation
+    from medlvr.train.sft.objective import load_trained
 
     results, ablations = {}, {}
     for name, path in finals.items():
@@ -302,9 +302,9 @@ def _evaluate_runs(plan: DemoPlan, finals: dict[str, Path], labels: dict[str, st
 def _report(plan: DemoPlan, out: Path, results: dict, ablations: dict, *, labels: dict[str, str], histories: dict,
             times: dict, n_test: int, device, precision: str) -> dict:
     """Print and write the tables, the plots and summary.json; the summary."""
-    from medlvr.train.evaluate import compare, print_table, save_plot, write_outputs
-    from medlvr.train.latent_ablation import format_ablation
-    from medlvr.train.paired import format_paired
+    from medlvr.eval.evaluate import compare, print_table, save_plot, write_outputs
+    from medlvr.eval.ablation import format_ablation
+    from medlvr.eval.paired import format_paired
 
     title = f"medlvr demo: held-out synthetic test ({n_test} records)"
     text = print_table(results, title=title)

@@ -1,0 +1,5 @@
+import sys
+
+from medlvr.cli import main
+
+sys.exit(main())
