@@ -1,62 +1,12 @@
-"""The ``medlvr`` command. Subcommands register themselves in ``build_parser``."""
+"""The ``medlvr`` command: one module per subcommand (medlvr/cli/<name>.py), listed in COMMANDS."""
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
+import importlib
 import os
-import platform
 import sys
 
 from medlvr.imageio.errors import MissingDependency
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    import torch
-
-    from medlvr import __version__
-    from medlvr._backend import describe
-
-    def version(pkg: str) -> str:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return "absent"
-
-    b = describe()
-    lines = [
-        f"medlvr         {__version__}",
-        f"python         {platform.python_version()} ({platform.machine()})",
-        f"torch          {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
-        f"triton         {version('triton')}",
-        f"transformers   {version('transformers')}",
-        f"accelerate     {version('accelerate')}",
-        f"peft           {version('peft')}",
-        "backends built:",
-        f"  C++ (CPU)    {'yes' if b['extension_cpu'] else 'NO (medlvr._C missing: ops use the PyTorch reference)'}",
-        f"  CUDA         {'yes, archs ' + b.get('extension_cuda_archs', '') if b['extension_cuda'] else 'no'}",
-        f"  Triton       {'yes' if b['triton'] else 'no'}"
-        + ("  (TRITON_INTERPRET=1: CPU interpreter)" if b["triton_interpret"] else ""),
-        f"device         {b['device']}"
-        + (f" ({torch.cuda.get_device_name()})" if b["cuda_available"] else f" ({torch.get_num_threads()} threads)"),
-    ]
-    print("\n".join(lines))
-    return 0
-
-
-def _sft(args: argparse.Namespace) -> int:
-    from medlvr.train.sft.objective import stage1_main
-
-    res = stage1_main(args)
-    print(f"final weights: {res['final_dir']}  (loss {res['loss']:.4f}, ce {res['ce']:.4f}, roi {res['roi']:.4f})")
-    return 0
-
-
-def _vlpo(args: argparse.Namespace) -> int:
-    from medlvr.cli.vlpo import vlpo_main
-
-    res = vlpo_main(args)
-    print(f"final weights: {res['final_dir']}")
-    return 0
 
 
 def default_threads() -> int | None:
@@ -97,52 +47,41 @@ def _window(p: argparse.ArgumentParser) -> None:
                         "none: lung, mediastinum, abdomen, bone, brain or 'W/L' (e.g. 1500/-600)")
 
 
+# (name, help, the shared flags it takes: --threads for every command that runs a model, --window
+#  for those that read the user's images). Each command is the module medlvr/cli/<name>.py with
+#  add_arguments(parser) and run(args) -> exit code, imported when the parser is built (light:
+#  no model is built on import).
+COMMANDS = [
+    ("info", "versions, built backends and the device that will be used", ()),
+    ("synth", "write the deterministic synthetic medical VQA set (JSONL + PNG)", ()),
+    ("convert", "convert a published dataset layout (OmniMedVQA, VQA-RAD, SLAKE, PathVQA) to JSONL", ()),
+    ("sft", "stage 1: ROI-supervised latent fine-tuning (accelerate; resumable)", ("threads", "window")),
+    ("vlpo", "stage 2: visual-latent policy optimisation from a stage-1 run", ("threads", "window")),
+    ("eval", "accuracy by benchmark and question type of trained runs; paired CIs, latent ablation; table + plot",
+     ("threads", "window")),
+    ("plan", "per-GPU memory of both stages: DDP+LoRA, FSDP2 full fine-tuning, FSDP2+LoRA", ()),
+    ("demo", "synthesise data; train SFT, stage 1, and from it VLPO, text-only VLPO and SFT; evaluate all with "
+             "paired CIs", ("threads",)),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medlvr", description="Latent visual reasoning for medical VQA: kernels and training.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="versions, built backends and the device that will be used")
-    p.set_defaults(func=cmd_info, command="info")
-
-    # Subcommand arguments are registered lazily-importing modules only for the chosen command
-    # would need a two-pass parse; the imports below are light (no torch model is built).
-    from medlvr.data.converters import add_convert_arguments, convert_main
-    from medlvr.cli.demo import add_demo_arguments, demo_main
-    from medlvr.cli.eval import add_eval_arguments, eval_main
-    from medlvr.train.plan import add_plan_arguments, plan_main
-    from medlvr.train.sft.objective import add_stage1_arguments
-    from medlvr.data.synth import add_synth_arguments, synth_main
-    from medlvr.cli.vlpo import add_vlpo_arguments
-
-    # (name, help, add its arguments, run it, the shared flags it takes: --threads for every
-    #  command that runs a model, --window for those that read the user's images)
-    commands = [
-        ("synth", "write the deterministic synthetic medical VQA set (JSONL + PNG)", add_synth_arguments, synth_main,
-         ()),
-        ("convert", "convert a published dataset layout (OmniMedVQA, VQA-RAD, SLAKE, PathVQA) to JSONL",
-         add_convert_arguments, convert_main, ()),
-        ("sft", "stage 1: ROI-supervised latent fine-tuning (accelerate; resumable)", add_stage1_arguments, _sft,
-         ("threads", "window")),
-        ("vlpo", "stage 2: visual-latent policy optimisation from a stage-1 run", add_vlpo_arguments, _vlpo,
-         ("threads", "window")),
-        ("eval", "accuracy by benchmark and question type of trained runs; paired CIs, latent ablation; table + plot",
-         add_eval_arguments, eval_main, ("threads", "window")),
-        ("plan", "per-GPU memory of both stages: DDP+LoRA, FSDP2 full fine-tuning, FSDP2+LoRA", add_plan_arguments,
-         plan_main, ()),
-        ("demo", "synthesise data; train SFT, stage 1, and from it VLPO, text-only VLPO and SFT; evaluate all with "
-                 "paired CIs", add_demo_arguments, demo_main, ("threads",)),
-    ]
-    for name, help_, add_arguments, run, shared in commands:
+    for name, help_, shared in COMMANDS:
+        module = importlib.import_module(f"medlvr.cli.{name}")
         p = sub.add_parser(name, help=help_, description=help_)
-        add_arguments(p)
+        module.add_arguments(p)
         if "threads" in shared:
             p.add_argument("--threads", type=_threads_arg, default=None,
                            help="torch CPU threads (default: OMP_NUM_THREADS when set, else 1 per 2 cores: "
                                 "on a small shared CPU all cores under contention are slower than half)")
         if "window" in shared:
             _window(p)
-        p.add_argument("--debug", action="store_true", default=None,
-                       help="show the Python traceback of an error (also MEDLVR_DEBUG=1)")
-        p.set_defaults(func=run, command=name)
+        if name != "info":
+            p.add_argument("--debug", action="store_true", default=None,
+                           help="show the Python traceback of an error (also MEDLVR_DEBUG=1)")
+        p.set_defaults(func=module.run, command=name)
     return parser
 
 

@@ -75,9 +75,9 @@ def _stage2(plan: DemoPlan, name: str, seed: int, init: Path, rl_prompts, val, o
     """One stage-2 run from (b)'s weights: VLPO (c), text-only VLPO (c0) or SFT (s)."""
     from medlvr.eval.evaluate import evaluate
     from medlvr.train.loop import LoopConfig
-    from medlvr.policy.run_dir import RunDir
-    from medlvr.train.sft.objective import load_trained, train_stage1
-    from medlvr.train.vlpo.objective import VLPOConfig, train_vlpo, vlpo_loop
+    from medlvr.policy import RunDir, load_trained
+    from medlvr.train.sft import train_stage1
+    from medlvr.train.vlpo import VLPOConfig, train_vlpo, vlpo_loop
 
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,8 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = FULL, *, progress: bool = Tru
     Every phase runs on ``device`` ("auto": the GPU when there is one), under
     ``mixed_precision`` autocast ("auto": bf16 on a GPU, none on the CPU; "bf16" on a CPU
     runs the GPU's numerics)."""
-    from medlvr.train.loop import make_accelerator, resolve_mixed_precision
+    from medlvr.devices import resolve_mixed_precision
+    from medlvr.train.loop import make_accelerator
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,7 +239,8 @@ def _stage1_runs(plan: DemoPlan, train: list, out: Path, times: dict, *, progres
     """Runs (a) plain SFT and (b) stage 1 from the same initial model; their final folders."""
     from medlvr.models import build_default
     from medlvr.train.loop import LoopConfig
-    from medlvr.train.sft.objective import Stage1Config, build_trainable, train_stage1
+    from medlvr.policy import build_trainable
+    from medlvr.train.sft import Stage1Config, train_stage1
 
     finals: dict[str, Path] = {}
     for name, s1 in {"a_sft": Stage1Config(k_latent=0),
@@ -281,7 +283,7 @@ def _evaluate_runs(plan: DemoPlan, finals: dict[str, Path], labels: dict[str, st
     stage-2 seeds, each kind's mean over them as well."""
     from medlvr.eval.evaluate import evaluate
     from medlvr.eval.ablation import latent_ablation
-    from medlvr.train.sft.objective import load_trained
+    from medlvr.policy import load_trained
 
     results, ablations = {}, {}
     for name, path in finals.items():
@@ -302,7 +304,8 @@ def _evaluate_runs(plan: DemoPlan, finals: dict[str, Path], labels: dict[str, st
 def _report(plan: DemoPlan, out: Path, results: dict, ablations: dict, *, labels: dict[str, str], histories: dict,
             times: dict, n_test: int, device, precision: str) -> dict:
     """Print and write the tables, the plots and summary.json; the summary."""
-    from medlvr.eval.evaluate import compare, print_table, save_plot, write_outputs
+    from medlvr.eval.evaluate import compare
+    from medlvr.eval.report import print_table, save_plot, write_outputs
     from medlvr.eval.ablation import format_ablation
     from medlvr.eval.paired import format_paired
 
@@ -334,8 +337,8 @@ def _report(plan: DemoPlan, out: Path, results: dict, ablations: dict, *, labels
     return summary
 
 
-def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from medlvr.train.loop import DEVICES, MIXED_PRECISION
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from medlvr.devices import DEVICES, MIXED_PRECISION
 
     p.add_argument("--quick", action="store_true", help="a smoke-test sized run (well under a minute)")
     p.add_argument("--out", default="demo_out", help="output directory (data, runs, plots, summary.json)")
@@ -352,7 +355,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic images as PNG (default) or CT-like DICOM (the same pixels after windowing)")
 
 
-def demo_main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     plan = replace(QUICK if args.quick else FULL, seed=args.seed, image_format=getattr(args, "image_format", "png"))
     if getattr(args, "stage2_seeds", None):
         plan = replace(plan, stage2_seeds=tuple(int(s) for s in args.stage2_seeds.split(",")))

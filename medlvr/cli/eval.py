@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
-from medlvr.eval.evaluate import compare, evaluate, print_table, write_outputs
+from medlvr.eval.evaluate import compare, evaluate
+from medlvr.eval.report import print_table, write_outputs
 
-__all__ = ["add_eval_arguments", "eval_main"]
+__all__ = ["add_arguments", "run"]
 
 
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    from medlvr.train.loop import DEVICES
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from medlvr.devices import DEVICES
 
     p.add_argument("--run", action="append", required=True, metavar="[NAME=]DIR",
                    help="a trained run directory (run.json + model.safetensors, e.g. runs/sft/final); repeat to compare")
@@ -39,12 +40,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated noise levels of the latent ablation (default 0.1,1.0)")
 
 
-def eval_main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from medlvr.data.records import load_jsonl
     from medlvr.eval.ablation import format_ablation, latent_ablation
     from medlvr.eval.paired import format_paired
-    from medlvr.train.loop import trains_on_gpu
-    from medlvr.train.sft.objective import load_trained
+    from medlvr.devices import trains_on_gpu
+    from medlvr.policy import load_trained
 
     device = torch.device("cuda" if trains_on_gpu(args.device) else "cpu")
     records, report = load_jsonl(args.data, split=args.split or None, skip_bad=getattr(args, "skip_bad", False),

@@ -7,13 +7,13 @@ import json
 
 import torch
 
-from medlvr.train.flags import add_config_arguments, config_from_args
-from medlvr.train.vlpo.objective import VLPOConfig, train_vlpo
+from medlvr.flags import add_config_arguments, config_from_args
+from medlvr.train.vlpo import VLPOConfig, train_vlpo
 
-__all__ = ["add_vlpo_arguments", "vlpo_main"]
+__all__ = ["add_arguments", "train", "run"]
 
 
-def add_vlpo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``medlvr vlpo``: one per VLPOConfig field and per loop setting it exposes
     (vlpo_step.VLPO_LOOP_FLAGS: --out, --steps, --lr, --seed, --device, ...), plus model and data."""
     d = VLPOConfig()
@@ -39,7 +39,7 @@ def add_vlpo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def vlpo_main(args: argparse.Namespace) -> dict:
+def train(args: argparse.Namespace) -> dict:
     """``medlvr vlpo``: load (model from --model or the stage-1 run --init), data, train, save.
 
     Output (<out>): metrics.jsonl (one line per step), vlpo.json (the config: VLPOConfig's
@@ -52,9 +52,10 @@ def vlpo_main(args: argparse.Namespace) -> dict:
 
     from medlvr.models import load
     from medlvr.data.records import load_split
-    from medlvr.train.loop import make_accelerator, trains_on_gpu
-    from medlvr.policy.run_dir import RunDir, run_meta
-    from medlvr.train.sft.objective import Stage1Config, build_trainable, load_trained
+    from medlvr.devices import trains_on_gpu
+    from medlvr.policy import RunDir, build_trainable, load_trained, run_meta
+    from medlvr.train.loop import make_accelerator
+    from medlvr.train.sft import Stage1Config
 
     cfg = config_from_args(VLPOConfig, args, k_latent=VLPOConfig().k_latent)  # K is set below
     cfg.validate()
@@ -95,3 +96,9 @@ def vlpo_main(args: argparse.Namespace) -> dict:
     last = dict(history[-1]) if history else {}
     last["final_dir"] = str(out / "final")
     return last
+
+
+def run(args: argparse.Namespace) -> int:
+    res = train(args)
+    print(f"final weights: {res['final_dir']}")
+    return 0

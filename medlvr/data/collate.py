@@ -21,83 +21,20 @@ and a prompt batch is the training batch's first P columns.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-
 import torch
 
-from medlvr.imageio import load_image
-from medlvr.models import qwen_vl
-from medlvr.models import LATENT_START
-from medlvr.ops.roi_geometry import RoiGeometry, prepare_roi_geometry
 from medlvr.data.answers import format_question
-from medlvr.train.sft.roi import roi_bins
-
-IGNORE_INDEX = -100
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor            # (B, S) long
-    attention_mask: torch.Tensor       # (B, S) long, 1 = real token
-    pixel_values: torch.Tensor         # (P, C*T*patch*patch) flattened patches of all images
-    image_grid_thw: torch.Tensor       # (I, 3) long, images in packing order (sample, then image)
-    mm_token_type_ids: torch.Tensor    # (B, S) int, 1 at <|image_pad|> tokens
-    labels: torch.Tensor               # (B, S) long, IGNORE_INDEX except answer tokens + <|im_end|>
-    latent_start: int                  # column P of every row's first <|latent_pad|> (prompts end at
-                                       # P - 1); -1 when K == 0
-    roi_boxes: torch.Tensor            # (R, 4) float, x0 y0 x1 y1 in pixels of the RESIZED image
-    roi_image: torch.Tensor            # (R,) long, index into image_grid_thw
-    roi_sample: torch.Tensor           # (R,) long, sample owning the box
-    answers: list[str]
-    records: list = field(default_factory=list)
-    image_sizes: torch.Tensor | None = None    # (I, 2) original (width, height)
-    resized_sizes: torch.Tensor | None = None  # (I, 2) resized (width, height) fed to the vision tower
-    k_latent: int = 0
-    roi_geometry: RoiGeometry | None = None  # the boxes checked and laid out for roi_align_loss (training, K > 0)
-
-    def model_inputs(self) -> dict:
-        """The keyword arguments of a Qwen2(.5)-VL forward / the engine's generate: the one
-        bridge from a Batch (read by attribute in medlvr/train) to the mapping that
-        medlvr/models and medlvr/engine take."""
-        return {k: getattr(self, k) for k in MODEL_INPUTS}
-
-    @classmethod
-    def prompts(cls, inputs, *, k_latent: int = 0) -> "Batch":
-        """A prompt batch (no answers, no ROIs) from model inputs that already have the layout:
-        left-padded prompts ending in the last column, e.g. a processor's output with
-        padding_side="left". K > 0: the first latent goes in column S (latent_start)."""
-        missing = [k for k in ("input_ids", "attention_mask", "mm_token_type_ids") if inputs.get(k) is None]
-        if missing:
-            raise ValueError(f"inputs: expected the model inputs {MODEL_INPUTS}, missing {missing}")
-        ids = inputs["input_ids"]
-        empty = torch.zeros(0, dtype=torch.long, device=ids.device)
-        return cls(input_ids=ids, attention_mask=inputs["attention_mask"], pixel_values=inputs.get("pixel_values"),
-                   image_grid_thw=inputs.get("image_grid_thw"), mm_token_type_ids=inputs["mm_token_type_ids"],
-                   labels=torch.full_like(ids, IGNORE_INDEX), latent_start=ids.shape[1] if k_latent > 0 else -1,
-                   roi_boxes=torch.zeros(0, 4, device=ids.device), roi_image=empty, roi_sample=empty,
-                   answers=[""] * ids.shape[0], k_latent=k_latent)
-
-    def to(self, device, non_blocking: bool = False) -> "Batch":
-        """Every tensor (and the ROI geometry) on ``device``; records and answers ride along.
-        accelerate's DataLoader calls this for each batch it yields."""
-        kw = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, (torch.Tensor, RoiGeometry)) else v
-        return Batch(**kw)
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
+from medlvr.imageio import load_image
+from medlvr.models import LATENT_START
+from medlvr.ops.roi_geometry import prepare_roi_geometry
+from medlvr.policy import IGNORE_INDEX, Batch, families, policy_tokens, roi_bins
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-
-
-def prompt_text(record, *, k_latent: int, image_token: str = qwen_vl.IMAGE_TOKEN) -> str:
+def prompt_text(record, *, k_latent: int, family, image_token: str) -> str:
     """The generation prompt of `record` as text (one image placeholder per image before the
-    processor expands it; the chat layout is the model family's, medlvr/models/qwen_vl.py)."""
-    return qwen_vl.prompt_text(format_question(record.question, record.options), n_images=len(record.images),
-                               latent_start=LATENT_START if k_latent > 0 else None, image_token=image_token)
+    processor expands it; the chat layout is the model family's, e.g. medlvr/models/qwen_vl.py)."""
+    return family.prompt_text(format_question(record.question, record.options), n_images=len(record.images),
+                              latent_start=LATENT_START if k_latent > 0 else None, image_token=image_token)
 
 
 def collate(records, processor, *, k_latent: int, with_answer: bool, latent_token_ids,
@@ -123,16 +60,17 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
     if not isinstance(k_latent, int) or k_latent < 0:
         raise ValueError(f"k_latent: expected an int >= 0, got {k_latent!r}")
     tok = processor.tokenizer
-    image_token = qwen_vl.image_token(processor)
+    family = families.of_processor(processor)
+    image_token = family.image_token(processor)
     image_token_id = int(tok.convert_tokens_to_ids(image_token))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids(qwen_vl.PAD_FALLBACK)
-    im_end_id = int(tok.convert_tokens_to_ids(qwen_vl.ANSWER_END))
+    ids = policy_tokens(processor)
+    pad_id, im_end_id = ids.pad, ids.stop
     lat = latent_token_ids
 
     images = _load_images(records, images_cache)
     orig_sizes = [im.size for im in images]
 
-    prompts = [prompt_text(r, k_latent=k_latent, image_token=image_token) for r in records]
+    prompts = [prompt_text(r, k_latent=k_latent, family=family, image_token=image_token) for r in records]
     enc = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
     grid = enc["image_grid_thw"].long()
     pixel_values = enc["pixel_values"]
@@ -152,8 +90,8 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
 
     # ROI boxes: original-image pixels -> pixels of the image the vision tower saw, which the
     # processor resized independently per axis (medlvr/models/qwen_vl.py), so x and y scale apart.
-    vision = qwen_vl.vision_geometry(processor)
-    resized = qwen_vl.resized_sizes(grid, vision.patch)  # (I, 2) width, height
+    vision = family.vision_geometry(processor)
+    resized = family.resized_sizes(grid, vision.patch)  # (I, 2) width, height
     boxes, rimg, rsamp = _roi_rows(records, orig_sizes, resized)
     roi_boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     roi_image = torch.tensor(rimg, dtype=torch.long)

@@ -1,10 +1,13 @@
-"""The latent segment's exit rules, each defined once: its name, its parameters with their
-checks and defaults, and the stop test that both the engine's captured step
-(medlvr/engine/step.py) and the plain-HF loop (medlvr/engine/hf_loop.py) call.
+"""The latent segment's exit rules, each defined once for production: its name, its
+parameters with their checks and defaults, and the stop test that the engine's captured
+step (medlvr/engine/step.py), the plain-HF loop (medlvr/engine/hf_loop.py), the engine's
+requests (medlvr/engine/request.py) and the drop-in specs (medlvr/dropin/spec.py) call.
 
-This module sits in the bottom layer (reference/) because the plain-HF loop is the lowest
-consumer and the engine builds on it; it imports nothing from medlvr. Adding a rule means
-a branch in ``checked`` and one in ``stop_mask`` here, plus its test.
+The tests are batched tensor math with no host sync, so that they run inside a captured
+CUDA graph; their row-by-row spec is medlvr/reference/exit_rules.py, checked against this
+module by tests/engine/test_exit_rules_spec.py. It imports nothing from medlvr. Adding a
+rule means a branch in ``checked`` and one in ``stop_mask`` here, its statement in the
+spec, plus its test.
 
 Rules (per row, tested after latent step t on its output h_t unless said otherwise):
 

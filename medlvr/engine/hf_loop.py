@@ -1,11 +1,14 @@
-"""The plain-HF latent loop: the outside reference of the latent-step engine.
+"""The plain-HF latent loop: a production backend, and the latent-step engine's outside
+oracle.
 
 This is the loop as public latent-reasoning code writes it: one HF decoder call per step
 over a DynamicCache, feeding the post-norm last hidden state back as ``inputs_embeds``
-with explicit positions. ``medlvr.engine.LatentEngine`` must reproduce it (tests/engine),
-``medlvr eval`` falls back to it for models the engine has no adapter for, VLPO's
-``rollout_backend="hf"`` samples with it, and benchmarks/bench_latent_step.py times it as
-``hf_eager``.
+with explicit positions. ``medlvr eval`` runs it as its "hf" backend (and for models the
+engine has no adapter for), VLPO's ``rollout_backend="hf"`` samples with it, the latent
+ablation runs on it, ``medlvr.engine.LatentEngine`` must reproduce it (tests/engine), and
+benchmarks/bench_latent_step.py times it as ``hf_eager``. Its spec is the cacheless loop
+of medlvr/reference/latent_loop.py (the whole decoder again at every step, fixed K, greedy),
+checked against it by tests/engine/test_hf_loop_spec.py.
 
 Sequence of one row (left-padded prompt ending with <|latent_start|>)::
 

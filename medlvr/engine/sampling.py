@@ -1,5 +1,7 @@
 """Token sampling on device, with no host sync and no data-dependent shapes, so a
-decode step that samples can be captured in a CUDA graph.
+decode step that samples can be captured in a CUDA graph: the sampler of the engine
+(medlvr/engine/step.py) and of the plain-HF loop (medlvr/engine/hf_loop.py). Its row-by-row
+spec is medlvr/reference/sampling.py (checked by tests/engine/test_sampling.py).
 
 Random draws come in as a ``noise`` tensor of Exp(1) variates, filled outside the graph
 from the caller's generator before each step: argmax_i p_i / E_i is an exact sample

@@ -11,18 +11,16 @@ otherwise normalised exact match). Outputs: a rich table on stdout, ``prediction
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from medlvr.engine import EngineHolder, supports
-from medlvr.models import qwen_vl
-from medlvr.models.hf import unwrap
 from medlvr.engine.hf_loop import latent_loop
+from medlvr.models.hf import unwrap
+from medlvr.policy import LatentLM, policy_tokens
 
 
 @dataclass
@@ -74,17 +72,12 @@ def generation_parts(lm: Any, processor: Any, k: int | None = None) -> tuple:
     """What greedy answer generation reads from a trained unit (a LatentLM or a bare HF model):
     (model, projector, K, device, tokenizer, latent token ids, stop id, pad id). K is ``k``
     when given, else the unit's own (0 for a bare model)."""
-    from medlvr.models import latent_token_ids
-
-    cfg = getattr(lm, "cfg", None)
-    k = (cfg.k_latent if cfg is not None else 0) if k is None else k
-    # A bare HF model has a .model too (its decoder): only a LatentLM (it has .cfg) is unwrapped.
-    model = lm.model if cfg is not None else lm
-    tok = processor.tokenizer
-    stop = tok.convert_tokens_to_ids(qwen_vl.ANSWER_END)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stop
-    return (model, getattr(lm, "projector", None), k, next(model.parameters()).device, tok,
-            latent_token_ids(processor), stop, pad)
+    unit = isinstance(lm, LatentLM)
+    k = (lm.k_latent if unit else 0) if k is None else k
+    model = lm.model if unit else lm
+    ids = policy_tokens(processor)
+    return (model, lm.projector if unit else None, k, next(model.parameters()).device, processor.tokenizer,
+            ids.latent, ids.stop, ids.pad)
 
 
 def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, batch_size: int = 32,
@@ -97,10 +90,10 @@ def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, bat
     mixed_precision: autocast around generation ("no", "bf16", "fp16", "auto" = bf16 on a
     GPU). The engine runs in the weights' dtype whatever the autocast (its kernels take one
     dtype); the HF loop runs under it."""
-    from medlvr.progress import progress
-    from medlvr.data.collate import collate
-    from medlvr.train.loop import resolve_mixed_precision
     from medlvr.data.answers import score
+    from medlvr.data.collate import collate
+    from medlvr.devices import resolve_mixed_precision
+    from medlvr.progress import progress
 
     if backend not in ("auto", "engine", "hf"):
         raise ValueError(f"backend: expected 'auto', 'engine' or 'hf', got {backend!r}")
@@ -153,85 +146,6 @@ def summarize(preds: list[dict]) -> EvalResult:
                       by_qtype={q: acc(v) for q, v in sorted(by_q.items())},
                       by_source_qtype={s: {q: acc(v) for q, v in sorted(d.items())} for s, d in sorted(by_sq.items())},
                       predictions=preds)
-
-
-def print_table(results: dict[str, EvalResult], *, title: str = "accuracy") -> str:
-    """A rich table: one column per model, rows = overall, each benchmark, each question type.
-    Returns the plain-text rendering (also printed)."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    names = list(results)
-    first = results[names[0]]
-    table = Table(title=title)
-    table.add_column("benchmark / question type")
-    table.add_column("n", justify="right")
-    for name in names:
-        table.add_column(name, justify="right")
-    table.add_row("overall", str(first.n), *[f"{100 * results[m].overall:.1f}" for m in names])
-    for s in first.by_source:
-        table.add_row(escape(f"[{s}]"), str(first.by_source[s][1]), *[f"{100 * results[m].by_source.get(s, (0, 0))[0]:.1f}" for m in names])
-    for q in first.by_qtype:
-        table.add_row(f"  {q}", str(first.by_qtype[q][1]), *[f"{100 * results[m].by_qtype.get(q, (0, 0))[0]:.1f}" for m in names])
-    console = Console(record=True, width=max(60, 30 + 12 * len(names)))
-    console.print(table)
-    return console.export_text()
-
-
-def save_plot(results: dict[str, EvalResult], path: str | Path, *, title: str = "accuracy") -> Path:
-    """Grouped bars: overall and each question type (x) for each model (bars), with bootstrap
-    95% CIs as error bars (medlvr.eval.paired.accuracy_cis) and one-decimal labels."""
-    import matplotlib
-
-    from medlvr.eval.paired import accuracy_cis
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    cats = ["overall"] + list(results[names[0]].by_qtype)
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cats), 4.0))
-    for j, name in enumerate(names):
-        r = results[name]
-        vals = [r.overall] + [r.by_qtype.get(c, (0.0, 0))[0] for c in cats[1:]]
-        ci = accuracy_cis(r)
-        lo = [100 * (v - ci[c][1]) if c in ci else 0.0 for v, c in zip(vals, cats)]
-        hi = [100 * (ci[c][2] - v) if c in ci else 0.0 for v, c in zip(vals, cats)]
-        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(cats))]
-        bars = ax.bar(xs, [100 * v for v in vals], width, label=name, yerr=[lo, hi], capsize=2,
-                      error_kw={"elinewidth": 0.8})
-        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=2)
-    ax.set_xticks(range(len(cats)), cats)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 112)
-    ax.set_title(title)
-    # Below the axes: inside, the legend hides the tallest bars.
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(names), frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_outputs(results: dict[str, EvalResult], out_dir: str | Path, *, title: str = "accuracy",
-                  comparison: dict | None = None) -> dict[str, Path]:
-    """predictions.jsonl, accuracy.json, accuracy.png (and comparison.json: paired differences
-    and latent ablations, when given)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if comparison is not None:
-        (out / "comparison.json").write_text(json.dumps(comparison, indent=2))
-    with (out / "predictions.jsonl").open("w") as f:
-        for name, r in results.items():
-            for p in r.predictions:
-                f.write(json.dumps({"model": name, **p}) + "\n")
-    (out / "accuracy.json").write_text(json.dumps({n: r.to_json() for n, r in results.items()}, indent=2))
-    return {"predictions": out / "predictions.jsonl", "accuracy": out / "accuracy.json",
-            "plot": save_plot(results, out / "accuracy.png", title=title)}
 
 
 def compare(results: dict[str, EvalResult], *, n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, tuple]]:

@@ -1,8 +1,9 @@
 """The Qwen2(.5)-VL family's batch and position facts, in one place.
 
-What medlvr/train needs to know about a Qwen-VL model to build and read its batches, so that
-the training layer names no Qwen token, chat marker or vision-tower size itself (a GPT-2 or
-Llama-family latent model adds its own module like this one, and an engine adapter):
+What training and evaluation need to know about a Qwen-VL model to build and read its batches, so that
+no layer above names a Qwen token, chat marker or vision-tower size itself. The registry
+medlvr/policy/families.py picks this module by ``MODEL_TYPES`` / ``PROCESSORS``; another family
+adds its own module like this one, and an engine adapter:
 
 - the chat layout of a prompt (:func:`prompt_text`), its image placeholder and the token that
   ends an answer (:data:`IMAGE_TOKEN`, :data:`ANSWER_END`);
@@ -20,6 +21,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+# The configs and processors this family's facts hold for (medlvr/policy/families.py reads them).
+MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+PROCESSORS = ("Qwen2_5_VLProcessor", "Qwen2VLProcessor")
+
 IMAGE_TOKEN = "<|image_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 ANSWER_END = "<|im_end|>"  # closes the assistant turn: the answer's last label and the stop token
@@ -28,7 +33,7 @@ PAD_FALLBACK = "<|endoftext|>"  # the pad token when a tokenizer names none
 # tokens are stage 1's ROI targets) and so does the merger between them.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
-__all__ = ["IMAGE_TOKEN", "VISION_START", "VISION_END", "ANSWER_END", "PAD_FALLBACK", "VisionGeometry",
+__all__ = ["MODEL_TYPES", "PROCESSORS", "IMAGE_TOKEN", "VISION_START", "VISION_END", "ANSWER_END", "PAD_FALLBACK", "VisionGeometry",
            "LORA_TARGETS", "prompt_text", "vision_geometry", "model_merge", "image_token", "tokens_per_image",
            "resized_sizes",
            "uncovered_sample"]

@@ -8,7 +8,8 @@ Triton kernels (medlvr/kernels/) compute in fp32, so they take no fp64 operand: 
 one picks the reference by itself for a call with an fp64 tensor, and forcing the Triton
 backend on such a call raises a TypeError naming the argument. ``backend`` below is the
 one place that applies the rule: an op dispatches through it, not through
-medlvr._backend.choose directly.
+medlvr._backend.choose directly. ``compute_dtype`` applies it (and the mixed-dtype rule) to
+the lm_head GEMM of the fused log-prob ops.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: what the Triton kernels take: they compute in fp32 (fp64 rule above)
 FP32_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def tensor(name: str, t, *, dims: int | None = None, dtypes=None) -> torch.Tensor:
@@ -91,6 +93,35 @@ def compiling() -> bool:
     """True while torch.compile traces: value checks that read tensor data are skipped then
     (they would graph-break), shape/dtype checks still run."""
     return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def compute_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype an lm_head GEMM of the fused log-prob ops runs in (medlvr/ops/fused_logprobs.py;
+    its softmax math is fp32 whatever this is). Spec: medlvr.reference.fused_logprobs.compute_dtype.
+
+    fp64 pairs only with fp64 (the fp64 rule: never an fp32 GEMM inside an fp64 call). Under
+    ``torch.autocast`` on the device, the autocast dtype, which is what ``F.linear`` would run
+    in. Else one dtype runs as it is, and fp32 beside a 16-bit dtype runs in the 16-bit one
+    (the model's own bf16 lm_head against fp32 master weights gives those logits; the fp32
+    operand is cast once). fp16 beside bf16 has no lossless common dtype and is refused.
+    """
+    pair = {hidden_dtype, weight_dtype}
+    if torch.float64 in pair:
+        if len(pair) > 1:
+            raise TypeError(f"weight must have the dtype of hidden when either is float64, got hidden "
+                            f"{_dtype_name(hidden_dtype)} and weight {_dtype_name(weight_dtype)}")
+        return torch.float64
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    half = [d for d in (hidden_dtype, weight_dtype) if d in _HALF_DTYPES]
+    if len(set(half)) > 1:
+        raise TypeError(f"weight and hidden must not mix float16 and bfloat16, got hidden "
+                        f"{_dtype_name(hidden_dtype)} and weight {_dtype_name(weight_dtype)}")
+    return half[0] if half else hidden_dtype
 
 
 def backend(op: str, device: torch.device, *, has_ext: bool = False, has_triton: bool = False, **operands) -> str:

@@ -29,7 +29,7 @@ so at no time does more than one chunk of logits exist. Three entry points use i
   medlvr/reference/fused_logprobs.py) and ``weighted_sum_head`` (sum_i w_i logp_i: cross-entropy, per-sample means).
 
 Inputs arrive in their own dtypes and are cast once to ``compute_dtype`` (the rule is
-medlvr.reference.fused_logprobs.compute_dtype); gradients leave in each input's dtype, d W
+medlvr.ops._checks.compute_dtype, its spec medlvr/reference/fused_logprobs.py); gradients leave in each input's dtype, d W
 accumulated in the weight's dtype (beside a bf16/fp16 GEMM into an fp32 weight: the product
 computed a slice of V rows at a time into one 64 MiB buffer and added into the fp32 gradient).
 """

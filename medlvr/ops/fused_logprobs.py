@@ -25,13 +25,14 @@ trainers therefore call the scalar ops; the per-token op serves scoring under no
 reference log-probs: 1 GEMM) and callers that need per-token gradients.
 
 Dtype contract. hidden and weight (and bias) may differ in dtype; the GEMMs run in
-medlvr.reference.fused_logprobs.compute_dtype: the autocast dtype under torch.autocast (as
-F.linear would), else the common dtype, else the 16-bit one of an fp32 / bf16|fp16 pair (the
-other operand is cast once, a (V, D) copy when it is the weight); bf16 with fp16, and fp64 with
-anything else, are refused. Softmax math is fp32 (fp64 for fp64); log-probs, entropy and the
-loss come out fp32 (fp64). Gradients come back in each input's own dtype. Peak memory beyond
-the inputs and their gradients is one (C, V) chunk of logits in the compute dtype (C from a
-byte budget, or ``chunk_size``) plus O(N) statistics (plus that one cast copy, if any).
+medlvr.ops._checks.compute_dtype (its spec: medlvr/reference/fused_logprobs.py): the autocast
+dtype under torch.autocast (as F.linear would), else the common dtype, else the 16-bit one of
+an fp32 / bf16|fp16 pair (the other operand is cast once, a (V, D) copy when it is the
+weight); bf16 with fp16, and fp64 with anything else, are refused. Softmax math is fp32 (fp64
+for fp64); log-probs, entropy and the loss come out fp32 (fp64). Gradients come back in each
+input's own dtype. Peak memory beyond the inputs and their gradients is one (C, V) chunk of
+logits in the compute dtype (C from a byte budget, or ``chunk_size``) plus O(N) statistics
+(plus that one cast copy, if any).
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ import torch
 from medlvr.ops import _checks
 from medlvr.ops import _fused_logprobs_sweep as sweep
 from medlvr.ops.logprobs import gather_logprobs, latent_gaussian_logprob
-from medlvr.reference.fused_logprobs import (compute_dtype, fused_linear_cross_entropy_ref, fused_linear_logprobs_ref,
+from medlvr.ops._checks import compute_dtype
+from medlvr.reference.fused_logprobs import (fused_linear_cross_entropy_ref, fused_linear_logprobs_ref,
                                              fused_vlpo_loss_ref)
 from medlvr.ops.vlpo_loss import gaussian_kl, ppo_clip_loss
 

@@ -1,10 +1,12 @@
-"""ROI-pooled latent alignment loss: argument checks, autograd, dispatch.
+"""ROI-pooled latent alignment loss, and the pooled targets themselves: argument checks,
+autograd, dispatch.
 
 ``roi_align_loss`` pools the vision tokens inside each ROI box into K = gh·gw bin
 targets and compares them with the K latent states. The reference
 (medlvr/reference/roi_align.py) is the spec and holds the conventions: token packing,
 bin order (row-major over the box), pooling and loss formulas. The Triton path
-(medlvr.kernels.roi_align_loss) never materialises the targets.
+(medlvr.kernels.roi_align_loss) never materialises the targets. ``roi_pool_targets``
+returns them (stage 1's teacher-forced latent inputs, medlvr/train/sft/roi.py).
 
 Backward math (per row r, bin k, with g = dL/dloss[r, k] from the reduction):
   cosine  L = 1 − d / (nz·nt), d = z·t, nz = max(|z|, ε), nt = max(|t|, ε)
@@ -25,9 +27,10 @@ import torch
 
 from medlvr.ops import _checks
 from medlvr.ops.roi_geometry import RoiGeometry, check_bins, prepare_roi_geometry
-from medlvr.reference.roi_align import COS_EPS, axis_weights, bilinear_samples, clip_boxes, roi_align_loss_ref
+from medlvr.reference.roi_align import (COS_EPS, axis_weights, bilinear_samples, clip_boxes, roi_align_loss_ref,
+                                        roi_pool_targets_ref)
 
-__all__ = ["RoiGeometry", "prepare_roi_geometry", "roi_align_loss", "roi_align_loss_memory_floor"]
+__all__ = ["RoiGeometry", "prepare_roi_geometry", "roi_align_loss", "roi_align_loss_memory_floor", "roi_pool_targets"]
 
 _FLOAT_DTYPES = _checks.FLOAT_DTYPES  # fp64 too: computed in fp64 by the reference (fp64 rule, _checks)
 _POOLINGS = ("area", "bilinear")
@@ -51,6 +54,19 @@ def _checked_geometry(geometry, bins, merge, patch) -> RoiGeometry:
     return geometry
 
 
+def _check_sampling_ratio(sampling_ratio) -> None:
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
+        raise TypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
+    if sampling_ratio != -1 and sampling_ratio < 1:
+        raise ValueError(f"sampling_ratio must be a positive int or -1 (adaptive), got {sampling_ratio}")
+
+
+def _check_token_count(geometry: RoiGeometry, vision_tokens: torch.Tensor) -> None:
+    if geometry.n_tokens != vision_tokens.shape[0]:
+        raise ValueError(f"grid_thw adds up to {geometry.n_tokens} merged tokens (per image "
+                         f"{list(geometry.tokens_per_image)}), but vision_tokens has T = {vision_tokens.shape[0]}")
+
+
 def _check_call(latents, vision_tokens, geometry: RoiGeometry, pooling, loss, reduction, sampling_ratio) -> None:
     """Shape/dtype/device checks of one call: Python ints only, nothing read from a device."""
     _checks.tensor("latents", latents, dims=3, dtypes=_FLOAT_DTYPES)
@@ -60,10 +76,7 @@ def _check_call(latents, vision_tokens, geometry: RoiGeometry, pooling, loss, re
     _checks.choice("pooling", pooling, _POOLINGS)
     _checks.choice("loss", loss, _LOSSES)
     _checks.choice("reduction", reduction, _REDUCTIONS)
-    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
-        raise TypeError(f"sampling_ratio must be an int, got {type(sampling_ratio).__name__}")
-    if sampling_ratio != -1 and sampling_ratio < 1:
-        raise ValueError(f"sampling_ratio must be a positive int or -1 (adaptive), got {sampling_ratio}")
+    _check_sampling_ratio(sampling_ratio)
     R, K, D = latents.shape
     gh, gw = geometry.bins
     if K != gh * gw:
@@ -74,9 +87,7 @@ def _check_call(latents, vision_tokens, geometry: RoiGeometry, pooling, loss, re
         raise ValueError(f"latents must have a hidden size D >= 1, got shape {tuple(latents.shape)}")
     if vision_tokens.shape[1] != D:
         raise ValueError(f"vision_tokens must have D = {D} columns like latents, got shape {tuple(vision_tokens.shape)}")
-    if geometry.n_tokens != vision_tokens.shape[0]:
-        raise ValueError(f"grid_thw adds up to {geometry.n_tokens} merged tokens (per image "
-                         f"{list(geometry.tokens_per_image)}), but vision_tokens has T = {vision_tokens.shape[0]}")
+    _check_token_count(geometry, vision_tokens)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -173,6 +184,38 @@ def roi_align_loss(latents: torch.Tensor, vision_tokens: torch.Tensor, *, geomet
     v = vision_tokens.detach() if detach_target else vision_tokens
     return _RoiAlignLoss.apply(latents.contiguous(), v.contiguous(), geometry, pooling, loss, reduction,
                                sampling_ratio)
+
+
+def roi_pool_targets(vision_tokens: torch.Tensor, grid_thw: torch.Tensor, boxes: torch.Tensor,
+                     box_image: torch.Tensor, *, bins: tuple[int, int], pooling: str = "area", merge: int = 2,
+                     patch: int = 14, sampling_ratio: int = 2) -> torch.Tensor:
+    """The pooled ROI targets (R K D), materialised: fp32 (fp64 for fp64 vision tokens).
+
+    vision_tokens (T D) any float dtype; grid_thw (I 3), boxes (R 4), box_image (R) and
+    bins, pooling, merge, patch, sampling_ratio as for :func:`roi_align_loss` (the same
+    conventions: bins row-major over the box, boxes in pixels of the resized image, clipped
+    to it). Every argument is checked first, the boxes' values included
+    (:func:`prepare_roi_geometry`: one device-to-host read when they live on a GPU), with a
+    ValueError / TypeError naming the argument or the row. Differentiable w.r.t.
+    vision_tokens.
+
+    Computed in fp32 also under ``torch.autocast`` (which would run the pooling matmul in
+    its 16-bit dtype), like the loss. Dispatch: no fast path materialises the targets (the
+    Triton kernels recompute them in registers and never store them), so every device runs
+    the reference backend, medlvr.reference.roi_align.roi_pool_targets_ref; results are
+    bit-identical to calling it directly (outside autocast).
+    """
+    _checks.tensor("vision_tokens", vision_tokens, dims=2, dtypes=_FLOAT_DTYPES)
+    _checks.choice("pooling", pooling, _POOLINGS)
+    _check_sampling_ratio(sampling_ratio)
+    geometry = prepare_roi_geometry(grid_thw, boxes, box_image, bins=bins, merge=merge, patch=patch)
+    _check_token_count(geometry, vision_tokens)
+    # no ext / Triton kernel: "reference" on every device, and a forced other backend raises
+    # here (medlvr/_backend.py: never a silent fallback)
+    _checks.backend("roi_pool_targets", vision_tokens.device, vision_tokens=vision_tokens)
+    with torch.autocast(vision_tokens.device.type, enabled=False):
+        return roi_pool_targets_ref(vision_tokens, grid_thw, boxes, box_image, bins=geometry.bins, pooling=pooling,
+                                    merge=merge, patch=patch, sampling_ratio=sampling_ratio)
 
 
 def roi_align_loss_memory_floor(vision_tokens: torch.Tensor, grid_thw: torch.Tensor, boxes: torch.Tensor,

@@ -3,9 +3,12 @@ surrogate with clip-higher and dual clip, the KL to the reference (k3 for text t
 closed-form Gaussian KL for latent steps), and their token-level mean over a batch of rollouts
 (medlvr/train/vlpo/objective.py explains the method; docs/vlpo.md the recipe and the choices).
 
-It is the spec of the trainer's unfused objective (medlvr/train/vlpo/step.py) and of the fused
-lm_head objective (medlvr/ops/fused_logprobs.py), which calls these very functions chunk by
-chunk. The op's test oracle is a separate closed form (medlvr/reference/fused_logprobs.py).
+Production code: the trainer's unfused objective (medlvr/train/vlpo/step.py) and the fused
+lm_head objective (medlvr/ops/fused_logprobs.py, via medlvr/ops/_fused_logprobs_sweep.py) both
+call these very functions, so the two paths share one definition of the clip math. Their
+specs live in medlvr/reference/: the objective's closed form in fused_logprobs.py
+(``fused_vlpo_loss_ref``, tests/ops/test_fused_logprobs.py) and the group advantages in
+vlpo_loss.py (tests/ops/test_vlpo_loss_spec.py).
 """
 from __future__ import annotations
 

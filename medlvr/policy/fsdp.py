@@ -1,4 +1,4 @@
-"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for the stage-1 module: ``--fsdp``.
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for the policy module of either stage: ``--fsdp``.
 
 Why ``fully_shard`` directly and not accelerate's FSDP plugin (``fsdp_version: 2``): accelerate
 1.16 turns an FSDP plugin into ``DistributedType.FSDP`` only for the GPU-like distributed
@@ -22,7 +22,7 @@ of pytorch/torchtitan, torchtitan/models/llama3/infra/parallelize.py ``apply_fsd
 The lm_head is a unit of its own so that its (V, D) weight is gathered only around the loss.
 The fused lm_head ops (medlvr.ops.fused_logprobs) read ``head.weight`` without calling the
 head's forward, so FSDP's hooks would not run and they would see the DTensor shard.
-:func:`with_head_weight` calls them through a method registered with FSDP's
+:func:`medlvr.policy.head.with_head_weight` calls them through a method registered with FSDP's
 ``register_fsdp_forward_method``: FSDP unshards the head before (the full weight is FSDP's own
 unsharded parameter, no extra copy), reshards after, all-gathers again in backward and
 reduce-scatters the (V, D) gradient the op hands out, as for any forward.
@@ -30,8 +30,7 @@ reduce-scatters the (V, D) gradient the op hands out, as for any forward.
 from __future__ import annotations
 
 import contextlib
-import types
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -39,11 +38,8 @@ from torch import nn
 
 from medlvr.models.hf import decoder, unwrap
 
-__all__ = ["shard", "is_sharded", "gathered", "fusable_head", "with_head_weight", "ensure_process_group",
+__all__ = ["shard", "is_sharded", "gathered", "ensure_process_group",
            "gather_trainable", "load_full", "full_optimizer_state", "load_full_optimizer_state"]
-
-_HEAD_METHOD = "_medlvr_with_weight"
-
 
 def ensure_process_group(device: torch.device) -> None:
     """FSDP needs a process group; one process (a 1-GPU run, or developing on a CPU) gets a
@@ -148,38 +144,6 @@ def _broadcast_from_main(module: nn.Module) -> None:
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
             dist.broadcast(t.data, src=0)
-
-
-def fusable_head(head: nn.Module) -> bool:
-    """True when ``head(h)`` is exactly ``h @ head.weight.T + head.bias``: a plain nn.Linear, or
-    one that fully_shard made into ``FSDPLinear`` (a subclass that adds hooks only). Peft's or
-    a quantised wrapper, or a replaced forward, is not (medlvr.ops.fusable_lm_head's rule)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    cls = type(head)
-    plain = cls is nn.Linear or (issubclass(cls, FSDPModule) and cls.__bases__ == (FSDPModule, nn.Linear))
-    return plain and "forward" not in vars(head)
-
-
-def _call_with_weight(self: nn.Module, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    return fn(self.weight, self.bias, *args, **kwargs)
-
-
-def with_head_weight(head: nn.Module, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """``fn(weight, bias, *args, **kwargs)`` with the lm_head's full weight and bias.
-
-    A sharded head runs it as one of its FSDP forward methods: FSDP all-gathers the weight
-    before (its own unsharded parameter, in the all-gather dtype), frees it after, and in
-    backward gathers it again and reduce-scatters its gradient; tensors in args that need a
-    gradient anchor that reduce-scatter, as a forward's inputs do. An unsharded head: a call."""
-    if not is_sharded(head):
-        return fn(head.weight, head.bias, *args, **kwargs)
-    if _HEAD_METHOD not in vars(head):
-        from torch.distributed.fsdp import register_fsdp_forward_method
-
-        setattr(head, _HEAD_METHOD, types.MethodType(_call_with_weight, head))
-        register_fsdp_forward_method(head, _HEAD_METHOD)
-    return getattr(head, _HEAD_METHOD)(fn, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- full state

@@ -28,12 +28,12 @@ Public functions (shapes: B samples, S sequence, K latent steps, D hidden, T vis
   per-sample CE and the latent states. Equal (fp32) to :func:`coconut_reference`, K+1 full passes.
 - :func:`forward_with_latents` — ONE full forward with the K latent inputs given (teacher
   forcing with pooled ROI targets; VLPO re-scoring of rollouts with their fed-back z).
-- :func:`latent_mu` — h at P + t - 1 for t < K from a full forward's hidden states;
-  :func:`latent_start` — P, with the layout checked.
+- the layout check and the shift (:func:`latent_start`, :func:`latent_mu`) are medlvr/policy/batch.py.
 - the pieces (vision tokens, embeddings, positions, the decoder call) come from medlvr/models/hf.py.
 - :func:`per_sample_ce` — CE averaged over each sample's answer tokens ([B]), from logits (the
   reference); :func:`answer_ce` — the same from hidden states via the fused lm_head log-prob op.
-- stage 1's ROI supervision (alignment term, pooled targets) is medlvr/train/sft/roi.py.
+- the lm_head choice (fused op or the head's own forward) is medlvr/policy/head.py;
+  stage 1's ROI supervision (alignment term, pooled targets) is medlvr/train/sft/roi.py.
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medlvr.models.hf import embed_inputs, new_cache, positions, run_decoder, unwrap, vision_tokens
-from medlvr.ops.fused_logprobs import fusable_lm_head, fused_linear_cross_entropy, lm_head_logprobs
-from medlvr.data.collate import Batch
-from medlvr.policy.fsdp import fusable_head, with_head_weight
+from medlvr.ops.fused_logprobs import fused_linear_cross_entropy, lm_head_logprobs
+from medlvr.policy.batch import Batch, latent_mu, latent_start
+from medlvr.policy.head import through_head
 
 __all__ = [
     "LatentOutput",
@@ -54,8 +54,6 @@ __all__ = [
     "forward_with_latents",
     "recurrent_forward",
     "coconut_reference",
-    "latent_mu",
-    "latent_start",
     "per_sample_ce",
     "answer_ce",
 ]
@@ -145,17 +143,25 @@ def answer_ce(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *, m
     head = unwrap(model).lm_head
     h, t = hidden[:, :-1][valid], tgt[valid]
     tok = torch.zeros(tgt.shape, dtype=torch.float32, device=hidden.device)
-    if mean and (fusable_lm_head(head) or fusable_head(head)):
-        row_n = n[:, None].expand_as(tgt)[valid].float()
-        # An FSDP-sharded head is gathered by FSDP around the op (medlvr/policy/fsdp.py).
-        ce_mean, logp = with_head_weight(head, _fused_ce, h, t, weights=1.0 / (tgt.shape[0] * row_n))
-        return tok.masked_scatter(valid, -logp).sum(dim=1) / n.clamp(min=1), n, ce_mean
-    ce = tok.masked_scatter(valid, -lm_head_logprobs(head, h, t)).sum(dim=1) / n.clamp(min=1)
-    return ce, n, (ce.mean() if mean else None)
 
+    def per_sample(logp: torch.Tensor) -> torch.Tensor:
+        return tok.masked_scatter(valid, -logp).sum(dim=1) / n.clamp(min=1)
 
-def _fused_ce(weight, bias, h, t, *, weights):
-    return fused_linear_cross_entropy(h, weight, t, bias=bias, reduction="sum", weights=weights, return_logprobs=True)
+    if not mean:
+        return per_sample(lm_head_logprobs(head, h, t)), n, None
+    weights = 1.0 / (tgt.shape[0] * n[:, None].expand_as(tgt)[valid].float())
+
+    def fused(weight, bias, x):
+        ce_mean, logp = fused_linear_cross_entropy(x, weight, t, bias=bias, reduction="sum", weights=weights,
+                                                   return_logprobs=True)
+        return per_sample(logp), ce_mean
+
+    def unfused(lm_head, x):
+        ce = per_sample(lm_head_logprobs(lm_head, x, t))
+        return ce, ce.mean()
+
+    ce, ce_mean = through_head(head, h, fused=fused, unfused=unfused)
+    return ce, n, ce_mean
 
 
 def forward_with_latents(model: nn.Module, batch: Batch, latents: torch.Tensor | None, *,
@@ -189,40 +195,6 @@ def forward_with_latents(model: nn.Module, batch: Batch, latents: torch.Tensor |
     lh = latent_mu(h, p, k) if k > 0 else None
     return LatentOutput(ce=ce, n_tokens=n, latent_inputs=latents if k > 0 else None, latent_hidden=lh,
                         vision_tokens=vis, logits=logits, hidden=h if return_hidden else None, ce_mean=mean)
-
-
-def latent_mu(hidden: torch.Tensor, start: int, k: int) -> torch.Tensor:
-    """hidden [B,S,D] -> [B,K,D] with row t = hidden[:, P + t - 1], P = ``start`` (the batch's
-    latent_start): the state that produced z_t."""
-    return hidden[:, start - 1:start - 1 + k]
-
-
-def latent_start(batch: Batch, k: int) -> int:
-    """The latent start column P of a batch in collate's layout (medlvr/data/collate.py),
-    checked before any model work: every prefix ends in column P - 1 (left-padded, so its
-    last column is real), the K latent columns are real in every row, and the suffix after
-    them is right-padded. One host read of the mask for all checks."""
-    p = batch.latent_start
-    am = batch.attention_mask
-    if isinstance(p, bool) or not isinstance(p, int):
-        raise ValueError(f"batch.latent_start: expected an int (collate's latent start column), got {p!r}")
-    if k < 1 or p < 1 or p + k > am.shape[1]:
-        raise ValueError(f"batch.latent_start: expected 1 <= latent_start and latent_start + K <= "
-                         f"{am.shape[1]} columns with K >= 1, got latent_start={p} K={k}")
-    m = am.bool()
-    prefix, latents, suffix = m[:, :p], m[:, p:p + k], m[:, p + k:]
-    ok = torch.stack([
-        prefix[:, -1].all(),                                                  # every prefix ends at P - 1
-        (prefix[:, 1:] >= prefix[:, :-1]).all() if p > 1 else m.new_ones(()),  # left-padded prefix
-        latents.all(),                                                        # K real latent columns
-        (suffix[:, 1:] <= suffix[:, :-1]).all() if suffix.shape[1] > 1 else m.new_ones(()),  # right-padded
-    ]).tolist()
-    if not all(ok):
-        what = ("a prefix that does not end in column latent_start - 1", "a prefix that is not left-padded",
-                "a padded latent column", "a suffix that is not right-padded")[ok.index(False)]
-        raise ValueError(f"batch.attention_mask: expected collate's layout [left-padded prefix | K latents | "
-                         f"right-padded suffix] with latent_start={p}, got {what}")
-    return p
 
 
 def recurrent_forward(model: nn.Module, batch: Batch, *, k: int,

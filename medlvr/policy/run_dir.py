@@ -1,42 +1,34 @@
-"""The run folder: how stage 1 (``medlvr sft``), stage 2 (``medlvr vlpo``) and the demo save a
-trained model, how evaluation and ``--init`` load it, and how a run resumes.
+"""The run folder: the one type in which both stages (``medlvr sft``, ``medlvr vlpo``) and the
+demo save a trained policy, and from which evaluation and ``--init`` load it
+(:func:`medlvr.policy.load_trained`).
 
-A run folder (a finished run's ``final/`` or a checkpoint ``checkpoints/step-XXXXXXX/``):
+A run folder (a finished run's ``final/``, or a checkpoint of medlvr/train/checkpoints.py):
 
     run.json            what to rebuild before loading the weights:
                         {"base": model name or dir, "stage1": Stage1Config fields, ...}
                         plus what the stage adds ("loop": LoopConfig, "vlpo": VLPOConfig with
                         its LoopConfig under "loop", "init")
-    model.safetensors   the trainable parameters of the stage-1 LatentLM (LoRA or all)
+    model.safetensors   the trainable parameters of the LatentLM (LoRA or all, the projector)
     hf/                 (a finished run's final/) the same weights for transformers / peft:
                         a peft adapter folder (LoRA) or a transformers model folder (full)
 
-A checkpoint adds what resuming needs:
-
-    optimizer.pt, scheduler.pt   optimizer / scheduler state
-    rng-<rank>.pt                python / numpy / torch (/ cuda) RNG states of each process
-    state.json                   step, data position, seed, number of processes
-
 Every folder is written to a ``.tmp-`` sibling first and moved with os.replace, so a crash
-never leaves a half-written one; ``checkpoints/latest`` names the newest checkpoint and is
-replaced atomically too.
+never leaves a half-written one.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from medlvr.policy.fsdp import full_optimizer_state, gather_trainable, is_sharded, load_full, load_full_optimizer_state
+from medlvr.policy.fsdp import gather_trainable, is_sharded, load_full
+from medlvr.policy.lora import is_peft, save_adapter
 
-CKPT_DIR = "checkpoints"
 META = "run.json"
 WEIGHTS = "model.safetensors"
 HF_DIR = "hf"
@@ -84,7 +76,7 @@ class RunDir:
         if is_sharded(module):  # FSDP: gathered to full tensors, the same file as unsharded runs write
             state = gather_trainable(module, {n for n, p in module.named_parameters() if p.requires_grad})
         else:
-            state = module.trainable_state_dict()
+            state = trainable_state(module)
         if main:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -121,6 +113,13 @@ class RunDir:
                              f"unexpected {unexpected[:5]})")
 
 
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters with requires_grad, detached CPU copies keyed by state_dict name: what
+    model.safetensors holds (LoRA and the latent rows, or everything, plus the projector)."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {n: t.detach().cpu().clone().contiguous() for n, t in module.state_dict().items() if n in names}
+
+
 def write_hf(lm: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """The run's weights in the formats of transformers and peft, in ``path`` (``hf/`` of a
     final run folder), from the full tensors ``state`` (what model.safetensors holds, so a
@@ -132,123 +131,12 @@ def write_hf(lm: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) ->
       (Qwen2_5_VLForConditionalGeneration).
 
     The latent projector is medlvr's own module: it stays in model.safetensors only."""
-    from safetensors.torch import save_file
-
     inner = lm.model
     sd = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     path.mkdir(parents=True)
-    if hasattr(inner, "peft_config"):
-        from peft import get_peft_model_state_dict
-
-        inner.peft_config["default"].save_pretrained(str(path))
-        save_file(get_peft_model_state_dict(inner, state_dict=sd, save_embedding_layers=False),
-                  str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if is_peft(inner):
+        save_adapter(inner, sd, path)
     else:
         from medlvr.models.hf import save_pretrained
 
         save_pretrained(inner, str(path), state_dict=sd)
-
-
-# ----------------------------------------------------------------------------- resume
-
-
-def _rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(accelerator, lm, optimizer, scheduler, *, out_dir: Path, step: int, position: dict,
-                    seed: int, meta: dict, keep: int) -> RunDir:
-    """Checkpoint ``step`` (a run folder plus the resume state; every process contributes its
-    RNG state). position: the objective's data position (stage 1: epoch, micro-batch)."""
-    root = Path(out_dir) / CKPT_DIR
-    ckpt = RunDir(root / f"step-{step:07d}")
-    # Each rank drops its RNG state into a side folder first; the main process moves them into
-    # the checkpoint while it writes the rest (RunDir.save waits for every rank before that).
-    rngs = root / f".rng-{ckpt.path.name}"
-    if accelerator.is_main_process:
-        if rngs.exists():
-            shutil.rmtree(rngs)
-        rngs.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), rngs / f"rng-{accelerator.process_index}.pt")
-
-    def _moved_rngs(dest: Path) -> None:  # called inside RunDir.save on the main process
-        for f in rngs.iterdir():
-            os.replace(f, dest.parent / f.name)
-        rngs.rmdir()
-
-    state = {"step": step, **position, "seed": seed, "num_processes": accelerator.num_processes}
-    module = accelerator.unwrap_model(lm)
-    sharded = is_sharded(module)
-    if sharded:  # one full state keyed by parameter name (collective: every rank gathers)
-        state["optimizer"] = "full"
-        opt_state = full_optimizer_state(module, optimizer)
-    else:
-        opt_state = optimizer.state_dict()
-    ckpt.save(lm, meta, accelerator=accelerator, extra_files={
-        "optimizer.pt": lambda p: torch.save(opt_state, p),
-        "scheduler.pt": lambda p: torch.save(scheduler.state_dict(), p),
-        "state.json": lambda p: p.write_text(json.dumps(state)),
-        "rng": _moved_rngs,
-    })
-    if accelerator.is_main_process:
-        _write_atomic(root / "latest", ckpt.path.name)
-        old = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for p in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(p, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return ckpt
-
-
-def find_checkpoint(resume: str, out_dir: Path) -> Path | None:
-    """``auto``: the checkpoint named by <out>/checkpoints/latest (None when there is none)."""
-    if resume == "auto":
-        latest = Path(out_dir) / CKPT_DIR / "latest"
-        if not latest.is_file():
-            return None
-        return Path(out_dir) / CKPT_DIR / latest.read_text().strip()
-    p = Path(resume)
-    if not (p / "state.json").is_file():
-        raise FileNotFoundError(f"resume: expected a checkpoint directory with state.json, got {resume}")
-    return p
-
-
-def load_checkpoint(accelerator, lm, optimizer, scheduler, ckpt: Path) -> dict:
-    """Restore weights, optimizer, scheduler and this process's RNG; returns state.json."""
-    state = json.loads((Path(ckpt) / "state.json").read_text())
-    if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
-        # Weights and optimizer are process-count independent; only the RNG streams are per process.
-        accelerator.print(f"resume: checkpoint written by {state['num_processes']} processes, running "
-                          f"{accelerator.num_processes}: RNG streams are not restored exactly")
-    module = accelerator.unwrap_model(lm)
-    if (state.get("optimizer") == "full") != is_sharded(module):
-        raise ValueError(f"resume: {ckpt} was written by a {'sharded' if state.get('optimizer') else 'unsharded'} "
-                         "run; resume it with the same --fsdp setting")
-    RunDir(Path(ckpt)).load_weights(module, strict_trainable=True)
-    opt_state = torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu", weights_only=False)
-    if is_sharded(module):
-        load_full_optimizer_state(module, optimizer, opt_state)
-    else:
-        optimizer.load_state_dict(opt_state)
-    scheduler.load_state_dict(torch.load(Path(ckpt) / "scheduler.pt", weights_only=False))
-    rng = Path(ckpt) / f"rng-{accelerator.process_index}.pt"
-    if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return state

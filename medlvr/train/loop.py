@@ -28,17 +28,17 @@ from typing import Any, Protocol
 
 import torch
 
-from medlvr.train.flags import add_config_arguments, opt
-from medlvr.policy.run_dir import RunDir, find_checkpoint, load_checkpoint, save_checkpoint
+from medlvr.flags import add_config_arguments, opt
+from medlvr.devices import DEVICES, MIXED_PRECISION, check_device, resolve_mixed_precision, trains_on_gpu
+from medlvr.policy.run_dir import RunDir
+from medlvr.train.checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class LoopConfig:
-    """Settings of the shared loop; each field's metadata makes its flag (medlvr/train/flags.py,
+    """Settings of the shared loop; each field's metadata makes its flag (medlvr/flags.py,
     which appends each default to the help). Stage 2 holds one (``VLPOConfig.loop``, with its
     own defaults) and exposes a few of these flags."""
     out_dir: str = opt("runs/sft", "output directory (checkpoints, metrics, final weights)", flag="--out")
@@ -108,40 +108,6 @@ def make_scheduler(optimizer, cfg: LoopConfig):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def check_device(device: str) -> str:
-    """``device`` of the training commands: auto (a GPU per rank when there are enough, see
-    :func:`gpu_per_rank`, else the CPU), cpu, or cuda (an error when there is none)."""
-    if device not in DEVICES:
-        raise ValueError(f"device: expected one of {DEVICES}, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for, but torch.cuda.is_available() is False "
-                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
-    return device
-
-
-def trains_on_gpu(device: str = "auto") -> bool:
-    return check_device(device) == "cuda" or (device == "auto" and gpu_per_rank())
-
-
-def gpu_per_rank() -> bool:
-    """Whether this process trains on a GPU: one GPU per rank when there are enough of them
-    (NCCL), else every rank on the CPU (gloo). Two NCCL ranks on one GPU fail
-    ("ncclInvalidUsage: Duplicate GPU detected"), so a 2-rank launch on a 1-GPU machine
-    runs on the CPU instead of crashing."""
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return torch.cuda.is_available() and torch.cuda.device_count() >= ranks_here
-
-
-def resolve_mixed_precision(mode: str, device: str = "auto") -> str:
-    """"auto" -> bf16 autocast on a GPU, plain fp32 on the CPU (CPU bf16 autocast is slow
-    and only changes numerics there; ask for "bf16" to test the GPU's numerics on a CPU)."""
-    if mode not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision: expected one of {MIXED_PRECISION}, got {mode!r}")
-    if mode == "auto":
-        return "bf16" if trains_on_gpu(device) else "no"
-    return mode
 
 
 def make_accelerator(mixed_precision: str = "auto", device: str = "auto", **kwargs):

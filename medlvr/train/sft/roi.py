@@ -1,6 +1,7 @@
 """Stage 1's ROI supervision: the per-sample alignment term between the latent states and the
-image evidence inside each annotated box, and the pooled box targets that teacher forcing
-feeds at the latent positions.
+image evidence inside each annotated box (registered as the loss term "roi",
+medlvr/train/sft/terms.py), and the pooled box targets that teacher forcing feeds at the latent
+positions (:func:`roi_teacher`).
 
 The op is medlvr.ops.roi_align_loss (reference: medlvr/reference/roi_align.py); collate
 (medlvr/data/collate.py) prepares each batch's box geometry once on the CPU with
@@ -8,29 +9,19 @@ The op is medlvr.ops.roi_align_loss (reference: medlvr/reference/roi_align.py); 
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 
-from medlvr.models import qwen_vl
 from medlvr.ops.roi_align_loss import roi_align_loss
+from medlvr.policy import LatentLM, families, roi_bins
 from medlvr.reference.roi_align import roi_pool_targets_ref  # the executable spec of the pooling
+from medlvr.train.sft.terms import TermInputs, register_loss_term
 
 if TYPE_CHECKING:
     from medlvr.ops.roi_geometry import RoiGeometry
 
-__all__ = ["roi_bins", "roi_alignment", "pooled_roi_targets"]
-
-
-def roi_bins(k: int) -> tuple[int, int]:
-    """(gh, gw) with gh * gw = K, as square as possible (gh <= gw): 4 -> (2,2), 8 -> (2,4), 6 -> (2,3)."""
-    if k < 1:
-        raise ValueError(f"k: expected >= 1 latent steps for ROI bins, got {k}")
-    gh = int(math.isqrt(k))
-    while k % gh:
-        gh -= 1
-    return gh, k // gh
+__all__ = ["roi_alignment", "pooled_roi_targets", "roi_term", "roi_teacher"]
 
 
 def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor | None, roi_sample: torch.Tensor,
@@ -63,11 +54,11 @@ def roi_alignment(latent_hidden: torch.Tensor, vis: torch.Tensor | None, roi_sam
     return out / counts.clamp(min=1)
 
 
-def pooled_roi_targets(vis: torch.Tensor, batch, *, k: int, merge: int = 2) -> torch.Tensor:
+def pooled_roi_targets(vis: torch.Tensor, batch, *, k: int, merge: int, family) -> torch.Tensor:
     """[B, K, D] teacher-forcing inputs: the K area-pooled bins of each sample's FIRST ROI box.
 
-    batch: a medlvr.data.collate.Batch (not imported here: collate takes roi_bins from this
-    module), read by attribute.
+    batch: a medlvr.policy.Batch, read by attribute; family: the model's family module
+    (medlvr/policy/families.py), which says how many tokens each image puts in the sequence.
 
     A sample without an ROI gets the mean vision token of its first image in every slot (the
     least informative target that is still on the visual manifold; chosen over skipping the
@@ -77,7 +68,7 @@ def pooled_roi_targets(vis: torch.Tensor, batch, *, k: int, merge: int = 2) -> t
     """
     B = batch.input_ids.shape[0]
     grid = batch.image_grid_thw
-    counts = qwen_vl.tokens_per_image(grid, merge).tolist()
+    counts = family.tokens_per_image(grid, merge).tolist()
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
@@ -109,3 +100,29 @@ def _first_image_per_sample(mm_token_type_ids: torch.Tensor, n_images: int) -> l
         out.append(nxt if c > 0 and nxt < n_images else -1)
         nxt += c
     return out
+
+
+def roi_term(x: TermInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "roi" loss term: :func:`roi_alignment` of the fed-back states per sample, and which
+    samples carry an ROI. Zero without latents (K = 0), without images, or at weight 0 (then
+    not computed)."""
+    out, batch, cfg = x.out, x.batch, x.cfg
+    has_roi = torch.zeros_like(out.ce)
+    if batch.roi_sample.numel():
+        has_roi[batch.roi_sample.to(has_roi.device)] = 1.0
+    if out.latent_hidden is None or cfg.roi_weight == 0 or out.vision_tokens is None:
+        return torch.zeros_like(out.ce, dtype=torch.float32), has_roi
+    value = roi_alignment(out.latent_hidden, out.vision_tokens, batch.roi_sample, batch.roi_geometry,
+                          loss=cfg.roi_loss, pooling=cfg.roi_pooling)
+    return value, has_roi
+
+
+def roi_teacher(lm: LatentLM):
+    """The latent inputs of teacher-forced stage 1 (``mode="teacher-forced"``, LVR-style): each
+    sample's pooled ROI bins (:func:`pooled_roi_targets`), for ``LatentLM.forward(teacher=...)``."""
+    family = families.of_model(lm.model)
+    k, merge = lm.k_latent, family.model_merge(lm.base.config)
+    return lambda vis, batch: pooled_roi_targets(vis, batch, k=k, merge=merge, family=family)
+
+
+register_loss_term("roi", roi_term, weight=lambda cfg: cfg.roi_weight)

@@ -7,7 +7,8 @@ One step (GRPO-style, docs/vlpo.md):
    selects the plain-HF loop of medlvr/engine/hf_loop.py instead, same random draws). The latent segment is
    explored by Gaussian noise on every fed-back hidden state, z_t = mu_t + sigma * eps,
    then the answer is sampled with temperature / top-p.
-2. Rewards: ``w_acc * accuracy + w_fmt * format`` (``rewards.outcome_rewards``).
+2. Rewards: the weighted sum of the registered rewards, by default
+   ``w_accuracy * accuracy + w_format * format`` (medlvr/train/vlpo/rewards.py).
 3. Advantages: normalised within each prompt's group of n (``vlpo_loss.group_advantages``).
 4. Log-probs: one teacher-forced forward over [prompt; z_0..z_{K-1}; <|latent_end|>;
    answer] (``rollout.policy_states``). Text positions: log softmax(logits / T) of the
@@ -52,13 +53,14 @@ from typing import Any, Sequence
 
 import torch
 
-from medlvr.models import qwen_vl
+from medlvr.policy import LatentLM, policy_tokens
+from medlvr.policy.lora import adapter_is_identity, is_peft
 from medlvr.policy.fsdp import gathered, is_sharded
 from medlvr.train.loop import Updater, train_loop
-from medlvr.train.vlpo.rewards import outcome_rewards
+from medlvr.train.vlpo.rewards import outcome_rewards, reward_weights
 from medlvr.train.vlpo.rollout import RolloutEngine, Rollouts
-from medlvr.train.vlpo.step import (PolicyScorer, VLPOConfig, VLPOTokens, adapter_is_identity, is_peft,
-                                    vlpo_loop, vlpo_step)
+from medlvr.train.vlpo.config import VLPOConfig, VLPOTokens, vlpo_loop
+from medlvr.train.vlpo.step import PolicyScorer, vlpo_step
 
 __all__ = ["VLPOConfig", "VLPOObjective", "train_vlpo", "vlpo_loop"]
 
@@ -83,8 +85,6 @@ class VLPOObjective:
 
     def __init__(self, model: torch.nn.Module, processor: Any, records: Sequence[Any], cfg: VLPOConfig, *,
                  projector: torch.nn.Module | None = None, reference: str = "auto", on_step: Any = None):
-        from medlvr.models import latent_token_ids
-
         if reference not in ("auto", "adapter", "copy"):
             raise ValueError(f"reference: expected 'auto', 'adapter' or 'copy', got {reference!r}")
         if reference == "auto":
@@ -92,16 +92,15 @@ class VLPOObjective:
         if reference == "adapter" and not is_peft(model):
             raise ValueError("reference: 'adapter' needs a peft model, got a plain "
                              f"{type(model).__name__}")
-        tok = processor.tokenizer
-        self.latent_ids = latent_token_ids(processor)
-        stop = tok.convert_tokens_to_ids(qwen_vl.ANSWER_END)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else stop
-        self.tokens = VLPOTokens(latent_end=self.latent_ids.end, stop=stop, pad=pad)
+        ids = policy_tokens(processor)
+        self.latent_ids = ids.latent
+        self.tokens = VLPOTokens.of(ids)
         self.model, self.projector, self.processor, self.records, self.cfg = model, projector, processor, records, cfg
         self.reference = reference
         self.on_step = on_step
         self.module = PolicyScorer(model, projector, cfg, self.tokens)
         self.history: list[dict] = []
+        self.reward_weights = reward_weights(cfg)
 
     def start(self, updater: Updater) -> None:
         acc, cfg, model = updater.accelerator, self.cfg, self.model
@@ -155,7 +154,7 @@ class VLPOObjective:
         def reward_fn(ro: Rollouts) -> dict[str, list[float]]:
             texts = _decode(tok, ro, self.tokens.stop)
             recs = [r for r in current for _ in range(ro.n)]
-            return outcome_rewards(texts, ro.stopped.tolist(), recs, w_accuracy=cfg.w_accuracy, w_format=cfg.w_format)
+            return outcome_rewards(texts, ro.stopped.tolist(), recs, weights=self.reward_weights)
 
         batch = collate(current, self.processor, k_latent=cfg.k_latent, with_answer=False,
                         latent_token_ids=self.latent_ids).to(self.device)
@@ -196,11 +195,9 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
     on_step(step, row) -> dict | None, called after each step: extra metrics for that step's
     row (the demo's periodic held-out accuracy).
     """
-    cfg.validate()
     if not records:
         raise ValueError("records: expected at least one record, got none")
-    if hasattr(model, "projector") and hasattr(model, "model") and not hasattr(model, "lm_head"):
-        # a stage-1 LatentLM (HF model, maybe peft-wrapped, + optional projector)
+    if isinstance(model, LatentLM):  # the policy unit: its HF model (maybe peft-wrapped) and projector
         if projector is not None and model.projector is not None and projector is not model.projector:
             raise ValueError("projector: given both as an argument and inside the LatentLM model")
         projector = projector if projector is not None else model.projector

@@ -1,9 +1,17 @@
-"""Outcome rewards for VLPO (stage 2): answer accuracy and answer format.
+"""Outcome rewards for VLPO (stage 2): a registry of named rewards, each with its weight.
 
-A rollout's reward is ``w_acc * accuracy + w_fmt * format`` where both terms are in
-[0, 1]. Accuracy comes from ``medlvr.data.answers.score`` (the same scorer the evaluation
-uses, so the training signal and the reported accuracy cannot drift apart); format
-checks the things a grader needs to read the answer at all: the sample stopped on
+A rollout's reward is the weighted sum of every registered reward, each in [0, 1]::
+
+    reward = sum_name  w_name * reward_name(text, stopped, record)
+
+A reward is ``fn(text, stopped, record) -> float`` registered with :func:`register_reward`; its
+weight is a number or a function of the VLPOConfig. VLPO (medlvr/train/vlpo/objective.py)
+computes every registered reward and reports each under its name, so a new reward is a
+function plus one registration. The two built in:
+
+- "accuracy" (weight ``--w-accuracy``): ``medlvr.data.answers.score`` (the same scorer the evaluation
+uses, so the training signal and the reported accuracy cannot drift apart);
+- "format" (weight ``--w-format``) checks the things a grader needs to read the answer at all: the sample stopped on
 ``<|im_end|>`` (it was not truncated), the text is not empty, and for a multiple-choice
 question it names one of the options (by letter or by text).
 """
@@ -11,11 +19,13 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 from medlvr.data.answers import score
 
-__all__ = ["format_reward", "accuracy_reward", "outcome_rewards", "match_option"]
+__all__ = ["Reward", "REWARDS", "register_reward", "unregister_reward", "reward_weights", "format_reward",
+           "accuracy_reward", "outcome_rewards", "match_option"]
 
 _LETTERS = string.ascii_uppercase
 
@@ -63,15 +73,74 @@ def accuracy_reward(text: str, record: Any) -> float:
     return float(score(text, record))
 
 
+@dataclass(frozen=True)
+class Reward:
+    name: str
+    fn: Callable[[str, bool, Any], float]
+    weight: float | Callable[[Any], float] = 1.0
+
+    def weight_for(self, cfg: Any) -> float:
+        return float(self.weight(cfg) if callable(self.weight) else self.weight)
+
+
+REWARDS: dict[str, Reward] = {}
+
+
+def register_reward(name: str, fn: Callable[[str, bool, Any], float], *,
+                    weight: float | Callable[[Any], float] = 1.0) -> Reward:
+    """Add a reward ``fn(text, stopped, record) -> float in [0, 1]`` under ``name``, at ``weight``
+    (a number, or a function of the VLPOConfig)."""
+    if not isinstance(name, str) or not name.isidentifier() or name == "reward":
+        raise ValueError(f"name: expected an identifier other than 'reward', got {name!r}")
+    if name in REWARDS:
+        raise ValueError(f"name: a reward {name!r} is already registered (unregister_reward it first)")
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable(text, stopped, record) -> float, got {type(fn).__name__}")
+    if not callable(weight) and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+        raise ValueError(f"weight: expected a number or a function of the VLPOConfig, got {weight!r}")
+    REWARDS[name] = reward = Reward(name, fn, weight)
+    return reward
+
+
+def unregister_reward(name: str) -> None:
+    if name not in REWARDS:
+        raise ValueError(f"name: no reward {name!r} is registered; registered: {sorted(REWARDS)}")
+    del REWARDS[name]
+
+
+def reward_weights(cfg: Any) -> dict[str, float]:
+    """name -> weight of every registered reward under the config ``cfg``."""
+    return {name: r.weight_for(cfg) for name, r in REWARDS.items()}
+
+
 def outcome_rewards(texts: Sequence[str], stopped: Sequence[bool], records: Sequence[Any], *,
-                    w_accuracy: float = 1.0, w_format: float = 0.1) -> dict[str, list[float]]:
-    """Per-rollout rewards. ``records[i]`` is the record rollout i answers (repeat each
-    record n times for n rollouts). Returns {"reward", "accuracy", "format"} lists."""
+                    weights: Mapping[str, float] | None = None) -> dict[str, list[float]]:
+    """Per-rollout rewards. ``records[i]`` is the record rollout i answers (repeat each record n
+    times for n rollouts); weights: name -> weight (default: :func:`reward_weights` of the
+    default VLPOConfig); a registered reward left out of ``weights`` is computed and reported at
+    weight 0. Returns {"reward", and one list per registered reward}."""
     if not (len(texts) == len(stopped) == len(records)):
         raise ValueError(f"texts, stopped and records must have the same length, got "
                          f"{len(texts)}, {len(stopped)}, {len(records)}")
-    acc = [accuracy_reward(t, r) for t, r in zip(texts, records)]
-    fmt = [format_reward(t, stopped=s, options=getattr(r, "options", None))
-           for t, s, r in zip(texts, stopped, records)]
-    rew = [w_accuracy * a + w_format * f for a, f in zip(acc, fmt)]
-    return {"reward": rew, "accuracy": acc, "format": fmt}
+    if weights is None:
+        from medlvr.train.vlpo.config import VLPOConfig
+
+        weights = reward_weights(VLPOConfig())
+    unknown = sorted(set(weights) - set(REWARDS))
+    if unknown:
+        raise ValueError(f"weights: no reward named {unknown}; registered: {sorted(REWARDS)}")
+    out: dict[str, list[float]] = {}
+    total = [0.0] * len(texts)
+    for name, r in REWARDS.items():
+        values = [float(r.fn(t, bool(s), rec)) for t, s, rec in zip(texts, stopped, records)]
+        out[name] = values
+        w = weights.get(name, 0.0)
+        total = [acc + w * v for acc, v in zip(total, values)]
+    return {"reward": total, **out}
+
+
+register_reward("accuracy", lambda text, stopped, record: accuracy_reward(text, record),
+                weight=lambda cfg: cfg.w_accuracy)
+register_reward("format", lambda text, stopped, record: format_reward(text, stopped=stopped,
+                                                                      options=getattr(record, "options", None)),
+                weight=lambda cfg: cfg.w_format)

@@ -42,15 +42,18 @@ by one from the last prompt position (docs/engine.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
+from medlvr.engine.hf_loop import latent_loop
 from medlvr.engine.holder import EngineHolder
 from medlvr.models import hf
 from medlvr.ops import latent_gaussian_logprob, lm_head_logprobs
-from medlvr.engine.hf_loop import latent_loop
-from medlvr.data.collate import Batch
+from medlvr.policy import Batch, latent_mu
+from medlvr.policy.prompt import prompt_inputs
 
-__all__ = ["Rollouts", "RolloutEngine", "BACKENDS", "PolicyStates", "image_features", "vision_frozen", "prompt_inputs",
+__all__ = ["Rollouts", "RolloutEngine", "RolloutSettings", "BACKENDS", "PolicyStates", "image_features",
+           "vision_frozen", "prompt_inputs",
            "sample_rollouts", "policy_states", "state_logprobs", "policy_forward"]
 
 BACKENDS = ("engine", "hf")
@@ -66,29 +69,6 @@ def vision_frozen(model: torch.nn.Module) -> bool:
     the old policy and the reference, so one computation per step serves all passes."""
     tower = hf.vision_tower(model)
     return tower is None or not any(p.requires_grad for p in tower.parameters())
-
-
-def prompt_inputs(model: torch.nn.Module, batch: Batch, *, repeat: int = 1,
-                  vision: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Embeddings, positions and mask of a left-padded prompt batch, each row repeated
-    ``repeat`` times (row i*repeat + j is rollout j of prompt i).
-
-    The vision tower runs once per prompt, not once per rollout: the image features are
-    scattered into the prompt embeddings and the embeddings are repeated.
-    batch: a collate prompt Batch (with_answer=False: left-padded, medlvr/data/collate.py).
-    vision: precomputed
-    :func:`image_features` of the batch (skips the vision tower). Returns embeds [B*n,P,D],
-    position_ids [3,B*n,P], attention_mask [B*n,P], input_ids [B*n,P].
-    """
-    if bool((batch.attention_mask[:, -1] == 0).any()):
-        raise ValueError("batch.attention_mask: prompts must be left-padded (attention_mask[:, -1] must be all 1), "
-                         "got a row ending in padding")
-    out = hf.prompt_inputs(model, batch.model_inputs(), vision)
-    if out["position_ids"].dim() == 2:  # text-only decoder: the three sections of a text position
-        out["position_ids"] = out["position_ids"][None].expand(3, -1, -1)
-    if repeat > 1:
-        out = {k: v.repeat_interleave(repeat, dim=1 if k == "position_ids" else 0) for k, v in out.items()}
-    return out
 
 
 # ----------------------------------------------------------------------- rollouts ---
@@ -120,26 +100,39 @@ class Rollouts:
 RolloutEngine = EngineHolder
 
 
-def _check_rollout_args(n, k_latent, latent_sigma, temperature, top_p, max_new_tokens, backend):
-    if n < 1 or k_latent < 0 or max_new_tokens < 1:
-        raise ValueError(f"need n >= 1, k_latent >= 0, max_new_tokens >= 1; got n={n}, "
-                         f"k_latent={k_latent}, max_new_tokens={max_new_tokens}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for VLPO rollouts, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if k_latent > 0 and latent_sigma < 0:
-        raise ValueError(f"latent_sigma must be >= 0, got {latent_sigma}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How rollouts are sampled, checked once when made (VLPOConfig makes its own once:
+    ``VLPOConfig.rollout``). n rollouts per prompt, K fixed latent steps explored with noise
+    of std latent_sigma, text sampled at temperature / top-p, up to max_new_tokens."""
+    n: int
+    k_latent: int
+    latent_sigma: float
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    backend: str = "engine"
+
+    def __post_init__(self):
+        if self.n < 1 or self.k_latent < 0 or self.max_new_tokens < 1:
+            raise ValueError(f"need n >= 1, k_latent >= 0, max_new_tokens >= 1; got n={self.n}, "
+                             f"k_latent={self.k_latent}, max_new_tokens={self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for VLPO rollouts, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.k_latent > 0 and self.latent_sigma < 0:
+            raise ValueError(f"latent_sigma must be >= 0, got {self.latent_sigma}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
 @torch.no_grad()
-def sample_rollouts(model: torch.nn.Module, batch: Batch, *, n: int, k_latent: int, latent_sigma: float,
-                    temperature: float, top_p: float, max_new_tokens: int, latent_end_id: int,
-                    stop_id: int, pad_id: int, generator: torch.Generator | None = None,
+def sample_rollouts(model: torch.nn.Module, batch: Batch, settings: RolloutSettings | None = None, *,
+                    latent_end_id: int, stop_id: int, pad_id: int, generator: torch.Generator | None = None,
                     projector: torch.nn.Module | None = None, vision: torch.Tensor | None = None,
-                    backend: str = "engine", engine: RolloutEngine | None = None) -> Rollouts:
+                    prompt: dict[str, torch.Tensor] | None = None, engine: RolloutEngine | None = None,
+                    **settings_kw) -> Rollouts:
     """Sample n rollouts per prompt with latent exploration z_t = mu_t + sigma * eps.
 
     batch: left-padded prompts ending with <|latent_start|> (collate with_answer=False).
@@ -152,24 +145,27 @@ def sample_rollouts(model: torch.nn.Module, batch: Batch, *, n: int, k_latent: i
     for this call, with ``projector``) or "hf" (the plain HF loop). Same random draws from
     ``generator`` in both (module docstring). vision: precomputed image features, used by
     the "hf" loop and for ``Rollouts.prompt`` (the engine's prefill runs the model on the
-    images itself).
+    images itself). prompt: :func:`medlvr.policy.prompt.prompt_inputs` of ``batch`` repeated n
+    times, when the caller already has it (VLPO builds it once per step); else built here.
+    settings: a :class:`RolloutSettings`, or its fields as keywords (n, k_latent, ...).
     """
-    _check_rollout_args(n, k_latent, latent_sigma, temperature, top_p, max_new_tokens, backend)
-    if backend == "engine":
-        return _engine_rollouts(model, batch, n=n, k_latent=k_latent, latent_sigma=latent_sigma,
-                                temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                latent_end_id=latent_end_id, stop_id=stop_id, pad_id=pad_id, generator=generator,
-                                projector=projector, vision=vision, engine=engine)
-    prompt = prompt_inputs(model, batch, repeat=n, vision=vision)
-    out = latent_loop(model, prompt, k=k_latent, max_new_tokens=max_new_tokens, first_token=latent_end_id,
-                      projector=projector, latent_noise_std=float(latent_sigma), temperature=float(temperature),
-                      top_p=float(top_p), stop_ids=[stop_id], pad_id=pad_id, generator=generator)
-    return _rollouts(prompt, n, latent_sigma, stop_id, out.latents, out.latent_mu, out.tokens, out.token_logprobs,
-                     out.text_lengths)
+    s = settings if settings is not None else RolloutSettings(**settings_kw)
+    if settings is not None and settings_kw:
+        raise ValueError(f"settings: given together with the keywords {sorted(settings_kw)}; pass one of the two")
+    if prompt is None:
+        prompt = prompt_inputs(model, batch, repeat=s.n, vision=vision)
+    if s.backend == "engine":
+        return _engine_rollouts(model, batch, s, prompt, latent_end_id=latent_end_id, stop_id=stop_id,
+                                pad_id=pad_id, generator=generator, projector=projector, engine=engine)
+    out = latent_loop(model, prompt, k=s.k_latent, max_new_tokens=s.max_new_tokens, first_token=latent_end_id,
+                      projector=projector, latent_noise_std=float(s.latent_sigma), temperature=float(s.temperature),
+                      top_p=float(s.top_p), stop_ids=[stop_id], pad_id=pad_id, generator=generator)
+    return _rollouts(prompt, s.n, s.latent_sigma, stop_id, out.latents, out.latent_mu, out.tokens,
+                     out.token_logprobs, out.text_lengths)
 
 
-def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, top_p, max_new_tokens,
-                     latent_end_id, stop_id, pad_id, generator, projector, vision, engine) -> Rollouts:
+def _engine_rollouts(model, batch, s: RolloutSettings, prompt, *, latent_end_id, stop_id, pad_id, generator,
+                     projector, engine) -> Rollouts:
     """sample_rollouts through LatentEngine: prefill -> K fixed latent steps with noise ->
     <|latent_end|> -> answer (the same sequence policy_forward scores). The n rows of a
     prompt share its prefill and K/V (group_size=n)."""
@@ -179,13 +175,13 @@ def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, to
         raise ValueError("engine: its projector differs from the rollout's projector argument")
     # The engine's exact need: the prompt in the shared prompt cache; in each row's own cache
     # K latents + <|latent_end|> + every answer token but the last.
-    rows, group = batch.model_inputs(), dict(group_size=n)
-    eng = engine.for_batch(rows, k_max=k_latent, max_new_tokens=max_new_tokens, group_size=n)
-    kw = dict(temperature=float(temperature), top_p=float(top_p), stop_ids=[stop_id], pad_id=pad_id,
+    rows, group = batch.model_inputs(), dict(group_size=s.n)
+    eng = engine.for_batch(rows, k_max=s.k_latent, max_new_tokens=s.max_new_tokens, group_size=s.n)
+    kw = dict(temperature=float(s.temperature), top_p=float(s.top_p), stop_ids=[stop_id], pad_id=pad_id,
               generator=generator)
-    if k_latent > 0:
-        out = eng.generate(rows, k_max=k_latent, exit="fixed", max_new_tokens=max_new_tokens,
-                           latent_end_id=latent_end_id, latent_noise_std=float(latent_sigma), **group, **kw)
+    if s.k_latent > 0:
+        out = eng.generate(rows, k_max=s.k_latent, exit="fixed", max_new_tokens=s.max_new_tokens,
+                           latent_end_id=latent_end_id, latent_noise_std=float(s.latent_sigma), **group, **kw)
         latents, hidden, tokens, tok_logp, lengths = (out.latents, out.latent_hidden, out.tokens,
                                                       out.token_logprobs, out.text_lengths)
     else:
@@ -193,12 +189,11 @@ def _engine_rollouts(model, batch, *, n, k_latent, latent_sigma, temperature, to
         # has one, so the phases are called directly with it as the first fed token.
         eng.prefill(rows, **group)
         seg = eng.latent_segment(0)
-        text = eng.decode_text(max_new_tokens, first_token=latent_end_id, **kw)
+        text = eng.decode_text(s.max_new_tokens, first_token=latent_end_id, **kw)
         latents, hidden, tokens, tok_logp, lengths = (seg.latents, seg.latent_hidden, text.tokens,
                                                       text.token_logprobs, text.text_lengths)
     mu = hidden if projector is None else projector(hidden.flatten(0, 1)).view_as(hidden).to(hidden.dtype)
-    prompt = prompt_inputs(model, batch, repeat=n, vision=vision)
-    return _rollouts(prompt, n, latent_sigma, stop_id, latents, mu, tokens, tok_logp, lengths)
+    return _rollouts(prompt, s.n, s.latent_sigma, stop_id, latents, mu, tokens, tok_logp, lengths)
 
 
 def _rollouts(prompt, n, latent_sigma, stop_id, latents, mu, tokens, tok_logp, lengths) -> Rollouts:
@@ -256,8 +251,7 @@ def policy_states(model: torch.nn.Module, ro: Rollouts, *, latent_end_id: int, l
     s0 = P  # index of the first latent input (prompt ends with <|latent_start|>)
     mu = None
     if K > 0 and latent_sigma > 0:
-        # mu_t from index s0 + t - 1 for the latent at index s0 + t: the position shift.
-        mu = hidden[:, s0 - 1:s0 - 1 + K]
+        mu = latent_mu(hidden, s0, K)  # mu_t from index s0 + t - 1: the shift (medlvr/policy/batch.py)
         if projector is not None:
             mu = projector(mu)
     a0 = s0 + K + 1  # index of the first answer token; predicted by the hidden at a0 - 1

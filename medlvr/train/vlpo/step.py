@@ -17,136 +17,23 @@ from typing import Any, Callable
 import torch
 
 from medlvr.models.hf import unwrap
-from medlvr.ops import fusable_lm_head, fused_vlpo_loss
+from medlvr.ops import fused_vlpo_loss
 from medlvr.ops.vlpo_loss import gaussian_kl, group_advantages, latent_scale, vlpo_loss
-from medlvr.train.flags import nested, opt
-from medlvr.policy.fsdp import fusable_head, with_head_weight
-from medlvr.train.loop import LoopConfig, Updater
-from medlvr.train.vlpo.rollout import (BACKENDS, RolloutEngine, Rollouts, image_features, policy_states,
-                                  prompt_inputs, sample_rollouts, state_logprobs, vision_frozen)
+from medlvr.policy.head import through_head
+from medlvr.policy.lora import is_peft, peft_model
+from medlvr.policy.prompt import prompt_inputs, reembed
+from medlvr.train.loop import Updater
+from medlvr.train.vlpo.config import VLPOConfig, VLPOTokens
+from medlvr.train.vlpo.rollout import (RolloutEngine, Rollouts, image_features, policy_states, sample_rollouts,
+                                       state_logprobs, vision_frozen)
 
-__all__ = ["VLPOConfig", "VLPOTokens", "LossInputs", "PolicyScorer", "adapter_is_identity", "is_peft", "peft_model",
-           "policy_updater",
-           "vlpo_loop", "vlpo_step"]
-
-
-def vlpo_loop(**settings: Any) -> LoopConfig:
-    """Stage 2's training-loop settings: a LoopConfig with VLPO's defaults (lr 1e-6, held
-    constant, output runs/vlpo; GRPO / DAPO practice) and ``settings`` over them."""
-    return LoopConfig(**{"out_dir": "runs/vlpo", "lr": 1e-6, "schedule": "constant", **settings})
-
-
-# The loop settings ``medlvr vlpo`` takes as flags; the others keep vlpo_loop's value
-# (batch_size among them: VLPO's batch is batch_prompts per process, which train_vlpo hands
-# the loop). LoopConfig checks them all, so --steps is >= 1: a VLPO run makes at least one step.
-VLPO_LOOP_FLAGS = ("out_dir", "max_steps", "lr", "seed", "max_grad_norm", "mixed_precision", "device", "fsdp",
-                   "progress")
-
-
-@dataclass
-class VLPOConfig:
-    """Hyper-parameters of stage 2. Defaults follow GRPO / DAPO practice. Each field's
-    metadata holds its help text and choices: ``medlvr vlpo`` makes its flags from them.
-    ``loop`` holds the shared loop's settings (steps, lr, seed, clipping, device, ...: one
-    definition, medlvr/train/loop.py); vlpo.json and run.json show it as a nested object."""
-    n_rollouts: int = opt(4, "samples per prompt (the group)")
-    temperature: float = opt(1.0, "text sampling temperature (also used in the log-probs)")
-    top_p: float = opt(1.0, "nucleus for text sampling")
-    latent_sigma: float = opt(0.1, "std of the latent exploration noise (0: no latent term)")
-    k_latent: int = opt(8, "latent steps per rollout (fixed exit during VLPO)")
-    eps_low: float = opt(0.2, "ratio clipped below at 1 - eps_low")
-    eps_high: float = opt(0.28, "ratio clipped above at 1 + eps_high (clip-higher)")
-    dual_clip: float = opt(3.0, "c > 1: the loss of a negative-advantage position is at most -c * A; 0 = off")
-    kl_beta: float = opt(0.04, "weight of the KL to the reference policy; 0 = no reference pass")
-    latent_coef: float = opt(0.1, "weight of a rollout's whole latent segment, in answer tokens")
-    latent_norm: bool = opt(True, "latent log-probs scaled by sigma / sqrt(D) (vlpo_loss.latent_scale)")
-    batch_prompts: int = opt(4, "prompts per step (rollouts per step = batch_prompts * n_rollouts)")
-    max_new_tokens: int = opt(32, "answer tokens sampled per rollout at most")
-    w_accuracy: float = opt(1.0, "reward weight of a correct answer")
-    w_format: float = opt(0.1, "reward weight of a well-formed answer")
-    ppo_epochs: int = opt(1, "optimiser steps per batch of rollouts")
-    adv_eps: float = opt(1e-6, "A = (r - mean) / (std + adv_eps)")
-    old_logprobs: str = opt("recompute", "recompute = teacher-forced, exact on-policy; rollout = the sampler's",
-                            choices=("recompute", "rollout"))
-    rollout_backend: str = opt("engine", "engine = LatentEngine (grouped rows); hf = the plain HF KV-cached loop",
-                               choices=BACKENDS)
-    loop: LoopConfig = nested(vlpo_loop, VLPO_LOOP_FLAGS)
-
-    def validate(self) -> None:
-        checks = [
-            ("n_rollouts", self.n_rollouts >= 1, ">= 1"), ("temperature", self.temperature > 0, "> 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("latent_sigma", self.latent_sigma >= 0, ">= 0"),
-            ("k_latent", self.k_latent >= 0, ">= 0"), ("eps_low", 0 <= self.eps_low < 1, "in [0, 1)"),
-            ("eps_high", self.eps_high >= 0, ">= 0"),
-            ("dual_clip", self.dual_clip == 0 or self.dual_clip > 1, "0 (off) or > 1"),
-            ("kl_beta", self.kl_beta >= 0, ">= 0"), ("latent_coef", self.latent_coef >= 0, ">= 0"),
-            ("batch_prompts", self.batch_prompts >= 1, ">= 1"), ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
-            ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"), ("adv_eps", self.adv_eps >= 0, ">= 0"),
-            ("old_logprobs", self.old_logprobs in ("recompute", "rollout"), "'recompute' or 'rollout'"),
-            ("rollout_backend", self.rollout_backend in BACKENDS, " or ".join(map(repr, BACKENDS))),
-            ("loop", isinstance(self.loop, LoopConfig), "a LoopConfig (vlpo_loop(...))"),
-            ("latent_norm", isinstance(self.latent_norm, bool), "True or False"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise ValueError(f"VLPOConfig.{name}: expected {want}, got {getattr(self, name)!r}")
-
-
-@dataclass(frozen=True)
-class VLPOTokens:
-    """Token ids the rollout loop needs: <|latent_end|>, the stop token (<|im_end|>), pad."""
-    latent_end: int
-    stop: int
-    pad: int
-
-
-def is_peft(model: torch.nn.Module) -> bool:
-    m = model
-    while hasattr(m, "module") and not hasattr(m, "disable_adapter"):
-        m = m.module
-    return hasattr(m, "disable_adapter") and hasattr(m, "get_base_model")
-
-
-def peft_model(model: torch.nn.Module) -> torch.nn.Module:
-    m = model
-    while not hasattr(m, "disable_adapter"):
-        m = m.module
-    return m
-
-
-def adapter_is_identity(model: torch.nn.Module) -> bool:
-    """True when a peft LoRA model's adapter is still at peft's identity init (every lora_B
-    zero, trainable-token rows equal to the base rows): disabling it then gives the very same
-    policy, so it is a valid KL reference. False for any adapter that has been trained, any
-    other peft type, or a plain model."""
-    if not is_peft(model):
-        return False
-    m = peft_model(model)
-    types = {str(getattr(c, "peft_type", "")).split(".")[-1] for c in getattr(m, "peft_config", {}).values()}
-    if not types or not types <= {"LORA"}:
-        return False
-    for mod in m.modules():
-        for name in ("lora_B", "lora_embedding_B"):
-            d = getattr(mod, name, None)
-            if isinstance(d, (torch.nn.ModuleDict, torch.nn.ParameterDict)):
-                for v in d.values():
-                    w = v.weight if isinstance(v, torch.nn.Module) else v
-                    if bool((w != 0).any()):
-                        return False
-        delta = getattr(mod, "trainable_tokens_delta", None)
-        if isinstance(delta, torch.nn.ParameterDict) and len(delta):
-            base = mod.get_base_layer().weight.detach()
-            for k, v in delta.items():
-                idx = torch.as_tensor(mod.token_indices[k], device=base.device)
-                if not torch.equal(v.detach(), base[idx].to(v.dtype)):
-                    return False
-    return True
+__all__ = ["LossInputs", "PolicyScorer", "policy_updater", "vlpo_step"]
 
 
 def _reference(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, projector, vision=None):
     """The reference policy's token log-probs [R, T] and latent means [R, K, D] (None without a
     latent Gaussian) on the rollouts: what the text k3 KL and the exact latent KL compare with."""
-    prompt = prompt_inputs(model, batch, repeat=ro.n, vision=vision)
+    prompt = reembed(model, ro.prompt, batch, vision=vision)
     st = policy_states(model, ro, latent_end_id=tokens.latent_end, latent_sigma=cfg.latent_sigma, prompt=prompt,
                        projector=projector)
     tok, _ = state_logprobs(model, ro, st, temperature=cfg.temperature, latent_sigma=cfg.latent_sigma)
@@ -180,36 +67,41 @@ def _loss(model, batch, ro: Rollouts, cfg: VLPOConfig, tokens: VLPOTokens, proje
     rollouts; all but the loss detached: the decoder pass, then the clipped objective on its
     answer states and latent means.
 
-    One objective, computed one way per lm_head. A head that is exactly h @ W^T + b (a plain
-    Linear, also FSDP-sharded) goes through fused_vlpo_loss on its weight: the (tokens, V)
-    logits never exist. Any other head (LoRA or a quantised wrapper on it, a replaced forward)
-    is only defined by its forward, which the fused op cannot run: its log-probs come from
-    lm_head_logprobs (head(h), then log-softmax, under autograd) and the objective from
-    vlpo_loss, the definition the fused op computes (medlvr/ops/vlpo_loss.py)."""
+    One objective, computed one way per lm_head (the choice: medlvr/policy/head.py). A head that
+    is exactly h @ W^T + b goes through fused_vlpo_loss on its weight: the (tokens, V) logits
+    never exist. Any other head's log-probs come from lm_head_logprobs (head(h), then
+    log-softmax, under autograd) and the objective from vlpo_loss, the definition the fused op
+    computes (medlvr/ops/vlpo_loss.py). The prompt's positions are the step's (``ro.prompt``);
+    its embeddings are redone under the current weights, which carry the gradient."""
     st = policy_states(model, ro, latent_end_id=tokens.latent_end, latent_sigma=cfg.latent_sigma,
-                       prompt=prompt_inputs(model, batch, repeat=ro.n, vision=vision), projector=projector)
+                       prompt=reembed(model, ro.prompt, batch, vision=vision), projector=projector)
     terms = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, latent_coef=_latent_coef(cfg),
                  kl_beta=cfg.kl_beta, token_ref=x.token_ref, latent_scale=_latent_scale(cfg, ro))
     use_kl = cfg.kl_beta > 0 and st.mu is not None and x.mu_ref is not None
-    head = unwrap(model).lm_head
-    if fusable_lm_head(head) or fusable_head(head):
+
+    def fused(weight, bias, h):
         latent_old = x.latent_old
         if latent_old is None and st.mu is None:  # latent positions without a Gaussian (sigma 0): log-prob 0
             latent_old = torch.zeros(ro.latents.shape[:2], dtype=torch.float32, device=ro.latents.device)
-        # An FSDP-sharded head is gathered by FSDP around the op (medlvr/policy/fsdp.py).
-        loss, tok, lat = with_head_weight(head, lambda weight, bias, h: fused_vlpo_loss(
+        loss, tok, lat = fused_vlpo_loss(
             h, weight, ro.tokens, ro.token_mask, x.token_old, x.advantages, latent_old=latent_old, mu=st.mu,
             z=None if st.mu is None else ro.latents, latent_sigma=cfg.latent_sigma, temperature=cfg.temperature,
-            bias=bias, mu_ref=x.mu_ref if use_kl else None, **terms), st.answer)
-        kl = gaussian_kl(st.mu.detach(), x.mu_ref, cfg.latent_sigma) if use_kl else None
-        return loss, tok, lat, kl
-    tok, lat = state_logprobs(model, ro, st, temperature=cfg.temperature, latent_sigma=cfg.latent_sigma)
-    kl = gaussian_kl(st.mu, x.mu_ref, cfg.latent_sigma) if use_kl else None
-    loss, _ = vlpo_loss(token_logp=tok, token_old=tok.detach() if x.token_old is None else x.token_old,
-                        token_mask=ro.token_mask, latent_logp=lat,
-                        latent_old=lat.detach() if x.latent_old is None else x.latent_old, advantages=x.advantages,
-                        latent_kl=kl, **terms)
-    return loss, tok.detach(), lat.detach(), None if kl is None else kl.detach()
+            bias=bias, mu_ref=x.mu_ref if use_kl else None, **terms)
+        return loss, tok, lat, None
+
+    def unfused(head, h):
+        tok, lat = state_logprobs(model, ro, st, temperature=cfg.temperature, latent_sigma=cfg.latent_sigma)
+        kl = gaussian_kl(st.mu, x.mu_ref, cfg.latent_sigma) if use_kl else None
+        loss, _ = vlpo_loss(token_logp=tok, token_old=tok.detach() if x.token_old is None else x.token_old,
+                            token_mask=ro.token_mask, latent_logp=lat,
+                            latent_old=lat.detach() if x.latent_old is None else x.latent_old,
+                            advantages=x.advantages, latent_kl=kl, **terms)
+        return loss, tok.detach(), lat.detach(), None if kl is None else kl.detach()
+
+    loss, tok, lat, kl = through_head(unwrap(model).lm_head, st.answer, fused=fused, unfused=unfused)
+    if kl is None and use_kl:  # the fused op computed the KL term inside; the statistics need it too
+        kl = gaussian_kl(st.mu.detach(), x.mu_ref, cfg.latent_sigma)
+    return loss, tok, lat, kl
 
 
 class PolicyScorer(torch.nn.Module):
@@ -287,11 +179,11 @@ def vlpo_step(model: torch.nn.Module, batch: Any, reward_fn: Callable[[Rollouts]
     model.eval()
     with torch.no_grad(), amp():
         vision = image_features(model, batch) if vision_frozen(model) else None
-        ro = sample_rollouts(model, batch, n=cfg.n_rollouts, k_latent=cfg.k_latent, latent_sigma=cfg.latent_sigma,
-                             temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                             latent_end_id=tokens.latent_end, stop_id=tokens.stop, pad_id=tokens.pad,
-                             generator=generator, projector=projector, vision=vision,
-                             backend=cfg.rollout_backend, engine=rollout_engine)
+        # The prompt's positions and mask, once for the step (rollouts, reference, every epoch).
+        prompt = prompt_inputs(model, batch, repeat=cfg.n_rollouts, vision=vision)
+        ro = sample_rollouts(model, batch, cfg.rollout, latent_end_id=tokens.latent_end, stop_id=tokens.stop,
+                             pad_id=tokens.pad, generator=generator, projector=projector, vision=vision,
+                             prompt=prompt, engine=rollout_engine)
     rew = reward_fn(ro)
     rewards = torch.as_tensor(rew["reward"], dtype=torch.float32, device=ro.tokens.device)
     inputs = LossInputs(advantages=group_advantages(rewards, cfg.n_rollouts, eps=cfg.adv_eps))
