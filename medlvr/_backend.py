@@ -23,7 +23,7 @@ _local = threading.local()
 def extension():
     """The compiled ``medlvr._C`` module, or None when the package was built without it."""
     try:
-        from medlvr import _C  # noqa: F401  (importing registers torch.ops.medlvr.*)
+        import medlvr._C as _C  # noqa: F401  (importing registers torch.ops.medlvr.*)
     except ImportError:
         return None
     return _C

@@ -9,14 +9,16 @@ PKG = ROOT / "medlvr"
 
 # Bottom to top. A part is medlvr's first-level module or package.
 LAYERS = [
-    {"_C", "_backend", "capture", "progress", "imageio"},  # no model, no op: plumbing and image files
-    {"models"},  # the one contact with transformers
-    {"reference"},  # plain-PyTorch specification of every op and loop
+    {"_C", "_backend", "capture", "progress", "imageio", "flags", "devices"},  # plumbing: no model, no op
+    {"models"},  # the one contact with transformers; the model families' facts
+    {"reference"},  # plain-PyTorch specification of every op and rule (tests compare against it)
     {"kernels"},  # Triton kernels
     {"ops"},  # the public differentiable ops
-    {"engine"},  # latent-step decoding
-    {"train", "dropin"},  # training, and the drop-in API for other models
-    {"cli", "__init__"},  # the command and the package's face
+    {"engine"},  # latent-step decoding (exit rules, sampling, the plain-HF loop backend)
+    {"policy", "dropin"},  # the latent policy; the drop-in API for other models
+    {"data"},  # records, collate, answers and scoring, converters, the synthetic set
+    {"train", "eval"},  # the two stages in the shared loop; evaluation (neither imports the other)
+    {"cli", "__init__"},  # one module per command, and the package's face
 ]
 RANK = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 
@@ -70,6 +72,14 @@ def test_no_import_runs_up_a_layer():
             if dst in RANK and RANK[dst] > RANK[src]:
                 upward.append(f"{mod} -> {t}")
     assert not upward, "imports that run up a layer:\n" + "\n".join(sorted(upward))
+
+
+def test_train_and_eval_stay_apart():
+    """The two rooms of one floor: evaluation reads trained runs (policy), training never
+    evaluates (the demo, a command, does both)."""
+    crossing = [f"{m} -> {t}" for m, ts in _graph().items() for t in ts
+                if {_part(m), _part(t)} == {"train", "eval"}]
+    assert not crossing, "imports between train and eval:\n" + "\n".join(sorted(crossing))
 
 
 def test_no_import_cycle():

@@ -1,7 +1,7 @@
 """The latent segment's exit rules, each defined once for production: its name, its
 parameters with their checks and defaults, and the stop test that the engine's captured
 step (medlvr/engine/step.py), the plain-HF loop (medlvr/engine/hf_loop.py), the engine's
-requests (medlvr/engine/request.py) and the drop-in specs (medlvr/dropin/spec.py) call.
+requests (medlvr/engine/request.py) and the drop-in presets (medlvr/dropin/spec.py) call.
 
 The tests are batched tensor math with no host sync, so that they run inside a captured
 CUDA graph; their row-by-row spec is medlvr/reference/exit_rules.py, checked against this

@@ -33,7 +33,7 @@ from medlvr.capture import in_guarded_region
 from medlvr.ops import _checks
 from medlvr.reference import decode as ref
 
-__all__ = ["rotary_append", "decode_attention", "merge_attention", "rmsnorm_feedback", "add_rmsnorm"]
+__all__ = ["rotary_append", "decode_attention", "merge_attention", "rmsnorm_feedback", "write_feedback", "add_rmsnorm"]
 
 _FLOATS = _checks.FLOAT_DTYPES
 _INTS = (torch.int32, torch.int64)
@@ -286,13 +286,22 @@ def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, 
         dt = torch.promote_types(hidden.dtype, weight.dtype)
         normed = torch.empty((B, D), dtype=dt, device=hidden.device)
         mod.rmsnorm_feedback(hidden, weight, eps=float(eps), out=normed, active=None)
-        fed = projector(normed)
-        if active is None:
-            out.copy_(fed)
-        else:
-            out.copy_(torch.where(active[:, None], fed.to(out.dtype), out))
-        return normed
+        return write_feedback(normed, out=out, active=active, projector=projector)
     return ref.rmsnorm_feedback(hidden, weight, eps=float(eps), out=out, active=active, projector=projector)
+
+
+def write_feedback(normed: torch.Tensor, *, out: torch.Tensor, active: torch.Tensor | None = None,
+                   projector: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The feedback half of :func:`rmsnorm_feedback` for a hidden state already normed by any
+    final norm (GPT-2's LayerNorm too): out[b] = projector(normed[b]) (or normed[b]) where
+    ``active``, the same return value (``out`` without projector, else ``normed``). No host
+    sync: inactive rows keep their contents through a select, not a branch."""
+    fed = normed if projector is None else projector(normed)
+    if active is None:
+        out.copy_(fed)
+    else:
+        out.copy_(torch.where(active[:, None], fed.to(out.dtype), out))
+    return out if projector is None else normed
 
 
 # ---------------------------------------------------------------- residual add + norm

@@ -16,7 +16,7 @@ import engine_models as tm
 import medlvr
 from medlvr.engine import EngineHolder, LatentEngine
 from medlvr.dropin import LatentSpec
-from medlvr.data.collate import Batch
+from medlvr.policy import Batch
 from medlvr.train.vlpo.rollout import sample_rollouts
 
 # The engine and the callers that generate through it. Not medlvr/ops: its CPU references

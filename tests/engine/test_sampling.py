@@ -1,5 +1,6 @@
-"""Sampling: the exponential-race sampler draws from softmax(logits / T) (restricted to
-the top-p nucleus), and the engine's sampled answers are reproducible per generator."""
+"""Sampling: medlvr/engine/sampling.py equals its row-by-row spec (medlvr/reference/sampling.py),
+the exponential-race sampler draws from softmax(logits / T) (restricted to the top-p nucleus),
+and the engine's sampled answers are reproducible per generator."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import engine_models as tm
 from medlvr.engine import LatentEngine
 from medlvr.engine.sampling import sample, top_p_filter
+from medlvr.reference import sampling as spec
 
 
 def test_top_p_filter_keeps_the_nucleus():
@@ -19,6 +21,41 @@ def test_top_p_filter_keeps_the_nucleus():
     assert torch.equal(kept, probs * torch.tensor([[0, 1, 1, 1]]))
     # the most likely token survives any top_p
     assert torch.equal(top_p_filter(probs, torch.tensor(1e-6)), probs * torch.tensor([[0, 1, 0, 0]]))
+
+
+def _logits(seed: int, B: int = 6, V: int = 13) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 2.0 * torch.randn(B, V, generator=g)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9, 0.999, 1.0])
+def test_top_p_filter_equals_spec(top_p):
+    for seed in range(5):
+        probs = torch.softmax(_logits(seed), -1)
+        got = top_p_filter(probs, torch.tensor(top_p))
+        want = spec.top_p_filter(probs, top_p)
+        assert torch.equal(got, want), seed  # kept entries are the inputs themselves, the rest 0
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, None), (0.7, None), (1.3, 0.6), (1.0, 0.9)])
+def test_sample_equals_spec(temperature, top_p):
+    for seed in range(5):
+        logits = _logits(seed)
+        noise = torch.empty_like(logits).exponential_(generator=torch.Generator().manual_seed(100 + seed))
+        tok, lp = sample(logits, greedy=False, temperature=torch.tensor(temperature),
+                         top_p=None if top_p is None else torch.tensor(top_p), noise=noise)
+        want_tok, want_lp = spec.sample(logits, greedy=False, temperature=temperature, top_p=top_p, noise=noise)
+        assert tok.tolist() == want_tok.tolist(), seed
+        torch.testing.assert_close(lp, want_lp, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_sample_equals_spec():
+    for seed in range(5):
+        logits = _logits(seed)
+        tok, lp = sample(logits, greedy=True)
+        want_tok, want_lp = spec.sample(logits, greedy=True)
+        assert tok.tolist() == want_tok.tolist()
+        torch.testing.assert_close(lp, want_lp, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, None), (0.5, None), (1.0, 0.7)])

@@ -18,6 +18,7 @@ import sys
 import torch
 from torch.distributed.tensor import DTensor
 
+import medlvr.policy.head as head_choice
 import medlvr.policy.latent as latent
 import medlvr.train.vlpo.objective as vlpo
 import medlvr.train.vlpo.step as vlpo_step
@@ -27,16 +28,18 @@ from medlvr.policy.fsdp import is_sharded
 calls = []
 
 
-def spy_head(module, name):
-    inner = getattr(module, name)
+def spy_head():
+    """Every call of the lm_head choice's weight path (medlvr/policy/head.py), named by the
+    module whose fused op it runs (set by spy_op below when the op is called)."""
+    inner = head_choice.with_head_weight
 
     def spy(head, fn, *args, **kwargs):
         w = head.weight
-        calls.append({"op": module.__name__, "head_sharded": is_sharded(head), "param_is_dtensor": isinstance(w, DTensor),
+        calls.append({"head_sharded": is_sharded(head), "param_is_dtensor": isinstance(w, DTensor),
                       "param_local_shape": list((w.to_local() if isinstance(w, DTensor) else w).shape)})
         return inner(head, fn, *args, **kwargs)
 
-    setattr(module, name, spy)
+    head_choice.with_head_weight = spy
 
 
 def spy_op(module, name, weight_pos):
@@ -44,7 +47,7 @@ def spy_op(module, name, weight_pos):
 
     def spy(*args, **kwargs):
         w = args[weight_pos]
-        calls[-1].update(op_weight_is_dtensor=isinstance(w, DTensor), op_weight_shape=list(w.shape))
+        calls[-1].update(op=module.__name__, op_weight_is_dtensor=isinstance(w, DTensor), op_weight_shape=list(w.shape))
         return inner(*args, **kwargs)
 
     setattr(module, name, spy)
@@ -55,8 +58,7 @@ def varied_rewards(texts, stopped, records, **_):
     return {"reward": r, "accuracy": [0.0] * len(texts), "format": [0.0] * len(texts)}
 
 
-spy_head(latent, "with_head_weight")
-spy_head(vlpo_step, "with_head_weight")
+spy_head()
 spy_op(latent, "fused_linear_cross_entropy", 1)
 spy_op(vlpo_step, "fused_vlpo_loss", 1)
 vlpo.outcome_rewards = varied_rewards

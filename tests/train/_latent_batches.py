@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from medlvr.ops import prepare_roi_geometry
-from medlvr.data.collate import Batch
-from medlvr.train.sft.roi import roi_bins
+from medlvr.policy import Batch
+from medlvr.policy import roi_bins
 
 
 def make_batch(processor, *, k: int, questions=("what is it?", "is the lesion on the left side?", "organ?"),

@@ -44,7 +44,8 @@ def main(out: str, mode: str, vocab: int, data: str) -> None:
     from medlvr.data.records import load_split
     from medlvr.policy.fsdp import gathered, is_sharded
     from medlvr.train.loop import LoopConfig, Updater, train_loop
-    from medlvr.train.sft.objective import SFTObjective, Stage1Config, build_trainable
+    from medlvr.policy import build_trainable
+    from medlvr.train.sft import SFTObjective, Stage1Config
 
     cfg = measured_config(vocab)
     torch.manual_seed(0)

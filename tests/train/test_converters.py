@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from medlvr.data.converters import add_convert_arguments, convert, convert_main
+from medlvr.cli.convert import add_arguments as add_convert_arguments, run as convert_main
+from medlvr.data.converters import convert
 from medlvr.data.records import DataError, load_jsonl
 
 FIX = Path(__file__).parent / "fixtures"

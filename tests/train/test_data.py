@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from medlvr.models import build_default, latent_token_ids
-from medlvr.data.collate import IGNORE_INDEX, collate
+from medlvr.data.collate import collate
+from medlvr.policy import IGNORE_INDEX
 from medlvr.data.records import ROI, DataError, Record, load_jsonl, write_jsonl
 from medlvr.data.answers import format_question, normalize_answer, score
 
@@ -208,7 +209,7 @@ def test_a_batch_reaches_the_engine_only_through_model_inputs(default, data_dir)
 def test_prompt_batch_from_model_inputs_equals_collate(default, data_dir, k):
     # Batch.prompts rebuilds the prompt batch a caller holding only the model inputs (a
     # processor's left-padded output) needs: the same latent column and empty answers and ROIs.
-    from medlvr.data.collate import Batch
+    from medlvr.policy import Batch
 
     _, proc = default
     b = collate(_records(data_dir), proc, k_latent=k, with_answer=False, latent_token_ids=latent_token_ids(proc))

@@ -9,9 +9,10 @@ from _threads import one_thread  # noqa: F401  (autouse fixture)
 from medlvr.models import build_default, latent_token_ids
 from medlvr.data.collate import collate
 from medlvr.data.records import load_jsonl
-from medlvr.eval.evaluate import (_engine_generate, evaluate, hf_greedy, print_table, summarize,
-                                   write_outputs)
-from medlvr.train.sft.objective import LatentLM, Stage1Config
+from medlvr.eval.evaluate import _engine_generate, evaluate, hf_greedy, summarize
+from medlvr.eval.report import print_table, write_outputs
+from medlvr.policy import LatentLM
+from medlvr.train.sft import Stage1Config
 from medlvr.data.synth import synthesize
 
 

@@ -1,4 +1,4 @@
-"""Flags generated from the config dataclasses (medlvr/train/flags.py): a command line reaches
+"""Flags generated from the config dataclasses (medlvr/flags.py): a command line reaches
 every field it names, and what it does not name keeps the dataclass default."""
 import argparse
 import dataclasses
@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 
 from medlvr.cli import build_parser
-from medlvr.train.flags import add_config_arguments, config_from_args, nested, opt
+from medlvr.flags import add_config_arguments, config_from_args, nested, opt
 from medlvr.train.loop import LoopConfig
-from medlvr.train.sft.objective import Stage1Config
-from medlvr.train.vlpo.objective import VLPOConfig
+from medlvr.train.sft import Stage1Config
+from medlvr.train.vlpo import VLPOConfig
 
 
 def test_sft_command_line_builds_both_configs():
@@ -47,7 +47,7 @@ def test_vlpo_command_line_builds_its_config():
 def test_vlpo_config_holds_the_loop_config_and_keeps_its_flags():
     """VLPOConfig's loop settings are LoopConfig's fields (declared once), and ``medlvr vlpo``
     keeps their flag names and its own defaults for them."""
-    from medlvr.train.vlpo.objective import vlpo_loop
+    from medlvr.train.vlpo import vlpo_loop
 
     own = {f.name for f in dataclasses.fields(VLPOConfig)}
     assert not own & {"lr", "steps", "seed", "max_grad_norm"} and isinstance(VLPOConfig().loop, LoopConfig)

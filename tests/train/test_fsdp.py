@@ -117,7 +117,7 @@ def _check_loads(final: Path, lora: bool) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from medlvr.models import build_default
-    from medlvr.train.sft.objective import load_trained
+    from medlvr.policy import load_trained
 
     lm, _, _ = load_trained(final)
     ids = torch.tensor([[1, 7, 9, 11, 13, 17, 19]])

@@ -15,7 +15,7 @@ from medlvr.models.hf import unwrap
 from medlvr.policy import latent
 from medlvr.train.vlpo.rollout import policy_forward
 from medlvr.reference.fused_logprobs import fused_vlpo_loss_ref
-from medlvr.train.vlpo.step import VLPOConfig, policy_updater, vlpo_loop
+from medlvr.train.vlpo import VLPOConfig, policy_updater, vlpo_loop
 
 from _latent_batches import make_batch
 from _threads import one_thread  # noqa: F401  (autouse fixture)
@@ -46,9 +46,10 @@ def test_stage1_answer_ce_equals_the_logits_cross_entropy(autocast):
 @pytest.mark.parametrize("mode,k", [("recurrent", 0), ("recurrent", 2), ("teacher-forced", 2)])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_stage1_loss_through_the_fused_cross_entropy_equals_the_unfused_loss(mode, k, autocast, monkeypatch):
-    """LatentLM's loss takes the CE mean from fused_linear_cross_entropy (gradients in its
+    """Stage 1's loss takes the CE mean from fused_linear_cross_entropy (gradients in its
     forward); value and every parameter gradient equal the unfused path's."""
-    from medlvr.train.sft.objective import LatentLM, Stage1Config
+    from medlvr.policy import LatentLM
+    from medlvr.train.sft import Stage1Config, stage1_loss
 
     calls = []
     fused = latent.fused_linear_cross_entropy
@@ -61,8 +62,8 @@ def test_stage1_loss_through_the_fused_cross_entropy_equals_the_unfused_loss(mod
     for backend in (contextlib.nullcontext(), medlvr.force_backend("reference")):
         lm.zero_grad(set_to_none=True)
         with backend, _amp(autocast):
-            res = lm(batch)
-        (3.0 * res["loss"]).backward()  # an upstream scale, as gradient accumulation gives
+            loss, res = stage1_loss(lm, batch)
+        (3.0 * loss).backward()  # an upstream scale, as gradient accumulation gives
         out.append((res, {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}))
     (got, g_got), (want, g_want) = out
     assert len(calls) == 2, "stage 1 must take its CE loss from the fused cross-entropy"
@@ -108,7 +109,7 @@ def _sgd_step(policy, cfg, *, ref=None, projector=None, autocast=False):
     lr * gradient, so two ways of computing the loss can be compared parameter by parameter."""
     from test_vlpo import TOKENS, prompt_batch
 
-    from medlvr.train.vlpo.step import vlpo_step
+    from medlvr.train.vlpo import vlpo_step
 
     params = [p for p in policy.parameters() if p.requires_grad]
     if projector is not None:

@@ -11,8 +11,9 @@ from _threads import one_thread  # noqa: F401  (autouse fixture)
 from medlvr.models import build_default
 from medlvr.data.records import load_jsonl
 from medlvr.train.loop import LoopConfig, StopTraining
-from medlvr.train.sft.objective import load_trained
-from medlvr.train.sft.objective import Stage1Config, build_trainable, train_stage1
+from medlvr.policy import load_trained
+from medlvr.policy import build_trainable
+from medlvr.train.sft import Stage1Config, train_stage1
 from medlvr.data.synth import synthesize
 
 

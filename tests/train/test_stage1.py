@@ -11,12 +11,14 @@ from PIL import Image
 from medlvr.models import build_default, latent_token_ids
 from medlvr.models.hf import vision_tokens
 from medlvr.reference.roi_align import roi_align_loss_ref
+from medlvr.models import qwen_vl
 from medlvr.policy import latent
-from medlvr.train.sft import roi
+from medlvr.train.sft import roi, stage1_loss
 from medlvr.data.collate import collate
 from medlvr.data.records import ROI, Record
 from medlvr.train.vlpo.rollout import Rollouts, policy_states, prompt_inputs
-from medlvr.train.sft.objective import LatentLM, Stage1Config, build_trainable
+from medlvr.policy import LatentLM, build_trainable, roi_bins
+from medlvr.train.sft import Stage1Config
 
 from _latent_batches import make_batch
 from _threads import one_thread  # noqa: F401  (autouse fixture)
@@ -135,7 +137,7 @@ def test_teacher_forced_feeds_pooled_targets(mp):
     k = 4
     batch = make_batch(processor, k=k)
     vis = vision_tokens(model, batch.pixel_values, batch.image_grid_thw)
-    tg = roi.pooled_roi_targets(vis, batch, k=k)
+    tg = roi.pooled_roi_targets(vis, batch, k=k, merge=2, family=qwen_vl)
     from medlvr.reference.roi_align import roi_pool_targets_ref
 
     ref = roi_pool_targets_ref(vis, batch.image_grid_thw, batch.roi_boxes, batch.roi_image, bins=(2, 2))
@@ -145,8 +147,8 @@ def test_teacher_forced_feeds_pooled_targets(mp):
     start1 = int(batch.image_grid_thw[0].prod()) // 4
     torch.testing.assert_close(tg[1], vis[start1:start1 + n1].mean(0).expand(k, -1))  # no ROI: mean token
     lm = LatentLM(model, Stage1Config(k_latent=k, mode="teacher-forced"))
-    res = lm(batch)
-    assert torch.isfinite(res["loss"]) and res["roi"] > 0
+    loss, res = stage1_loss(lm, batch)
+    assert torch.isfinite(loss) and res["roi"] > 0
 
 
 def test_loss_is_linear_in_samples(mp):
@@ -154,14 +156,14 @@ def test_loss_is_linear_in_samples(mp):
     model, processor = mp
     k = 2
     lm = LatentLM(model, Stage1Config(k_latent=k, roi_weight=0.5))
-    whole = lm(make_batch(processor, k=k))["loss"]
+    whole = stage1_loss(lm, make_batch(processor, k=k))[0]
     parts = []
     for i in range(3):
         rois = tuple((0, r[1]) for r in ((0, (10.0, 20.0, 70.0, 90.0)), (2, (0.0, 0.0, 50.0, 40.0)),
                                          (2, (30.0, 30.0, 100.0, 100.0))) if r[0] == i)
         one = make_batch(processor, k=k, questions=[QUESTIONS[i]], answers=[ANSWERS[i]], sizes=[SIZES[i]],
                          rois=rois, image_seeds=[i])
-        parts.append(lm(one)["loss"])
+        parts.append(stage1_loss(lm, one)[0])
     torch.testing.assert_close(whole, torch.stack(parts).mean(), rtol=1e-5, atol=1e-6)
 
 
@@ -175,18 +177,18 @@ def test_lora_trains_only_adapters_and_latent_rows():
     opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
     first = None
     for _ in range(4):
-        loss = lm(batch)["loss"]
+        loss = stage1_loss(lm, batch)[0]
         first = first if first is not None else float(loss)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(lm(batch)["loss"]) < first
+    assert float(stage1_loss(lm, batch)[0]) < first
 
 
 def test_roi_bins_and_bad_config():
-    assert roi.roi_bins(1) == (1, 1) and roi.roi_bins(4) == (2, 2) and roi.roi_bins(8) == (2, 4) and roi.roi_bins(6) == (2, 3)
+    assert roi_bins(1) == (1, 1) and roi_bins(4) == (2, 2) and roi_bins(8) == (2, 4) and roi_bins(6) == (2, 3)
     with pytest.raises(ValueError, match="k"):
-        roi.roi_bins(0)
+        roi_bins(0)
     with pytest.raises(ValueError, match="mode"):
         Stage1Config(mode="coconut")
     with pytest.raises(ValueError, match="k_latent"):

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from medlvr.data.records import load_jsonl
-from medlvr.data.synth import QUADRANTS, add_synth_arguments, synth_main, synthesize
+from medlvr.cli.synth import add_arguments as add_synth_arguments, run as synth_main
+from medlvr.data.synth import QUADRANTS, synthesize
 
 
 def _digest(root):

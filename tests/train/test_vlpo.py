@@ -12,10 +12,10 @@ import torch
 
 from medlvr.reference.logprobs import latent_gaussian_logprob_ref
 from medlvr.train.vlpo import rewards
-from medlvr.data.collate import Batch
+from medlvr.policy import Batch
 from medlvr.train.vlpo.rollout import policy_forward, prompt_inputs, sample_rollouts
 from medlvr.ops.vlpo_loss import group_advantages, kl_k3, ppo_clip_loss, vlpo_loss
-from medlvr.train.vlpo.step import VLPOConfig, VLPOTokens, policy_updater, vlpo_loop, vlpo_step
+from medlvr.train.vlpo import VLPOConfig, VLPOTokens, policy_updater, vlpo_loop, vlpo_step
 
 # Tiny vocabulary of the test model (ids chosen by hand; the real ids come from the tokenizer).
 PAD, IM_END, VIDEO, V_START, V_END, IMAGE, L_START, L_END, L_PAD = 0, 57, 56, 58, 59, 60, 61, 62, 63
@@ -156,7 +156,7 @@ def test_rewards_format_and_accuracy():
     free = SimpleNamespace(answer="left lung", options=None)
     out = rewards.outcome_rewards(["B", "pneumonia", "C", "", "The left lung.", "left lung"],
                                   [True, True, True, True, True, False], [mc, mc, mc, mc, free, free],
-                                  w_accuracy=1.0, w_format=0.5)
+                                  weights={"accuracy": 1.0, "format": 0.5})
     assert out["accuracy"] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
     assert out["format"] == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]  # empty / truncated answers fail format
     assert out["reward"] == [1.5, 1.5, 0.5, 0.0, 1.5, 1.0]
@@ -582,7 +582,7 @@ def test_train_vlpo_with_accelerator_full_finetune(tmp_path, monkeypatch):
 
     import medlvr.engine.holder
     from medlvr.models import build_default
-    from medlvr.train.vlpo.objective import train_vlpo
+    from medlvr.train.vlpo import train_vlpo
 
     built = []
 
@@ -619,8 +619,8 @@ def test_vlpo_main_trains_saves_and_reloads(tmp_path, monkeypatch):
     import json
 
     import medlvr.train.vlpo.objective as vlpo_mod
-    from medlvr.train.sft.objective import load_trained
-    from medlvr.cli.vlpo import add_vlpo_arguments, vlpo_main
+    from medlvr.policy import load_trained
+    from medlvr.cli.vlpo import add_arguments as add_vlpo_arguments, train as vlpo_main
 
     # A random model answers nothing right (all rewards 0 -> zero advantages -> no update);
     # the real rewards still run, plus a per-rollout bonus so the save path sees a change.
@@ -655,7 +655,7 @@ def test_vlpo_cli_boolean_fields_are_switches():
     """A bool VLPOConfig field is --name / --no-name (argparse's type=bool took "False" as True)."""
     import argparse
 
-    from medlvr.cli.vlpo import add_vlpo_arguments
+    from medlvr.cli.vlpo import add_arguments as add_vlpo_arguments
 
     parse = add_vlpo_arguments(argparse.ArgumentParser()).parse_args
     assert parse(["--data", "x"]).latent_norm is True
@@ -666,8 +666,9 @@ def test_vlpo_cli_boolean_fields_are_switches():
 
 def test_adapter_is_identity_detects_trained_adapters():
     from medlvr.models import build_default
-    from medlvr.train.sft.objective import Stage1Config, build_trainable
-    from medlvr.train.vlpo.step import adapter_is_identity
+    from medlvr.policy import build_trainable
+    from medlvr.train.sft import Stage1Config
+    from medlvr.policy.lora import adapter_is_identity
 
     model, processor = build_default(seed=0)
     assert not adapter_is_identity(model)  # no adapter at all
@@ -697,8 +698,9 @@ def test_vlpo_main_from_a_stage1_lora_run_uses_it_as_reference(tmp_path):
 
     from medlvr.models import build_default
     from medlvr.policy.run_dir import save_run_config
-    from medlvr.train.sft.objective import Stage1Config, build_trainable
-    from medlvr.cli.vlpo import add_vlpo_arguments, vlpo_main
+    from medlvr.policy import build_trainable
+    from medlvr.train.sft import Stage1Config
+    from medlvr.cli.vlpo import add_arguments as add_vlpo_arguments, train as vlpo_main
 
     data, _ = _synth_records(tmp_path, 3)
     model, processor = build_default(seed=0)

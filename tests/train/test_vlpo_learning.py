@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medlvr.train.vlpo.step import VLPOConfig, policy_updater, vlpo_loop, vlpo_step
+from medlvr.train.vlpo import VLPOConfig, policy_updater, vlpo_loop, vlpo_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -199,7 +199,7 @@ def test_step_reports_the_exact_latent_kl_of_a_drifted_policy():
     summed log-ratio clamped at 19."""
     from test_vlpo import TOKENS, prompt_batch, tiny_model
 
-    from medlvr.train.vlpo.step import VLPOConfig, policy_updater, vlpo_loop, vlpo_step
+    from medlvr.train.vlpo import VLPOConfig, policy_updater, vlpo_loop, vlpo_step
 
     policy = tiny_model(7)
     ref = copy.deepcopy(policy).requires_grad_(False)

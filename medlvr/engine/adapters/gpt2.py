@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from medlvr.engine.adapters.base import DecoderLayer, TextDecoderAdapter, register
-from medlvr.reference.decode import write_feedback
+from medlvr.ops.decode import write_feedback
 
 
 def _split_qkv(c_attn: nn.Module, width: int):

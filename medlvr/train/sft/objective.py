@@ -35,11 +35,14 @@ from medlvr.train.sft.terms import LOSS_TERMS, TermInputs
 __all__ = ["SFTObjective", "EpochSampler", "stage1_loss", "train_stage1"]
 
 
-def stage1_loss(lm: LatentLM, module: torch.nn.Module, batch: Batch, cfg: Stage1Config
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(loss, metrics) of one micro-batch: ``module`` (the prepared LatentLM: DDP / FSDP hook its
-    forward) runs the training pass, then the CE mean and every registered term at its weight.
-    Metrics: "ce", each term's "<name>" and "<name>_frac", "tokens" (detached tensors)."""
+def stage1_loss(lm: LatentLM, batch: Batch, cfg: Stage1Config | None = None, *,
+                module: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, metrics) of one micro-batch: ``module`` (default ``lm``; in the loop the prepared
+    LatentLM, whose forward DDP / FSDP hook) runs the training pass, then the CE mean and every
+    registered term at its weight under ``cfg`` (default: ``lm.cfg`` as stage 1's).
+    Metrics: "loss", "ce", each term's "<name>" and "<name>_frac", "tokens" (detached tensors)."""
+    cfg = as_stage1(lm.cfg) if cfg is None else cfg
+    module = lm if module is None else module
     teacher = roi.roi_teacher(lm) if cfg.mode == "teacher-forced" and cfg.k_latent > 0 else None
     out = module(batch, teacher=teacher)
     # ce_mean = ce.mean(): one fused op whose gradients are computed in its forward
@@ -154,7 +157,7 @@ class SFTObjective:
             # Micro-batches before the last one accumulate locally (no gradient all-reduce).
             with updater.accumulating(sync=j == cfg.grad_accum - 1):
                 with updater.autocast():
-                    loss, res = stage1_loss(self.lm, updater.module, batch, self.stage1)
+                    loss, res = stage1_loss(self.lm, batch, self.stage1, module=updater.module)
                     loss = loss / cfg.grad_accum
                 updater.backward(loss)
             for key, value in res.items():

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from medlvr.ops.roi_align_loss import roi_align_loss
+from medlvr.ops.roi_align_loss import roi_align_loss, roi_pool_targets
 from medlvr.policy import LatentLM, families, roi_bins
-from medlvr.reference.roi_align import roi_pool_targets_ref  # the executable spec of the pooling
 from medlvr.train.sft.terms import TermInputs, register_loss_term
 
 if TYPE_CHECKING:
@@ -83,8 +82,8 @@ def pooled_roi_targets(vis: torch.Tensor, batch, *, k: int, merge: int, family) 
         for r, b in enumerate(batch.roi_sample.tolist()):
             first_row.setdefault(b, r)
         rows = torch.tensor(sorted(first_row.values()), dtype=torch.long)
-        tg = roi_pool_targets_ref(v, grid, boxes[rows].float(), batch.roi_image[rows].long(),
-                                  bins=roi_bins(k), pooling="area", merge=merge)
+        tg = roi_pool_targets(v, grid, boxes[rows].float(), batch.roi_image[rows].long(),
+                              bins=roi_bins(k), pooling="area", merge=merge)
         for j, r in enumerate(rows.tolist()):
             out[batch.roi_sample[r]] = tg[j].to(out.dtype)
     return out
