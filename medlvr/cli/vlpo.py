@@ -57,8 +57,7 @@ def train(args: argparse.Namespace) -> dict:
     from medlvr.train.loop import make_accelerator
     from medlvr.train.sft import Stage1Config
 
-    cfg = config_from_args(VLPOConfig, args, k_latent=VLPOConfig().k_latent)  # K is set below
-    cfg.validate()
+    cfg = config_from_args(VLPOConfig, args, k_latent=VLPOConfig().k_latent)  # K is set below; checked when made
     device = torch.device("cuda" if trains_on_gpu(cfg.loop.device) else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     records = load_split(args.data, args.split, skip_bad=args.skip_bad, window=getattr(args, "window", None))
@@ -76,8 +75,7 @@ def train(args: argparse.Namespace) -> dict:
             torch.manual_seed(cfg.loop.seed)
             lm = build_trainable(model, processor, s1).to(device)
         base, stage1 = args.model, dataclasses.asdict(s1)
-    cfg = dataclasses.replace(cfg, k_latent=k_default if args.k_latent is None else args.k_latent)
-    cfg.validate()
+    cfg = dataclasses.replace(cfg, k_latent=k_default if args.k_latent is None else args.k_latent)  # re-checked
 
     out = Path(cfg.loop.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -183,7 +183,8 @@ def _latent_segment(dec: _Decoder, rule: exit_rules.ExitRule, *, k: int, feedbac
     if rule.check_start:
         exit_test(fed=None, mu=None, mu_next=None, h=h)
     for t in range(k):
-        z = (mu.float() + sigma * eps[:, t].float()).to(dt) if noisy else mu.to(dt)
+        c = torch.promote_types(dt, torch.float32)  # fp32 math, fp64 for an fp64 model (as the engine)
+        z = (mu.to(c) + sigma * eps[:, t].to(c)).to(dt) if noisy else mu.to(dt)
         keep = active[:, None]
         latents[:, t], mus[:, t], hidden[:, t] = (torch.where(keep, v.to(dt), 0) for v in (z, mu, h))
         num_latent += active.long()

@@ -155,8 +155,10 @@ class DecodeState:
         self.text_len.zero_()
 
     def feed(self, mu: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """The fed latent z = mu + sigma * eps (fp32 math, mu's dtype)."""
-        return (mu.float() + self.sigma * eps.float()).to(mu.dtype)
+        """The fed latent z = mu + sigma * eps in mu's dtype, computed in fp32 (fp64 for an fp64
+        model: the package's fp64 rule, checked against medlvr/reference/latent_loop.py)."""
+        c = torch.promote_types(mu.dtype, torch.float32)
+        return (mu.to(c) + self.sigma * eps.to(c)).to(mu.dtype)
 
     def draw_noise(self, generator: torch.Generator | None) -> None:
         """The sampler's Exp(1) draws for one text step, from the caller's generator,

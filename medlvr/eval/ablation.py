@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from medlvr.models import hf
+from medlvr.policy.prompt import prompt_inputs
 from medlvr.engine.hf_loop import latent_loop
 
 __all__ = ["latent_ablation", "format_ablation"]
@@ -77,7 +77,7 @@ def latent_ablation(lm, processor, records: Sequence[Any], *, k: int | None = No
             for i in range(0, len(records), batch_size):
                 recs = list(records[i:i + batch_size])
                 b = collate(recs, processor, k_latent=k, with_answer=False, latent_token_ids=ids)
-                prompt = hf.prompt_inputs(hf.unwrap(model), {kk: v.to(device) for kk, v in b.model_inputs().items()})
+                prompt = prompt_inputs(model, b.to(device))
                 run = dict(k=k, max_new_tokens=max_new_tokens, first_token=ids.end, stop_ids=[stop], pad_id=pad,
                            return_logits=True)
                 clean = latent_loop(model, prompt, projector=projector, **run)

@@ -1,4 +1,4 @@
-"""Converters from the published layouts (fixtures in tests/train/fixtures/<dataset>/)."""
+"""Converters from the published layouts (fixtures in tests/data/fixtures/<dataset>/)."""
 import argparse
 from pathlib import Path
 
