@@ -9,7 +9,7 @@ PKG = ROOT / "medlvr"
 
 # Bottom to top. A part is medlvr's first-level module or package.
 LAYERS = [
-    {"_C", "_backend", "capture", "progress", "imageio", "flags", "devices"},  # plumbing: no model, no op
+    {"_C", "_backend", "capture", "progress", "imageio", "flags", "devices", "registry"},  # plumbing: no model, no op
     {"models"},  # the one contact with transformers; the model families' facts
     {"reference"},  # plain-PyTorch specification of every op and rule (tests compare against it)
     {"kernels"},  # Triton kernels

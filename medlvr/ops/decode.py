@@ -286,7 +286,7 @@ def rmsnorm_feedback(hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, 
         dt = torch.promote_types(hidden.dtype, weight.dtype)
         normed = torch.empty((B, D), dtype=dt, device=hidden.device)
         mod.rmsnorm_feedback(hidden, weight, eps=float(eps), out=normed, active=None)
-        return write_feedback(normed, out=out, active=active, projector=projector)
+        return ref.write_feedback(normed, out=out, active=active, projector=projector)
     return ref.rmsnorm_feedback(hidden, weight, eps=float(eps), out=out, active=active, projector=projector)
 
 
@@ -294,14 +294,19 @@ def write_feedback(normed: torch.Tensor, *, out: torch.Tensor, active: torch.Ten
                    projector: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The feedback half of :func:`rmsnorm_feedback` for a hidden state already normed by any
     final norm (GPT-2's LayerNorm too): out[b] = projector(normed[b]) (or normed[b]) where
-    ``active``, the same return value (``out`` without projector, else ``normed``). No host
-    sync: inactive rows keep their contents through a select, not a branch."""
-    fed = normed if projector is None else projector(normed)
-    if active is None:
-        out.copy_(fed)
-    else:
-        out.copy_(torch.where(active[:, None], fed.to(out.dtype), out))
-    return out if projector is None else normed
+    ``active``, the same return value (``out`` without projector, else ``normed``). One select,
+    no host sync, so it runs inside a captured step; plain torch on every device (the
+    reference's, medlvr/reference/decode.py), after these checks."""
+    _checks.tensor("normed", normed, dims=2, dtypes=_FLOATS)
+    _checks.tensor("out", out, dims=2, dtypes=_FLOATS)
+    if out.shape[0] != normed.shape[0]:
+        raise ValueError(f"out must have {normed.shape[0]} rows (normed's), got {tuple(out.shape)}")
+    if active is not None:
+        _checks.tensor("active", active, dims=1, dtypes=(torch.bool,))
+        _checks.shape("active", active, (normed.shape[0],))
+    if projector is not None and not callable(projector):
+        raise TypeError(f"projector must be callable or None, got {type(projector).__name__}")
+    return ref.write_feedback(normed, out=out, active=active, projector=projector)
 
 
 # ---------------------------------------------------------------- residual add + norm

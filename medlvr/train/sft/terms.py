@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from medlvr.policy import Batch, LatentLM, LatentOutput
+from medlvr.registry import Entry, Registry
 
 __all__ = ["TermInputs", "LossTerm", "LOSS_TERMS", "register_loss_term", "unregister_loss_term"]
 
@@ -36,37 +37,17 @@ class TermInputs:
     cfg: Any
 
 
-@dataclass(frozen=True)
-class LossTerm:
-    name: str
-    fn: Callable[[TermInputs], tuple[torch.Tensor, torch.Tensor]]
-    weight: float | Callable[[Any], float] = 1.0
+LossTerm = Entry  # name, fn(TermInputs) -> (value [B], applies [B]), weight
 
-    def weight_for(self, cfg: Any) -> float:
-        return float(self.weight(cfg) if callable(self.weight) else self.weight)
-
-
-LOSS_TERMS: dict[str, LossTerm] = {}
-RESERVED = ("loss", "ce", "tokens")
+LOSS_TERMS = Registry("loss term", reserved=("loss", "ce", "tokens"),
+                      signature="(TermInputs) -> (value [B], applies [B])", negative_weights=False)
 
 
 def register_loss_term(name: str, fn: Callable[[TermInputs], tuple[torch.Tensor, torch.Tensor]], *,
                        weight: float | Callable[[Any], float] = 1.0) -> LossTerm:
     """Add a stage-1 loss term under ``name`` (its metric names are ``name`` and ``name_frac``)."""
-    if not isinstance(name, str) or not name.isidentifier() or name in RESERVED:
-        raise ValueError(f"name: expected an identifier other than {RESERVED}, got {name!r}")
-    if name in LOSS_TERMS:
-        raise ValueError(f"name: a loss term {name!r} is already registered (unregister_loss_term it first)")
-    if not callable(fn):
-        raise TypeError(f"fn: expected a callable(TermInputs) -> (value [B], applies [B]), got {type(fn).__name__}")
-    if not callable(weight) and not (isinstance(weight, (int, float)) and not isinstance(weight, bool)
-                                     and weight >= 0):
-        raise ValueError(f"weight: expected a number >= 0 or a function of the stage-1 config, got {weight!r}")
-    LOSS_TERMS[name] = term = LossTerm(name, fn, weight)
-    return term
+    return LOSS_TERMS.register(name, fn, weight=weight)
 
 
 def unregister_loss_term(name: str) -> None:
-    if name not in LOSS_TERMS:
-        raise ValueError(f"name: no loss term {name!r} is registered; registered: {sorted(LOSS_TERMS)}")
-    del LOSS_TERMS[name]
+    LOSS_TERMS.unregister(name)

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from medlvr.data.answers import score
+from medlvr.registry import Entry, Registry
 
 __all__ = ["Reward", "REWARDS", "register_reward", "unregister_reward", "reward_weights", "format_reward",
            "accuracy_reward", "outcome_rewards", "match_option"]
@@ -73,44 +73,26 @@ def accuracy_reward(text: str, record: Any) -> float:
     return float(score(text, record))
 
 
-@dataclass(frozen=True)
-class Reward:
-    name: str
-    fn: Callable[[str, bool, Any], float]
-    weight: float | Callable[[Any], float] = 1.0
+Reward = Entry  # name, fn(text, stopped, record) -> float in [0, 1], weight
 
-    def weight_for(self, cfg: Any) -> float:
-        return float(self.weight(cfg) if callable(self.weight) else self.weight)
-
-
-REWARDS: dict[str, Reward] = {}
+REWARDS = Registry("reward", reserved=("reward",), signature="(text, stopped, record) -> float",
+                   negative_weights=True)
 
 
 def register_reward(name: str, fn: Callable[[str, bool, Any], float], *,
                     weight: float | Callable[[Any], float] = 1.0) -> Reward:
     """Add a reward ``fn(text, stopped, record) -> float in [0, 1]`` under ``name``, at ``weight``
     (a number, or a function of the VLPOConfig)."""
-    if not isinstance(name, str) or not name.isidentifier() or name == "reward":
-        raise ValueError(f"name: expected an identifier other than 'reward', got {name!r}")
-    if name in REWARDS:
-        raise ValueError(f"name: a reward {name!r} is already registered (unregister_reward it first)")
-    if not callable(fn):
-        raise TypeError(f"fn: expected a callable(text, stopped, record) -> float, got {type(fn).__name__}")
-    if not callable(weight) and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
-        raise ValueError(f"weight: expected a number or a function of the VLPOConfig, got {weight!r}")
-    REWARDS[name] = reward = Reward(name, fn, weight)
-    return reward
+    return REWARDS.register(name, fn, weight=weight)
 
 
 def unregister_reward(name: str) -> None:
-    if name not in REWARDS:
-        raise ValueError(f"name: no reward {name!r} is registered; registered: {sorted(REWARDS)}")
-    del REWARDS[name]
+    REWARDS.unregister(name)
 
 
 def reward_weights(cfg: Any) -> dict[str, float]:
     """name -> weight of every registered reward under the config ``cfg``."""
-    return {name: r.weight_for(cfg) for name, r in REWARDS.items()}
+    return REWARDS.weights(cfg)
 
 
 def outcome_rewards(texts: Sequence[str], stopped: Sequence[bool], records: Sequence[Any], *,
