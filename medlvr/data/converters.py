@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from medlvr.imageio import ImageReadError, parse_window, window_arg
+from medlvr.imageio import ImageReadError, parse_window
 from medlvr.data.records import _Bad, DataError, Record, image_size, parse_record, write_jsonl
 
 DATASETS = ("omnimedvqa", "vqa-rad", "slake", "pathvqa")

@@ -21,7 +21,6 @@ import contextlib
 import csv
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
