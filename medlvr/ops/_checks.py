@@ -14,6 +14,7 @@ the lm_head GEMM of the fused log-prob ops.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -67,6 +68,32 @@ def positive_float(name: str, value) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
+
+
+def finite_scalar(name: str, value, ok, expected: str) -> None:
+    """A float argument that must be finite and satisfy ``ok``: else a ValueError "name:
+    expected <expected>, got <value>". The finite test comes first because a range test alone
+    lets inf through (eps_high = inf passes eps_high >= 0) and a NaN fail it without saying
+    why."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name}: expected {expected}, got {value}")
+
+
+def read_flags(*flags: torch.Tensor) -> list[bool]:
+    """0-dim bool tensors of one device read back in one host transfer (one sync on CUDA,
+    however many value checks an op makes)."""
+    return [bool(f) for f in torch.stack(flags).tolist()] if flags else []
+
+
+def nonfinite_error(name: str, t: torch.Tensor, where: torch.Tensor | None = None, what: str = "") -> ValueError:
+    """The error for a tensor holding NaN or inf (at a position of ``where``, when given):
+    names the argument, the first bad index and its value. Only built on the error path, so
+    the extra reads cost nothing in a good call."""
+    bad = ~torch.isfinite(t) if where is None else ~torch.isfinite(t) & where
+    idx = [int(i) for i in bad.nonzero()[0]]
+    return ValueError(f"{name}: expected finite values{what}, got {float(t[tuple(idx)])} at {name}{idx}")
 
 
 def integer(name: str, value, *, minimum: int | None = None) -> int:

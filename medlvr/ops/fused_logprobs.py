@@ -44,6 +44,7 @@ from medlvr.ops import _checks
 from medlvr.ops import _fused_logprobs_sweep as sweep
 from medlvr.ops.logprobs import gather_logprobs, latent_gaussian_logprob
 from medlvr.ops._checks import compute_dtype
+from medlvr.ops._vlpo_checks import check_vlpo
 from medlvr.reference.fused_logprobs import (fused_linear_cross_entropy_ref, fused_linear_logprobs_ref,
                                              fused_vlpo_loss_ref)
 from medlvr.ops.vlpo_loss import gaussian_kl, ppo_clip_loss
@@ -267,19 +268,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     return (loss, logp) if return_logprobs else loss
 
 
-def _check_like(name: str, t, shape: tuple, ref_name: str, ref: torch.Tensor) -> None:
-    _checks.tensor(name, t, dtypes=_checks.FLOAT_DTYPES)
-    _checks.same_device(name, t, ref_name, ref)
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-
-
 def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
                     token_old: torch.Tensor | None, advantages: torch.Tensor, *, latent_old: torch.Tensor | None,
                     mu: torch.Tensor | None = None, z: torch.Tensor | None = None, latent_sigma: float = 0.0,
                     eps_low: float, eps_high: float, dual_clip: float, latent_coef: float, kl_beta: float = 0.0,
                     token_ref: torch.Tensor | None = None, mu_ref: torch.Tensor | None = None,
-                    latent_scale: float = 1.0, temperature: float = 1.0, bias: torch.Tensor | None = None,
+                    latent_scale: float | None = None, temperature: float = 1.0, bias: torch.Tensor | None = None,
                     chunk_size: int | None = None):
     """medlvr.ops.vlpo_loss.vlpo_loss of one batch of R rollouts, straight from hidden states.
 
@@ -298,14 +292,21 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
             (R, K, D) the reference policy's latent means (the latent KL is exact:
             ||mu - mu_ref||^2 / (2 sigma^2)), needed when kl_beta > 0 and the latent term is on.
         eps_low, eps_high, dual_clip, latent_coef, kl_beta: as VLPOConfig; latent_scale: the
-            factor on the latent log-probs (vlpo_loss.latent_scale).
+            factor c on the latent log-probs and the latent KL. None (default): c = latent_sigma /
+            sqrt(D), D = mu's last dim (medlvr.ops.vlpo_loss.latent_scale; 1 without mu), the
+            objective docs/vlpo.md documents and VLPOConfig's latent_norm=True gives; 1.0 is the
+            raw Gaussian log-prob, whose latent gradient is sqrt(D) / sigma times a token's
+            (docs/vlpo.md measures it swamping the text gradient).
+    Every argument is checked before the first GEMM (medlvr/ops/_vlpo_checks.py): a NaN or
+    inf scalar, advantage, old / reference log-prob (at a scored position) or reference
+    latent mean is a ValueError naming it, not a NaN loss.
     Returns:
         (loss, token_logp (R, T), latent_logp (R, K)): the scalar loss, fp32 (fp64 for fp64
         inputs; gradients to hidden, weight, bias and mu), and the detached log-probs (old
         log-probs for later epochs, stats).
     """
     clip = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
-    K, latent_sigma, temperature = _check_vlpo(
+    K, latent_sigma, temperature, latent_scale = check_vlpo(
         hidden, tokens, token_mask, token_old, advantages, latent_old, mu, z, token_ref, mu_ref,
         latent_sigma=latent_sigma, temperature=temperature, latent_coef=latent_coef, kl_beta=kl_beta,
         latent_scale=latent_scale, **clip)
@@ -344,57 +345,3 @@ def fused_vlpo_loss(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
         loss = loss + latent_coef * lat.sum() / K / denominator
     return loss, token_logp, latent_logp.detach()
 
-
-def _check_vlpo(hidden, tokens, token_mask, token_old, advantages, latent_old, mu, z, token_ref, mu_ref, *,
-                latent_sigma, temperature, eps_low, eps_high, dual_clip, latent_coef, kl_beta,
-                latent_scale) -> tuple[int, float, float]:
-    """fused_vlpo_loss's arguments, checked before any kernel; returns (K, latent_sigma, temperature)."""
-    for name, t, dims in (("hidden", hidden, 3), ("advantages", advantages, 1)):
-        _checks.tensor(name, t, dims=dims, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("tokens", tokens, dims=2, dtypes=_checks.INDEX_DTYPES)
-    R, T, D = hidden.shape
-    if latent_old is not None:
-        _checks.tensor("latent_old", latent_old, dims=2, dtypes=_checks.FLOAT_DTYPES)
-        K = latent_old.shape[1]
-    else:
-        K = 0 if mu is None else _checks.tensor("mu", mu, dims=3, dtypes=_checks.FLOAT_DTYPES).shape[1]
-    if token_old is not None:
-        _check_like("token_old", token_old, (R, T), "hidden", hidden)
-    _check_like("advantages", advantages, (R,), "hidden", hidden)
-    if latent_old is not None:
-        _check_like("latent_old", latent_old, (R, K), "hidden", hidden)
-    _checks.tensor("token_mask", token_mask, dims=2)
-    if tuple(tokens.shape) != (R, T) or tuple(token_mask.shape) != (R, T):
-        raise ValueError(f"tokens and token_mask must have shape {(R, T)} (hidden's first two dims), got "
-                         f"{tuple(tokens.shape)} and {tuple(token_mask.shape)}")
-    _checks.same_device("token_mask", token_mask, "hidden", hidden)
-    if (mu is None) != (z is None):
-        raise ValueError("mu and z must be given together (both (R, K, D)) or both be None")
-    if mu is not None:
-        _check_like("mu", mu, (R, K, D), "hidden", hidden)
-        _check_like("z", z, (R, K, D), "hidden", hidden)
-    if kl_beta > 0:
-        if token_ref is None:
-            raise ValueError("token_ref: expected reference log-probs when kl_beta > 0, got None")
-        _check_like("token_ref", token_ref, (R, T), "hidden", hidden)
-        if mu is not None and K > 0 and latent_coef > 0:
-            if mu_ref is None:
-                raise ValueError("mu_ref: expected the reference's latent means (R, K, D) when kl_beta > 0 and "
-                                 "the latent term is on, got None")
-            _check_like("mu_ref", mu_ref, (R, K, D), "hidden", hidden)
-    # A scored position holding the ignore index would get log-prob 0 and no gradient, yet
-    # count in the divisor and add a PPO term: a caller's masking bug, not a value to skip.
-    scored_ignored = token_mask.bool() & (tokens == -100)
-    if bool(scored_ignored.any()):
-        r, t = (int(i) for i in scored_ignored.nonzero()[0])
-        raise ValueError(f"tokens[{r}, {t}] = -100 (the ignore index) at a scored position (token_mask True): "
-                         "expected a token id there, or token_mask False")
-    if mu is not None:
-        latent_sigma = _checks.positive_float("latent_sigma", latent_sigma)
-    if not (0 <= eps_low < 1 and eps_high >= 0 and (dual_clip == 0 or dual_clip > 1) and latent_coef >= 0
-            and kl_beta >= 0 and latent_scale > 0):
-        raise ValueError(f"expected 0 <= eps_low < 1, eps_high >= 0, dual_clip 0 or > 1, latent_coef >= 0, "
-                         f"kl_beta >= 0, latent_scale > 0; got eps_low={eps_low}, eps_high={eps_high}, "
-                         f"dual_clip={dual_clip}, latent_coef={latent_coef}, kl_beta={kl_beta}, "
-                         f"latent_scale={latent_scale}")
-    return K, latent_sigma, _checks.positive_float("temperature", temperature)

@@ -16,7 +16,9 @@ import math
 
 import torch
 
-__all__ = ["group_advantages", "ppo_clip_loss", "kl_k3", "gaussian_kl", "latent_scale", "vlpo_loss"]
+from medlvr.ops import _checks
+
+__all__ = ["group_advantages", "ppo_clip_loss", "kl_k3", "gaussian_kl", "latent_scale", "vlpo_loss", "check_terms"]
 
 # exp() is only ever taken of min(log-ratio, 20). A ratio past e^20 = 4.9e8 lies outside every
 # clip range (eps_high and the dual clip c are far below it), so with a positive advantage, or a
@@ -33,6 +35,7 @@ def group_advantages(rewards: torch.Tensor, n: int, *, eps: float = 1e-6) -> tor
     no learning signal and gets exactly zero advantage (not 0 / eps noise); so does n == 1.
     rewards: [G * n] -> [G * n] fp32 (fp64 for fp64 rewards).
     """
+    _checks.finite_scalar("eps", eps, lambda v: v >= 0, "a finite eps >= 0")
     if rewards.dim() != 1 or rewards.numel() % n != 0:
         raise ValueError(f"rewards: expected a 1-D tensor whose length is a multiple of n={n}, "
                          f"got shape {tuple(rewards.shape)}")
@@ -109,6 +112,21 @@ def latent_scale(sigma: float, dim: int) -> float:
     return float(sigma) / math.sqrt(dim) if dim > 0 and sigma > 0 else 1.0
 
 
+def check_terms(*, eps_low, eps_high, dual_clip, latent_coef, kl_beta, latent_scale) -> None:
+    """The objective's scalars, each finite and in its range, else a ValueError naming it: one
+    definition for :func:`vlpo_loss` and medlvr.ops.fused_vlpo_loss. A NaN or inf here does not
+    fail loudly by itself: it turns the loss into NaN (a NaN bound, an inf scale times a zero
+    log-ratio) or silently switches a clip off (eps_high = inf)."""
+    for name, v, ok, expected in (
+            ("eps_low", eps_low, lambda v: 0 <= v < 1, "finite 0 <= eps_low < 1"),
+            ("eps_high", eps_high, lambda v: v >= 0, "finite eps_high >= 0"),
+            ("dual_clip", dual_clip, lambda v: v == 0 or v > 1, "dual_clip 0 (off) or finite > 1"),
+            ("latent_coef", latent_coef, lambda v: v >= 0, "finite latent_coef >= 0"),
+            ("kl_beta", kl_beta, lambda v: v >= 0, "finite kl_beta >= 0"),
+            ("latent_scale", latent_scale, lambda v: v > 0, "finite latent_scale > 0")):
+        _checks.finite_scalar(name, v, ok, expected)
+
+
 def vlpo_loss(*, token_logp: torch.Tensor, token_old: torch.Tensor, token_mask: torch.Tensor,
               latent_logp: torch.Tensor, latent_old: torch.Tensor, advantages: torch.Tensor,
               eps_low: float, eps_high: float, dual_clip: float, latent_coef: float, kl_beta: float = 0.0,
@@ -130,8 +148,11 @@ def vlpo_loss(*, token_logp: torch.Tensor, token_old: torch.Tensor, token_mask: 
     K latent steps together weigh latent_coef tokens whatever K is, so a longer latent segment
     does not dilute the answer's share of the gradient. latent_coef == 0 or K == 0 drops the
     latent term. c (:func:`latent_scale`, sigma / sqrt(D)) puts a latent step's score on a text
-    token's scale; c = 1 is the raw Gaussian log-prob.
+    token's scale; c = 1 is the raw Gaussian log-prob. The scalars are checked
+    (:func:`check_terms`: finite, in range), the tensors are not read.
     """
+    check_terms(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, latent_coef=latent_coef, kl_beta=kl_beta,
+                latent_scale=latent_scale)
     m = token_mask.float()
     adv = advantages.to(torch.promote_types(advantages.dtype, torch.float32))[:, None]
     clip = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)

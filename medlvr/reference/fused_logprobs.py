@@ -124,7 +124,8 @@ def fused_vlpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, tokens: torc
                         mu: torch.Tensor | None = None, z: torch.Tensor | None = None, latent_sigma: float = 0.0,
                         eps_low: float, eps_high: float, dual_clip: float, latent_coef: float,
                         kl_beta: float = 0.0, token_ref: torch.Tensor | None = None,
-                        mu_ref: torch.Tensor | None = None, latent_scale: float = 1.0, temperature: float = 1.0,
+                        mu_ref: torch.Tensor | None = None, latent_scale: float | None = None,
+                        temperature: float = 1.0,
                         bias: torch.Tensor | None = None):
     """The VLPO objective of one batch of rollouts, unfused: (loss, token_logp, latent_logp).
 
@@ -136,7 +137,8 @@ def fused_vlpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, tokens: torc
         loss     = (sum over scored tokens of l_text + latent_coef * sum_r mean_k l_latent)
                    / max(1, #scored tokens)
 
-    with c = latent_scale, logp_z = log N(z; mu, sigma^2 I) (the constant dropped). Shapes:
+    with c = latent_scale (None: sigma / sqrt(D), D = mu's last dim, the whitened per-dimension
+    score of docs/vlpo.md; 1 without mu), logp_z = log N(z; mu, sigma^2 I) (the constant dropped). Shapes:
     hidden (R T D) are the states that predict the answer tokens (R T); mu / z / mu_ref (R K D)
     (mu None: no latent term, latent log-probs 0). token_old / latent_old None: on-policy, the
     computed log-probs detached (K from mu then). Sums run in the log-probs' dtype (fp64 for
@@ -163,6 +165,8 @@ def fused_vlpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, tokens: torc
     total = torch.where(keep, l_text, torch.zeros_like(l_text)).sum()
     if latent_coef > 0 and R * K > 0:
         c = latent_scale
+        if c is None:
+            c = latent_sigma / math.sqrt(mu.shape[-1]) if mu is not None and mu.shape[-1] > 0 else 1.0
         l_lat = _surrogate_closed_form(c * latent_logp, c * latent_old, adv, **clip)
         if kl_beta > 0 and mu is not None:
             diff = (mu.to(logp.dtype) - mu_ref.to(logp.dtype)) / latent_sigma
