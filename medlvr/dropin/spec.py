@@ -38,9 +38,15 @@ class LatentSpec:
         each is defined with its default). "count" runs as many steps as the prompt holds
         placeholders. latent_pad_token: the id after_exit="mirage" writes (Mirage's
         <|latent_pad|>).
-    max_steps: k_max. None: with "count" the largest count of the batch, else
-        ``max_new_tokens`` (the originals without a step cap stop on their token budget,
-        which counts the latent steps).
+    max_steps: k_max, the system's own step cap. None: the system has none; with "count" the
+        largest count of the batch, else ``step_limit``. Never ``max_new_tokens``: the text
+        budget does not end a latent segment (LVR's loop keeps a row in latent mode past its
+        token budget until the end token).
+    step_limit: medlvr's safety cap for max_steps=None (a data-dependent exit): the static
+        step budget of the captured segment, which runs all of its steps. A row that runs all
+        of them is reported (a warning naming step_limit and the rows; DropinOutput.
+        latent_capped), since the original would have gone on; raise it with
+        ``spec.replace(step_limit=...)``.
     projector: callable hidden -> latent, or None (the model's ``latent_projector`` if it
         has one, else the identity). project_first=False: the first latent is not projected;
         projector_logits=True: the exit tests and the first answer token read the projected
@@ -61,6 +67,7 @@ class LatentSpec:
     placement: str = "after_start"
     exit: str = "fixed"
     max_steps: int | None = 8
+    step_limit: int = 256
     exit_threshold: float | None = None
     exit_scope: str = "sample"
     exit_distance: str = "mse"
@@ -95,6 +102,8 @@ class LatentSpec:
         if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
                                            or self.max_steps < 0):
             raise ValueError(f"max_steps must be an int >= 0 or None, got {self.max_steps!r}")
+        if isinstance(self.step_limit, bool) or not isinstance(self.step_limit, int) or self.step_limit < 1:
+            raise ValueError(f"step_limit must be an int >= 1, got {self.step_limit!r}")
         if self.exit == "end_distance" and self.end_embedding is None:
             raise ValueError("exit='end_distance' needs end_embedding (a (D,) tensor or a model attribute name)")
         for field in ("start_token", "end_token", "latent_token", "latent_pad_token"):
@@ -160,7 +169,8 @@ PRESETS: dict[str, LatentSpec] = {
                           latent_token="<|latent|>", placement="placeholders", exit="count", max_steps=None,
                           stop_first=False),
     # LVR (Qwen2.5-VL, src/model/qwen_lvr_model.py), generate's default (_lvr_deocding):
-    # leave when <|lvr_end|> is the next token, tested at <|lvr_start|> too; no step cap.
+    # leave when <|lvr_end|> is the next token, tested at <|lvr_start|> too; no step cap, and
+    # no token budget either (a row in latent mode stays unfinished): step_limit bounds it.
     "lvr": LatentSpec(name="lvr", start_token="<|lvr_start|>", end_token="<|lvr_end|>", exit="stop_logit",
                       exit_check_start=True, max_steps=None),
     # LVR decoding_strategy="latent": MSE of the fed latent to lvr_latent_end_emb < 0.02,

@@ -9,27 +9,24 @@ Layout of one sample's sequence (docs/engine.md):
     prompt ... <|latent_start|> | z_0 z_1 ... z_{n-1} | <|latent_end|> answer ...
                                   latent segment        text decode
 
-- prefill: the HF model itself runs the (left-padded) prompt, with its own attention
-  and 3-D positions; its K/V are copied, compacted, into a static cache
-  (max_batch, Hkv, max_len, Dh) per layer. The post-norm hidden at <|latent_start|> is
-  h_{-1}; the first latent fed is z_0 = feedback(h_{-1}).
-- latent step t feeds z_t at the sample's next position (all three mRoPE sections +1)
-  and yields h_t (post-final-norm), z_{t+1} = feedback(h_t) (= h_t without a
-  projector). So the latent at step t is the hidden state of position s0 + t - 1, s0 the
-  first latent position (the mu/z shift, docs/engine.md).
-- text decode feeds <|latent_end|> for every sample at its own position and samples
-  answer tokens until a stop id or max_new_tokens.
+- prefill: the HF model itself runs the (left-padded) prompt, with its own attention and 3-D
+  positions; its K/V are copied, compacted, into a static cache (max_batch, Hkv, max_len, Dh) per
+  layer. The post-norm hidden at <|latent_start|> is h_{-1}; the first latent fed is z_0 = feedback(h_{-1}).
+- latent step t feeds z_t at the sample's next position (all three mRoPE sections +1) and yields
+  h_t (post-final-norm), z_{t+1} = feedback(h_t) (= h_t without a projector). So the latent at step
+  t is the hidden state of position s0 + t - 1, s0 the first latent position (the mu/z shift, docs/engine.md).
+- text decode feeds <|latent_end|> for every sample at its own position and samples answer tokens
+  until a stop id or max_new_tokens.
 
-Every step after prefill runs the decoder layers by hand over the static cache:
-input norm -> q/k/v (cuBLAS) -> rotary_append (rope + KV append, Triton on GPU) ->
-decode_attention (split-K GQA over per-sample lengths) -> o_proj -> residual ->
-post norm -> MLP -> residual, then rmsnorm_feedback writes the next latent input.
-On CPU the same code runs the PyTorch references of the three kernels.
+Every step after prefill runs the decoder layers by hand over the static cache: input norm -> q/k/v
+(cuBLAS) -> rotary_append (rope + KV append, Triton on GPU) -> decode_attention (split-K GQA over
+per-sample lengths) -> o_proj -> residual -> post norm -> MLP -> residual, then rmsnorm_feedback
+writes the next latent input. On CPU the same code runs the PyTorch references of the three kernels.
 
-State lives in preallocated device buffers (medlvr/engine/state.py: rows [0, B) are the
-batch, padded to a bucket for CUDA graphs); per-sample exits and stops are masks over those rows, never
-host branches, so on CUDA the whole K-step segment is one captured graph per
-(bucket, K, exit rule) and each text step (forward + sampling) is one graph per bucket.
+State lives in preallocated device buffers (medlvr/engine/state.py: rows [0, B) are the batch,
+padded to a bucket for CUDA graphs); per-sample exits and stops are masks over those rows, never host
+branches, so on CUDA the whole K-step segment is one captured graph per (bucket, K, exit rule) and
+each text step (forward + sampling, with or without the repetition penalty) is one graph per bucket.
 """
 from __future__ import annotations
 
@@ -137,7 +134,7 @@ class LatentEngine:
                  latent_counts: Sequence[int] | torch.Tensor | None = None,
                  group_size: int | None = None, exit_distance: str = "mse", exit_distance_on: str = "fed",
                  exit_check_start: bool = False, after_exit: str = "end_token", latent_pad_id: int | None = None,
-                 stop_first: bool = True) -> GenerateOutput:
+                 stop_first: bool = True, repetition_penalty: float = 1.0) -> GenerateOutput:
         """Prefill -> latent segment of up to k_max steps -> answer of up to
         max_new_tokens tokens, for a left-padded batch of prompts ending with
         <|latent_start|> (docs/engine.md). With k_max == 0 there is no latent
@@ -145,8 +142,8 @@ class LatentEngine:
         The exit arguments (exit, exit_threshold, exit_scope, end_embedding, latent_counts,
         exit_distance, exit_distance_on, exit_check_start, after_exit, latent_pad_id) are those
         of ``latent_segment``; after_exit says what the answer starts from (the end token,
-        the model's own next token, or Mirage's per-row tokens). stop_first: as in
-        ``decode_text``. group_size=G: G rows per prompt (row p * G + j), the
+        the model's own next token, or Mirage's per-row tokens). stop_first, repetition_penalty:
+        as in ``decode_text``. group_size=G: G rows per prompt (row p * G + j), the
         prompt prefilled and cached once (needs max_prompts > 0); every output has P * G rows,
         and they equal the rows of the prompts repeated G times given the same generator.
         Every argument is checked once, here, before anything runs."""
@@ -168,7 +165,7 @@ class LatentEngine:
             first = {"end_token": latent_end_id, "model": None, "mirage": FROM_SEGMENT}[seg.rule.after]
         text = TextParams.checked(max_new_tokens, first_token=first, temperature=temperature, top_p=top_p,
                                   stop_ids=stop_ids, pad_id=pad_id, return_logits=return_logits, vocab=V,
-                                  stop_first=stop_first)
+                                  stop_first=stop_first, repetition_penalty=repetition_penalty)
         check_generator(generator, self.device)
         batch, prompt_max = checked_batch(batch, self, group_size)
         own_prompt = prompt_max if group_size is None else 0  # grouped: the prompt is in the shared prompt cache
@@ -224,7 +221,8 @@ class LatentEngine:
 
     def decode_text(self, max_new_tokens: int, *, first_token: int | None = None, temperature: float = 0.0,
                     top_p: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int | None = None,
-                    generator: torch.Generator | None = None, return_logits: bool = False) -> TextOutput:
+                    generator: torch.Generator | None = None, return_logits: bool = False,
+                    repetition_penalty: float = 1.0) -> TextOutput:
         """Sample up to max_new_tokens tokens per sample from the current state.
 
         first_token: a token fed to every sample before the first sample (the
@@ -235,11 +233,13 @@ class LatentEngine:
         it to the nucleus. stop_ids: a sample stops after emitting one (it is kept, its
         log-prob counted); later positions hold pad_id (default: stop_ids[0], else 0).
         generator: the source of the sampling noise (same device as the model).
+        repetition_penalty: HF's, before temperature / top-p, over the ids in each row's cache (the
+        prompt, every token fed since; docs/engine.md); token_logprobs read the penalised logits.
         """
         self._require_prefill()
         text = TextParams.checked(max_new_tokens, first_token=first_token, temperature=temperature, top_p=top_p,
                                   stop_ids=stop_ids, pad_id=pad_id, return_logits=return_logits,
-                                  vocab=self.adapter.vocab_size)
+                                  vocab=self.adapter.vocab_size, repetition_penalty=repetition_penalty)
         check_generator(generator, self.device)
         if self.state.host_len + text.feeds > self.max_len:
             raise ValueError(f"{max_new_tokens} new tokens ({text.feeds} fed) after {self.state.host_len} cached "
@@ -265,7 +265,7 @@ class LatentEngine:
             mu = self.projector(pre.hidden) if project else pre.hidden
             if group_size is None:
                 self.cache.load_prompt(pre.keys, pre.values, pre.lengths)
-                self.state.start(batch["input_ids"].shape[0], lengths=pre.lengths,
+                self.state.start(batch["input_ids"].shape[0], lengths=pre.lengths, prompt=batch,
                                  next_positions=pre.next_positions, hidden=pre.hidden, mu=mu, host_len=host_len)
                 return pre.lengths.clone()
             # Grouped: the prompt's K/V once in the prefix cache; each of its G rows starts
@@ -276,7 +276,7 @@ class LatentEngine:
             self.state.start(rows, lengths=torch.zeros(rows, dtype=torch.long, device=self.device),
                              next_positions=pre.next_positions.repeat_interleave(G, dim=1),
                              hidden=pre.hidden.repeat_interleave(G, dim=0), mu=mu.repeat_interleave(G, dim=0),
-                             host_len=0)
+                             host_len=0, prompt=batch, repeat=G)
             self.state.share_prefix(G, pre.lengths, host_len)
         return pre.lengths.repeat_interleave(G)
 
@@ -326,12 +326,13 @@ class LatentEngine:
         every sample has stopped."""
         s, T = self.state, p.max_new_tokens
         B, Bk = s.batch, s.bucket
-        s.start_text(p.stop_ids, pad_id=p.pad_id, temperature=p.temperature if not p.greedy else 1.0, top_p=p.top_p)
+        s.start_text(p.stop_ids, pad_id=p.pad_id, temperature=p.temperature if not p.greedy else 1.0, top_p=p.top_p,
+                     repetition_penalty=p.repetition_penalty)
         tokens = torch.full((B, T), p.pad_id, dtype=torch.long, device=self.device)
         logprobs = torch.zeros(B, T, dtype=torch.float32, device=self.device)
         logits = (torch.zeros(B, T, self.adapter.vocab_size, dtype=torch.float32, device=self.device)
                   if p.return_logits else None)
-        key = ("text", Bk, p.greedy, p.use_top_p, s.group, s.prompts)
+        key = ("text", Bk, p.greedy, p.use_top_p, p.use_penalty, s.group, s.prompts)
         start, base = 0, s.host_len
         with self._inference():
             if p.first_token is None and T > 0:  # the first token comes from the current hidden state

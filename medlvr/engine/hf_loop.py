@@ -29,6 +29,9 @@ Sequence of one row (left-padded prompt ending with <|latent_start|>)::
   (top-p nucleus, exponential race) from the same random draws as the engine: the latent
   noise as one (B, K, D) normal tensor in the model dtype first (only when sigma > 0 and
   K > 0), then one (B, V) tensor of Exp(1) variates per sampled token.
+- repetition_penalty: HF's, before temperature / top-p, over each row's ids so far: the
+  prompt's input_ids where attention_mask is 1, then every token fed (the first token,
+  Mirage's per-row tokens, each answer token); latent steps have no id and count nothing.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ import torch
 
 from medlvr.models import hf
 from medlvr.engine import exit_rules, sampling
+from medlvr.engine.request import check_repetition_penalty
+from medlvr.engine.state import penalty_inverse
 
 
 @dataclass
@@ -72,7 +77,8 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
                 end_embedding: torch.Tensor | None = None,
                 latent_counts: Sequence[int] | torch.Tensor | None = None, exit_distance: str = "mse",
                 exit_distance_on: str = "fed", exit_check_start: bool = False, after_exit: str = "end_token",
-                latent_pad_id: int | None = None, stop_first: bool = True) -> LoopOutput:
+                latent_pad_id: int | None = None, stop_first: bool = True,
+                repetition_penalty: float = 1.0) -> LoopOutput:
     """Prefill -> up to k latent steps -> ``first_token`` (if given) -> up to
     max_new_tokens answer tokens, for a left-padded batch.
 
@@ -81,10 +87,14 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
     position_ids, attention_mask). latent_eps: (B, K, D) standard-normal draws to use
     instead of drawing them from ``generator``. The exit arguments are those of
     medlvr/engine/exit_rules.py; stop_first=False: the first answer token never stops a
-    row (Coconut).
+    row (Coconut). repetition_penalty: see the module docstring; it needs the prompt's
+    input_ids (a model-input batch, or prompt_inputs with "input_ids").
     """
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+    penalty = check_repetition_penalty(repetition_penalty)
+    if penalty != 1.0 and prompt.get("input_ids") is None:
+        raise ValueError("repetition_penalty needs the prompt's input_ids (the ids it penalises)")
     model = hf.unwrap(model)
     dec = _Decoder(model, prompt if "embeds" in prompt else hf.prompt_inputs(model, prompt))
     embed, head = model.get_input_embeddings(), model.lm_head
@@ -98,13 +108,39 @@ def latent_loop(model: torch.nn.Module, prompt: Mapping[str, Any], *, k: int, ma
                           sigma=float(latent_noise_std), eps=latent_eps, generator=generator)
     # ---------------------------------------------------------------- answer
     h, live = seg.h, torch.ones(dec.batch, dtype=torch.bool, device=dec.device)
+    seen = _Seen(prompt, head.out_features, dec.device) if penalty != 1.0 else None
+    fed = None
     if rule.after == "mirage" and max_new_tokens > 0:
-        h = dec.step(embed(seg.after), live)
+        fed = seg.after
     elif first_token is not None and max_new_tokens > 0:
-        h = dec.step(embed(torch.full((dec.batch,), first_token, dtype=torch.long, device=dec.device)), live)
+        fed = torch.full((dec.batch,), first_token, dtype=torch.long, device=dec.device)
+    if fed is not None:
+        h = dec.step(embed(fed), live)
+        if seen is not None:
+            seen.add(fed, live)
     return _answer(dec, seg, h, embed=embed, lm_head=head, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_p=top_p, stop_ids=stop_ids, pad_id=pad_id, generator=generator, return_logits=return_logits,
-                   stop_first=stop_first)
+                   stop_first=stop_first, penalty=penalty, seen=seen)
+
+
+class _Seen:
+    """The ids in each row's sequence so far, as a (B, V + 1) bool mask (HF's
+    RepetitionPenaltyLogitsProcessor reads input_ids, left padding excluded; column V absorbs
+    padding and ids past lm_head's vocabulary)."""
+
+    def __init__(self, prompt: Mapping[str, Any], vocab: int, device: torch.device):
+        ids, mask = prompt["input_ids"].to(device), prompt.get("attention_mask")
+        mask = None if mask is None else mask.to(device)
+        ids = ids if mask is None else ids.masked_fill(mask == 0, vocab)
+        self.mask = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+        self.mask.scatter_(1, ids.clamp(max=vocab), True)
+        self.vocab = vocab
+
+    def add(self, tokens: torch.Tensor, live: torch.Tensor) -> None:
+        self.mask.scatter_(1, torch.where(live, tokens, self.vocab)[:, None], True)
+
+    def ids(self) -> torch.Tensor:
+        return self.mask[:, :self.vocab]
 
 
 class _Decoder:
@@ -198,13 +234,18 @@ def _latent_segment(dec: _Decoder, rule: exit_rules.ExitRule, *, k: int, feedbac
 
 def _answer(dec: _Decoder, seg: _Segment, h: torch.Tensor, *, embed, lm_head, max_new_tokens: int,
             temperature: float, top_p: float, stop_ids: Sequence[int], pad_id: int,
-            generator: torch.Generator | None, return_logits: bool, stop_first: bool) -> LoopOutput:
-    """Up to max_new_tokens answer tokens from ``h``; a row stops after a stop id."""
+            generator: torch.Generator | None, return_logits: bool, stop_first: bool, penalty: float = 1.0,
+            seen: _Seen | None = None) -> LoopOutput:
+    """Up to max_new_tokens answer tokens from ``h``; a row stops after a stop id. seen: the
+    rows' ids so far, which the repetition ``penalty`` reads (None when it is 1)."""
     B, T, dev = dec.batch, max_new_tokens, dec.device
     live = torch.ones(B, dtype=torch.bool, device=dev)
     greedy = temperature == 0
     temp = torch.tensor(float(temperature) if not greedy else 1.0, device=dev)
     nucleus = torch.tensor(float(top_p), device=dev) if not greedy and top_p < 1 else None
+    pen = torch.tensor(penalty, dtype=torch.float32, device=dev) if seen is not None else None  # as the engine's
+    inv = (torch.tensor(penalty_inverse(penalty), dtype=torch.float32, device=dev)  # on CUDA: what HF computes
+           if seen is not None and dev.type == "cuda" else None)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
     tokens = torch.full((B, T), pad_id, dtype=torch.long, device=dev)
     logps = torch.zeros(B, T, dtype=torch.float32, device=dev)
@@ -214,7 +255,8 @@ def _answer(dec: _Decoder, seg: _Segment, h: torch.Tensor, *, embed, lm_head, ma
     for j in range(T):
         logits = lm_head(h).float()
         noise = None if greedy else torch.empty_like(logits).exponential_(generator=generator)
-        tok, lp = sampling.sample(logits, greedy=greedy, temperature=temp, top_p=nucleus, noise=noise)
+        tok, lp = sampling.sample(logits, greedy=greedy, temperature=temp, top_p=nucleus, noise=noise, penalty=pen,
+                                  seen=None if seen is None else seen.ids(), penalty_inverse=inv)
         tokens[:, j] = torch.where(live, tok, pad_id)
         logps[:, j] = torch.where(live, lp, 0.0)
         if logits_out is not None:
@@ -226,6 +268,8 @@ def _answer(dec: _Decoder, seg: _Segment, h: torch.Tensor, *, embed, lm_head, ma
         if not bool(live.any()) or j == T - 1:
             break
         h = dec.step(embed(tokens[:, j]), live)
+        if seen is not None:
+            seen.add(tokens[:, j], live)
     return LoopOutput(latents=seg.latents, latent_mu=seg.mus, latent_hidden=seg.hidden, step_hidden=seg.outs,
                       num_latent=seg.num_latent, tokens=tokens, token_logprobs=logps, text_lengths=lengths,
                       stopped=stopped, logits=logits_out)

@@ -70,6 +70,14 @@ def token_id(name: str, value, vocab: int) -> int:
     return value
 
 
+def check_repetition_penalty(value) -> float:
+    """``value``, checked to be a finite float > 0 (ValueError naming repetition_penalty
+    otherwise); 1.0 is no penalty (medlvr/engine/sampling.py: HF's semantics)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"repetition_penalty must be a finite float > 0 (1.0: no penalty), got {value!r}")
+    return float(value)
+
+
 def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator must be on the model's device type {device.type}, got {generator.device}")
@@ -127,7 +135,8 @@ class TextParams:
     """A checked text decode. temperature 0 is greedy. first_token: an id fed to every
     row, None (the first token is sampled from the current hidden state) or FROM_SEGMENT.
     stop_first: the first sampled token may stop a row (False: Coconut's generate appends
-    its first token without the eos test)."""
+    its first token without the eos test). repetition_penalty: HF's, over the ids in each
+    row's cache (its prompt and every token fed since; latents have no id); 1.0: off."""
 
     max_new_tokens: int
     first_token: int | str | None
@@ -137,10 +146,15 @@ class TextParams:
     pad_id: int
     return_logits: bool
     stop_first: bool = True
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def use_penalty(self) -> bool:
+        return self.repetition_penalty != 1.0
 
     @property
     def use_top_p(self) -> bool:
@@ -152,8 +166,10 @@ class TextParams:
 
     @classmethod
     def checked(cls, max_new_tokens, *, first_token, temperature, top_p, stop_ids: Sequence[int], pad_id,
-                return_logits: bool, vocab: int, stop_first: bool = True) -> "TextParams":
+                return_logits: bool, vocab: int, stop_first: bool = True,
+                repetition_penalty: float = 1.0) -> "TextParams":
         non_negative_int("max_new_tokens", max_new_tokens)
+        penalty = check_repetition_penalty(repetition_penalty)
         if first_token is not None and first_token != FROM_SEGMENT:
             token_id("first_token", first_token, vocab)
         if not isinstance(stop_first, bool):
@@ -172,7 +188,7 @@ class TextParams:
         pad = pad_id if pad_id is not None else (stops[0] if stops else 0)
         return cls(max_new_tokens=max_new_tokens, first_token=first_token, temperature=float(temperature),
                    top_p=float(top_p), stop_ids=tuple(int(s) for s in stops), pad_id=int(pad),
-                   return_logits=bool(return_logits), stop_first=stop_first)
+                   return_logits=bool(return_logits), stop_first=stop_first, repetition_penalty=penalty)
 
 
 @dataclass

@@ -12,6 +12,13 @@ import torch
 MAX_STOP_IDS = 16  # stop ids live in a fixed-size device buffer so graphs need no recapture
 
 
+def penalty_inverse(penalty: float) -> float:
+    """1 / penalty as torch computes it for a division by a Python float on CUDA: both in fp32,
+    correctly rounded (medlvr/engine/sampling.py: repetition_penalty's ``inverse``)."""
+    one, p = torch.ones((), dtype=torch.float32), torch.tensor(penalty, dtype=torch.float32)
+    return float(one / p)
+
+
 class DecodeState:
     """Buffers of the latent and text steps, and where the current request stands.
 
@@ -19,9 +26,11 @@ class DecodeState:
     eps), ``h`` the post-norm hidden that produced it, ``length`` valid cache entries,
     ``pos`` (P, max_batch) the next rotary position, ``active`` (not exited / stopped),
     ``num_latent``, ``tok`` / ``logprob`` the last sampled token and its log-prob,
-    ``text_len``, ``logits`` and ``noise`` (Exp(1) draws for the sampler). Scalars of the
-    request: ``threshold``, ``sigma``, ``latent_end``, ``temperature``, ``top_p``,
-    ``stop_ids``, ``pad``. ``host_len`` is a host-side upper bound of max(length), so
+    ``text_len``, ``logits`` and ``noise`` (Exp(1) draws for the sampler), ``seen``
+    (max_batch, V + 1) bool: the token ids in the row's cache (its unpadded prompt, then every
+    token fed; the last column absorbs what must not count), which the repetition penalty
+    reads. Scalars of the request: ``threshold``, ``sigma``, ``latent_end``, ``temperature``,
+    ``top_p``, ``penalty``, ``stop_ids``, ``pad``. ``host_len`` is a host-side upper bound of max(length), so
     capacity checks never sync. ``bucketed``: pad batches to power-of-two buckets (on with
     CUDA graphs; can be switched on elsewhere to exercise the padding rows).
     """
@@ -42,6 +51,7 @@ class DecodeState:
         self.text_len = z(max_batch)
         self.logits = z(max_batch, vocab_size, dt=torch.float32)
         self.noise = torch.ones(max_batch, vocab_size, dtype=torch.float32, device=device)
+        self.seen = z(max_batch, vocab_size + 1, dt=torch.bool)
         # exit_scope="batch" (medlvr/engine/exit_rules.py): the running count of firings,
         # the batch size it must reach, and the latent pad id of after_exit="mirage"
         self.fired_count = z(())
@@ -54,6 +64,8 @@ class DecodeState:
         self.latent_end = z(1)
         self.temperature = torch.ones((), dtype=torch.float32, device=device)
         self.top_p = torch.ones((), dtype=torch.float32, device=device)
+        self.penalty = torch.ones((), dtype=torch.float32, device=device)
+        self.penalty_inv = torch.ones((), dtype=torch.float32, device=device)  # fp32(1 / fp32(penalty))
         self.stop_ids = torch.full((MAX_STOP_IDS,), -1, dtype=torch.long, device=device)
         self.pad = z(())
         # Grouped generation (medlvr/engine/group.py): row b reads prompt prefix_row[b]'s K/V
@@ -105,14 +117,16 @@ class DecodeState:
         """The buffers a step mutates (besides the KV cache and per-call outputs): what a
         graph capture saves and restores around its warm-up runs."""
         return [self.x, self.mu, self.h, self.length, self.pos, self.active, self.num_latent, self.tok,
-                self.logprob, self.text_len, self.logits, self.fired_count]
+                self.logprob, self.text_len, self.logits, self.fired_count, self.seen]
 
     # ------------------------------------------------------------ engine side
     def start(self, batch: int, *, lengths: torch.Tensor, next_positions: torch.Tensor, hidden: torch.Tensor,
-              mu: torch.Tensor, host_len: int) -> None:
-        """A new request of ``batch`` rows after its prefill."""
+              mu: torch.Tensor, host_len: int, prompt: dict[str, torch.Tensor], repeat: int = 1) -> None:
+        """A new request of ``batch`` rows after its prefill of ``prompt`` (input_ids and
+        attention_mask; with ``repeat`` = G each prompt is G rows)."""
         self.bucket = self.bucket_for(batch)
         self.reset()
+        self.mark_prompt(prompt["input_ids"], prompt["attention_mask"], repeat)
         self.length[:batch].copy_(lengths)
         self.pos[:, :batch].copy_(next_positions)
         self.h[:batch].copy_(hidden)
@@ -143,7 +157,23 @@ class DecodeState:
             self._segment_out[key] = tuple(self.x.new_zeros(self.bucket, k, self.x.shape[1]) for _ in range(3))
         return self._segment_out[key]
 
-    def start_text(self, stop_ids: tuple[int, ...], *, pad_id: int, temperature: float, top_p: float) -> None:
+    def mark_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1) -> None:
+        """``seen`` := the ids of each row's prompt; padding (attention_mask 0) and ids past the
+        logits' vocabulary (they cannot be sampled) go to the last column, as HF does."""
+        V = self.seen.shape[1] - 1
+        ids = input_ids.masked_fill(attention_mask == 0, V).clamp(max=V)
+        if repeat > 1:
+            ids = ids.repeat_interleave(repeat, dim=0)
+        self.seen.zero_()
+        self.seen[:ids.shape[0]].scatter_(1, ids, True)
+
+    def mark_fed(self, active: torch.Tensor) -> None:
+        """Add each active row's fed token ``tok`` to ``seen`` (inside the captured text step)."""
+        Bk = active.shape[0]
+        self.seen[:Bk].scatter_(1, self.tok[:Bk].masked_fill(~active, self.seen.shape[1] - 1)[:, None], True)
+
+    def start_text(self, stop_ids: tuple[int, ...], *, pad_id: int, temperature: float, top_p: float,
+                   repetition_penalty: float = 1.0) -> None:
         """A text decode's scalars; every row of the batch active again."""
         self.stop_ids.fill_(-1)
         if stop_ids:
@@ -151,6 +181,8 @@ class DecodeState:
         self.pad.fill_(pad_id)
         self.temperature.fill_(temperature)
         self.top_p.fill_(top_p)
+        self.penalty.fill_(repetition_penalty)
+        self.penalty_inv.fill_(penalty_inverse(repetition_penalty))
         self.active[:self.batch] = True
         self.text_len.zero_()
 

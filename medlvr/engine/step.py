@@ -151,22 +151,28 @@ class DecodeStep:
         self.exit_test(rule, fed=None, mu=None, mu_next=None, h=s.h[:s.bucket])
 
     def feed_tokens(self, bound: int) -> None:
-        """Feed tok for active rows; leaves next-token logits in state.logits."""
+        """Feed tok for active rows (adding it to their seen ids); leaves next-token logits in
+        state.logits."""
         s = self.state
         Bk = s.bucket
         active = s.active[:Bk]
+        s.mark_fed(active)
         out = self.layers(self.adapter.embed_tokens(s.tok[:Bk]), active, bound)
         s.advance(active)
         normed = self.adapter.norm_feedback(out, out=torch.empty_like(out))
         s.logits[:Bk].copy_(self.adapter.lm_head(normed))
 
     def sample(self, p: TextParams) -> None:
-        """Sample tok from state.logits; rows that hit a stop id become inactive."""
+        """Sample tok from state.logits (repetition-penalised over state.seen when the request
+        asks for it; state.logits stay the model's); rows that hit a stop id become inactive."""
         s = self.state
         Bk = s.bucket
         active = s.active[:Bk]
+        V = s.logits.shape[1]
         tok, lp = sampling.sample(s.logits[:Bk], greedy=p.greedy, temperature=s.temperature,
-                                  top_p=s.top_p if p.use_top_p else None, noise=s.noise[:Bk])
+                                  top_p=s.top_p if p.use_top_p else None, noise=s.noise[:Bk],
+                                  penalty=s.penalty if p.use_penalty else None, seen=s.seen[:Bk, :V],
+                                  penalty_inverse=s.penalty_inv if self.device.type == "cuda" else None)
         s.tok[:Bk].copy_(torch.where(active, tok, s.pad))
         s.logprob[:Bk].copy_(torch.where(active, lp, torch.zeros_like(lp)))
         s.text_len[:Bk] += active.long()

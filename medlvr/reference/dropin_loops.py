@@ -157,12 +157,14 @@ def lvr(model, batch: dict, *, strategy: str, start_id: int, end_id: int, eos: i
     appended in every row (placeholders while in the mode); then, from the token fed
     (``last_tokens == lvr_start_id``) and the mode before the update:
       end_token: mode = (mode | start) & ~(next == lvr_end): tested at <start>'s own
-        output too; no step cap (only the length budget);
+        output too; no step cap, and the length budget does not end the mode either (below);
       distance: end = mean_i criterion(lphs, e_end) < threshold with lphs the vector just
         fed (None at <start>); counter += mode, reset at start; mode = (mode | start) & ~end
         & ~(counter >= max_steps);
       steps: remaining = steps on entry, -= mode; mode = (mode | start) & (remaining > 0).
-    A row in the mode never finishes: unfinished = mode | (unfinished & ~stop).
+    A row in the mode never finishes: unfinished = mode | (unfinished & ~stop). (The loop
+    below stops after 4 * max_new_tokens + 64 iterations, a guard of this oracle: the original
+    has none.)
 
     head: the optional lvr_head (src/model/lvr_heads.py; forward
     ``qwen2_5_mixed_modality_forward_lvr_with_head_inference``): in an iteration that fed a

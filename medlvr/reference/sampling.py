@@ -13,6 +13,11 @@ Written from the definitions, one Python loop over the rows with fp64 sums:
   unnormalised) p can be used as it is.
 - the log-prob of a sampled token is read under log_softmax(logits / T), the policy's own
   distribution before top-p; a greedy token (argmax logits) under log_softmax(logits).
+- the repetition penalty (Keskar et al. 2019, CTRL; HF's ``repetition_penalty``): every
+  token id that occurs in the row's sequence so far, counted once however often it occurs,
+  has its logit x replaced by x / penalty if x > 0 and by x * penalty if x < 0 (0 stays 0);
+  tokens that do not occur keep their logit. It is applied to the logits before anything
+  else (temperature, top-p, the argmax), and "logits" above then mean the penalised ones.
 """
 from __future__ import annotations
 
@@ -45,10 +50,26 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out
 
 
+def repetition_penalty(logits: torch.Tensor, sequences: list[list[int]], penalty: float) -> torch.Tensor:
+    """logits (B, V) -> (B, V) in logits' dtype, row b penalised for the ids in ``sequences[b]``
+    (the row's ids so far, repeats allowed; ids outside [0, V) cannot be sampled and are
+    skipped). Computed in fp64, rounded once to logits' dtype."""
+    out = logits.clone()
+    for b, ids in enumerate(sequences):
+        for i in sorted(set(i for i in ids if 0 <= i < logits.shape[1])):
+            x = float(logits[b, i].double())
+            out[b, i] = x / penalty if x > 0 else x * penalty
+    return out
+
+
 def sample(logits: torch.Tensor, *, greedy: bool, temperature: float = 1.0, top_p: float | None = None,
-           noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           noise: torch.Tensor | None = None, penalty: float | None = None,
+           sequences: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B,) int64, their log-probs (B,) fp32) from logits (B, V); ``noise`` (B, V) are the
-    Exp(1) draws of the race (unused when greedy)."""
+    Exp(1) draws of the race (unused when greedy). penalty / sequences: the repetition
+    penalty for each row's ids so far, applied first."""
+    if penalty is not None:
+        logits = repetition_penalty(logits, sequences, penalty)
     tokens, logps = [], []
     for b in range(logits.shape[0]):
         row = [float(x) for x in logits[b].double()]

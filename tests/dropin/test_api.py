@@ -93,6 +93,15 @@ def test_bad_spec():
         LatentSpec(exit="stop_logit", after_exit="mirage")
     with pytest.raises(ValueError, match="start_embedded=False needs placement='after_start'"):
         LatentSpec(placement="placeholders", latent_token=9, exit="count", max_steps=None, start_embedded=False)
+    for bad in (0, -1, 2.5, True, None):
+        with pytest.raises(ValueError, match=rf"step_limit must be an int >= 1, got {bad!r}"):
+            LatentSpec(step_limit=bad)
+
+
+def test_lvr_has_no_step_cap_but_a_safety_limit():
+    lvr = LatentSpec.preset("lvr")
+    assert lvr.max_steps is None and lvr.step_limit == 256
+    assert LatentSpec.preset("lvr", step_limit=1024).step_limit == 1024
 
 
 def test_engine_is_cached_per_model(gpt2):

@@ -143,6 +143,62 @@ def test_lvr_end_token(vl, rows):
         assert out.num_latent.tolist() == [4, 0, 1]
 
 
+@pytest.fixture(scope="module")
+def vl_late():
+    """The end token fires only after latent 7 of row 0, 2 of row 1 and 5 of row 2: row 0's
+    segment is longer than the text budget of the test below."""
+    model = fm.qwen2_5_vl()
+    _steer_end(model, fm.vl_batch(SAMPLES), [(0, 7), (1, 2), (2, 5)])
+    return model
+
+
+@pytest.mark.parametrize("budget", [5, 10])
+def test_lvr_latent_count_does_not_depend_on_the_text_budget(vl_late, budget, recwarn):
+    """LVR's loop keeps a row in latent mode past its token budget (unfinished = mode | ...):
+    row 0 feeds 7 latents with max_new_tokens 5 as with 10, and the original loop, given the
+    same budget, agrees. No row reaches step_limit, so nothing is reported."""
+    batch = _batch([0, 1, 2])
+    out = medlvr.generate(vl_late, batch, spec=_qwen_spec("lvr"), max_new_tokens=budget, stop_ids=[EOS])
+    ref = originals.lvr(vl_late, batch, strategy="end_token", start_id=tm.LATENT_START, end_id=tm.LATENT_END,
+                        eos=EOS, max_new_tokens=budget)
+    assert [v.shape[0] for v in ref.latents] == [7, 2, 5]
+    assert out.num_latent.tolist() == [7, 2, 5]
+    answers = originals.lvr(vl_late, batch, strategy="end_token", start_id=tm.LATENT_START, end_id=tm.LATENT_END,
+                            eos=EOS, max_new_tokens=BUDGET).after  # medlvr's budget counts answer tokens only
+    for b in range(3):
+        close(out.latents[b, :out.num_latent[b]], ref.latents[b])
+        assert out.tokens[b, :int(out.text_lengths[b])].tolist() == answers[b][1:budget + 1], f"row {b}"
+    assert out.latent_capped.tolist() == [False, False, False]
+    assert not [w for w in recwarn.list if "step_limit" in str(w.message)]
+
+
+def test_lvr_step_limit_is_reported_when_hit(vl_late):
+    """The safety cap cuts rows 0 and 2 (ends at 7 and 5) at 4 latents: a warning names
+    step_limit and those rows, and latent_capped marks them; row 1 (end at 2) is untouched."""
+    batch = _batch([0, 1, 2])
+    spec = _qwen_spec("lvr", step_limit=4)
+    with pytest.warns(RuntimeWarning, match=r"rows \[0, 2\] ran step_limit=4 latent steps"):
+        out = medlvr.generate(vl_late, batch, spec=spec, max_new_tokens=T, stop_ids=[EOS])
+    assert out.num_latent.tolist() == [4, 2, 4]
+    assert out.latent_capped.tolist() == [True, False, True]
+    ref = originals.lvr(vl_late, batch, strategy="end_token", start_id=tm.LATENT_START, end_id=tm.LATENT_END,
+                        eos=EOS, max_new_tokens=BUDGET)
+    close(out.latents[1, :2], ref.latents[1])
+    close(out.latents[0, :4], ref.latents[0][:4])  # the same trajectory, cut
+
+
+def test_a_systems_own_cap_is_not_a_warning(vl_monet, recwarn):
+    """Monet's LATENT_SIZE is its loop's own cap: reaching it is the original's behaviour,
+    marked in latent_capped but not warned about."""
+    out = medlvr.generate(vl_monet, _batch([1]), spec=_qwen_spec("monet", max_steps=4), max_new_tokens=T,
+                          stop_ids=[EOS])
+    assert out.latent_capped.tolist() == [True]
+    assert not [w for w in recwarn.list if "step_limit" in str(w.message)]
+    fixed = medlvr.generate(vl_monet, _batch([1]), spec=_qwen_spec("lvr-steps", max_steps=3), max_new_tokens=T,
+                            stop_ids=[EOS])
+    assert fixed.latent_capped.tolist() == [False]  # "fixed" runs its steps by rule
+
+
 @pytest.mark.parametrize("rows", ROWS.values(), ids=ROWS.keys())
 def test_lvr_latent_end_distance(vl, rows):
     """decoding_strategy="latent": MSE of the fed latent to the learned end embedding <
