@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def train(args: argparse.Namespace) -> dict:
     """Load the model and data the flags name and train; the last metrics row plus final_dir."""
+    from medlvr.cli import prompt_from_args
     from medlvr.data.records import load_split
     from medlvr.models import load
     from medlvr.policy import build_trainable
@@ -32,12 +33,15 @@ def train(args: argparse.Namespace) -> dict:
     records = load_split(args.data, args.split, skip_bad=args.skip_bad, window=getattr(args, "window", None))
     cfg = config_from_args(Stage1Config, args)
     lcfg = config_from_args(LoopConfig, args)
-    model, processor = load(args.model, dtype=torch.float32, seed=lcfg.seed)
+    prompt = prompt_from_args(args)
+    model, processor = load(args.model, dtype=torch.float32, seed=lcfg.seed, min_pixels=prompt.min_pixels,
+                            max_pixels=prompt.max_pixels)
     # The new weights (LoRA A, the projector) from --seed too: a rerun, and every process of a
     # sharded run (medlvr/policy/fsdp.py checks they agree), starts from the same init.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(lcfg.seed)
-        lm = build_trainable(model, processor, cfg)
+        lm = build_trainable(model, processor, cfg, prompt=prompt)
+    print(f"prompt: {lm.prompt.describe()}")
     return train_stage1(lm, processor, records, lcfg, base=args.model, desc=f"sft K={cfg.k_latent} {cfg.mode}")
 
 

@@ -50,8 +50,9 @@ def train(args: argparse.Namespace) -> dict:
     """
     from pathlib import Path
 
-    from medlvr.models import load
+    from medlvr.cli import prompt_from_args
     from medlvr.data.records import load_split
+    from medlvr.models import load
     from medlvr.devices import trains_on_gpu
     from medlvr.policy import RunDir, build_trainable, load_trained, run_meta
     from medlvr.train.loop import make_accelerator
@@ -62,20 +63,23 @@ def train(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     records = load_split(args.data, args.split, skip_bad=args.skip_bad, window=getattr(args, "window", None))
 
-    if args.init:
-        lm, processor, meta = load_trained(args.init, device=device, dtype=dtype)
+    prompt = prompt_from_args(args)
+    if args.init:  # the stage-1 run's prompt settings, where a flag does not set one
+        lm, processor, meta = load_trained(args.init, device=device, dtype=dtype, prompt=prompt)
         base = meta["base"]
         k_default = int(meta["stage1"]["k_latent"])
         stage1 = meta["stage1"]
     else:
-        model, processor = load(args.model, dtype=dtype, device=device, seed=cfg.loop.seed)
+        model, processor = load(args.model, dtype=dtype, device=device, seed=cfg.loop.seed,
+                                min_pixels=prompt.min_pixels, max_pixels=prompt.max_pixels)
         k_default = VLPOConfig().k_latent if args.k_latent is None else args.k_latent
         s1 = Stage1Config(k_latent=k_default, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha)
         with torch.random.fork_rng(devices=[]):  # the new LoRA weights from --seed: reruns agree
             torch.manual_seed(cfg.loop.seed)
-            lm = build_trainable(model, processor, s1).to(device)
+            lm = build_trainable(model, processor, s1, prompt=prompt).to(device)
         base, stage1 = args.model, dataclasses.asdict(s1)
     cfg = dataclasses.replace(cfg, k_latent=k_default if args.k_latent is None else args.k_latent)  # re-checked
+    print(f"prompt: {lm.prompt.describe()}")
 
     out = Path(cfg.loop.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,8 +93,8 @@ def train(args: argparse.Namespace) -> dict:
     history = train_vlpo(lm, processor, records, cfg, log_path=metrics_path, reference="auto",
                          accelerator=accelerator)
     stage1 = {**stage1, "k_latent": cfg.k_latent}
-    RunDir(out / "final").save(lm, run_meta(base=base, stage1=stage1, vlpo=dataclasses.asdict(cfg), init=args.init),
-                             accelerator=accelerator)
+    RunDir(out / "final").save(lm, run_meta(base=base, stage1=stage1, vlpo=dataclasses.asdict(cfg), init=args.init,
+                                            prompt=lm.prompt.to_meta()), accelerator=accelerator)
     last = dict(history[-1]) if history else {}
     last["final_dir"] = str(out / "final")
     return last

@@ -63,7 +63,7 @@ def latent_ablation(lm, processor, records: Sequence[Any], *, k: int | None = No
     from medlvr.eval.evaluate import decode_answers, generation_parts
     from medlvr.data.answers import score
 
-    model, projector, k, device, tok, ids, stop, pad = generation_parts(lm, processor, k)
+    model, projector, k, device, tok, ids, stop, pad, settings = generation_parts(lm, processor, k)
     if k <= 0:
         return None
     g = torch.Generator().manual_seed(seed)
@@ -76,7 +76,8 @@ def latent_ablation(lm, processor, records: Sequence[Any], *, k: int | None = No
         with torch.no_grad():
             for i in range(0, len(records), batch_size):
                 recs = list(records[i:i + batch_size])
-                b = collate(recs, processor, k_latent=k, with_answer=False, latent_token_ids=ids)
+                b = collate(recs, processor, k_latent=k, with_answer=False, latent_token_ids=ids,
+                            prompt=settings)
                 prompt = prompt_inputs(model, b.to(device))
                 run = dict(k=k, max_new_tokens=max_new_tokens, first_token=ids.end, stop_ids=[stop], pad_id=pad,
                            return_logits=True)

@@ -315,3 +315,30 @@ def save_pretrained(model: nn.Module, path: str, **kwargs: Any) -> None:
     finally:
         if was:
             hf_logging.enable_progress_bar()
+
+
+def image_bounds(processor: Any) -> tuple[int, int]:
+    """(min_pixels, max_pixels) the processor's image processor resizes every image into
+    (Qwen2-VL's ``smart_resize``: the area is scaled into [min, max], each side a multiple of
+    patch * merge)."""
+    ip = processor.image_processor
+    size = getattr(ip, "size", None) or {}
+    lo = size.get("shortest_edge", getattr(ip, "min_pixels", None))
+    hi = size.get("longest_edge", getattr(ip, "max_pixels", None))
+    if lo is None or hi is None:
+        raise ValueError(f"processor: its {type(ip).__name__} states no min_pixels / max_pixels")
+    return int(lo), int(hi)
+
+
+def set_image_bounds(processor: Any, min_pixels: int, max_pixels: int) -> None:
+    """Resize every later image into [min_pixels, max_pixels] pixels. transformers 5 reads
+    ``size = {"shortest_edge": min, "longest_edge": max}`` (the ``min_pixels`` / ``max_pixels``
+    attributes of older releases are kept equal)."""
+    import dataclasses
+
+    ip = processor.image_processor
+    size, bounds = getattr(ip, "size", None), {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+    ip.size = dataclasses.replace(size, **bounds) if dataclasses.is_dataclass(size) else {**(size or {}), **bounds}
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if hasattr(ip, name):
+            setattr(ip, name, int(value))

@@ -5,7 +5,7 @@ no layer above names a Qwen token, chat marker or vision-tower size itself. The 
 medlvr/policy/families.py picks this module by ``MODEL_TYPES`` / ``PROCESSORS``; another family
 adds its own module like this one, and an engine adapter:
 
-- the chat layout of a prompt (:func:`prompt_text`), its image placeholder and the token that
+- the prompt from the checkpoint's chat template (:func:`prompt_text`), its image placeholder and the token that
   ends an answer (:data:`IMAGE_TOKEN`, :data:`ANSWER_END`);
 - the vision tower's geometry from the processor (:func:`vision_geometry`: patch and merge
   size) and what an image's ``image_grid_thw`` row (t, h, w in patches) means: the merged
@@ -17,6 +17,7 @@ adds its own module like this one, and an engine adapter:
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Sequence
 
 import torch
@@ -39,17 +40,57 @@ __all__ = ["MODEL_TYPES", "PROCESSORS", "IMAGE_TOKEN", "VISION_START", "VISION_E
            "uncovered_sample"]
 
 
-def prompt_text(question: str, *, n_images: int, latent_start: str | None = None,
-                image_token: str = IMAGE_TOKEN) -> str:
-    """The generation prompt in Qwen's chat layout, one ``image_token`` per image before the
-    processor expands it:
+SYSTEM_TURN = "<|im_start|>system\n"
+_warned_no_template: list[bool] = []
+# Qwen2.5-VL-7B-Instruct's chat_template.json (Qwen/Qwen2.5-VL-7B-Instruct, as mirrored in
+# tests/fixtures/qwen2_5_vl_7b_instruct/), for a processor that ships no template of its own.
+DEFAULT_CHAT_TEMPLATE = (    '{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message i'
+    "n messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful"
+    " assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is strin"
+    "g %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if conten"
+    "t['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = im"
+    'age_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_sta'
+    "rt|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}{% set vid"
+    'eo_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% end'
+    "if %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% "
+    'endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assi'
+    'stant\n{% endif %}')
 
-        <|im_start|>user\\n (<|vision_start|><|image_pad|><|vision_end|>) x n_images {question}<|im_end|>\\n
-        <|im_start|>assistant\\n [latent_start]
+
+def prompt_text(processor, question: str, *, n_images: int, system: str | None = None,
+                latent_start: str | None = None) -> str:
+    """The generation prompt from the processor's own chat template (the checkpoint's
+    ``chat_template.json``; QwenLM/Qwen2.5-VL's fine-tuning recipe applies it the same way), one
+    image placeholder per image before the processor expands it, then ``latent_start``::
+
+        [<|im_start|>system\n{system}<|im_end|>\n]
+        <|im_start|>user\n (<|vision_start|><|image_pad|><|vision_end|>) x n_images {question}<|im_end|>\n
+        <|im_start|>assistant\n [latent_start]
+
+    system: None = the template's own choice (Qwen2.5-VL's adds "You are a helpful assistant."
+    when the conversation has no system turn; the embedded model's template adds none); a
+    string = that system turn; "" = no system turn, also where the template would add its
+    default (its turn, which this family writes as ``<|im_start|>system\n...<|im_end|>\n``, is
+    removed from the front). A processor without a template gets :data:`DEFAULT_CHAT_TEMPLATE`,
+    with a warning.
     """
-    vision = "".join(f"{VISION_START}{image_token}{VISION_END}" for _ in range(n_images))
-    return (f"<|im_start|>user\n{vision}{question}{ANSWER_END}\n<|im_start|>assistant\n"
-            + (latent_start or ""))
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    if system:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+    template = None
+    if not getattr(processor, "chat_template", None):
+        template = DEFAULT_CHAT_TEMPLATE
+        if not _warned_no_template:
+            _warned_no_template.append(True)
+            warnings.warn("processor: no chat template (the checkpoint has no chat_template.json); medlvr writes "
+                          "prompts with Qwen2.5-VL-Instruct's (medlvr/models/qwen_vl.py DEFAULT_CHAT_TEMPLATE)",
+                          stacklevel=3)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         chat_template=template)
+    if system == "" and text.startswith(SYSTEM_TURN):
+        text = text[text.index(ANSWER_END + "\n") + len(ANSWER_END) + 1:]
+    return text + (latent_start or "")
 
 
 def image_token(processor) -> str:

@@ -15,9 +15,10 @@ from medlvr.policy import families
 from medlvr.policy.batch import IGNORE_INDEX, MODEL_INPUTS, Batch, latent_mu, latent_start, roi_bins
 from medlvr.policy.latent import LatentOutput, LatentProjector, forward_with_latents, recurrent_forward
 from medlvr.policy.model import LatentLM, PolicyConfig, build_trainable, load_trained
+from medlvr.policy.prompt import PromptSettings
 from medlvr.policy.run_dir import RunDir, run_meta
 from medlvr.policy.tokens import PolicyTokens, policy_tokens
 
 __all__ = ["Batch", "MODEL_INPUTS", "IGNORE_INDEX", "latent_mu", "latent_start", "roi_bins", "LatentOutput",
            "LatentProjector", "forward_with_latents", "recurrent_forward", "LatentLM", "PolicyConfig",
-           "build_trainable", "load_trained", "RunDir", "run_meta", "PolicyTokens", "policy_tokens", "families"]
+           "build_trainable", "load_trained", "PromptSettings", "RunDir", "run_meta", "PolicyTokens", "policy_tokens", "families"]

@@ -33,6 +33,7 @@ from medlvr.policy import families
 from medlvr.policy.batch import Batch
 from medlvr.policy.latent import LatentOutput, LatentProjector, forward_with_latents, recurrent_forward
 from medlvr.policy.lora import add_lora
+from medlvr.policy.prompt import PromptSettings
 from medlvr.policy.run_dir import RunDir, trainable_state
 
 __all__ = ["PolicyConfig", "LatentLM", "build_trainable", "load_trained"]
@@ -66,11 +67,14 @@ class PolicyConfig:
 class LatentLM(nn.Module):
     """HF model (maybe peft-wrapped) + optional latent projector; see the module docstring."""
 
-    def __init__(self, model: nn.Module, cfg: PolicyConfig):
+    def __init__(self, model: nn.Module, cfg: PolicyConfig, *, prompt: PromptSettings | None = None):
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.projector = LatentProjector(hidden_size(model)) if cfg.projector else None
+        # How the policy's prompts are written (the system turn, the image bound): recorded in
+        # every run folder it is saved to, and used by every command that reads it back.
+        self.prompt = prompt if prompt is not None else PromptSettings()
 
     @property
     def base(self) -> nn.Module:
@@ -94,8 +98,11 @@ class LatentLM(nn.Module):
         return trainable_state(self)
 
 
-def build_trainable(model: nn.Module, processor: Any, cfg: PolicyConfig) -> LatentLM:
-    """Wrap the HF model for training: LoRA (peft) or full fine-tuning, then the LatentLM module."""
+def build_trainable(model: nn.Module, processor: Any, cfg: PolicyConfig, *,
+                    prompt: PromptSettings | None = None) -> LatentLM:
+    """Wrap the HF model for training: LoRA (peft) or full fine-tuning, then the LatentLM module.
+    prompt: its prompt settings (default: the template's system turn), resolved against the
+    processor's image bound."""
     from medlvr.models import latent_token_ids
 
     if cfg.lora:
@@ -106,13 +113,16 @@ def build_trainable(model: nn.Module, processor: Any, cfg: PolicyConfig) -> Late
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    return LatentLM(model, cfg)
+    return LatentLM(model, cfg, prompt=(prompt or PromptSettings()).resolved(processor))
 
 
-def load_trained(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_trained(run_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 prompt: PromptSettings | None = None):
     """(LatentLM, processor, meta) from a run folder (a finished run's ``final/`` or any
     checkpoint): the base model rebuilt from run.json, LoRA / projector as its policy config
-    says, then the saved weights; in eval mode on ``device``."""
+    says, then the saved weights; in eval mode on ``device``. The prompt settings are the run's
+    (run.json's "prompt"), with the fields ``prompt`` sets taking precedence; ``lm.prompt``
+    holds what applies."""
     from medlvr.models import load
 
     run = RunDir(Path(run_dir))
@@ -120,8 +130,12 @@ def load_trained(run_dir: str | Path, *, device: str | torch.device = "cpu", dty
     # The embedded base is built from a seed: the run's (stage 1 builds it from --seed). A
     # LoRA run's weights are deltas on that base, so another seed is another model.
     seed = int(meta.get("base_seed", meta.get("loop", {}).get("seed", 0)))
-    model, processor = load(meta["base"], dtype=dtype, device=device, seed=seed)
-    lm = build_trainable(model, processor, PolicyConfig.from_meta(meta["stage1"]))
+    settings = PromptSettings.from_meta(meta)
+    if prompt is not None:
+        settings = prompt.over(settings)
+    model, processor = load(meta["base"], dtype=dtype, device=device, seed=seed, min_pixels=settings.min_pixels,
+                            max_pixels=settings.max_pixels)
+    lm = build_trainable(model, processor, PolicyConfig.from_meta(meta["stage1"]), prompt=settings)
     run.load_weights(lm)
     lm.to(device)
     lm.eval()

@@ -15,21 +15,26 @@ def processor():
     return build_processor()
 
 
-def test_prompt_text_is_the_qwen_chat_layout():
+def test_prompt_text_is_the_templates_chat_layout(processor):
     # Qwen2.5-VL's chat format (model card): user turn with one vision block per image, then
-    # the assistant header. medlvr's prompts carry no system turn.
+    # the assistant header. The embedded model's template adds no system turn.
     want = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|>"
             "<|vision_end|>Is it?<|im_end|>\n<|im_start|>assistant\n")
-    assert qwen_vl.prompt_text("Is it?", n_images=2) == want
-    assert qwen_vl.prompt_text("Is it?", n_images=2, latent_start="<|latent_start|>") == want + "<|latent_start|>"
-    assert qwen_vl.prompt_text("q", n_images=0) == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    assert qwen_vl.prompt_text(processor, "Is it?", n_images=2) == want
+    assert qwen_vl.prompt_text(processor, "Is it?", n_images=2, latent_start="<|latent_start|>") == \
+        want + "<|latent_start|>"
+    assert qwen_vl.prompt_text(processor, "q", n_images=0) == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    sys = qwen_vl.prompt_text(processor, "q", n_images=0, system="Be brief.")
+    assert sys == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    assert qwen_vl.prompt_text(processor, "q", n_images=0, system="") == \
+        "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.mark.parametrize("size", [(224, 224), (300, 150), (56, 140), (37, 91)])
 def test_grid_facts_match_the_processor(processor, size):
     w, h = size
     img = Image.fromarray((np.random.default_rng(0).random((h, w, 3)) * 255).astype("uint8"))
-    enc = processor(text=[qwen_vl.prompt_text("q", n_images=1)], images=[img], return_tensors="pt")
+    enc = processor(text=[qwen_vl.prompt_text(processor, "q", n_images=1)], images=[img], return_tensors="pt")
     geo = qwen_vl.vision_geometry(processor)
     grid = enc["image_grid_thw"]
     # the processor's own expansion of the placeholder

@@ -81,12 +81,13 @@ class EpochSampler(torch.utils.data.Sampler):
 class _Collator:
     """Records -> a collate Batch (accelerate's loader moves it with Batch.to)."""
 
-    def __init__(self, processor, k_latent: int):
+    def __init__(self, processor, k_latent: int, prompt):
         self.processor, self.k, self.ids, self.cache = processor, k_latent, policy_tokens(processor).latent, {}
+        self.prompt = prompt
 
     def __call__(self, records) -> Batch:
         return collate(records, self.processor, k_latent=self.k, with_answer=True, latent_token_ids=self.ids,
-                       images_cache=self.cache)
+                       images_cache=self.cache, prompt=self.prompt)
 
 
 class SFTObjective:
@@ -111,7 +112,7 @@ class SFTObjective:
         self.stage1 = stage1 if stage1 is not None else as_stage1(lm.cfg)
         self.sampler = EpochSampler(len(records), cfg.seed)
         self.loader = torch.utils.data.DataLoader(list(records), batch_size=cfg.batch_size, sampler=self.sampler,
-                                                  drop_last=True, collate_fn=_Collator(processor, lm.k_latent),
+                                                  drop_last=True, collate_fn=_Collator(processor, lm.k_latent, lm.prompt),
                                                   num_workers=0)
         self.epoch = self.micro = 0
         self._batches: Iterator | None = None
@@ -190,5 +191,6 @@ def train_stage1(lm: LatentLM, processor: Any, records: Sequence[Any], cfg: Any,
     from medlvr.train.loop import train_loop
 
     objective = SFTObjective(lm, processor, records, cfg, stage1=stage1)
-    meta = run_meta(base=base, stage1=objective.stage1, loop=asdict(cfg), **(extra_meta or {}))
+    meta = run_meta(base=base, stage1=objective.stage1, loop=asdict(cfg), prompt=lm.prompt.to_meta(),
+                    **(extra_meta or {}))
     return train_loop(objective, cfg, accelerator=accelerator, desc=desc, meta=meta)
