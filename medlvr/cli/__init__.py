@@ -29,14 +29,49 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(n)
 
 
-def _threads_arg(n: str) -> int:
-    try:
-        value = int(n)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of threads >= 1, got {n!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of threads >= 1, got {n!r}")
-    return value
+def _whole(what: str):
+    """An argparse type: a whole number of ``what`` >= 1."""
+    def parse(n: str) -> int:
+        try:
+            value = int(n)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {what} >= 1, got {n!r}")
+        return value
+    return parse
+
+
+_threads_arg = _whole("threads")
+_pixels_arg = _whole("pixels")
+
+
+def _prompt(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompt (recorded in run.json; a run's own are the default of vlpo --init and eval)")
+    g.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="the system turn of every prompt; '' = none (default: the checkpoint's chat template "
+                        "decides: Qwen2.5-VL adds 'You are a helpful assistant.', the embedded model none)")
+    from medlvr.data.scoring import PROMPTS
+
+    g.add_argument("--question-template", choices=tuple(PROMPTS), default=None,
+                   help="the question's layout as a toolkit phrases it (medlvr/data/scoring/prompts.py, e.g. "
+                        "medevalkit: 'Answer with the option's letter from the given choices directly.'); "
+                        "default: medlvr's own")
+    g.add_argument("--min-pixels", type=_pixels_arg, default=None,
+                   help="resize smaller images up to this many pixels (default: the processor's)")
+    g.add_argument("--max-pixels", type=_pixels_arg, default=None,
+                   help="resize larger images down to this many pixels (default: the processor's; a checkpoint's "
+                        "is capped at 1280*28*28 = 1,003,520, 1280 vision tokens)")
+
+
+def prompt_from_args(args: argparse.Namespace):
+    """The PromptSettings the --system-prompt / --min-pixels / --max-pixels flags ask for (None
+    where a flag is not given)."""
+    from medlvr.policy import PromptSettings
+
+    return PromptSettings(system_prompt=getattr(args, "system_prompt", None),
+                          min_pixels=getattr(args, "min_pixels", None), max_pixels=getattr(args, "max_pixels", None),
+                          question_template=getattr(args, "question_template", None))
 
 
 def _window(p: argparse.ArgumentParser) -> None:
@@ -54,11 +89,14 @@ def _window(p: argparse.ArgumentParser) -> None:
 COMMANDS = [
     ("info", "versions, built backends and the device that will be used", ()),
     ("synth", "write the deterministic synthetic medical VQA set (JSONL + PNG)", ()),
-    ("convert", "convert a published dataset layout (OmniMedVQA, VQA-RAD, SLAKE, PathVQA) to JSONL", ()),
-    ("sft", "stage 1: ROI-supervised latent fine-tuning (accelerate; resumable)", ("threads", "window")),
-    ("vlpo", "stage 2: visual-latent policy optimisation from a stage-1 run", ("threads", "window")),
+    ("convert", "convert a benchmark's released files (SLAKE, VQA-RAD, PathVQA, OmniMedVQA, PMC-VQA, MMMU Health & "
+                "Medicine, MedXpertQA-MM) to JSONL; bad entries are listed, not fatal (--strict)", ()),
+    ("sft", "stage 1: ROI-supervised latent fine-tuning (accelerate; resumable)", ("threads", "window", "prompt")),
+    ("vlpo", "stage 2: visual-latent policy optimisation from a stage-1 run", ("threads", "window", "prompt")),
     ("eval", "accuracy by benchmark and question type of trained runs; paired CIs, latent ablation; table + plot",
-     ("threads", "window")),
+     ("threads", "window", "prompt")),
+    ("report", "trained runs on several benchmarks: the paper's table (per benchmark, average, closed / open, "
+               "modality), paired CIs; Markdown, CSV and a plot", ("threads", "window", "prompt")),
     ("plan", "per-GPU memory of both stages: DDP+LoRA, FSDP2 full fine-tuning, FSDP2+LoRA", ()),
     ("demo", "synthesise data; train SFT, stage 1, and from it VLPO, text-only VLPO and SFT; evaluate all with "
              "paired CIs", ("threads",)),
@@ -78,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "on a small shared CPU all cores under contention are slower than half)")
         if "window" in shared:
             _window(p)
+        if "prompt" in shared:
+            _prompt(p)
         if name != "info":
             p.add_argument("--debug", action="store_true", default=None,
                            help="show the Python traceback of an error (also MEDLVR_DEBUG=1)")

@@ -24,6 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k-latent", type=int, default=None, help="override the run's K")
     p.add_argument("--batch-size", type=int, default=32, help="records generated together (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer tokens generated at most (default 8)")
+    from medlvr.data.scoring import DEFAULT_PROTOCOL, protocol_names
+
+    p.add_argument("--protocol", choices=protocol_names(), default=DEFAULT_PROTOCOL,
+                   help=f"scoring protocol, each a standard toolkit's rule (docs/scoring.md; default {DEFAULT_PROTOCOL}: "
+                        "the one toolkit that scores OmniMedVQA, VQA-RAD, SLAKE and PathVQA alike)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="HF's repetition penalty on the answer tokens (default: the checkpoint's generation_config, "
+                        "1.0 when it sets none); answers are greedy whatever the generation_config says")
     p.add_argument("--backend", choices=("auto", "engine", "hf"), default="auto",
                    help="engine = the latent-step engine; hf = the plain HF KV-cached loop; auto = the engine "
                         "where it supports the model (default auto)")
@@ -45,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from medlvr.eval.ablation import format_ablation, latent_ablation
     from medlvr.eval.paired import format_paired
     from medlvr.devices import trains_on_gpu
+    from medlvr.cli import prompt_from_args
     from medlvr.policy import load_trained
 
     device = torch.device("cuda" if trains_on_gpu(args.device) else "cpu")
@@ -57,10 +66,17 @@ def run(args: argparse.Namespace) -> int:
     for spec in args.run:
         name, _, path = spec.rpartition("=")
         name = name or Path(path).parent.name or Path(path).name
-        lm, processor, _meta = load_trained(path, device=device)
+        lm, processor, _meta = load_trained(path, device=device, prompt=prompt_from_args(args))
         results[name] = evaluate(lm, processor, records, k=args.k_latent, batch_size=args.batch_size,
                                  max_new_tokens=args.max_new_tokens, backend=args.backend,
-                                 mixed_precision=args.mixed_precision)
+                                 mixed_precision=args.mixed_precision,
+                                 repetition_penalty=getattr(args, "repetition_penalty", None),
+                                 protocol=getattr(args, "protocol", None))
+        d = results[name].settings["decoding"]
+        print(f"{name}: protocol {results[name].settings['protocol']}; prompt: {lm.prompt.describe()}; decoding: "
+              f"{d['strategy']}, repetition_penalty "
+              f"{d['repetition_penalty']:g}, max_new_tokens {d['max_new_tokens']}, K {d['k_latent']}, {d['backend']}"
+              + (f" (notice: {d['notice']})" if d["notice"] else ""))
         if getattr(args, "ablation", False):
             ablations[name] = latent_ablation(lm, processor, records, k=args.k_latent, sigmas=sigmas,
                                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)

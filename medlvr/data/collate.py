@@ -1,7 +1,9 @@
 """Records -> model-ready tensors (the sequence layout of docs/data.md).
 
-Sequence of one sample (Qwen chat layout; images expanded by the processor):
+Sequence of one sample (the processor's chat template, here Qwen2.5-VL's with its default
+system turn, which the embedded model's template leaves out; images expanded by the processor):
 
+    [<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n]
     <|im_start|>user\n <|vision_start|><|image_pad|>xN<|vision_end|> (per image) {question}{options}<|im_end|>\n
     <|im_start|>assistant\n  <|latent_start|> <|latent_pad|>xK <|latent_end|>  {answer}<|im_end|>
 
@@ -24,21 +26,28 @@ from __future__ import annotations
 import torch
 
 from medlvr.data.answers import format_question
+from medlvr.data.scoring import format_prompt
 from medlvr.imageio import load_image
 from medlvr.models import LATENT_START
 from medlvr.ops.roi_geometry import prepare_roi_geometry
-from medlvr.policy import IGNORE_INDEX, Batch, families, policy_tokens, roi_bins
+from medlvr.policy import IGNORE_INDEX, Batch, PromptSettings, families, policy_tokens, roi_bins
 
 
-def prompt_text(record, *, k_latent: int, family, image_token: str) -> str:
-    """The generation prompt of `record` as text (one image placeholder per image before the
-    processor expands it; the chat layout is the model family's, e.g. medlvr/models/qwen_vl.py)."""
-    return family.prompt_text(format_question(record.question, record.options), n_images=len(record.images),
-                              latent_start=LATENT_START if k_latent > 0 else None, image_token=image_token)
+def prompt_text(record, processor, *, k_latent: int, system_prompt: str | None = None,
+                question_template: str | None = None) -> str:
+    """The generation prompt of `record` as text: the processor's own chat template (the model
+    family writes the messages, e.g. medlvr/models/qwen_vl.py), one image placeholder per image
+    before the processor expands it, then <|latent_start|> when K > 0. system_prompt,
+    question_template: see medlvr.policy.prompt.PromptSettings."""
+    question = (format_question(record.question, record.options) if question_template is None
+                else format_prompt(question_template, record))
+    return families.of_processor(processor).prompt_text(
+        processor, question, n_images=len(record.images), system=system_prompt,
+        latent_start=LATENT_START if k_latent > 0 else None)
 
 
 def collate(records, processor, *, k_latent: int, with_answer: bool, latent_token_ids,
-            images_cache: dict | None = None) -> Batch:
+            images_cache: dict | None = None, prompt: PromptSettings | None = None) -> Batch:
     """Build a Batch from Records (see the module docstring for the sequence layout).
 
     Args:
@@ -50,6 +59,9 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
         latent_token_ids: medlvr.models.latent_token_ids(processor).
         images_cache: optional dict (path, slice, window) -> PIL image, to avoid re-decoding
             across epochs.
+        prompt: how the prompt is written (medlvr.policy.PromptSettings: the system turn and the
+            question's layout; the image bound is the processor's); default: the template's own
+            system turn and medlvr's layout.
     Returns:
         Batch in the module docstring's layout. latent_start is the prompt width P when K > 0
         (for prompts, with_answer=False, that is the sequence length S: the prompt ends with
@@ -70,7 +82,9 @@ def collate(records, processor, *, k_latent: int, with_answer: bool, latent_toke
     images = _load_images(records, images_cache)
     orig_sizes = [im.size for im in images]
 
-    prompts = [prompt_text(r, k_latent=k_latent, family=family, image_token=image_token) for r in records]
+    prompt = prompt if prompt is not None else PromptSettings()
+    prompts = [prompt_text(r, processor, k_latent=k_latent, system_prompt=prompt.system_prompt,
+                           question_template=prompt.question_template) for r in records]
     enc = processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
     grid = enc["image_grid_thw"].long()
     pixel_values = enc["pixel_values"]

@@ -16,6 +16,12 @@ One line:
   the image. Records without ROI are fine (stage 1 skips their alignment term).
 - options: optional; when given they must contain the answer.
 - id, split, source, qtype: strings; split defaults to "train", source to the file stem, qtype to "".
+- answer_type, modality, body_part, meta: optional, what a benchmark's evaluation breaks results
+  down by. answer_type is "open" or "closed" (read case-insensitively; "" when unknown); modality
+  and body_part are the source's own labels (e.g. SLAKE "CT" / "Lung", VQA-RAD organ "CHEST");
+  meta is a flat {string: string} object of further source attributes (e.g. a MedXpertQA
+  "medical_task", an MMMU "subfield"). All four are written only when set, so older JSONL (and
+  readers that ignore them) are unaffected.
 
 `load_jsonl` raises `DataError` (file:line:field) on the first bad record, or with skip_bad=True
 skips bad records, counts them and lists each one in the returned `BadReport`.
@@ -29,6 +35,8 @@ from pathlib import Path
 from medlvr.imageio import ImageReadError, parse_window, probe_image
 
 SPLITS = ("train", "val", "test")
+ANSWER_TYPES = ("open", "closed")
+OPTIONAL_FIELDS = ("answer_type", "modality", "body_part", "meta")
 
 
 class DataError(ValueError):
@@ -58,6 +66,10 @@ class Record:
     qtype: str = ""
     slices: list[int | None] = field(default_factory=list)   # per image; empty = no slice indices
     window: str | None = None                                  # preset or "W/L" (medlvr.imageio)
+    answer_type: str = ""                                      # "open" / "closed" / "" (unknown)
+    modality: str = ""                                         # the source's modality label
+    body_part: str = ""                                        # the source's body part / organ label
+    meta: dict[str, str] = field(default_factory=dict)         # further source attributes
 
     def slice_of(self, i: int) -> int | None:
         """Slice index of images[i] (None for a 2-D image)."""
@@ -73,6 +85,9 @@ class Record:
         d["rois"] = [{"image": r.image, "box": [float(v) for v in r.box]} for r in self.rois]
         if window is not None:
             d["window"] = window
+        for name in OPTIONAL_FIELDS:  # written only when set: older readers and files stay as they were
+            if not d[name]:
+                del d[name]
         return d
 
 
@@ -156,7 +171,34 @@ def parse_record(obj, *, base_dir: Path, default_source: str, default_id: str, c
         source=_str_field(obj, "source", required=False, default=default_source),
         qtype=_str_field(obj, "qtype", required=False, default=""),
         slices=slices if any(k is not None for k in slices) else [], window=window or None,
+        answer_type=_answer_type(obj.get("answer_type")),
+        modality=_str_field(obj, "modality", required=False, default=""),
+        body_part=_str_field(obj, "body_part", required=False, default=""),
+        meta=_meta(obj.get("meta")),
     )
+
+
+def _answer_type(v) -> str:
+    """The "answer_type" field: absent/"" (unknown), or open / closed in any case."""
+    if v is None or v == "":
+        return ""
+    if not isinstance(v, str) or v.strip().lower() not in ANSWER_TYPES:
+        raise _Bad("answer_type", f"expected one of {ANSWER_TYPES} (or absent), got {v!r}")
+    return v.strip().lower()
+
+
+def _meta(v) -> dict[str, str]:
+    """The "meta" field: absent, or a flat object of string keys and string (or number) values."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _Bad("meta", f"expected an object of strings, got {type(v).__name__}")
+    out = {}
+    for k, x in v.items():
+        if not isinstance(x, (str, int, float)) or isinstance(x, bool):
+            raise _Bad(f"meta.{k}", f"expected a string, got {type(x).__name__}")
+        out[str(k)] = str(x)
+    return out
 
 
 def _image_entries(images) -> tuple[list[str], list[int | None]]:
@@ -306,4 +348,4 @@ def write_jsonl(path, records: list[Record]) -> None:
             f.write(json.dumps(r.to_json(relative_to=path.parent), ensure_ascii=False) + "\n")
 
 __all__ = ["ROI", "Record", "BadReport", "DataError", "load_jsonl", "write_jsonl", "parse_record",
-           "image_size", "SPLITS"]
+           "image_size", "SPLITS", "ANSWER_TYPES", "OPTIONAL_FIELDS"]

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["bootstrap_ci", "paired_differences", "accuracy_cis", "format_paired"]
+__all__ = ["bootstrap_ci", "paired_differences", "paired_columns", "accuracy_cis", "format_paired"]
 
 
 def bootstrap_ci(values: Sequence[float] | torch.Tensor, *, n_boot: int = 2000, seed: int = 0,
@@ -51,21 +51,28 @@ def _by_id(preds: Sequence[dict]) -> dict:
     return out
 
 
+def paired_columns(base: Any, other: Any) -> tuple[list[dict], list[dict]]:
+    """The two runs' prediction rows on the records both answered and both count (matched by id
+    and question; a protocol that leaves a record out leaves it out of the pair), in base's order.
+    base, other: EvalResults of medlvr/eval/evaluate.py, or lists of their prediction dicts."""
+    pa = base.predictions if hasattr(base, "predictions") else base
+    pb = other.predictions if hasattr(other, "predictions") else other
+    a, b = _by_id(pa), _by_id(pb)
+    keys = [k for k in a if k in b and a[k].get("counted", True) and b[k].get("counted", True)]
+    if not keys:
+        raise ValueError("other: expected predictions on the same records as base (matched by id), got none shared")
+    return [a[k] for k in keys], [b[k] for k in keys]
+
+
 def paired_differences(base: Any, other: Any, *, n_boot: int = 2000, seed: int = 0) -> dict[str, tuple]:
     """{"overall" | qtype: (diff, lo, hi, n)}: accuracy of ``other`` minus ``base`` (EvalResults of
     medlvr/eval/evaluate.py, or lists of their prediction dicts) on the records both answered
     (matched by id and question), with the paired bootstrap 95% CI; fractions, not percent."""
-    pa = base.predictions if hasattr(base, "predictions") else base
-    pb = other.predictions if hasattr(other, "predictions") else other
-    a, b = _by_id(pa), _by_id(pb)
-    keys = [k for k in a if k in b]
-    if not keys:
-        raise ValueError("other: expected predictions on the same records as base (matched by id), got none shared")
     groups: dict[str, list[float]] = {"overall": []}
-    for k in keys:
-        d = float(b[k]["correct"]) - float(a[k]["correct"])
+    for ra, rb in zip(*paired_columns(base, other)):
+        d = float(rb["correct"]) - float(ra["correct"])
         groups["overall"].append(d)
-        groups.setdefault(a[k].get("qtype") or "unknown", []).append(d)
+        groups.setdefault(ra.get("qtype") or "unknown", []).append(d)
     out = {}
     for name in ["overall"] + sorted(g for g in groups if g != "overall"):
         diff, lo, hi = bootstrap_ci(groups[name], n_boot=n_boot, seed=seed)

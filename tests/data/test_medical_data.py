@@ -204,7 +204,7 @@ def _vqa_rad_dicom(root):
 def test_convert_a_dicom_dataset_with_skip_bad_and_window(tmp_path, capsys):
     root = _vqa_rad_dicom(tmp_path / "vqa_rad")
     with pytest.raises(DataError) as e:
-        convert("vqa-rad", root, tmp_path / "v.jsonl")
+        convert("vqa-rad", root, tmp_path / "v.jsonl", strict=True)  # skipping bad entries is the default
     assert (e.value.line, e.value.field) == (2, "images[0]") and "broken.dcm: field 'file'" in str(e.value)
     rep = convert("vqa-rad", root, tmp_path / "v.jsonl", skip_bad=True, window="lung")
     assert rep.counts == {"train": 1, "test": 1} and rep.n_bad == 1

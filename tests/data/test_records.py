@@ -98,6 +98,37 @@ def test_skip_bad_counts_and_lists_every_skipped_line(data_dir):
     assert "3 bad of 5" in text and f"{f}:4: field 'id'" in text
 
 
+def test_evaluation_fields_round_trip_and_are_optional(data_dir):
+    f = _write(data_dir / "e.jsonl", [
+        _good(id="e1", answer_type="CLOSED", modality="CT", body_part="Lung", meta={"phrase_type": "frame", "n": 3}),
+        _good(id="e2"),  # a line written before these fields existed
+    ])
+    (e1, e2), rep = load_jsonl(f)
+    assert rep.n_bad == 0
+    assert (e1.answer_type, e1.modality, e1.body_part) == ("closed", "CT", "Lung")
+    assert e1.meta == {"phrase_type": "frame", "n": "3"}
+    assert (e2.answer_type, e2.modality, e2.body_part, e2.meta) == ("", "", "", {})
+    j1, j2 = e1.to_json(), e2.to_json()
+    assert j1["answer_type"] == "closed" and j1["meta"] == {"phrase_type": "frame", "n": "3"}
+    assert not set(j2) & {"answer_type", "modality", "body_part", "meta"}  # unset: not written
+    write_jsonl(data_dir / "copy.jsonl", [e1, e2])
+    assert load_jsonl(data_dir / "copy.jsonl")[0] == [e1, e2]
+
+
+@pytest.mark.parametrize("obj,field", [
+    (_good(answer_type="yes/no"), "answer_type"),
+    (_good(answer_type=1), "answer_type"),
+    (_good(meta=["a"]), "meta"),
+    (_good(meta={"k": {"nested": 1}}), "meta.k"),
+    (_good(modality=["CT"]), "modality"),
+])
+def test_bad_evaluation_fields(data_dir, obj, field):
+    f = _write(data_dir / "bad.jsonl", [obj])
+    with pytest.raises(DataError) as e:
+        load_jsonl(f)
+    assert e.value.field == field
+
+
 def _records(d):
     return [
         Record(id="s0", images=[str(d / "a.png")], question="Is there a lesion?", options=None, answer="yes",

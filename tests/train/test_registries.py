@@ -88,7 +88,7 @@ def test_loss_term_registration_names_bad_arguments():
         unregister_loss_term("nope")
 
 
-def _brevity(text: str, stopped: bool, record) -> float:
+def _brevity(text: str, stopped: bool, record, cfg) -> float:
     """A toy reward: 1 for an answer of at most two words that stopped."""
     return float(stopped and 0 < len(text.split()) <= 2)
 

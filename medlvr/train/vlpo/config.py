@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from medlvr.data.scoring import protocol_names
 from medlvr.flags import nested, opt
 from medlvr.policy import PolicyTokens
 from medlvr.train.loop import LoopConfig
@@ -48,6 +49,9 @@ class VLPOConfig:
     max_new_tokens: int = opt(32, "answer tokens sampled per rollout at most")
     w_accuracy: float = opt(1.0, "reward weight of a correct answer")
     w_format: float = opt(0.1, "reward weight of a well-formed answer")
+    reward_protocol: str = opt("medlvr", "scoring protocol of the accuracy reward (medlvr/data/scoring/; a strict one: "
+                                         "the benchmark toolkits' multiple-choice rules reward non-answers)",
+                               choices=tuple(protocol_names()))
     ppo_epochs: int = opt(1, "optimiser steps per batch of rollouts")
     adv_eps: float = opt(1e-6, "A = (r - mean) / (std + adv_eps)")
     old_logprobs: str = opt("recompute", "recompute = teacher-forced, exact on-policy; rollout = the sampler's",

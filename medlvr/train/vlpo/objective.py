@@ -53,7 +53,7 @@ from typing import Any, Sequence
 
 import torch
 
-from medlvr.policy import LatentLM, policy_tokens
+from medlvr.policy import LatentLM, PromptSettings, policy_tokens
 from medlvr.policy.lora import adapter_is_identity, is_peft
 from medlvr.policy.fsdp import gathered, is_sharded
 from medlvr.train.loop import Updater, train_loop
@@ -84,7 +84,8 @@ class VLPOObjective:
     supports_fsdp = True  # --fsdp: the reference must then be the adapter (or no KL); a copy is not sharded
 
     def __init__(self, model: torch.nn.Module, processor: Any, records: Sequence[Any], cfg: VLPOConfig, *,
-                 projector: torch.nn.Module | None = None, reference: str = "auto", on_step: Any = None):
+                 projector: torch.nn.Module | None = None, reference: str = "auto", on_step: Any = None,
+                 prompt: PromptSettings | None = None):
         if reference not in ("auto", "adapter", "copy"):
             raise ValueError(f"reference: expected 'auto', 'adapter' or 'copy', got {reference!r}")
         if reference == "auto":
@@ -98,6 +99,7 @@ class VLPOObjective:
         self.model, self.projector, self.processor, self.records, self.cfg = model, projector, processor, records, cfg
         self.reference = reference
         self.on_step = on_step
+        self.prompt = prompt if prompt is not None else PromptSettings()
         self.module = PolicyScorer(model, projector, cfg, self.tokens)
         self.history: list[dict] = []
         self.reward_weights = reward_weights(cfg)
@@ -154,10 +156,10 @@ class VLPOObjective:
         def reward_fn(ro: Rollouts) -> dict[str, list[float]]:
             texts = _decode(tok, ro, self.tokens.stop)
             recs = [r for r in current for _ in range(ro.n)]
-            return outcome_rewards(texts, ro.stopped.tolist(), recs, weights=self.reward_weights)
+            return outcome_rewards(texts, ro.stopped.tolist(), recs, weights=self.reward_weights, cfg=cfg)
 
         batch = collate(current, self.processor, k_latent=cfg.k_latent, with_answer=False,
-                        latent_token_ids=self.latent_ids).to(self.device)
+                        latent_token_ids=self.latent_ids, prompt=self.prompt).to(self.device)
         t0 = time.perf_counter()
         # Sharded: rollouts and no-grad scoring read the weights outside the units' forwards.
         with gathered(updater.module):
@@ -177,7 +179,8 @@ class VLPOObjective:
 
 def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], cfg: VLPOConfig, *,
                accelerator: Any = None, log_path: str | os.PathLike | None = None,
-               projector: torch.nn.Module | None = None, reference: str = "auto", on_step: Any = None) -> list[dict]:
+               projector: torch.nn.Module | None = None, reference: str = "auto", on_step: Any = None,
+               prompt: PromptSettings | None = None) -> list[dict]:
     """Run ``cfg.loop.max_steps`` VLPO steps over ``records`` (medlvr.data.records.Record) in
     place, in the shared training loop with the settings ``cfg.loop`` (vlpo_step.vlpo_loop's
     defaults: AdamW at the constant lr 1e-6, clipping to max_grad_norm; its progress bar,
@@ -193,7 +196,8 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
     "auto" (adapter when :func:`adapter_is_identity`, else copy). Returns one metrics dict per
     step, also appended as JSON lines to ``log_path`` when given (main process).
     on_step(step, row) -> dict | None, called after each step: extra metrics for that step's
-    row (the demo's periodic held-out accuracy).
+    row (the demo's periodic held-out accuracy). prompt: how the prompts are written (default:
+    the LatentLM's ``prompt``, else the template's system turn).
     """
     if not records:
         raise ValueError("records: expected at least one record, got none")
@@ -201,9 +205,10 @@ def train_vlpo(model: torch.nn.Module, processor: Any, records: Sequence[Any], c
         if projector is not None and model.projector is not None and projector is not model.projector:
             raise ValueError("projector: given both as an argument and inside the LatentLM model")
         projector = projector if projector is not None else model.projector
+        prompt = prompt if prompt is not None else model.prompt
         model = model.model
     objective = VLPOObjective(model, processor, records, cfg, projector=projector, reference=reference,
-                              on_step=on_step)
+                              on_step=on_step, prompt=prompt)
     loop = dataclasses.replace(cfg.loop, batch_size=cfg.batch_prompts)
     train_loop(objective, loop, accelerator=accelerator, desc="vlpo", metrics_path=log_path, append_metrics=True)
     return objective.history

@@ -4,12 +4,13 @@ A rollout's reward is the weighted sum of every registered reward, each in [0, 1
 
     reward = sum_name  w_name * reward_name(text, stopped, record)
 
-A reward is ``fn(text, stopped, record) -> float`` registered with :func:`register_reward`; its
+A reward is ``fn(text, stopped, record, cfg) -> float`` registered with :func:`register_reward`; its
 weight is a number or a function of the VLPOConfig. VLPO (medlvr/train/vlpo/objective.py)
 computes every registered reward and reports each under its name, so a new reward is a
 function plus one registration. The two built in:
 
-- "accuracy" (weight ``--w-accuracy``): ``medlvr.data.answers.score`` (the same scorer the evaluation
+- "accuracy" (weight ``--w-accuracy``): the scoring protocol ``--reward-protocol`` (medlvr/data/scoring/;
+  default "medlvr", medlvr's own rule, ``medlvr.data.answers.score``: the same scorer the demo's evaluation
 uses, so the training signal and the reported accuracy cannot drift apart);
 - "format" (weight ``--w-format``) checks the things a grader needs to read the answer at all: the sample stopped on
 ``<|im_end|>`` (it was not truncated), the text is not empty, and for a multiple-choice
@@ -21,7 +22,7 @@ import re
 import string
 from typing import Any, Callable, Mapping, Sequence
 
-from medlvr.data.answers import score
+from medlvr.data.scoring import score_with
 from medlvr.registry import Entry, Registry
 
 __all__ = ["Reward", "REWARDS", "register_reward", "unregister_reward", "reward_weights", "format_reward",
@@ -68,21 +69,22 @@ def format_reward(text: str, *, stopped: bool, options: Sequence[str] | None) ->
     return 1.0
 
 
-def accuracy_reward(text: str, record: Any) -> float:
-    """Correctness of ``text`` for ``record`` in [0, 1], via medlvr.data.answers.score."""
-    return float(score(text, record))
+def accuracy_reward(text: str, record: Any, *, protocol: str = "medlvr") -> float:
+    """Correctness of ``text`` for ``record`` in [0, 1] under the scoring ``protocol``. Train with
+    a strict one: the benchmark toolkits' multiple-choice rules accept non-answers (docs/scoring.md)."""
+    return float(score_with(protocol, text, record).correct)
 
 
-Reward = Entry  # name, fn(text, stopped, record) -> float in [0, 1], weight
+Reward = Entry  # name, fn(text, stopped, record, cfg) -> float in [0, 1], weight
 
-REWARDS = Registry("reward", reserved=("reward",), signature="(text, stopped, record) -> float",
+REWARDS = Registry("reward", reserved=("reward",), signature="(text, stopped, record, cfg) -> float",
                    negative_weights=True)
 
 
-def register_reward(name: str, fn: Callable[[str, bool, Any], float], *,
+def register_reward(name: str, fn: Callable[[str, bool, Any, Any], float], *,
                     weight: float | Callable[[Any], float] = 1.0) -> Reward:
-    """Add a reward ``fn(text, stopped, record) -> float in [0, 1]`` under ``name``, at ``weight``
-    (a number, or a function of the VLPOConfig)."""
+    """Add a reward ``fn(text, stopped, record, cfg) -> float in [0, 1]`` under ``name``, at
+    ``weight`` (a number, or a function of the VLPOConfig ``cfg``)."""
     return REWARDS.register(name, fn, weight=weight)
 
 
@@ -96,33 +98,37 @@ def reward_weights(cfg: Any) -> dict[str, float]:
 
 
 def outcome_rewards(texts: Sequence[str], stopped: Sequence[bool], records: Sequence[Any], *,
-                    weights: Mapping[str, float] | None = None) -> dict[str, list[float]]:
+                    weights: Mapping[str, float] | None = None, cfg: Any = None) -> dict[str, list[float]]:
     """Per-rollout rewards. ``records[i]`` is the record rollout i answers (repeat each record n
-    times for n rollouts); weights: name -> weight (default: :func:`reward_weights` of the
-    default VLPOConfig); a registered reward left out of ``weights`` is computed and reported at
-    weight 0. Returns {"reward", and one list per registered reward}."""
+    times for n rollouts); cfg: the VLPOConfig the rewards read (default: the default one);
+    weights: name -> weight (default: :func:`reward_weights` of ``cfg``); a registered reward
+    left out of ``weights`` is computed and reported at weight 0. Returns {"reward", and one list
+    per registered reward}."""
     if not (len(texts) == len(stopped) == len(records)):
         raise ValueError(f"texts, stopped and records must have the same length, got "
                          f"{len(texts)}, {len(stopped)}, {len(records)}")
-    if weights is None:
+    if cfg is None:
         from medlvr.train.vlpo.config import VLPOConfig
 
-        weights = reward_weights(VLPOConfig())
+        cfg = VLPOConfig()
+    if weights is None:
+        weights = reward_weights(cfg)
     unknown = sorted(set(weights) - set(REWARDS))
     if unknown:
         raise ValueError(f"weights: no reward named {unknown}; registered: {sorted(REWARDS)}")
     out: dict[str, list[float]] = {}
     total = [0.0] * len(texts)
     for name, r in REWARDS.items():
-        values = [float(r.fn(t, bool(s), rec)) for t, s, rec in zip(texts, stopped, records)]
+        values = [float(r.fn(t, bool(s), rec, cfg)) for t, s, rec in zip(texts, stopped, records)]
         out[name] = values
         w = weights.get(name, 0.0)
         total = [acc + w * v for acc, v in zip(total, values)]
     return {"reward": total, **out}
 
 
-register_reward("accuracy", lambda text, stopped, record: accuracy_reward(text, record),
+register_reward("accuracy", lambda text, stopped, record, cfg: accuracy_reward(text, record,
+                                                                             protocol=cfg.reward_protocol),
                 weight=lambda cfg: cfg.w_accuracy)
-register_reward("format", lambda text, stopped, record: format_reward(text, stopped=stopped,
-                                                                      options=getattr(record, "options", None)),
+register_reward("format", lambda text, stopped, record, cfg: format_reward(text, stopped=stopped,
+                                                                           options=getattr(record, "options", None)),
                 weight=lambda cfg: cfg.w_format)
