@@ -313,7 +313,7 @@ def _report(plan: DemoPlan, out: Path, results: dict, ablations: dict, *, labels
             times: dict, n_test: int, device, precision: str) -> dict:
     """Print and write the tables, the plots and summary.json; the summary."""
     from medlvr.eval.evaluate import compare
-    from medlvr.eval.report import print_table, save_plot, write_outputs
+    from medlvr.eval.outputs import print_table, save_plot, write_outputs
     from medlvr.eval.ablation import format_ablation
     from medlvr.eval.paired import format_paired
 

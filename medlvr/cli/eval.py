@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from medlvr.eval.evaluate import compare, evaluate
-from medlvr.eval.report import print_table, write_outputs
+from medlvr.eval.outputs import print_table, write_outputs
 
 __all__ = ["add_arguments", "run"]
 

@@ -10,7 +10,7 @@ from medlvr.models import build_default, latent_token_ids
 from medlvr.data.collate import collate
 from medlvr.data.records import load_jsonl
 from medlvr.eval.evaluate import _engine_generate, evaluate, hf_greedy, summarize
-from medlvr.eval.report import print_table, write_outputs
+from medlvr.eval.outputs import print_table, write_outputs
 from medlvr.policy import LatentLM
 from medlvr.train.sft import Stage1Config
 from medlvr.data.synth import synthesize

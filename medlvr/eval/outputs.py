@@ -1,4 +1,4 @@
-"""What ``medlvr eval`` and the demo show of evaluation results: a rich table, a bar plot with
+"""What ``medlvr eval`` and the demo write of evaluation results: a rich table, a bar plot with
 bootstrap CIs, and the files (predictions.jsonl, accuracy.json, accuracy.png, comparison.json)."""
 from __future__ import annotations
 
