@@ -246,6 +246,17 @@ def not_an_object(e) -> Bad | None:
     return None if isinstance(e, dict) else Bad("<entry>", f"expected an object, got {type(e).__name__}")
 
 
+def objects(path: Path, load: Callable[[Path], list], convert: Callable[[dict, int], Iterable]
+            ) -> Iterator[tuple[Path, int, object]]:
+    """(file, entry number, out) for every ``out`` that ``convert(entry, number)`` yields (records,
+    or Bads; nothing for a filtered entry). An unreadable file, or an entry that is not an
+    object, is passed on as its Bad without calling ``convert``."""
+    for src, i, e in entries(path, load):
+        bad = e if isinstance(e, Bad) else not_an_object(e)
+        for out in ((bad,) if bad else convert(e, i)):
+            yield src, i, out
+
+
 def first_existing(candidates: Iterable[Path]) -> Path:
     """The first candidate that exists, else the first one (so a 'not found' names a real guess)."""
     cands = list(candidates)

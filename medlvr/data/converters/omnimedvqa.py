@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._base import Bad, ConvertReport, Options, entries, find_root, hash_split, not_an_object, read_json_list, text
+from ._base import ConvertReport, Options, find_root, hash_split, objects, read_json_list, text
 
 NAME = "omnimedvqa"
 DROP_DUPLICATES = False
@@ -43,15 +43,11 @@ def read(root: Path, opts: Options, report: ConvertReport):
     report.layouts.append("omnimedvqa-official")
     for sub, f in files:
         access = "open" if sub == "Open-access" else "restricted"
-        for src, i, e in entries(f, read_json_list):
-            bad = e if isinstance(e, Bad) else not_an_object(e)
-            if bad:
-                yield src, i, bad
-                continue
+        def one(e, i, f=f, access=access):
             options = [text(e[f"option_{k}"]) for k in _LETTERS if text(e.get(f"option_{k}"))]
             img = text(e.get("image_path"))
             ds = text(e.get("dataset")) or f.stem
-            yield src, i, {
+            yield {
                 "id": f"omnimedvqa-{text(e.get('question_id')) or f'{ds}-{i}'}",
                 "images": [str(root / img)] if img else [],
                 "question": text(e.get("question")), "answer": text(e.get("gt_answer")),
@@ -61,3 +57,5 @@ def read(root: Path, opts: Options, report: ConvertReport):
                 "modality": text(e.get("modality_type") or e.get("modality")),
                 "meta": {"dataset": ds, "access": access},
             }
+
+        yield from objects(f, read_json_list, one)

@@ -27,8 +27,8 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from ._base import Bad, ConvertReport, FileBad, Options, closed_if_yes_no, entries, find_root, first_existing, \
-    not_an_object, read_json_list, text
+from ._base import Bad, ConvertReport, FileBad, Options, closed_if_yes_no, find_root, first_existing, objects, \
+    read_json_list, text
 
 NAME = "pathvqa"
 DROP_DUPLICATES = True
@@ -69,13 +69,9 @@ def _rec(rid, images, question, answer, split, qtype="", atype="") -> dict:
 
 def _qa_pkl(root: Path, files):
     for split, f in files:
-        for src, i, e in entries(f, _load):
-            bad = e if isinstance(e, Bad) else not_an_object(e)
-            if bad:
-                yield src, i, bad
-                continue
-            yield src, i, _rec(f"pathvqa-{split}-{i}", _image(root, split, text(e.get("image"))),
-                               e.get("question"), e.get("answer"), split)
+        yield from objects(f, _load, lambda e, i, split=split: [_rec(
+            f"pathvqa-{split}-{i}", _image(root, split, text(e.get("image"))), e.get("question"), e.get("answer"),
+            split)])
 
 
 def _first_label(label):
@@ -86,41 +82,35 @@ def _first_label(label):
 
 def _vqa_pkl(root: Path, files):
     for split, f in files:
-        for src, i, e in entries(f, _load):
-            bad = e if isinstance(e, Bad) else not_an_object(e)
-            if bad:
-                yield src, i, bad
-                continue
+        def one(e, i, split=split):
             ans = _first_label(e.get("label"))
             if ans is None:
-                yield src, i, Bad("label", f"expected {{answer: score}}, got {e.get('label')!r}")
-                continue
+                yield Bad("label", f"expected {{answer: score}}, got {e.get('label')!r}")
+                return
             at = text(e.get("answer_type")).lower()
             atype = "closed" if at in ("yes/no", "closed") else ("open" if at in ("other", "open") else "")
             qid = text(e.get("question_id")) or f"{split}-{i}"
-            yield src, i, _rec(f"pathvqa-{qid}", _image(root, split, text(e.get("img_id"))), e.get("sent"), ans,
-                               split, qtype=text(e.get("question_type")), atype=atype)
+            yield _rec(f"pathvqa-{qid}", _image(root, split, text(e.get("img_id"))), e.get("sent"), ans, split,
+                       qtype=text(e.get("question_type")), atype=atype)
+
+        yield from objects(f, _load, one)
 
 
 def _lxmert(root: Path, files):
     for split, f in files:
-        for src, i, e in entries(f, read_json_list):
-            bad = e if isinstance(e, Bad) else not_an_object(e)
-            if bad:
-                yield src, i, bad
-                continue
+        def one(e, i, split=split):
             img = text(e.get("img_id"))
             qs = (e.get("sentf") or {}).get("pvqa") or []
             ls = (e.get("labelf") or {}).get("pvqa") or []
             if len(qs) != len(ls):
-                yield src, i, Bad("labelf", f"{len(qs)} questions but {len(ls)} labels for {img!r}")
-                continue
+                yield Bad("labelf", f"{len(qs)} questions but {len(ls)} labels for {img!r}")
+                return
             for k, (q, lab) in enumerate(zip(qs, ls)):
                 ans = _first_label(lab)
-                if ans is None:
-                    yield src, i, Bad(f"labelf.pvqa[{k}]", f"expected {{answer: score}}, got {lab!r}")
-                    continue
-                yield src, i, _rec(f"pathvqa-{img or f'{split}-{i}'}-{k}", _image(root, split, img), q, ans, split)
+                yield (Bad(f"labelf.pvqa[{k}]", f"expected {{answer: score}}, got {lab!r}") if ans is None else
+                       _rec(f"pathvqa-{img or f'{split}-{i}'}-{k}", _image(root, split, img), q, ans, split))
+
+        yield from objects(f, read_json_list, one)
 
 
 def read(root: Path, opts: Options, report: ConvertReport):

@@ -25,8 +25,7 @@ from pathlib import Path
 from medlvr.data.records import _Bad, image_size
 from medlvr.imageio import ImageReadError
 
-from ._base import Bad, ConvertReport, Options, answer_type_of, entries, find_root, not_an_object, read_csv, \
-    read_json_list, text
+from ._base import Bad, ConvertReport, Options, answer_type_of, find_root, objects, read_csv, read_json_list, text
 
 NAME = "slake"
 DROP_DUPLICATES = False
@@ -180,18 +179,16 @@ def read(root: Path, opts: Options, report: ConvertReport):
         if csvs:
             report.note("test_open.csv / test_close.csv ignored: the official json files are read")
         for split, f in found:
-            for src, i, e in entries(f, read_json_list):
-                bad = e if isinstance(e, Bad) else not_an_object(e)
-                if bad:
-                    yield src, i, bad
-                    continue
+            def one(e, i, split=split):
                 lang = text(e.get("q_lang")).lower()
                 if lang not in ("en", ""):
                     report.total += 1
                     report.filter(f"q_lang {lang!r} (only English is kept)")
-                    continue
+                    return
                 rid = f"slake-{text(e.get('qid')) or f'{split}-{i}'}"
-                yield src, i, _record(root, e, split, rid, opts, report, answer_type_of(e.get("answer_type")))
+                yield _record(root, e, split, rid, opts, report, answer_type_of(e.get("answer_type")))
+
+            yield from objects(f, read_json_list, one)
         return
     if csvs:
         report.layouts.append("slake-csv")

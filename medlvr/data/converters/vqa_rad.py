@@ -25,8 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._base import Bad, ConvertReport, Options, answer_type_of, entries, find_root, first_existing, \
-    not_an_object, read_json_list, text
+from ._base import ConvertReport, Options, answer_type_of, find_root, first_existing, objects, read_json_list, text
 
 NAME = "vqa-rad"
 DROP_DUPLICATES = False
@@ -44,28 +43,28 @@ def _base(e: dict, split: str) -> dict:
 
 def _osf(root: Path, f: Path, opts: Options, report: ConvertReport):
     img_dir = first_existing(root / d for d in _IMAGE_DIRS)
-    for src, i, e in entries(f, read_json_list):
-        bad = e if isinstance(e, Bad) else not_an_object(e)
-        if bad:
-            yield src, i, bad
-            continue
-        name = text(e.get("image_name"))
-        phrase = text(e.get("phrase_type")).lower()
-        split = "test" if phrase.startswith("test") else "train"
-        qid = text(e.get("qid")) or str(i)
-        images = [str(img_dir / name)] if name else []
-        yield src, i, {**_base(e, split), "id": f"vqa-rad-{qid}", "images": images,
-                       "question": text(e.get("question")), "meta": {"phrase_type": phrase} if phrase else {}}
-        frame = text(e.get("question_frame"))
-        if frame.lower() in _NULL:
-            continue
-        if opts.vqa_rad_frames == "none":
-            report.total += 1
-            report.filter("question_frame rephrasings left out (--vqa-rad-frames none)")
-            continue
-        # The frame question is a source question of its own (3,515 in all), entry i again.
-        yield src, i, {**_base(e, "train"), "id": f"vqa-rad-{qid}-frame", "images": images, "question": frame,
-                       "meta": {"phrase_type": "frame"}}
+    yield from objects(f, read_json_list, lambda e, i: _osf_entry(e, i, img_dir, opts, report))
+
+
+def _osf_entry(e: dict, i: int, img_dir: Path, opts: Options, report: ConvertReport):
+    """One OSF entry: its question, and its question_frame rephrasing as a train question of its own."""
+    name = text(e.get("image_name"))
+    phrase = text(e.get("phrase_type")).lower()
+    split = "test" if phrase.startswith("test") else "train"
+    qid = text(e.get("qid")) or str(i)
+    images = [str(img_dir / name)] if name else []
+    yield {**_base(e, split), "id": f"vqa-rad-{qid}", "images": images,
+           "question": text(e.get("question")), "meta": {"phrase_type": phrase} if phrase else {}}
+    frame = text(e.get("question_frame"))
+    if frame.lower() in _NULL:
+        return
+    if opts.vqa_rad_frames == "none":
+        report.total += 1
+        report.filter("question_frame rephrasings left out (--vqa-rad-frames none)")
+        return
+    # The frame question is a source question of its own (3,515 in all), entry i again.
+    yield {**_base(e, "train"), "id": f"vqa-rad-{qid}-frame", "images": images, "question": frame,
+           "meta": {"phrase_type": "frame"}}
 
 
 def _mevf(root: Path, opts: Options, report: ConvertReport):
@@ -75,20 +74,18 @@ def _mevf(root: Path, opts: Options, report: ConvertReport):
         if not f.is_file():
             report.note(f"{name} not found: no {split} records")
             continue
-        for src, i, e in entries(f, read_json_list):
-            bad = e if isinstance(e, Bad) else not_an_object(e)
-            if bad:
-                yield src, i, bad
-                continue
+        def one(e, i, split=split):
             phrase = text(e.get("phrase_type")).lower()
             if phrase == "frame" and opts.vqa_rad_frames == "none":
                 report.total += 1
                 report.filter("question_frame rephrasings left out (--vqa-rad-frames none)")
-                continue
+                return
             name_ = text(e.get("image_name"))
-            yield src, i, {**_base(e, split), "id": f"vqa-rad-{text(e.get('qid')) or f'{split}-{i}'}",
-                           "images": [str(img_dir / name_)] if name_ else [], "question": text(e.get("question")),
-                           "meta": {"phrase_type": phrase} if phrase else {}}
+            yield {**_base(e, split), "id": f"vqa-rad-{text(e.get('qid')) or f'{split}-{i}'}",
+                   "images": [str(img_dir / name_)] if name_ else [], "question": text(e.get("question")),
+                   "meta": {"phrase_type": phrase} if phrase else {}}
+
+        yield from objects(f, read_json_list, one)
 
 
 def read(root: Path, opts: Options, report: ConvertReport):
