@@ -223,11 +223,19 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict]]:
-    """Header and rows of a CSV file (the csv module's quoting; a BOM is dropped)."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
+    """Header and rows of a CSV file (the csv module's quoting; a BOM is dropped); FileBad when
+    it cannot be read."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            return list(reader.fieldnames or []), rows
+    except (UnicodeDecodeError, OSError) as ex:
+        raise FileBad("<file>", f"unreadable CSV ({ex})") from None
+
+
+def csv_rows(path: Path) -> list[dict]:
+    return read_csv(path)[1]
 
 
 def entries(path: Path, load: Callable[[Path], list]) -> Iterator[tuple[Path, int, object]]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ._base import Bad, ConvertReport, Options, find_root, first_existing, read_csv, text
+from ._base import Bad, ConvertReport, FileBad, Options, find_root, first_existing, read_csv, text
 
 NAME = "pmc-vqa"
 DROP_DUPLICATES = False
@@ -92,8 +92,8 @@ def read(root: Path, opts: Options, report: ConvertReport):
     for split, f in files:
         try:
             header, rows = read_csv(f)
-        except (UnicodeDecodeError, OSError) as ex:
-            yield f, 0, Bad("<file>", f"unreadable CSV ({ex})")
+        except FileBad as ex:
+            yield f, 0, Bad(ex.field, ex.reason)
             continue
         need = {"Figure_path", "Question", "Choice A", "Choice B", "Choice C", "Choice D"}
         if not need <= set(header):

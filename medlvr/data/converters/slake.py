@@ -25,7 +25,7 @@ from pathlib import Path
 from medlvr.data.records import _Bad, image_size
 from medlvr.imageio import ImageReadError
 
-from ._base import Bad, ConvertReport, Options, answer_type_of, find_root, objects, read_csv, read_json_list, text
+from ._base import Bad, ConvertReport, Options, answer_type_of, csv_rows, find_root, objects, read_json_list, text
 
 NAME = "slake"
 DROP_DUPLICATES = False
@@ -194,13 +194,8 @@ def read(root: Path, opts: Options, report: ConvertReport):
         report.layouts.append("slake-csv")
         report.note("only the English test questions (PMC-VQA's test_open.csv / test_close.csv) are in this layout")
         for f, atype in csvs:
-            try:
-                _, rows = read_csv(f)
-            except (UnicodeDecodeError, OSError) as ex:
-                yield f, 0, Bad("<file>", f"unreadable CSV ({ex})")
-                continue
-            for i, row in enumerate(rows, start=1):
-                yield f, i, _record(root, row, "test", f"slake-{f.stem}-{i}", opts, report, atype)
+            yield from objects(f, csv_rows, lambda row, i, f=f, atype=atype: [
+                _record(root, row, "test", f"slake-{f.stem}-{i}", opts, report, atype)])
         return
     raise FileNotFoundError(f"root: expected train.json / validate.json / test.json (or test_open.csv / "
                             f"test_close.csv) in {root} or its Slake1.0/ folder")
