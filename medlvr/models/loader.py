@@ -18,7 +18,7 @@ DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 
 
 def load(path_or_default="default", *, dtype: torch.dtype | None = None, device=None, seed: int = 0,
-         min_pixels: int | None = None, max_pixels: int | None = None):
+         min_pixels: int | None = None, max_pixels: int | None = None, cap_max_pixels: bool = True):
     """(model, processor) from "default" (the embedded model, `seed` initialises it) or a local dir.
 
     A directory must hold a Qwen2.5-VL or Qwen2-VL checkpoint (config.json with model_type
@@ -28,7 +28,8 @@ def load(path_or_default="default", *, dtype: torch.dtype | None = None, device=
 
     min_pixels / max_pixels: the image-size bound the processor resizes every image into. None
     keeps the processor's own, except that a checkpoint directory's max_pixels is capped at
-    :data:`DEFAULT_MAX_PIXELS` (the embedded model keeps its fixed 112 x 112).
+    :data:`DEFAULT_MAX_PIXELS` (the embedded model keeps its fixed 112 x 112); cap_max_pixels=False
+    keeps the checkpoint's (a run trained before medlvr bounded images).
     """
     from medlvr.models.default import build_default
 
@@ -38,7 +39,7 @@ def load(path_or_default="default", *, dtype: torch.dtype | None = None, device=
         model, processor = build_default(seed=seed, dtype=dtype or torch.float32)
     else:
         model, processor = _load_dir(Path(path_or_default), dtype=dtype)
-        if max_pixels is None:
+        if max_pixels is None and cap_max_pixels:
             max_pixels = min(image_bounds(processor)[1], DEFAULT_MAX_PIXELS)
     _bound_images(processor, min_pixels, max_pixels)
     add_latent_tokens(model, processor)

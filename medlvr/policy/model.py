@@ -33,7 +33,7 @@ from medlvr.policy import families
 from medlvr.policy.batch import Batch
 from medlvr.policy.latent import LatentOutput, LatentProjector, forward_with_latents, recurrent_forward
 from medlvr.policy.lora import add_lora
-from medlvr.policy.prompt import PromptSettings
+from medlvr.policy.prompt import PromptSettings, recorded
 from medlvr.policy.run_dir import RunDir, trainable_state
 
 __all__ = ["PolicyConfig", "LatentLM", "build_trainable", "load_trained"]
@@ -134,7 +134,7 @@ def load_trained(run_dir: str | Path, *, device: str | torch.device = "cpu", dty
     if prompt is not None:
         settings = prompt.over(settings)
     model, processor = load(meta["base"], dtype=dtype, device=device, seed=seed, min_pixels=settings.min_pixels,
-                            max_pixels=settings.max_pixels)
+                            max_pixels=settings.max_pixels, cap_max_pixels=recorded(meta))
     lm = build_trainable(model, processor, PolicyConfig.from_meta(meta["stage1"]), prompt=settings)
     run.load_weights(lm)
     lm.to(device)

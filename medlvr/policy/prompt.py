@@ -19,7 +19,7 @@ import torch
 from medlvr.models import hf
 from medlvr.policy.batch import Batch
 
-__all__ = ["PromptSettings", "prompt_inputs", "reembed"]
+__all__ = ["PromptSettings", "recorded", "prompt_inputs", "reembed"]
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,15 @@ class PromptSettings:
 
     @classmethod
     def from_meta(cls, meta: dict) -> "PromptSettings":
-        """A run.json's "prompt" (runs written before it was recorded: the defaults)."""
-        return cls(**meta.get("prompt", {}))
+        """A run.json's "prompt". A run folder written before it was recorded was trained without
+        a system turn (medlvr wrote none then) and with the checkpoint's own image bound:
+        system_prompt "" and no bound of medlvr's (:func:`recorded`)."""
+        return cls(**meta["prompt"]) if recorded(meta) else cls(system_prompt="")
+
+
+def recorded(meta: dict) -> bool:
+    """Whether a run.json records its prompt settings (written by this version of medlvr or later)."""
+    return "prompt" in meta
 
 
 def _embeds(model: torch.nn.Module, batch: Batch, repeat: int, vision: torch.Tensor | None) -> torch.Tensor:

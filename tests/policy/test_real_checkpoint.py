@@ -115,6 +115,12 @@ def test_image_bounds_default_flag_and_run_json_round_trip(checkpoint, records, 
     assert image_bounds(processor2) == (3136, 200_704)
     lm3, processor3, _ = load_trained(last["final_dir"], prompt=PromptSettings(max_pixels=100_352))
     assert lm3.prompt.system_prompt == "You are a radiologist." and image_bounds(processor3)[1] == 100_352
+    # a run folder written before the prompt was recorded: trained without a system turn, with the
+    # checkpoint's own image bound, and read back that way
+    del meta["prompt"]
+    (tmp_path / "final" / "run.json").write_text(json.dumps(meta))
+    lm4, processor4, _ = load_trained(last["final_dir"])
+    assert lm4.prompt.system_prompt == "" and image_bounds(processor4) == (3136, 12845056)
 
 
 @pytest.mark.parametrize("k", [0, 2])
