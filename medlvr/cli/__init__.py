@@ -64,6 +64,15 @@ def _prompt(p: argparse.ArgumentParser) -> None:
                         "is capped at 1280*28*28 = 1,003,520, 1280 vision tokens)")
 
 
+def run_name(spec: str) -> tuple[str, str]:
+    """(name, path) of a ``[NAME=]DIR`` run argument: without a name, the run's folder (the
+    parent of ``final/``), else the folder's own name."""
+    from pathlib import Path
+
+    name, _, path = spec.rpartition("=")
+    return name or Path(path).parent.name or Path(path).name, path
+
+
 def prompt_from_args(args: argparse.Namespace):
     """The PromptSettings the --system-prompt / --min-pixels / --max-pixels flags ask for (None
     where a flag is not given)."""

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from medlvr.eval.ablation import format_ablation, latent_ablation
     from medlvr.eval.paired import format_paired
     from medlvr.devices import trains_on_gpu
-    from medlvr.cli import prompt_from_args
+    from medlvr.cli import prompt_from_args, run_name
     from medlvr.policy import load_trained
 
     device = torch.device("cuda" if trains_on_gpu(args.device) else "cpu")
@@ -64,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
     sigmas = [float(x) for x in str(getattr(args, "ablation_sigma", "0.1,1.0")).split(",") if x.strip()]
     results, ablations = {}, {}
     for spec in args.run:
-        name, _, path = spec.rpartition("=")
-        name = name or Path(path).parent.name or Path(path).name
+        name, path = run_name(spec)
         lm, processor, _meta = load_trained(path, device=device, prompt=prompt_from_args(args))
         results[name] = evaluate(lm, processor, records, k=args.k_latent, batch_size=args.batch_size,
                                  max_new_tokens=args.max_new_tokens, backend=args.backend,

@@ -9,11 +9,6 @@ import torch
 __all__ = ["add_arguments", "run"]
 
 
-def _named(spec: str) -> tuple[str, str]:
-    name, _, path = spec.rpartition("=")
-    return name or Path(path).stem, path
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from medlvr.data.scoring import DEFAULT_PROTOCOL, protocol_names
     from medlvr.devices import DEVICES
@@ -34,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medlvr.cli import prompt_from_args
+    from medlvr.cli import prompt_from_args, run_name
     from medlvr.data.records import load_jsonl
     from medlvr.devices import trains_on_gpu
     from medlvr.eval.benchmarks import benchmark_table, markdown, write_benchmark_table
@@ -44,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if trains_on_gpu(args.device) else "cpu")
     benches = {}
     for spec in args.bench:
-        name, path = _named(spec)
+        name, _, path = spec.rpartition("=")
+        name = name or Path(path).stem
         records, bad = load_jsonl(path, split=args.split or None, window=getattr(args, "window", None),
                                   skip_bad=True)
         if bad.n_bad:
@@ -54,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
         benches[name] = records
     results = {}
     for spec in args.run:
-        name, path = _named(spec)
-        name = name if "=" in spec else (Path(path).parent.name or name)
+        name, path = run_name(spec)
         lm, processor, _ = load_trained(path, device=device, prompt=prompt_from_args(args))
         print(f"{name}: prompt: {lm.prompt.describe()}; protocol {args.protocol}")
         results[name] = {b: evaluate(lm, processor, recs, batch_size=args.batch_size,

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from medlvr.eval.evaluate import EvalResult
+from medlvr.eval.evaluate import EvalResult, counted_accuracy
 from medlvr.eval.paired import paired_columns, paired_differences
 
 __all__ = ["BenchmarkTable", "benchmark_table", "macro_paired_difference", "write_benchmark_table"]
@@ -41,8 +41,7 @@ class BenchmarkTable:
 
 
 def _acc(rows: list[dict]) -> tuple[float, int]:
-    rows = [r for r in rows if r.get("counted", True)]
-    return (sum(r["correct"] for r in rows) / len(rows), len(rows)) if rows else (float("nan"), 0)
+    return counted_accuracy(rows, empty=float("nan"))
 
 
 def _groups(preds: list[dict], key: str) -> dict[str, tuple[float, int]]:

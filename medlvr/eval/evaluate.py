@@ -43,12 +43,20 @@ def decoding_settings(model: Any, *, k: int, max_new_tokens: int, backend: str,
     """What evaluation decodes with, and what of the checkpoint's ``generation_config`` it
     overrides. Answers are greedy, as the benchmarks' toolkits score them: a generation_config
     that samples (Qwen2.5-VL ships do_sample=True at temperature 1e-6, greedy in effect) is
-    overridden, and ``notice`` says so. The repetition penalty is the generation_config's unless
-    ``repetition_penalty`` is given."""
-    gen = getattr(unwrap(model), "generation_config", None)
-    asked = float(getattr(gen, "repetition_penalty", None) or 1.0)
-    penalty = asked if repetition_penalty is None else float(repetition_penalty)
-    notices = []
+    overridden, and ``notice`` says so. Every other setting is read as the drop-in API reads it
+    (medlvr/dropin/decoding.py, HF's priority: this call over the generation_config): the
+    repetition penalty is the generation_config's unless ``repetition_penalty`` is given, and a
+    setting medlvr does not implement (n-gram blocking, beams, ...) is refused by name."""
+    from medlvr.dropin.decoding import from_hf
+    from medlvr.engine.request import check_repetition_penalty
+
+    base = unwrap(model)
+    gen = getattr(base, "generation_config", None)
+    d = from_hf({"do_sample": False, "max_new_tokens": max_new_tokens}, model_config=gen,
+                vocab=base.get_output_embeddings().weight.shape[0], width=None)
+    asked = d.repetition_penalty
+    penalty = asked if repetition_penalty is None else check_repetition_penalty(repetition_penalty)
+    notices = list(d.notes)
     if gen is not None and getattr(gen, "do_sample", False):
         notices.append(f"generation_config samples (do_sample=True, temperature={gen.temperature}, "
                        f"top_p={getattr(gen, 'top_p', None)}); evaluation decodes greedily")
@@ -186,11 +194,15 @@ def evaluate(lm, processor, records: Sequence[Any], *, k: int | None = None, bat
     return result
 
 
+def counted_accuracy(rows: Sequence[dict], *, empty: float = 0.0) -> tuple[float, int]:
+    """(accuracy, n) over the prediction rows the protocol counts (a toolkit may leave some
+    out); ``empty`` is the accuracy of no counted row."""
+    rows = [r for r in rows if r.get("counted", True)]
+    return (sum(r["correct"] for r in rows) / len(rows), len(rows)) if rows else (empty, 0)
+
+
 def summarize(preds: list[dict]) -> EvalResult:
-    def acc(rows):
-        """(accuracy, n) over the rows the protocol counts (a toolkit may leave some out)."""
-        rows = [r for r in rows if r.get("counted", True)]
-        return (sum(r["correct"] for r in rows) / len(rows), len(rows)) if rows else (0.0, 0)
+    acc = counted_accuracy
 
     by_s, by_q, by_sq = defaultdict(list), defaultdict(list), defaultdict(lambda: defaultdict(list))
     for p in preds:

@@ -81,13 +81,6 @@ def recorded(meta: dict) -> bool:
     return "prompt" in meta
 
 
-def _embeds(model: torch.nn.Module, batch: Batch, repeat: int, vision: torch.Tensor | None) -> torch.Tensor:
-    if vision is None:
-        vision = hf.vision_tokens(model, batch.pixel_values, batch.image_grid_thw)
-    emb = hf.embed_inputs(hf.unwrap(model), batch.input_ids, vision)
-    return emb.repeat_interleave(repeat, dim=0) if repeat > 1 else emb
-
-
 def prompt_inputs(model: torch.nn.Module, batch: Batch, *, repeat: int = 1,
                   vision: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Embeddings, positions and mask of a left-padded prompt batch, each row repeated
@@ -100,12 +93,9 @@ def prompt_inputs(model: torch.nn.Module, batch: Batch, *, repeat: int = 1,
     if bool((batch.attention_mask[:, -1] == 0).any()):
         raise ValueError("batch.attention_mask: prompts must be left-padded (attention_mask[:, -1] must be all 1), "
                          "got a row ending in padding")
-    base = hf.unwrap(model)
-    pos = hf.positions(base, batch.model_inputs())
-    if pos.dim() == 2:  # text-only decoder: the three sections of a text position
-        pos = pos[None].expand(3, -1, -1)
-    out = {"embeds": _embeds(model, batch, 1, vision), "position_ids": pos,
-           "attention_mask": batch.attention_mask, "input_ids": batch.input_ids}
+    out = hf.prompt_inputs(model, batch.model_inputs(), vision)
+    if out["position_ids"].dim() == 2:  # text-only decoder: the three sections of a text position
+        out["position_ids"] = out["position_ids"][None].expand(3, -1, -1)
     if repeat > 1:
         out = {k: v.repeat_interleave(repeat, dim=1 if k == "position_ids" else 0) for k, v in out.items()}
     return out
@@ -116,4 +106,7 @@ def reembed(model: torch.nn.Module, prompt: dict[str, torch.Tensor], batch: Batc
     """``prompt`` (from :func:`prompt_inputs` of ``batch``) with its embeddings recomputed under
     ``model`` as it is now; positions and mask are kept."""
     repeat = prompt["input_ids"].shape[0] // batch.input_ids.shape[0]
-    return {**prompt, "embeds": _embeds(model, batch, repeat, vision)}
+    if vision is None:
+        vision = hf.vision_tokens(model, batch.pixel_values, batch.image_grid_thw)
+    emb = hf.embed_inputs(model, batch.input_ids, vision)
+    return {**prompt, "embeds": emb.repeat_interleave(repeat, dim=0) if repeat > 1 else emb}
