@@ -128,43 +128,46 @@ def image_size(path: str, index: int | None = None) -> tuple[int, int]:
 def _str_field(obj: dict, name: str, *, required: bool, default: str = "") -> str:
     if name not in obj or obj[name] is None:
         if required:
-            raise _Bad(name, "missing")
+            raise FieldError(name, "missing")
         return default
     v = obj[name]
     if not isinstance(v, (str, int)) or isinstance(v, bool):
-        raise _Bad(name, f"expected a string, got {type(v).__name__}")
+        raise FieldError(name, f"expected a string, got {type(v).__name__}")
     return str(v)
 
 
-class _Bad(Exception):
+class FieldError(Exception):
+    """One field of one record is bad: what :func:`parse_record` raises (the converters raise it
+    too, for fields of their sources), turned into a DataError or a skipped entry by the caller."""
+
     def __init__(self, field_name: str, message: str):
         self.field, self.message = field_name, message
 
 
 def parse_record(obj, *, base_dir: Path, default_source: str, default_id: str, check_images: bool = True) -> Record:
-    """Validate one decoded JSON object and build its Record; raises _Bad(field, message)."""
+    """Validate one decoded JSON object and build its Record; raises FieldError(field, message)."""
     if not isinstance(obj, dict):
-        raise _Bad("<record>", f"expected a JSON object, got {type(obj).__name__}")
+        raise FieldError("<record>", f"expected a JSON object, got {type(obj).__name__}")
     rid = _str_field(obj, "id", required=False, default=default_id)
     question = _str_field(obj, "question", required=True)
     if not question.strip():
-        raise _Bad("question", "empty")
+        raise FieldError("question", "empty")
     answer = _str_field(obj, "answer", required=True)
     if not answer.strip():
-        raise _Bad("answer", "empty")
+        raise FieldError("answer", "empty")
     names, slices = _image_entries(obj.get("images"))
     paths = [str(p if Path(p).is_absolute() else (base_dir / p)) for p in names]
     window = obj.get("window")
     try:
         parse_window(window)
     except ValueError as e:
-        raise _Bad("window", str(e).removeprefix("window: ")) from None
+        raise FieldError("window", str(e).removeprefix("window: ")) from None
     sizes = _image_sizes(paths, slices) if check_images else [None] * len(paths)
     options = _options(obj.get("options"), answer)
     rois = _rois(obj.get("rois") or [], sizes)
     split = _str_field(obj, "split", required=False, default="train")
     if split not in SPLITS:
-        raise _Bad("split", f"expected one of {SPLITS}, got {split!r}")
+        raise FieldError("split", f"expected one of {SPLITS}, got {split!r}")
     return Record(
         id=rid, images=paths, question=question, options=list(options) if options is not None else None,
         answer=answer, rois=rois, split=split,
@@ -183,7 +186,7 @@ def _answer_type(v) -> str:
     if v is None or v == "":
         return ""
     if not isinstance(v, str) or v.strip().lower() not in ANSWER_TYPES:
-        raise _Bad("answer_type", f"expected one of {ANSWER_TYPES} (or absent), got {v!r}")
+        raise FieldError("answer_type", f"expected one of {ANSWER_TYPES} (or absent), got {v!r}")
     return v.strip().lower()
 
 
@@ -192,11 +195,11 @@ def _meta(v) -> dict[str, str]:
     if v is None:
         return {}
     if not isinstance(v, dict):
-        raise _Bad("meta", f"expected an object of strings, got {type(v).__name__}")
+        raise FieldError("meta", f"expected an object of strings, got {type(v).__name__}")
     out = {}
     for k, x in v.items():
         if not isinstance(x, (str, int, float)) or isinstance(x, bool):
-            raise _Bad(f"meta.{k}", f"expected a string, got {type(x).__name__}")
+            raise FieldError(f"meta.{k}", f"expected a string, got {type(x).__name__}")
         out[str(k)] = str(x)
     return out
 
@@ -204,20 +207,20 @@ def _meta(v) -> dict[str, str]:
 def _image_entries(images) -> tuple[list[str], list[int | None]]:
     """The "images" field: (paths as written, slice index or None of each)."""
     if images is None:
-        raise _Bad("images", "missing")
+        raise FieldError("images", "missing")
     if not isinstance(images, list) or not images:
-        raise _Bad("images", f"expected a non-empty list of paths, got {images!r}")
+        raise FieldError("images", f"expected a non-empty list of paths, got {images!r}")
     names, slices = [], []
     for i, entry in enumerate(images):
         name, k = entry, None
         if isinstance(entry, dict):
             name, k = entry.get("path"), entry.get("slice")
             if set(entry) - {"path", "slice"}:
-                raise _Bad(f"images[{i}]", f"expected keys 'path' and 'slice', got {sorted(entry)}")
+                raise FieldError(f"images[{i}]", f"expected keys 'path' and 'slice', got {sorted(entry)}")
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
-                raise _Bad(f"images[{i}].slice", f"expected an int >= 0, got {k!r}")
+                raise FieldError(f"images[{i}].slice", f"expected an int >= 0, got {k!r}")
         if not isinstance(name, str) or not name:
-            raise _Bad(f"images[{i}]", f"expected a path or {{\"path\": ..., \"slice\": k}}, got {entry!r}")
+            raise FieldError(f"images[{i}]", f"expected a path or {{\"path\": ..., \"slice\": k}}, got {entry!r}")
         names.append(name)
         slices.append(k)
     return names, slices
@@ -229,12 +232,12 @@ def _image_sizes(paths: list[str], slices: list[int | None]) -> list[tuple[int, 
     sizes: list[tuple[int, int] | None] = []
     for i, p in enumerate(paths):
         if not Path(p).exists():
-            raise _Bad(f"images[{i}]", f"file not found: {p}")
+            raise FieldError(f"images[{i}]", f"file not found: {p}")
         try:
             sizes.append(image_size(p, slices[i]))
         except ImageReadError as e:
             where = f"images[{i}].slice" if e.field == "slice" else f"images[{i}]"
-            raise _Bad(where, str(e)) from None
+            raise FieldError(where, str(e)) from None
     return sizes
 
 
@@ -243,41 +246,41 @@ def _options(options, answer: str) -> list[str] | None:
     if options is None:
         return None
     if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
-        raise _Bad("options", f"expected null or a list of >= 2 non-empty strings, got {options!r}")
+        raise FieldError("options", f"expected null or a list of >= 2 non-empty strings, got {options!r}")
     if len(options) > 26:
-        raise _Bad("options", f"expected at most 26 options, got {len(options)}")
+        raise FieldError("options", f"expected at most 26 options, got {len(options)}")
     from medlvr.data.answers import normalize_answer
 
     if normalize_answer(answer) not in [normalize_answer(o) for o in options]:
-        raise _Bad("answer", f"{answer!r} is not one of the options {options!r}")
+        raise FieldError("answer", f"{answer!r} is not one of the options {options!r}")
     return options
 
 
 def _rois(rois_raw, sizes: list[tuple[int, int] | None]) -> list[ROI]:
     """The "rois" field: boxes in pixels of the image they name, inside it when its size is known."""
     if not isinstance(rois_raw, list):
-        raise _Bad("rois", f"expected a list, got {type(rois_raw).__name__}")
+        raise FieldError("rois", f"expected a list, got {type(rois_raw).__name__}")
     rois: list[ROI] = []
     for j, r in enumerate(rois_raw):
         where = f"rois[{j}]"
         if not isinstance(r, dict) or "box" not in r:
-            raise _Bad(where, f"expected {{'image': int, 'box': [x0, y0, x1, y1]}}, got {r!r}")
+            raise FieldError(where, f"expected {{'image': int, 'box': [x0, y0, x1, y1]}}, got {r!r}")
         img = r.get("image", 0)
         if not isinstance(img, int) or isinstance(img, bool) or not 0 <= img < len(sizes):
-            raise _Bad(f"{where}.image", f"expected an image index in [0, {len(sizes)}), got {img!r}")
+            raise FieldError(f"{where}.image", f"expected an image index in [0, {len(sizes)}), got {img!r}")
         box = r["box"]
         if (not isinstance(box, (list, tuple)) or len(box) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
-            raise _Bad(f"{where}.box", f"expected 4 numbers [x0, y0, x1, y1], got {box!r}")
+            raise FieldError(f"{where}.box", f"expected 4 numbers [x0, y0, x1, y1], got {box!r}")
         x0, y0, x1, y1 = (float(v) for v in box)
         if not (x0 < x1 and y0 < y1):
-            raise _Bad(f"{where}.box", f"expected x0 < x1 and y0 < y1, got {box!r}")
+            raise FieldError(f"{where}.box", f"expected x0 < x1 and y0 < y1, got {box!r}")
         if x0 < 0 or y0 < 0:
-            raise _Bad(f"{where}.box", f"negative coordinate in {box!r}")
+            raise FieldError(f"{where}.box", f"negative coordinate in {box!r}")
         if sizes[img] is not None:
             w, h = sizes[img]
             if x1 > w or y1 > h:
-                raise _Bad(f"{where}.box", f"{box!r} outside image {img} of size {w}x{h} (width x height)")
+                raise FieldError(f"{where}.box", f"{box!r} outside image {img} of size {w}x{h} (width x height)")
         rois.append(ROI(image=img, box=(x0, y0, x1, y1)))
     return rois
 
@@ -310,13 +313,13 @@ def load_jsonl(path, *, skip_bad: bool = False, split: str | None = None, check_
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise _Bad("<json>", f"invalid JSON: {e.msg}: column {e.colno}") from None
+                    raise FieldError("<json>", f"invalid JSON: {e.msg}: column {e.colno}") from None
                 rec = parse_record(obj, base_dir=path.parent, default_source=path.stem,
                                    default_id=f"{path.stem}-{lineno}", check_images=check_images)
                 if rec.id in seen:
-                    raise _Bad("id", f"duplicate id {rec.id!r}")
+                    raise FieldError("id", f"duplicate id {rec.id!r}")
                 seen.add(rec.id)
-            except _Bad as bad:
+            except FieldError as bad:
                 if not skip_bad:
                     raise DataError(path, lineno, bad.field, bad.message) from None
                 report.skipped.append((lineno, bad.field, bad.message))
@@ -347,5 +350,5 @@ def write_jsonl(path, records: list[Record]) -> None:
         for r in records:
             f.write(json.dumps(r.to_json(relative_to=path.parent), ensure_ascii=False) + "\n")
 
-__all__ = ["ROI", "Record", "BadReport", "DataError", "load_jsonl", "write_jsonl", "parse_record",
+__all__ = ["ROI", "Record", "BadReport", "DataError", "FieldError", "load_jsonl", "write_jsonl", "parse_record",
            "image_size", "SPLITS", "ANSWER_TYPES", "OPTIONAL_FIELDS"]

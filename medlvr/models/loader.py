@@ -11,8 +11,9 @@ from medlvr.models.hf import image_bounds, set_image_bounds
 
 _SUPPORTED = ("qwen2_5_vl", "qwen2_vl")
 # The image-size bound of a checkpoint directory when the caller sets none: at most 1280 merged
-# vision tokens per image (1280 * 28 * 28 pixels), the upper end QwenLM/Qwen2.5-VL's README
-# gives for balancing memory and accuracy. The checkpoint's own max_pixels (12,845,056: about
+# vision tokens per image (1280 * 28 * 28 pixels), the upper end of the "token range of 256-1280" that
+# the Qwen2.5-VL-7B-Instruct model card (README.md, remodlai/qwen-2.5-vl-7b-instruct-lexiq@cc59489) gives for
+# balancing performance and cost. The checkpoint's own max_pixels (12,845,056: about
 # 16k tokens, so a 3000 x 2500 radiograph is about 9,500) stays available by asking for it.
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
-from medlvr.data.records import _Bad, DataError, Record, parse_record, write_jsonl
+from medlvr.data.records import FieldError, DataError, Record, parse_record, write_jsonl
 from medlvr.imageio import parse_window
 
 # How many bad entries the printed summary lists one by one; the report file lists all of them.
@@ -308,11 +308,11 @@ def run(dataset: str, reader, drop_duplicates: bool, root, out, opts: Options, *
         rid = obj.get("id", "") if isinstance(obj, dict) else ""
         try:
             if isinstance(obj, Bad):
-                raise _Bad(obj.field, obj.reason)
+                raise FieldError(obj.field, obj.reason)
             if window:
                 obj["window"] = window
             rec = parse_record(obj, base_dir=root, default_source=dataset, default_id=f"{dataset}-{report.total}")
-        except _Bad as bad:
+        except FieldError as bad:
             report.skipped.append(Skipped(str(src), entry, bad.field, bad.message, str(rid)))
             continue
         key = (rec.split, tuple(rec.images), tuple(rec.slices), rec.question, rec.answer)

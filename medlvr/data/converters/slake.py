@@ -22,7 +22,7 @@ import json
 import re
 from pathlib import Path
 
-from medlvr.data.records import _Bad, image_size
+from medlvr.data.records import FieldError, image_size
 from medlvr.imageio import ImageReadError
 
 from ._base import Bad, ConvertReport, Options, answer_type_of, csv_rows, find_root, objects, read_json_list, text
@@ -130,18 +130,18 @@ def _rois(img: Path, question: str, mode: str, report: ConvertReport) -> list[di
     try:
         w, h = image_size(str(img))
     except ImageReadError as e:
-        raise _Bad("images[0]", str(e)) from None
+        raise FieldError("images[0]", str(e)) from None
     try:
         boxes = read_boxes(det)
     except (ValueError, UnicodeDecodeError) as e:
-        raise _Bad("rois", f"{det}: unreadable detection.json ({e})") from None
+        raise FieldError("rois", f"{det}: unreadable detection.json ({e})") from None
     keep = set(range(len(boxes))) if mode == "all" else set(matched_labels(question, [lab for lab, _ in boxes]))
     rois = []
     for k, (label, b) in enumerate(boxes):
         if k not in keep:
             continue
         if len(b) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b):
-            raise _Bad("rois", f"{det}: box for {label!r} is not [x, y, w, h]: {b!r}")
+            raise FieldError("rois", f"{det}: box for {label!r} is not [x, y, w, h]: {b!r}")
         x, y, bw, bh = (float(v) for v in b)
         box = [max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)]
         if box != [x, y, x + bw, y + bh]:
@@ -158,7 +158,7 @@ def _record(root: Path, e: dict, split: str, rid: str, opts: Options, report: Co
     question, answer = text(e.get("question")), text(e.get("answer"))
     try:
         rois = _rois(img, question, opts.slake_roi, report) if name else []
-    except _Bad as bad:
+    except FieldError as bad:
         return Bad(bad.field, bad.message)
     meta = {k: text(e.get(k)) for k in ("base_type",) if text(e.get(k))}
     return {"id": rid, "images": [str(img)] if name else [], "question": question, "answer": answer,
